@@ -1,0 +1,140 @@
+"""The backend interface shared by HTTP backends, the managed vLLM backend and the in-process engine.
+
+Everything above (components, graph runtime) talks to a :class:`Backend`; nothing
+here knows about the HTTP layer of our own server.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BackendError(Exception):
+    """A backend call failed. ``status`` is the upstream HTTP status (or None); ``retryable`` drives retries."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False, backend: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.backend = backend
+
+
+class BackendTimeout(BackendError):
+    def __init__(self, message: str, *, backend: str | None = None):
+        super().__init__(message, status=504, retryable=True, backend=backend)
+
+
+@dataclass
+class SamplingParams:
+    """What one backend call asks for. ``extra`` is passed through (vLLM's extra sampling params)."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_tokens: int = 512
+    stop: list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChatRequest:
+    model: str  # the model name the backend knows (not our alias)
+    messages: list[dict[str, Any]]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str = "stop"
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: "Usage") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+
+@dataclass
+class ChatResult:
+    choices: list[Choice]
+    usage: Usage = field(default_factory=Usage)
+    model: str = ""
+    latency_s: float = 0.0
+    requests: int = 1  # how many upstream requests this result took (n=k in one request -> 1)
+    metrics: dict[str, Any] = field(default_factory=dict)  # e.g. speculative decoding counters
+
+
+@dataclass
+class StreamChunk:
+    """One streamed piece: text delta of choice ``index``; the last chunk carries finish_reason and usage."""
+
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class Backend(abc.ABC):
+    """A source of chat completions.
+
+    ``supports_n``: k samples of one prompt may go as one request with ``n=k``
+    (vLLM and the local engine share the prompt prefill across them).
+    """
+
+    name: str = "backend"
+    supports_n: bool = True
+    supports_logprobs: bool = True
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Called once before the first request (load a model, launch a process...)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; must be idempotent."""
+
+    @abc.abstractmethod
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Non-streaming completion (all ``n`` choices)."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        """Streaming completion. Default: one chunk from :meth:`chat` (backends override to stream for real)."""
+        t0 = time.perf_counter()
+        res = await self.chat(request)
+        for ch in res.choices:
+            yield StreamChunk(index=ch.index, text=ch.text)
+        for ch in res.choices:
+            yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
+        res.latency_s = res.latency_s or time.perf_counter() - t0
+        yield StreamChunk(usage=res.usage, metrics=res.metrics)
+
+    async def models(self) -> list[str]:
+        return []
+
+    async def health(self) -> bool:
+        return True

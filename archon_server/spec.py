@@ -1,0 +1,388 @@
+"""Architecture specification: the typed, validated description of an ensemble.
+
+This module is a leaf: it imports nothing from the rest of the package, so the
+CLI, the HTTP layer, the runtime, the benchmark and the search code may all use it.
+
+An architecture is a list of *layers*; a layer is a list of *components* that run
+concurrently and read/write a shared state (candidates, critiques, unit tests,
+votes).  The file format is YAML (JSON is accepted: it is a subset of YAML).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """An architecture (or config) failed validation; ``errors`` holds ``path: message`` lines."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__(prefix + "; ".join(errors))
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Sampling(_Base):
+    """Sampling settings of one component's backend calls (unset = inherit)."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=131072)
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+class _Component(Sampling):
+    id: str | None = Field(default=None, description="Optional name used in traces.")
+    model: str | None = Field(default=None, description="Backend alias that runs this component.")
+    system_prompt: str | None = Field(default=None, description="Overrides the component's default system prompt.")
+
+    def models_used(self) -> list[str]:
+        return [self.model] if self.model else []
+
+
+class GeneratorSpec(_Component):
+    """Samples candidates. ``samples`` of one model go out as one ``n=k`` request when the backend allows it."""
+
+    type: Literal["generator"] = "generator"
+    models: list[str] | None = Field(default=None, description="Several models, each sampled `samples` times.")
+    samples: int = Field(default=1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _need_model(self) -> "GeneratorSpec":
+        if not self.model and not self.models:
+            raise ValueError("a generator needs `model` or `models`")
+        return self
+
+    def models_used(self) -> list[str]:
+        return list(self.models or []) + ([self.model] if self.model else [])
+
+
+class FuserSpec(_Component):
+    """Mixture-of-Agents aggregate-and-synthesize over the current candidates."""
+
+    type: Literal["fuser"] = "fuser"
+    samples: int = Field(default=1, ge=1, le=64, description="How many fused candidates to produce.")
+    use_critiques: bool = True
+    length_control: int | None = Field(default=None, ge=1, description="Ask for an answer of about this many words.")
+    max_candidates: int = Field(default=24, ge=1, le=64, description="At most this many candidates go into one prompt.")
+
+
+class RankerSpec(_Component):
+    """Listwise ranking of the candidates; keeps the ``top_k`` best."""
+
+    type: Literal["ranker"] = "ranker"
+    top_k: int = Field(default=5, ge=1, le=256)
+
+
+class CriticSpec(_Component):
+    """Strengths and weaknesses of every candidate (one call per candidate, concurrently)."""
+
+    type: Literal["critic"] = "critic"
+
+
+class VerifierSpec(_Component):
+    """Reasoning then [Correct]/[Incorrect] per candidate; keeps those that pass."""
+
+    type: Literal["verifier"] = "verifier"
+
+
+class UnitTestGeneratorSpec(_Component):
+    """Writes unit tests (natural-language checks) for the query."""
+
+    type: Literal["unit_test_generator"] = "unit_test_generator"
+    num_tests: int = Field(default=5, ge=1, le=50)
+
+
+class UnitTestEvaluatorSpec(_Component):
+    """Judges each candidate against the unit tests (LLM-judged, as Archon does) and keeps the best."""
+
+    type: Literal["unit_test_evaluator"] = "unit_test_evaluator"
+    top_k: int = Field(default=1, ge=1, le=256)
+    mode: Literal["llm", "executed"] = "llm"
+
+
+class SelfMoASeqSpec(_Component):
+    """Sequential Self-MoA: aggregate many samples through a sliding window.
+
+    Each window holds the best synthesis so far (repeated ``repeat_best`` times to
+    bias the aggregator towards it) plus ``window - repeat_best`` new samples.  If
+    ``proposer`` is set the component draws ``samples`` samples itself and
+    consumes them as they arrive; otherwise it aggregates the incoming candidates.
+    """
+
+    type: Literal["self_moa_seq"] = "self_moa_seq"
+    proposer: str | None = None
+    samples: int = Field(default=12, ge=1, le=1024)
+    window: int = Field(default=6, ge=2, le=64)
+    repeat_best: int = Field(default=1, ge=1, le=8)
+    proposer_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    @model_validator(mode="after")
+    def _window(self) -> "SelfMoASeqSpec":
+        if self.repeat_best >= self.window:
+            raise ValueError("repeat_best must be < window")
+        return self
+
+    def models_used(self) -> list[str]:
+        return [m for m in (self.model, self.proposer) if m]
+
+
+class ExtractorSpec(_Base):
+    kind: Literal["boxed", "choice", "regex", "number", "text"] = "boxed"
+    pattern: str | None = Field(default=None, description="Regex for kind=regex; group 1 (or the whole match) is the answer.")
+    choices: str = Field(default="ABCD", description="Allowed letters for kind=choice.")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "ExtractorSpec":
+        if self.kind == "regex":
+            if not self.pattern:
+                raise ValueError("kind=regex needs `pattern`")
+            import re
+
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"invalid regex: {e}") from e
+        return self
+
+
+class VoteSpec(_Base):
+    """Majority vote / self-consistency over answers extracted from the candidates (no backend call)."""
+
+    type: Literal["vote"] = "vote"
+    id: str | None = None
+    extractor: ExtractorSpec = Field(default_factory=ExtractorSpec)
+
+    def models_used(self) -> list[str]:
+        return []
+
+
+ComponentSpec = Annotated[
+    Union[
+        GeneratorSpec,
+        FuserSpec,
+        RankerSpec,
+        CriticSpec,
+        VerifierSpec,
+        UnitTestGeneratorSpec,
+        UnitTestEvaluatorSpec,
+        SelfMoASeqSpec,
+        VoteSpec,
+    ],
+    Field(discriminator="type"),
+]
+
+COMPONENT_TYPES = (
+    "generator",
+    "fuser",
+    "ranker",
+    "critic",
+    "verifier",
+    "unit_test_generator",
+    "unit_test_evaluator",
+    "self_moa_seq",
+    "vote",
+)
+
+
+class ArchitectureSpec(_Base):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    description: str = ""
+    defaults: Sampling = Field(default_factory=Sampling, description="Sampling inherited by every component.")
+    layers: list[list[ComponentSpec]] = Field(min_length=1)
+    min_success: int = Field(default=1, ge=1, description="A layer goes on when at least this many of its calls succeeded.")
+    final: Literal["first", "top_ranked"] = Field(
+        default="top_ranked",
+        description="If several candidates remain: `top_ranked` takes the best-scored one (ranker/verifier/vote order), "
+        "`first` the first in layer order. Ties keep layer order; never random.",
+    )
+    deadline_s: float | None = Field(default=None, gt=0, description="Per-request deadline for the whole graph.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, layers: list[list[Any]]) -> list[list[Any]]:
+        for i, layer in enumerate(layers):
+            if not layer:
+                raise ValueError(f"layer {i} is empty")
+        return layers
+
+    @model_validator(mode="after")
+    def _structure(self) -> "ArchitectureSpec":
+        first = self.layers[0]
+        if not any(c.type in ("generator", "self_moa_seq") and (c.type == "generator" or c.proposer) for c in first):
+            raise ValueError("the first layer must contain a generator (or a self_moa_seq with a proposer)")
+        return self
+
+    def models_used(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for layer in self.layers:
+            for c in layer:
+                for m in c.models_used():
+                    seen[m] = None
+        return list(seen)
+
+    def backend_calls_estimate(self, n_candidates: int = 0) -> int:
+        """Upper bound of backend calls per query (used by budgets in search)."""
+        calls = 0
+        cands = n_candidates
+        tests = False
+        for layer in self.layers:
+            new = 0
+            keep = None
+            for c in layer:
+                if isinstance(c, GeneratorSpec):
+                    calls += len(c.models_used())
+                    new += len(c.models_used()) * c.samples
+                elif isinstance(c, FuserSpec):
+                    calls += 1
+                    new += c.samples
+                elif isinstance(c, RankerSpec):
+                    calls += 1
+                    keep = min(c.top_k, cands)
+                elif isinstance(c, (CriticSpec, VerifierSpec)):
+                    calls += cands
+                elif isinstance(c, UnitTestGeneratorSpec):
+                    calls += 1
+                    tests = True
+                elif isinstance(c, UnitTestEvaluatorSpec):
+                    calls += cands if tests else 0
+                    keep = min(c.top_k, cands)
+                elif isinstance(c, SelfMoASeqSpec):
+                    src = c.samples if c.proposer else cands
+                    calls += (c.samples if c.proposer else 0)
+                    step = c.window - c.repeat_best
+                    calls += max(1, -(-max(src - c.window, 0) // step) + 1)
+                    new += 1
+            cands = new if new else (keep if keep is not None else cands)
+        return calls
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """Turn a pydantic error location into ``layers[2][0].top_k`` (discriminator tags dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in COMPONENT_TYPES or (isinstance(part, str) and part.startswith("function-")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def validation_messages(err: ValidationError) -> list[str]:
+    msgs = []
+    for e in err.errors():
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        msgs.append(f"{format_loc(tuple(e['loc']))}: {msg}")
+    return msgs
+
+
+_adapter = TypeAdapter(ArchitectureSpec)
+
+
+def parse_architecture(data: Any, source: str | None = None) -> ArchitectureSpec:
+    """Validate a decoded mapping; raise :class:`SpecError` with path-named messages."""
+    if not isinstance(data, dict):
+        raise SpecError(["<root>: an architecture must be a mapping"], source)
+    try:
+        return _adapter.validate_python(data)
+    except ValidationError as e:
+        raise SpecError(validation_messages(e), source) from None
+
+
+def load_text(text: str, source: str | None = None) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError([f"<root>: not valid YAML/JSON: {e}"], source) from None
+
+
+def load_architecture(path: str | Path) -> ArchitectureSpec:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"<root>: cannot read: {e.strerror}"], str(p)) from None
+    data = load_text(text, str(p))
+    if isinstance(data, dict) and "name" not in data:
+        data = {"name": p.stem, **data}
+    return parse_architecture(data, str(p))
+
+
+def dump_architecture(spec: ArchitectureSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True, exclude_defaults=False), sort_keys=False)
+
+
+def json_schema() -> str:
+    return json.dumps(ArchitectureSpec.model_json_schema(), indent=2)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+_ARCHON_KEYS = {"model", "temperature", "max_tokens", "samples", "top_k", "model_type", "type", "length_control", "checkpoint"}
+
+
+def import_archon(data: dict[str, Any], source: str | None = None) -> ArchitectureSpec:
+    """Convert an Archon JSON config (``{"name", "layers": [[{"type", "model", ...}]]}``) into our spec.
+
+    Archon's ``model_type`` (which provider to call) has no equivalent: the backend
+    registry decides; it is dropped.  Unknown keys are reported, never silently kept.
+    """
+    errors: list[str] = []
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+        raise SpecError(["<root>: an Archon config needs a `layers` list"], source)
+    layers: list[list[dict[str, Any]]] = []
+    for i, layer in enumerate(data["layers"]):
+        if not isinstance(layer, list):
+            errors.append(f"layers[{i}]: must be a list")
+            continue
+        out_layer = []
+        for j, comp in enumerate(layer):
+            if not isinstance(comp, dict):
+                errors.append(f"layers[{i}][{j}]: must be a mapping")
+                continue
+            unknown = set(comp) - _ARCHON_KEYS
+            if unknown:
+                errors.append(f"layers[{i}][{j}]: unknown Archon keys {sorted(unknown)}")
+            t = comp.get("type")
+            c: dict[str, Any] = {"type": t, "model": comp.get("model")}
+            for k in ("temperature", "max_tokens"):
+                if comp.get(k) is not None:
+                    c[k] = comp[k]
+            if t == "generator":
+                c["samples"] = comp.get("samples", 1)
+            elif t == "fuser":
+                c["samples"] = comp.get("samples", 1)
+                if comp.get("length_control"):
+                    c["length_control"] = 200
+            elif t in ("ranker",):
+                c["top_k"] = comp.get("top_k", 5)
+            elif t == "unit_test_evaluator":
+                c["top_k"] = comp.get("top_k", 1) or 1
+            out_layer.append(c)
+        layers.append(out_layer)
+    if errors:
+        raise SpecError(errors, source)
+    return parse_architecture({"name": str(data.get("name", "imported")).replace(" ", "-"), "layers": layers}, source)
