@@ -1,0 +1,408 @@
+"""AlpacaEval 2.0 metrics: raw win rate and the length-controlled win rate (``length_controlled_v1``).
+
+Pure functions over judged rows.  A row says, for one instruction, how much the judge
+preferred the system's output (``output_2``) over the baseline's (``output_1``):
+``preference`` in [1, 2] (1 = baseline better, 2 = system better); 0, missing or
+unparseable means a draw (1.5), as upstream does.
+
+Length control follows alpaca_eval's ``metrics/glm_winrate.py`` (re-implemented, not
+copied): a logistic GLM per system on the soft label y = preference − 1 with the terms
+
+    θ_len · tanh(Δ/σ)        Δ = len(baseline) − len(system) in characters, σ = std(Δ)
+    θ_diff · d_i             d_i = a fixed per-instruction difficulty
+    θ_model · 1              the system's own intercept (no global intercept)
+
+fitted with an L1 penalty (liblinear) and C chosen by 5-fold GroupKFold CV.  LC is the
+mean predicted preference with Δ = 0, i.e. "what would the judge say if both outputs
+had the same length".  Rows are aligned with difficulties *by instruction text*, never
+by row position (upstream's position lookup misaligns short annotation files).
+
+The difficulties come from one joint fit over many systems (:func:`estimate_difficulty`)
+or from a file (:func:`load_difficulty`).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DRAW = 1.5
+EVAL_SET = "alpaca_eval/model_outputs/gpt4_1106_preview.json"
+BASELINE = "gpt4_1106_preview"
+# Upstream's grid for LogisticRegressionCV (Cs=10 -> logspace(-4, 4, 10)).
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 10))
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One judged instruction: the preference for the system over the baseline, and both lengths."""
+
+    instruction: str
+    preference: float  # in [1, 2]; draws already resolved to 1.5
+    len_baseline: int
+    len_model: int
+
+
+def normalize_preference(value: Any) -> float:
+    """Map an upstream ``preference`` to [1, 2]: strings are parsed; 0, None, NaN or junk become a draw."""
+    if value is None:
+        return DRAW
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        return DRAW
+    if math.isnan(p) or p == 0:
+        return DRAW
+    if not 1.0 <= p <= 2.0:
+        raise ValueError(f"preference {value!r} outside [1, 2]")
+    return p
+
+
+def load_annotations(path: str | os.PathLike[str]) -> dict[str, list[Judged]]:
+    """Read an official annotations JSON (``output_1`` = baseline, ``output_2`` = system), grouped by ``generator_2``."""
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    out: dict[str, list[Judged]] = defaultdict(list)
+    for r in rows:
+        out[str(r.get("generator_2") or Path(path).stem)].append(
+            Judged(
+                instruction=r["instruction"],
+                preference=normalize_preference(r.get("preference")),
+                len_baseline=len(r.get("output_1") or ""),
+                len_model=len(r.get("output_2") or ""),
+            )
+        )
+    return dict(out)
+
+
+def load_eval_instructions(root: str | os.PathLike[str] | None = None) -> list[str]:
+    """The 805 AlpacaEval instructions in eval-set order (position = ``idx`` in compact files)."""
+    from .paths import data_file
+
+    with open(data_file(EVAL_SET, root), encoding="utf-8") as f:
+        return [r["instruction"] for r in json.load(f)]
+
+
+def load_compact(path: str | os.PathLike[str], instructions: Sequence[str]) -> dict[str, list[Judged]]:
+    """Read the compact CSV (``model, idx, preference, len_baseline, len_model``); ``idx`` indexes ``instructions``."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    out: dict[str, list[Judged]] = defaultdict(list)
+    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        for r in csv.DictReader(f):
+            out[r["model"]].append(
+                Judged(
+                    instruction=instructions[int(r["idx"])],
+                    preference=normalize_preference(r["preference"]),
+                    len_baseline=int(r["len_baseline"]),
+                    len_model=int(r["len_model"]),
+                )
+            )
+    return dict(out)
+
+
+# --------------------------------------------------------------------------- raw win rate
+
+
+@dataclass
+class WinRate:
+    win_rate: float  # mean(preference − 1) · 100
+    standard_error: float  # s.e.m. (ddof=1) of the same, in points
+    n_wins: int
+    n_wins_base: int
+    n_draws: int
+    n_total: int
+    discrete_win_rate: float  # wins + draws/2 over n, in points
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def win_rate(preferences: Iterable[Any]) -> WinRate:
+    """Raw AlpacaEval win rate from preferences in [1, 2] (draw markers are normalised here too)."""
+    p = np.array([normalize_preference(x) for x in preferences], dtype=float) - 1.0
+    n = len(p)
+    if n == 0:
+        raise ValueError("no preferences")
+    se = float(p.std(ddof=1) / math.sqrt(n) * 100) if n > 1 else float("nan")
+    wins = int((p > 0.5).sum())
+    losses = int((p < 0.5).sum())
+    draws = n - wins - losses
+    return WinRate(
+        win_rate=float(p.mean() * 100),
+        standard_error=se,
+        n_wins=wins,
+        n_wins_base=losses,
+        n_draws=draws,
+        n_total=n,
+        discrete_win_rate=(wins + draws / 2) / n * 100,
+    )
+
+
+# --------------------------------------------------------------------------- soft-label logistic fits
+
+
+def _soft_rows(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row twice: label 1 with weight w·y and label 0 with weight w·(1 − y) (the soft-label trick)."""
+    X2 = np.vstack([X, X])
+    y2 = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
+    w2 = np.concatenate([w * y, w * (1.0 - y)])
+    return X2, y2, w2
+
+
+def _penalty_kwargs(kind: str) -> dict[str, Any]:
+    """scikit-learn >= 1.8 spells the penalty as ``l1_ratio`` (``penalty`` is deprecated); older ones need ``penalty``."""
+    import sklearn
+
+    major, minor = (int(x) for x in sklearn.__version__.split(".")[:2])
+    if (major, minor) >= (1, 8):
+        return {"l1_ratio": 1.0 if kind == "l1" else 0.0}
+    return {"penalty": kind}
+
+
+def _fit_l1(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+
+    X2, y2, w2 = _soft_rows(X, y, w)
+    keep = w2 > 0  # liblinear ignores zero weights anyway; dropping them keeps both classes present when possible
+    model = LogisticRegression(
+        **_penalty_kwargs("l1"), solver="liblinear", C=C, fit_intercept=False, random_state=123, max_iter=1000, tol=1e-6
+    )
+    model.fit(X2[keep], y2[keep], sample_weight=w2[keep])
+    return model.coef_[0].copy()
+
+
+def _soft_log_loss(X: np.ndarray, y: np.ndarray, w: np.ndarray, coef: np.ndarray) -> float:
+    z = X @ coef
+    # log σ(z) and log(1 − σ(z)) computed stably
+    return float(np.sum(w * (y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))) / np.sum(w))
+
+
+def fit_soft_logistic_cv(
+    X: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray | None = None,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    n_splits: int = 5,
+) -> tuple[np.ndarray, float]:
+    """L1 logistic regression on soft labels, C by GroupKFold CV; returns (coef, C).
+
+    Both copies of a row share a group, so they always fall in the same fold.  Folds are
+    scored by held-out weighted log-loss: plain accuracy (sklearn's default) cannot tell
+    Cs apart on duplicated soft rows, because exactly one copy of every row is "right".
+    """
+    from sklearn.model_selection import GroupKFold
+
+    w = np.ones(len(y)) if w is None else np.asarray(w, dtype=float)
+    groups = np.arange(len(y))
+    losses = np.zeros(len(Cs))
+    for train, test in GroupKFold(n_splits=n_splits).split(X, y, groups):
+        for k, C in enumerate(Cs):
+            coef = _fit_l1(X[train], y[train], w[train], C)
+            losses[k] += _soft_log_loss(X[test], y[test], w[test], coef)
+    best = float(Cs[int(np.argmin(losses))])  # ties -> the smaller C, i.e. the simpler model
+    return _fit_l1(X, y, w, best), best
+
+
+# --------------------------------------------------------------------------- instruction difficulty
+
+
+def _features_len(rows: Sequence[Judged]) -> np.ndarray:
+    """tanh(Δ/σ) with Δ = len(baseline) − len(model), σ = sample std of Δ over this system's rows."""
+    delta = np.array([r.len_baseline - r.len_model for r in rows], dtype=float)
+    sd = delta.std(ddof=1) if len(delta) > 1 else 0.0
+    return np.tanh(delta / sd) if sd > 0 else np.zeros_like(delta)
+
+
+def estimate_difficulty(
+    systems: Mapping[str, Sequence[Judged]], *, l2_C: float = 1.0
+) -> dict[str, float]:
+    """Per-instruction difficulty from one joint soft-label logistic fit over many systems.
+
+    Terms: a per-system intercept, a per-system length slope on tanh(Δ/σ_system), and one
+    coefficient per instruction; d_i is that coefficient (how easily systems beat the
+    baseline on instruction i, length held equal).  A mild L2 penalty (``l2_C`` per row)
+    pins the constant that system intercepts and instruction terms could trade, and
+    shrinks instructions seen by few systems.  Returns {instruction: d_i}.
+    """
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+
+    names = sorted(systems)
+    instr: dict[str, int] = {}
+    for s in names:
+        for r in systems[s]:
+            instr.setdefault(r.instruction, len(instr))
+    n_s, n_i = len(names), len(instr)
+    rows_idx, cols, vals, ys = [], [], [], []
+    row = 0
+    for k, s in enumerate(names):
+        rs = systems[s]
+        tl = _features_len(rs)
+        for r, t in zip(rs, tl):
+            rows_idx += [row, row, row]
+            cols += [k, n_s + k, 2 * n_s + instr[r.instruction]]
+            vals += [1.0, float(t), 1.0]
+            ys.append(r.preference - 1.0)
+            row += 1
+    X = sparse.csr_matrix((vals, (rows_idx, cols)), shape=(row, 2 * n_s + n_i))
+    y = np.array(ys)
+    X2 = sparse.vstack([X, X]).tocsr()
+    y2 = np.concatenate([np.ones(row), np.zeros(row)])
+    w2 = np.concatenate([y, 1.0 - y])
+    model = LogisticRegression(**_penalty_kwargs("l2"), C=l2_C, solver="lbfgs", fit_intercept=False, max_iter=5000, tol=1e-8)
+    model.fit(X2, y2, sample_weight=w2)
+    coef = model.coef_[0]
+    return {ins: float(coef[2 * n_s + j]) for ins, j in instr.items()}
+
+
+def load_difficulty(path: str | os.PathLike[str], instructions: Sequence[str] | None = None) -> dict[str, float]:
+    """Read a difficulty CSV: columns ``instruction`` (or ``idx`` with ``instructions``) and ``instruction_difficulty``."""
+    out: dict[str, float] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            val = float(r.get("instruction_difficulty") or r.get("difficulty") or 0.0)
+            if r.get("instruction") is not None:
+                out[r["instruction"]] = val
+            elif r.get("idx") is not None and instructions is not None:
+                out[instructions[int(r["idx"])]] = val
+            else:
+                raise ValueError(f"{path}: need an `instruction` column (or `idx` plus the eval set)")
+    return out
+
+
+def save_difficulty(difficulty: Mapping[str, float], path: str | os.PathLike[str]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "instruction_difficulty"])
+        for ins, d in difficulty.items():
+            w.writerow([ins, repr(d)])
+
+
+# --------------------------------------------------------------------------- length-controlled win rate
+
+
+@dataclass
+class LCResult:
+    length_controlled_winrate: float
+    lc_standard_error: float  # s.e.m. of the per-instruction predicted preferences (upstream's definition), points
+    win_rate: float
+    standard_error: float
+    theta_len: float
+    theta_diff: float
+    theta_model: float
+    C: float
+    n_total: int
+    n_missing_difficulty: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _design(rows: Sequence[Judged], difficulty: Mapping[str, float], not_gamed: float) -> tuple[np.ndarray, int]:
+    missing = sum(1 for r in rows if r.instruction not in difficulty)
+    d = np.array([difficulty.get(r.instruction, 0.0) for r in rows])
+    X = np.column_stack([_features_len(rows), d, np.full(len(rows), not_gamed)])
+    return X, missing
+
+
+def length_controlled_win_rate(
+    rows: Sequence[Judged],
+    difficulty: Mapping[str, float],
+    *,
+    gamed_baselines: Sequence[Sequence[Judged]] = (),
+    gamed_weight: float = 0.1,
+    Cs: Sequence[float] = DEFAULT_CS,
+    n_splits: int = 5,
+) -> LCResult:
+    """Length-controlled win rate of one system (``length_controlled_v1``).
+
+    ``gamed_baselines``: annotations of deliberately verbose/concise versions of the
+    *baseline* against the baseline; their rows join the fit with weight ``gamed_weight``
+    and no system intercept, which pulls the length slope towards the judge's pure
+    length bias ("regularise to baseline").  Without them the fit uses the system alone.
+    Instructions without a difficulty get d = 0 and are counted in ``n_missing_difficulty``.
+    """
+    if len(rows) < n_splits:
+        raise ValueError(f"need at least {n_splits} rows, got {len(rows)}")
+    X, missing = _design(rows, difficulty, 1.0)
+    y = np.array([r.preference - 1.0 for r in rows])
+    w = np.ones(len(rows))
+    Xs, ys, ws = [X], [y], [w]
+    for g in gamed_baselines:
+        Xg, _ = _design(g, difficulty, 0.0)
+        Xs.append(Xg)
+        ys.append(np.array([r.preference - 1.0 for r in g]))
+        ws.append(np.full(len(g), gamed_weight))
+    coef, C = fit_soft_logistic_cv(np.vstack(Xs), np.concatenate(ys), np.concatenate(ws), Cs=Cs, n_splits=n_splits)
+    X_test = X.copy()
+    X_test[:, 0] = 0.0  # Δ = 0: both outputs equally long
+    pred = 1.0 / (1.0 + np.exp(-(X_test @ coef)))
+    raw = win_rate(r.preference for r in rows)
+    return LCResult(
+        length_controlled_winrate=float(pred.mean() * 100),
+        lc_standard_error=float(pred.std(ddof=1) / math.sqrt(len(pred)) * 100),
+        win_rate=raw.win_rate,
+        standard_error=raw.standard_error,
+        theta_len=float(coef[0]),
+        theta_diff=float(coef[1]),
+        theta_model=float(coef[2]),
+        C=C,
+        n_total=len(rows),
+        n_missing_difficulty=missing,
+    )
+
+
+def score_systems(
+    systems: Mapping[str, Sequence[Judged]],
+    difficulty: Mapping[str, float] | None = None,
+    *,
+    reference_systems: Mapping[str, Sequence[Judged]] | None = None,
+    gamed_baselines: Sequence[Sequence[Judged]] = (),
+) -> dict[str, LCResult]:
+    """Score several systems; difficulty is estimated jointly over ``systems`` ∪ ``reference_systems`` when not given."""
+    if difficulty is None:
+        pool = dict(reference_systems or {})
+        pool.update(systems)
+        difficulty = estimate_difficulty(pool)
+    return {s: length_controlled_win_rate(rows, difficulty, gamed_baselines=gamed_baselines) for s, rows in systems.items()}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    return float(np.corrcoef(np.asarray(a, float), np.asarray(b, float))[0, 1])
+
+
+def load_leaderboard(path: str | os.PathLike[str]) -> dict[str, dict[str, float | None]]:
+    """The official leaderboard CSV as {system: {column: float or None}}."""
+    out: dict[str, dict[str, float | None]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            name = r.pop("")
+            vals: dict[str, float | None] = {}
+            for k, v in r.items():
+                try:
+                    vals[k] = float(v) if v != "" else None
+                except ValueError:
+                    continue
+            out[name] = vals
+    return out
