@@ -1,0 +1,347 @@
+"""The search loop: open (or resume) a study, run trials until the study holds its target number, finalize.
+
+A worker is an ask/tell loop over a shared Optuna study rather than ``study.optimize``
+because the stopping rule is *global*: "N evaluated trials in the study", counted
+over all workers, past runs and retries.  Before each trial the worker
+
+1. fails stale trials of dead workers (heartbeat) -- their retries become WAITING trials;
+2. stops when the study holds N evaluated trials; waits while the remaining ones are
+   running elsewhere (one of them may die and need a retry);
+3. asks for a trial (a WAITING retry first) and, if trials numbered before it already
+   cover the target, releases it as a ``skipped: surplus`` FAIL -- so racing workers
+   never overshoot N.
+
+A killed worker therefore loses at most its running trial, which another worker (or
+a restart) re-runs with the same parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from archon_server.search.config import SearchConfig
+from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
+from archon_server.search.objective import (
+    ATTR_SKIPPED,
+    ATTR_SPEC,
+    ATTR_WORKER,
+    ArchitectureObjective,
+    is_evaluated,
+    is_rejected,
+)
+from archon_server.search.samplers import make_pruner, make_sampler
+from archon_server.search.storage import Heartbeat, heartbeat_enabled, make_storage, retry_callback
+from archon_server.spec import ArchitectureSpec, dump_architecture, parse_architecture
+
+log = logging.getLogger(__name__)
+
+STUDY_CONFIG = "config"
+STUDY_TARGET = "target_n_trials"
+STUDY_RANKING = "model_ranking"
+STUDY_TEST = "test_results"
+STUDY_BASELINES = "baselines"
+
+
+# -- study ------------------------------------------------------------------------------------------
+def open_study(
+    config: SearchConfig,
+    *,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed_offset: int = 0,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
+    """Create or load (``load_if_exists``) the study; the config is stored in it so ``export`` needs only the URL."""
+    url_or_storage = storage or config.storage_url()
+    st = url_or_storage
+    if isinstance(url_or_storage, str):
+        st = make_storage(
+            url_or_storage,
+            heartbeat_interval=config.study.heartbeat_interval,
+            grace_period=config.study.grace_period,
+            max_retry=config.study.max_retry,
+        )
+    multi = config.objective.mode == "pareto"
+    kwargs: dict[str, Any] = {"directions": ["maximize", "minimize"]} if multi else {"direction": "maximize"}
+    study = optuna.create_study(
+        storage=st,
+        study_name=study_name or config.study.name,
+        sampler=sampler or make_sampler(config.study.sampler, multi_objective=multi, seed_offset=seed_offset),
+        pruner=pruner or make_pruner(config.study.pruner),
+        load_if_exists=True,
+        **kwargs,
+    )
+    if STUDY_CONFIG not in study.user_attrs:
+        study.set_user_attr(STUDY_CONFIG, config.model_dump(mode="json", by_alias=True))
+    return study
+
+
+@dataclass
+class Progress:
+    evaluated: int = 0  # complete + pruned-after-evaluation
+    running: int = 0
+    waiting: int = 0
+    rejected: int = 0
+    failed: int = 0
+    attempts: int = 0  # every trial ever created
+
+
+def progress(study: optuna.Study) -> Progress:
+    p = Progress()
+    for t in study.get_trials(deepcopy=False):
+        p.attempts += 1
+        if is_evaluated(t):
+            p.evaluated += 1
+        elif t.state == TrialState.RUNNING:
+            p.running += 1
+        elif t.state == TrialState.WAITING:
+            p.waiting += 1
+        elif is_rejected(t):
+            p.rejected += 1
+        elif t.state == TrialState.FAIL:
+            p.failed += 1
+    return p
+
+
+def _live_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered below ``number`` that have counted or may still count towards the target."""
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number >= number:
+            continue
+        if is_evaluated(t) or t.state in (TrialState.RUNNING, TrialState.WAITING):
+            n += 1
+    return n
+
+
+# -- model ranking ----------------------------------------------------------------------------------
+def single_model_spec(model: str, name: str | None = None) -> ArchitectureSpec:
+    return parse_architecture({"name": name or f"single-{model}".replace(" ", "-"), "layers": [[{"type": "generator", "model": model}]]})
+
+
+async def rank_models(config: SearchConfig, study: optuna.Study, evaluator: Evaluator) -> list[str]:
+    """Pool ordered by single-model dev score (config scores, else measured once and stored in the study)."""
+    scores: dict[str, float] = {}
+    if all(m.score is not None for m in config.models):
+        scores = {m.name: float(m.score) for m in config.models}  # type: ignore[arg-type]
+    elif STUDY_RANKING in study.user_attrs:
+        scores = dict(study.user_attrs[STUDY_RANKING])
+    else:
+        limit = config.evaluation.dev_limit
+        for m in config.models:
+            scores[m.name] = m.score if m.score is not None else (await evaluator.evaluate(single_model_spec(m.name), "dev", limit=limit)).score
+        study.set_user_attr(STUDY_RANKING, scores)
+    # Stable sort: ties keep the config's order, so every worker derives the same ranking.
+    return sorted((m.name for m in config.models), key=lambda n: -scores[n])
+
+
+# -- evaluators -------------------------------------------------------------------------------------
+def make_evaluator(config: SearchConfig) -> Evaluator:
+    ev = config.evaluation
+    if ev.evaluator == "scripted":
+        s = ev.scripted
+        landscape = Landscape(model_scores={m.name: (m.score if m.score is not None else 0.5) for m in config.models})
+        return ScriptedEvaluator(landscape, n_dev=s.n_dev, n_test=s.n_test, noise=s.noise, step_sleep_s=s.step_sleep_s, seed=s.seed)
+    from archon_server.search.bench_eval import make_bench_evaluator  # heavy imports only when needed
+
+    return make_bench_evaluator(config)
+
+
+# -- worker -----------------------------------------------------------------------------------------
+@dataclass
+class WorkerStats:
+    trials: int = 0
+    complete: int = 0
+    pruned: int = 0
+    rejected: int = 0
+    failed: int = 0
+    surplus: int = 0
+    numbers: list[int] = field(default_factory=list)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def run_worker(
+    study: optuna.Study,
+    objective: ArchitectureObjective,
+    n_trials: int,
+    *,
+    max_attempts: int | None = None,
+    poll_s: float | None = None,
+) -> WorkerStats:
+    """Run trials of ``study`` until it holds ``n_trials`` evaluated trials (over all workers)."""
+    stats = WorkerStats()
+    storage = study._storage  # noqa: SLF001 - Optuna exposes no public accessor; needed for heartbeats
+    hb = heartbeat_enabled(storage)
+    interval = storage.get_heartbeat_interval() if hb else None  # type: ignore[attr-defined]
+    poll = poll_s if poll_s is not None else (max(0.5, interval / 2) if interval else 1.0)
+    max_attempts = max_attempts or n_trials * objective.config.study.max_attempts_factor
+    retry = retry_callback(objective.config.study.max_retry)
+    me = worker_id()
+    while True:
+        if hb:
+            optuna.storages.fail_stale_trials(study)
+        p = progress(study)
+        if p.evaluated >= n_trials:
+            break
+        if p.attempts >= max_attempts:
+            log.warning("stopping: %d attempts for %d evaluated trials (space mostly rejected by rules/budget?)", p.attempts, p.evaluated)
+            break
+        if p.waiting == 0 and p.evaluated + p.running >= n_trials:
+            if hb and p.running:
+                await asyncio.sleep(poll)  # the rest runs elsewhere; stay to retry it if its worker dies
+                continue
+            break
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for study.optimize; we run our own Heartbeat thread.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
+        with Heartbeat(storage, trial._trial_id):  # noqa: SLF001
+            if _live_before(study, trial.number) >= n_trials:
+                trial.set_user_attr(ATTR_SKIPPED, "surplus: the target was reached by earlier trials")
+                study.tell(trial, state=TrialState.FAIL)
+                stats.surplus += 1
+                continue
+            stats.trials += 1
+            stats.numbers.append(trial.number)
+            trial.set_user_attr(ATTR_WORKER, me)
+            try:
+                outcome = await objective.run(trial)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                # Interrupted, not broken: fail it and enqueue the same parameters for the next worker.
+                study.tell(trial, state=TrialState.FAIL)
+                retry(study, study._storage.get_trial(trial._trial_id))  # noqa: SLF001
+                raise
+            except Exception as e:  # a broken trial must not stop the search; the reason stays in the DB
+                log.exception("trial %d failed", trial.number)
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+                study.tell(trial, state=TrialState.FAIL)
+                stats.failed += 1
+                continue
+            if outcome.state == TrialState.COMPLETE:
+                study.tell(trial, outcome.values)
+                stats.complete += 1
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
+                if "rejected" in trial.user_attrs:
+                    stats.rejected += 1
+                else:
+                    stats.pruned += 1
+    return stats
+
+
+# -- results ----------------------------------------------------------------------------------------
+def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Best first, one trial per architecture. Scalar: by objective. Pareto: the front by dev score, then cheaper."""
+    multi = len(study.directions) > 1
+    if multi:
+        pool = study.best_trials
+        pool.sort(key=lambda t: (-t.values[0], t.values[1], t.number))
+    else:
+        pool = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        pool.sort(key=lambda t: (-t.value, t.number))
+    seen: set[str] = set()
+    out = []
+    for t in pool:
+        k = t.user_attrs.get("arch_key", str(t.number))
+        if k not in seen:
+            seen.add(k)
+            out.append(t)
+    return out
+
+
+def trial_spec(t: optuna.trial.FrozenTrial, name: str | None = None) -> ArchitectureSpec:
+    from archon_server.spec import load_text
+
+    data = load_text(t.user_attrs[ATTR_SPEC])
+    if name:
+        data["name"] = name
+    return parse_architecture(data, source=f"trial {t.number}")
+
+
+def baseline_specs(ranked_models: list[str]) -> dict[str, ArchitectureSpec]:
+    """What the search must beat: the best single model, classic MoA (top-3 + fuser), Self-MoA (best model x6 + fuser)."""
+    best = ranked_models[0]
+    top = ranked_models[:3]
+    return {
+        "single": single_model_spec(best, "baseline-single"),
+        "moa": parse_architecture({"name": "baseline-moa", "layers": [
+            [{"type": "generator", "model": m} for m in top], [{"type": "fuser", "model": best}]]}),
+        "self_moa": parse_architecture({"name": "baseline-self-moa", "layers": [
+            [{"type": "generator", "model": best, "samples": 6}], [{"type": "fuser", "model": best}]]}),
+    }
+
+
+async def finalize(config: SearchConfig, study: optuna.Study, evaluator: Evaluator, ranked_models: list[str]) -> dict[str, Any]:
+    """Score the best few trials and the baselines on the held-out test split; results go into study user attrs."""
+    ev = config.evaluation
+    objective = ArchitectureObjective(config, evaluator, ranked_models, study.study_name)
+    tests: dict[str, Any] = dict(study.user_attrs.get(STUDY_TEST, {}))
+    for t in ranked_trials(study)[: ev.test_top]:
+        if str(t.number) in tests:
+            continue  # a resumed finalize does not pay twice
+        res = await evaluator.evaluate(trial_spec(t), "test", limit=ev.test_limit)
+        tests[str(t.number)] = {"score": res.score, "cost": objective.cost(res), "calls_per_query": res.calls_per_query,
+                                "tokens_per_query": res.tokens_per_query, "n": res.n}
+    study.set_user_attr(STUDY_TEST, tests)
+    baselines: dict[str, Any] = dict(study.user_attrs.get(STUDY_BASELINES, {}))
+    if ev.baselines:
+        for name, spec in baseline_specs(ranked_models).items():
+            if name in baselines:
+                continue
+            row: dict[str, Any] = {"spec": dump_architecture(spec)}
+            for split, limit in (("dev", ev.dev_limit), ("test", ev.test_limit)):
+                res = await evaluator.evaluate(spec, split, limit=limit)
+                row[split] = {"score": res.score, "cost": objective.cost(res), "n": res.n}
+            baselines[name] = row
+        study.set_user_attr(STUDY_BASELINES, baselines)
+    return {"test": tests, "baselines": baselines}
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    stats: WorkerStats
+    elapsed_s: float
+    final: dict[str, Any] | None = None
+
+
+async def run_search(
+    config: SearchConfig,
+    *,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    n_trials: int | None = None,
+    evaluator: Evaluator | None = None,
+    seed_offset: int = 0,
+    do_finalize: bool = True,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> SearchResult:
+    """One worker's whole run: open/resume, rank the pool, run trials to the target, optionally finalize."""
+    t0 = time.perf_counter()
+    evaluator = evaluator or make_evaluator(config)
+    study = open_study(config, storage=storage, study_name=study_name, seed_offset=seed_offset, sampler=sampler, pruner=pruner)
+    target = n_trials or int(study.user_attrs.get(STUDY_TARGET, config.study.n_trials))
+    if n_trials is not None or STUDY_TARGET not in study.user_attrs:
+        study.set_user_attr(STUDY_TARGET, target)
+    ranked = await rank_models(config, study, evaluator)
+    objective = ArchitectureObjective(config, evaluator, ranked, study.study_name)
+    stats = await run_worker(study, objective, target)
+    final = None
+    if do_finalize and progress(study).evaluated >= target:
+        final = await finalize(config, study, evaluator, ranked)
+    return SearchResult(study=study, stats=stats, elapsed_s=time.perf_counter() - t0, final=final)

@@ -1,0 +1,52 @@
+"""Sampler and pruner factories: the config names a strategy, Optuna provides it.
+
+Kept apart from the study runner so a strategy is swapped in the YAML (or by
+passing a ready-made Optuna object) without touching the search loop.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+
+from archon_server.search.config import PrunerConfig, SamplerConfig
+
+
+def make_sampler(cfg: SamplerConfig, *, multi_objective: bool = False, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """``seed_offset`` gives each worker of a shared study its own random stream (same seed = same proposals)."""
+    seed = None if cfg.seed is None else cfg.seed + seed_offset
+    if cfg.type == "tpe":
+        # multivariate+group model the conditional (define-by-run) space jointly;
+        # constant_liar keeps concurrent workers from proposing the same point.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True, group=True, constant_liar=True
+            )
+    if cfg.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.type == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population_size)
+    if cfg.type == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+    if cfg.type == "bruteforce":
+        return optuna.samplers.BruteForceSampler(seed=seed)
+    raise ValueError(f"unknown sampler {cfg.type!r}")  # pragma: no cover - pydantic restricts the literal
+
+
+def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
+    """Steps are *numbers of dev questions evaluated*, so rungs are comparable across stage configs."""
+    if cfg.type == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+    if cfg.type == "percentile":
+        return optuna.pruners.PercentilePruner(
+            cfg.percentile, n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
+        )
+    if cfg.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=cfg.reduction_factor)
+    if cfg.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=cfg.reduction_factor)
+    raise ValueError(f"unknown pruner {cfg.type!r}")  # pragma: no cover

@@ -1,0 +1,125 @@
+"""Optuna RDB storage for searches: SQLite by default, any SQLAlchemy URL (PostgreSQL, MySQL) to share a study.
+
+The storage *is* the coordination layer: workers on one machine or many only share
+the URL.  Heartbeats let a worker notice that another one died mid-trial: its
+RUNNING trial goes stale, is marked FAIL, and :class:`RetryFailedTrialCallback`
+enqueues a copy (same parameters) that the next free worker picks up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sqlite3
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+
+log = logging.getLogger(__name__)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """File path of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL (None for other URLs / memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest.split("?", 1)[0])
+
+
+def _prepare_sqlite(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # WAL lets readers (optuna-dashboard, `search status`) work while a worker writes;
+    # the mode is stored in the file, so setting it once here is enough for every engine.
+    con = sqlite3.connect(str(path), timeout=60)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def retry_callback(max_retry: int | None) -> Any:
+    """Re-enqueue a dead worker's trial with the same parameters (``retried_trial_number`` finds the original)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental/deprecation notices, not actionable for users
+        cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+        return cls(max_retry=max_retry)
+
+
+def make_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = 10,
+    grace_period: int | None = None,
+    max_retry: int | None = 2,
+) -> RDBStorage:
+    """Open (creating tables if needed) an RDB storage with heartbeat-based retry of dead workers' trials."""
+    engine_kwargs: dict[str, Any] = {}
+    path = sqlite_path(url)
+    if url.startswith("sqlite"):
+        # Several processes write one file: wait for the lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+        if path is not None:
+            _prepare_sqlite(path)
+    else:
+        engine_kwargs["pool_pre_ping"] = True  # long searches outlive idle server connections
+    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
+    if heartbeat_interval:
+        kwargs["heartbeat_interval"] = heartbeat_interval
+        kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
+        retry = retry_callback(max_retry)
+        # Optuna 4.x renamed failed_trial_callback; accept both so optuna>=3.6 works.
+        params = inspect.signature(RDBStorage.__init__).parameters
+        key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        kwargs[key] = retry
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, **kwargs)
+
+
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
+
+
+class Heartbeat:
+    """Records a trial's heartbeat every interval from a daemon thread while the trial runs.
+
+    (Optuna's own thread only runs inside ``study.optimize``; our ask/tell loop needs its own.)
+    A daemon thread dies with the process: a kill -9 stops the heartbeat, which is the point.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
+        self._storage = storage
+        self._trial_id = trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if heartbeat_enabled(storage):
+            self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert isinstance(self._storage, RDBStorage)
+        interval = self._storage.get_heartbeat_interval() or 10
+        while True:
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception as e:  # a transient DB error must not kill the trial; the next beat retries
+                log.warning("heartbeat of trial %s failed: %s", self._trial_id, e)
+            if self._stop.wait(interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> "Heartbeat":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
