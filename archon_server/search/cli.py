@@ -1,0 +1,204 @@
+"""``archon search`` commands: ``run`` (one or several workers on a shared study), ``export``, ``status``.
+
+``add_cli(subparsers)`` registers ``search`` on the caller's argparse subparsers; every
+leaf sets ``func(args) -> int``.  ``python -m archon_server.search ...`` runs the same
+commands standalone (that is what ``--workers N`` spawns, and what tests drive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from archon_server.spec import SpecError
+
+log = logging.getLogger(__name__)
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("search", help="architecture search with Optuna (cost-aware, resumable, distributed)")
+    sub = p.add_subparsers(dest="search_command", metavar="{run,export,status}")
+    sub.required = True
+
+    r = sub.add_parser("run", help="run (or resume) a search study until it holds its target number of trials")
+    r.add_argument("config", help="search config YAML (search/*.yaml)")
+    r.add_argument("--storage", help="Optuna RDB URL (default: config's, else sqlite:///runs/search/<study>.db)")
+    r.add_argument("--study", help="study name (default: config's study.name)")
+    r.add_argument("--n-trials", type=int, help="target evaluated trials in the whole study (all workers together)")
+    r.add_argument("--workers", type=int, default=1, help="worker processes to start on this machine (default 1)")
+    r.add_argument("--worker-index", type=int, default=0, help="offsets the sampler seed so workers propose different points")
+    r.add_argument("--no-finalize", action="store_true", help="skip test-split scoring of the best trials and baselines")
+    r.add_argument("--no-export", action="store_true", help="do not write the architecture YAML and report")
+    r.add_argument("--out", help="architecture output folder (default: config export.dir)")
+    r.add_argument("--report-dir", help="report folder (default: <export.report_dir>/<study>)")
+    r.add_argument("-v", "--verbose", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("export", help="write the best architecture YAML and the markdown report of a study")
+    e.add_argument("config", nargs="?", help="search config YAML (gives storage/study defaults; needed for --finalize)")
+    e.add_argument("--storage", help="Optuna RDB URL")
+    e.add_argument("--study", help="study name (default: the only study in the storage)")
+    e.add_argument("--name", help="architecture name (default: <study>-best)")
+    e.add_argument("--out", default=None, help="architecture output folder (default: architectures)")
+    e.add_argument("--report-dir", default=None, help="report folder (default: runs/search/<study>)")
+    e.add_argument("--finalize", action="store_true", help="score best trials + baselines on the test split first (needs CONFIG)")
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("status", help="progress of a study (counts, best trial) as JSON")
+    s.add_argument("config", nargs="?")
+    s.add_argument("--storage")
+    s.add_argument("--study")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Any, str, str | None]:
+    """(config or None, storage URL, study name or None) from CONFIG and flags."""
+    from archon_server.search.config import load_search_config
+
+    cfg = load_search_config(args.config) if getattr(args, "config", None) else None
+    storage = args.storage or (cfg.storage_url() if cfg else None)
+    if storage is None:
+        raise SystemExit("error: give CONFIG or --storage")
+    study = args.study or (cfg.study.name if cfg else None)
+    return cfg, storage, study
+
+
+def _load_study(storage_url: str, study_name: str | None) -> optuna.Study:
+    from archon_server.search.storage import make_storage
+
+    st = make_storage(storage_url, heartbeat_interval=None)  # a reader: no stale-trial handling
+    if study_name is None:
+        names = optuna.get_all_study_names(storage=st)
+        if len(names) != 1:
+            raise SystemExit(f"error: storage holds studies {names}; pass --study")
+        study_name = names[0]
+    return optuna.load_study(study_name=study_name, storage=st)
+
+
+def _export(study: optuna.Study, storage_url: str, cfg: Any, out: str | None, report_dir: str | None, name: str | None) -> dict[str, Any]:
+    from archon_server.search.report import export_best, write_report
+
+    out = out or (cfg.export.dir if cfg else "architectures")
+    name = name or (cfg.export.name if cfg and cfg.export.name else None)
+    report_dir = report_dir or str(Path(cfg.export.report_dir if cfg else "runs/search") / study.study_name)
+    path, _ = export_best(study, out, name)
+    rep = write_report(study, report_dir, storage_url)
+    return {"architecture": str(path), "report": str(rep.markdown)}
+
+
+def _summary(study: optuna.Study) -> dict[str, Any]:
+    from archon_server.search.report import best_trial
+    from archon_server.search.runner import STUDY_TARGET, progress
+
+    p = progress(study)
+    out: dict[str, Any] = {"study": study.study_name, "target": study.user_attrs.get(STUDY_TARGET), **p.__dict__}
+    try:
+        t = best_trial(study)
+        out["best"] = {"trial": t.number, "values": t.values, "params": t.params}
+    except LookupError:
+        out["best"] = None
+    return out
+
+
+# -- commands -----------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from archon_server.search.runner import finalize, make_evaluator, open_study, progress, rank_models, run_search
+
+    _setup_logging(args.verbose)
+    try:
+        cfg, storage, study_name = _resolve(args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    assert cfg is not None
+    if args.workers > 1:
+        # Worker processes share nothing but the storage URL, exactly like workers on other machines.
+        cmd = [sys.executable, "-m", "archon_server.search", "run", args.config, "--storage", storage,
+               "--study", study_name or cfg.study.name, "--no-finalize", "--no-export"]
+        if args.n_trials:
+            cmd += ["--n-trials", str(args.n_trials)]
+        if args.verbose:
+            cmd.append("-v")
+        # Create the study (and its target) once, before the workers race to do it.
+        open_study(cfg, storage=storage, study_name=study_name)
+        procs = [subprocess.Popen(cmd + ["--worker-index", str(args.worker_index + i)]) for i in range(args.workers)]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            print(f"error: worker exit codes {codes}", file=sys.stderr)
+            return 1
+        study = open_study(cfg, storage=storage, study_name=study_name)
+        if not args.no_finalize:
+            evaluator = make_evaluator(cfg)
+
+            async def fin() -> None:
+                ranked = await rank_models(cfg, study, evaluator)
+                await finalize(cfg, study, evaluator, ranked)
+
+            asyncio.run(fin())
+    else:
+        res = asyncio.run(run_search(cfg, storage=storage, study_name=study_name, n_trials=args.n_trials,
+                                     seed_offset=args.worker_index, do_finalize=not args.no_finalize))
+        study = res.study
+        log.info("worker stats: %s", res.stats)
+    summary = _summary(study)
+    if not args.no_export and progress(study).evaluated:
+        summary.update(_export(study, storage, cfg, args.out, args.report_dir, None))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _setup_logging(False)
+    cfg, storage, study_name = _resolve(args)
+    study = _load_study(storage, study_name)
+    if args.finalize:
+        if cfg is None:
+            print("error: --finalize needs CONFIG (it evaluates on the test split)", file=sys.stderr)
+            return 2
+        from archon_server.search.runner import finalize, make_evaluator, rank_models
+
+        evaluator = make_evaluator(cfg)
+
+        async def fin() -> None:
+            await finalize(cfg, study, evaluator, await rank_models(cfg, study, evaluator))
+
+        asyncio.run(fin())
+    try:
+        out = _export(study, storage, cfg, args.out, args.report_dir, args.name)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _setup_logging(False)
+    _, storage, study_name = _resolve(args)
+    print(json.dumps(_summary(_load_study(storage, study_name)), default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="archon")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "search":
+        argv = ["search", *argv]  # `python -m archon_server.search run ...`
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
