@@ -89,6 +89,8 @@ class Landscape:
     unit_test: float = 0.03
     vote: float = 0.015
     seq_gain: float = 0.1  # Self-MoA-Seq: like one fusion layer, scaled by windows used
+    temp_opt: float = 0.7  # sampling temperature that balances diversity and accuracy
+    temp_penalty: float = 0.05  # per squared unit of distance from temp_opt
     tokens_per_call: int = 300
 
     @classmethod
@@ -109,6 +111,8 @@ class Landscape:
             unit_test=r.uniform(-0.02, 0.05),
             vote=r.uniform(-0.02, 0.04),
             seq_gain=r.uniform(0.0, 0.15),
+            temp_opt=r.choice([0.4, 0.7, 1.0]),
+            temp_penalty=r.uniform(0.0, 0.1),
         )
 
     def quality(self, spec: ArchitectureSpec) -> float:
@@ -149,6 +153,10 @@ class Landscape:
                 q += self.unit_test
             if any(isinstance(c, VoteSpec) for c in layer):
                 q += self.vote
+        temps = [t for layer in spec.layers[:1] for c in layer
+                 for t in [getattr(c, "temperature", None) or getattr(c, "proposer_temperature", None)] if t is not None]
+        if temps:
+            q -= self.temp_penalty * (sum(temps) / len(temps) - self.temp_opt) ** 2
         if fusion_index == 0 and boost > 0:
             q += 0.02 * boost  # a lone ranker picks a better candidate, a little
         return min(1.0, max(0.0, q))
