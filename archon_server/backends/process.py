@@ -192,10 +192,19 @@ class SupervisedProcess:
                 self.tail.append(line)
                 self.logger.log(self.log_level, "%s %s", self.prefix, line)
 
+    async def _exited(self) -> int:
+        # Not ``proc.wait()``: asyncio's wait() also waits for the stdout pipe to close,
+        # and a forked grandchild (vLLM's engine core) holding it open would block it
+        # forever. The child watcher sets ``returncode`` as soon as the leader is reaped.
+        assert self.proc is not None
+        while self.proc.returncode is None:
+            await asyncio.sleep(0.1)
+        return self.proc.returncode
+
     async def wait(self) -> int:
         """Wait for exit; then kill what is left of its process group (e.g. forked workers)."""
         assert self.proc is not None
-        rc = await self.proc.wait()
+        rc = await self._exited()
         kill_group(self.proc.pid)
         _LIVE_GROUPS.discard(self.proc.pid)
         if self._reader is not None:
@@ -211,13 +220,13 @@ class SupervisedProcess:
         if self.proc.returncode is None:
             kill_group(pgid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), grace_s)
+                await asyncio.wait_for(self._exited(), grace_s)
             except asyncio.TimeoutError:
                 self.logger.warning("%s did not stop within %.0fs of SIGTERM; sending SIGKILL", self.prefix, grace_s)
         # The leader may be gone while its children linger: always sweep the group.
         kill_group(pgid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            await self.proc.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._exited(), 5.0)
         _LIVE_GROUPS.discard(pgid)
         if self._reader is not None:
             self._reader.cancel()
