@@ -1,0 +1,202 @@
+"""Backend kind ``local``: the in-process engine (default model SmolLM2-135M-Instruct).
+
+Runs on the machine's CPU (or a GPU when present) with no server to start.  All
+requests of all callers go through one :class:`~archon_server.engine.scheduler.Engine`
+that batches them; ``n`` samples share one prompt prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from archon_server.backends.base import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    Choice,
+    SamplingParams,
+    StreamChunk,
+    TokenLogprob,
+    Usage,
+)
+from archon_server.engine import model_store
+
+
+def _content_text(content: Any) -> str:
+    """OpenAI message content: a string or a list of parts (only text parts are kept)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return str(content)
+
+
+class LocalBackend(Backend):
+    """In-process generation.  ``await start()`` loads (and on first use converts) the model.
+
+    ``options``: ``progress`` (bool, print conversion progress; default True).
+    """
+
+    supports_n = True
+    supports_logprobs = True
+
+    def __init__(
+        self,
+        model: str = model_store.DEFAULT_MODEL,
+        *,
+        name: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch: int = 16,
+        **options: Any,
+    ):
+        self.model = model
+        self.name = name or model
+        self.device = device
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.progress = bool(options.pop("progress", True))
+        if options:
+            raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
+        self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
+        self.loaded: Any = None  # archon_server.engine.loader.LoadedModel
+        self._start_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self.engine is not None:
+                return
+            from archon_server.engine.loader import load_engine
+
+            try:
+                self.engine, self.loaded = await asyncio.to_thread(
+                    load_engine, self.model, self.device, self.dtype, self.max_batch, self.progress
+                )
+            except (model_store.ModelStoreError, NotImplementedError, OSError) as e:
+                raise BackendError(f"local model {self.model!r} failed to load: {e}", backend=self.name) from e
+
+    async def close(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
+
+    async def models(self) -> list[str]:
+        return [self.model]
+
+    async def health(self) -> bool:
+        return self.engine is not None and self.engine.alive
+
+    @property
+    def model_path(self) -> str:
+        return str(model_store.model_path(self.model))
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters (requests, prefills, decode_steps, max_batch_seen, ...) plus live gauges."""
+        if self.engine is None:
+            return {}
+        from dataclasses import asdict
+
+        return {**asdict(self.engine.stats), "active_sequences": self.engine.active_sequences, "queued": self.engine.queued_requests}
+
+    # ------------------------------------------------------------------ helpers
+    def _prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        tok = self.loaded.tokenizer
+        msgs = [{"role": m.get("role", "user"), "content": _content_text(m.get("content"))} for m in messages]
+        if not msgs:
+            raise BackendError("no messages", status=400, backend=self.name)
+        if not getattr(tok, "chat_template", None):  # base model: plain completion of the concatenated text
+            return tok("\n\n".join(m["content"] for m in msgs))["input_ids"]
+        cont = msgs[-1]["role"] == "assistant"  # continue a partial assistant answer
+        ids = tok.apply_chat_template(
+            msgs, tokenize=True, add_generation_prompt=not cont, continue_final_message=cont, return_dict=False
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    @staticmethod
+    def _gen_params(p: SamplingParams) -> Any:
+        from archon_server.engine.scheduler import GenParams
+
+        return GenParams(
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=p.seed,
+            n=p.n,
+            stop=list(p.stop or []),
+            logprobs=p.logprobs or p.top_logprobs > 0,
+            top_logprobs=p.top_logprobs,
+        )
+
+    async def _events(self, request: ChatRequest) -> AsyncIterator[Any]:
+        """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
+        if self.engine is None:
+            await self.start()
+        from archon_server.engine.scheduler import DoneEvent, ErrorEvent
+
+        prompt = self._prompt_ids(request.messages)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[list[Any]] = asyncio.Queue()
+        try:
+            handle = self.engine.submit(prompt, self._gen_params(request.params), lambda evs: loop.call_soon_threadsafe(q.put_nowait, evs))
+        except ValueError as e:
+            raise BackendError(str(e), status=400, backend=self.name) from e
+        try:
+            while True:
+                for ev in await q.get():
+                    if isinstance(ev, ErrorEvent):
+                        raise BackendError(f"local engine: {ev.error}", status=500, backend=self.name) from ev.error
+                    yield ev
+                    if isinstance(ev, DoneEvent):
+                        return
+        finally:
+            handle.cancel()  # no-op once done; otherwise the worker drops the rows next step
+
+    # ------------------------------------------------------------------ Backend API
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
+
+        t0 = time.perf_counter()
+        n = request.params.n
+        texts: list[str] = [""] * n
+        reasons = ["stop"] * n
+        want_lp = request.params.logprobs or request.params.top_logprobs > 0
+        lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        usage = Usage()
+        metrics: dict[str, Any] = {}
+        async with contextlib.aclosing(self._events(request)) as events:
+            async for ev in events:
+                if isinstance(ev, TokenEvent):
+                    for e in ev.logprobs or ():
+                        lps[ev.index].append(TokenLogprob(e.token, e.logprob, e.top))
+                elif isinstance(ev, FinishEvent):
+                    texts[ev.index] = ev.text
+                    reasons[ev.index] = ev.reason
+                elif isinstance(ev, DoneEvent):
+                    usage = Usage(ev.prompt_tokens, ev.completion_tokens)
+                    metrics = ev.metrics
+        choices = [Choice(text=texts[i], finish_reason=reasons[i], index=i, logprobs=lps[i] if want_lp else None) for i in range(n)]
+        return ChatResult(choices=choices, usage=usage, model=self.model, latency_s=time.perf_counter() - t0, requests=1, metrics=metrics)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
+
+        async with contextlib.aclosing(self._events(request)) as events:
+            async for ev in events:
+                if isinstance(ev, TokenEvent):
+                    if ev.text:
+                        yield StreamChunk(index=ev.index, text=ev.text)
+                elif isinstance(ev, FinishEvent):
+                    yield StreamChunk(index=ev.index, finish_reason=ev.reason)
+                elif isinstance(ev, DoneEvent):
+                    yield StreamChunk(usage=Usage(ev.prompt_tokens, ev.completion_tokens), metrics=ev.metrics)

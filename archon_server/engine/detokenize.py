@@ -1,0 +1,94 @@
+"""Incremental detokenization and stop strings for one generated sequence.
+
+Decoding token by token breaks multi-byte characters and byte-level BPE merges, so a
+window of recent tokens is decoded and only the stable difference is released (the
+prefix/read-offset scheme of TGI and vLLM).  Stop strings may span tokens: text that
+could still become the start of a stop string is held back until it is clear, so the
+streamed pieces always concatenate to the final text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def stop_holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def find_stop(text: str, stops: list[str], search_from: int = 0) -> int:
+    """Index of the earliest stop string in ``text[search_from:]`` (absolute), or -1."""
+    hit = -1
+    for s in stops:
+        i = text.find(s, search_from)
+        if i != -1 and (hit == -1 or i < hit):
+            hit = i
+    return hit
+
+
+class IncrementalText:
+    """Text of a growing token sequence with stop-string cutting and safe streaming."""
+
+    def __init__(self, tokenizer: Any, stops: list[str] | None = None):
+        self.tok = tokenizer
+        self.stops = [s for s in (stops or []) if s]
+        self.max_stop = max((len(s) for s in self.stops), default=0)
+        self.ids: list[int] = []
+        self._prefix = 0  # window start for decoding
+        self._read = 0  # tokens whose text is already in self.text
+        self.text = ""
+        self.emitted = 0  # characters already handed out by take()
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token: int) -> bool:
+        """Append a token; returns True when a stop string appeared (text is then cut before it)."""
+        self.ids.append(token)
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return False  # incomplete character: wait for more tokens
+        before = len(self.text)
+        self.text += new_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        if self.stops:
+            i = find_stop(self.text, self.stops, max(0, before - self.max_stop + 1))
+            if i != -1:
+                self.text = self.text[:i]
+                self.stopped = True
+                return True
+        return False
+
+    def flush(self) -> None:
+        """At the end: keep the text of tokens still held for an incomplete character."""
+        if self.stopped or self._read == len(self.ids):
+            return
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        before = len(self.text)
+        if len(new_text) > len(prefix_text):
+            self.text += new_text[len(prefix_text) :]
+        self._prefix = self._read = len(self.ids)
+        i = find_stop(self.text, self.stops, max(0, before - self.max_stop + 1)) if self.stops else -1
+        if i != -1:
+            self.text = self.text[:i]
+            self.stopped = True
+
+    def take(self, final: bool = False) -> str:
+        """Text not yet handed out that can no longer turn into a stop string (all of it if ``final``)."""
+        end = len(self.text)
+        if not final and self.stops:
+            end -= stop_holdback(self.text, self.stops)
+        end = max(end, self.emitted)
+        piece = self.text[self.emitted : end]
+        self.emitted = end
+        return piece

@@ -1,0 +1,63 @@
+"""Build a ready :class:`Engine` from a model name or folder (pull + convert on first use)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import model_store
+from .runner import ModelRunner, default_threads
+from .scheduler import Engine
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    runner: ModelRunner
+    tokenizer: Any
+    eos_ids: set[int]
+    load_s: float
+
+
+def eos_token_ids(folder: Path, tokenizer: Any) -> set[int]:
+    """Every token that ends a turn: generation_config's eos, the tokenizer's eos, and ``<|im_end|>``."""
+    ids: set[int] = set()
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        ids.add(vocab["<|im_end|>"])
+    return ids
+
+
+def load_model(model: str = model_store.DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", progress: bool = True) -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    folder = model_store.pull(model, progress=progress)
+    if torch.get_num_threads() != default_threads():
+        torch.set_num_threads(default_threads())
+    runner = ModelRunner(folder, device=device, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model, folder, runner, tokenizer, eos_token_ids(folder, tokenizer), time.perf_counter() - t0)
+
+
+def load_engine(
+    model: str = model_store.DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", max_batch: int = 16, progress: bool = True
+) -> tuple[Engine, LoadedModel]:
+    loaded = load_model(model, device, dtype, progress)
+    engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch)
+    engine.start()
+    return engine, loaded

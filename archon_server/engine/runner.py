@@ -1,0 +1,352 @@
+"""The model runner: a minimal Llama-family forward pass over a slot-based KV cache.
+
+Why not ``transformers``' forward: for a 135M model on a CPU the per-step Python and
+mask-building overhead of the generic forward costs more than the matmuls.  This
+forward has ~12 tensor ops per layer, fused QKV and gate/up projections, a KV cache
+preallocated per *slot* (one slot = one sequence), and per-row positions, so rows of
+different lengths decode together without padding the inputs.
+
+The same entry point serves prefill (one row, T prompt tokens), batched decode (B
+rows, 1 token each) and speculative verification (B rows, T draft tokens each):
+:meth:`ModelRunner.forward` writes K/V at each row's own position and attends to
+everything before it.  Rolling back rejected draft tokens is just lowering
+``cache.lengths[slot]`` (:meth:`KVCache.crop`); stale entries past a row's length are
+masked out and overwritten later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    max_positions: int
+    tie_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "LlamaDims":
+        if cfg.get("model_type") not in ("llama", "mistral", "qwen2") or cfg.get("rope_scaling"):
+            # Other families (gemma3: extra norms, sliding window) need their own forward.
+            raise NotImplementedError(f"model_type {cfg.get('model_type')!r} is not supported by the local engine")
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or {}
+        return cls(
+            vocab=cfg["vocab_size"],
+            hidden=cfg["hidden_size"],
+            intermediate=cfg["intermediate_size"],
+            layers=cfg["num_hidden_layers"],
+            heads=heads,
+            kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            max_positions=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+        )
+
+
+class KVCache:
+    """K/V of every layer for up to ``slots`` sequences of up to ``capacity`` tokens.
+
+    Storage is ``[layers, slots, kv_heads, capacity, head_dim]``; both dimensions grow
+    geometrically on demand (rare copies) so an idle engine holds little memory.
+    ``lengths[s]`` is how many positions of slot ``s`` are valid.
+    """
+
+    def __init__(self, dims: LlamaDims, dtype: torch.dtype, device: torch.device, slots: int = 1, capacity: int = 256):
+        self.dims = dims
+        self.dtype = dtype
+        self.device = device
+        shape = (dims.layers, slots, dims.kv_heads, capacity, dims.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * slots
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, slots: int, capacity: int) -> None:
+        """Grow to at least ``slots`` x ``capacity`` (keeps contents)."""
+        capacity = min(capacity, self.dims.max_positions)
+        if slots <= self.slots and capacity <= self.capacity:
+            return
+        new_slots = max(slots, self.slots if slots <= self.slots else 2 * self.slots)
+        new_cap = self.capacity
+        if capacity > new_cap:
+            new_cap = min(max(capacity, 2 * new_cap), self.dims.max_positions)
+            new_cap = min(-(-new_cap // 64) * 64, self.dims.max_positions)
+        shape = (self.dims.layers, new_slots, self.dims.kv_heads, new_cap, self.dims.head_dim)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            new[:, : old.shape[1], :, : old.shape[3]] = old
+            setattr(self, name, new)
+        self.lengths += [0] * (new_slots - len(self.lengths))
+
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """Duplicate a sequence's K/V (shared prefill: one prompt, n samples)."""
+        n = self.lengths[src] if length is None else length
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Move a sequence to another slot (keeps active rows contiguous: views, not gathers)."""
+        if src != dst:
+            self.copy_slot(src, dst)
+            self.lengths[src] = 0
+
+    def crop(self, slot: int, length: int) -> None:
+        """Roll a sequence back to ``length`` tokens (rejected speculative tokens)."""
+        if length > self.lengths[slot]:
+            raise ValueError("crop can only shorten a sequence")
+        self.lengths[slot] = length
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [B, T', vocab] float32 (T' = 1 when only the last position was asked)
+    hidden: torch.Tensor  # [B, T, hidden] final-norm hidden states (draft heads read these)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _bf16_faster_on_cpu(hidden: int = 576, out: int = 1728, rows: int = 6) -> bool:
+    """Time one decode-shaped matmul in both dtypes (best of several, ~30 ms in all).
+
+    On AVX512-BF16 CPUs oneDNN's bf16 GEMM is ~3x faster than MKL's fp32 at small
+    batch here (half the weight bytes per step; fp32 small-M GEMMs also suffer badly
+    when the cores are shared); elsewhere bf16 is emulated and slower.
+    """
+    if not _cpu_has_bf16():
+        return False
+    best = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, hidden, dtype=dt)
+        w = torch.randn(out, hidden, dtype=dt)
+        F.linear(x, w)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(10):
+                F.linear(x, w)
+            times.append(time.perf_counter() - t)
+        best[dt] = min(times)
+    return best[torch.bfloat16] < best[torch.float32]
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA; on CPU bf16 where measured faster than float32 (AVX512-BF16), else float32."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if _bf16_faster_on_cpu() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    try:
+        return table[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+
+
+class ModelRunner:
+    """Weights + forward pass of one model.  Not thread-safe: one worker owns it."""
+
+    def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "auto"):
+        from safetensors.torch import load_file
+
+        self.folder = Path(folder)
+        cfg = json.loads((self.folder / "config.json").read_text())
+        self.config = cfg
+        self.dims = d = LlamaDims.from_config(cfg)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        sd = load_file(str(self.folder / "model.safetensors"), device="cpu")
+
+        def w(name: str) -> torch.Tensor:
+            return sd[name].to(device=self.device, dtype=self.dtype).contiguous()
+
+        def norm(name: str) -> torch.Tensor:
+            # Norm weights stay float32: the RMS statistics are computed in float32 (as HF does).
+            return sd[name].to(device=self.device, dtype=torch.float32)
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if d.tie_embeddings or "lm_head.weight" not in sd else w("lm_head.weight")
+        self.final_norm = norm("model.norm.weight")
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for i in range(d.layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
+            layer = {
+                "attn_norm": norm(p + "input_layernorm.weight"),
+                "qkv": qkv.to(device=self.device, dtype=self.dtype).contiguous(),
+                "o": w(p + "self_attn.o_proj.weight"),
+                "mlp_norm": norm(p + "post_attention_layernorm.weight"),
+                "gate_up": torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+                .to(device=self.device, dtype=self.dtype)
+                .contiguous(),
+                "down": w(p + "mlp.down_proj.weight"),
+            }
+            for b in ("q", "k", "v"):
+                if p + f"self_attn.{b}_proj.bias" in sd:  # qwen2-style attention bias
+                    layer.setdefault("qkv_bias_parts", []).append(sd[p + f"self_attn.{b}_proj.bias"])  # type: ignore[union-attr]
+            if "qkv_bias_parts" in layer:
+                layer["qkv_bias"] = torch.cat(layer.pop("qkv_bias_parts")).to(device=self.device, dtype=self.dtype)  # type: ignore[arg-type]
+            self.layers.append(layer)
+        del sd
+        inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
+        freqs = torch.outer(torch.arange(d.max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.rope_cos = emb.cos().to(self.device, self.dtype)
+        self.rope_sin = emb.sin().to(self.device, self.dtype)
+        self.scale = 1.0 / math.sqrt(d.head_dim)
+        self.forward_calls = 0
+
+    # ------------------------------------------------------------------ cache API
+    def new_cache(self, slots: int = 1, capacity: int = 256) -> KVCache:
+        return KVCache(self.dims, self.dtype, self.device, slots, capacity)
+
+    # ------------------------------------------------------------------ forward
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.dims.rms_eps)
+        return (xf * w).to(self.dtype)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        first_slot: int,
+        start: list[int],
+        logits: str = "last",
+    ) -> ForwardOutput:
+        """Run ``tokens`` [B, T] for cache slots ``first_slot .. first_slot+B-1``.
+
+        Row ``b`` writes its K/V at positions ``start[b] .. start[b]+T-1`` and attends to
+        positions ``< start[b]+t+1``; afterwards ``cache.lengths`` of the row is
+        ``start[b]+T``.  ``logits``: ``"last"`` (next-token logits only) or ``"all"``
+        (every position, for speculative verification).
+        """
+        d = self.dims
+        B, T = tokens.shape
+        dev = self.device
+        self.forward_calls += 1
+        total = max(start) + T
+        cache.reserve(first_slot + B, total)
+        starts = torch.tensor(start, device=dev, dtype=torch.long)
+        pos = starts[:, None] + torch.arange(T, device=dev)  # [B, T]
+        cos = self.rope_cos[pos].unsqueeze(1)  # [B, 1, T, D]
+        sin = self.rope_sin[pos].unsqueeze(1)
+        rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
+        # Key j is visible to query t of row b iff j <= start[b] + t (causal + own length).
+        key_pos = torch.arange(total, device=dev)
+        mask = key_pos[None, None, :] <= pos[:, :, None]  # [B, T, L]
+        groups = d.heads // d.kv_heads
+        # GQA without copying K/V: fold the query heads sharing one KV head into the
+        # query-length axis, so attention runs on [B, kv_heads, groups*T, D].
+        mask = mask[:, None, None].expand(B, 1, groups, T, total).reshape(B, 1, groups * T, total)
+        if T == 1 and all(s + 1 == total for s in start):
+            mask = None  # every row sees all keys: let SDPA take its unmasked fast path
+
+        x = self.embed[tokens]  # [B, T, H]
+        nq, nkv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+        for li, L in enumerate(self.layers):
+            h = self._rms(x, L["attn_norm"])
+            qkv = F.linear(h, L["qkv"], L.get("qkv_bias"))
+            q = qkv[..., :nq].view(B, T, d.heads, d.head_dim).transpose(1, 2)
+            k = qkv[..., nq : nq + nkv].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
+            v = qkv[..., nq + nkv :].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
+            q = q * cos + self._rotate_half(q) * sin
+            k = k * cos + self._rotate_half(k) * sin
+            kc, vc = cache.k[li], cache.v[li]  # [S, KVH, C, D]
+            # advanced indices (rows, pos) around a slice -> value shape [B, T, KVH, D]
+            kc[rows, :, pos] = k.transpose(1, 2)
+            vc[rows, :, pos] = v.transpose(1, 2)
+            keys = kc[first_slot : first_slot + B, :, :total]
+            vals = vc[first_slot : first_slot + B, :, :total]
+            qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim)
+            a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=self.scale)
+            a = a.view(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq)
+            x = x + F.linear(a, L["o"])
+            h = self._rms(x, L["mlp_norm"])
+            gu = F.linear(h, L["gate_up"])
+            g, u = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(g) * u, L["down"])
+        hidden = self._rms(x, self.final_norm)
+        for b, s in enumerate(start):
+            cache.lengths[first_slot + b] = s + T
+        head_in = hidden[:, -1:] if logits == "last" else hidden
+        out = F.linear(head_in, self.lm_head).float()
+        return ForwardOutput(logits=out, hidden=hidden)
+
+    def prefill(self, ids: list[int], cache: KVCache, slot: int, chunk: int = 512) -> ForwardOutput:
+        """Run a prompt into ``slot`` (from position 0); returns next-token logits [1, 1, V].
+
+        Long prompts go in chunks so the attention scores of one call stay small.
+        """
+        out = None
+        hiddens = []
+        for i in range(0, len(ids), chunk):
+            part = torch.tensor([ids[i : i + chunk]], device=self.device)
+            out = self.forward(part, cache, slot, [i], logits="last")
+            hiddens.append(out.hidden)
+        assert out is not None, "empty prompt"
+        return ForwardOutput(logits=out.logits, hidden=torch.cat(hiddens, dim=1))
+
+    def decode(self, tokens: list[int], cache: KVCache, first_slot: int = 0) -> ForwardOutput:
+        """One step for rows ``first_slot..first_slot+len(tokens)-1``, each at its own length."""
+        start = [cache.lengths[first_slot + b] for b in range(len(tokens))]
+        t = torch.tensor(tokens, device=self.device)[:, None]
+        return self.forward(t, cache, first_slot, start, logits="last")
+
+
+def default_threads() -> int:
+    """Intra-op threads: every core this process may use (2 here; more on a real box)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)

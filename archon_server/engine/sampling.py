@@ -1,0 +1,83 @@
+"""Token sampling and logprobs: pure functions over a batch of logits.
+
+Each row has its own settings and its own ``torch.Generator`` so a seeded request
+draws the same tokens whichever other requests share its batch (the logits
+themselves may still differ in the last bits with the batch's shape, as in vLLM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_GREEDY_T = 1e-5  # temperatures below this mean argmax
+
+
+@dataclass
+class RowSampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_T or self.top_k == 1
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Seed of choice ``index`` of an n-sample request: distinct per choice, stable per request."""
+    return (seed * 1_000_003 + index * 7919 + 0x9E3779B9) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None) -> torch.Tensor:
+    """Temperature-scaled logits of one row [V] with tokens outside top-k / top-p set to -inf."""
+    x = logits / max(temperature, _GREEDY_T)
+    if top_k is not None and 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = sorted_x.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
+        before = probs.cumsum(-1) - probs
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
+    """One token per row of ``logits`` [B, V] (float32)."""
+    out: list[int] = []
+    greedy_ids = None
+    for b, r in enumerate(rows):
+        if r.greedy:
+            if greedy_ids is None:
+                greedy_ids = logits.argmax(-1).tolist()
+            out.append(int(greedy_ids[b]))
+            continue
+        x = filter_logits(logits[b], r.temperature, r.top_p, r.top_k)
+        probs = x.softmax(-1)
+        out.append(int(torch.multinomial(probs, 1, generator=r.generator).item()))
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, chosen: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of ``chosen`` under the model's distribution of one row [V], and the ``top`` best.
+
+    Reported from the raw logits (before temperature/top-p), as OpenAI and vLLM do.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    alts: list[tuple[int, float]] = []
+    if top > 0:
+        vals, ids = torch.topk(lp, top)
+        alts = list(zip(ids.tolist(), vals.tolist()))
+    return float(lp[chosen]), alts

@@ -1,0 +1,386 @@
+"""Continuous-batching scheduler: one worker thread owns the model and the KV cache.
+
+Requests are queued from any thread (the asyncio side hands in a ``sink`` callback).
+Between decode steps the worker admits new requests (prefill once, then copy the
+prompt's KV to the ``n`` sample rows), drops cancelled ones, and runs one batched
+decode step over every active sequence.  Active sequences always occupy cache slots
+``0..B-1`` (finished ones are compacted away), so a step reads cache views, never
+gathers.
+
+Why a thread and not the event loop: a step is ~20-60 ms of blocking torch work;
+torch releases the GIL inside kernels, so the event loop (HTTP, other backends)
+stays responsive.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .detokenize import IncrementalText
+from .runner import ModelRunner
+from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenParams:
+    """What one generation asks for (the engine's own view of ``SamplingParams``)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+# ---- events handed to the sink (lists of these, one list per request per step)
+@dataclass
+class LogprobEntry:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class TokenEvent:
+    index: int
+    text: str  # newly released text (may be "" while a stop string is undecided)
+    logprobs: list[LogprobEntry] | None = None
+
+
+@dataclass
+class FinishEvent:
+    index: int
+    reason: str  # "stop" | "length"
+    text: str  # the choice's full text
+    completion_tokens: int
+
+
+@dataclass
+class DoneEvent:
+    prompt_tokens: int
+    completion_tokens: int
+    metrics: dict[str, Any]
+
+
+@dataclass
+class ErrorEvent:
+    error: BaseException
+
+
+Sink = Callable[[list[Any]], None]
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (read from any thread; written by the worker only)."""
+
+    requests: int = 0
+    prefills: int = 0  # one per request, whatever its n
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    max_batch_seen: int = 0  # most sequences decoded together in one step
+    cancelled: int = 0
+    errors: int = 0
+
+
+class GenerationHandle:
+    """Returned by :meth:`Engine.submit`; ``cancel()`` drops the request at the next step."""
+
+    def __init__(self, req: "_Request"):
+        self._req = req
+
+    def cancel(self) -> None:
+        self._req.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._req.done
+
+
+class _Request:
+    def __init__(self, prompt: list[int], params: GenParams, sink: Sink, max_new: int):
+        self.prompt = prompt
+        self.params = params
+        self.sink = sink
+        self.max_new = max_new
+        self.cancelled = False
+        self.done = False
+        self.outbox: list[Any] = []
+        self.open_choices = params.n
+        self.completion_tokens = 0
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+
+    def flush(self) -> None:
+        if self.outbox and not self.cancelled:
+            events, self.outbox = self.outbox, []
+            try:
+                self.sink(events)
+            except RuntimeError:  # the consumer's event loop is gone: nobody listens any more
+                self.cancelled = True
+
+
+class _Sequence:
+    def __init__(self, req: _Request, index: int, slot: int, text: IncrementalText, sampling: RowSampling):
+        self.req = req
+        self.index = index
+        self.slot = slot
+        self.text = text
+        self.sampling = sampling
+        self.last = -1
+        self.generated = 0
+        self.finished = False
+
+
+class Engine:
+    """Owns a :class:`ModelRunner`; serves :meth:`submit` calls from any thread."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Any, eos_ids: set[int], max_batch: int = 16, idle_poll_s: float = 0.5):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.max_batch = max(1, max_batch)
+        self.idle_poll_s = idle_poll_s
+        self.stats = EngineStats()
+        self.cache = runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
+        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._waiting: deque[_Request] = deque()
+        self._rows: list[_Sequence] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="archon-local-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def active_sequences(self) -> int:
+        """Sequences currently in the decode batch (0 when idle)."""
+        return len(self._rows)
+
+    @property
+    def queued_requests(self) -> int:
+        return self._inbox.qsize() + len(self._waiting)
+
+    def submit(self, prompt: list[int], params: GenParams, sink: Sink) -> GenerationHandle:
+        """Queue a generation; ``sink`` receives lists of events from the worker thread."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        limit = self.runner.dims.max_positions
+        if len(prompt) >= limit:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {limit}")
+        if params.n < 1:
+            raise ValueError("n must be >= 1")
+        max_new = max(0, min(params.max_tokens, limit - len(prompt)))
+        req = _Request(list(prompt), params, sink, max_new)
+        self._inbox.put(req)
+        return GenerationHandle(req)
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit(block=not self._rows)
+                self._drop_cancelled()
+                if self._rows:
+                    self._step()
+            except Exception as e:  # a failed step fails its requests, never the worker
+                log.exception("local engine step failed")
+                self._fail_all(e)
+        self._fail_all(RuntimeError("engine shut down"))
+
+    def _admit(self, block: bool) -> None:
+        # Pull everything queued; block only when idle (nothing to decode).
+        try:
+            item = self._inbox.get(timeout=self.idle_poll_s) if block and not self._waiting else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        while self._waiting:
+            req = self._waiting[0]
+            if req.cancelled:
+                self._waiting.popleft()
+                self.stats.cancelled += 1
+                req.done = True
+                continue
+            # A request bigger than max_batch runs alone rather than never.
+            if self._rows and len(self._rows) + req.params.n > self.max_batch:
+                break
+            self._waiting.popleft()
+            try:
+                self._prefill(req)
+            except Exception as e:
+                log.exception("local engine prefill failed")
+                self._rows = [s for s in self._rows if s.req is not req]  # its rows were the last ones
+                self.stats.errors += 1
+                req.done = True
+                req.outbox = [ErrorEvent(e)]
+                req.flush()
+
+    def _prefill(self, req: _Request) -> None:
+        p = req.params
+        self.stats.requests += 1
+        if req.max_new == 0:
+            for i in range(p.n):
+                req.outbox.append(FinishEvent(i, "length", "", 0))
+            self._finish_request(req)
+            return
+        slot = len(self._rows)
+        self.cache.reserve(slot + p.n, len(req.prompt) + 1)
+        out = self.runner.prefill(req.prompt, self.cache, slot)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += len(req.prompt)
+        # Shared prefill: the n samples start from copies of one prompt KV.
+        for i in range(1, p.n):
+            self.cache.copy_slot(slot, slot + i)
+        base_seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(62)
+        seqs = []
+        for i in range(p.n):
+            sampling = RowSampling(p.temperature, p.top_p, p.top_k, make_generator(choice_seed(base_seed, i), self.runner.device))
+            seqs.append(_Sequence(req, i, slot + i, IncrementalText(self.tokenizer, p.stop), sampling))
+        logits = out.logits[:, -1].expand(p.n, -1)
+        tokens = sample_rows(logits, [s.sampling for s in seqs])
+        self._rows.extend(seqs)
+        req.t_first = time.perf_counter()
+        self._advance(seqs, tokens, logits)
+
+    def _step(self) -> None:
+        rows = self._rows
+        out = self.runner.decode([s.last for s in rows], self.cache, 0)
+        logits = out.logits[:, -1]
+        tokens = sample_rows(logits, [s.sampling for s in rows])
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(rows)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
+        self._advance(list(rows), tokens, logits)
+
+    def _token_str(self, tid: int) -> str:
+        s = self._token_text.get(tid)
+        if s is None:
+            s = self._token_text[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
+        return s
+
+    def _advance(self, seqs: list[_Sequence], tokens: list[int], logits: torch.Tensor) -> None:
+        """Record one new token per sequence: text, stop/length checks, events."""
+        touched: dict[int, _Request] = {}
+        limit = self.runner.dims.max_positions
+        for b, (seq, tok) in enumerate(zip(seqs, tokens)):
+            req = seq.req
+            touched[id(req)] = req
+            seq.generated += 1
+            seq.last = tok
+            req.completion_tokens += 1
+            reason = None
+            lps = None
+            if tok in self.eos_ids:
+                reason = "stop"
+            else:
+                if req.params.logprobs:
+                    lp, alts = token_logprobs(logits[b], tok, req.params.top_logprobs)
+                    lps = [LogprobEntry(self._token_str(tok), lp, [(self._token_str(t), v) for t, v in alts])]
+                if seq.text.add(tok):
+                    reason = "stop"
+                elif seq.generated >= req.max_new or self.cache.lengths[seq.slot] + 1 >= limit:
+                    reason = "length"
+            if reason is not None:
+                seq.text.flush()
+            delta = seq.text.take(final=reason is not None)
+            if delta or lps:
+                req.outbox.append(TokenEvent(seq.index, delta, lps))
+            if reason is not None:
+                seq.finished = True
+                req.outbox.append(FinishEvent(seq.index, reason, seq.text.text, seq.generated))
+                req.open_choices -= 1
+                if req.open_choices == 0:
+                    self._finish_request(req)
+        for req in touched.values():
+            req.flush()
+        self._compact()
+
+    def _finish_request(self, req: _Request) -> None:
+        now = time.perf_counter()
+        metrics = {
+            "engine": "local",
+            "queue_s": round((req.t_first or now) - req.t_submit, 4),
+            "generation_s": round(now - req.t_submit, 4),
+        }
+        req.outbox.append(DoneEvent(len(req.prompt), req.completion_tokens, metrics))
+        req.done = True
+        req.flush()
+
+    def _drop_cancelled(self) -> None:
+        dropped = set()
+        for s in self._rows:
+            if s.req.cancelled and not s.finished:
+                s.finished = True
+                dropped.add(id(s.req))
+                s.req.done = True
+        if dropped:
+            self.stats.cancelled += len(dropped)
+            self._compact()
+
+    def _compact(self) -> None:
+        """Remove finished rows; move the rest down so they occupy slots 0..B-1 in order."""
+        if not any(s.finished for s in self._rows):
+            return
+        keep = [s for s in self._rows if not s.finished]
+        for i, s in enumerate(keep):
+            if s.slot != i:  # s.slot > i and slot i is already vacated
+                self.cache.move_slot(s.slot, i)
+                s.slot = i
+        self._rows = keep
+
+    def _fail_all(self, err: BaseException) -> None:
+        reqs = {id(s.req): s.req for s in self._rows}
+        for r in self._waiting:
+            reqs[id(r)] = r
+        if self._stop.is_set():  # shutting down: nobody will serve the queue either
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    reqs[id(item)] = item
+        self._rows = []
+        self._waiting.clear()
+        for r in reqs.values():
+            if not r.done:
+                self.stats.errors += 1
+                r.done = True
+                r.outbox = [ErrorEvent(err)]
+                r.flush()

@@ -1,0 +1,301 @@
+"""The speculative decoding loop, its model wrappers and counters.
+
+``TargetModel`` wraps the engine's :class:`~archon_server.engine.runner.ModelRunner`
+(one cache slot); ``EagleDrafter`` wraps an :class:`EagleDraft` with its own KV cache.
+Both roll back by cropping: the target to the accepted prefix, the draft to the
+positions it computed from *true* target features (EAGLE recomputes the accepted
+positions from the target's features, which are better than its own predictions).
+
+Token bookkeeping (n = number of committed tokens, x_{n-1} the newest, which the target
+has not seen yet): a round drafts y_1..y_K, the target runs ``[x_{n-1}, y_1..y_K]`` in one
+pass, giving K+1 distributions and K+1 features; with k accepted the target cache is
+cropped to n+k and k+1 tokens are committed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .draft import AcceptHead, DraftKV, EagleDraft
+from .policies import DraftState, StopPolicy
+from .sampling import SamplingConfig, entropy, probs_from_logits, sample
+from .verify import VerifyMode, verify
+
+
+class TargetModel:
+    """One sequence on the engine's runner: forward appends, crop rolls back."""
+
+    def __init__(self, runner: Any, slot: int = 0, cache: Any = None):
+        self.runner = runner
+        self.slot = slot
+        self.cache = cache if cache is not None else runner.new_cache(slot + 1, 512)
+        self.forward_passes = 0
+
+    @property
+    def length(self) -> int:
+        return self.cache.lengths[self.slot]
+
+    def reset(self) -> None:
+        self.cache.crop(self.slot, 0)
+
+    def forward(self, tokens: list[int], all_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``tokens`` after the current prefix -> (logits [T or 1, V], hidden [T, H])."""
+        self.forward_passes += 1
+        out = self.runner.forward(torch.tensor([tokens]), self.cache, self.slot, [self.length],
+                                  logits="all" if all_logits else "last")
+        return out.logits[0], out.hidden[0].float()
+
+    def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reset()
+        return self.forward(tokens, all_logits=False)
+
+    def crop(self, length: int) -> None:
+        self.cache.crop(self.slot, length)
+
+
+@dataclass
+class DraftStep:
+    hidden: torch.Tensor  # [H] draft hidden at the position whose input is the last token fed
+    logits: torch.Tensor  # [V] full-vocabulary logits for the next candidate (-inf outside the draft vocab)
+
+
+class EagleDrafter:
+    """Keeps the draft's KV cache aligned with the committed sequence.
+
+    ``feats`` holds the target's features f_0..f_{m-1} of the committed tokens it has
+    seen; the draft cache holds pairs (f_i, x_{i+1}) for i < ``self.true_len``.
+    """
+
+    def __init__(self, draft: EagleDraft, head: AcceptHead | None = None):
+        self.draft = draft
+        self.head = head
+        self.kv = DraftKV()
+        self.true_len = 0
+        self.feats: torch.Tensor | None = None
+        self.tokens: list[int] = []
+        self._last_hidden: torch.Tensor | None = None
+        self.forward_calls = 0
+
+    def reset(self, tokens: list[int], feats: torch.Tensor) -> None:
+        self.kv = DraftKV()
+        self.true_len = 0
+        self.tokens = list(tokens)
+        self.feats = feats
+
+    def commit(self, new_tokens: list[int], new_feats: torch.Tensor) -> None:
+        """Append committed tokens and the target features that are now known (for every
+        committed token but the newest)."""
+        self.tokens.extend(new_tokens)
+        self.feats = new_feats if self.feats is None else torch.cat([self.feats, new_feats])
+
+    @torch.inference_mode()
+    def start_round(self) -> DraftStep:
+        """Catch up on committed tokens with true features; return the step for candidate 1."""
+        assert self.feats is not None
+        n = len(self.tokens)
+        assert self.feats.shape[0] == n - 1, (self.feats.shape, n)
+        i0 = self.true_len
+        f = self.feats[i0 : n - 1][None]
+        x = torch.tensor([self.tokens[i0 + 1 : n]])
+        h = self.draft(f, x, kv=self.kv, start=i0)[0]
+        self.forward_calls += 1
+        self.true_len = n - 1
+        self._last_hidden = h[-1]
+        return DraftStep(h[-1], self.draft.full_logits(h[-1]))
+
+    @torch.inference_mode()
+    def step(self, token: int) -> DraftStep:
+        """Feed a candidate (paired with the draft's own predicted feature)."""
+        assert self._last_hidden is not None
+        start = self.kv.length
+        h = self.draft(self._last_hidden[None, None], torch.tensor([[token]]), kv=self.kv, start=start)[0, 0]
+        self.forward_calls += 1
+        self._last_hidden = h
+        return DraftStep(h, self.draft.full_logits(h))
+
+    @torch.inference_mode()
+    def accept_prob(self, hidden: torch.Tensor) -> float:
+        assert self.head is not None, "specdec_pp needs an acceptance head"
+        return float(self.head.accept_prob(hidden))
+
+
+@dataclass
+class SpecStats:
+    num_drafts: int = 0  # rounds
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+    target_forward_passes: int = 0
+    draft_forward_passes: int = 0
+    emitted_tokens: int = 0
+    wall_s: float = 0.0
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def discarded_draft_tokens(self) -> int:
+        return self.num_draft_tokens - self.num_accepted_draft_tokens
+
+    @property
+    def mean_k(self) -> float:
+        return self.num_draft_tokens / max(1, self.num_drafts)
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_draft_tokens / max(1, self.num_draft_tokens)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """vLLM's definition: tokens emitted per verification round (accepted + 1)."""
+        return 1.0 + self.num_accepted_draft_tokens / max(1, self.num_drafts)
+
+    def add(self, o: "SpecStats") -> None:
+        for k in ("num_drafts", "num_draft_tokens", "num_accepted_draft_tokens", "target_forward_passes",
+                  "draft_forward_passes", "emitted_tokens", "wall_s"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        self.accepted_per_round.extend(o.accepted_per_round)
+
+    def metrics(self) -> dict[str, float | int]:
+        """Counters under vLLM's names (plus ours)."""
+        n = max(1, self.emitted_tokens)
+        return {
+            "mean_acceptance_length": self.mean_acceptance_length,
+            "draft_acceptance_rate": self.draft_acceptance_rate,
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_draft_tokens": self.num_accepted_draft_tokens,
+            "target_forward_passes": self.target_forward_passes,
+            "target_passes_per_token": self.target_forward_passes / n,
+            "discarded_per_token": self.discarded_draft_tokens / n,
+            "mean_k": self.mean_k,
+            "emitted_tokens": self.emitted_tokens,
+        }
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(0 if seed is None else seed)
+    return g
+
+
+def _is_stop(tok: int, stop_ids: set[int]) -> bool:
+    return tok in stop_ids
+
+
+@torch.inference_mode()
+def autoregressive_generate(
+    prompt_ids: list[int],
+    target: TargetModel,
+    sampling: SamplingConfig = SamplingConfig(),
+    max_new_tokens: int = 64,
+    seed: int | None = 0,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+) -> tuple[list[int], SpecStats]:
+    """Target-only decoding with the same sampling code: the baseline and the reference."""
+    g = _generator(seed)
+    stats = SpecStats()
+    t0 = time.perf_counter()
+    passes0 = target.forward_passes
+    logits, _ = target.prefill(prompt_ids)
+    out: list[int] = []
+    while True:
+        tok = sample(probs_from_logits(logits[-1], sampling), g)
+        out.append(tok)
+        if len(out) >= max_new_tokens or _is_stop(tok, set(stop_ids)):
+            break
+        logits, _ = target.forward([tok], all_logits=False)
+    stats.target_forward_passes = target.forward_passes - passes0
+    stats.emitted_tokens = len(out)
+    stats.wall_s = time.perf_counter() - t0
+    return out, stats
+
+
+@torch.inference_mode()
+def speculative_generate(
+    prompt_ids: list[int],
+    target: TargetModel,
+    drafter: EagleDrafter,
+    policy: StopPolicy,
+    verify_mode: VerifyMode | str = VerifyMode.GREEDY,
+    sampling: SamplingConfig = SamplingConfig(),
+    max_new_tokens: int = 64,
+    seed: int | None = 0,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+) -> tuple[list[int], SpecStats]:
+    """Draft with ``drafter`` until ``policy`` stops, verify in one target pass, repeat.
+
+    Output follows the target's sampling distribution exactly for ``sampled`` and
+    ``point_mass`` and equals target-only greedy output for ``greedy`` (tests check both).
+    """
+    mode = VerifyMode(verify_mode)
+    if mode is VerifyMode.GREEDY and not sampling.greedy:
+        raise ValueError("greedy verification needs temperature 0")
+    g = _generator(seed)
+    stops = set(stop_ids)
+    stats = SpecStats()
+    t0 = time.perf_counter()
+    passes0, dpasses0 = target.forward_passes, drafter.forward_calls
+
+    logits, hidden = target.prefill(prompt_ids)
+    first = sample(probs_from_logits(logits[-1], sampling), g)
+    out = [first]
+    drafter.reset(list(prompt_ids) + [first], hidden)
+    while len(out) < max_new_tokens and not _is_stop(out[-1], stops):
+        budget = max_new_tokens - len(out)  # emitting k+1 <= budget keeps us within max_new_tokens
+        max_k = min(policy.begin_round(), max(budget - 1, 0))
+        cands: list[int] = []
+        qs: list[torch.Tensor] = []
+        state = DraftState()
+        step = drafter.start_round() if max_k > 0 else None
+        while step is not None and len(cands) < max_k:
+            if policy.needs_head:
+                # the head judges the token this step was fed: the committed token (first step,
+                # counts as accepted) or the previous candidate
+                state.accept_probs.append(1.0 if not cands else drafter.accept_prob(step.hidden))
+            q = probs_from_logits(step.logits, sampling)
+            y = sample(q, g)
+            cands.append(y)
+            qs.append(q)
+            state.k = len(cands)
+            state.token_probs.append(float(q[y]) if not sampling.greedy else float(torch.softmax(step.logits.float(), -1)[y]))
+            if policy.name in ("confidence", "entropy"):
+                soft = torch.softmax(step.logits.float(), -1)
+                state.max_probs.append(float(soft.max()))
+                state.entropies.append(entropy(soft))
+            if len(cands) >= max_k or _is_stop(y, stops):
+                break
+            if len(cands) >= policy.min_k and policy.should_stop(state):
+                break
+            step = drafter.step(y)
+
+        n = target.length + 1  # committed tokens (the newest one is not in the target cache yet)
+        t_logits, t_hidden = target.forward([out[-1]] + cands, all_logits=True)
+        if mode is VerifyMode.GREEDY:
+            k, nxt = verify(mode, cands, t_logits)
+        else:
+            t_probs = probs_from_logits(t_logits, sampling)
+            d_probs = torch.stack(qs) if qs else None
+            k, nxt = verify(mode, cands, t_probs, d_probs, g)
+        # stop tokens inside the accepted prefix end the output there
+        emitted = cands[:k] + [nxt]
+        for i, tok in enumerate(emitted):
+            if _is_stop(tok, stops):
+                emitted = emitted[: i + 1]
+                break
+        target.crop(n - 1 + k + 1)  # keep x_{n-1} and the k accepted candidates
+        drafter.commit(emitted, t_hidden[: k + 1])
+        out.extend(emitted)
+        policy.end_round(len(cands), k)
+        if cands:
+            stats.num_drafts += 1
+            stats.num_draft_tokens += len(cands)
+            stats.num_accepted_draft_tokens += k
+            stats.accepted_per_round.append(k)
+    out = out[:max_new_tokens]
+    stats.target_forward_passes = target.forward_passes - passes0
+    stats.draft_forward_passes = drafter.forward_calls - dpasses0
+    stats.emitted_tokens = len(out)
+    stats.wall_s = time.perf_counter() - t0
+    return out, stats

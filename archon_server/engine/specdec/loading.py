@@ -1,0 +1,66 @@
+"""Loading the target (the engine's runner), the shipped draft and head."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .draft import AcceptHead, EagleDraft
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+DEFAULT_TARGET = "smollm2-135m-instruct"
+
+
+def set_threads() -> None:
+    from archon_server.engine.runner import default_threads
+
+    torch.set_num_threads(int(os.environ.get("ARCHON_THREADS", default_threads())))
+
+
+def load_runner(name: str = DEFAULT_TARGET):
+    from archon_server.engine.model_store import pull
+    from archon_server.engine.runner import ModelRunner
+
+    return ModelRunner(pull(name), device="cpu", dtype="float32")
+
+
+def target_state_dict(name: str = DEFAULT_TARGET) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from archon_server.engine.model_store import pull
+
+    return load_file(str(pull(name) / "model.safetensors"))
+
+
+def load_draft(runner, folder: Path | str | None = None) -> EagleDraft:
+    """The draft shares the runner's embedding matrix (its tied LM head)."""
+    folder = Path(folder) if folder else ARTIFACTS / "draft"
+    return EagleDraft.load(folder, runner.lm_head.float())
+
+
+def load_head(folder: Path | str | None = None) -> tuple[AcceptHead, dict]:
+    folder = Path(folder) if folder else ARTIFACTS / "head_greedy"
+    return AcceptHead.load(folder)
+
+
+def load_tokenizer(name: str = DEFAULT_TARGET):
+    from transformers import AutoTokenizer
+
+    from archon_server.engine.model_store import pull
+
+    return AutoTokenizer.from_pretrained(str(pull(name)))
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def stop_ids(tok) -> set[int]:
+    ids = {tok.eos_token_id}
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end >= 0:
+        ids.add(im_end)
+    return {i for i in ids if i is not None}
