@@ -86,9 +86,14 @@ class RankerSpec(_Component):
 
 
 class CriticSpec(_Component):
-    """Strengths and weaknesses of every candidate (one call per candidate, concurrently)."""
+    """Strengths and weaknesses of every candidate.
+
+    Default: one call that critiques all candidates (Archon's critic). ``per_candidate``:
+    one call per candidate, all concurrently (shorter prompts, more calls).
+    """
 
     type: Literal["critic"] = "critic"
+    per_candidate: bool = False
 
 
 class VerifierSpec(_Component):
@@ -250,7 +255,9 @@ class ArchitectureSpec(_Base):
                 elif isinstance(c, RankerSpec):
                     calls += 1
                     keep = min(c.top_k, cands)
-                elif isinstance(c, (CriticSpec, VerifierSpec)):
+                elif isinstance(c, CriticSpec):
+                    calls += cands if c.per_candidate else 1
+                elif isinstance(c, VerifierSpec):
                     calls += cands
                 elif isinstance(c, UnitTestGeneratorSpec):
                     calls += 1
@@ -260,9 +267,9 @@ class ArchitectureSpec(_Base):
                     keep = min(c.top_k, cands)
                 elif isinstance(c, SelfMoASeqSpec):
                     src = c.samples if c.proposer else cands
-                    calls += (c.samples if c.proposer else 0)
                     step = c.window - c.repeat_best
-                    calls += max(1, -(-max(src - c.window, 0) // step) + 1)
+                    windows = 1 + -(-max(src - c.window, 0) // step)
+                    calls += windows * (2 if c.proposer else 1)  # one n=chunk request + one aggregation per window
                     new += 1
             cands = new if new else (keep if keep is not None else cands)
         return calls

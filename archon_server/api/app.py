@@ -1,0 +1,133 @@
+"""The FastAPI application: routes, error handlers, body-size limit, auth, lifespan."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..backends.registry import BackendRegistry, build_registry
+from ..config import ServerConfig
+from ..graph.catalog import load_catalog
+from ..spec import ArchitectureSpec
+from .auth import check_key, load_keys
+from .chat.api_router import router as chat_router
+from .chat.serving import ChatService
+from .errors import APIError, api_error_handler, error_body, http_error_handler, unhandled_handler, validation_handler
+from .metrics import Metrics
+from .models.api_router import router as models_router
+
+log = logging.getLogger("archon.api")
+
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+async def _send_error(send: Send, status: int, message: str, code: str | None = None) -> None:
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Auth and body-size limit as plain ASGI, so they run before any body is parsed (and for every route)."""
+
+    def __init__(self, app: ASGIApp, keys: list[bytes], max_body: int):
+        self.app = app
+        self.keys = keys
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.keys and scope.get("path") not in PUBLIC_PATHS and not check_key(headers.get("authorization"), self.keys):
+            await _send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
+            return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await _send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
+            return
+        seen = 0
+        too_big = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, too_big
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    too_big = True
+                    raise _BodyTooLarge()
+            return msg
+
+        started = False
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def build_app(config: ServerConfig, registry: BackendRegistry | None = None, catalog: dict[str, ArchitectureSpec] | None = None) -> FastAPI:
+    registry = registry or build_registry(config)
+    catalog = catalog if catalog is not None else load_catalog(config.architectures_dirs)
+    metrics = Metrics()
+    s = config.server
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        await registry.start()
+        log.info("serving %d architecture(s) and %d backend alias(es)", len(catalog), len(registry.aliases()))
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)
+    app.state.registry = registry
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.chat = ChatService(
+        registry, catalog, max_n=s.max_n, max_inflight=s.max_concurrent_requests,
+        request_timeout_s=s.request_timeout_s, metrics=metrics, max_messages=s.max_messages,
+    )
+    app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, unhandled_handler)
+    app.include_router(chat_router)
+    app.include_router(models_router)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prom(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes)
+    return app
+
+
+__all__ = ["build_app", "JSONResponse"]

@@ -1,0 +1,25 @@
+"""Thin routes for /v1/chat/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import error_body
+from .protocol import ChatCompletionRequest, ChatCompletionResponse
+
+router = APIRouter()
+
+_ERRORS = {s: {"description": d, "content": {"application/json": {"example": error_body(s, d)}}} for s, d in [
+    (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"), (413, "request too large"),
+    (429, "too many requests in flight"), (502, "backends failed"), (504, "deadline exceeded"),
+]}
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
+    service = request.app.state.chat
+    if body.stream:
+        gen = await service.create_stream(body)
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(await service.create(body, request))

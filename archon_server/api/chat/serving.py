@@ -1,0 +1,218 @@
+"""The logic behind POST /v1/chat/completions: resolve the model, run the graph, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from ...backends.base import StreamChunk, TokenLogprob, Usage
+from ...backends.registry import BackendRegistry
+from ...components import FinalOverrides
+from ...graph.catalog import passthrough
+from ...graph.runtime import GraphError, GraphRuntime, RunResult
+from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
+from ..errors import APIError, error_body
+from ..metrics import Metrics
+from .protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    DeltaMessage,
+    ResponseMessage,
+    StreamChoice,
+    UsageInfo,
+)
+
+log = logging.getLogger("archon.api")
+
+
+def _logprobs_json(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if not lps:
+        return None
+    return {
+        "content": [
+            {"token": t.token, "logprob": t.logprob, "bytes": None,
+             "top_logprobs": [{"token": a, "logprob": b, "bytes": None} for a, b in t.top]}
+            for t in lps
+        ]
+    }
+
+
+def _usage(u: Usage) -> UsageInfo:
+    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+
+class ChatService:
+    def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
+                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512):
+        self.registry = registry
+        self.catalog = catalog
+        self.runtime = GraphRuntime(registry)
+        self.max_n = max_n
+        self.max_inflight = max_inflight
+        self.request_timeout_s = request_timeout_s
+        self.max_messages = max_messages
+        self.metrics = metrics
+        self.inflight = 0
+
+    # -- resolution -------------------------------------------------------------
+    def resolve(self, req: ChatCompletionRequest) -> ArchitectureSpec:
+        if req.model in self.catalog:
+            spec = self.catalog[req.model]
+        elif req.model in self.registry:
+            spec = passthrough(req.model)
+        else:
+            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        if req.architecture:
+            merged = deep_merge(spec.model_dump(mode="json", exclude_none=True), req.architecture)
+            try:
+                spec = parse_architecture(merged)
+            except SpecError as e:
+                first = e.errors[0]
+                raise APIError(400, "architecture override invalid: " + "; ".join(e.errors), param="architecture." + first.split(":")[0], code="invalid_value") from None
+        missing = self.runtime.check_bindings(spec)
+        if missing:
+            raise APIError(400, f"architecture {spec.name!r} uses model alias(es) with no backend: {', '.join(missing)}", param="architecture", code="invalid_value")
+        return spec
+
+    def final_overrides(self, req: ChatCompletionRequest) -> FinalOverrides:
+        if req.n > self.max_n:
+            raise APIError(400, f"n: must be <= {self.max_n}", param="n", code="invalid_value")
+        if len(req.messages) > self.max_messages:
+            raise APIError(400, f"messages: at most {self.max_messages} messages", param="messages", code="invalid_value")
+        return FinalOverrides(
+            n=req.n, temperature=req.temperature, top_p=req.top_p,
+            max_tokens=req.max_completion_tokens or req.max_tokens, stop=req.stop, seed=req.seed,
+            logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
+        )
+
+    def _admit(self) -> None:
+        if self.inflight >= self.max_inflight:
+            self.metrics.rejected.labels("concurrency").inc()
+            raise APIError(429, f"server busy: {self.max_inflight} requests in flight; retry later", code="rate_limit_exceeded")
+
+    def _gerr(self, e: GraphError) -> APIError:
+        return APIError(e.status, str(e), code={502: "upstream_error", 504: "timeout", 400: "invalid_value"}.get(e.status))
+
+    def _observe(self, model: str, status: int, t0: float, res: RunResult | None) -> None:
+        self.metrics.requests.labels(model, str(status)).inc()
+        self.metrics.latency.labels(model).observe(time.perf_counter() - t0)
+        if res is not None:
+            self.metrics.tokens.labels("prompt").inc(res.usage.prompt_tokens)
+            self.metrics.tokens.labels("completion").inc(res.usage.completion_tokens)
+            for layer in res.trace.layers:
+                for c in layer.calls:
+                    self.metrics.backend_calls.labels(c.model, "ok" if c.ok else "error").inc(c.requests)
+
+    # -- non-streaming ------------------------------------------------------------
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
+        spec = self.resolve(req)
+        final = self.final_overrides(req)
+        self._admit()
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        t0 = time.perf_counter()
+        status, res = 500, None
+        try:
+            task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, deadline_s=self.request_timeout_s))
+            # Starlette does not cancel a non-streaming handler when the client goes away: watch for it.
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if not done and await raw.is_disconnected():
+                    task.cancel()
+                    status = 499
+                    log.info("client disconnected; cancelled %s", spec.name)
+                    raise APIError(499, "client disconnected")
+            try:
+                res = task.result()
+            except GraphError as e:
+                status = e.status
+                raise self._gerr(e) from None
+            status = 200
+            return self._response(req, spec, res).model_dump(exclude_none=True)
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            self._observe(spec.name, status, t0, res)
+
+    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult) -> ChatCompletionResponse:
+        choices = [
+            Choice(index=i, message=ResponseMessage(content=c.text), finish_reason=c.finish_reason or "stop",
+                   logprobs=_logprobs_json(c.meta.get("logprobs")) if req.logprobs else None)
+            for i, c in enumerate(res.candidates)
+        ]
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
+            usage=_usage(res.usage), trace=res.trace.to_dict() if req.return_trace else None,
+        )
+
+    # -- streaming ----------------------------------------------------------------
+    async def create_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Validate and admit first (errors become normal HTTP errors), then return the SSE generator."""
+        spec = self.resolve(req)
+        final = self.final_overrides(req)
+        self._admit()
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        return self._stream(req, spec, final)
+
+    async def _stream(self, req: ChatCompletionRequest, spec: ArchitectureSpec, final: FinalOverrides) -> AsyncIterator[str]:
+        cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.perf_counter()
+        queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
+
+        async def sink(ch: StreamChunk) -> None:
+            await queue.put(ch)
+
+        def chunk(choices: list[StreamChoice], **kw: Any) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
+            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+
+        task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, sink=sink, deadline_s=self.request_timeout_s))
+        task.add_done_callback(lambda _t: queue.put_nowait(None))
+        status, res = 500, None
+        finished: set[int] = set()
+        try:
+            for i in range(final.n):
+                yield chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if item.text:
+                    yield chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text))])
+            try:
+                res = task.result()
+            except GraphError as e:
+                status = e.status
+                yield f"data: {json.dumps(error_body(e.status, str(e), code='upstream_error' if e.status == 502 else 'timeout'))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            status = 200
+            if not res.streamed:  # the final stage was not streamable (ranker, vote, several components...)
+                for i, c in enumerate(res.candidates):
+                    yield chunk([StreamChoice(index=i, delta=DeltaMessage(content=c.text))])
+            for i, c in enumerate(res.candidates):
+                finished.add(i)
+                yield chunk([StreamChoice(index=i, delta=DeltaMessage(), finish_reason=c.finish_reason or "stop")])
+            if req.stream_options and req.stream_options.include_usage or req.return_trace:
+                yield chunk(
+                    [],
+                    usage=_usage(res.usage) if (req.stream_options and req.stream_options.include_usage) else None,
+                    trace=res.trace.to_dict() if req.return_trace else None,
+                )
+            yield "data: [DONE]\n\n"
+        finally:
+            if not task.done():  # client went away: cancel every in-flight backend call
+                task.cancel()
+                status = 499
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            self._observe(spec.name, status, t0, res)

@@ -1,0 +1,401 @@
+"""OpenAI-compatible HTTP backend (vLLM, llama.cpp server, Ollama, any provider).
+
+One pooled aiohttp session per backend; connect/read timeouts; retries with
+exponential backoff and full jitter on 429/5xx/connection errors (never once a
+stream has started emitting, so no text is duplicated); SSE parsing; several
+replicas per backend with least-outstanding-requests routing and a circuit
+breaker that skips a replica that keeps failing for a cool-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    ChatRequest,
+    ChatResult,
+    Choice,
+    StreamChunk,
+    TokenLogprob,
+    Usage,
+)
+
+log = logging.getLogger("archon.backends.http")
+
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+@dataclass
+class Replica:
+    url: str
+    outstanding: int = 0
+    consecutive_failures: int = 0
+    open_until: float = 0.0  # circuit open (skipped) until this monotonic time
+    stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "failures": 0})
+
+    def available(self, now: float) -> bool:
+        return now >= self.open_until
+
+
+def _body(request: ChatRequest, stream: bool) -> dict[str, Any]:
+    p = request.params
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": request.messages,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "max_tokens": p.max_tokens,
+        "n": p.n,
+        "stream": stream,
+    }
+    if p.stop:
+        body["stop"] = p.stop
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if p.top_k is not None:
+        body["top_k"] = p.top_k
+    if p.logprobs:
+        body["logprobs"] = True
+        if p.top_logprobs:
+            body["top_logprobs"] = p.top_logprobs
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    body.update(p.extra)  # vLLM extra sampling params (repetition_penalty, min_tokens, ...)
+    return body
+
+
+def _parse_logprobs(lp: Any) -> list[TokenLogprob] | None:
+    if not isinstance(lp, dict) or not isinstance(lp.get("content"), list):
+        return None
+    out = []
+    for t in lp["content"]:
+        top = [(a.get("token", ""), float(a.get("logprob", 0.0))) for a in (t.get("top_logprobs") or [])]
+        out.append(TokenLogprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)), top=top))
+    return out
+
+
+def _usage(u: Any) -> Usage:
+    if not isinstance(u, dict):
+        return Usage()
+    return Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0))
+
+
+def parse_completion(data: Any, backend: str) -> ChatResult:
+    """Validate an upstream chat.completion body; anything malformed is a retryable BackendError."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise BackendError("upstream returned a body without `choices`", status=502, retryable=True, backend=backend)
+    choices = []
+    for i, c in enumerate(data["choices"]):
+        if not isinstance(c, dict):
+            raise BackendError("malformed choice from upstream", status=502, retryable=True, backend=backend)
+        msg = c.get("message") or {}
+        text = msg.get("content") if isinstance(msg, dict) else None
+        choices.append(
+            Choice(
+                text=text if isinstance(text, str) else "",
+                finish_reason=c.get("finish_reason") or "stop",
+                index=int(c.get("index", i)) if isinstance(c.get("index", i), int) else i,
+                logprobs=_parse_logprobs(c.get("logprobs")),
+            )
+        )
+    choices.sort(key=lambda c: c.index)
+    metrics = {}
+    for k in ("mean_acceptance_length", "draft_acceptance_rate", "num_draft_tokens", "num_accepted_draft_tokens"):
+        if k in data:
+            metrics[k] = data[k]
+    return ChatResult(choices=choices, usage=_usage(data.get("usage")), model=str(data.get("model", "")), metrics=metrics)
+
+
+class OpenAIHTTPBackend(Backend):
+    def __init__(
+        self,
+        name: str,
+        base_urls: list[str],
+        model: str = "",
+        *,
+        api_key_env: str | None = None,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 300.0,
+        max_retries: int = 2,
+        backoff_base_s: float = 0.25,
+        backoff_max_s: float = 8.0,
+        max_connections: int = 256,
+        supports_n: bool = True,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 10.0,
+        extra_headers: dict[str, str] | None = None,
+    ):
+        if not base_urls:
+            raise ValueError(f"backend {name!r}: no base URL")
+        self.name = name
+        self.model = model
+        self.replicas = [Replica(u.rstrip("/")) for u in base_urls]
+        self.api_key_env = api_key_env
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.max_connections = max_connections
+        self.supports_n = supports_n
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown_s = breaker_cooldown_s
+        self.extra_headers = dict(extra_headers or {})
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- plumbing -------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json", **self.extra_headers}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if key:
+                h["Authorization"] = f"Bearer {key}"
+        return h
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # A bounded pool per backend: back-pressure instead of unbounded sockets.
+            conn = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
+            timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s, sock_read=self.read_timeout_s)
+            self._session = aiohttp.ClientSession(connector=conn, timeout=timeout)
+        return self._session
+
+    async def start(self) -> None:
+        await self.session()
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    def _pick(self) -> Replica:
+        """Least outstanding requests among replicas whose breaker is closed (all open: least recently opened)."""
+        now = time.monotonic()
+        live = [r for r in self.replicas if r.available(now)]
+        if not live:
+            return min(self.replicas, key=lambda r: r.open_until)
+        return min(live, key=lambda r: r.outstanding)
+
+    def _record(self, replica: Replica, ok: bool) -> None:
+        replica.stats["requests"] += 1
+        if ok:
+            replica.consecutive_failures = 0
+            replica.open_until = 0.0
+            return
+        replica.stats["failures"] += 1
+        replica.consecutive_failures += 1
+        if replica.consecutive_failures >= self.breaker_failures:
+            replica.open_until = time.monotonic() + self.breaker_cooldown_s
+            log.warning("backend %s replica %s: circuit open for %.0fs", self.name, replica.url, self.breaker_cooldown_s)
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), self.backoff_max_s)
+            except ValueError:
+                pass
+        # Full jitter (AWS architecture blog): spreads retries of many callers apart.
+        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
+
+    async def _error_from(self, resp: aiohttp.ClientResponse) -> BackendError:
+        try:
+            text = (await resp.text())[:500]
+        except Exception:  # noqa: BLE001 - body may be broken; status is what matters
+            text = ""
+        msg = text
+        try:
+            j = json.loads(text)
+            if isinstance(j, dict) and isinstance(j.get("error"), dict):
+                msg = str(j["error"].get("message", text))
+        except ValueError:
+            pass
+        return BackendError(
+            f"upstream {self.name} answered {resp.status}: {msg}"[:600],
+            status=resp.status,
+            retryable=resp.status in RETRY_STATUSES,
+            backend=self.name,
+        )
+
+    async def _with_retries(self, fn):  # type: ignore[no-untyped-def]
+        attempt = 0
+        while True:
+            replica = self._pick()
+            replica.outstanding += 1
+            try:
+                result = await fn(replica)
+            except asyncio.CancelledError:
+                raise
+            except BackendError as e:
+                self._record(replica, False)
+                if not e.retryable or attempt >= self.max_retries:
+                    raise
+                delay = self._backoff(attempt, getattr(e, "retry_after", None))
+            except asyncio.TimeoutError:
+                self._record(replica, False)
+                if attempt >= self.max_retries:
+                    raise BackendTimeout(f"upstream {self.name} timed out", backend=self.name) from None
+                delay = self._backoff(attempt, None)
+            except (aiohttp.ClientError, ConnectionError, OSError) as e:
+                self._record(replica, False)
+                if attempt >= self.max_retries:
+                    raise BackendError(
+                        f"upstream {self.name} connection failed: {type(e).__name__}", status=502, retryable=True, backend=self.name
+                    ) from None
+                delay = self._backoff(attempt, None)
+            else:
+                self._record(replica, True)
+                return result
+            finally:
+                replica.outstanding -= 1
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    # -- API ------------------------------------------------------------------
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        body = _body(request, stream=False)
+
+        async def once(replica: Replica) -> ChatResult:
+            s = await self.session()
+            t0 = time.perf_counter()
+            async with s.post(f"{replica.url}/chat/completions", json=body, headers=self._headers()) as resp:
+                if resp.status != 200:
+                    err = await self._error_from(resp)
+                    err.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
+                    raise err
+                try:
+                    data = await resp.json(content_type=None)
+                except (ValueError, aiohttp.ContentTypeError):
+                    raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name) from None
+            res = parse_completion(data, self.name)
+            if len(res.choices) != request.params.n:
+                raise BackendError(
+                    f"upstream {self.name} returned {len(res.choices)} choices for n={request.params.n}",
+                    status=502,
+                    retryable=True,
+                    backend=self.name,
+                )
+            res.latency_s = time.perf_counter() - t0
+            return res
+
+        return await self._with_retries(once)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        body = _body(request, stream=True)
+        s = await self.session()
+        attempt = 0
+        # Retries only until the first byte of content: afterwards a retry would duplicate text.
+        while True:
+            replica = self._pick()
+            replica.outstanding += 1
+            emitted = False
+            try:
+                async with s.post(f"{replica.url}/chat/completions", json=body, headers=self._headers()) as resp:
+                    if resp.status != 200:
+                        raise await self._error_from(resp)
+                    finished: set[int] = set()
+                    usage: Usage | None = None
+                    async for chunk in _sse_events(resp, self.name):
+                        if isinstance(chunk.get("error"), dict):
+                            raise BackendError(
+                                f"upstream {self.name} stream error: {chunk['error'].get('message', '')}"[:500],
+                                status=502,
+                                retryable=not emitted,
+                                backend=self.name,
+                            )
+                        for c in chunk.get("choices") or []:
+                            if not isinstance(c, dict):
+                                continue
+                            idx = c.get("index", 0) if isinstance(c.get("index", 0), int) else 0
+                            delta = c.get("delta") or {}
+                            text = delta.get("content") if isinstance(delta, dict) else None
+                            if text:
+                                emitted = True
+                                yield StreamChunk(index=idx, text=text)
+                            if c.get("finish_reason"):
+                                finished.add(idx)
+                                yield StreamChunk(index=idx, finish_reason=c["finish_reason"])
+                        if chunk.get("usage"):
+                            usage = _usage(chunk["usage"])
+                    if len(finished) < request.params.n:
+                        raise BackendError(
+                            f"upstream {self.name} stream ended before all choices finished (truncated)",
+                            status=502,
+                            retryable=not emitted,
+                            backend=self.name,
+                        )
+                self._record(replica, True)
+                yield StreamChunk(usage=usage or Usage())
+                return
+            except asyncio.CancelledError:
+                raise
+            except (BackendError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError) as e:
+                self._record(replica, False)
+                retryable = isinstance(e, BackendError) and e.retryable or not isinstance(e, BackendError)
+                if emitted or not retryable or attempt >= self.max_retries:
+                    if isinstance(e, BackendError):
+                        raise
+                    if isinstance(e, asyncio.TimeoutError):
+                        raise BackendTimeout(f"upstream {self.name} stream timed out", backend=self.name) from None
+                    raise BackendError(f"upstream {self.name} stream failed: {type(e).__name__}", status=502, backend=self.name) from None
+            finally:
+                replica.outstanding -= 1
+            attempt += 1
+            await asyncio.sleep(self._backoff(attempt - 1, None))
+
+    async def models(self) -> list[str]:
+        s = await self.session()
+        for replica in self.replicas:
+            try:
+                async with s.get(f"{replica.url}/models", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    if resp.status == 200:
+                        data = await resp.json(content_type=None)
+                        return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+                continue
+        return []
+
+    async def health(self) -> bool:
+        s = await self.session()
+        for replica in self.replicas:
+            root = replica.url[: -len("/v1")] if replica.url.endswith("/v1") else replica.url
+            try:
+                async with s.get(f"{root}/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    if resp.status == 200:
+                        return True
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                continue
+        return False
+
+
+async def _sse_events(resp: aiohttp.ClientResponse, backend: str) -> AsyncIterator[dict[str, Any]]:
+    """Yield JSON payloads of `data:` lines until `[DONE]`; malformed JSON is an error, not silently skipped."""
+    buf = b""
+    async for raw in resp.content:
+        buf += raw
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            line = line.strip()
+            if not line or line.startswith(b":") or not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                raise BackendError(f"upstream {backend} sent invalid JSON in its stream", status=502, retryable=True, backend=backend) from None
+            if isinstance(data, dict):
+                yield data

@@ -1,0 +1,189 @@
+"""`archon`: serve, run, validate, schema, import-archon — plus the subcommands of models, bench, search, specdec."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import SpecError, load_config
+from .spec import dump_architecture, import_archon, json_schema, load_architecture, load_text
+
+# Subcommand groups contributed by other packages (each exposes add_cli(subparsers)).
+_PLUGINS = ["archon_server.engine.cli", "archon_server.bench.cli", "archon_server.search.cli", "archon_server.engine.specdec.cli"]
+
+
+def _die(msg: str, code: int = 2) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import build_app
+
+    cfg = load_config(args.config)
+    if args.architectures:
+        cfg.architectures_dirs = list(args.architectures)
+    host = args.host or cfg.server.host
+    port = args.port if args.port is not None else cfg.server.port
+    app = build_app(cfg)
+    names = sorted(app.state.chat.catalog)
+    print(f"archon-server on http://{host}:{port}/v1", flush=True)
+    print(f"  architectures: {', '.join(names)}", flush=True)
+    print(f"  backends: {', '.join(f'{b.alias} ({b.kind}: {b.model})' for b in cfg.backends)}", flush=True)
+    if cfg.server.default_architecture:
+        print(f"  default model: {cfg.server.default_architecture}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _resolve_arch(name: str, cfg) -> "ArchitectureSpec":  # type: ignore[name-defined]  # noqa: F821
+    from .graph.catalog import load_catalog
+
+    p = Path(name)
+    if p.suffix.lower() in (".yaml", ".yml", ".json") or p.exists():
+        return load_architecture(p)
+    catalog = load_catalog(cfg.architectures_dirs)
+    if name not in catalog:
+        _die(f"unknown architecture {name!r}; known: {', '.join(sorted(catalog))}")
+    return catalog[name]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .backends.base import SamplingParams
+    from .backends.registry import build_registry
+    from .graph.runtime import GraphError, GraphRuntime
+
+    cfg = load_config(args.config)
+    spec = _resolve_arch(args.architecture or cfg.server.default_architecture or "self-moa", cfg)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+
+    async def main() -> int:
+        reg = build_registry(cfg)
+        await reg.start()
+        try:
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed) if args.max_tokens else None
+            res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": prompt}], params)
+        except GraphError as e:
+            print(f"error ({e.status}): {e}", file=sys.stderr)
+            if e.trace is not None and args.trace:
+                print(json.dumps(e.trace.to_dict(), indent=2), file=sys.stderr)
+            return 1
+        finally:
+            await reg.close()
+        print(res.text)
+        if args.trace:
+            print(json.dumps(res.trace.to_dict(), indent=2), file=sys.stderr)
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for f in args.files:
+        try:
+            data = load_text(Path(f).read_text(encoding="utf-8"), f)
+            if isinstance(data, dict) and "backends" in data or args.config:
+                load_config(f)
+                print(f"{f}: valid server config")
+            else:
+                s = load_architecture(f)
+                print(f"{f}: valid architecture {s.name!r} ({len(s.layers)} layers, <= {s.backend_calls_estimate()} calls/query)")
+        except (SpecError, OSError) as e:
+            bad += 1
+            for line in (e.errors if isinstance(e, SpecError) else [str(e)]):
+                print(f"{f}: {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json_schema())
+    return 0
+
+
+def cmd_import_archon(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        spec = import_archon(data, args.file)
+    except (OSError, ValueError) as e:
+        if isinstance(e, SpecError):
+            for line in e.errors:
+                print(f"{args.file}: {line}", file=sys.stderr)
+        else:
+            print(f"{args.file}: {e}", file=sys.stderr)
+        return 1
+    text = dump_architecture(spec)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="archon", description="OpenAI-compatible server for inference-time ensembles.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start the HTTP server (no config: embedded SmolLM2 + presets)")
+    s.add_argument("--config", "-c", help="server config YAML (backends, limits)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--architectures", action="append", help="folder of architecture files (repeatable)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=cmd_serve)
+
+    r = sub.add_parser("run", help="run one prompt through an architecture; prints the answer (and the trace)")
+    r.add_argument("prompt", help="the prompt, or - for stdin")
+    r.add_argument("--architecture", "-a", help="preset name or file (default: the config's default)")
+    r.add_argument("--config", "-c")
+    r.add_argument("--trace", action="store_true", help="print the trace as JSON on stderr")
+    r.add_argument("--max-tokens", type=int)
+    r.add_argument("--temperature", type=float, default=0.7)
+    r.add_argument("--seed", type=int)
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="validate architecture (or --config server config) files")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--config", action="store_true", help="treat the files as server configs")
+    v.set_defaults(fn=cmd_validate)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of architecture files")
+    sc.set_defaults(fn=cmd_schema)
+
+    im = sub.add_parser("import-archon", help="convert an Archon JSON config into our YAML")
+    im.add_argument("file")
+    im.add_argument("--output", "-o")
+    im.set_defaults(fn=cmd_import_archon)
+
+    for mod in _PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError as e:  # a plugin whose optional dependencies are missing must not break the CLI
+            logging.getLogger("archon.cli").debug("plugin %s unavailable: %s", mod, e)
+            continue
+        m.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args) or 0)
+    except SpecError as e:
+        for line in e.errors:
+            print(f"{e.source + ': ' if e.source else ''}{line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

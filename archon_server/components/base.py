@@ -1,0 +1,242 @@
+"""What every component gets to do its work: backend calls that are traced, limited and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from ..backends.base import BackendError, ChatRequest, ChatResult, Choice, SamplingParams, StreamChunk, Usage
+from ..backends.registry import BackendRegistry, UnknownModel
+from ..spec import Sampling
+from .state import Candidate, State, Update
+from .trace import CallRecord, LayerTrace
+
+T = TypeVar("T")
+
+# Built-in sampling when neither the component nor the architecture says otherwise.
+DEFAULT_SAMPLING = Sampling(temperature=0.7, top_p=1.0, max_tokens=512)
+# Judges (ranker, critic, verifier, evaluators) default to greedy: their output is parsed, not read.
+JUDGE_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=512)
+
+
+class ParseError(ValueError):
+    """A model's output could not be parsed into the structure a component needs."""
+
+
+class ComponentFailed(Exception):
+    """Every call of a component failed; the layer decides (min_success) whether that is fatal."""
+
+
+@dataclass
+class FinalOverrides:
+    """Client parameters that apply to the final stage (see README: 'How request parameters apply')."""
+
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+StreamSink = Callable[[StreamChunk], Awaitable[None]]
+
+
+@dataclass
+class ComponentContext:
+    registry: BackendRegistry
+    layer: LayerTrace
+    usage: Usage
+    defaults: Sampling
+    final: FinalOverrides | None = None  # set on the final layer only
+    sink: StreamSink | None = None  # set when this component's output is streamed to the client
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ok_calls: int = 0
+
+    def sampling(self, spec: Sampling, judge: bool = False, apply_final: bool = True) -> SamplingParams:
+        """Resolve component > architecture defaults > built-ins; the client's values win on the final stage."""
+        base = JUDGE_SAMPLING if judge else DEFAULT_SAMPLING
+        val: dict[str, Any] = {}
+        for k in ("temperature", "top_p", "max_tokens", "seed", "stop"):
+            v = getattr(spec, k, None)
+            if v is None and not judge:
+                v = getattr(self.defaults, k)
+            if v is None:
+                v = getattr(base, k)
+            val[k] = v
+        final = self.final if (apply_final and not judge) else None
+        if final is not None:
+            for k in ("temperature", "top_p", "max_tokens", "seed", "stop"):
+                fv = getattr(final, k)
+                if fv is not None:
+                    val[k] = fv
+        return SamplingParams(
+            temperature=float(val["temperature"]),
+            top_p=float(val["top_p"]),
+            max_tokens=int(val["max_tokens"]),
+            seed=val["seed"],
+            stop=val["stop"],
+            logprobs=bool(final.logprobs) if final else False,
+            top_logprobs=int(final.top_logprobs) if final else 0,
+        )
+
+    async def call(
+        self,
+        component: str,
+        ctype: str,
+        alias: str,
+        messages: list[dict[str, Any]],
+        params: SamplingParams,
+        *,
+        n: int = 1,
+        purpose: str = "",
+        stream: bool = False,
+    ) -> ChatResult:
+        """One logical call for ``n`` samples: one ``n=k`` request when the backend allows, else k concurrent ones."""
+        try:
+            backend = self.registry.get(alias)
+            model = self.registry.model_name(alias)
+        except UnknownModel:
+            err = f"unknown model alias {alias!r}"
+            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, 0.0, error=err, purpose=purpose))
+            self.layer.failures.append(f"{component}: {err}")
+            raise BackendError(err, status=400) from None
+        limit = self.registry.limit(alias)
+        t0 = time.perf_counter()
+        try:
+            if stream and self.sink is not None:
+                res = await self._streamed(backend, ChatRequest(model, messages, replace(params, n=n)), limit)
+            elif n == 1 or backend.supports_n:
+                res = await _limited(limit, backend.chat(ChatRequest(model, messages, replace(params, n=n))))
+            else:
+                # One request per sample; offset seeds so seeded samples still differ.
+                reqs = [
+                    ChatRequest(model, messages, replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+                    for i in range(n)
+                ]
+                parts = await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs))
+                res = _merge_results(parts)
+        except asyncio.CancelledError:
+            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error="cancelled", purpose=purpose))
+            raise
+        except BackendError as e:
+            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=str(e)[:300], purpose=purpose))
+            self.layer.failures.append(f"{component}: {str(e)[:200]}")
+            raise
+        except Exception as e:  # a backend bug must not become a 500: record it as a failed call
+            msg = f"{type(e).__name__}: {e}"[:300]
+            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=msg, purpose=purpose))
+            self.layer.failures.append(f"{component}: {msg}")
+            raise BackendError(msg, status=502) from e
+        lat = time.perf_counter() - t0
+        self.usage.add(res.usage)
+        self.ok_calls += 1
+        for k, v in res.metrics.items():
+            if isinstance(v, (int, float)):
+                self.metrics[k] = self.metrics.get(k, 0) + v if k.startswith("num_") else v
+        self.layer.calls.append(
+            CallRecord(
+                component, ctype, alias, n, True, lat, res.usage.prompt_tokens, res.usage.completion_tokens, res.requests, purpose=purpose
+            )
+        )
+        return res
+
+    async def _streamed(self, backend: Any, req: ChatRequest, limit: asyncio.Semaphore | None) -> ChatResult:
+        assert self.sink is not None
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str] = {}
+        usage = Usage()
+        metrics: dict[str, Any] = {}
+        if limit is not None:
+            await limit.acquire()
+        try:
+            async for ch in backend.stream(req):
+                if ch.text:
+                    texts.setdefault(ch.index, []).append(ch.text)
+                if ch.finish_reason:
+                    finish[ch.index] = ch.finish_reason
+                if ch.usage is not None:
+                    usage = ch.usage
+                    metrics = ch.metrics or {}
+                    continue
+                await self.sink(ch)
+        finally:
+            if limit is not None:
+                limit.release()
+        idx = sorted(set(texts) | set(finish)) or [0]
+        return ChatResult(
+            choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i) for i in idx], usage=usage, metrics=metrics
+        )
+
+    async def call_parsed(
+        self,
+        component: str,
+        ctype: str,
+        alias: str,
+        messages: list[dict[str, Any]],
+        params: SamplingParams,
+        parser: Callable[[str], T],
+        *,
+        purpose: str = "",
+    ) -> T | None:
+        """Call and parse; a parse failure retries once, then returns None and records the degradation."""
+        for attempt in range(2):
+            res = await self.call(component, ctype, alias, messages, params, purpose=purpose + (" (retry)" if attempt else ""))
+            try:
+                return parser(res.choices[0].text if res.choices else "")
+            except ParseError as e:
+                self.layer.notes.append(f"{component}: unparseable output{' after retry' if attempt else ''} ({e})")
+                # A second greedy call would repeat the same text: sample the retry a little.
+                params = replace(params, temperature=max(params.temperature, 0.7), seed=None if params.seed is None else params.seed + 1)
+        return None
+
+
+async def _limited(limit: asyncio.Semaphore | None, coro: Awaitable[T]) -> T:
+    if limit is None:
+        return await coro
+    async with limit:
+        return await coro
+
+
+def _merge_results(parts: list[ChatResult]) -> ChatResult:
+    usage = Usage()
+    choices = []
+    for i, p in enumerate(parts):
+        usage.add(p.usage)
+        for c in p.choices:
+            choices.append(Choice(c.text, c.finish_reason, i, c.logprobs))
+    return ChatResult(choices=choices, usage=usage, model=parts[0].model if parts else "", requests=len(parts))
+
+
+async def gather_tolerant(aws: list[Awaitable[T]]) -> list[T | BaseException]:
+    """Run concurrently; return exceptions in place instead of cancelling siblings (partial failure tolerance)."""
+    return await asyncio.gather(*aws, return_exceptions=True)
+
+
+class Component:
+    """A component type: ``run`` reads the state and returns an :class:`Update`."""
+
+    type: str = ""
+    produces = False  # adds new candidates
+    streamable = False  # its (single) call can be streamed to the client when it is the final stage
+
+    def __init__(self, spec: Any, index: int):
+        self.spec = spec
+        self.id = spec.id or f"{spec.type}{index}"
+
+    async def run(self, ctx: ComponentContext, state: State) -> Update:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def numbered(cands: list[Candidate], limit: int | None = None) -> str:
+    items = cands if limit is None else cands[:limit]
+    return "\n\n".join(f"[{i + 1}] {c.text}" for i, c in enumerate(items))
+
+
+def user_prompt(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]

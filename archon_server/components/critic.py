@@ -1,0 +1,38 @@
+"""critic: strengths and weaknesses of every candidate (one joint call, or one concurrent call per candidate)."""
+
+from __future__ import annotations
+
+from . import prompts
+from .base import Component, ComponentContext, ComponentFailed, gather_tolerant, numbered, user_prompt
+from .parsers import parse_critique, parse_joint_critiques
+from .state import State, Update
+
+
+class Critic(Component):
+    type = "critic"
+
+    async def run(self, ctx: ComponentContext, state: State) -> Update:
+        params = ctx.sampling(self.spec, judge=True)
+        n = len(state.candidates)
+        if self.spec.per_candidate or n == 1:
+            results = await gather_tolerant(
+                [
+                    ctx.call_parsed(
+                        self.id, self.type, self.spec.model,
+                        user_prompt(prompts.CRITIC.format(query=state.query, response=c.text)),
+                        params, parse_critique, purpose=f"candidate {i + 1}",
+                    )
+                    for i, c in enumerate(state.candidates)
+                ]
+            )
+            critiques = [r if isinstance(r, str) else None for r in results]
+        else:
+            prompt = prompts.CRITIC_JOINT.format(n=n, query=state.query, responses=numbered(state.candidates))
+            parsed = await ctx.call_parsed(
+                self.id, self.type, self.spec.model, user_prompt(prompt), params,
+                lambda t: parse_joint_critiques(t, n), purpose=f"critique {n}",
+            )
+            critiques = parsed or [None] * n
+        if n and all(c is None for c in critiques):
+            raise ComponentFailed(f"{self.id}: no critique obtained")
+        return Update(critiques=critiques)

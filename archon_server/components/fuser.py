@@ -1,0 +1,46 @@
+"""fuser: Mixture-of-Agents aggregate-and-synthesize over the current candidates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import prompts
+from .base import Component, ComponentContext, ComponentFailed
+from .state import Candidate, State, Update, message_text
+
+
+def fusion_messages(
+    state: State, cands: list[Candidate], header: str, critiques: list[str | None] | None = None, words: int | None = None
+) -> list[dict[str, Any]]:
+    """The client's conversation with the aggregation instructions and numbered responses as the system message."""
+    parts = []
+    for i, c in enumerate(cands):
+        s = f"{i + 1}. {c.text}"
+        if critiques and i < len(critiques) and critiques[i]:
+            s += prompts.FUSER_CRITIQUE.format(critique=critiques[i])
+        parts.append(s)
+    system = header + "\n" + "\n\n".join(parts)
+    if words:
+        system += prompts.FUSER_LENGTH.format(words=words)
+    client_system = "\n".join(message_text(m) for m in state.messages if m.get("role") in ("system", "developer"))
+    if client_system:
+        system = client_system + "\n\n" + system
+    rest = [m for m in state.messages if m.get("role") not in ("system", "developer")]
+    return [{"role": "system", "content": system}, *rest]
+
+
+class Fuser(Component):
+    type = "fuser"
+    produces = True
+    streamable = True
+
+    async def run(self, ctx: ComponentContext, state: State) -> Update:
+        if not state.candidates:
+            raise ComponentFailed(f"{self.id}: no candidates to fuse")
+        cands = state.candidates[: self.spec.max_candidates]
+        crit = state.critiques if self.spec.use_critiques else None
+        header = self.spec.system_prompt or prompts.FUSER_SYSTEM
+        msgs = fusion_messages(state, cands, header, crit, self.spec.length_control)
+        n = ctx.final.n if ctx.final is not None else self.spec.samples
+        res = await ctx.call(self.id, self.type, self.spec.model, msgs, ctx.sampling(self.spec), n=n, purpose=f"fuse {len(cands)}", stream=True)
+        return Update(candidates=[Candidate(c.text, source=self.spec.model, finish_reason=c.finish_reason, meta={"logprobs": c.logprobs}) for c in res.choices])

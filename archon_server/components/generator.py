@@ -1,0 +1,41 @@
+"""generator: k samples from one or more models (k samples of one model = one n=k request)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Component, ComponentContext, ComponentFailed, gather_tolerant
+from .state import Candidate, State, Update
+
+
+def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    if not system:
+        return messages
+    rest = [m for m in messages if m.get("role") not in ("system", "developer")]
+    return [{"role": "system", "content": system}, *rest]
+
+
+class Generator(Component):
+    type = "generator"
+    produces = True
+    streamable = True
+
+    async def run(self, ctx: ComponentContext, state: State) -> Update:
+        models = self.spec.models_used()
+        # On the final stage the client's n is the number of samples (one model) — see README.
+        k = ctx.final.n if (ctx.final is not None and len(models) == 1) else self.spec.samples
+        params = ctx.sampling(self.spec)
+        messages = with_system(state.messages, self.spec.system_prompt)
+        stream = ctx.sink is not None and len(models) == 1
+        results = await gather_tolerant(
+            [ctx.call(self.id, self.type, m, messages, params, n=k, purpose=f"{k} sample(s)", stream=stream) for m in models]
+        )
+        cands: list[Candidate] = []
+        for model, res in zip(models, results):
+            if isinstance(res, BaseException):
+                continue
+            for ch in res.choices:
+                cands.append(Candidate(ch.text, source=model, finish_reason=ch.finish_reason, meta={"logprobs": ch.logprobs}))
+        if not cands:
+            raise ComponentFailed(f"{self.id}: every call failed")
+        return Update(candidates=cands)

@@ -1,0 +1,58 @@
+"""Every prompt of every component, in one place (wording follows Together MoA and Archon)."""
+
+FUSER_SYSTEM = (
+    "You have been provided with a set of responses from various models to the latest user query. "
+    "Your task is to synthesize these responses into a single, high-quality response. It is crucial to critically "
+    "evaluate the information provided in these responses, recognizing that some of it may be biased or incorrect. "
+    "Your response should not simply replicate the given answers but should offer a refined, accurate, and "
+    "comprehensive reply to the instruction. Ensure your response is well-structured, coherent, and adheres to the "
+    "highest standards of accuracy and reliability.\n\nResponses from models:"
+)
+FUSER_CRITIQUE = "\nCritique of this response:\n{critique}"
+FUSER_LENGTH = "\n\nKeep your final response to about {words} words."
+
+RANKER = (
+    "I will provide you with {n} responses, each indicated by a numerical identifier []. "
+    "Rank the responses based on their relevance to the instruction: {query}\n\n{responses}\n\n"
+    "Instruction: {query}\n\n"
+    "Rank the {n} responses above based on their relevance to the instruction. All the responses should be included "
+    "and listed using identifiers, in descending order of relevance to the instruction. The output format should be "
+    "[] > [], e.g., [4] > [2]. Only respond with the ranking results, do not say any word or explain."
+)
+
+CRITIC = (
+    "Here is an instruction and a response to it.\n\nInstruction: {query}\n\nResponse:\n{response}\n\n"
+    "Evaluate the response. Give its strengths and its weaknesses, in this exact format:\n"
+    "Strengths:\n- ...\nWeaknesses:\n- ..."
+)
+
+VERIFIER = (
+    "Here is an instruction and a proposed response.\n\nInstruction: {query}\n\nResponse:\n{response}\n\n"
+    "Think step by step about whether the response is correct and fully answers the instruction. "
+    "Then, on the last line, write exactly [Correct] if it is correct or [Incorrect] if it is not."
+)
+
+UNIT_TEST_GENERATOR = (
+    "Here is an instruction.\n\nInstruction: {query}\n\n"
+    "Write {k} unit tests: short, concrete, checkable statements that a correct and complete response must satisfy. "
+    "Write one per line, each starting with '- '. Do not write anything else."
+)
+
+UNIT_TEST_EVALUATOR = (
+    "Here is an instruction, a response and a list of unit tests.\n\nInstruction: {query}\n\nResponse:\n{response}\n\n"
+    "Unit tests:\n{tests}\n\nFor each unit test, in order, decide whether the response satisfies it. "
+    "Answer with one line per test, in the format 'Test <number>: [Passed]' or 'Test <number>: [Failed]'."
+)
+
+SELF_MOA_SEQ_SYSTEM = (
+    "You have been provided with a set of responses to the latest user query. The first response is the best "
+    "synthesis so far. Synthesize all of them into a single response that is better than each: keep what is correct, "
+    "fix what is wrong, and add what is missing.\n\nResponses:"
+)
+
+CRITIC_JOINT = (
+    "I will provide you with {n} responses, each indicated by a numerical identifier []. "
+    "Evaluate the strengths and weaknesses of each response to the instruction: {query}\n\n{responses}\n\n"
+    "Instruction: {query}\n\nFor each of the {n} responses, in order, write its identifier followed by its "
+    "strengths and weaknesses, in this exact format:\n[1]\nStrengths:\n- ...\nWeaknesses:\n- ...\n\n[2]\n..."
+)

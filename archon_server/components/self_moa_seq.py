@@ -1,0 +1,109 @@
+"""self_moa_seq: sequential Self-MoA over many samples with a sliding window.
+
+Defaults (window 6, repeat_best 1, 12 samples) follow Self-MoA-Seq's setting of
+aggregating six responses at a time: each window holds the best synthesis so far
+plus ``window - repeat_best`` fresh samples, so the aggregator's prompt stays
+bounded however many samples there are.  Repeating the best synthesis (r > 1)
+biases the aggregator towards it, which the paper found helps for long runs.
+
+With ``proposer`` set, samples are requested in chunks of one window's worth (one
+``n=chunk`` request each, all in flight at once) and each chunk is aggregated as
+soon as it and the previous synthesis are ready: the samples are consumed as they
+arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from . import prompts
+from .base import Component, ComponentContext, ComponentFailed
+from .fuser import fusion_messages
+from .state import Candidate, State, Update
+
+
+def sample_chunks(samples: int, window: int, fresh: int) -> list[int]:
+    """Request sizes: a full window first (no synthesis yet), then `fresh` per later window."""
+    chunks = [min(window, samples)]
+    left = samples - chunks[0]
+    while left > 0:
+        chunks.append(min(fresh, left))
+        left -= chunks[-1]
+    return chunks
+
+
+class SelfMoASeq(Component):
+    type = "self_moa_seq"
+    produces = True
+    streamable = False
+
+    async def run(self, ctx: ComponentContext, state: State) -> Update:
+        spec = self.spec
+        fresh = spec.window - spec.repeat_best
+        queue: asyncio.Queue[list[Candidate] | None] = asyncio.Queue()
+        producers: list[asyncio.Task] = []
+        if spec.proposer:
+            # Client parameters apply to the final synthesis, not to the proposals.
+            params = ctx.sampling(spec, apply_final=False)
+            if spec.proposer_temperature is not None:
+                params.temperature = spec.proposer_temperature
+            chunks = sample_chunks(spec.samples, spec.window, fresh)
+
+            async def produce(k: int, idx: int) -> list[Candidate]:
+                try:
+                    res = await ctx.call(self.id, "generator", spec.proposer, state.messages, params, n=k, purpose=f"samples chunk {idx}")
+                    return [Candidate(c.text, source=spec.proposer) for c in res.choices]
+                except Exception:  # noqa: BLE001 - recorded in the trace by ctx.call; the run goes on
+                    return []
+
+            producers = [asyncio.ensure_future(produce(k, i)) for i, k in enumerate(chunks)]
+
+            async def feed(futs: list[asyncio.Future]) -> None:
+                for fut in asyncio.as_completed(futs):
+                    await queue.put(await fut)
+                await queue.put(None)
+
+            producers.append(asyncio.ensure_future(feed(list(producers))))
+        else:
+            await queue.put(list(state.candidates))
+            await queue.put(None)
+        try:
+            return await self._aggregate(ctx, state, queue)
+        finally:
+            for t in producers:  # a cancelled request cancels the outstanding samples too
+                t.cancel()
+
+    async def _aggregate(self, ctx: ComponentContext, state: State, arrivals: "asyncio.Queue[list[Candidate] | None]") -> Update:
+        spec = self.spec
+        fresh = spec.window - spec.repeat_best
+
+        best: Candidate | None = None
+        pending: list[Candidate] = []
+        rounds = 0
+        agg_params = ctx.sampling(spec)
+        done = False
+        while not done or pending:
+            if not done:
+                item = await arrivals.get()
+                if item is None:
+                    done = True
+                else:
+                    pending.extend(item)
+            need = spec.window if best is None else fresh
+            if len(pending) >= need or (done and pending):
+                window, pending = pending[:need], pending[need:]
+                shown = ([best] * spec.repeat_best if best else []) + window
+                if len(shown) == 1:
+                    best = shown[0]
+                    continue
+                msgs = fusion_messages(state, shown, spec.system_prompt or prompts.SELF_MOA_SEQ_SYSTEM)
+                try:
+                    res = await ctx.call(self.id, self.type, spec.model, msgs, agg_params, purpose=f"window {rounds + 1}")
+                    best = Candidate(res.choices[0].text, source=spec.model, finish_reason=res.choices[0].finish_reason)
+                except Exception:  # noqa: BLE001 - keep the previous synthesis, recorded in the trace
+                    best = best or window[0]
+                rounds += 1
+        if best is None:
+            raise ComponentFailed(f"{self.id}: no samples to aggregate")
+        ctx.layer.notes.append(f"{self.id}: {rounds} aggregation round(s)")
+        return Update(candidates=[best])

@@ -1,0 +1,52 @@
+"""The typed state that the components of a graph read and write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Candidate:
+    text: str
+    source: str = ""  # component id / model that produced it
+    score: float | None = None  # set by rankers, verifiers, evaluators, votes: higher is better
+    finish_reason: str = "stop"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class State:
+    messages: list[dict[str, Any]]  # the client's conversation
+    candidates: list[Candidate] = field(default_factory=list)
+    critiques: list[str | None] = field(default_factory=list)  # aligned with candidates
+    unit_tests: list[str] = field(default_factory=list)
+    votes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def query(self) -> str:
+        """The latest user message as text (what prompts of judges quote)."""
+        for m in reversed(self.messages):
+            if m.get("role") == "user":
+                return message_text(m)
+        return message_text(self.messages[-1]) if self.messages else ""
+
+
+def message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: keep the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+@dataclass
+class Update:
+    """What one component returns; the runtime merges the updates of a layer."""
+
+    candidates: list[Candidate] | None = None  # new candidates produced (generator, fuser, self_moa_seq)
+    selected: list[Candidate] | None = None  # the kept subset of the incoming ones (ranker, verifier, vote...)
+    critiques: list[str | None] | None = None
+    unit_tests: list[str] | None = None
+    votes: dict[str, int] | None = None

@@ -1,0 +1,66 @@
+"""unit_test_generator and unit_test_evaluator (LLM-judged, as in Archon; `executed` runs code in the sandbox)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from . import prompts
+from .base import Component, ComponentContext, ComponentFailed, gather_tolerant, user_prompt
+from .parsers import parse_test_results, parse_unit_tests
+from .state import State, Update
+
+
+class UnitTestGenerator(Component):
+    type = "unit_test_generator"
+
+    async def run(self, ctx: ComponentContext, state: State) -> Update:
+        k = self.spec.num_tests
+        tests = await ctx.call_parsed(
+            self.id, self.type, self.spec.model,
+            user_prompt(prompts.UNIT_TEST_GENERATOR.format(query=state.query, k=k)),
+            ctx.sampling(self.spec, judge=True), lambda t: parse_unit_tests(t, k), purpose=f"{k} tests",
+        )
+        if not tests:
+            raise ComponentFailed(f"{self.id}: no unit tests obtained")
+        return Update(unit_tests=tests)
+
+
+class UnitTestEvaluator(Component):
+    type = "unit_test_evaluator"
+
+    async def run(self, ctx: ComponentContext, state: State) -> Update:
+        tests = state.unit_tests
+        if not tests:
+            ctx.layer.notes.append(f"{self.id}: no unit tests in the state; kept all candidates")
+            return Update(selected=list(state.candidates))
+        if self.spec.mode == "executed":
+            scores = await self._executed(ctx, state)
+        else:
+            scores = await self._judged(ctx, state)
+        ranked = sorted(range(len(state.candidates)), key=lambda i: -scores[i])  # stable: ties keep order
+        return Update(selected=[replace(state.candidates[i], score=scores[i]) for i in ranked[: self.spec.top_k]])
+
+    async def _judged(self, ctx: ComponentContext, state: State) -> list[float]:
+        tests = state.unit_tests
+        listing = "\n".join(f"Test {i + 1}: {t}" for i, t in enumerate(tests))
+        params = ctx.sampling(self.spec, judge=True)
+        results = await gather_tolerant(
+            [
+                ctx.call_parsed(
+                    self.id, self.type, self.spec.model,
+                    user_prompt(prompts.UNIT_TEST_EVALUATOR.format(query=state.query, response=c.text, tests=listing)),
+                    params, lambda t: parse_test_results(t, len(tests)), purpose=f"candidate {i + 1}",
+                )
+                for i, c in enumerate(state.candidates)
+            ]
+        )
+        if state.candidates and all(isinstance(r, BaseException) for r in results):
+            raise ComponentFailed(f"{self.id}: every evaluation call failed")
+        # Fail closed: an unanswered evaluation scores 0.
+        return [sum(r) / len(tests) if isinstance(r, list) else 0.0 for r in results]
+
+    async def _executed(self, ctx: ComponentContext, state: State) -> list[float]:
+        from ..sandbox import score_program  # the sandbox runs model-written code in a separate process
+
+        scores = await gather_tolerant([score_program(c.text, state.unit_tests) for c in state.candidates])
+        return [s if isinstance(s, float) else 0.0 for s in scores]

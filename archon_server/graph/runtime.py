@@ -1,0 +1,191 @@
+"""Runs an architecture: layers in order, everything inside a layer concurrently.
+
+Partial failures are tolerated (a layer goes on when at least ``min_success`` of
+its calls succeeded); every call is traced; usage is summed over all sub-calls;
+cancelling the task (client disconnect, deadline) cancels every in-flight call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..backends.base import BackendTimeout, SamplingParams, Usage
+from ..backends.registry import BackendRegistry
+from ..components import COMPONENTS, ComponentContext, FinalOverrides
+from ..components.base import StreamSink
+from ..components.state import Candidate, State, Update
+from ..components.trace import LayerTrace, Trace
+from ..spec import ArchitectureSpec
+
+
+class GraphError(Exception):
+    """The graph could not produce an answer. ``status``: 502 backends failed, 504 deadline/timeouts, 400 bad binding."""
+
+    def __init__(self, message: str, status: int = 502, trace: Trace | None = None):
+        super().__init__(message)
+        self.status = status
+        self.trace = trace
+
+
+@dataclass
+class RunResult:
+    candidates: list[Candidate]
+    usage: Usage
+    trace: Trace
+    streamed: bool = False  # the final stage's tokens already went to the sink
+
+    @property
+    def text(self) -> str:
+        return self.candidates[0].text if self.candidates else ""
+
+    @property
+    def choices(self) -> list[str]:
+        return [c.text for c in self.candidates]
+
+    @property
+    def calls(self) -> int:
+        return self.trace.calls
+
+
+def overrides_from(params: SamplingParams | None) -> FinalOverrides | None:
+    if params is None:
+        return None
+    return FinalOverrides(
+        n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+        stop=params.stop, seed=params.seed, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+    )
+
+
+def _realign(old: list[Candidate], old_crit: list[str | None], kept: list[Candidate]) -> list[str | None]:
+    """Critiques follow their candidates through a selection (matched by text, first unused)."""
+    used: set[int] = set()
+    out: list[str | None] = []
+    for k in kept:
+        j = next((i for i, c in enumerate(old) if i not in used and c.text == k.text), None)
+        if j is None:
+            out.append(None)
+        else:
+            used.add(j)
+            out.append(old_crit[j] if j < len(old_crit) else None)
+    return out
+
+
+def final_choices(cands: list[Candidate], rule: str, n: int) -> list[Candidate]:
+    """`top_ranked`: highest score first (ties keep layer order); `first`: layer order. Never random."""
+    if rule == "top_ranked":
+        order = sorted(range(len(cands)), key=lambda i: -(cands[i].score if cands[i].score is not None else float("-inf")))
+        cands = [cands[i] for i in order]
+    return cands[: max(n, 1)]
+
+
+class GraphRuntime:
+    def __init__(self, registry: BackendRegistry):
+        self.registry = registry
+
+    def check_bindings(self, spec: ArchitectureSpec) -> list[str]:
+        return [m for m in spec.models_used() if m not in self.registry]
+
+    async def run(
+        self,
+        spec: ArchitectureSpec,
+        messages: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        *,
+        final: FinalOverrides | None = None,
+        sink: StreamSink | None = None,
+        deadline_s: float | None = None,
+    ) -> RunResult:
+        missing = self.check_bindings(spec)
+        if missing:
+            raise GraphError(f"architecture {spec.name!r} uses unknown model alias(es): {', '.join(missing)}", status=400)
+        final = final or overrides_from(params) or FinalOverrides()
+        trace = Trace(spec.name)
+        deadline = deadline_s if deadline_s is not None else spec.deadline_s
+        if spec.deadline_s is not None and deadline is not None:
+            deadline = min(deadline, spec.deadline_s)
+        try:
+            async with asyncio.timeout(deadline):
+                result = await self._run(spec, messages, final, sink, trace)
+        except TimeoutError:
+            trace.latency_s = time.perf_counter() - trace.started
+            raise GraphError(f"deadline of {deadline:g}s exceeded", status=504, trace=trace) from None
+        trace.latency_s = time.perf_counter() - trace.started
+        return result
+
+    async def _run(self, spec: ArchitectureSpec, messages: list[dict[str, Any]], final: FinalOverrides, sink: StreamSink | None, trace: Trace) -> RunResult:
+        state = State(messages=messages)
+        usage = trace.usage
+        streamed = False
+        last = len(spec.layers) - 1
+        for li, layer in enumerate(spec.layers):
+            comps = [COMPONENTS[c.type](c, j) for j, c in enumerate(layer)]
+            lt = LayerTrace(li, [c.id for c in comps], candidates_in=len(state.candidates))
+            trace.layers.append(lt)
+            is_final = li == last
+            stream_here = sink is not None and is_final and len(comps) == 1 and comps[0].streamable
+            ctxs = [
+                ComponentContext(
+                    self.registry, lt, usage, spec.defaults,
+                    final=final if is_final else None,
+                    sink=sink if stream_here else None,
+                    metrics=trace.metrics,
+                )
+                for _ in comps
+            ]
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(c.run(x, state) for c, x in zip(comps, ctxs)), return_exceptions=True)
+            lt.latency_s = time.perf_counter() - t0
+            updates: list[Update] = []
+            for comp, r in zip(comps, results):
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+                if isinstance(r, BaseException):
+                    lt.failures.append(f"{comp.id}: {type(r).__name__}: {r}"[:300])
+                else:
+                    updates.append(r)
+            ok_calls = sum(x.ok_calls for x in ctxs)
+            if not updates:
+                raise GraphError(f"layer {li} failed: " + "; ".join(lt.failures[-3:]), status=self._status(lt), trace=trace)
+            if lt.calls and ok_calls < spec.min_success:
+                raise GraphError(
+                    f"layer {li}: {ok_calls} of {len(lt.calls)} calls succeeded, fewer than min_success={spec.min_success}",
+                    status=self._status(lt), trace=trace,
+                )
+            self._merge(state, updates)
+            lt.candidates_out = len(state.candidates)
+            if not state.candidates:
+                raise GraphError(f"layer {li} left no candidate", status=502, trace=trace)
+            streamed = streamed or stream_here
+        return RunResult(final_choices(state.candidates, spec.final, final.n), usage, trace, streamed)
+
+    @staticmethod
+    def _status(lt: LayerTrace) -> int:
+        errs = [c.error or "" for c in lt.calls if not c.ok]
+        if errs and all("timed out" in e or "timeout" in e.lower() for e in errs):
+            return 504
+        return 502
+
+    @staticmethod
+    def _merge(state: State, updates: list[Update]) -> None:
+        produced = [c for u in updates if u.candidates for c in u.candidates]
+        selected = next((u.selected for u in updates if u.selected is not None), None)
+        critiques = next((u.critiques for u in updates if u.critiques is not None), None)
+        for u in updates:
+            if u.unit_tests:
+                state.unit_tests.extend(u.unit_tests)
+            if u.votes:
+                state.votes = u.votes
+        if produced:
+            state.candidates, state.critiques = produced, []
+        elif selected is not None:
+            base_crit = critiques if critiques is not None else state.critiques
+            state.critiques = _realign(state.candidates, base_crit, selected)
+            state.candidates = selected
+        elif critiques is not None:
+            state.critiques = critiques
+
+
+__all__ = ["GraphError", "GraphRuntime", "RunResult", "BackendTimeout"]

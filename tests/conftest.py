@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from archon_server.config import PRESET_ALIASES, ServerConfig
+from archon_server.testing.server import ServerThread
+from archon_server.testing.upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ARCHON_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def upstream_factory() -> Iterator[Callable[..., FakeUpstream]]:
+    started: list[FakeUpstream] = []
+
+    def make(script=None, **kw) -> FakeUpstream:  # type: ignore[no-untyped-def]
+        up = FakeUpstream(script, **kw).start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        up.stop()
+
+
+def fake_config(url: str | list[str], **server) -> ServerConfig:  # type: ignore[no-untyped-def]
+    """Every preset alias bound to the fake upstream(s)."""
+    urls = [url] if isinstance(url, str) else url
+    return ServerConfig.model_validate(
+        {
+            "backends": [{"alias": "fake", "kind": "openai", "model": "fake-model", "urls": urls, "aliases": PRESET_ALIASES,
+                          "max_retries": 1, "read_timeout_s": 5}],
+            "architectures_dirs": [str(ROOT / "architectures")],
+            "server": {"request_timeout_s": 20, **server},
+        }
+    )
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ServerThread]]:
+    from archon_server.api.app import build_app
+
+    started: list[ServerThread] = []
+
+    def make(config: ServerConfig) -> ServerThread:
+        s = ServerThread(build_app(config)).start()
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()

@@ -1,0 +1,137 @@
+"""Each component type through the graph runtime over a real upstream HTTP server (scripted answers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from archon_server.backends.base import SamplingParams
+from archon_server.backends.registry import build_registry
+from archon_server.graph.runtime import GraphError, GraphRuntime
+from archon_server.spec import parse_architecture
+from conftest import fake_config
+
+
+async def run(up, layers, prompt="Q", **arch):
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    try:
+        spec = parse_architecture({"name": "t", "layers": layers, **arch})
+        return await GraphRuntime(reg).run(spec, [{"role": "user", "content": prompt}])
+    finally:
+        await reg.close()
+
+
+def texts(n):
+    return [f"candidate {i}" for i in range(n)]
+
+
+async def test_archon_recipe_rank_critic_fuse(upstream_factory):
+    up = upstream_factory(lambda b: {"text": texts(b["n"])} if "[] > []" not in json.dumps(b) and "Strengths" not in json.dumps(b) and "synthesize" not in json.dumps(b) else None)
+    res = await run(up, [
+        [{"type": "generator", "model": "proposer-1", "samples": 4}],
+        [{"type": "ranker", "model": "judge", "top_k": 2}],
+        [{"type": "critic", "model": "judge"}],
+        [{"type": "fuser", "model": "aggregator"}],
+    ])
+    assert res.text == "fused answer from 2 responses"
+    fuse_prompt = up.requests[-1].body["messages"][0]["content"]
+    # the fake ranker reverses the order: the top 2 are candidates 3 and 2, with their critiques attached
+    assert fuse_prompt.index("candidate 3") < fuse_prompt.index("candidate 2") and "Strengths" in fuse_prompt
+    assert "candidate 0" not in fuse_prompt
+    assert [layer.candidates_out for layer in res.trace.layers] == [4, 2, 2, 1]
+
+
+async def test_ranker_unparseable_retries_once_then_keeps_order(upstream_factory):
+    up = upstream_factory(lambda b: {"text": "I like them all"} if "[] > []" in json.dumps(b) else {"text": texts(b["n"])})
+    res = await run(up, [[{"type": "generator", "model": "default", "samples": 3}], [{"type": "ranker", "model": "judge", "top_k": 1}]])
+    assert res.text == "candidate 0"
+    notes = res.trace.layers[1].notes
+    assert any("after retry" in n for n in notes) and any("kept the incoming order" in n for n in notes)
+    assert len(res.trace.layers[1].calls) == 2
+
+
+async def test_verifier_keeps_passing_and_fails_closed(upstream_factory):
+    def script(b):
+        s = json.dumps(b)
+        if "[Incorrect]" in s:  # verifier prompt
+            return {"text": "[Correct]" if "candidate 1" in s else ("no verdict" if "candidate 2" in s else "[Incorrect]")}
+        return {"text": texts(b["n"])}
+
+    up = upstream_factory(script)
+    res = await run(up, [[{"type": "generator", "model": "default", "samples": 3}], [{"type": "verifier", "model": "judge"}]])
+    assert res.choices == ["candidate 1"]
+    up2 = upstream_factory(lambda b: {"text": "[Incorrect]"} if "[Incorrect]" in json.dumps(b) else {"text": texts(b["n"])})
+    res = await run(up2, [[{"type": "generator", "model": "default", "samples": 2}], [{"type": "verifier", "model": "judge"}]], final="first")
+    assert res.text == "candidate 0" and any("no candidate passed" in n for n in res.trace.layers[1].notes)
+
+
+async def test_unit_tests_generated_then_evaluated(upstream_factory):
+    def script(b):
+        s = json.dumps(b)
+        if "Write 3 unit tests" in s:
+            return {"text": "- t1\n- t2\n- t3"}
+        if "[Passed]" in s:
+            return {"text": "Test 1: [Passed]\nTest 2: [Passed]\nTest 3: [Failed]" if "candidate 1" in s else "Test 1: [Failed]"}
+        return {"text": texts(b["n"])}
+
+    up = upstream_factory(script)
+    res = await run(up, [
+        [{"type": "generator", "model": "default", "samples": 3}, {"type": "unit_test_generator", "model": "judge", "num_tests": 3}],
+        [{"type": "unit_test_evaluator", "model": "judge", "top_k": 1}],
+    ])
+    assert res.text == "candidate 1"
+    assert res.candidates[0].score == pytest.approx(2 / 3)
+
+
+async def test_vote_self_consistency(upstream_factory):
+    up = upstream_factory(lambda b: {"text": [r"so \boxed{4}", r"\boxed{5}", r"thus \boxed{4}.", "no idea"]})
+    res = await run(up, [[{"type": "generator", "model": "default", "samples": 4}], [{"type": "vote", "extractor": {"kind": "boxed"}}]])
+    assert res.text == r"so \boxed{4}" and res.candidates[0].score == 2.0
+    assert res.trace.calls == 1
+
+
+async def test_self_moa_seq_windows_and_consumption(upstream_factory):
+    def script(b):
+        s = json.dumps(b)
+        if "best synthesis so far" in s:
+            k = s.count("candidate") + s.count("synth")
+            return {"text": f"synth over {k}"}
+        return {"text": [f"candidate {i}" for i in range(b["n"])], "latency": 0.05}
+
+    up = upstream_factory(script)
+    res = await run(up, [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 11, "window": 4, "repeat_best": 1}]])
+    gens = [q.body["n"] for q in up.requests if "best synthesis" not in json.dumps(q.body)]
+    assert gens == [4, 3, 3, 1]  # one n=k request per window's worth of fresh samples
+    aggs = [q for q in up.requests if "best synthesis" in json.dumps(q.body)]
+    assert len(aggs) == 4
+    # every window after the first carries the previous synthesis
+    assert all("synth over" in json.dumps(a.body) for a in aggs[1:])
+    assert res.text.startswith("synth over")
+
+
+async def test_min_success_and_unknown_alias(upstream_factory):
+    n = {"i": 0}
+
+    def script(b):
+        n["i"] += 1
+        return {"fault": "500"} if n["i"] % 2 == 0 else None
+
+    up = upstream_factory(script)
+    with pytest.raises(GraphError) as e:
+        await run(up, [[{"type": "generator", "models": ["proposer-1", "proposer-2", "proposer-3", "proposer-4"]}], [{"type": "fuser", "model": "aggregator"}]], min_success=4)
+    assert e.value.status == 502 and "min_success" in str(e.value)
+    with pytest.raises(GraphError) as e:
+        await run(up, [[{"type": "generator", "model": "nobody"}]])
+    assert e.value.status == 400
+
+
+async def test_final_params_from_sampling_params(upstream_factory):
+    up = upstream_factory()
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    spec = parse_architecture({"name": "t", "layers": [[{"type": "generator", "model": "default", "samples": 2}], [{"type": "fuser", "model": "aggregator"}]]})
+    res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], SamplingParams(n=3, max_tokens=9, temperature=0.2))
+    await reg.close()
+    assert len(res.choices) == 3 and up.requests[-1].body["max_tokens"] == 9 and up.requests[0].body["max_tokens"] == 512

