@@ -282,7 +282,9 @@ def split(items: Sequence[Item], dev_frac: float = 0.2, seed: int = 0, stratify:
     """Deterministic stratified dev/test split (Archon uses 20% dev / 80% test).
 
     ``stratify='auto'`` uses the benchmark's natural category (subject, category, ...).
-    Within each stratum the dev share is ``round(dev_frac · n)``; order is kept.
+    Allocation is proportional with an exact total of ``round(dev_frac · n)``: items are
+    ranked by their hash-ordered position within their stratum, relative to its size,
+    so tiny strata (Arena-Hard has 250 clusters of 2) still contribute.  Order is kept.
     """
     if not items:
         return [], []
@@ -290,10 +292,13 @@ def split(items: Sequence[Item], dev_frac: float = 0.2, seed: int = 0, stratify:
     strata: dict[Any, list[Item]] = defaultdict(list)
     for it in items:
         strata[it.meta.get(key) if key else None].append(it)
-    dev_ids: set[str] = set()
+    keyed: list[tuple[float, str, str]] = []
     for s, group in strata.items():
         ranked = sorted(group, key=lambda it: _rank(seed, f"{s}\x00{it.id}"))
-        dev_ids.update(it.id for it in ranked[: round(dev_frac * len(group))])
+        for k, it in enumerate(ranked):
+            keyed.append(((k + 0.5) / len(ranked), _rank(seed, f"tie\x00{s}"), it.id))
+    keyed.sort()
+    dev_ids = {iid for _, _, iid in keyed[: round(dev_frac * len(items))]}
     return [it for it in items if it.id in dev_ids], [it for it in items if it.id not in dev_ids]
 
 

@@ -103,27 +103,32 @@ _ANSWER = re.compile(r"\[ANSWER\](.*?)\[/ANSWER\]", re.DOTALL)
 
 
 def extract_crux_answer(response: str, mode: str) -> str | None:
-    """The predicted literal (output mode) or call arguments / assertion (input mode)."""
+    """Output mode: the predicted literal.  Input mode: the call ``f(...)`` (or its arguments).
+
+    The answer is the last ``[ANSWER]...[/ANSWER]`` block, else the last code block, else
+    the last line; an ``assert f(x) == y`` is cut to ``y`` (output mode) or ``f(x)`` (input
+    mode) so the check always compares against the *given* data.
+    """
     m = _ANSWER.findall(response)
     text = m[-1].strip() if m else None
     if text is None:
         blocks = code_blocks(response)
-        text = blocks[-1].strip() if blocks else response.strip().splitlines()[-1].strip() if response.strip() else None
+        if blocks:
+            text = blocks[-1].strip()
+        elif response.strip():
+            text = response.strip().splitlines()[-1].strip()
     if not text:
         return None
     text = text.strip().strip("`").strip()
-    if mode == "output":
-        if text.startswith("assert") and "==" in text:
-            return text.split("==", 1)[1].strip()
-        return text
+    if text.startswith("assert") and "==" in text:
+        left, right = text[len("assert"):].split("==", 1)
+        return right.strip() if mode == "output" else left.strip()
     return text
 
 
 def cruxeval_program(ref: dict[str, Any], answer: str) -> str:
     if ref["mode"] == "output":
         return f"{ref['code']}\nassert f({ref['input']}) == {answer}\n"
-    if answer.startswith("assert"):
-        return f"{ref['code']}\n{answer}\n"
     call = answer if answer.startswith("f(") else f"f({answer})"
     return f"{ref['code']}\nassert {call} == {ref['output']}\n"
 
@@ -132,9 +137,6 @@ def grade_cruxeval(response: str, ref: dict[str, Any], limits: SandboxLimits | N
     ans = extract_crux_answer(response, ref["mode"])
     if ans is None:
         return _grade(False, None, reason="no answer found")
-    if ref["mode"] == "input" and f"== {ref['output']}" not in ans and ans.startswith("assert"):
-        # an input-prediction assertion must check the given output, not one of its own making
-        ans = ans.split("==", 1)[0].replace("assert", "", 1).strip()
     r = run_python(cruxeval_program(ref, ans), limits=limits or SandboxLimits(timeout_s=10))
     return _grade(r.passed, ans, status=r.status, reason=r.reason)
 
