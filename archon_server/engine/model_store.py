@@ -239,6 +239,8 @@ def _convert(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
     (out / "archon_source.json").write_text(
         json.dumps({"name": src.name, "package": src.package, "gguf": src.gguf_file, "sha256": src.sha256}, indent=2) + "\n"
     )
+    for f in out.iterdir():  # safetensors writes 0600; a vLLM under another user must read it
+        f.chmod(0o644)
     (out / ".complete").write_text("ok\n")
     _log(progress, f"converted in {time.perf_counter() - t0:.1f}s")
 
@@ -274,6 +276,9 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     with _file_lock(dest.parent / f".{name}.lock"):
         if _is_complete(dest):  # another process converted it while we waited
             return dest
+        # Temp dirs of a conversion killed earlier (we hold the lock: nobody else is converting).
+        for stale in dest.parent.glob(f".{name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         gguf = locate_gguf(name, progress=progress)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest.parent))
         try:

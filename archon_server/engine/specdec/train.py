@@ -1,0 +1,312 @@
+"""Reproducible training of the EAGLE draft and the SpecDec++ acceptance head (CPU, minutes).
+
+Pipeline (each step caches its output under ``work``):
+
+1. ``build_data``: the target greedily answers AlpacaEval *train* instructions (batched on
+   the engine runner), then is teacher-forced on prompt+answer to record its features
+   (post-final-norm hidden states), its argmax and log-normaliser at every position.
+2. ``train_draft``: the EAGLE layer learns f_{i+1} from (f_i, x_{i+1}) with a smooth-L1
+   feature loss plus a distillation loss against the target's next-token distribution
+   (restricted to the draft vocabulary).
+3. ``build_head_data``: SpecDec++ labels.  The draft, teacher-forced on the target's answer
+   X, proposes Y_j ~ q(.|X_<j) (argmax for the greedy head); label = min(1, p(Y_j)/q(Y_j))
+   (sampled) or 1[Y_j = argmax p] (greedy).  The draft is then run on the mixed sequence
+   Z (Z_j = Y_j, or X_j at 15% of positions which get no loss) and the head's input is
+   the draft hidden state at the position whose input token is Z_j.
+4. ``train_head``: soft-label BCE, class weights reject 6 / accept 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import alpaca_split
+from .draft import AcceptHead, DraftConfig, EagleDraft, soft_bce
+from .loading import (ARTIFACTS, DEFAULT_TARGET, chat_ids, load_runner, load_tokenizer, set_threads, stop_ids,
+                      target_state_dict)
+
+DEFAULT_WORK = Path.home() / ".cache" / "archon-server" / "specdec"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------- 1. data
+@torch.inference_mode()
+def batched_greedy(runner, prompts: list[list[int]], max_new: int, stops: set[int], batch: int = 16) -> list[list[int]]:
+    """Greedy answers for many prompts, ``batch`` rows decoding together on the runner."""
+    outs: list[list[int]] = []
+    for b0 in range(0, len(prompts), batch):
+        group = prompts[b0 : b0 + batch]
+        cache = runner.new_cache(len(group), max(len(p) for p in group) + max_new + 8)
+        nxt = []
+        for s, p in enumerate(group):
+            o = runner.prefill(p, cache, s)
+            nxt.append(int(o.logits[0, -1].argmax()))
+        answers = [[t] for t in nxt]
+        done = [t in stops for t in nxt]
+        for _ in range(max_new - 1):
+            if all(done):
+                break
+            o = runner.decode([a[-1] for a in answers], cache, 0)
+            for s, t in enumerate(o.logits[:, -1].argmax(-1).tolist()):
+                if not done[s]:
+                    answers[s].append(t)
+                    done[s] = t in stops
+        outs.extend(answers)
+        log(f"generated {len(outs)}/{len(prompts)}")
+    return outs
+
+
+@torch.inference_mode()
+def teacher_force(runner, tokens: list[int]) -> dict[str, torch.Tensor]:
+    """Target features, argmax and log-normaliser (T=1) at every position of ``tokens``."""
+    cache = runner.new_cache(1, len(tokens) + 8)
+    out = runner.forward(torch.tensor([tokens]), cache, 0, [0], logits="last")
+    h = out.hidden[0].float()
+    logits = h @ runner.lm_head.float().T
+    return {"feats": h.half(), "argmax": logits.argmax(-1).int(), "lse": torch.logsumexp(logits, -1)}
+
+
+def build_data(work: Path = DEFAULT_WORK, n_prompts: int = 320, max_new: int = 160, max_prompt: int = 192,
+               target: str = DEFAULT_TARGET) -> Path:
+    set_threads()
+    work.mkdir(parents=True, exist_ok=True)
+    runner, tok = load_runner(target), load_tokenizer(target)
+    stops = stop_ids(tok)
+    prompts = [chat_ids(tok, t) for t in alpaca_split("train")]
+    prompts = [p for p in prompts if len(p) <= max_prompt][:n_prompts]
+    log(f"{len(prompts)} train prompts")
+    answers = batched_greedy(runner, prompts, max_new, stops)
+    seqs = []
+    for p, a in zip(prompts, answers):
+        toks = p + a
+        seqs.append({"tokens": torch.tensor(toks, dtype=torch.int32), "prompt_len": len(p), **teacher_force(runner, toks)})
+    # draft vocabulary: most frequent tokens of the train answers (never the held-out set)
+    counts: Counter[int] = Counter()
+    for s in seqs:
+        counts.update(s["tokens"][s["prompt_len"] :].tolist())
+        counts.update(s["argmax"][s["prompt_len"] - 1 :].tolist())
+    path = work / "data.pt"
+    torch.save({"seqs": seqs, "counts": dict(counts), "target": target}, path)
+    log(f"saved {len(seqs)} sequences, {sum(len(s['tokens']) for s in seqs)} tokens -> {path}")
+    return path
+
+
+def draft_vocab(counts: dict[int, int], size: int, must: set[int], vocab_size: int) -> torch.Tensor:
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])]
+    chosen = list(dict.fromkeys(list(must) + ranked))[:size]
+    # pad with low ids (byte-level tokens) if the corpus had fewer distinct tokens
+    fill = (t for t in range(vocab_size) if t not in set(chosen))
+    while len(chosen) < size:
+        chosen.append(next(fill))
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------- 2. draft
+def _batches(seqs: list[dict], batch: int, shuffle: bool, rng: random.Random):
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["tokens"]))
+    groups = [order[i : i + batch] for i in range(0, len(order), batch)]
+    if shuffle:
+        rng.shuffle(groups)
+    for g in groups:
+        yield [seqs[i] for i in g]
+
+
+def _pad_pairs(group: list[dict], tokens_key: str = "tokens"):
+    """Pairs (f_i, x_{i+1}) -> targets f_{i+1}; mask marks pairs that predict an answer token."""
+    L = max(len(s["tokens"]) for s in group) - 1
+    H = group[0]["feats"].shape[1]
+    B = len(group)
+    f_in = torch.zeros(B, L, H)
+    f_out = torch.zeros(B, L, H)
+    x_in = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L)
+    for b, s in enumerate(group):
+        n = len(s["tokens"]) - 1
+        f = s["feats"].float()
+        f_in[b, :n] = f[:-1]
+        f_out[b, :n] = f[1:]
+        x_in[b, :n] = s[tokens_key][1:].long()
+        mask[b, max(0, s["prompt_len"] - 2) : n] = 1.0  # pair i predicts token i+2
+    return f_in, x_in, f_out, mask
+
+
+def draft_eval(draft: EagleDraft, seqs: list[dict]) -> dict[str, float]:
+    """Teacher-forced top-1 agreement with the target's argmax on answer positions."""
+    agree = total = 0
+    with torch.no_grad():
+        for group in _batches(seqs, 8, False, random.Random(0)):
+            f_in, x_in, f_out, mask = _pad_pairs(group)
+            h = draft(f_in, x_in)
+            pred = draft.vocab_ids[draft.logits(h).argmax(-1)]
+            tgt = torch.zeros_like(pred)
+            for b, s in enumerate(group):
+                n = len(s["tokens"]) - 1
+                tgt[b, :n] = s["argmax"][1:].long()  # argmax of f_{i+1}
+            agree += int(((pred == tgt).float() * mask).sum())
+            total += int(mask.sum())
+    return {"top1_agreement": agree / max(1, total), "positions": total}
+
+
+def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int = 4, lr: float = 5e-4,
+                vocab: int = 8192, w_cls: float = 1.0, init_layer: int = 29, batch: int = 8, seed: int = 0,
+                max_minutes: float = 30.0) -> Path:
+    set_threads()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    blob = torch.load(work / "data.pt")
+    seqs = blob["seqs"]
+    n_val = max(8, len(seqs) // 10)
+    val, tr = seqs[:n_val], seqs[n_val:]
+    sd = target_state_dict(blob["target"])
+    tok = load_tokenizer(blob["target"])
+    vocab_ids = draft_vocab(blob["counts"], vocab, stop_ids(tok), sd["model.embed_tokens.weight"].shape[0])
+    cfg = DraftConfig(draft_vocab=vocab, target_id=blob["target"])
+    draft = EagleDraft.init_from_target(cfg, sd, vocab_ids, init_layer)
+    log(f"draft init from layer {init_layer}: val {draft_eval(draft, val)}")
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(tr) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    t0 = time.time()
+    step = 0
+    for ep in range(epochs):
+        tot = {"reg": 0.0, "cls": 0.0}
+        for group in _batches(tr, batch, True, rng):
+            f_in, x_in, f_out, mask = _pad_pairs(group)
+            h = draft(f_in, x_in)
+            m = mask[..., None]
+            reg = (F.smooth_l1_loss(h, f_out, reduction="none") * m).sum() / (m.sum() * h.shape[-1])
+            with torch.no_grad():
+                p_t = torch.softmax(draft.logits(f_out), -1)
+            logq = torch.log_softmax(draft.logits(h), -1)
+            cls = -((p_t * logq).sum(-1) * mask).sum() / mask.sum()
+            loss = reg + w_cls * cls
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            tot["reg"] += float(reg)
+            tot["cls"] += float(cls)
+            if time.time() - t0 > max_minutes * 60:
+                break
+        nb = max(1, math.ceil(len(tr) / batch))
+        log(f"epoch {ep}: reg {tot['reg'] / nb:.4f} cls {tot['cls'] / nb:.4f} val {draft_eval(draft, val)}")
+        if time.time() - t0 > max_minutes * 60:
+            log("time budget reached")
+            break
+    out = out or ARTIFACTS / "draft"
+    draft.save(out, {"trained_on": "alpaca_eval train split (rows 0-639), target greedy answers",
+                     "init_layer": init_layer, "epochs": epochs, "lr": lr, "w_cls": w_cls,
+                     "val": draft_eval(draft, val)})
+    log(f"saved draft -> {out}")
+    return out
+
+
+# ---------------------------------------------------------------------- 3./4. head
+@torch.no_grad()
+def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature: float = 1.0,
+                    target_frac: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (draft hidden states [N, H], labels [N], loss mask [N]) over answer positions."""
+    g = torch.Generator().manual_seed(seed)
+    hs, labels, masks = [], [], []
+    E = draft.embed
+    for s in seqs:
+        toks = s["tokens"].long()
+        f = s["feats"].float()
+        P, L = s["prompt_len"], len(toks)
+        if L - P < 2:
+            continue
+        # q for token j comes from pair j-2 (input x_{j-1}); teacher-forced on X
+        h1 = draft(f[None, :-1], toks[None, 1:])[0]  # [L-1, H]; row i predicts token i+2
+        js = torch.arange(max(P, 2), L)
+        dl = draft.logits(h1[js - 2])  # [n, Vd]
+        if mode == "greedy":
+            y_local = dl.argmax(-1)
+            y = draft.vocab_ids[y_local]
+            lab = (y == s["argmax"][js - 1].long()).float()  # argmax of p(.|x_<j) lives at j-1
+        else:
+            q = torch.softmax(dl / temperature, -1)
+            y_local = torch.multinomial(q, 1, generator=g)[:, 0]
+            y = draft.vocab_ids[y_local]
+            q_y = q.gather(1, y_local[:, None])[:, 0]
+            logit_p = (f[js - 1] * E[y]).sum(-1)
+            if temperature != 1.0:
+                lse = torch.logsumexp(f[js - 1] @ E.T / temperature, -1)
+                p_y = torch.exp(logit_p / temperature - lse)
+            else:
+                p_y = torch.exp(logit_p - s["lse"][js - 1])
+            lab = torch.clamp(p_y / q_y, max=1.0)
+        use_target = torch.rand(len(js), generator=g) < target_frac
+        z = toks.clone()
+        z[js] = torch.where(use_target, toks[js], y)
+        # head input: hidden at the pair whose input token is z_j, i.e. pair j-1 = (f_{j-1}, z_j)
+        h2 = draft(f[None, :-1], z[None, 1:])[0]
+        hs.append(h2[js - 1])
+        labels.append(lab)
+        masks.append((~use_target).float())
+    return torch.cat(hs), torch.cat(labels), torch.cat(masks)
+
+
+def head_metrics(head: AcceptHead, h: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        logits = head(h)
+        p = torch.softmax(logits, -1)[:, 1]
+        sel = m > 0
+        loss = float(soft_bce(logits, y, m))
+        mse = float(((p - y)[sel] ** 2).mean())
+        base = float(((y[sel].mean() - y[sel]) ** 2).mean())  # constant predictor
+    return {"loss": loss, "brier": mse, "brier_const": base, "mean_label": float(y[sel].mean())}
+
+
+def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Path | None = None,
+               mode: str = "greedy", temperature: float = 0.0, blocks: int = 3, tied: bool = False,
+               epochs: int = 30, lr: float = 1e-3, seed: int = 0) -> Path:
+    set_threads()
+    torch.manual_seed(seed)
+    blob = torch.load(work / "data.pt")
+    seqs = blob["seqs"]
+    from .loading import load_runner as _lr  # noqa: F401  (runner not needed: the draft holds the embeddings)
+    sd = target_state_dict(blob["target"])
+    draft = EagleDraft.load(Path(draft_dir or ARTIFACTS / "draft"), sd["model.embed_tokens.weight"].float())
+    n_val = max(8, len(seqs) // 10)
+    temp = temperature if mode != "greedy" else 1.0
+    hv, yv, mv = build_head_data(draft, seqs[:n_val], mode, temp, seed=seed + 1)
+    ht, yt, mt = build_head_data(draft, seqs[n_val:], mode, temp, seed=seed)
+    log(f"head data: train {int(mt.sum())} val {int(mv.sum())} positions, mean label {float(yt[mt > 0].mean()):.3f}")
+    head = AcceptHead(hv.shape[1], blocks, tied)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    bs = 512
+    for ep in range(epochs):
+        perm = torch.randperm(len(ht), generator=g)
+        for i in range(0, len(ht), bs):
+            idx = perm[i : i + bs]
+            loss = soft_bce(head(ht[idx]), yt[idx], mt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if ep % 10 == 9 or ep == epochs - 1:
+            log(f"head epoch {ep}: train {head_metrics(head, ht, yt, mt)} val {head_metrics(head, hv, yv, mv)}")
+    out = out or ARTIFACTS / f"head_{mode}"
+    head.save(out, {"draft_id": "artifacts/draft (eagle1 on smollm2-135m-instruct)", "target_id": blob["target"],
+                    "verify_mode": mode, "temperature": temperature, "loss": "soft BCE, reject 6 / accept 1",
+                    "target_token_frac": 0.15, "val": head_metrics(head, hv, yv, mv)})
+    log(f"saved head -> {out}")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    json.dumps({})

@@ -1,0 +1,185 @@
+"""The embedded engine on the real SmolLM2-135M-Instruct (converted once per machine into the model cache)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+
+from archon_server.backends.base import BackendError, ChatRequest, SamplingParams
+from archon_server.backends.local import LocalBackend
+from archon_server.engine import model_store
+from archon_server.engine.loader import load_engine
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Tell me a long story about a dragon who learns to bake bread."}]
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def shared():
+    engine, loaded = load_engine(progress=False)
+    yield engine, loaded
+    engine.shutdown()
+
+
+@pytest.fixture
+def backend(shared) -> LocalBackend:
+    # One engine for the module (loading costs seconds); each test gets a thin backend on it.
+    b = LocalBackend(progress=False)
+    b.engine, b.loaded = shared
+    return b
+
+
+def req(messages=QUESTION, **params) -> ChatRequest:
+    return ChatRequest(model="smollm2-135m-instruct", messages=messages, params=SamplingParams(**params))
+
+
+def test_model_folder_is_a_plain_hf_folder(shared):
+    _, loaded = shared
+    folder = loaded.path
+    assert folder == model_store.model_path("smollm2-135m-instruct")
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (folder / f).is_file(), f
+    im_end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == im_end
+    assert "<|im_start|>" in json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    assert im_end in loaded.eos_ids
+
+
+def test_runner_matches_transformers_forward(shared):
+    """Our forward (prefill, then batched decode of rows at different lengths) equals HF's, in float32."""
+    from transformers import AutoModelForCausalLM
+
+    from archon_server.engine.runner import ModelRunner
+
+    _, loaded = shared
+    runner = ModelRunner(loaded.path, device="cpu", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
+    a = loaded.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    b = loaded.tokenizer("One, two, three, four")["input_ids"]
+    cache = runner.new_cache(slots=2, capacity=32)
+    la = runner.prefill(a, cache, 0).logits[0, -1]
+    lb = runner.prefill(b, cache, 1).logits[0, -1]
+    step = runner.decode([11, 22], cache, 0).logits[:, -1]  # rows of different lengths in one batch
+    with torch.inference_mode():
+        ref_a = hf(torch.tensor([a])).logits[0, -1]
+        ref_b = hf(torch.tensor([b])).logits[0, -1]
+        ref_a2 = hf(torch.tensor([a + [11]])).logits[0, -1]
+        ref_b2 = hf(torch.tensor([b + [22]])).logits[0, -1]
+    for ours, ref in ((la, ref_a), (lb, ref_b), (step[0], ref_a2), (step[1], ref_b2)):
+        assert (ours - ref).abs().max().item() < 2e-3
+    assert cache.lengths[:2] == [len(a) + 1, len(b) + 1]
+    # Rolling back and re-decoding reproduces the same step (what speculative decoding relies on).
+    cache.crop(0, len(a))
+    again = runner.forward(torch.tensor([[11]]), cache, 0, [len(a)]).logits[0, -1]
+    assert (again - step[0]).abs().max().item() < 1e-4
+
+
+async def test_chat_answers_a_simple_question(backend):
+    res = await backend.chat(req(temperature=0.0, max_tokens=40))
+    text = res.choices[0].text
+    assert "Paris" in text
+    assert not any(t in text for t in TEMPLATE_TOKENS)
+    assert res.choices[0].finish_reason == "stop"
+    assert res.usage.prompt_tokens > 10 and 0 < res.usage.completion_tokens < 40
+    assert res.requests == 1
+
+
+async def test_n_samples_share_one_prefill(backend, shared):
+    engine, _ = shared
+    before = engine.stats.prefills
+    res = await backend.chat(req(STORY, temperature=1.0, max_tokens=12, n=3, seed=7))
+    assert engine.stats.prefills == before + 1
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    assert all(c.text for c in res.choices)
+    assert len({c.text for c in res.choices}) > 1  # distinct per-choice seeds
+    assert 3 <= res.usage.completion_tokens <= 36  # summed over the choices
+
+
+async def test_same_seed_same_text_different_seed_differs(backend):
+    a = await backend.chat(req(STORY, temperature=1.0, max_tokens=16, seed=123))
+    b = await backend.chat(req(STORY, temperature=1.0, max_tokens=16, seed=123))
+    assert a.choices[0].text == b.choices[0].text
+    others = [await backend.chat(req(STORY, temperature=1.0, max_tokens=16, seed=s)) for s in (1, 2)]
+    assert any(o.choices[0].text != a.choices[0].text for o in others)
+
+
+async def test_stop_string_cuts_text(backend):
+    full = (await backend.chat(req(STORY, temperature=0.0, max_tokens=24))).choices[0].text
+    words = full.split()
+    stop = " " + words[len(words) // 2]  # a word in the middle, with its leading space
+    assert stop in full
+    res = await backend.chat(req(STORY, temperature=0.0, max_tokens=24, stop=[stop]))
+    assert res.choices[0].text == full[: full.index(stop)]
+    assert res.choices[0].finish_reason == "stop"
+
+
+async def test_max_tokens_gives_length(backend):
+    res = await backend.chat(req(STORY, temperature=0.8, max_tokens=5, seed=1))
+    assert res.choices[0].finish_reason == "length"
+    assert res.usage.completion_tokens == 5
+    assert len(backend.loaded.tokenizer(res.choices[0].text)["input_ids"]) <= 6
+
+
+async def test_stream_concatenates_to_chat_text(backend):
+    params = dict(temperature=0.7, max_tokens=20, seed=5)
+    chunks = [c async for c in backend.stream(req(STORY, **params))]
+    pieces = [c.text for c in chunks if c.text]
+    assert len(pieces) > 3
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert any(c.finish_reason for c in chunks)
+    res = await backend.chat(req(STORY, **params))
+    assert "".join(pieces) == res.choices[0].text
+
+
+async def test_logprobs(backend):
+    res = await backend.chat(req(temperature=0.0, max_tokens=8, logprobs=True, top_logprobs=3))
+    lps = res.choices[0].logprobs
+    assert lps and len(lps) <= res.usage.completion_tokens
+    assert all(t.logprob <= 0.0 for t in lps)
+    assert all(len(t.top) == 3 and t.top[0][1] >= t.logprob - 1e-4 for t in lps)  # greedy: chosen is the best
+    assert "".join(t.token for t in lps).strip().startswith(res.choices[0].text.split()[0])
+
+
+async def test_cancelling_a_stream_drops_the_sequence(backend, shared):
+    engine, _ = shared
+    cancelled_before = engine.stats.cancelled
+    seen = asyncio.Event()
+
+    async def consume():
+        async for c in backend.stream(req(STORY, temperature=0.8, max_tokens=400, seed=3)):
+            if c.text:
+                seen.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(seen.wait(), 30)
+    assert engine.active_sequences == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 10
+    while engine.active_sequences and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert engine.active_sequences == 0
+    assert engine.stats.cancelled == cancelled_before + 1
+
+
+async def test_concurrent_requests_are_batched(backend, shared):
+    engine, _ = shared
+    engine.stats.max_batch_seen = 0
+    results = await asyncio.gather(*(backend.chat(req(STORY, temperature=0.8, max_tokens=16, seed=i)) for i in range(3)))
+    assert all(r.choices[0].text for r in results)
+    assert engine.stats.max_batch_seen > 1
+
+
+async def test_too_long_prompt_is_a_400(backend):
+    long = [{"role": "user", "content": "word " * 9000}]
+    with pytest.raises(BackendError) as e:
+        await backend.chat(req(long, max_tokens=4))
+    assert e.value.status == 400

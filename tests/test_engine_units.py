@@ -1,0 +1,78 @@
+"""Pure parts of the engine: stop strings, incremental detokenization, sampling filters."""
+
+from __future__ import annotations
+
+import torch
+
+from archon_server.engine.detokenize import IncrementalText, find_stop, stop_holdback
+from archon_server.engine.sampling import RowSampling, choice_seed, filter_logits, make_generator, sample_rows
+
+
+class CharTokenizer:
+    """Token i = chr(i); ids >= 1000 are 'special' (dropped when skipping special tokens)."""
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i >= 1000))
+
+
+def feed(text: str, stops: list[str]) -> tuple[IncrementalText, list[str]]:
+    it = IncrementalText(CharTokenizer(), stops)
+    pieces = []
+    for ch in text:
+        stopped = it.add(ord(ch))
+        pieces.append(it.take(final=stopped))
+        if stopped:
+            break
+    else:
+        it.flush()
+        pieces.append(it.take(final=True))
+    return it, pieces
+
+
+def test_stop_holdback_and_find():
+    assert stop_holdback("hello wor", ["world"]) == 3
+    assert stop_holdback("hello", ["world"]) == 0
+    assert stop_holdback("ab\n", ["\n\n", "x"]) == 1
+    assert find_stop("a STOP b STOP", ["STOP"]) == 2
+    assert find_stop("abc", ["zz"]) == -1
+
+
+def test_stop_string_spanning_tokens_never_leaks_into_stream():
+    it, pieces = feed("one two\n\nthree", ["\n\n"])
+    assert it.stopped and it.text == "one two"
+    assert "".join(pieces) == "one two"
+    assert all("\n" not in p for p in pieces)
+
+
+def test_no_stop_streams_everything():
+    it, pieces = feed("abc def", ["zzz"])
+    assert not it.stopped and "".join(pieces) == "abc def" == it.text
+
+
+def test_earliest_of_several_stops_wins():
+    it, _ = feed("xx END yy STOP", ["STOP", "END"])
+    assert it.text == "xx "
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert torch.isinf(filter_logits(logits, 1.0, 1.0, 2)).tolist() == [False, False, True, True]
+    probs = logits.softmax(-1)  # ~[0.64, 0.24, 0.09, 0.03]
+    kept = ~torch.isinf(filter_logits(logits, 1.0, 0.7, None))
+    assert kept.tolist() == [True, True, False, False]
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    # top_p smaller than the best token still keeps one token
+    assert (~torch.isinf(filter_logits(logits, 1.0, 0.01, None))).sum() == 1
+
+
+def test_seeded_sampling_is_reproducible_and_greedy_is_argmax():
+    logits = torch.randn(3, 100)
+    dev = torch.device("cpu")
+
+    def draw(seed):
+        rows = [RowSampling(1.0, 1.0, None, make_generator(choice_seed(seed, i), dev)) for i in range(3)]
+        return [sample_rows(logits, rows) for _ in range(5)]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+    assert sample_rows(logits, [RowSampling(0.0)] * 3) == logits.argmax(-1).tolist()

