@@ -1,0 +1,156 @@
+"""Server overhead: ensemble latency vs the critical path, throughput, CPU per backend call, peak RSS.
+
+Fake upstream (separate process, fixed latency) <- our server (separate process, real uvicorn)
+<- N concurrent clients (this process, aiohttp).  Prints, per architecture and client count:
+latency / critical path (p50), requests/s, p50/p99 added latency (ms), server CPU ms per backend
+call, server peak RSS.  Goals (issue 2): ratio <= 1.05 with 1 client, <= 1.3 with 32; <= 1 ms CPU/call.
+
+    python benchmarks/overhead.py [--latency 0.05] [--clients 1,8,32,200] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from archon_server.config import PRESET_ALIASES  # noqa: E402
+from archon_server.spec import load_architecture  # noqa: E402
+from archon_server.testing.upstream import free_port  # noqa: E402
+
+UPSTREAM = """
+import sys, time
+from archon_server.testing.upstream import FakeUpstream
+up = FakeUpstream(latency=float(sys.argv[1]))
+up.port = int(sys.argv[2])
+up.start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def depth(arch: str) -> int:
+    return len(load_architecture(ROOT / "architectures" / f"{arch}.yaml").layers)
+
+
+def calls(arch: str) -> int:
+    return load_architecture(ROOT / "architectures" / f"{arch}.yaml").backend_calls_estimate()
+
+
+async def wait_http(url: str, timeout: float = 60) -> None:
+    t0 = time.time()
+    async with aiohttp.ClientSession() as s:
+        while time.time() - t0 < timeout:
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def load(url: str, arch: str, clients: int, seconds: float) -> tuple[list[float], list[float]]:
+    """Latencies and, per request, its critical path from the trace (sum over layers of the slowest call)."""
+    lat: list[float] = []
+    crit: list[float] = []
+    stop = time.perf_counter() + seconds
+    conn = aiohttp.TCPConnector(limit=clients + 8)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+
+        async def worker(i: int) -> None:
+            k = 0
+            while time.perf_counter() < stop:
+                body = {"model": arch, "messages": [{"role": "user", "content": f"client {i} request {k}"}], "return_trace": True}
+                t0 = time.perf_counter()
+                async with s.post(url + "/v1/chat/completions", json=body) as r:
+                    data = await r.json()
+                    if r.status != 200:
+                        raise RuntimeError(f"status {r.status}")
+                lat.append(time.perf_counter() - t0)
+                crit.append(sum(max(c["latency_s"] for c in layer["calls"]) for layer in data["trace"]["layers"] if layer["calls"]))
+                k += 1
+
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+    return lat, crit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--clients", default="1,8,32,200")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--archs", default="moa-lite,moa,archon-rank-critic-fuse")
+    a = ap.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    up_port, srv_port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(a.latency), str(up_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert upstream.stdout is not None
+    upstream.stdout.readline()
+    cfg = {
+        "backends": [{"alias": "fake", "kind": "openai", "model": "fake", "urls": [f"http://127.0.0.1:{up_port}/v1"], "aliases": PRESET_ALIASES, "max_connections": 4096}],
+        "architectures_dirs": [str(ROOT / "architectures")],
+        "server": {"max_concurrent_requests": 10_000},
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump(cfg, f)
+    server = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "-c", f.name, "--port", str(srv_port), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{srv_port}"
+    try:
+        asyncio.run(wait_http(url + "/health"))
+        print(f"fake upstream latency {a.latency * 1000:.0f} ms; {a.seconds:.0f} s per cell")
+        print("ratio = end-to-end latency / critical path measured in the trace (sum of each layer's slowest call);")
+        print("nominal = end-to-end latency / (layers x upstream latency); +ms = added over the traced critical path")
+        print(f"{'architecture':26} {'clients':>7} {'ratio p50':>9} {'nominal':>8} {'req/s':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/call':>11} {'peak RSS MB':>11}")
+        for arch in a.archs.split(","):
+            nominal = depth(arch) * a.latency
+            for c in [int(x) for x in a.clients.split(",")]:
+                asyncio.run(load(url, arch, min(c, 4), 0.5))  # warm-up
+                cpu0 = proc_cpu_s(server.pid)
+                t0 = time.perf_counter()
+                lat, crit = asyncio.run(load(url, arch, c, a.seconds))
+                wall = time.perf_counter() - t0
+                cpu = proc_cpu_s(server.pid) - cpu0
+                added = sorted(x - y for x, y in zip(lat, crit))
+                ratio = statistics.median(x / y for x, y in zip(lat, crit))
+                p50 = statistics.median(lat)
+                per_call = cpu / (len(lat) * calls(arch)) * 1000
+                print(
+                    f"{arch:26} {c:7d} {ratio:9.3f} {p50 / nominal:8.3f} {len(lat) / wall:8.1f} {statistics.median(added) * 1000:8.1f} "
+                    f"{added[min(len(added) - 1, int(0.99 * len(added)))] * 1000:8.1f} {per_call:11.3f} {peak_rss_mb(server.pid):11.1f}",
+                    flush=True,
+                )
+    finally:
+        server.terminate()
+        server.wait(10)
+        upstream.kill()
+        os.unlink(f.name)
+
+
+if __name__ == "__main__":
+    main()
