@@ -57,6 +57,8 @@ class ComponentContext:
     sink: StreamSink | None = None  # set when this component's output is streamed to the client
     metrics: dict[str, Any] = field(default_factory=dict)
     ok_calls: int = 0
+    # A client seed makes the whole graph reproducible: inner calls without a seed of their own get one derived from it.
+    seed_base: int | None = None
 
     def sampling(self, spec: Sampling, judge: bool = False, apply_final: bool = True) -> SamplingParams:
         """Resolve component > architecture defaults > built-ins; the client's values win on the final stage."""
@@ -69,6 +71,8 @@ class ComponentContext:
             if v is None:
                 v = getattr(base, k)
             val[k] = v
+        if val["seed"] is None and self.seed_base is not None:
+            val["seed"] = self.seed_base
         final = self.final if (apply_final and not judge) else None
         if final is not None:
             for k in ("temperature", "top_p", "max_tokens", "seed", "stop"):

@@ -132,8 +132,9 @@ class GraphRuntime:
                     final=final if is_final else None,
                     sink=sink if stream_here else None,
                     metrics=trace.metrics,
+                    seed_base=None if final.seed is None else (final.seed + 7919 * li + 131 * j) % 2**31,
                 )
-                for _ in comps
+                for j, _ in enumerate(comps)
             ]
             t0 = time.perf_counter()
             results = await asyncio.gather(*(c.run(x, state) for c, x in zip(comps, ctxs)), return_exceptions=True)
