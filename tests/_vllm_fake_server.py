@@ -40,6 +40,8 @@ def main() -> None:
         print(f"request model={body.get('model')} n={body.get('n')} stream={body.get('stream')}", flush=True)
         if body.get("model") != args.served_model_name:
             return web.json_response({"error": {"message": f"model {body.get('model')} not found"}}, status=404)
+        if body.get("temperature") == 0 and int(body.get("n", 1)) > 1:  # as vLLM does
+            return web.json_response({"error": {"message": "n must be 1 when using greedy sampling"}}, status=400)
         text = f"echo:{body['messages'][-1]['content']}:pid={os.getpid()}"
         n = int(body.get("n", 1))
         if not body.get("stream"):

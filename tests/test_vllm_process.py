@@ -111,6 +111,20 @@ async def test_replicas_serve_chat_n_stream_models(caplog: pytest.LogCaptureFixt
     assert not await b.health()
 
 
+async def test_greedy_n_asks_once_and_copies() -> None:
+    b = fake_backend()
+    try:
+        await b.start()
+        res = await b.chat(req("g", n=3, temperature=0.0))
+        assert [c.index for c in res.choices] == [0, 1, 2] and len({c.text for c in res.choices}) == 1
+        assert res.requests == 1 and res.usage.completion_tokens == 2  # usage of the one real sample
+        chunks = [c async for c in b.stream(req("g", n=2, temperature=0.0))]
+        assert "".join(c.text for c in chunks if c.index == 0) == "".join(c.text for c in chunks if c.index == 1) != ""
+        assert {c.index for c in chunks if c.finish_reason} == {0, 1}
+    finally:
+        await b.close()
+
+
 async def test_killed_replica_is_restarted_and_its_children_reaped() -> None:
     b = fake_backend(extra_args=["--fork-child"])
     try:

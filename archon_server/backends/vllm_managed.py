@@ -149,6 +149,10 @@ class ReplicaState:
         return f"http://127.0.0.1:{self.port}"
 
 
+def _greedy_fanout(request: ChatRequest) -> bool:
+    return request.params.n > 1 and request.params.temperature == 0
+
+
 class VLLMManagedBackend(Backend):
     supports_n = True
     supports_logprobs = True
@@ -332,11 +336,30 @@ class VLLMManagedBackend(Backend):
         return request if request.model == self.served_model_name else replace(request, model=self.served_model_name)
 
     async def chat(self, request: ChatRequest) -> ChatResult:
-        return await self._client().chat(self._rename(request))
+        request = self._rename(request)
+        k = request.params.n
+        if not _greedy_fanout(request):
+            return await self._client().chat(request)
+        # vLLM answers 400 "n must be 1 when using greedy sampling": greedy samples are
+        # identical anyway, so ask once and copy (one upstream request, honest usage).
+        res = await self._client().chat(replace(request, params=replace(request.params, n=1)))
+        one = res.choices[0]
+        res.choices = [replace(one, index=i) for i in range(k)]
+        return res
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async for chunk in self._client().stream(self._rename(request)):
-            yield chunk
+        request = self._rename(request)
+        k = request.params.n
+        if not _greedy_fanout(request):
+            async for chunk in self._client().stream(request):
+                yield chunk
+            return
+        async for chunk in self._client().stream(replace(request, params=replace(request.params, n=1))):
+            if chunk.text or chunk.finish_reason:
+                for i in range(k):
+                    yield replace(chunk, index=i)
+            else:
+                yield chunk
 
     async def models(self) -> list[str]:
         return await self._client().models() if self._http is not None else []
