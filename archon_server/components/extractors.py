@@ -29,9 +29,11 @@ def last_boxed(text: str) -> str | None:
 def choice_letter(text: str, letters: str = "ABCD") -> str | None:
     cls = re.escape(letters)
     pats = [
-        rf"(?i)answer\s*(?:is|:)?\s*\(?\b([{cls}])\b\)?",
+        # Linear-time on any input (candidates are untrusted): one unbounded `\s*` per gap, and the line pattern
+        # does not let whitespace run across lines (`^\s*` under MULTILINE backtracks quadratically on blank lines).
+        rf"(?i)answer\s*(?:(?:is|:)\s*)?\(?\b([{cls}])\b\)?",
         rf"\(([{cls}])\)",
-        rf"^\s*([{cls}])[.):]?\s*$",
+        rf"^[^\S\n]*([{cls}])[.):]?[^\S\n]*$",
         rf"\b([{cls}])\b",
     ]
     for p in pats:

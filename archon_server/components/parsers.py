@@ -43,17 +43,20 @@ def parse_critique(text: str) -> str:
     return t
 
 
-_TEST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.+?)\s*$")
+# Patterns here run on untrusted model output on the event loop: every one is written to match in linear
+# time (no two adjacent unbounded quantifiers over the same characters, no `^\s*` spanning lines), since a
+# quadratic backtrack on a long run of blanks would stall the whole server (tests/test_fuzz.py checks it).
+_TEST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(\S.*)$")
 
 
 def parse_unit_tests(text: str, k: int) -> list[str]:
-    tests = [m.group(1) for line in text.splitlines() if (m := _TEST_LINE.match(line))]
+    tests = [m.group(1).rstrip() for line in text.splitlines() if (m := _TEST_LINE.match(line))]
     if not tests:
         raise ParseError("no unit tests in the list format")
     return tests[:k]
 
 
-_TEST_RESULT = re.compile(r"test\s*(\d{1,3})\s*[:.)-]?\s*\[\s*(passed|failed)\s*\]", re.IGNORECASE)
+_TEST_RESULT = re.compile(r"test\s*(\d{1,3})\s*(?:[:.)-]\s*)?\[\s*(passed|failed)\s*\]", re.IGNORECASE)
 _BARE_RESULT = re.compile(r"\[\s*(passed|failed)\s*\]", re.IGNORECASE)
 
 
@@ -72,7 +75,7 @@ def parse_test_results(text: str, k: int) -> list[bool]:
     return [res.get(i, False) for i in range(k)]
 
 
-_SECTION = re.compile(r"^\s*(?:\*\*)?\[\s*(\d{1,4})\s*\](?:\*\*)?", re.MULTILINE)
+_SECTION = re.compile(r"^[^\S\n]*(?:\*\*)?\[\s*(\d{1,4})\s*\](?:\*\*)?", re.MULTILINE)
 
 
 def parse_joint_critiques(text: str, n: int) -> list[str | None]:
