@@ -1,0 +1,101 @@
+"""End to end on the embedded model: the README's serve command (default config), the official openai SDK."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from archon_server.testing.upstream import free_port
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def served():
+    port = free_port()
+    log = open(ROOT / ".pytest_cache" / "e2e-serve.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600  # first run on a machine converts the model
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"archon serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("archon serve did not become ready")
+    yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+    proc.terminate()
+    proc.wait(30)
+
+
+def english(text: str) -> bool:
+    letters = sum(c.isalpha() for c in text)
+    return letters > 5 and sum(c.isascii() for c in text) / len(text) > 0.9
+
+
+def test_default_self_moa_answers_a_question(served):
+    models = {m.id for m in served.models.list().data}
+    assert "self-moa" in models and "smollm2" in models
+    r = served.chat.completions.create(
+        model="self-moa", messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        max_tokens=64, seed=1, extra_body={"return_trace": True},
+    )
+    text = r.choices[0].message.content
+    assert english(text) and not any(t in text for t in TEMPLATE_TOKENS)
+    assert "paris" in text.lower()
+    assert r.choices[0].finish_reason in ("stop", "length")
+    trace = r.model_extra["trace"]
+    assert trace["calls"] == 2 and trace["layers"][0]["calls"][0]["n"] == 6  # six samples, one batched request
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_and_seed_reproducibility(served):
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    chunks = [c.choices[0].delta.content or "" for c in served.chat.completions.create(model="self-moa", messages=msgs, max_tokens=40, seed=7, stream=True) if c.choices]
+    text = "".join(chunks)
+    assert sum(1 for c in chunks if c) > 3 and english(text) and not any(t in text for t in TEMPLATE_TOKENS)
+    a = served.chat.completions.create(model="self-moa", messages=msgs, max_tokens=40, seed=7).choices[0].message.content
+    assert a == text  # same seed -> same answer, streamed or not
+
+
+def test_stop_strings_and_length(served):
+    r = served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Count from 1 to 20, separated by commas."}], max_tokens=60, temperature=0, stop=["7"])
+    text = r.choices[0].message.content
+    assert "7" not in text and r.choices[0].finish_reason == "stop" and re.search(r"\b[1-6]\b", text)
+    r = served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=8)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+
+
+def test_disconnect_cancels_generation():
+    from archon_server.api.app import build_app
+    from archon_server.config import default_config
+    from archon_server.testing.server import ServerThread
+
+    app = build_app(default_config())
+    with ServerThread(app) as srv:
+        backend = app.state.registry.get("smollm2")
+        body = {"model": "smollm2", "stream": True, "max_tokens": 2000, "messages": [{"role": "user", "content": "Write a very long essay about the sea."}]}
+        with httpx.Client(timeout=60) as h, h.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if '"content"' in line and '"content":""' not in line:
+                    break
+            assert backend.engine.active_sequences == 1
+        deadline = time.time() + 20
+        while time.time() < deadline and backend.engine.active_sequences:
+            time.sleep(0.1)
+        assert backend.engine.active_sequences == 0
