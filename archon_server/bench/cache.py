@@ -1,0 +1,149 @@
+"""Content-addressed cache of backend calls, so a re-run of a sweep re-uses its generations.
+
+``CachingBackend(inner, store)`` implements the Backend interface.  The key is a SHA-256
+of the canonical JSON of (model, messages, sampling params) *plus an occurrence index*:
+with temperature > 0 the same request sent k times (k samples of a generator) must give
+k different answers, so the i-th identical request within a *scope* maps to entry i.  A
+scope is set per benchmark question by the sweep (:func:`cache_scope`), which makes a
+re-run of that question replay exactly the same sequence; outside any scope one
+process-wide scope is used.  Failures are never cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import Backend, ChatRequest, ChatResult, Choice, TokenLogprob, Usage
+
+
+class CacheStore:
+    """A small SQLite key → JSON store, safe to share between threads and processes (WAL)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM calls WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO calls (key, value, created) VALUES (?, ?, ?)",
+                             (key, json.dumps(value, ensure_ascii=False), time.time()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def request_key(request: ChatRequest) -> str:
+    payload = {"model": request.model, "messages": request.messages, "params": asdict(request.params)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def result_to_json(res: ChatResult) -> dict[str, Any]:
+    return asdict(res)
+
+
+def result_from_json(d: dict[str, Any]) -> ChatResult:
+    choices = []
+    for c in d.get("choices", []):
+        lps = c.get("logprobs")
+        logprobs = None
+        if lps is not None:
+            logprobs = [TokenLogprob(t["token"], t["logprob"], [(a, b) for a, b in t.get("top", [])]) for t in lps]
+        choices.append(Choice(c["text"], c.get("finish_reason", "stop"), c.get("index", 0), logprobs))
+    u = d.get("usage") or {}
+    return ChatResult(choices, Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)), d.get("model", ""),
+                      d.get("latency_s", 0.0), d.get("requests", 1), dict(d.get("metrics") or {}))
+
+
+class _Scope:
+    def __init__(self, name: str):
+        self.name = name
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def next_index(self, key: str) -> int:
+        with self.lock:
+            i = self.counts.get(key, 0)
+            self.counts[key] = i + 1
+            return i
+
+
+_GLOBAL_SCOPE = _Scope("")
+_scope: contextvars.ContextVar[_Scope] = contextvars.ContextVar("archon_cache_scope", default=_GLOBAL_SCOPE)
+
+
+@contextlib.contextmanager
+def cache_scope(name: str) -> Iterator[None]:
+    """Occurrence counting restarts inside; asyncio tasks created inside inherit the scope."""
+    token = _scope.set(_Scope(name))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+class CachingBackend(Backend):
+    def __init__(self, inner: Backend, store: CacheStore, *, namespace: str = ""):
+        self.inner = inner
+        self.store = store
+        self.namespace = namespace
+        self.name = getattr(inner, "name", "backend")
+        self.supports_n = inner.supports_n
+        self.supports_logprobs = inner.supports_logprobs
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, request: ChatRequest) -> str:
+        scope = _scope.get()
+        base = request_key(request)
+        idx = scope.next_index(base)
+        return hashlib.sha256(f"{self.namespace}\x00{scope.name}\x00{base}\x00{idx}".encode()).hexdigest()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        key = self.key(request)
+        hit = self.store.get(key)
+        if hit is not None:
+            self.hits += 1
+            res = result_from_json(hit)
+            res.metrics = {**res.metrics, "cache_hit": True}
+            return res
+        self.misses += 1
+        res = await self.inner.chat(request)  # errors propagate and are not stored
+        self.store.put(key, result_to_json(res))
+        return res
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def models(self) -> list[str]:
+        return await self.inner.models()
+
+    async def health(self) -> bool:
+        return await self.inner.health()

@@ -1,0 +1,214 @@
+"""Sweep reports: a markdown table, a score-vs-cost plot, and outputs in upstream formats.
+
+Scores per benchmark kind:
+* auto-graded (MATH, MMLU, CRUXEval, HumanEval): accuracy in %, s.e. of the mean;
+* AlpacaEval: raw win rate (s.e.), plus the length-controlled win rate when at least
+  ``LC_MIN_ROWS`` instructions were judged (difficulties estimated from the shipped
+  official annotations: an approximation when the judge is not GPT-4-Turbo);
+* MT-Bench: mean 1–10 rating over both turns (s.e.), turn 1 / turn 2 in the notes;
+* Arena-Hard: weighted win rate vs the baseline with a 95% bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import alpaca_eval as ae
+from .judges import ArenaGame, arena_win_rate
+
+LC_MIN_ROWS = 100
+
+
+@dataclass
+class Row:
+    arch: str
+    benchmark: str
+    n: int
+    score: float | None
+    se: float | None
+    unit: str
+    calls_per_q: float
+    prompt_tokens: int
+    completion_tokens: int
+    sec_per_q: float
+    errors: int
+    judge_calls: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _sem(x: Sequence[float]) -> float | None:
+    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
+
+
+_difficulty_cache: dict[str, float] | None = None
+
+
+def _official_difficulty() -> dict[str, float] | None:
+    global _difficulty_cache
+    if _difficulty_cache is None:
+        try:
+            from .paths import data_file
+
+            ins = ae.load_eval_instructions()
+            _difficulty_cache = ae.estimate_difficulty(ae.load_compact(data_file("alpaca_eval/annotations_compact_dev.csv.gz"), ins))
+        except Exception:  # noqa: BLE001 - no data: no LC
+            return None
+    return _difficulty_cache
+
+
+def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS) -> list[Row]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["arch"], r["benchmark"])].append(r)
+    rows = []
+    for (arch, bench), recs in sorted(groups.items()):
+        ok = [r for r in recs if not r.get("error")]
+        n = len(recs)
+        common = dict(
+            arch=arch, benchmark=bench, n=n,
+            calls_per_q=float(np.mean([r.get("calls", 0) for r in recs])),
+            prompt_tokens=int(sum(r.get("prompt_tokens", 0) for r in recs)),
+            completion_tokens=int(sum(r.get("completion_tokens", 0) for r in recs)),
+            sec_per_q=float(np.mean([r.get("seconds", 0.0) for r in recs])),
+            errors=n - len(ok),
+            judge_calls=int(sum(r.get("judge_calls", 0) for r in recs)),
+        )
+        notes: dict[str, Any] = {}
+        if bench == "alpaca_eval":
+            prefs = [r.get("preference", 1.5) if not r.get("error") else 1.0 for r in recs]
+            wr = ae.win_rate(prefs)
+            score, se, unit = wr.win_rate, wr.standard_error, "win %"
+            methods = defaultdict(int)
+            for r in ok:
+                methods[r.get("judge_method", "?")] += 1
+            notes["judge_methods"] = dict(methods)
+            if len(ok) >= lc_min_rows and (diff := _official_difficulty()) is not None:
+                rows_j = [ae.Judged(r["instruction"], r["preference"], r["len_baseline"], r["len_model"]) for r in ok]
+                lc = ae.length_controlled_win_rate(rows_j, diff)
+                notes["lc_win_rate"] = round(lc.length_controlled_winrate, 2)
+                notes["lc_se"] = round(lc.lc_standard_error, 2)
+        elif bench == "mt_bench":
+            vals = [r["score"] for r in ok if r.get("score") is not None]
+            score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "1-10"
+            t1 = [r["turn_scores"][0] for r in ok if r.get("turn_scores") and r["turn_scores"][0] is not None]
+            t2 = [r["turn_scores"][1] for r in ok if r.get("turn_scores") and r["turn_scores"][1] is not None]
+            notes.update(turn1=round(float(np.mean(t1)), 3) if t1 else None, turn2=round(float(np.mean(t2)), 3) if t2 else None)
+        elif bench == "arena_hard":
+            games = [ArenaGame(r["id"], g["model_first"], g["verdict"]) for r in ok for g in r.get("games", [])]
+            # a failed question counts as two lost games
+            games += [ArenaGame(r["id"], f, "B>>A" if f else "A>>B") for r in recs if r.get("error") for f in (False, True)]
+            w = arena_win_rate(games)
+            score, unit = w["win_rate"], "win %"
+            se = None
+            notes.update(ci95=(round(w["ci_low"], 2), round(w["ci_high"], 2)))
+        else:
+            vals = [float(r.get("score") or 0.0) * 100 for r in recs]
+            score, se, unit = float(np.mean(vals)), _sem(vals), "acc %"
+        rows.append(Row(score=score, se=se, unit=unit, notes=notes, **common))
+    return rows
+
+
+def _fmt(x: float | None, nd: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def markdown(rows: Sequence[Row], title: str = "Sweep results") -> str:
+    lines = [f"# {title}", "", f"_generated {time.strftime('%Y-%m-%d %H:%M:%S')}_", "",
+             "| architecture | benchmark | n | score | ± s.e. | unit | calls/q | tokens in | tokens out | s/q | errors | notes |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        notes = ", ".join(f"{k}={v}" for k, v in r.notes.items() if v is not None)
+        lines.append(f"| {r.arch} | {r.benchmark} | {r.n} | {_fmt(r.score)} | {_fmt(r.se)} | {r.unit} | {r.calls_per_q:.1f} | "
+                     f"{r.prompt_tokens} | {r.completion_tokens} | {r.sec_per_q:.2f} | {r.errors} | {notes} |")
+    if any(r.arch == "null-model" for r in rows):
+        lines += ["", "`null-model` is a constant-output system (sanity line): a sound harness scores it near the floor."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path: str | Path) -> Path:
+    """Score vs backend calls per question, one panel per benchmark, one point per architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = sorted({r.benchmark for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(benches)), figsize=(4.5 * max(1, len(benches)), 3.8), squeeze=False)
+    for ax, b in zip(axes[0], benches):
+        for r in (r for r in rows if r.benchmark == b and r.score is not None):
+            ax.errorbar(r.calls_per_q, r.score, yerr=r.se or 0, fmt="o", capsize=3)
+            ax.annotate(r.arch, (r.calls_per_q, r.score), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        unit = next((r.unit for r in rows if r.benchmark == b), "")
+        ax.set_title(b)
+        ax.set_xlabel("backend calls per question")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+def export_alpaca_outputs(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """``<out>/alpaca_eval/<arch>/model_outputs.json`` in AlpacaEval's format (instruction order)."""
+    from . import datasets as ds
+
+    by_id = {it.id: it for it in ds.load_alpaca_eval()}
+    paths = []
+    archs = sorted({r["arch"] for r in records if r["benchmark"] == "alpaca_eval"})
+    for a in archs:
+        recs = sorted((r for r in records if r["benchmark"] == "alpaca_eval" and r["arch"] == a), key=lambda r: int(r["id"]))
+        rows = [{"dataset": by_id[r["id"]].meta.get("dataset"), "instruction": by_id[r["id"]].prompt,
+                 "output": r.get("output") or "", "generator": a} for r in recs]
+        p = Path(out_dir) / "alpaca_eval" / a / "model_outputs.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def export_fastchat_answers(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """``<out>/mt_bench/model_answer/<arch>.jsonl`` in FastChat's answer format."""
+    import uuid
+
+    paths = []
+    archs = sorted({r["arch"] for r in records if r["benchmark"] == "mt_bench"})
+    for a in archs:
+        recs = sorted((r for r in records if r["benchmark"] == "mt_bench" and r["arch"] == a and r.get("output")), key=lambda r: int(r["id"]))
+        p = Path(out_dir) / "mt_bench" / "model_answer" / f"{a}.jsonl"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w", encoding="utf-8") as f:
+            for r in recs:
+                turns = r["output"] if isinstance(r["output"], list) else [r["output"]]
+                f.write(json.dumps({"question_id": int(r["id"]), "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{a}/{r['id']}").hex,
+                                    "model_id": a, "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()},
+                                   ensure_ascii=False) + "\n")
+        paths.append(p)
+    return paths
+
+
+def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
+    from .sweep import ResultsLog
+
+    return ResultsLog(Path(out_dir) / "results.jsonl").records
+
+
+def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Path | list[Path]]:
+    out = Path(out_dir)
+    records = load_records(out)
+    rows = aggregate(records)
+    md = out / "report.md"
+    md.write_text(markdown(rows, title or f"Sweep results: {out.name}"), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str), encoding="utf-8")
+    png = plot(rows, out / "score_vs_calls.png")
+    return {"markdown": md, "plot": png, "alpaca": export_alpaca_outputs(records, out), "fastchat": export_fastchat_answers(records, out)}

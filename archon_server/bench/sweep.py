@@ -1,0 +1,381 @@
+"""Sweeps: architectures × benchmarks × subsets, run concurrently, cached, resumable.
+
+A sweep file (``benchmarks/<name>.yaml``)::
+
+    name: smoke
+    judge: judge                 # backend alias of the judge (judged benchmarks only)
+    concurrency: 8               # questions in flight at once
+    backend_concurrency: {default: 4}   # calls in flight per backend alias (sweep-level cap)
+    seed: 0
+    params: {max_tokens: 512}    # optional sampling for the architecture's final stage
+    architectures: [moa-lite, self-moa, null-model]   # catalog names, files, backend aliases; `null-model` = constant output
+    benchmarks:
+      - {name: math500, split: dev, n: 5}
+      - {name: alpaca_eval, n: 5}
+
+Every finished (architecture, benchmark, question) is appended as one JSON line to
+``<out>/results.jsonl`` (flushed and fsynced), so a killed run resumes where it stopped:
+keys already present are skipped and never duplicated.  Every backend call goes through
+:class:`CachingBackend` (``<out>/cache.sqlite``), so even the question that was in flight
+when the run died costs nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..backends.base import Backend, ChatRequest, ChatResult, SamplingParams, Usage
+from ..spec import ArchitectureSpec, SpecError, load_architecture, validation_messages
+from . import datasets as ds
+from .cache import CacheStore, CachingBackend, cache_scope
+from .grading import AUTO_GRADED, grade
+from .judges import NULL_OUTPUT, AlpacaJudge, ArenaHardJudge, MTBenchJudge
+
+JUDGED = ("alpaca_eval", "mt_bench", "arena_hard")
+NULL_ARCH = "null-model"
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BenchmarkEntry(_Base):
+    name: str
+    split: str | None = Field(default=None, pattern="^(dev|test)$")
+    n: int | None = Field(default=None, ge=1)
+    ids: list[str] | None = None
+    seed: int | None = None
+
+
+class SweepSpec(_Base):
+    name: str = "sweep"
+    description: str = ""
+    config: str | None = Field(default=None, description="Server config file (backends); the CLI's --config wins.")
+    judge: str | None = Field(default=None, description="Backend alias of the judge for judged benchmarks.")
+    concurrency: int = Field(default=8, ge=1, description="Questions in flight at once.")
+    backend_concurrency: dict[str, int] = Field(default_factory=dict, description="Calls in flight per backend alias; key `default` for the rest.")
+    seed: int = 0
+    params: dict[str, Any] | None = Field(default=None, description="SamplingParams fields for the final stage.")
+    architectures: list[str] = Field(min_length=1)
+    benchmarks: list[BenchmarkEntry] = Field(min_length=1)
+    null_text: str = NULL_OUTPUT
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise SpecError(["<root>: a sweep must be a mapping"], str(p))
+    data.setdefault("name", p.stem)
+    try:
+        return SweepSpec.model_validate(data)
+    except Exception as e:  # pydantic ValidationError
+        from pydantic import ValidationError
+
+        if isinstance(e, ValidationError):
+            raise SpecError(validation_messages(e), str(p)) from None
+        raise
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def result_key(arch: str, benchmark: str, qid: str) -> str:
+    return f"{arch}\x1f{benchmark}\x1f{qid}"
+
+
+class ResultsLog:
+    """Append-only JSONL of finished questions; a torn last line (killed mid-write) is ignored."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict[str, Any]] = []
+        self.done: set[str] = set()
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    k = result_key(rec["arch"], rec["benchmark"], rec["id"])
+                    if k not in self.done:
+                        self.done.add(k)
+                        self.records.append(rec)
+        self._needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+        self._lock = asyncio.Lock()
+
+    async def append(self, rec: dict[str, Any]) -> None:
+        k = result_key(rec["arch"], rec["benchmark"], rec["id"])
+        async with self._lock:
+            if k in self.done:
+                return
+            line = json.dumps(rec, ensure_ascii=False)
+            with open(self.path, "a", encoding="utf-8") as f:
+                if self._needs_newline:
+                    f.write("\n")
+                    self._needs_newline = False
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.done.add(k)
+            self.records.append(rec)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class LimitedBackend(Backend):
+    """Caps calls in flight to one backend (the sweep's per-backend concurrency)."""
+
+    def __init__(self, inner: Backend, limit: int):
+        self.inner = inner
+        self.sem = asyncio.Semaphore(limit)
+        self.name = getattr(inner, "name", "backend")
+        self.supports_n = inner.supports_n
+        self.supports_logprobs = inner.supports_logprobs
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        async with self.sem:
+            return await self.inner.chat(request)
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass
+class CostMeter:
+    calls: int = 0
+    usage: Usage = field(default_factory=Usage)
+    judge_calls: int = 0
+    judge_usage: Usage = field(default_factory=Usage)
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+Generate = Callable[[list[dict[str, Any]]], Any]  # async (messages) -> (text, calls, usage)
+
+
+def resolve_architectures(names: Iterable[str], registry: Any, config: Any | None, base_dir: Path | None = None) -> dict[str, ArchitectureSpec | None]:
+    """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend alias."""
+    from ..graph.catalog import load_catalog, passthrough
+
+    catalog: dict[str, ArchitectureSpec] = {}
+    if config is not None:
+        catalog = load_catalog(config.architectures_dirs)
+    out: dict[str, ArchitectureSpec | None] = {}
+    for n in names:
+        if n == NULL_ARCH:
+            out[n] = None
+            continue
+        p = Path(n)
+        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+            p = base_dir / p
+        if p.suffix.lower() in (".yaml", ".yml", ".json") and p.exists():
+            spec = load_architecture(p)
+            out[spec.name] = spec
+        elif n in catalog:
+            out[n] = catalog[n]
+        elif registry is not None and n in registry:
+            out[n] = passthrough(n)
+        else:
+            raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"])
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class SweepRun:
+    spec: SweepSpec
+    out_dir: Path
+    registry: Any
+    runtime: Any
+    progress: bool = True
+    data_root: str | None = None
+    meter: CostMeter = field(default_factory=CostMeter)
+
+    async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]]) -> tuple[str, int, Usage]:
+        if spec is None:
+            return self.spec.null_text, 0, Usage()
+        params = SamplingParams(**self.spec.params) if self.spec.params else None
+        res = await self.runtime.run(spec, messages, params)
+        return res.text, int(res.calls), res.usage
+
+    def _judge_backend(self) -> tuple[Backend, str]:
+        if not self.spec.judge:
+            raise SpecError(["judge: judged benchmarks need a `judge` backend alias"])
+        return self.registry.get(self.spec.judge), self.registry.model_name(self.spec.judge)
+
+    async def run_item(self, arch: str, spec: ArchitectureSpec | None, item: ds.Item) -> dict[str, Any]:
+        rec: dict[str, Any] = {"arch": arch, "benchmark": item.benchmark, "id": item.id}
+        usage = Usage()
+        calls = 0
+        answers: list[str] = []
+        t0 = time.perf_counter()
+        try:
+            with cache_scope(f"gen\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
+                for turn in range(len(item.turns)):
+                    text, c, u = await self._generate(arch, spec, item.messages(turn, answers))
+                    answers.append(text)
+                    calls += c
+                    usage.add(u)
+        except Exception as e:  # noqa: BLE001 - a failed question is recorded, the sweep goes on
+            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0)
+            rec.update(calls=calls, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                       seconds=time.perf_counter() - t0)
+            self._count(calls, usage)
+            return rec
+        rec["seconds"] = time.perf_counter() - t0
+        rec.update(output=answers[0] if len(answers) == 1 else answers, calls=calls,
+                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+        self._count(calls, usage)
+        with cache_scope(f"judge\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
+            rec.update(await self._score(item, answers))
+        return rec
+
+    def _count(self, calls: int, usage: Usage) -> None:
+        self.meter.calls += calls
+        self.meter.usage.add(usage)
+
+    def _count_judge(self, usage: Usage, calls: int) -> dict[str, int]:
+        self.meter.judge_calls += calls
+        self.meter.judge_usage.add(usage)
+        return {"judge_calls": calls, "judge_prompt_tokens": usage.prompt_tokens, "judge_completion_tokens": usage.completion_tokens}
+
+    async def _score(self, item: ds.Item, answers: list[str]) -> dict[str, Any]:
+        b = item.benchmark
+        if b in AUTO_GRADED or b.startswith(("mmlu", "cruxeval")):
+            g = await asyncio.to_thread(grade, item, answers[0])
+            return {"score": g.score, "correct": g.correct, "extracted": g.extracted, "grade": g.detail}
+        backend, model = self._judge_backend()
+        if b == "alpaca_eval":
+            j = await AlpacaJudge(backend, model, seed=self.spec.seed).judge(item.prompt, item.reference, answers[0])
+            return {"score": j.preference - 1.0, "preference": j.preference, "judge_method": j.method, "swapped": j.swapped,
+                    "len_baseline": len(item.reference), "len_model": len(answers[0]), "instruction": item.prompt,
+                    **self._count_judge(j.usage, 1)}
+        if b == "mt_bench":
+            scores = await MTBenchJudge(backend, model).score_both(item, answers)
+            u = Usage()
+            for s in scores:
+                u.add(s.usage)
+            vals = [s.score for s in scores if s.score is not None]
+            return {"score": sum(vals) / len(vals) if vals else None, "turn_scores": [s.score for s in scores],
+                    "category": item.meta.get("category"), **self._count_judge(u, len(scores))}
+        if b == "arena_hard":
+            games = await ArenaHardJudge(backend, model).both_orders(item, answers[0])
+            u = Usage()
+            for g in games:
+                u.add(g.usage)
+            outs = [o for o in (g.model_outcome() for g in games) if o is not None]
+            score = sum(s * w for s, w in outs) / sum(w for _, w in outs) if outs else None
+            return {"score": score, "games": [{"model_first": g.model_first, "verdict": g.verdict} for g in games],
+                    **self._count_judge(u, len(games))}
+        raise ValueError(f"no scorer for benchmark {b!r}")
+
+    def items(self) -> list[tuple[str, ds.Item]]:
+        out = []
+        for entry in self.spec.benchmarks:
+            items = ds.select(entry.name, split_name=entry.split, n=entry.n, ids=entry.ids,
+                              seed=self.spec.seed if entry.seed is None else entry.seed, root=self.data_root)
+            out += [(entry.name, it) for it in items]
+        return out
+
+    async def run(self, archs: dict[str, ArchitectureSpec | None]) -> ResultsLog:
+        log = ResultsLog(self.out_dir / "results.jsonl")
+        todo = [(a, s, it) for a, s in archs.items() for _, it in self.items()
+                if result_key(a, it.benchmark, it.id) not in log.done]
+        sem = asyncio.Semaphore(self.spec.concurrency)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=self.spec.name, unit="q", dynamic_ncols=True)
+
+        async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
+            async with sem:
+                rec = await self.run_item(a, s, it)
+            await log.append(rec)
+            if bar is not None:
+                m = self.meter
+                bar.set_postfix(calls=m.calls, tok=m.usage.total_tokens, judge_calls=m.judge_calls, refresh=False)
+                bar.update(1)
+
+        try:
+            await asyncio.gather(*(one(a, s, it) for a, s, it in todo))
+        finally:
+            if bar is not None:
+                bar.close()
+        return log
+
+
+def wrap_registry(registry: Any, spec: SweepSpec, store: CacheStore | None) -> None:
+    """Cache every backend (keyed on model+messages+params), then cap its concurrency."""
+    default = spec.backend_concurrency.get("default")
+
+    def wrap(alias: str, backend: Backend) -> Backend:
+        b: Backend = CachingBackend(backend, store, namespace=alias) if store is not None else backend
+        limit = spec.backend_concurrency.get(alias, default)
+        return LimitedBackend(b, limit) if limit else b
+
+    registry.wrap(wrap)
+
+
+async def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | Path,
+    *,
+    registry: Any | None = None,
+    config: Any | None = None,
+    config_path: str | None = None,
+    base_dir: Path | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    data_root: str | None = None,
+) -> ResultsLog:
+    """Run (or resume) a sweep; returns the results log (all records, old and new)."""
+    from ..graph.runtime import GraphRuntime
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    own_registry = registry is None
+    if registry is None:
+        from ..backends.registry import build_registry
+        from ..config import load_config
+
+        cfg_path = config_path or spec.config
+        if cfg_path and base_dir is not None and not Path(cfg_path).is_absolute() and not Path(cfg_path).exists():
+            cfg_path = str(base_dir / cfg_path)
+        config = config or load_config(cfg_path)
+        registry = build_registry(config)
+    store = CacheStore(out / "cache.sqlite") if cache else None
+    wrap_registry(registry, spec, store)
+    archs = resolve_architectures(spec.architectures, registry, config, base_dir)
+    (out / "sweep.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2), encoding="utf-8")
+    if own_registry:
+        await registry.start()
+    try:
+        run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root)
+        log = await run.run(archs)
+    finally:
+        if own_registry:
+            await registry.close()
+        if store is not None:
+            store.close()
+    return log

@@ -1,0 +1,175 @@
+"""Sweeps end to end on a scripted upstream: caching, resume without duplicates, reports, exports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from archon_server.backends.base import ChatRequest, SamplingParams
+from archon_server.bench import cache as bc
+from archon_server.bench import report as rp
+from archon_server.bench import sweep as sw
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_fakes import ScriptedUpstream, make_registry  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+ARCH = """
+name: tiny-moa
+layers:
+  - - {type: generator, models: [proposer-1, proposer-2]}
+  - - {type: fuser, model: aggregator}
+"""
+
+
+def _spec(tmp_path: Path, **kw) -> sw.SweepSpec:
+    (tmp_path / "tiny-moa.yaml").write_text(ARCH)
+    data = dict(
+        name="t", judge="judge", concurrency=4, backend_concurrency={"default": 3},
+        architectures=["scripted", str(tmp_path / "tiny-moa.yaml"), "null-model"],
+        benchmarks=[{"name": "math500", "split": "dev", "n": 3}, {"name": "alpaca_eval", "n": 3},
+                    {"name": "mt_bench", "n": 2}, {"name": "arena_hard", "n": 2}, {"name": "humaneval", "n": 2}],
+    )
+    data.update(kw)
+    return sw.SweepSpec.model_validate(data)
+
+
+async def test_caching_backend_replays_with_occurrence_index(tmp_path):
+    up = ScriptedUpstream()
+    store = bc.CacheStore(tmp_path / "c.sqlite")
+    cb = bc.CachingBackend(up, store)
+    req = ChatRequest("m", [{"role": "user", "content": "hi"}], SamplingParams(temperature=0.7))
+    with bc.cache_scope("q1"):
+        a = [(await cb.chat(req)).choices[0].text for _ in range(3)]
+    assert up.calls == 3  # identical requests within a scope are distinct samples
+    with bc.cache_scope("q1"):
+        b = [(await cb.chat(req)).choices[0].text for _ in range(3)]
+    assert up.calls == 3 and a == b and cb.hits == 3
+    other = ChatRequest("m", [{"role": "user", "content": "hi"}], SamplingParams(temperature=0.2))
+    with bc.cache_scope("q1"):
+        await cb.chat(other)
+    assert up.calls == 4  # params are part of the key
+    # a fresh store object on the same file sees the entries (persistence)
+    store.close()
+    cb2 = bc.CachingBackend(up, bc.CacheStore(tmp_path / "c.sqlite"))
+    with bc.cache_scope("q1"):
+        await cb2.chat(req)
+    assert up.calls == 4
+
+
+async def test_sweep_runs_resumes_and_reports(tmp_path):
+    up = ScriptedUpstream()
+    spec = _spec(tmp_path)
+    log = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False)
+    n_q = 3 + 3 + 2 + 2 + 2
+    assert len(log.records) == 3 * n_q
+    assert not [r for r in log.records if r.get("error")], [r["error"] for r in log.records if r.get("error")]
+    calls_first = up.calls
+    assert calls_first > 0
+    by = {(r["arch"], r["benchmark"], r["id"]): r for r in log.records}
+    some = next(r for r in log.records if r["arch"] == "tiny-moa")
+    assert some["calls"] == 3  # two proposers + one fuser
+    assert all(r["calls"] == 0 for r in log.records if r["arch"] == "null-model")
+    assert all(r["judge_method"] == "logprobs" for r in log.records if r["benchmark"] == "alpaca_eval")
+    assert all(r["score"] == 0.0 for r in log.records if r["benchmark"] == "humaneval")  # `pass` bodies fail the tests
+    assert len(by) == len(log.records)
+
+    # Re-run: everything done, nothing called again, nothing duplicated.
+    up2 = ScriptedUpstream()
+    log2 = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up2), progress=False)
+    assert up2.calls == 0 and len(log2.records) == 3 * n_q
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * n_q
+
+    # Lose the file (but keep the cache): the re-run regenerates every record from the cache alone.
+    (tmp_path / "out" / "results.jsonl").unlink()
+    up3 = ScriptedUpstream()
+    log3 = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up3), progress=False)
+    assert up3.calls == 0
+    again = {(r["arch"], r["benchmark"], r["id"]): r.get("output") for r in log3.records}
+    assert again == {k: v.get("output") for k, v in by.items()}
+
+    paths = rp.write_report(tmp_path / "out")
+    md = Path(paths["markdown"]).read_text()
+    assert "| tiny-moa | math500 | 3 |" in md and "null-model" in md
+    assert Path(paths["plot"]).stat().st_size > 1000
+    outs = json.loads((tmp_path / "out" / "alpaca_eval" / "tiny-moa" / "model_outputs.json").read_text())
+    assert len(outs) == 3 and {"instruction", "output", "generator", "dataset"} <= set(outs[0])
+    fc = (tmp_path / "out" / "mt_bench" / "model_answer" / "scripted.jsonl").read_text().splitlines()
+    assert len(fc) == 2 and len(json.loads(fc[0])["choices"][0]["turns"]) == 2
+
+
+async def test_cancelled_sweep_resumes_without_duplicates(tmp_path):
+    spec = _spec(tmp_path, benchmarks=[{"name": "math500", "n": 8}, {"name": "alpaca_eval", "n": 8}], concurrency=2)
+    up = ScriptedUpstream(delay_s=0.02)
+    task = asyncio.create_task(sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False))
+    results = tmp_path / "out" / "results.jsonl"
+    for _ in range(500):
+        await asyncio.sleep(0.02)
+        if results.exists() and len(results.read_text().splitlines()) >= 10:
+            break
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    partial = len(results.read_text().splitlines())
+    assert 10 <= partial < 48
+    with open(results, "a") as f:
+        f.write('{"arch": "scripted", "bench')  # a torn line, as a kill mid-write leaves it
+    up2 = ScriptedUpstream()
+    log = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up2), progress=False)
+    keys = [(r["arch"], r["benchmark"], r["id"]) for r in log.records]
+    assert len(keys) == len(set(keys)) == 48
+    assert up2.calls < up.calls + up2.calls  # the resumed run did not redo the finished part
+
+
+def test_killed_subprocess_sweep_resumes(tmp_path):
+    """SIGKILL a sweep process halfway, run it again: every question once, none lost."""
+    (tmp_path / "tiny-moa.yaml").write_text(ARCH)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from bench_fakes import ScriptedUpstream, make_registry
+        from archon_server.bench import sweep as sw
+        spec = sw.SweepSpec.model_validate(dict(name="k", judge="judge", concurrency=2,
+            architectures=["scripted", {str(tmp_path / 'tiny-moa.yaml')!r}],
+            benchmarks=[{{"name": "math500", "n": 10}}, {{"name": "mt_bench", "n": 5}}]))
+        asyncio.run(sw.run_sweep(spec, {str(tmp_path / 'out')!r}, registry=make_registry(ScriptedUpstream(delay_s=float(sys.argv[1]))), progress=False))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), "0.05"], env=env)
+    results = tmp_path / "out" / "results.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if results.exists() and len(results.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = len(results.read_text().splitlines())
+    assert 6 <= first < 30
+    subprocess.run([sys.executable, str(script), "0"], env=env, check=True, timeout=120)
+    recs = [json.loads(line) for line in results.read_text().splitlines() if line.strip().endswith("}")]
+    keys = [(r["arch"], r["benchmark"], r["id"]) for r in recs]
+    assert len(keys) == len(set(keys)) == 30
+
+
+def test_sweep_file_validation(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("architectures: []\nbenchmarks: [{name: math500, split: train}]\n")
+    from archon_server.spec import SpecError
+
+    with pytest.raises(SpecError) as e:
+        sw.load_sweep(p)
+    assert any("architectures" in m for m in e.value.errors) and any("split" in m for m in e.value.errors)
+    assert sw.load_sweep(REPO / "benchmarks" / "smoke.yaml").name == "smoke"
