@@ -104,7 +104,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    print(json_schema())
+    try:
+        print(json_schema())
+    except BrokenPipeError:  # `archon schema | head` is fine
+        pass
     return 0
 
 
@@ -177,8 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fn = getattr(args, "fn", None) or getattr(args, "func", None)  # plugins use either name
+    if fn is None:
+        build_parser().parse_args([*(argv or sys.argv[1:]), "--help"])
+        return 2
     try:
-        return int(args.fn(args) or 0)
+        return int(fn(args) or 0)
     except SpecError as e:
         for line in e.errors:
             print(f"{e.source + ': ' if e.source else ''}{line}", file=sys.stderr)
