@@ -58,12 +58,14 @@ def grade_math(response: str, answer: str) -> Grade:
 
 # --------------------------------------------------------------------------- MMLU
 
+# Whitespace runs are bounded ({0,8}, [ \t]) so that no pattern backtracks quadratically on
+# long blank runs in model output.
 _CHOICE_PATTERNS = [
-    r"answer\s*(?:is|:)?\s*[:\-]?\s*\(?\**\s*([{L}])\b",
+    r"answer[ \t]{0,8}(?:is|:)?[ \t]{0,8}[:\-]?[ \t]{0,8}\(?\**[ \t]{0,8}([{L}])\b",
     r"\*\*\(?([{L}])\)?\*\*",
-    r"^\s*\(?([{L}])\)?[.)]?\s*$",
+    r"^[ \t]{0,8}\(?([{L}])\)?[.)]?[ \t]{0,8}$",
     r"\(([{L}])\)",
-    r"\b([{L}])[.)]\s",
+    r"\b([{L}])[.)][ \t\n]",
 ]
 
 
