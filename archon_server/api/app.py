@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -57,35 +57,36 @@ class GuardMiddleware:
             await _send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
             return
         seen = 0
-        too_big = False
+        started = False  # the app began its response
+        refused = False  # we answered 413 ourselves
 
         async def limited_receive() -> Message:
-            nonlocal seen, too_big
+            nonlocal seen, refused
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_body:
-                    too_big = True
-                    raise _BodyTooLarge()
+                    # Answer 413 right here: raising would not do, since FastAPI turns any failure while reading
+                    # the body into a 400. The app is then told the client left, and whatever it sends is dropped.
+                    if not started and not refused:
+                        refused = True
+                        await _send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
+                    return {"type": "http.disconnect"}
             return msg
-
-        started = False
 
         async def tracking_send(msg: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
-
-
-class _BodyTooLarge(Exception):
-    pass
+        except Exception:
+            if not refused:  # an error after our 413 is the app noticing the "disconnect": nothing more to say
+                raise
 
 
 def build_app(config: ServerConfig, registry: BackendRegistry | None = None, catalog: dict[str, ArchitectureSpec] | None = None) -> FastAPI:
@@ -122,7 +123,8 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    # Documented as text/plain (Prometheus' exposition format), so schema-driven clients and fuzzers agree with it.
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prom(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -11,10 +11,18 @@ import re
 from .base import ParseError
 
 _ID = re.compile(r"\[\s*(\d{1,4})\s*\]")
+_CHAIN = re.compile(r"\[\s*\d{1,4}\s*\](?:\s*>\s*\[\s*\d{1,4}\s*\])+")
 
 
 def parse_ranking(text: str, n: int) -> list[int]:
-    """"[3] > [1] > [2]" → [2, 0, 1] (0-based); missing ids are appended in their original order."""
+    """"[3] > [1] > [2]" → [2, 0, 1] (0-based); missing ids are appended in their original order.
+
+    When the output holds several "[a] > [b]" chains (a judge quoting a candidate that itself contains one), the
+    last chain is the judge's conclusion, as with verdicts; with no chain at all, the ids in order of appearance.
+    """
+    chains = list(_CHAIN.finditer(text))
+    if chains:
+        text = chains[-1].group(0)
     seen: list[int] = []
     for m in _ID.finditer(text):
         i = int(m.group(1)) - 1

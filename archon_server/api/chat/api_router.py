@@ -16,7 +16,13 @@ _ERRORS = {s: {"description": d, "content": {"application/json": {"example": err
 ]}
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+# 200 is JSON, or Server-Sent Events with `stream: true`: both documented, so schema-driven clients agree.
+_STREAM = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "description": "one event: `data:` a chat.completion.chunk as JSON (or an error), last `data: [DONE]`",
+    "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}}
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_STREAM, **_ERRORS})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
     service = request.app.state.chat
     if body.stream:
