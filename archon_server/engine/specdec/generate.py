@@ -133,6 +133,8 @@ class SpecStats:
     emitted_tokens: int = 0
     wall_s: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)
+    k_per_round: list[int] = field(default_factory=list)
+    head_calls: int = 0
 
     @property
     def discarded_draft_tokens(self) -> int:
@@ -156,6 +158,8 @@ class SpecStats:
                   "draft_forward_passes", "emitted_tokens", "wall_s"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         self.accepted_per_round.extend(o.accepted_per_round)
+        self.k_per_round.extend(o.k_per_round)
+        self.head_calls += o.head_calls
 
     def metrics(self) -> dict[str, float | int]:
         """Counters under vLLM's names (plus ours)."""
@@ -254,6 +258,7 @@ def speculative_generate(
                 # the head judges the token this step was fed: the committed token (first step,
                 # counts as accepted) or the previous candidate
                 state.accept_probs.append(1.0 if not cands else drafter.accept_prob(step.hidden))
+                stats.head_calls += 1 if cands else 0
             q = probs_from_logits(step.logits, sampling)
             y = sample(q, g)
             cands.append(y)
@@ -293,6 +298,7 @@ def speculative_generate(
             stats.num_draft_tokens += len(cands)
             stats.num_accepted_draft_tokens += k
             stats.accepted_per_round.append(k)
+            stats.k_per_round.append(len(cands))
     out = out[:max_new_tokens]
     stats.target_forward_passes = target.forward_passes - passes0
     stats.draft_forward_passes = drafter.forward_calls - dpasses0

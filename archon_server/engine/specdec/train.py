@@ -78,26 +78,42 @@ def teacher_force(runner, tokens: list[int]) -> dict[str, torch.Tensor]:
 
 
 def build_data(work: Path = DEFAULT_WORK, n_prompts: int = 320, max_new: int = 160, max_prompt: int = 192,
-               target: str = DEFAULT_TARGET) -> Path:
+               target: str = DEFAULT_TARGET, source: str = "gpt4") -> Path:
+    """``source="target"``: the target's own greedy answers (best match, but generation on a
+    shared 2-core CPU was too slow); ``"gpt4"``: teacher-force the target on the AlpacaEval
+    reference answers (EAGLE reports low sensitivity to the training text: the labels are
+    always the target's own features and distributions)."""
     set_threads()
     work.mkdir(parents=True, exist_ok=True)
     runner, tok = load_runner(target), load_tokenizer(target)
     stops = stop_ids(tok)
-    prompts = [chat_ids(tok, t) for t in alpaca_split("train")]
-    prompts = [p for p in prompts if len(p) <= max_prompt][:n_prompts]
-    log(f"{len(prompts)} train prompts")
-    answers = batched_greedy(runner, prompts, max_new, stops)
+    import json as _json
+
+    from .data import TRAIN_END, data_dir
+
+    rows = _json.loads((data_dir() / "alpaca_eval/model_outputs/gpt4_1106_preview.json").read_text())[:TRAIN_END]
+    pairs = [(chat_ids(tok, r["instruction"]), r["output"]) for r in rows]
+    pairs = [pr for pr in pairs if len(pr[0]) <= max_prompt][:n_prompts]
+    prompts = [p for p, _ in pairs]
+    log(f"{len(prompts)} train prompts, source={source}")
+    if source == "target":
+        answers = batched_greedy(runner, prompts, max_new, stops)
+    else:
+        end = sorted(stops)[0]
+        answers = [tok(o, add_special_tokens=False)["input_ids"][: max_new - 1] + [end] for _, o in pairs]
     seqs = []
-    for p, a in zip(prompts, answers):
+    for i, (p, a) in enumerate(zip(prompts, answers)):
         toks = p + a
         seqs.append({"tokens": torch.tensor(toks, dtype=torch.int32), "prompt_len": len(p), **teacher_force(runner, toks)})
+        if i % 50 == 49:
+            log(f"teacher-forced {i + 1}/{len(prompts)}")
     # draft vocabulary: most frequent tokens of the train answers (never the held-out set)
     counts: Counter[int] = Counter()
     for s in seqs:
         counts.update(s["tokens"][s["prompt_len"] :].tolist())
         counts.update(s["argmax"][s["prompt_len"] - 1 :].tolist())
     path = work / "data.pt"
-    torch.save({"seqs": seqs, "counts": dict(counts), "target": target}, path)
+    torch.save({"seqs": seqs, "counts": dict(counts), "target": target, "source": source}, path)
     log(f"saved {len(seqs)} sequences, {sum(len(s['tokens']) for s in seqs)} tokens -> {path}")
     return path
 

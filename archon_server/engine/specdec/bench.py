@@ -1,0 +1,249 @@
+"""Benchmark: stop policies x thresholds on held-out AlpacaEval + HumanEval/MATH-500 (OOD).
+
+Everything runs in one process; for each prompt the target-only baseline and every
+configuration run back to back, so CPU contention from other processes hits them alike.
+Because the machine is shared, we report two speedups:
+
+- ``speedup_wall``: summed wall time of target-only decoding / of the configuration;
+- ``speedup_model``: the same ratio computed from *counted* work priced by a calibration
+  table measured at start-up (median time of a target pass over T tokens, of a draft step
+  and of a head call), which is insensitive to bursts of load during the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import loading
+from .data import alpaca_split, humaneval_prompts, math_prompts
+from .generate import EagleDrafter, SpecStats, TargetModel, autoregressive_generate, speculative_generate
+from .policies import StopPolicy, make_policy
+from .sampling import SamplingConfig
+
+
+@dataclass
+class Config:
+    method: str
+    threshold: float | None = None
+    k: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method == "fixed":
+            return f"fixed k={self.k}"
+        if self.method == "heuristic":
+            return "heuristic +2/-1"
+        return f"{self.method} {self.threshold}"
+
+    def policy(self) -> StopPolicy:
+        return make_policy(self.method, self.threshold, self.k)
+
+
+DEFAULT_CONFIGS = (
+    [Config("fixed", k=k) for k in (2, 3, 4, 6, 8)]
+    + [Config("heuristic", k=5)]
+    + [Config("confidence", t) for t in (0.2, 0.4, 0.6)]
+    + [Config("entropy", t) for t in (0.5, 1.5)]
+    + [Config("cumprob", t) for t in (0.3, 0.5, 0.7, 0.9)]
+    + [Config("specdec_pp", t) for t in (0.3, 0.5, 0.7, 0.9)]
+)
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def calibrate(runner, draft, head, reps: int = 7) -> dict[str, float]:
+    """Median seconds of: a target pass over T tokens (T = 1..21), a draft step, a head call."""
+    target = TargetModel(runner)
+    target.prefill(list(range(100, 400)))
+    base = target.length
+    table: dict[str, float] = {}
+    for T in (1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 21):
+        def run(T: int = T) -> None:
+            target.forward([5] * T)
+            target.crop(base)
+        table[f"target_{T}"] = _median_time(run, reps)
+    drafter = EagleDrafter(draft, head)
+    drafter.reset(list(range(100, 401)), torch.randn(300, draft.cfg.hidden))
+    step = drafter.start_round()
+    table["draft_step"] = _median_time(lambda: drafter.step(7), reps * 3)
+    table["head"] = _median_time(lambda: drafter.accept_prob(step.hidden), reps * 3) if head is not None else 0.0
+    return table
+
+
+def target_cost(table: dict[str, float], T: int) -> float:
+    """Interpolate the calibrated target-pass time for T tokens."""
+    pts = sorted((int(k.split("_")[1]), v) for k, v in table.items() if k.startswith("target_"))
+    for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
+        if t0 <= T <= t1:
+            return v0 + (v1 - v0) * (T - t0) / (t1 - t0)
+    return pts[-1][1] * T / pts[-1][0]
+
+
+def modeled_time(stats: SpecStats, table: dict[str, float]) -> float:
+    """Decode-phase time priced from counted work (prefill excluded from both sides)."""
+    t = sum(target_cost(table, k + 1) for k in stats.k_per_round)
+    rounds_without_draft = stats.target_forward_passes - 1 - len(stats.k_per_round)
+    t += max(0, rounds_without_draft) * target_cost(table, 1)
+    t += stats.draft_forward_passes * table["draft_step"] + stats.head_calls * table["head"]
+    return t
+
+
+def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Path | str = "benchmarks/results/specdec",
+              configs: list[Config] | None = None, ood_configs: list[str] | None = None,
+              temperature: float = 0.0, verify_mode: str = "greedy", seed: int = 0) -> dict:
+    loading.set_threads()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runner, tok = loading.load_runner(), loading.load_tokenizer()
+    draft = loading.load_draft(runner)
+    head_mode = "greedy" if verify_mode == "greedy" else "sampled"
+    head_dir = loading.ARTIFACTS / f"head_{head_mode}"
+    head, head_meta = loading.load_head(head_dir if head_dir.exists() else None)
+    stops = loading.stop_ids(tok)
+    sampling = SamplingConfig(temperature=temperature)
+    configs = configs or list(DEFAULT_CONFIGS)
+    table = calibrate(runner, draft, head)
+    print("calibration (ms):", {k: round(v * 1000, 2) for k, v in table.items()}, flush=True)
+
+    sets = {"alpaca_heldout": alpaca_split("test")[:n_alpaca]}
+    if n_ood:
+        sets["humaneval"] = humaneval_prompts()[:n_ood]
+        sets["math500"] = math_prompts()[:n_ood]
+    results: dict = {"calibration": table, "max_new_tokens": max_new, "verify_mode": verify_mode,
+                     "temperature": temperature, "head": head_meta, "sets": {}}
+    target = TargetModel(runner)
+    for set_name, prompts in sets.items():
+        cfgs = configs if set_name == "alpaca_heldout" else [c for c in configs if c.label in (ood_configs or [c.label for c in configs])]
+        ar_stats = SpecStats()
+        agg = {c.label: SpecStats() for c in cfgs}
+        ar_modeled = 0.0
+        mismatches = 0
+        for i, text in enumerate(prompts):
+            ids = loading.chat_ids(tok, text)
+            ref, s = autoregressive_generate(ids, target, sampling, max_new, seed, stops)
+            ar_stats.add(s)
+            ar_modeled += (s.target_forward_passes - 1) * target_cost(table, 1)
+            for c in cfgs:
+                drafter = EagleDrafter(draft, head)
+                out, st = speculative_generate(ids, target, drafter, c.policy(), verify_mode, sampling, max_new, seed, stops)
+                if verify_mode == "greedy" and out != ref:
+                    mismatches += 1
+                agg[c.label].add(st)
+            print(f"[{set_name}] prompt {i + 1}/{len(prompts)} done", flush=True)
+        rows = []
+        for c in cfgs:
+            st = agg[c.label]
+            m = st.metrics()
+            m.update({
+                "config": c.label, "method": c.method, "threshold": c.threshold, "k": c.k,
+                "tokens_per_s": st.emitted_tokens / st.wall_s,
+                "speedup_wall": ar_stats.wall_s / st.wall_s,
+                "speedup_model": ar_modeled / max(1e-9, modeled_time(st, table)),
+            })
+            rows.append(m)
+        results["sets"][set_name] = {
+            "prompts": len(prompts), "ar_tokens_per_s": ar_stats.emitted_tokens / ar_stats.wall_s,
+            "ar_tokens": ar_stats.emitted_tokens, "greedy_mismatches": mismatches, "rows": rows,
+        }
+        print_table(set_name, results["sets"][set_name])
+    (out_dir / f"results_{verify_mode}.json").write_text(json.dumps(results, indent=2))
+    plot_pareto(results, out_dir / f"pareto_{verify_mode}.png")
+    return results
+
+
+def print_table(name: str, res: dict) -> None:
+    print(f"\n== {name}: {res['prompts']} prompts, target-only {res['ar_tokens_per_s']:.1f} tok/s, "
+          f"greedy mismatches {res['greedy_mismatches']}")
+    hdr = f"{'config':<18}{'acc.rate':>9}{'acc.len':>8}{'tgt/tok':>8}{'disc/tok':>9}{'mean K':>7}{'tok/s':>7}{'x wall':>7}{'x model':>8}"
+    print(hdr)
+    for r in res["rows"]:
+        print(f"{r['config']:<18}{r['draft_acceptance_rate']:>9.3f}{r['mean_acceptance_length']:>8.2f}"
+              f"{r['target_passes_per_token']:>8.3f}{r['discarded_per_token']:>9.3f}{r['mean_k']:>7.2f}"
+              f"{r['tokens_per_s']:>7.1f}{r['speedup_wall']:>7.2f}{r['speedup_model']:>8.2f}")
+    print(flush=True)
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(results["sets"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 5), squeeze=False)
+    colors = {"fixed": "tab:gray", "heuristic": "tab:brown", "confidence": "tab:blue", "entropy": "tab:purple",
+              "cumprob": "tab:orange", "specdec_pp": "tab:red"}
+    for ax, name in zip(axes[0], sets):
+        rows = results["sets"][name]["rows"]
+        for method, color in colors.items():
+            pts = [(r["target_passes_per_token"], r["discarded_per_token"], r["config"]) for r in rows if r["method"] == method]
+            if not pts:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=method)
+            for x, y, lab in pts:
+                ax.annotate(lab.split(" ")[-1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("target forward passes per token (lower = fewer verifications)")
+        ax.set_ylabel("discarded draft tokens per token (lower = less waste)")
+        ax.set_title(f"{name} ({results['verify_mode']}, T={results['temperature']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_bench_args(ap)
+    args = ap.parse_args(argv)
+    bench_from_args(args)
+
+
+def add_bench_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--n-alpaca", type=int, default=8)
+    ap.add_argument("--n-ood", type=int, default=3)
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--verify-mode", default="greedy", choices=["greedy", "sampled", "point_mass"])
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--out", default="benchmarks/results/specdec")
+    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5' (default: full sweep)")
+    ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
+
+
+def parse_configs(spec: str) -> list[Config] | None:
+    if not spec:
+        return None
+    out = []
+    for item in spec.split(","):
+        method, _, val = item.partition(":")
+        if method in ("fixed", "heuristic"):
+            out.append(Config(method, k=int(val) if val else None))
+        else:
+            out.append(Config(method, float(val) if val else None))
+    return out
+
+
+def bench_from_args(args: argparse.Namespace) -> dict:
+    ood = [s for s in args.ood_configs.split(",") if s] or None
+    return run_bench(args.n_alpaca, args.n_ood, args.max_new, args.out, parse_configs(args.configs), ood,
+                     args.temperature, args.verify_mode)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,96 @@
+"""``archon specdec build-data | train-draft | train-head | bench``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("specdec", help="SpecDec++ speculative decoding: data, training, benchmark")
+    sub = p.add_subparsers(dest="specdec_cmd", required=True)
+
+    b = sub.add_parser("build-data", help="teacher-force the target on AlpacaEval train answers (features, labels)")
+    b.add_argument("--work", type=Path, default=None)
+    b.add_argument("--n-prompts", type=int, default=200)
+    b.add_argument("--max-new", type=int, default=128)
+    b.add_argument("--source", choices=["gpt4", "target"], default="gpt4")
+    b.set_defaults(func=_build_data)
+
+    d = sub.add_parser("train-draft", help="train the EAGLE draft layer")
+    d.add_argument("--work", type=Path, default=None)
+    d.add_argument("--out", type=Path, default=None)
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--vocab", type=int, default=8192)
+    d.add_argument("--max-minutes", type=float, default=30.0)
+    d.set_defaults(func=_train_draft)
+
+    h = sub.add_parser("train-head", help="train the SpecDec++ acceptance head (and the draft first if missing)")
+    h.add_argument("--work", type=Path, default=None)
+    h.add_argument("--draft", type=Path, default=None)
+    h.add_argument("--out", type=Path, default=None)
+    h.add_argument("--mode", choices=["greedy", "sampled"], default="greedy")
+    h.add_argument("--temperature", type=float, default=None, help="default: 0 for greedy, 1 for sampled")
+    h.add_argument("--blocks", type=int, default=3)
+    h.add_argument("--tied", action="store_true", help="reuse one block n times (the authors' code)")
+    h.add_argument("--epochs", type=int, default=30)
+    h.set_defaults(func=_train_head)
+
+    from .bench import add_bench_args
+
+    r = sub.add_parser("bench", help="policy x threshold sweep; prints tables, writes JSON + Pareto PNG")
+    add_bench_args(r)
+    r.set_defaults(func=_bench)
+    return p
+
+
+def _work(args: argparse.Namespace) -> Path:
+    from .train import DEFAULT_WORK
+
+    return args.work or DEFAULT_WORK
+
+
+def _build_data(args: argparse.Namespace) -> int:
+    from .train import build_data
+
+    build_data(_work(args), n_prompts=args.n_prompts, max_new=args.max_new, source=args.source)
+    return 0
+
+
+def _train_draft(args: argparse.Namespace) -> int:
+    from .train import train_draft
+
+    train_draft(_work(args), args.out, epochs=args.epochs, vocab=args.vocab, max_minutes=args.max_minutes)
+    return 0
+
+
+def _train_head(args: argparse.Namespace) -> int:
+    from .loading import ARTIFACTS
+    from .train import train_draft, train_head
+
+    draft = args.draft or ARTIFACTS / "draft"
+    if not (Path(draft) / "draft.json").exists():
+        train_draft(_work(args), Path(draft))
+    temp = args.temperature if args.temperature is not None else (0.0 if args.mode == "greedy" else 1.0)
+    train_head(_work(args), Path(draft), args.out, mode=args.mode, temperature=temp, blocks=args.blocks,
+               tied=args.tied, epochs=args.epochs)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench_from_args
+
+    bench_from_args(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="specdec")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_cli(sub)
+    args = ap.parse_args(["specdec", *(argv or [])] if argv is not None else None)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

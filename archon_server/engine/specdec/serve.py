@@ -1,0 +1,100 @@
+"""Serving hook: speculative generation for one request on the engine's runner.
+
+The ``LocalBackend`` calls :func:`speculative_generate_for_request` when a request's or a
+backend's config carries::
+
+    speculative: {method: specdec_pp|fixed|heuristic|confidence|entropy|cumprob,
+                  draft: <folder, default: shipped>, head: <folder, default: shipped>,
+                  threshold: <float>, k: <int>, min_k: 2, max_k: 20}
+
+and gets the tokens plus counters under vLLM's metric names.  Temperature 0 uses greedy
+verification (output identical to plain greedy decoding); otherwise standard speculative
+sampling, which keeps the target's sampling distribution (temperature and top-p applied
+to both sides).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import loading
+from .draft import AcceptHead, EagleDraft
+from .generate import EagleDrafter, TargetModel, speculative_generate
+from .policies import make_policy
+from .sampling import SamplingConfig
+
+_LOCK = threading.Lock()
+_DRAFTS: dict[tuple[int, str], EagleDraft] = {}
+_HEADS: dict[str, AcceptHead] = {}
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str = "specdec_pp"
+    draft: str | None = None
+    head: str | None = None
+    threshold: float | None = None
+    k: int | None = None
+    min_k: int = 2
+    max_k: int = 20
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SpeculativeConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown speculative option(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+def _draft_for(runner: Any, folder: str | None) -> EagleDraft:
+    key = (id(runner), folder or "")
+    with _LOCK:
+        if key not in _DRAFTS:
+            _DRAFTS[key] = loading.load_draft(runner, folder)
+        return _DRAFTS[key]
+
+
+def _head_for(folder: str | None, greedy: bool) -> AcceptHead:
+    default = loading.ARTIFACTS / ("head_greedy" if greedy else "head_sampled")
+    path = str(Path(folder) if folder else default)
+    with _LOCK:
+        if path not in _HEADS:
+            _HEADS[path] = loading.load_head(path)[0]
+        return _HEADS[path]
+
+
+def speculative_generate_for_request(
+    runner: Any,
+    prompt_ids: list[int],
+    spec: dict[str, Any] | SpeculativeConfig,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_tokens: int = 256,
+    seed: int | None = None,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    cache: Any = None,
+    slot: int = 0,
+) -> tuple[list[int], dict[str, float | int]]:
+    """Generate for one sequence in ``cache`` slot ``slot`` (a fresh one-slot cache if None).
+
+    Returns ``(tokens, metrics)``; metrics has ``mean_acceptance_length``,
+    ``draft_acceptance_rate``, ``num_draft_tokens``, ``num_accepted_draft_tokens`` (vLLM's
+    names) and ours (target_forward_passes, mean_k, ...).  Not thread-safe per runner:
+    call it from the worker that owns the runner.
+    """
+    cfg = spec if isinstance(spec, SpeculativeConfig) else SpeculativeConfig.from_dict(spec)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p)
+    draft = _draft_for(runner, cfg.draft)
+    head = _head_for(cfg.head, sampling.greedy) if cfg.method in ("specdec_pp", "specdecpp", "specdec++") else None
+    policy = make_policy(cfg.method, cfg.threshold, cfg.k, cfg.min_k, cfg.max_k)
+    target = TargetModel(runner, slot=slot, cache=cache)
+    mode = "greedy" if sampling.greedy else "sampled"
+    tokens, stats = speculative_generate(prompt_ids, target, EagleDrafter(draft, head), policy, mode, sampling,
+                                         max_tokens, seed, stop_ids)
+    metrics = stats.metrics()
+    metrics["spec_method"] = policy.describe()  # type: ignore[assignment]
+    return tokens, metrics

@@ -1,0 +1,87 @@
+"""Draft layer, acceptance head and loss: small random modules, no target model needed."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from archon_server.engine.specdec.cli import add_cli
+from archon_server.engine.specdec.draft import AcceptHead, DraftConfig, DraftKV, EagleDraft, param_count, soft_bce
+from archon_server.engine.specdec.serve import SpeculativeConfig
+
+CFG = DraftConfig(hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=48, vocab_size=50, draft_vocab=20)
+
+
+def _draft() -> EagleDraft:
+    torch.manual_seed(0)
+    embed = torch.randn(50, 32)
+    m = EagleDraft(CFG, embed, torch.arange(0, 40, 2))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return m.eval()
+
+
+def test_incremental_cache_equals_full_pass_and_rolls_back() -> None:
+    m = _draft()
+    f = torch.randn(1, 9, 32)
+    x = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        full = m(f, x)
+        kv = DraftKV()
+        a = m(f[:, :5], x[:, :5], kv=kv, start=0)
+        b = torch.cat([m(f[:, i : i + 1], x[:, i : i + 1], kv=kv, start=i) for i in range(5, 9)], dim=1)
+        assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-5)
+        # roll back to 6 and feed different pairs: positions < 6 are untouched, the rest recomputed
+        x2 = x.clone()
+        x2[0, 6:] = (x2[0, 6:] + 1) % 50
+        c = m(f[:, 6:], x2[:, 6:], kv=kv, start=6)
+        assert kv.length == 9
+        assert torch.allclose(c, m(f, x2)[:, 6:], atol=1e-5)
+
+
+def test_restricted_logits_are_minus_inf_outside_the_draft_vocab() -> None:
+    m = _draft()
+    h = torch.randn(32)
+    full = m.full_logits(h)
+    assert torch.isinf(full[1]) and full[1] < 0  # odd ids are outside the draft vocabulary
+    assert torch.allclose(full[m.vocab_ids], m.logits(h))
+
+
+def test_head_tied_and_untied() -> None:
+    tied, untied = AcceptHead(32, 3, tied=True), AcceptHead(32, 3, tied=False)
+    assert param_count(untied) - param_count(tied) == 2 * (32 * 32 + 32)
+    x = torch.randn(5, 32)
+    p = untied.accept_prob(x)
+    assert p.shape == (5,) and bool(((p > 0) & (p < 1)).all())
+
+
+def test_soft_bce_weights() -> None:
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    mask = torch.ones(2)
+    # at p = 0.5 the loss is log 2 whatever the weights (normalised by total weight)
+    assert torch.isclose(soft_bce(logits, torch.tensor([1.0, 0.0]), mask), torch.log(torch.tensor(2.0)))
+    # the reject class weighs 6x: pushing toward "reject" is cheaper than toward "accept"
+    lab = torch.tensor([0.5, 0.5])
+    to_reject = soft_bce(torch.tensor([[1.0, 0.0]] * 2), lab, mask)
+    to_accept = soft_bce(torch.tensor([[0.0, 1.0]] * 2), lab, mask)
+    assert to_reject < to_accept
+    # masked positions do not count
+    assert torch.isclose(soft_bce(torch.tensor([[5.0, 0.0], [0.0, 0.0]]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])),
+                         torch.log(torch.tensor(2.0)))
+
+
+def test_cli_registers_subcommands() -> None:
+    ap = argparse.ArgumentParser()
+    add_cli(ap.add_subparsers(dest="cmd"))
+    args = ap.parse_args(["specdec", "bench", "--n-alpaca", "2", "--configs", "fixed:4,specdec_pp:0.5"])
+    assert args.specdec_cmd == "bench" and args.n_alpaca == 2
+    args = ap.parse_args(["specdec", "train-head", "--mode", "sampled", "--tied"])
+    assert args.tied and args.mode == "sampled"
+
+
+def test_speculative_config_rejects_unknown_keys() -> None:
+    assert SpeculativeConfig.from_dict({"method": "fixed", "k": 3}).k == 3
+    with pytest.raises(ValueError):
+        SpeculativeConfig.from_dict({"method": "fixed", "depth": 3})
