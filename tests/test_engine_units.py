@@ -76,3 +76,25 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_argmax():
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
     assert sample_rows(logits, [RowSampling(0.0)] * 3) == logits.argmax(-1).tolist()
+
+
+def test_thread_tuner_moves_to_the_faster_setting_and_back():
+    from archon_server.engine.threads import ThreadTuner
+
+    applied: list[int] = []
+    tuner = ThreadTuner([1, 2], period=5, probe=3, set_threads=applied.append)
+    speed = {1: 0.05, 2: 0.5}  # contended cores: one thread is 10x faster
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            tuner.before_step()
+            tuner.after_step(speed[applied[-1]])
+
+    assert tuner.current == 2
+    run(12)
+    assert tuner.current == 1 and tuner.switches == 1
+    speed = {1: 0.05, 2: 0.02}  # the cores freed up
+    run(30)
+    assert tuner.current == 2 and tuner.switches == 2
+    run(30)  # stays while 2 is faster
+    assert tuner.current == 2 and tuner.switches == 2

@@ -41,7 +41,8 @@ def _content_text(content: Any) -> str:
 class LocalBackend(Backend):
     """In-process generation.  ``await start()`` loads (and on first use converts) the model.
 
-    ``options``: ``progress`` (bool, print conversion progress; default True).
+    ``options``: ``progress`` (bool, print conversion progress; default True);
+    ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times).
     """
 
     supports_n = True
@@ -63,6 +64,7 @@ class LocalBackend(Backend):
         self.dtype = dtype
         self.max_batch = max_batch
         self.progress = bool(options.pop("progress", True))
+        self.threads: int | str = options.pop("threads", "auto")
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
@@ -78,7 +80,7 @@ class LocalBackend(Backend):
 
             try:
                 self.engine, self.loaded = await asyncio.to_thread(
-                    load_engine, self.model, self.device, self.dtype, self.max_batch, self.progress
+                    load_engine, self.model, self.device, self.dtype, self.max_batch, self.progress, self.threads
                 )
             except (model_store.ModelStoreError, NotImplementedError, OSError) as e:
                 raise BackendError(f"local model {self.model!r} failed to load: {e}", backend=self.name) from e
@@ -136,6 +138,7 @@ class LocalBackend(Backend):
             stop=list(p.stop or []),
             logprobs=p.logprobs or p.top_logprobs > 0,
             top_logprobs=p.top_logprobs,
+            ignore_eos=bool(p.extra.get("ignore_eos", False)),  # vLLM's extra param of the same name
         )
 
     async def _events(self, request: ChatRequest) -> AsyncIterator[Any]:

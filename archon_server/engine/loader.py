@@ -55,9 +55,14 @@ def load_model(model: str = model_store.DEFAULT_MODEL, device: str = "auto", dty
 
 
 def load_engine(
-    model: str = model_store.DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", max_batch: int = 16, progress: bool = True
+    model: str = model_store.DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch: int = 16,
+    progress: bool = True,
+    threads: int | str = "auto",
 ) -> tuple[Engine, LoadedModel]:
     loaded = load_model(model, device, dtype, progress)
-    engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch)
+    engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads)
     engine.start()
     return engine, loaded

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .detokenize import IncrementalText
-from .runner import ModelRunner
+from .runner import ModelRunner, default_threads
+from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)
@@ -96,6 +98,7 @@ class EngineStats:
     decode_steps: int = 0
     decode_tokens: int = 0
     max_batch_seen: int = 0  # most sequences decoded together in one step
+    threads: int = 0  # intra-op threads the worker uses now
     cancelled: int = 0
     errors: int = 0
 
@@ -152,7 +155,17 @@ class _Sequence:
 class Engine:
     """Owns a :class:`ModelRunner`; serves :meth:`submit` calls from any thread."""
 
-    def __init__(self, runner: ModelRunner, tokenizer: Any, eos_ids: set[int], max_batch: int = 16, idle_poll_s: float = 0.5):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        eos_ids: set[int],
+        max_batch: int = 16,
+        idle_poll_s: float = 0.5,
+        threads: int | str = "auto",
+    ):
+        """``threads``: an int fixes torch's intra-op threads; ``"auto"`` tunes between 1 and all cores
+        from measured step times (see :mod:`.threads`); ignored on CUDA."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
@@ -166,6 +179,14 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._token_text: dict[int, str] = {}
+        cores = default_threads()
+        if runner.device.type != "cpu":
+            options = [torch.get_num_threads()]
+        elif threads == "auto":
+            options = [1, cores]
+        else:
+            options = [int(threads)]
+        self.tuner = ThreadTuner(options)
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -209,6 +230,7 @@ class Engine:
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
+        self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
         while not self._stop.is_set():
             try:
                 self._admit(block=not self._rows)
@@ -280,12 +302,18 @@ class Engine:
 
     def _step(self) -> None:
         rows = self._rows
+        self.tuner.before_step()
+        t0 = time.perf_counter()
         out = self.runner.decode([s.last for s in rows], self.cache, 0)
         logits = out.logits[:, -1]
+        # Cost model for comparing steps: weights are read once per step, attention grows with B x length.
+        work = 1.0 + 0.03 * len(rows) + sum(self.cache.lengths[s.slot] for s in rows) / 6000
+        self.tuner.after_step(time.perf_counter() - t0, work)
         tokens = sample_rows(logits, [s.sampling for s in rows])
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
+        self.stats.threads = self.tuner.current
         self._advance(list(rows), tokens, logits)
 
     def _token_str(self, tid: int) -> str:
@@ -306,7 +334,7 @@ class Engine:
             req.completion_tokens += 1
             reason = None
             lps = None
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not req.params.ignore_eos:
                 reason = "stop"
             else:
                 if req.params.logprobs:

@@ -1,0 +1,82 @@
+"""Choose the intra-op thread count from measured step times, and keep checking.
+
+Why not simply "one thread per core": torch's CPU kernels synchronise their OpenMP
+threads several hundred times per decode step.  With the cores free that is fine
+and 2 threads beat 1; when other processes share the cores, each barrier waits for
+a descheduled thread and 2 threads were measured ~10x *slower* than 1 (2-core box
+at load 8: 590 ms vs 55 ms per step).  Load changes over time, so the worker
+periodically runs a few steps with the other setting and keeps the faster one.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+
+class ThreadTuner:
+    """Alternates exploit / probe phases over decode steps.
+
+    ``before_step()`` applies the thread count for the coming step;
+    ``after_step(seconds, work)`` records its time per unit of work (e.g. per
+    sequence-position in the batch) so steps of different batch sizes compare.
+    """
+
+    def __init__(
+        self,
+        options: list[int],
+        period: int = 48,
+        probe: int = 4,
+        margin: float = 0.9,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+    ):
+        self.options = sorted(set(max(1, o) for o in options))
+        self.current = self.options[-1]
+        self.period = period
+        self.probe = probe
+        self.margin = margin
+        self._set = set_threads
+        self._applied: int | None = None
+        self._recent: deque[float] = deque(maxlen=probe)  # current setting, latest steps
+        self._probe_times: list[float] = []
+        self._probing: int | None = None
+        self._since_probe = 0
+        self._next_probe_idx = 0
+        self.switches = 0
+
+    @property
+    def active(self) -> int:
+        return self._probing if self._probing is not None else self.current
+
+    def before_step(self) -> None:
+        want = self.active
+        if want != self._applied:
+            self._set(want)
+            self._applied = want
+
+    def after_step(self, seconds: float, work: float = 1.0) -> None:
+        cost = seconds / max(work, 1e-9)
+        if len(self.options) < 2:
+            return
+        if self._probing is None:
+            self._recent.append(cost)
+            self._since_probe += 1
+            if self._since_probe >= self.period and len(self._recent) == self.probe:
+                others = [o for o in self.options if o != self.current]
+                self._probing = others[self._next_probe_idx % len(others)]
+                self._next_probe_idx += 1
+                self._probe_times = []
+            return
+        self._probe_times.append(cost)
+        if len(self._probe_times) < self.probe:
+            return
+        # The first probe step may pay the thread pool's warm-up: judge on the median.
+        if statistics.median(self._probe_times) < self.margin * statistics.median(self._recent):
+            self.current = self._probing
+            self.switches += 1
+            self._recent = deque(self._probe_times, maxlen=self.probe)
+        self._probing = None
+        self._since_probe = 0

@@ -1,0 +1,112 @@
+"""Speed of the embedded engine vs Hugging Face ``generate`` on the same model, side by side in one run.
+
+    python benchmarks/local_engine.py [--tokens 128] [--skip-hf] [--dtype auto]
+
+Prints: single-stream tokens/s, aggregate tokens/s of n=6 in one batch (engine: one
+request with shared prefill; HF: num_return_sequences=6), their ratios, and the wall
+time of one default Self-MoA answer (6 samples in one batch + 1 aggregation over
+them, max_tokens 256 each).  Generation lengths are fixed (EOS ignored) so the
+token counts compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from archon_server.backends.base import ChatRequest, SamplingParams  # noqa: E402
+from archon_server.backends.local import LocalBackend  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Explain how a refrigerator keeps food cold, step by step."}]
+MOA_QUESTION = "What are the main causes of the French Revolution? Answer in a few paragraphs."
+AGG_SYSTEM = (
+    "You have been provided with a set of responses from various open-source models to the latest user query. "
+    "Your task is to synthesize these responses into a single, high-quality response. Critically evaluate the "
+    "information provided in these responses, recognizing that some of it may be biased or incorrect. Your response "
+    "should not simply replicate the given answers but should offer a refined, accurate, and comprehensive reply.\n\n"
+    "Responses from models:"
+)
+
+
+def hf_generate(folder: Path, dtype: torch.dtype, tokens: int, n: int, repeats: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=0.7, num_return_sequences=n)
+    with torch.inference_mode():
+        model.generate(**ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        best = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(**ids, **kw)
+            dt = time.perf_counter() - t0
+            best = max(best, (out.shape[1] - ids["input_ids"].shape[1]) * n / dt)
+    return best
+
+
+async def engine_rate(backend: LocalBackend, tokens: int, n: int, repeats: int) -> float:
+    params = SamplingParams(temperature=0.7, max_tokens=tokens, n=n, extra={"ignore_eos": True})
+    await backend.chat(ChatRequest("m", PROMPT, SamplingParams(max_tokens=8, n=n)))  # warm-up
+    best = 0.0
+    for i in range(repeats):
+        params.seed = i
+        t0 = time.perf_counter()
+        res = await backend.chat(ChatRequest("m", PROMPT, params))
+        best = max(best, res.usage.completion_tokens / (time.perf_counter() - t0))
+    return best
+
+
+async def self_moa(backend: LocalBackend, max_tokens: int = 256) -> tuple[float, float, int, int]:
+    """One default Self-MoA answer: 6 samples in one batch, then one aggregation call."""
+    user = [{"role": "user", "content": MOA_QUESTION}]
+    t0 = time.perf_counter()
+    samples = await backend.chat(ChatRequest("m", user, SamplingParams(temperature=0.7, max_tokens=max_tokens, n=6, seed=0)))
+    t1 = time.perf_counter()
+    refs = "\n".join(f"{i + 1}. {c.text}" for i, c in enumerate(samples.choices))
+    agg = [{"role": "system", "content": f"{AGG_SYSTEM}\n{refs}"}, *user]
+    final = await backend.chat(ChatRequest("m", agg, SamplingParams(temperature=0.7, max_tokens=max_tokens, seed=0)))
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, samples.usage.completion_tokens, final.usage.prompt_tokens
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    backend = LocalBackend(dtype=args.dtype)
+    t0 = time.perf_counter()
+    await backend.start()
+    runner = backend.loaded.runner
+    print(f"engine: device={runner.device} dtype={runner.dtype} threads={torch.get_num_threads()} load={time.perf_counter() - t0:.1f}s")
+    single = await engine_rate(backend, args.tokens, 1, args.repeats)
+    batch6 = await engine_rate(backend, args.tokens, 6, args.repeats)
+    print(f"engine   single-stream {single:7.1f} tok/s   n=6 aggregate {batch6:7.1f} tok/s   ({args.tokens} tokens each)")
+    if not args.skip_hf:
+        hf1 = hf_generate(backend.loaded.path, torch.float32, args.tokens, 1, args.repeats)
+        hf6 = hf_generate(backend.loaded.path, torch.float32, args.tokens, 6, args.repeats)
+        print(f"HF fp32  single-stream {hf1:7.1f} tok/s   n=6 aggregate {hf6:7.1f} tok/s")
+        print(f"ratio engine/HF: single {single / hf1:.2f}x   n=6 {batch6 / hf6:.2f}x")
+    s, a, stoks, aprompt = await self_moa(backend)
+    print(f"Self-MoA (6 samples + 1 aggregation, max_tokens 256): {s + a:.1f}s  (samples {s:.1f}s, {stoks} tokens; "
+          f"aggregation {a:.1f}s with a {aprompt}-token prompt)")
+    print(f"engine stats: {backend.stats()}")
+    await backend.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
