@@ -143,3 +143,21 @@ def test_gamed_baseline_rows_pull_length_slope(compact, difficulty):
     plain = ae.length_controlled_win_rate(rows, difficulty)
     reg = ae.length_controlled_win_rate(rows, difficulty, gamed_baselines=gamed, gamed_weight=1.0)
     assert reg.theta_len != pytest.approx(plain.theta_len, abs=1e-3)
+
+
+def test_cli_score_alpaca_json(capsys, leaderboard):
+    import argparse
+    import json
+
+    from archon_server.bench.cli import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="cmd"))
+    files = [p for p in _annotation_files() if p.endswith(("/alpaca-7b.json", "/gpt-3.5-turbo-1106.json"))]
+    args = parser.parse_args(["bench", "score-alpaca", *files, "--json"])
+    assert args.fn(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"alpaca-7b", "gpt-3.5-turbo-1106"}
+    for name, r in out.items():
+        assert r["win_rate"] == pytest.approx(leaderboard[name]["win_rate"], abs=0.01)
+        assert abs(r["length_controlled_winrate"] - leaderboard[name]["length_controlled_winrate"]) < 6
