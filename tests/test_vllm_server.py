@@ -1,0 +1,132 @@
+"""Our HTTP server over a managed vLLM: the Self-MoA preset through `archon serve`, driven by the openai SDK.
+
+Marker `vllm`; skipped when the vLLM venv is absent (see tests/test_vllm.py).  Also
+checks that stopping the server (SIGTERM) leaves no vLLM process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from archon_server.backends.process import free_port
+from archon_server.config import PRESET_ALIASES
+
+from archon_server.backends.vllm_managed import vllm_missing
+
+ROOT = Path(__file__).resolve().parent.parent
+_missing = vllm_missing()
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(_missing is not None, reason=_missing or ""), pytest.mark.timeout(1200)]
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc; zombies excluded)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    cfg = {
+        "backends": [
+            {
+                "alias": "smollm2",
+                "kind": "vllm",
+                "model": "smollm2-135m-instruct",
+                "aliases": PRESET_ALIASES,
+                "options": {"enforce_eager": True, "max_model_len": 4096, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "startup_timeout_s": 900},
+            }
+        ],
+        "server": {"default_architecture": "self-moa"},
+    }
+    d = tmp_path_factory.mktemp("vllm-server")
+    (d / "archon.yaml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    log = open(d / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "archon_server", "serve", "--config", str(d / "archon.yaml"), "--port", str(port), "--architectures", str(ROOT / "architectures")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=str(ROOT),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"archon serve exited with {proc.returncode}:\n{(d / 'serve.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("archon serve did not become ready")
+        time.sleep(0.5)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    yield proc, client
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_self_moa_over_vllm(server) -> None:  # type: ignore[no-untyped-def]
+    _, client = server
+    r = client.chat.completions.create(
+        model="self-moa",
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        max_tokens=64,
+        extra_body={"return_trace": True},
+    )
+    text = r.choices[0].message.content or ""
+    assert text.strip() and "<|im_end|>" not in text
+    trace = r.model_extra["trace"]
+    assert trace["calls"] == 2 and trace["layers"][0]["calls"][0]["n"] == 6  # six samples, one vLLM request
+    chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="self-moa", messages=[{"role": "user", "content": "Name three colours."}], max_tokens=32, stream=True) if c.choices]
+    assert sum(1 for c in chunks if c) > 1
+
+
+def test_sigterm_leaves_no_vllm_process(server) -> None:  # type: ignore[no-untyped-def]
+    proc, _ = server
+    kids = descendants(proc.pid)
+    assert kids, "the server should have launched vLLM"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    deadline = time.time() + 60
+    while any(alive(p) for p in kids) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in kids if alive(p)]
