@@ -169,7 +169,10 @@ class OpenAIHTTPBackend(Backend):
         if self._session is None or self._session.closed:
             # A bounded pool per backend: back-pressure instead of unbounded sockets.
             conn = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s, sock_read=self.read_timeout_s)
+            # sock_connect, not connect: aiohttp's `connect` also counts the wait for a free pooled connection, so
+            # under load a full pool turned into timeouts (and opened the breaker of a healthy replica). Waiting
+            # for the pool is bounded by the request's deadline instead.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s, sock_read=self.read_timeout_s)
             self._session = aiohttp.ClientSession(connector=conn, timeout=timeout)
         return self._session
 
