@@ -98,3 +98,15 @@ def test_thread_tuner_moves_to_the_faster_setting_and_back():
     assert tuner.current == 2 and tuner.switches == 2
     run(30)  # stays while 2 is faster
     assert tuner.current == 2 and tuner.switches == 2
+
+
+def test_penalties_follow_vllm_semantics():
+    from archon_server.engine.sampling import apply_penalties
+
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    rep = apply_penalties(logits, RowSampling(repetition_penalty=2.0, prompt_ids=[0], output_ids=[1]))
+    assert rep.tolist() == [1.0, -4.0, 1.0, 0.5]
+    pf = apply_penalties(logits, RowSampling(presence_penalty=0.5, frequency_penalty=0.25, output_ids=[2, 2, 3]))
+    assert pf.tolist() == [2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25]
+    # greedy with a penalty picks the best *penalized* token
+    assert sample_rows(logits[None], [RowSampling(0.0, repetition_penalty=4.0, output_ids=[0])]) == [2]

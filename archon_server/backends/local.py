@@ -138,7 +138,11 @@ class LocalBackend(Backend):
             stop=list(p.stop or []),
             logprobs=p.logprobs or p.top_logprobs > 0,
             top_logprobs=p.top_logprobs,
-            ignore_eos=bool(p.extra.get("ignore_eos", False)),  # vLLM's extra param of the same name
+            # vLLM's extra sampling params of the same names
+            ignore_eos=bool(p.extra.get("ignore_eos", False)),
+            repetition_penalty=float(p.extra.get("repetition_penalty", 1.0)),
+            presence_penalty=float(p.extra.get("presence_penalty", 0.0)),
+            frequency_penalty=float(p.extra.get("frequency_penalty", 0.0)),
         )
 
     async def _events(self, request: ChatRequest) -> AsyncIterator[Any]:

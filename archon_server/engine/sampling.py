@@ -20,6 +20,16 @@ class RowSampling:
     top_p: float = 1.0
     top_k: int | None = None
     generator: torch.Generator | None = None
+    # vLLM-compatible penalties (``extra`` params); small models repeat themselves a lot.
+    repetition_penalty: float = 1.0  # HF/vLLM: tokens seen in prompt or output get logit /p (>0) or *p (<0)
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this per occurrence in the output
+    prompt_ids: list[int] | None = None  # for repetition_penalty
+    output_ids: list[int] | None = None  # the row's generated tokens so far (shared list, appended by the engine)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -54,11 +64,35 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k:
     return x
 
 
+def apply_penalties(logits: torch.Tensor, r: RowSampling) -> torch.Tensor:
+    """Penalized copy of one row's logits [V] (same semantics as vLLM's sampler)."""
+    x = logits.clone()
+    out_ids = r.output_ids or []
+    if r.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(out_ids) | set(r.prompt_ids or [])), dtype=torch.long, device=x.device)
+        if seen.numel():
+            v = x[seen]
+            x[seen] = torch.where(v > 0, v / r.repetition_penalty, v * r.repetition_penalty)
+    if out_ids and (r.presence_penalty or r.frequency_penalty):
+        ids = torch.tensor(out_ids, dtype=torch.long, device=x.device)
+        counts = torch.zeros_like(x).scatter_add_(0, ids, torch.ones_like(ids, dtype=x.dtype))
+        x -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(x.dtype)
+    return x
+
+
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     """One token per row of ``logits`` [B, V] (float32)."""
     out: list[int] = []
     greedy_ids = None
     for b, r in enumerate(rows):
+        if r.penalized:
+            row = apply_penalties(logits[b], r)
+            if r.greedy:
+                out.append(int(row.argmax()))
+                continue
+            probs = filter_logits(row, r.temperature, r.top_p, r.top_k).softmax(-1)
+            out.append(int(torch.multinomial(probs, 1, generator=r.generator).item()))
+            continue
         if r.greedy:
             if greedy_ids is None:
                 greedy_ids = logits.argmax(-1).tolist()

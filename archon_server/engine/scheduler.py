@@ -48,6 +48,9 @@ class GenParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)
@@ -171,6 +174,7 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self.max_batch = max(1, max_batch)
         self.idle_poll_s = idle_poll_s
+        self.idle_cache_bytes = 512 << 20
         self.stats = EngineStats()
         self.cache = runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
@@ -233,6 +237,9 @@ class Engine:
         self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
         while not self._stop.is_set():
             try:
+                if not self._rows and self.cache.nbytes() > self.idle_cache_bytes:
+                    # Idle after long/wide requests: give the grown KV cache back.
+                    self.cache = self.runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
                 self._admit(block=not self._rows)
                 self._drop_cancelled()
                 if self._rows:
@@ -292,8 +299,19 @@ class Engine:
         base_seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(62)
         seqs = []
         for i in range(p.n):
-            sampling = RowSampling(p.temperature, p.top_p, p.top_k, make_generator(choice_seed(base_seed, i), self.runner.device))
-            seqs.append(_Sequence(req, i, slot + i, IncrementalText(self.tokenizer, p.stop), sampling))
+            sampling = RowSampling(
+                p.temperature,
+                p.top_p,
+                p.top_k,
+                make_generator(choice_seed(base_seed, i), self.runner.device),
+                repetition_penalty=p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                prompt_ids=req.prompt,
+            )
+            text = IncrementalText(self.tokenizer, p.stop)
+            sampling.output_ids = text.ids  # penalties read the generated tokens as they grow
+            seqs.append(_Sequence(req, i, slot + i, text, sampling))
         logits = out.logits[:, -1].expand(p.n, -1)
         tokens = sample_rows(logits, [s.sampling for s in seqs])
         self._rows.extend(seqs)
