@@ -132,6 +132,8 @@ class StudyConfig(_Base):
     grace_period: int | None = Field(default=None, ge=1, description="Seconds without heartbeat before a trial is failed (default 2x interval).")
     max_retry: int | None = Field(default=2, ge=0, description="Retries of a trial whose worker died.")
     max_attempts_factor: int = Field(default=10, ge=1, description="Stop after n_trials x this many attempts (rejections included).")
+    converged_after: int = Field(default=50, ge=1, description="A worker stops after this many consecutive free trials "
+                                 "(duplicates/rejections): the sampler keeps proposing what is known.")
 
 
 class ObjectiveConfig(_Base):

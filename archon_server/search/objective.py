@@ -54,8 +54,16 @@ def is_rejected(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def is_evaluated(t: optuna.trial.FrozenTrial) -> bool:
-    """Counts towards the study's target: complete, or pruned after a real (partial) evaluation."""
+    """Counts towards the study's target: a *new* architecture, complete or pruned after a real (partial)
+    evaluation.  Rejections and duplicates cost nothing, so they do not use up the trial budget
+    (``max_attempts_factor`` bounds them instead)."""
+    if ATTR_DUPLICATE in t.user_attrs:
+        return False
     return t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and not is_rejected(t))
+
+
+def is_duplicate(t: optuna.trial.FrozenTrial) -> bool:
+    return ATTR_DUPLICATE in t.user_attrs and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class ArchitectureObjective:

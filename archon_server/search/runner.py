@@ -36,6 +36,7 @@ from archon_server.search.objective import (
     ATTR_SPEC,
     ATTR_WORKER,
     ArchitectureObjective,
+    is_duplicate,
     is_evaluated,
     is_rejected,
 )
@@ -89,7 +90,8 @@ def open_study(
 
 @dataclass
 class Progress:
-    evaluated: int = 0  # complete + pruned-after-evaluation
+    evaluated: int = 0  # new architectures: complete + pruned-after-evaluation
+    duplicates: int = 0  # repeated architectures (result copied, free)
     running: int = 0
     waiting: int = 0
     rejected: int = 0
@@ -103,6 +105,8 @@ def progress(study: optuna.Study) -> Progress:
         p.attempts += 1
         if is_evaluated(t):
             p.evaluated += 1
+        elif is_duplicate(t):
+            p.duplicates += 1
         elif t.state == TrialState.RUNNING:
             p.running += 1
         elif t.state == TrialState.WAITING:
@@ -167,6 +171,7 @@ class WorkerStats:
     rejected: int = 0
     failed: int = 0
     surplus: int = 0
+    converged: bool = False
     numbers: list[int] = field(default_factory=list)
 
 
@@ -191,11 +196,17 @@ async def run_worker(
     max_attempts = max_attempts or n_trials * objective.config.study.max_attempts_factor
     retry = retry_callback(objective.config.study.max_retry)
     me = worker_id()
+    free_streak = 0  # consecutive trials that evaluated nothing new
     while True:
         if hb:
             optuna.storages.fail_stale_trials(study)
         p = progress(study)
         if p.evaluated >= n_trials:
+            break
+        if free_streak >= objective.config.study.converged_after:
+            log.warning("stopping: %d consecutive duplicate/rejected proposals (converged) at %d evaluated trials",
+                        free_streak, p.evaluated)
+            stats.converged = True
             break
         if p.attempts >= max_attempts:
             log.warning("stopping: %d attempts for %d evaluated trials (space mostly rejected by rules/budget?)", p.attempts, p.evaluated)
@@ -231,6 +242,8 @@ async def run_worker(
                 study.tell(trial, state=TrialState.FAIL)
                 stats.failed += 1
                 continue
+            attrs = trial.user_attrs
+            free_streak = free_streak + 1 if ("rejected" in attrs or "duplicate_of" in attrs) else 0
             if outcome.state == TrialState.COMPLETE:
                 study.tell(trial, outcome.values)
                 stats.complete += 1
