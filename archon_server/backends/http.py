@@ -165,6 +165,14 @@ class OpenAIHTTPBackend(Backend):
                 h["Authorization"] = f"Bearer {key}"
         return h
 
+    def _redact(self, text: str) -> str:
+        """Upstreams may echo the key they refused ("Incorrect API key provided: sk-..."); their error text goes into
+        traces, logs and our clients' error bodies, so the key is cut out of it first."""
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key and len(key) >= 4:
+            text = text.replace(key, "***")
+        return text
+
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # A bounded pool per backend: back-pressure instead of unbounded sockets.
@@ -192,8 +200,10 @@ class OpenAIHTTPBackend(Backend):
             return min(self.replicas, key=lambda r: r.open_until)
         return min(live, key=lambda r: r.outstanding)
 
-    def _record(self, replica: Replica, ok: bool) -> None:
+    def _record(self, replica: Replica, ok: bool, error: BaseException | None = None) -> None:
         replica.stats["requests"] += 1
+        if not ok:
+            log.debug("backend %s replica %s: attempt failed: %s", self.name, replica.url, str(error) or type(error).__name__)
         if ok:
             replica.consecutive_failures = 0
             replica.open_until = 0.0
@@ -215,7 +225,8 @@ class OpenAIHTTPBackend(Backend):
 
     async def _error_from(self, resp: aiohttp.ClientResponse) -> BackendError:
         try:
-            text = (await resp.text())[:500]
+            # Read well past what we keep, so that a key straddling the cut is still redacted whole (see _redact).
+            text = (await resp.text())[:4000]
         except Exception:  # noqa: BLE001 - body may be broken; status is what matters
             text = ""
         msg = text
@@ -226,7 +237,7 @@ class OpenAIHTTPBackend(Backend):
         except ValueError:
             pass
         return BackendError(
-            f"upstream {self.name} answered {resp.status}: {msg}"[:600],
+            f"upstream {self.name} answered {resp.status}: {self._redact(msg)}"[:600],
             status=resp.status,
             retryable=resp.status in RETRY_STATUSES,
             backend=self.name,
@@ -242,17 +253,17 @@ class OpenAIHTTPBackend(Backend):
             except asyncio.CancelledError:
                 raise
             except BackendError as e:
-                self._record(replica, False)
+                self._record(replica, False, e)
                 if not e.retryable or attempt >= self.max_retries:
                     raise
                 delay = self._backoff(attempt, getattr(e, "retry_after", None))
-            except asyncio.TimeoutError:
-                self._record(replica, False)
+            except asyncio.TimeoutError as e:
+                self._record(replica, False, e)
                 if attempt >= self.max_retries:
                     raise BackendTimeout(f"upstream {self.name} timed out", backend=self.name) from None
                 delay = self._backoff(attempt, None)
             except (aiohttp.ClientError, ConnectionError, OSError) as e:
-                self._record(replica, False)
+                self._record(replica, False, e)
                 if attempt >= self.max_retries:
                     raise BackendError(
                         f"upstream {self.name} connection failed: {type(e).__name__}", status=502, retryable=True, backend=self.name
@@ -313,7 +324,7 @@ class OpenAIHTTPBackend(Backend):
                     async for chunk in _sse_events(resp, self.name):
                         if isinstance(chunk.get("error"), dict):
                             raise BackendError(
-                                f"upstream {self.name} stream error: {chunk['error'].get('message', '')}"[:500],
+                                f"upstream {self.name} stream error: {self._redact(str(chunk['error'].get('message', '')))}"[:500],
                                 status=502,
                                 retryable=not emitted,
                                 backend=self.name,
@@ -345,7 +356,7 @@ class OpenAIHTTPBackend(Backend):
             except asyncio.CancelledError:
                 raise
             except (BackendError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError) as e:
-                self._record(replica, False)
+                self._record(replica, False, e)
                 retryable = isinstance(e, BackendError) and e.retryable or not isinstance(e, BackendError)
                 if emitted or not retryable or attempt >= self.max_retries:
                     if isinstance(e, BackendError):

@@ -4,8 +4,9 @@ It answers like a tiny, predictable model: judges get well-formed rankings and
 verdicts, generators get a text that names the model and sample index.  A
 ``script`` callable may override any answer or inject faults:
 
-    {"text": str | list[str], "latency": s, "jitter": s, "fault": "500" | "429" | "timeout" | "hang" | "reset" |
-     "invalid_json" | "truncated" | "wrong_n" | "drip" | "stream_error", "usage": {...}}
+    {"text": str | list[str], "latency": s, "jitter": s, "fault": "500" | "502" | "503" | "429" | "400" | "401" |
+     "403" | "timeout" | "hang" | "reset" | "invalid_json" | "truncated" | "wrong_n" | "drip" | "stream_error",
+     "message": error message of an HTTP-status fault, "usage": {...}}
 
 Every request is recorded (body, start, end, aborted) so tests can assert that k
 samples went as one ``n=k`` request or that a disconnect aborted the upstream call.
@@ -42,6 +43,7 @@ class Recorded:
     ended: float | None = None
     aborted: bool = False
     status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
@@ -144,7 +146,7 @@ class FakeUpstream:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        rec = Recorded(body=body, started=time.perf_counter())
+        rec = Recorded(body=body, started=time.perf_counter(), headers=dict(request.headers))
         self.requests.append(rec)
         act = dict((self.script(body) if self.script else None) or {})
         n = int(body.get("n") or 1)
@@ -155,10 +157,11 @@ class FakeUpstream:
                 await asyncio.sleep(3600)
             if delay:
                 await asyncio.sleep(delay)
-            if fault in ("500", "502", "503", "429", "400"):
+            if fault in ("500", "502", "503", "429", "400", "401", "403"):
                 rec.status = int(fault)
                 headers = {"Retry-After": "0"} if fault == "429" else None
-                return web.json_response({"error": {"message": f"injected {fault}", "type": "server_error"}}, status=int(fault), headers=headers)
+                msg = act.get("message", f"injected {fault}")  # e.g. a provider that echoes the key it refused
+                return web.json_response({"error": {"message": msg, "type": "server_error"}}, status=int(fault), headers=headers)
             if fault == "timeout":
                 await asyncio.sleep(act.get("timeout_s", 30))
             if fault == "reset":
@@ -205,7 +208,7 @@ class FakeUpstream:
                     await resp.write_eof()
                     return resp
                 if fault == "stream_error" and j == 1:
-                    await send({"error": {"message": "injected stream error"}})
+                    await send({"error": {"message": act.get("message", "injected stream error")}})
                     await resp.write_eof()
                     return resp
                 if fault == "invalid_json" and j == 1:

@@ -135,6 +135,8 @@ class ChatService:
                 res = task.result()
             except GraphError as e:
                 status = e.status
+                # Operators need the cause; upstream error text is already stripped of keys (backends/http.py).
+                log.warning("%s failed (%d): %s", spec.name, e.status, e)
                 raise self._gerr(e) from None
             status = 200
             return self._response(req, spec, res).model_dump(exclude_none=True)
@@ -192,6 +194,7 @@ class ChatService:
                 res = task.result()
             except GraphError as e:
                 status = e.status
+                log.warning("%s stream failed (%d): %s", spec.name, e.status, e)
                 yield f"data: {json.dumps(error_body(e.status, str(e), code='upstream_error' if e.status == 502 else 'timeout'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
