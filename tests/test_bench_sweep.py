@@ -88,6 +88,9 @@ async def test_sweep_runs_resumes_and_reports(tmp_path):
     up2 = ScriptedUpstream()
     log2 = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up2), progress=False)
     assert up2.calls == 0 and len(log2.records) == 3 * n_q
+    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert runs[0]["cache_misses"] == calls_first and runs[0]["records_after"] == 3 * n_q
+    assert runs[1]["cache_misses"] == 0 and runs[1]["records_before"] == runs[1]["records_after"]
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 * n_q
 

@@ -374,12 +374,40 @@ async def run_sweep(
     (out / "sweep.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2), encoding="utf-8")
     if own_registry:
         await registry.start()
+    started = time.time()
+    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root)
+    before = 0
     try:
-        run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root)
+        before = len(ResultsLog(out / "results.jsonl").records)
         log = await run.run(archs)
     finally:
+        _append_run_stats(out, run, registry, started, before)
         if own_registry:
             await registry.close()
         if store is not None:
             store.close()
     return log
+
+
+def _cache_counts(registry: Any) -> tuple[int, int]:
+    hits = misses = 0
+    for b in registry.backends().values():
+        while b is not None:
+            if isinstance(b, CachingBackend):
+                hits += b.hits
+                misses += b.misses
+                break
+            b = getattr(b, "inner", None)
+    return hits, misses
+
+
+def _append_run_stats(out: Path, run: SweepRun, registry: Any, started: float, before: int) -> None:
+    """One line per invocation in ``runs.jsonl``: what this (possibly resumed) run cost and re-used."""
+    hits, misses = _cache_counts(registry)
+    after = len(ResultsLog(out / "results.jsonl").records)
+    m = run.meter
+    stats = {"started": started, "seconds": round(time.time() - started, 2), "records_before": before, "records_after": after,
+             "calls": m.calls, "prompt_tokens": m.usage.prompt_tokens, "completion_tokens": m.usage.completion_tokens,
+             "judge_calls": m.judge_calls, "cache_hits": hits, "cache_misses": misses}
+    with open(out / "runs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(stats) + "\n")
