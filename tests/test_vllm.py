@@ -137,6 +137,29 @@ async def test_models_and_health(vllm: VLLMManagedBackend) -> None:
         assert resp.status == 200
 
 
+async def test_speculative_decoding_passthrough() -> None:
+    # Its own vLLM: --speculative-config is a launch flag. ngram needs no draft model.
+    b = VLLMManagedBackend(
+        name="spec",
+        model=MODEL,
+        enforce_eager=True,
+        max_model_len=2048,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3},
+        startup_timeout_s=600,
+    )
+    await b.start()
+    try:
+        text = "the quick brown fox jumps over the lazy dog, " * 2
+        res = await b.chat(ask(f"Repeat exactly: {text}", temperature=0.0, max_tokens=40))
+        assert res.choices[0].text.strip()
+        m = await b.vllm_metrics()
+        assert m.get("vllm:spec_decode_num_draft_tokens_total", 0) > 0
+        assert 0 < m.get("vllm:spec_decode_num_accepted_tokens_total", 0) <= m["vllm:spec_decode_num_draft_tokens_total"]
+    finally:
+        await b.close()
+
+
 async def test_kill9_restarts_and_serves_again(vllm: VLLMManagedBackend) -> None:
     old = vllm.pids[0]
     assert old is not None

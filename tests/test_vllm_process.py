@@ -77,6 +77,13 @@ def test_build_command_default_and_template() -> None:
     assert argv[:5] == ["vllm", "serve", "/models/m", "--tag", "r3"] and "--port" in argv
 
 
+def test_parse_prometheus() -> None:
+    from archon_server.backends.vllm_managed import parse_prometheus
+
+    text = '# HELP x\nvllm:a_total{engine="0"} 3.0\nvllm:a_created{engine="0"} 1.7e9\nvllm:g 2\nbad line\n'
+    assert parse_prometheus(text) == [("vllm:a_total", 3.0), ("vllm:g", 2.0)]
+
+
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError):
         VLLMOptions(model="m", replicas=2, replica_devices=["0"])

@@ -167,6 +167,23 @@ class ReplicaState:
         return f"http://127.0.0.1:{self.port}"
 
 
+def parse_prometheus(text: str) -> list[tuple[str, float]]:
+    """(metric name, value) of every sample line of a Prometheus text exposition; ``*_created`` timestamps skipped."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name = head.split("{", 1)[0]
+        if not name or name.endswith("_created"):
+            continue
+        try:
+            out.append((name, float(value)))
+        except ValueError:
+            continue
+    return out
+
+
 def _greedy_fanout(request: ChatRequest) -> bool:
     return request.params.n > 1 and request.params.temperature == 0
 
@@ -213,6 +230,28 @@ class VLLMManagedBackend(Backend):
             ],
             "restarts": self.restarts,
         }
+
+    async def vllm_metrics(self) -> dict[str, float]:
+        """vLLM's Prometheus counters/gauges summed over replicas (labels dropped), e.g.
+        ``vllm:generation_tokens_total``, ``vllm:spec_decode_num_draft_tokens_total``,
+        ``vllm:spec_decode_num_accepted_tokens_total``, ``vllm:num_requests_running``.
+
+        Speculative-decoding acceptance is only reported here: vLLM does not put it in
+        the completion body.  Replicas that do not answer are skipped.
+        """
+        out: dict[str, float] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            for r in self.replicas:
+                try:
+                    async with s.get(f"{r.url}/metrics") as resp:
+                        if resp.status != 200:
+                            continue
+                        text = await resp.text()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    continue
+                for name, value in parse_prometheus(text):
+                    out[name] = out.get(name, 0.0) + value
+        return out
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
