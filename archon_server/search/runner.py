@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from archon_server.search.config import SearchConfig
@@ -75,14 +76,22 @@ def open_study(
         )
     multi = config.objective.mode == "pareto"
     kwargs: dict[str, Any] = {"directions": ["maximize", "minimize"]} if multi else {"direction": "maximize"}
-    study = optuna.create_study(
-        storage=st,
-        study_name=study_name or config.study.name,
-        sampler=sampler or make_sampler(config.study.sampler, multi_objective=multi, seed_offset=seed_offset),
-        pruner=pruner or make_pruner(config.study.pruner),
-        load_if_exists=True,
-        **kwargs,
-    )
+    for attempt in range(5):
+        try:
+            study = optuna.create_study(
+                storage=st,
+                study_name=study_name or config.study.name,
+                sampler=sampler or make_sampler(config.study.sampler, multi_objective=multi, seed_offset=seed_offset),
+                pruner=pruner or make_pruner(config.study.pruner),
+                load_if_exists=True,
+                **kwargs,
+            )
+            break
+        except sqlalchemy.exc.SQLAlchemyError:
+            # Workers started together race to create the study row; the loser loads it on the next try.
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     if STUDY_CONFIG not in study.user_attrs:
         study.set_user_attr(STUDY_CONFIG, config.model_dump(mode="json", by_alias=True))
     return study
@@ -199,7 +208,9 @@ async def run_worker(
     free_streak = 0  # consecutive trials that evaluated nothing new
     while True:
         if hb:
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
         p = progress(study)
         if p.evaluated >= n_trials:
             break

@@ -63,6 +63,12 @@ def retry_callback(max_retry: int | None) -> Any:
         return cls(max_retry=max_retry)
 
 
+def retried_from(trial: optuna.trial.FrozenTrial) -> int | None:
+    """Number of the dead trial this one re-runs (set by the retry callback), else None."""
+    n = trial.system_attrs.get("failed_trial")
+    return int(n) if n is not None else None
+
+
 def make_storage(
     url: str,
     *,
@@ -97,7 +103,9 @@ def make_storage(
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
-    return isinstance(storage, RDBStorage) and storage.get_heartbeat_interval() is not None
+    # Duck-typed: a study wraps the RDBStorage in Optuna's (private) caching storage, which delegates heartbeats.
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return hasattr(storage, "record_heartbeat") and get is not None and get() is not None
 
 
 class Heartbeat:
@@ -117,11 +125,10 @@ class Heartbeat:
             self._thread.start()
 
     def _run(self) -> None:
-        assert isinstance(self._storage, RDBStorage)
-        interval = self._storage.get_heartbeat_interval() or 10
+        interval = self._storage.get_heartbeat_interval() or 10  # type: ignore[attr-defined]
         while True:
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
             except Exception as e:  # a transient DB error must not kill the trial; the next beat retries
                 log.warning("heartbeat of trial %s failed: %s", self._trial_id, e)
             if self._stop.wait(interval):

@@ -1,0 +1,153 @@
+"""Distributed search through the storage: real worker processes share one SQLite study.
+
+- two workers finish exactly N evaluated trials together, none lost, no surplus evaluation;
+- a worker killed with SIGKILL mid-trial loses only that trial: its heartbeat stops, another
+  worker marks it FAIL and re-runs the same parameters, and a restarted worker continues the study;
+- ``export`` and ``status`` work from the storage URL alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from archon_server.search.objective import ATTR_SKIPPED, ATTR_WORKER, is_evaluated
+from archon_server.search.objective import ATTR_KEY
+from archon_server.search.storage import make_storage, retried_from
+from archon_server.spec import load_architecture
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "search" / "tiny-scripted.yaml"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _config(tmp_path: Path, **scripted) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    # Random sampler: what is under test is the coordination through the storage, and TPE over an RDB is slow.
+    data["study"].update({"name": "shared", "heartbeat_interval": 1, "grace_period": 2, "sampler": {"type": "random", "seed": 0}})
+    data["evaluation"].update({"stages": [], "test_top": 1, "baselines": False})
+    data["evaluation"]["scripted"].update({"n_dev": 10, **scripted})
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "archon_server.search", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _load(url: str) -> optuna.Study:
+    return optuna.load_study(study_name="shared", storage=make_storage(url, heartbeat_interval=None))
+
+
+def _check_bookkeeping(study: optuna.Study, n: int) -> None:
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert sum(is_evaluated(t) for t in trials) == n
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], "a trial was lost"
+    for t in trials:  # every failure is explained: surplus, or killed (and then retried)
+        if t.state == TrialState.FAIL:
+            assert ATTR_SKIPPED in t.user_attrs or any(
+                retried_from(r) == t.number for r in trials), t
+
+
+def test_two_workers_share_one_study_then_export(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, step_sleep_s=0.03)
+    url = f"sqlite:///{tmp_path}/shared.db"
+    out = subprocess.run(_cmd("run", str(cfg), "--storage", url, "--n-trials", "8", "--workers", "2", "--no-export"),
+                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = _load(url)
+    _check_bookkeeping(study, 8)
+    workers = {t.user_attrs.get(ATTR_WORKER) for t in study.get_trials() if is_evaluated(t)}
+    assert len(workers) == 2, workers  # both processes did real work
+
+    exp = subprocess.run(_cmd("export", "--storage", url, "--out", str(tmp_path / "arch"), "--report-dir", str(tmp_path / "rep")),
+                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    paths = json.loads(exp.stdout.strip().splitlines()[-1])
+    assert load_architecture(paths["architecture"]).name == "shared-best"
+    assert "Best architectures" in Path(paths["report"]).read_text()
+    st = subprocess.run(_cmd("status", "--storage", url), env=_env(), capture_output=True, text=True, timeout=120)
+    status = json.loads(st.stdout.strip().splitlines()[-1])
+    assert status["evaluated"] == 8 and status["target"] == 8 and status["best"]["trial"] is not None
+
+
+def _wait_running_trial_of(url: str, pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for t in _load(url).get_trials(states=(TrialState.RUNNING,)):
+                # Sampled (the spec is stored) and now evaluating: a kill here is truly mid-trial.
+                if str(t.user_attrs.get(ATTR_WORKER, "")).endswith(f":{pid}") and ATTR_KEY in t.user_attrs:
+                    return t.number
+        except Exception:  # the study may not exist yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"worker {pid} never ran a trial")
+
+
+def test_killed_worker_trial_is_failed_by_heartbeat_retried_and_study_completes(tmp_path: Path) -> None:
+    n = 6
+    cfg = _config(tmp_path, step_sleep_s=0.2)  # ~2 s per trial: time to kill one mid-trial
+    url = f"sqlite:///{tmp_path}/shared.db"
+    run = lambda idx: subprocess.Popen(  # noqa: E731
+        _cmd("run", str(cfg), "--storage", url, "--n-trials", str(n), "--no-finalize", "--no-export", "--worker-index", str(idx)),
+        env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = run(0)
+    procs = [a]
+    try:
+        killed = _wait_running_trial_of(url, a.pid, timeout=60)
+        b = run(1)
+        procs.append(b)
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=10)
+        assert a.returncode == -signal.SIGKILL
+        assert _load(url).trials[killed].state == TrialState.RUNNING  # nobody told the storage
+        restarted = run(2)  # "restart the worker": it resumes the same study
+        procs.append(restarted)
+        for p in (b, restarted):
+            _, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    study = _load(url)
+    _check_bookkeeping(study, n)
+    trials = study.get_trials()
+    assert trials[killed].state == TrialState.FAIL
+    retries = [t for t in trials if retried_from(t) == killed]
+    assert len(retries) == 1, "the killed trial must be re-run exactly once"
+    r = retries[0]
+    assert is_evaluated(r) and r.params == trials[killed].params
+    assert not str(r.user_attrs[ATTR_WORKER]).endswith(f":{a.pid}")
+
+
+@pytest.mark.parametrize("argv", [["search", "run", "c.yaml", "--workers", "3", "--n-trials", "7"], ["search", "export", "--storage", "sqlite:///x.db"]])
+def test_add_cli_registers_on_any_parser(argv: list[str]) -> None:
+    import argparse
+
+    from archon_server.search.cli import add_cli
+
+    parser = argparse.ArgumentParser(prog="archon")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    assert callable(args.func)
+    if argv[1] == "run":
+        assert (args.workers, args.n_trials, args.config) == (3, 7, "c.yaml")
