@@ -7,7 +7,9 @@ No-orphan strategy, in layers (each covers a way our process can end):
 * the child starts in a new session (``start_new_session``), so it and everything it
   forks (vLLM's engine-core processes) share one process group we can signal at once;
 * ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` in the child: the kernel signals it when the
-  thread that forked it dies -- this covers SIGKILL of our process, which runs no code;
+  thread that forked it dies -- this covers SIGKILL of our process, which runs no code
+  (caveat: the *thread*, so start children from a long-lived loop thread, as uvicorn's
+  main-thread loop is, never from a short-lived worker thread);
 * :func:`kill_all_groups` runs at ``atexit`` (normal exit, unhandled exception, SIGINT
   via KeyboardInterrupt) and from a SIGTERM handler installed only when SIGTERM still
   has its default action (we never override a handler uvicorn or the CLI installed).
