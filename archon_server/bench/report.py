@@ -142,10 +142,12 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     benches = sorted({r.benchmark for r in rows})
+    archs = sorted({r.arch for r in rows})
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(archs)}  # one colour per architecture in every panel
     fig, axes = plt.subplots(1, max(1, len(benches)), figsize=(4.5 * max(1, len(benches)), 3.8), squeeze=False)
     for ax, b in zip(axes[0], benches):
         for r in (r for r in rows if r.benchmark == b and r.score is not None):
-            ax.errorbar(r.calls_per_q, r.score, yerr=r.se or 0, fmt="o", capsize=3)
+            ax.errorbar(r.calls_per_q, r.score, yerr=r.se or 0, fmt="o", capsize=3, color=colors[r.arch])
             ax.annotate(r.arch, (r.calls_per_q, r.score), textcoords="offset points", xytext=(4, 4), fontsize=8)
         unit = next((r.unit for r in rows if r.benchmark == b), "")
         ax.set_title(b)
