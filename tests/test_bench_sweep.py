@@ -114,11 +114,12 @@ async def test_sweep_runs_resumes_and_reports(tmp_path):
 
 async def test_cancelled_sweep_resumes_without_duplicates(tmp_path):
     spec = _spec(tmp_path, benchmarks=[{"name": "math500", "n": 8}, {"name": "alpaca_eval", "n": 8}], concurrency=2)
-    up = ScriptedUpstream(delay_s=0.02)
+    up = ScriptedUpstream(delay_s=0.05)
     task = asyncio.create_task(sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False))
     results = tmp_path / "out" / "results.jsonl"
-    for _ in range(500):
-        await asyncio.sleep(0.02)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
         if results.exists() and len(results.read_text().splitlines()) >= 10:
             break
     task.cancel()
@@ -150,13 +151,13 @@ def test_killed_subprocess_sweep_resumes(tmp_path):
         asyncio.run(sw.run_sweep(spec, {str(tmp_path / 'out')!r}, registry=make_registry(ScriptedUpstream(delay_s=float(sys.argv[1]))), progress=False))
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script), "0.05"], env=env)
+    proc = subprocess.Popen([sys.executable, str(script), "0.1"], env=env)
     results = tmp_path / "out" / "results.jsonl"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if results.exists() and len(results.read_text().splitlines()) >= 6:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = len(results.read_text().splitlines())
