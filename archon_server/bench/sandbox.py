@@ -258,7 +258,8 @@ def _run(code: str, stdin: str, files: dict[str, str] | None, limits: SandboxLim
     dur = time.monotonic() - t0
     stdout, stderr = _tail(bytes(out["stdout"]), limits.tail_chars), _tail(bytes(out["stderr"]), limits.tail_chars)
     status, reason = _classify(rc, stderr, killed, limits)
-    return SandboxResult(status == "ok", status, rc, stdout, stderr, dur, reason, mode)
+    extra = {"uid": job["uid"]} if job.get("uid") is not None else {}
+    return SandboxResult(status == "ok", status, rc, stdout, stderr, dur, reason, mode, extra)
 
 
 def _killpg(proc: subprocess.Popen[bytes]) -> None:
