@@ -117,7 +117,7 @@ def _summary(study: optuna.Study) -> dict[str, Any]:
 
 # -- commands -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from archon_server.search.runner import finalize, make_evaluator, open_study, progress, rank_models, run_search
+    from archon_server.search.runner import finalize_study, open_study, progress, run_search
 
     _setup_logging(args.verbose)
     try:
@@ -143,13 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
         study = open_study(cfg, storage=storage, study_name=study_name)
         if not args.no_finalize:
-            evaluator = make_evaluator(cfg)
-
-            async def fin() -> None:
-                ranked = await rank_models(cfg, study, evaluator)
-                await finalize(cfg, study, evaluator, ranked)
-
-            asyncio.run(fin())
+            asyncio.run(finalize_study(cfg, study))
     else:
         res = asyncio.run(run_search(cfg, storage=storage, study_name=study_name, n_trials=args.n_trials,
                                      seed_offset=args.worker_index, do_finalize=not args.no_finalize))
@@ -170,14 +164,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         if cfg is None:
             print("error: --finalize needs CONFIG (it evaluates on the test split)", file=sys.stderr)
             return 2
-        from archon_server.search.runner import finalize, make_evaluator, rank_models
+        from archon_server.search.runner import finalize_study
 
-        evaluator = make_evaluator(cfg)
-
-        async def fin() -> None:
-            await finalize(cfg, study, evaluator, await rank_models(cfg, study, evaluator))
-
-        asyncio.run(fin())
+        asyncio.run(finalize_study(cfg, study))
     try:
         out = _export(study, storage, cfg, args.out, args.report_dir, args.name)
     except LookupError as e:

@@ -162,7 +162,10 @@ class ScriptedConfig(_Base):
 class EvaluationConfig(_Base):
     evaluator: Literal["scripted", "bench"] = "scripted"
     dataset: str | None = Field(default=None, description="bench dataset name (evaluator=bench).")
-    backends: str | None = Field(default=None, description="bench/backends config file (evaluator=bench).")
+    backends: str | None = Field(default=None, description="Server config file whose backends are the pool (evaluator=bench; "
+                                 "None = the embedded default model).")
+    judge: str | None = Field(default=None, description="Backend alias of the judge for judged datasets (alpaca_eval, mt_bench...).")
+    seed: int = Field(default=0, description="Dev/test split and subset order.")
     stages: list[int] = Field(default_factory=lambda: [5, 10], description="Dev subset sizes evaluated (and reported) before the full dev split.")
     dev_limit: int | None = Field(default=None, ge=1, description="Cap on the 'full' dev split.")
     test_top: int = Field(default=3, ge=0, description="Score this many best trials on the test split at the end.")

@@ -335,6 +335,17 @@ async def finalize(config: SearchConfig, study: optuna.Study, evaluator: Evaluat
     return {"test": tests, "baselines": baselines}
 
 
+async def finalize_study(config: SearchConfig, study: optuna.Study, evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """Finalize an existing study (after multi-process workers, or from ``search export --finalize``)."""
+    own = evaluator is None
+    evaluator = evaluator or make_evaluator(config)
+    try:
+        return await finalize(config, study, evaluator, await rank_models(config, study, evaluator))
+    finally:
+        if own and hasattr(evaluator, "aclose"):
+            await evaluator.aclose()
+
+
 @dataclass
 class SearchResult:
     study: optuna.Study
@@ -357,7 +368,18 @@ async def run_search(
 ) -> SearchResult:
     """One worker's whole run: open/resume, rank the pool, run trials to the target, optionally finalize."""
     t0 = time.perf_counter()
+    own_evaluator = evaluator is None
     evaluator = evaluator or make_evaluator(config)
+    try:
+        return await _run_search(config, evaluator, t0, storage=storage, study_name=study_name, n_trials=n_trials,
+                                 seed_offset=seed_offset, do_finalize=do_finalize, sampler=sampler, pruner=pruner)
+    finally:
+        if own_evaluator and hasattr(evaluator, "aclose"):
+            await evaluator.aclose()
+
+
+async def _run_search(config: SearchConfig, evaluator: Evaluator, t0: float, *, storage: Any, study_name: str | None,
+                      n_trials: int | None, seed_offset: int, do_finalize: bool, sampler: Any, pruner: Any) -> SearchResult:
     study = open_study(config, storage=storage, study_name=study_name, seed_offset=seed_offset, sampler=sampler, pruner=pruner)
     target = n_trials or int(study.user_attrs.get(STUDY_TARGET, config.study.n_trials))
     if n_trials is not None or STUDY_TARGET not in study.user_attrs:
@@ -366,6 +388,7 @@ async def run_search(
     objective = ArchitectureObjective(config, evaluator, ranked, study.study_name)
     stats = await run_worker(study, objective, target)
     final = None
-    if do_finalize and progress(study).evaluated >= target:
+    # A converged search (the sampler only repeats known graphs) is as finished as one that hit its target.
+    if do_finalize and (progress(study).evaluated >= target or stats.converged):
         final = await finalize(config, study, evaluator, ranked)
     return SearchResult(study=study, stats=stats, elapsed_s=time.perf_counter() - t0, final=final)

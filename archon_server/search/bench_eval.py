@@ -1,0 +1,124 @@
+"""The real evaluator: run an architecture with the graph runtime over a bench dataset and grade it.
+
+A thin adapter over :mod:`archon_server.bench.sweep` -- the same item runner, graders,
+judges and call cache as ``archon bench`` -- so a search trial's score means exactly what
+a sweep's score means.  The cache scope is the *architecture key*, not the trial's name:
+the same graph asked the same question again (a later stage, a duplicate trial, a retried
+trial, another worker sharing the cache file) costs no backend call.
+
+Dev/test come from ``bench.datasets.select`` (its seeded 20/80 split) and are then
+shuffled with the same seed, so "the first 5 dev questions" of a cheap stage are a random
+sample rather than the first subject of MMLU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from archon_server.search.config import SearchConfig
+from archon_server.search.evaluator import EvalResult, StepCallback
+from archon_server.search.space import architecture_key
+from archon_server.spec import ArchitectureSpec
+
+
+class BenchEvaluator:
+    """Evaluator protocol on bench + graph runtime. ``registry`` holds the pool's backend aliases."""
+
+    def __init__(
+        self,
+        dataset: str,
+        registry: Any,
+        *,
+        cache_path: str | Path | None,
+        judge: str | None = None,
+        concurrency: int = 4,
+        seed: int = 0,
+        data_root: str | None = None,
+        own_registry: bool = False,
+    ):
+        from archon_server.bench import datasets as ds
+        from archon_server.bench.cache import CacheStore
+        from archon_server.bench.sweep import BenchmarkEntry, SweepRun, SweepSpec, wrap_registry
+        from archon_server.graph.runtime import GraphRuntime
+
+        self.dataset = dataset
+        self.registry = registry
+        self.concurrency = concurrency
+        self._own_registry = own_registry
+        self._started = not own_registry
+        self._start_lock = asyncio.Lock()
+        sweep = SweepSpec(name=f"search-{dataset}", judge=judge, concurrency=concurrency, seed=seed,
+                          architectures=["search"], benchmarks=[BenchmarkEntry(name=dataset)])
+        self.store = CacheStore(cache_path) if cache_path else None
+        wrap_registry(registry, sweep, self.store)
+        out_dir = Path(cache_path).parent if cache_path else Path(".")
+        self.run = SweepRun(sweep, out_dir, registry, GraphRuntime(registry), progress=False, data_root=data_root)
+        self.items = {s: ds.shuffled(ds.select(dataset, split_name=s, seed=seed, root=data_root), seed) for s in ("dev", "test")}
+        self.errors = 0  # questions whose generation or grading failed (scored 0)
+
+    def split_size(self, split: str) -> int:
+        return len(self.items[split])
+
+    async def _ensure_started(self) -> None:
+        async with self._start_lock:
+            if not self._started:
+                await self.registry.start()
+                self._started = True
+
+    async def evaluate(self, spec: ArchitectureSpec, split: str, limit: int | None = None,
+                       on_step: StepCallback | None = None) -> EvalResult:
+        await self._ensure_started()
+        items = self.items[split][: limit or None]
+        key = f"arch-{architecture_key(spec)}"
+        sem = asyncio.Semaphore(self.concurrency)
+        done = 0
+
+        async def one(item: Any) -> dict[str, Any]:
+            nonlocal done
+            async with sem:
+                rec = await self.run.run_item(key, spec, item)
+            done += 1
+            if on_step:
+                on_step(done, len(items))
+            return rec
+
+        recs = await asyncio.gather(*(one(it) for it in items))
+        scores = []
+        for r in recs:
+            if r.get("error") or r.get("score") is None:
+                self.errors += 1
+            scores.append(float(r.get("score") or 0.0))
+        return EvalResult(
+            score=sum(scores) / len(scores) if scores else 0.0,
+            n=len(recs),
+            calls=sum(int(r.get("calls") or 0) for r in recs),
+            tokens=sum(int(r.get("prompt_tokens") or 0) + int(r.get("completion_tokens") or 0) for r in recs),
+            per_question=scores,
+            ids=[r["id"] for r in recs],
+        )
+
+    async def aclose(self) -> None:
+        if self._own_registry and self._started:
+            await self.registry.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+def make_bench_evaluator(config: SearchConfig) -> BenchEvaluator:
+    """From a search config: ``evaluation.backends`` is a server config file (None = the embedded default)."""
+    from archon_server.backends.registry import build_registry
+    from archon_server.config import load_config
+
+    ev = config.evaluation
+    if not ev.dataset:
+        raise ValueError("evaluation.dataset is required with evaluator: bench")
+    registry = build_registry(load_config(ev.backends))
+    missing = [m.name for m in config.models if m.name not in registry]
+    if missing:
+        raise ValueError(f"models {missing} are not backend aliases of {ev.backends or 'the default config'}")
+    cache = Path(config.export.report_dir) / config.study.name / "cache.sqlite"
+    return BenchEvaluator(ev.dataset, registry, cache_path=cache, judge=ev.judge, concurrency=ev.concurrency,
+                          seed=ev.seed, own_registry=True)
