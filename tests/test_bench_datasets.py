@@ -117,3 +117,10 @@ def test_cruxeval_given_outputs_pass_and_wrong_fail():
     assert not any(g.correct for g in grades[20:25])
     # input mode checks against the *given* output, whatever the model wrote on the right
     assert all(g.correct for g in grades[25:])
+
+
+def test_humaneval_block_with_only_the_entry_point_keeps_prompt_helpers():
+    it = {i.id: i for i in ds.load("humaneval")}["HumanEval/10"]  # make_palindrome uses the prompt's is_palindrome
+    body = "def make_palindrome(string: str) -> str:\n" + it.reference["canonical_solution"]
+    assert gr.grade(it, f"Here you go:\n```python\n{body}```").correct
+    assert not gr.grade(it, "```python\ndef make_palindrome(string: str) -> str:\n    return string\n```").correct

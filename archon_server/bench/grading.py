@@ -161,9 +161,11 @@ def grade_cruxeval(response: str, ref: dict[str, Any], limits: SandboxLimits | N
 def humaneval_program(ref: dict[str, Any], response: str) -> str:
     """Program = (the response's function, or prompt + completion) + the tests + ``check(entry_point)``.
 
-    If a code block defines the entry point, the block is taken as the whole solution
-    (the prompt's imports are prepended in case the model left them out); otherwise the
-    response is treated as a raw completion of the prompt.
+    If a code block defines the entry point, the block is the solution, placed after the
+    whole prompt: the prompt's imports and helper functions (HumanEval/10 completes
+    ``make_palindrome`` next to a given ``is_palindrome``) stay defined, and its
+    docstring-only stub is simply redefined by the block.  Otherwise the response is
+    treated as a raw completion of the prompt.
     """
     entry = ref["entry_point"]
     blocks = code_blocks(response)
@@ -173,8 +175,7 @@ def humaneval_program(ref: dict[str, Any], response: str) -> str:
             body = b
             break
     if body is not None:
-        imports = "\n".join(line for line in ref["prompt"].splitlines() if line.startswith(("import ", "from ")))
-        solution = f"{imports}\n{body}"
+        solution = f"{ref['prompt']}\n\n{body}"
     else:
         completion = blocks[0] if blocks else response
         solution = ref["prompt"] + completion
