@@ -50,6 +50,15 @@ class _Component(Sampling):
     def models_used(self) -> list[str]:
         return [self.model] if self.model else []
 
+    def needs_model(self) -> bool:
+        return True
+
+    @model_validator(mode="after")
+    def _model_required(self) -> "_Component":
+        if self.needs_model() and not self.model:
+            raise ValueError(f"a {getattr(self, 'type', 'component')} needs `model` (a backend alias)")
+        return self
+
 
 class GeneratorSpec(_Component):
     """Samples candidates. ``samples`` of one model go out as one ``n=k`` request when the backend allows it."""
@@ -58,11 +67,10 @@ class GeneratorSpec(_Component):
     models: list[str] | None = Field(default=None, description="Several models, each sampled `samples` times.")
     samples: int = Field(default=1, ge=1, le=256)
 
-    @model_validator(mode="after")
-    def _need_model(self) -> "GeneratorSpec":
+    def needs_model(self) -> bool:
         if not self.model and not self.models:
             raise ValueError("a generator needs `model` or `models`")
-        return self
+        return False
 
     def models_used(self) -> list[str]:
         return list(self.models or []) + ([self.model] if self.model else [])
@@ -107,6 +115,9 @@ class UnitTestGeneratorSpec(_Component):
 
     type: Literal["unit_test_generator"] = "unit_test_generator"
     num_tests: int = Field(default=5, ge=1, le=50)
+    style: Literal["natural", "assert"] = Field(
+        default="natural", description="`natural`: checks for an LLM judge; `assert`: Python asserts for the executed evaluator."
+    )
 
 
 class UnitTestEvaluatorSpec(_Component):
@@ -114,7 +125,10 @@ class UnitTestEvaluatorSpec(_Component):
 
     type: Literal["unit_test_evaluator"] = "unit_test_evaluator"
     top_k: int = Field(default=1, ge=1, le=256)
-    mode: Literal["llm", "executed"] = "llm"
+    mode: Literal["llm", "executed"] = Field(default="llm", description="`executed` runs each candidate's code against the tests in the sandbox (no model).")
+
+    def needs_model(self) -> bool:
+        return self.mode == "llm"
 
 
 class SelfMoASeqSpec(_Component):
@@ -132,6 +146,9 @@ class SelfMoASeqSpec(_Component):
     window: int = Field(default=6, ge=2, le=64)
     repeat_best: int = Field(default=1, ge=1, le=8)
     proposer_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    def needs_model(self) -> bool:
+        return True
 
     @model_validator(mode="after")
     def _window(self) -> "SelfMoASeqSpec":

@@ -135,3 +135,24 @@ async def test_final_params_from_sampling_params(upstream_factory):
     res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], SamplingParams(n=3, max_tokens=9, temperature=0.2))
     await reg.close()
     assert len(res.choices) == 3 and up.requests[-1].body["max_tokens"] == 9 and up.requests[0].body["max_tokens"] == 512
+
+
+async def test_executed_unit_test_evaluator_runs_code_in_the_sandbox(upstream_factory):
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return a - b\n```"
+    hostile = "```python\nimport os\nos.system('touch /tmp/pwned')\ndef add(a, b):\n    while True: pass\n```"
+
+    def script(b):
+        s = json.dumps(b)
+        if "single-line Python assert" in s:
+            return {"text": "- assert add(1, 2) == 3\n- assert add(0, 0) == 0\n- the function is fast"}
+        return {"text": [bad, hostile, good][: b["n"]]}
+
+    up = upstream_factory(script)
+    res = await run(up, [
+        [{"type": "generator", "model": "default", "samples": 3},
+         {"type": "unit_test_generator", "model": "judge", "num_tests": 3, "style": "assert"}],
+        [{"type": "unit_test_evaluator", "mode": "executed", "top_k": 1}],
+    ], prompt="Write add(a, b).")
+    assert res.text == good and res.candidates[0].score == 1.0
+    assert any("not Python" in n for n in res.trace.layers[1].notes)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from archon_server.bench import sandbox as sb
+from archon_server.sandbox import core as sb
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ["default", "rlimits"]

@@ -102,7 +102,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from .sandbox import SandboxLimits, isolation_mode, run_python
+    from ..sandbox import SandboxLimits, isolation_mode, run_python
 
     code = Path(args.file).read_text(encoding="utf-8") if args.file != "-" else sys.stdin.read()
     r = run_python(code, limits=SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .datasets import Item, last_boxed
-from .sandbox import SandboxLimits, isolation_mode, run_python
+from ..sandbox import SandboxLimits, isolation_mode, run_python
 
 
 @dataclass

@@ -38,6 +38,12 @@ UNIT_TEST_GENERATOR = (
     "Write one per line, each starting with '- '. Do not write anything else."
 )
 
+UNIT_TEST_GENERATOR_ASSERT = (
+    "Here is a programming task.\n\nTask: {query}\n\n"
+    "Write {k} unit tests for a correct solution, each a single-line Python assert statement calling the "
+    "function the task asks for. Write one per line, each starting with '- '. Do not write anything else."
+)
+
 UNIT_TEST_EVALUATOR = (
     "Here is an instruction, a response and a list of unit tests.\n\nInstruction: {query}\n\nResponse:\n{response}\n\n"
     "Unit tests:\n{tests}\n\nFor each unit test, in order, decide whether the response satisfies it. "

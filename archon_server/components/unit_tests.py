@@ -15,9 +15,10 @@ class UnitTestGenerator(Component):
 
     async def run(self, ctx: ComponentContext, state: State) -> Update:
         k = self.spec.num_tests
+        template = prompts.UNIT_TEST_GENERATOR_ASSERT if self.spec.style == "assert" else prompts.UNIT_TEST_GENERATOR
         tests = await ctx.call_parsed(
             self.id, self.type, self.spec.model,
-            user_prompt(prompts.UNIT_TEST_GENERATOR.format(query=state.query, k=k)),
+            user_prompt(template.format(query=state.query, k=k)),
             ctx.sampling(self.spec, judge=True), lambda t: parse_unit_tests(t, k), purpose=f"{k} tests",
         )
         if not tests:
@@ -63,7 +64,11 @@ class UnitTestEvaluator(Component):
         return [sum(r) / len(tests) if isinstance(r, list) else 0.0 for r in results]
 
     async def _executed(self, ctx: ComponentContext, state: State) -> list[float]:
-        from ..sandbox import score_program  # the sandbox runs model-written code in a separate process
+        """Run each candidate's code against the tests in the sandbox (separate process, limits, no network)."""
+        from ..sandbox import is_python, score_program
 
+        skipped = sum(not is_python(t) for t in state.unit_tests)
+        if skipped:
+            ctx.layer.notes.append(f"{self.id}: {skipped} test(s) are not Python and were not executed")
         scores = await gather_tolerant([score_program(c.text, state.unit_tests) for c in state.candidates])
         return [s if isinstance(s, float) else 0.0 for s in scores]

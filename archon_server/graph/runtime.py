@@ -97,7 +97,9 @@ class GraphRuntime:
         final: FinalOverrides | None = None,
         sink: StreamSink | None = None,
         deadline_s: float | None = None,
+        unit_tests: list[str] | None = None,
     ) -> RunResult:
+        """Run ``spec`` on ``messages``. ``unit_tests``: tests given by the caller (e.g. a dataset's), seen by evaluators."""
         missing = self.check_bindings(spec)
         if missing:
             raise GraphError(f"architecture {spec.name!r} uses unknown model alias(es): {', '.join(missing)}", status=400)
@@ -108,15 +110,17 @@ class GraphRuntime:
             deadline = min(deadline, spec.deadline_s)
         try:
             async with asyncio.timeout(deadline):
-                result = await self._run(spec, messages, final, sink, trace)
+                result = await self._run(spec, messages, final, sink, trace, unit_tests or [])
         except TimeoutError:
             trace.latency_s = time.perf_counter() - trace.started
             raise GraphError(f"deadline of {deadline:g}s exceeded", status=504, trace=trace) from None
         trace.latency_s = time.perf_counter() - trace.started
         return result
 
-    async def _run(self, spec: ArchitectureSpec, messages: list[dict[str, Any]], final: FinalOverrides, sink: StreamSink | None, trace: Trace) -> RunResult:
-        state = State(messages=messages)
+    async def _run(
+        self, spec: ArchitectureSpec, messages: list[dict[str, Any]], final: FinalOverrides, sink: StreamSink | None, trace: Trace, unit_tests: list[str]
+    ) -> RunResult:
+        state = State(messages=messages, unit_tests=list(unit_tests))
         usage = trace.usage
         streamed = False
         last = len(spec.layers) - 1

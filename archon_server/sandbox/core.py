@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 Status = Literal["ok", "failed", "timeout", "memory", "error"]
 
-_LAUNCHER = Path(__file__).with_name("_sandbox_launcher.py")
+_LAUNCHER = Path(__file__).with_name("_launcher.py")
 _UID_BASE = 1_600_000_000  # far above any uid a distribution hands out
 _uid_counter = itertools.count()
 _mode_lock = threading.Lock()
