@@ -91,12 +91,16 @@ def test_thread_tuner_moves_to_the_faster_setting_and_back():
             tuner.after_step(speed[applied[-1]])
 
     assert tuner.current == 2
-    run(12)
+    run(6)  # the first probe comes early
     assert tuner.current == 1 and tuner.switches == 1
+    slow_steps = applied.count(2)
+    run(100)  # probes of the slow setting stop after one step each, and grow rarer
+    assert tuner.current == 1 and tuner.switches == 1
+    assert applied.count(2) - slow_steps <= 4 and tuner.probes >= 3
     speed = {1: 0.05, 2: 0.02}  # the cores freed up
-    run(30)
+    run(200)
     assert tuner.current == 2 and tuner.switches == 2
-    run(30)  # stays while 2 is faster
+    run(100)  # stays while 2 is faster
     assert tuner.current == 2 and tuner.switches == 2
 
 

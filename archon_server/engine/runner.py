@@ -190,9 +190,18 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class ModelRunner:
     """Weights + forward pass of one model.  Not thread-safe: one worker owns it."""
 
-    def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "auto", int8_small_batch: bool | str = "auto"):
+    def __init__(
+        self,
+        folder: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        int8_small_batch: bool | str = "auto",
+        kv_dtype: str = "auto",
+    ):
         """``int8_small_batch``: also keep int8 copies of the weights and use them for steps of at most
-        :attr:`int8_max_rows` token rows (``"auto"``: on CPU in bf16 when the kernel exists)."""
+        :attr:`int8_max_rows` token rows (``"auto"``: on CPU in bf16 when the kernel exists).
+        ``kv_dtype``: KV cache / attention dtype; ``"auto"``: the weights' dtype (float32 KV was
+        measured no faster on CPU: long-context decode is bound by reading K/V, and bf16 halves it)."""
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
@@ -201,6 +210,10 @@ class ModelRunner:
         self.dims = d = LlamaDims.from_config(cfg)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        if kv_dtype == "auto":
+            self.kv_dtype = self.dtype
+        else:
+            self.kv_dtype = pick_dtype(kv_dtype, self.device)
         sd = load_file(str(self.folder / "model.safetensors"), device="cpu")
 
         def w(name: str) -> torch.Tensor:
@@ -284,7 +297,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ cache API
     def new_cache(self, slots: int = 1, capacity: int = 256) -> KVCache:
-        return KVCache(self.dims, self.dtype, self.device, slots, capacity)
+        return KVCache(self.dims, self.kv_dtype, self.device, slots, capacity)
 
     # ------------------------------------------------------------------ forward
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -347,13 +360,13 @@ class ModelRunner:
             k = k * cos + self._rotate_half(k) * sin
             kc, vc = cache.k[li], cache.v[li]  # [S, KVH, C, D]
             # advanced indices (rows, pos) around a slice -> value shape [B, T, KVH, D]
-            kc[rows, :, pos] = k.transpose(1, 2)
-            vc[rows, :, pos] = v.transpose(1, 2)
+            kc[rows, :, pos] = k.transpose(1, 2).to(self.kv_dtype)
+            vc[rows, :, pos] = v.transpose(1, 2).to(self.kv_dtype)
             keys = kc[first_slot : first_slot + B, :, :total]
             vals = vc[first_slot : first_slot + B, :, :total]
-            qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim)
+            qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
             a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=self.scale)
-            a = a.view(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq)
+            a = a.view(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)
             x = x + self._linear(a, L["o"], small)
             h = self._rms(x, L["mlp_norm"])
             gu = self._linear(h, L["gate_up"], small)

@@ -31,11 +31,14 @@ class ThreadTuner:
         period: int = 48,
         probe: int = 4,
         margin: float = 0.9,
+        max_period: int = 3072,
         set_threads: Callable[[int], None] = torch.set_num_threads,
     ):
         self.options = sorted(set(max(1, o) for o in options))
         self.current = self.options[-1]
         self.period = period
+        self.max_period = max_period
+        self._period_now = period
         self.probe = probe
         self.margin = margin
         self._set = set_threads
@@ -43,9 +46,11 @@ class ThreadTuner:
         self._recent: deque[float] = deque(maxlen=probe)  # current setting, latest steps
         self._probe_times: list[float] = []
         self._probing: int | None = None
-        self._since_probe = 0
+        # First probe right after `probe` steps: a bad default must not last a whole period.
+        self._since_probe = period - probe
         self._next_probe_idx = 0
         self.switches = 0
+        self.probes = 0
 
     @property
     def active(self) -> int:
@@ -64,19 +69,27 @@ class ThreadTuner:
         if self._probing is None:
             self._recent.append(cost)
             self._since_probe += 1
-            if self._since_probe >= self.period and len(self._recent) == self.probe:
+            if self._since_probe >= self._period_now and len(self._recent) == self.probe:
                 others = [o for o in self.options if o != self.current]
                 self._probing = others[self._next_probe_idx % len(others)]
                 self._next_probe_idx += 1
                 self._probe_times = []
             return
         self._probe_times.append(cost)
-        if len(self._probe_times) < self.probe:
+        base = statistics.median(self._recent)
+        # A probe can cost a lot (a 2-thread step on busy cores took 20x a 1-thread one):
+        # give up after one step when it is clearly worse.
+        hopeless = len(self._probe_times) == 1 and cost > 3 * base
+        if not hopeless and len(self._probe_times) < self.probe:
             return
         # The first probe step may pay the thread pool's warm-up: judge on the median.
-        if statistics.median(self._probe_times) < self.margin * statistics.median(self._recent):
+        self.probes += 1
+        if not hopeless and statistics.median(self._probe_times) < self.margin * base:
             self.current = self._probing
             self.switches += 1
             self._recent = deque(self._probe_times, maxlen=self.probe)
+            self._period_now = self.period
+        else:  # the current setting holds: check less and less often (load rarely flips fast)
+            self._period_now = min(2 * self._period_now, self.max_period)
         self._probing = None
         self._since_probe = 0
