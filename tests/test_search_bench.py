@@ -118,3 +118,30 @@ async def test_search_over_real_runtime_ranks_pool_and_finds_fusion(tmp_path: Pa
     assert res.stats.converged  # finalized although the 6-trial target was out of reach (4 graphs exist)
     assert study.user_attrs["test_results"][str(best.number)]["score"] == 1.0
     await ev.aclose()
+
+
+@pytest.mark.e2e
+def test_cli_search_on_the_embedded_model(tmp_path: Path) -> None:
+    """`search run` end to end on the in-process default model: 2 trials x 2 MMLU questions, then export."""
+    import json
+    import subprocess
+    import sys
+
+    from archon_server.spec import load_architecture
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-m", "archon_server.search", "run", str(root / "search" / "embedded-smoke.yaml"),
+         "--storage", f"sqlite:///{tmp_path}/e2e.db", "--out", str(tmp_path / "arch")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    study = optuna.load_study(study_name="embedded-smoke", storage=f"sqlite:///{tmp_path}/e2e.db")
+    errors = [t.user_attrs.get("error") for t in study.get_trials()]
+    assert summary["evaluated"] == 2 and summary["failed"] == 0, errors
+    spec = load_architecture(summary["architecture"])
+    assert spec.models_used() == ["proposer-1"]
+    for t in study.get_trials():
+        assert t.user_attrs["calls_per_query"] >= 1 and t.user_attrs["tokens_per_query"] > 0  # real backend calls
+    assert (tmp_path / "runs" / "search" / "embedded-smoke" / "cache.sqlite").exists()

@@ -23,6 +23,10 @@ from archon_server.search.space import architecture_key
 from archon_server.spec import ArchitectureSpec
 
 
+class EvaluationError(RuntimeError):
+    """An evaluation produced no usable result."""
+
+
 class BenchEvaluator:
     """Evaluator protocol on bench + graph runtime. ``registry`` holds the pool's backend aliases."""
 
@@ -85,11 +89,13 @@ class BenchEvaluator:
             return rec
 
         recs = await asyncio.gather(*(one(it) for it in items))
-        scores = []
-        for r in recs:
-            if r.get("error") or r.get("score") is None:
-                self.errors += 1
-            scores.append(float(r.get("score") or 0.0))
+        failed = [r for r in recs if r.get("error")]
+        if recs and len(failed) == len(recs):
+            # Every question failed: a broken backend/binding, not a bad architecture. Fail the trial
+            # (the reason lands in the study) instead of scoring 0 and steering the sampler away.
+            raise EvaluationError(f"all {len(recs)} questions failed; first: {failed[0]['error']}")
+        self.errors += len(failed)
+        scores = [float(r.get("score") or 0.0) for r in recs]
         return EvalResult(
             score=sum(scores) / len(scores) if scores else 0.0,
             n=len(recs),

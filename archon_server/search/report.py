@@ -158,14 +158,14 @@ def write_report(study: optuna.Study, out_dir: str | Path, storage_url: str | No
         "",
         "## Best architectures (dev), held-out test",
         "",
-        "| trial | dev score | cost/query | test score | test cost | architecture |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| trial | objective | dev score | cost/query | test score | test cost | architecture |",
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for t in ranked_trials(study)[:10]:
         tr = tests.get(str(t.number))
         shape = ", ".join(f"{k}={v}" for k, v in t.params.items())
         lines.append(
-            f"| {t.number} | {t.user_attrs.get(ATTR_DEV_SCORE, float('nan')):.4f} | {t.user_attrs.get(ATTR_COST, float('nan')):.1f} | "
+            f"| {t.number} | {', '.join(f'{v:.4f}' for v in t.values)} | {t.user_attrs.get(ATTR_DEV_SCORE, float('nan')):.4f} | {t.user_attrs.get(ATTR_COST, float('nan')):.1f} | "
             + (f"{tr['score']:.4f} | {tr['cost']:.1f}" if tr else "- | -") + f" | {shape} |"
         )
     lines += ["", "## Baselines (same splits)", "", "| baseline | dev score | dev cost | test score | test cost |", "|---|---:|---:|---:|---:|"]

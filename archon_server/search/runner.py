@@ -276,7 +276,8 @@ def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         pool.sort(key=lambda t: (-t.values[0], t.values[1], t.number))
     else:
         pool = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        pool.sort(key=lambda t: (-t.value, t.number))
+        # Equal objective: the cheaper graph wins, then the earlier trial (deterministic).
+        pool.sort(key=lambda t: (-t.value, t.user_attrs.get("cost_per_query", 0.0), t.number))
     seen: set[str] = set()
     out = []
     for t in pool:
