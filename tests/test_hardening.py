@@ -99,11 +99,14 @@ def test_beyond_max_concurrent_requests_429_at_once(upstream_factory, server_fac
                 return r, time.perf_counter() - t
 
             extra = await asyncio.gather(*(timed(i % 2 == 0) for i in range(20)))
+            # Refused before the body is even read: an unparseable body gets the 429 too, not a 400.
+            junk = await h.post(srv.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
             done = await asyncio.gather(*held)
             after = await ask(False)
-            return extra, done, after
+            return extra, junk, done, after
 
-    extra, done, after = asyncio.run(go())
+    extra, junk, done, after = asyncio.run(go())
+    assert junk.status_code == 429
     for r, dt in extra:
         assert r.status_code == 429, r.text[:200]
         err = r.json()["error"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,10 +40,11 @@ async def _send_error(send: Send, status: int, message: str, code: str | None = 
 class GuardMiddleware:
     """Auth and body-size limit as plain ASGI, so they run before any body is parsed (and for every route)."""
 
-    def __init__(self, app: ASGIApp, keys: list[bytes], max_body: int):
+    def __init__(self, app: ASGIApp, keys: list[bytes], max_body: int, busy: Callable[[], bool] | None = None):
         self.app = app
         self.keys = keys
         self.max_body = max_body
+        self.busy = busy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,6 +53,11 @@ class GuardMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.keys and scope.get("path") not in PUBLIC_PATHS and not check_key(headers.get("authorization"), self.keys):
             await _send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
+            return
+        if self.busy is not None and scope.get("method") == "POST" and scope.get("path") == "/v1/chat/completions" and self.busy():
+            # Refuse before reading or parsing the body: under overload a 429 must cost next to nothing, or the
+            # rejected clients' retries eat the CPU the admitted requests need (ChatService re-checks on admission).
+            await _send_error(send, 429, "server busy: too many requests in flight; retry later", "rate_limit_exceeded")
             return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -128,7 +135,15 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
     async def prom(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes)
+    chat: ChatService = app.state.chat
+
+    def busy() -> bool:
+        if chat.inflight >= chat.max_inflight:
+            metrics.rejected.labels("concurrency").inc()
+            return True
+        return False
+
+    app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes, busy=busy)
     return app
 
 
