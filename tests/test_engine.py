@@ -183,3 +183,26 @@ async def test_too_long_prompt_is_a_400(backend):
     with pytest.raises(BackendError) as e:
         await backend.chat(req(long, max_tokens=4))
     assert e.value.status == 400
+
+
+async def test_lifecycle_and_requests_wider_than_max_batch():
+    b = LocalBackend(progress=False, max_batch=2, threads=1)
+    assert not await b.health()
+    await b.start()
+    try:
+        assert await b.health() and await b.models() == ["smollm2-135m-instruct"]
+        assert b.model_path == str(b.loaded.path)
+        res = await b.chat(req(STORY, temperature=0.9, max_tokens=4, n=3, seed=0))  # n > max_batch runs alone
+        assert len(res.choices) == 3 and res.usage.completion_tokens == 12
+        assert b.stats()["prefills"] == 1 and b.stats()["max_batch_seen"] == 3
+    finally:
+        await b.close()
+        await b.close()  # idempotent
+    assert not await b.health()
+
+
+async def test_a_final_assistant_message_is_continued(backend):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is"}]
+    res = await backend.chat(req(msgs, temperature=0.0, max_tokens=8))
+    assert "Paris" in res.choices[0].text
+    assert not res.choices[0].text.startswith("The capital")
