@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -151,3 +153,54 @@ def test_add_cli_registers_on_any_parser(argv: list[str]) -> None:
     assert callable(args.func)
     if argv[1] == "run":
         assert (args.workers, args.n_trials, args.config) == (3, 7, "c.yaml")
+
+
+async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_path: Path) -> None:
+    """Two workers drew the same graph: the later trial waits for the earlier one and copies its result;
+    if the earlier one's worker dies (heartbeat stops), the later trial is no longer blocked and evaluates."""
+    from archon_server.search.config import load_search_config
+    from archon_server.search.evaluator import Landscape, ScriptedEvaluator
+    from archon_server.search.objective import ATTR_DUPLICATE, ArchitectureObjective
+    from archon_server.search.runner import open_study
+    from archon_server.search.space import architecture_key
+    from archon_server.search.storage import Heartbeat
+
+    cfg = load_search_config(_config(tmp_path))
+    study = open_study(cfg, storage=f"sqlite:///{tmp_path}/twin.db")
+    ev = ScriptedEvaluator(Landscape({m.name: m.score for m in cfg.models}), n_dev=10)
+    obj = ArchitectureObjective(cfg, ev, [m.name for m in cfg.models], "twin")
+    obj.poll_s = 0.1
+    params = {"family": "moa", "top_k": 2, "samples": 1, "fusion_layers": 1, "fusers": 1, "ranker": False,
+              "critic": False, "final": "none"}
+
+    async def twin_of_running_trial(finish: bool, top_k: int) -> tuple[optuna.Trial, asyncio.Task]:
+        study.enqueue_trial({**params, "top_k": top_k})
+        study.enqueue_trial({**params, "top_k": top_k})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            first = study.ask()
+        hb = Heartbeat(study._storage, first._trial_id)
+        first.set_user_attr(ATTR_KEY, architecture_key(obj.build(first)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            second = study.ask()
+        task = asyncio.create_task(obj.run(second))
+        await asyncio.sleep(1.0)
+        assert not task.done(), "the twin must wait while the first trial runs"
+        if finish:
+            first.set_user_attr("dev_score", 0.5)
+            study.tell(first, 0.5)
+            hb.stop()
+        else:
+            hb.stop()  # the worker "dies": no more heartbeats, no tell
+        return second, task
+
+    second, task = await twin_of_running_trial(finish=True, top_k=2)
+    out = await asyncio.wait_for(task, 30)
+    assert out.values == [0.5] and second.user_attrs[ATTR_DUPLICATE] == second.number - 1
+    assert ev.evaluations == 0
+
+    second, task = await twin_of_running_trial(finish=False, top_k=3)
+    out = await asyncio.wait_for(task, 30)  # grace period 2 s, then the first is failed
+    assert study.trials[second.number - 1].state == TrialState.FAIL
+    assert ATTR_DUPLICATE not in second.user_attrs and ev.evaluations == 10 and out.values

@@ -8,8 +8,10 @@ pruned), so the study database alone is the record of the search.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from optuna.trial import TrialState
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import EvalResult, Evaluator
 from archon_server.search.space import architecture_key, check_rules, sample_architecture
+from archon_server.search.storage import heartbeat_enabled
 from archon_server.spec import ArchitectureSpec, dump_architecture
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class ArchitectureObjective:
         self.ranked_models = ranked_models
         self.study_name = study_name
         self.multi = config.objective.mode == "pareto"
+        self.poll_s = 0.5  # how often a trial checks on a running twin (see _await_duplicate)
 
     # -- values --------------------------------------------------------------------------------------
     def cost(self, res: EvalResult) -> float:
@@ -112,11 +116,35 @@ class ArchitectureObjective:
             return False
         return score < statistics.median(past)
 
-    def _find_duplicate(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
-        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-            if t.number != trial.number and t.user_attrs.get(ATTR_KEY) == key and not is_rejected(t):
-                return t
-        return None
+    def _find_duplicate(self, trial: optuna.Trial, key: str) -> tuple[optuna.trial.FrozenTrial | None, bool]:
+        """(finished trial with the same graph, whether an earlier trial with it is still running)."""
+        running = False
+        for t in trial.study.get_trials(deepcopy=False):
+            if t.number == trial.number or t.user_attrs.get(ATTR_KEY) != key or is_rejected(t):
+                continue
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                return t, False
+            if t.state == TrialState.RUNNING and t.number < trial.number:
+                running = True
+        return None, running
+
+    async def _await_duplicate(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
+        """A finished trial with the same graph, waiting for one that another worker is running now.
+
+        Only *earlier* trials are waited for, so two workers never wait on each other.  A dead
+        worker's trial is failed by the heartbeat check below, which ends the wait; without
+        heartbeats a dead worker could not be told from a slow one, so then we do not wait.
+        """
+        storage = trial.study._storage  # noqa: SLF001
+        can_wait = heartbeat_enabled(storage)
+        while True:
+            dup, running = self._find_duplicate(trial, key)
+            if dup is not None or not running or not can_wait:
+                return dup
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(trial.study)
+            await asyncio.sleep(self.poll_s)
 
     # -- the trial -----------------------------------------------------------------------------------
     async def run(self, trial: optuna.Trial) -> Outcome:
@@ -130,7 +158,7 @@ class ArchitectureObjective:
             trial.set_user_attr(ATTR_REJECTED, "; ".join(errors))
             return Outcome(TrialState.PRUNED)
 
-        dup = self._find_duplicate(trial, key)
+        dup = await self._await_duplicate(trial, key)
         if dup is not None:
             # Same graph = same score: copy the result instead of paying for it again.
             trial.set_user_attr(ATTR_DUPLICATE, dup.number)
