@@ -153,8 +153,11 @@ class Landscape:
                 q += self.unit_test
             if any(isinstance(c, VoteSpec) for c in layer):
                 q += self.vote
-        temps = [t for layer in spec.layers[:1] for c in layer
-                 for t in [getattr(c, "temperature", None) or getattr(c, "proposer_temperature", None)] if t is not None]
+        temps = []
+        for c in spec.layers[0]:
+            t = c.proposer_temperature if isinstance(c, SelfMoASeqSpec) else getattr(c, "temperature", None)
+            if t is not None:
+                temps.append(t)
         if temps:
             q -= self.temp_penalty * (sum(temps) / len(temps) - self.temp_opt) ** 2
         if fusion_index == 0 and boost > 0:
