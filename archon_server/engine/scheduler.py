@@ -98,6 +98,7 @@ class EngineStats:
     requests: int = 0
     prefills: int = 0  # one per request, whatever its n
     prefill_tokens: int = 0
+    prefill_chunks_interleaved: int = 0  # prompt chunks run between decode steps of other sequences
     decode_steps: int = 0
     decode_tokens: int = 0
     max_batch_seen: int = 0  # most sequences decoded together in one step
@@ -155,6 +156,13 @@ class _Sequence:
         self.finished = False
 
 
+@dataclass
+class _Prefill:
+    req: _Request
+    slot: int
+    done: int = 0  # prompt tokens already in the cache
+
+
 class Engine:
     """Owns a :class:`ModelRunner`; serves :meth:`submit` calls from any thread."""
 
@@ -180,6 +188,9 @@ class Engine:
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
+        self._prefilling: _Prefill | None = None
+        self.prefill_chunk = 256  # tokens per prefill chunk while other sequences decode
+        self.prefill_chunk_idle = 512  # ... and when nobody waits on it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._token_text: dict[int, str] = {}
@@ -237,11 +248,13 @@ class Engine:
         self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
         while not self._stop.is_set():
             try:
-                if not self._rows and self.cache.nbytes() > self.idle_cache_bytes:
+                if not self._rows and self._prefilling is None and self.cache.nbytes() > self.idle_cache_bytes:
                     # Idle after long/wide requests: give the grown KV cache back.
                     self.cache = self.runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
-                self._admit(block=not self._rows)
+                self._admit(block=not self._rows and self._prefilling is None)
                 self._drop_cancelled()
+                if self._prefilling is not None:
+                    self._prefill_chunk()
                 if self._rows:
                     self._step()
             except Exception as e:  # a failed step fails its requests, never the worker
@@ -250,7 +263,7 @@ class Engine:
         self._fail_all(RuntimeError("engine shut down"))
 
     def _admit(self, block: bool) -> None:
-        # Pull everything queued; block only when idle (nothing to decode).
+        # Pull everything queued; block only when idle (nothing to decode or prefill).
         try:
             item = self._inbox.get(timeout=self.idle_poll_s) if block and not self._waiting else self._inbox.get_nowait()
             while True:
@@ -259,7 +272,7 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        while self._waiting:
+        while self._prefilling is None and self._waiting:
             req = self._waiting[0]
             if req.cancelled:
                 self._waiting.popleft()
@@ -270,27 +283,49 @@ class Engine:
             if self._rows and len(self._rows) + req.params.n > self.max_batch:
                 break
             self._waiting.popleft()
-            try:
-                self._prefill(req)
-            except Exception as e:
-                log.exception("local engine prefill failed")
-                self._rows = [s for s in self._rows if s.req is not req]  # its rows were the last ones
-                self.stats.errors += 1
-                req.done = True
-                req.outbox = [ErrorEvent(e)]
-                req.flush()
+            self.stats.requests += 1
+            if req.max_new == 0:
+                for i in range(req.params.n):
+                    req.outbox.append(FinishEvent(i, "length", "", 0))
+                self._finish_request(req)
+                continue
+            # The prompt goes into the staging slot just past the decode rows; compaction keeps it there.
+            slot = len(self._rows)
+            self.cache.reserve(slot + req.params.n, len(req.prompt) + 1)
+            self.cache.lengths[slot] = 0
+            self._prefilling = _Prefill(req, slot)
 
-    def _prefill(self, req: _Request) -> None:
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the staged prompt; when it is complete, its n rows join the batch.
+
+        Chunks interleave with decode steps, so a long prompt (an aggregation over six
+        answers) delays the sequences already streaming by one chunk, not by its whole prefill.
+        """
+        pf = self._prefilling
+        assert pf is not None
+        req = pf.req
+        try:
+            chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
+            if self._rows:
+                self.stats.prefill_chunks_interleaved += 1
+            ids = req.prompt[pf.done : pf.done + chunk]
+            out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done], logits="last")
+            pf.done += len(ids)
+            if pf.done < len(req.prompt):
+                return
+            self._prefilling = None
+            self._start_sequences(req, pf.slot, out.logits[:, -1])
+        except Exception as e:
+            log.exception("local engine prefill failed")
+            self._prefilling = None
+            self._rows = [s for s in self._rows if s.req is not req]  # its rows were the last ones
+            self.stats.errors += 1
+            req.done = True
+            req.outbox = [ErrorEvent(e)]
+            req.flush()
+
+    def _start_sequences(self, req: _Request, slot: int, last_logits: torch.Tensor) -> None:
         p = req.params
-        self.stats.requests += 1
-        if req.max_new == 0:
-            for i in range(p.n):
-                req.outbox.append(FinishEvent(i, "length", "", 0))
-            self._finish_request(req)
-            return
-        slot = len(self._rows)
-        self.cache.reserve(slot + p.n, len(req.prompt) + 1)
-        out = self.runner.prefill(req.prompt, self.cache, slot)
         self.stats.prefills += 1
         self.stats.prefill_tokens += len(req.prompt)
         # Shared prefill: the n samples start from copies of one prompt KV.
@@ -312,7 +347,7 @@ class Engine:
             text = IncrementalText(self.tokenizer, p.stop)
             sampling.output_ids = text.ids  # penalties read the generated tokens as they grow
             seqs.append(_Sequence(req, i, slot + i, text, sampling))
-        logits = out.logits[:, -1].expand(p.n, -1)
+        logits = last_logits.expand(p.n, -1)
         tokens = sample_rows(logits, [s.sampling for s in seqs])
         self._rows.extend(seqs)
         req.t_first = time.perf_counter()
@@ -389,6 +424,11 @@ class Engine:
         req.flush()
 
     def _drop_cancelled(self) -> None:
+        pf = self._prefilling
+        if pf is not None and pf.req.cancelled:
+            self._prefilling = None
+            pf.req.done = True
+            self.stats.cancelled += 1
         dropped = set()
         for s in self._rows:
             if s.req.cancelled and not s.finished:
@@ -409,9 +449,16 @@ class Engine:
                 self.cache.move_slot(s.slot, i)
                 s.slot = i
         self._rows = keep
+        pf = self._prefilling
+        if pf is not None and pf.slot != len(keep):  # the staged prompt follows the rows down
+            self.cache.move_slot(pf.slot, len(keep))
+            pf.slot = len(keep)
 
     def _fail_all(self, err: BaseException) -> None:
         reqs = {id(s.req): s.req for s in self._rows}
+        if self._prefilling is not None:
+            reqs[id(self._prefilling.req)] = self._prefilling.req
+            self._prefilling = None
         for r in self._waiting:
             reqs[id(r)] = r
         if self._stop.is_set():  # shutting down: nobody will serve the queue either
