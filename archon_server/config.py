@@ -8,6 +8,7 @@ A leaf-level module like ``spec``: validated with pydantic, errors name the path
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .spec import SpecError, load_text, validation_messages
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
-# Presets live in the repository's top-level `architectures/` folder (data, not code).
 REPO_ROOT = PACKAGE_ROOT.parent
+
+
+def presets_dir() -> Path:
+    """The shipped presets: the checkout's `architectures/` (editable install), else <prefix>/share/archon-server."""
+    repo = REPO_ROOT / "architectures"
+    return repo if repo.is_dir() else Path(sys.prefix) / "share" / "archon-server" / "architectures"
+
 
 # Aliases the shipped presets use; the default config binds them all to the local model.
 PRESET_ALIASES = ["default", "aggregator", "judge"] + [f"proposer-{i}" for i in range(1, 9)]
@@ -69,7 +76,7 @@ class ServerSettings(_Base):
 
 class ServerConfig(_Base):
     backends: list[BackendConfig] = Field(default_factory=list)
-    architectures_dirs: list[str] = Field(default_factory=lambda: [str(REPO_ROOT / "architectures")])
+    architectures_dirs: list[str] = Field(default_factory=lambda: [str(presets_dir())])
     server: ServerSettings = Field(default_factory=ServerSettings)
 
     @model_validator(mode="after")

@@ -263,3 +263,15 @@ def test_concurrency_limit_gives_429_quickly(upstream_factory, server_factory):
     res = asyncio.run(go())
     assert sum(isinstance(r, openai.RateLimitError) for r in res) == 3
     assert sum(not isinstance(r, Exception) for r in res) == 2
+
+
+def test_greedy_n_is_asked_once_and_copied(upstream_factory, server_factory):
+    # vLLM answers 400 to n>1 with temperature 0; identical samples need one request.
+    up = upstream_factory(lambda b: {"fault": "400"} if b.get("n", 1) > 1 and b.get("temperature") == 0 else None)
+    srv = server_factory(fake_config(up.url))
+    r = client(srv).chat.completions.create(model="fake", messages=[{"role": "user", "content": "Q"}], n=3, temperature=0)
+    assert [c.message.content for c in r.choices] == ["answer 0 from fake-model"] * 3 and [c.index for c in r.choices] == [0, 1, 2]
+    chunks = list(client(srv).chat.completions.create(model="fake", messages=[{"role": "user", "content": "Q"}], n=2, temperature=0, stream=True))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)}
+    assert texts[0] == texts[1] == "answer 0 from fake-model"
+    assert all(q.body["n"] == 1 for q in up.requests)

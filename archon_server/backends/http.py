@@ -10,6 +10,7 @@ breaker that skips a replica that keeps failing for a cool-down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +49,14 @@ class Replica:
 
     def available(self, now: float) -> bool:
         return now >= self.open_until
+
+
+def _greedy_n(request: ChatRequest) -> bool:
+    return request.params.n > 1 and request.params.temperature == 0
+
+
+def _single(request: ChatRequest) -> ChatRequest:
+    return dataclasses.replace(request, params=dataclasses.replace(request.params, n=1))
 
 
 def _body(request: ChatRequest, stream: bool) -> dict[str, Any]:
@@ -279,6 +288,11 @@ class OpenAIHTTPBackend(Backend):
 
     # -- API ------------------------------------------------------------------
     async def chat(self, request: ChatRequest) -> ChatResult:
+        if _greedy_n(request):
+            # vLLM rejects n>1 with greedy sampling (all samples would be equal anyway): ask once, copy.
+            one = await self.chat(_single(request))
+            one.choices = [dataclasses.replace(one.choices[0], index=i) for i in range(request.params.n)]
+            return one
         body = _body(request, stream=False)
 
         async def once(replica: Replica) -> ChatResult:
@@ -307,6 +321,14 @@ class OpenAIHTTPBackend(Backend):
         return await self._with_retries(once)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        if _greedy_n(request):
+            async for ch in self.stream(_single(request)):
+                if ch.usage is not None:
+                    yield ch
+                    continue
+                for i in range(request.params.n):  # every copy gets each piece
+                    yield dataclasses.replace(ch, index=i)
+            return
         body = _body(request, stream=True)
         s = await self.session()
         attempt = 0
