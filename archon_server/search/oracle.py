@@ -128,6 +128,7 @@ class GreedyTrace:
     best_params: dict[str, Any]
     evaluations: int  # distinct architectures evaluated
     history: list[float] = field(default_factory=list)  # best value after each new evaluation
+    keys: list[str] = field(default_factory=list)  # architecture keys in evaluation order
 
 
 def greedy_search(
@@ -145,6 +146,7 @@ def greedy_search(
     params = {k: v[0] for k, v in ax.items()} | (start or {})
     cache: dict[str, float] = {}
     history: list[float] = []
+    keys: list[str] = []
 
     def f(p: dict[str, Any]) -> float:
         spec = sample_architecture(DictTrial(dict(p)), space, ranked_models)
@@ -155,6 +157,7 @@ def greedy_search(
             else:
                 cache[k] = value(spec)
                 history.append(max(cache.values()))
+                keys.append(k)
         return cache[k]
 
     best = f(params)
@@ -173,4 +176,4 @@ def greedy_search(
                     break
             if stop_at is not None and best >= stop_at - 1e-12:
                 break
-    return GreedyTrace(best, params, len(history), history)
+    return GreedyTrace(best, params, len(history), history, keys)
