@@ -132,6 +132,15 @@ def test_malformed_bodies_are_400_not_500(srv, name, body, status):
         ("unknown component type", {"model": "self-moa", "architecture": {"layers": [[{"type": "wizard"}]]}}, 400, None),
         ("unbound model alias", {"model": "self-moa", "architecture": {"layers": [[{"type": "generator", "model": "nobody"}]]}}, 400, "architecture"),
         ("samples beyond limit", {"model": "self-moa", "architecture": {"layers": [[{"type": "generator", "model": "default", "samples": 10**6}]]}}, 400, None),
+        # Overrides are untrusted: no client-supplied regex (catastrophic backtracking on the event loop) and no
+        # unbounded fan-out of upstream calls.
+        ("regex extractor in override", {"model": "self-moa", "architecture": {"layers": [
+            [{"type": "generator", "model": "default", "samples": 5}], [{"type": "vote", "extractor": {"kind": "regex", "pattern": "(a+)+$"}}]]}},
+         400, "architecture"),
+        ("too many layers", {"model": "self-moa", "architecture": {"layers": [[{"type": "generator", "model": "default"}]]
+                                                                   + [[{"type": "fuser", "model": "aggregator"}]] * 40}}, 400, "architecture"),
+        ("fan-out beyond the call budget", {"model": "self-moa", "architecture": {"layers": [
+            [{"type": "generator", "model": "default", "samples": 256}], [{"type": "verifier", "model": "judge"}]]}}, 400, "architecture"),
         ("image content part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None),
     ],
 )

@@ -50,6 +50,23 @@ def _usage(u: Usage) -> UsageInfo:
     return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
 
 
+# Architecture overrides in a request are untrusted input. They may not bring their own regular expressions: a
+# catastrophic pattern runs on the event loop and stalls every request (`(a+)+$` on 30 characters takes minutes).
+# Nor may they fan out without bound: every layer and call is upstream traffic the operator pays for.
+MAX_OVERRIDE_LAYERS = 32
+MAX_OVERRIDE_CALLS = 256
+
+
+def _has_key(obj: Any, key: str, depth: int = 0) -> bool:
+    if depth > 64:  # deeper than any architecture: treat as suspicious
+        return True
+    if isinstance(obj, dict):
+        return key in obj or any(_has_key(v, key, depth + 1) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_key(v, key, depth + 1) for v in obj)
+    return False
+
+
 class ChatService:
     def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
                  request_timeout_s: float, metrics: Metrics, max_messages: int = 512):
@@ -72,12 +89,19 @@ class ChatService:
         else:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
         if req.architecture:
+            if _has_key(req.architecture, "pattern"):
+                raise APIError(400, "architecture override: regex extractors (`pattern`) are accepted in architecture files only",
+                               param="architecture", code="invalid_value")
             merged = deep_merge(spec.model_dump(mode="json", exclude_none=True), req.architecture)
             try:
                 spec = parse_architecture(merged)
             except SpecError as e:
                 first = e.errors[0]
                 raise APIError(400, "architecture override invalid: " + "; ".join(e.errors), param="architecture." + first.split(":")[0], code="invalid_value") from None
+            calls = spec.backend_calls_estimate()
+            if len(spec.layers) > MAX_OVERRIDE_LAYERS or calls > MAX_OVERRIDE_CALLS:
+                raise APIError(400, f"architecture override too large: {len(spec.layers)} layers, up to {calls} backend calls per request "
+                               f"(limits {MAX_OVERRIDE_LAYERS} and {MAX_OVERRIDE_CALLS})", param="architecture", code="invalid_value")
         missing = self.runtime.check_bindings(spec)
         if missing:
             raise APIError(400, f"architecture {spec.name!r} uses model alias(es) with no backend: {', '.join(missing)}", param="architecture", code="invalid_value")
