@@ -249,3 +249,25 @@ def test_chunked_prefill_equals_one_pass(shared):
     assert (whole - chunked).abs().max().item() < 1e-3
     nxt = runner.decode([5, 5], cache, 0).logits[:, -1]
     assert (nxt[0] - nxt[1]).abs().max().item() < 1e-3
+
+
+async def test_churn_of_concurrent_requests_matches_running_them_alone():
+    """Requests of different lengths and n join and leave the batch (compaction moves rows and the
+    staged prompt between slots); in float32 every answer equals the one it gets alone."""
+    backend = LocalBackend(progress=False, dtype="float32", threads=1, max_batch=5)
+    await backend.start()
+    topics = ["a cat", "the sea", "bread", "a robot", "winter", "music", "a tree"]
+    reqs = [
+        req([{"role": "user", "content": f"Write about {t}." + " Please." * (i * 20)}], temperature=0.0, max_tokens=4 + 3 * i, n=1 + i % 2)
+        for i, t in enumerate(topics)
+    ]
+    try:
+        together = await asyncio.gather(*(backend.chat(r) for r in reqs))
+        assert backend.engine.stats.max_batch_seen > 2
+        for r, got in zip(reqs, together):
+            alone = await backend.chat(r)
+            assert [c.text for c in got.choices] == [c.text for c in alone.choices]
+            assert got.usage == alone.usage
+        assert backend.engine.active_sequences == 0
+    finally:
+        await backend.close()

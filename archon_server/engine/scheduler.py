@@ -287,7 +287,7 @@ class Engine:
             if req.max_new == 0:
                 for i in range(req.params.n):
                     req.outbox.append(FinishEvent(i, "length", "", 0))
-                self._finish_request(req)
+                self._finish_request(req, flush=True)
                 continue
             # The prompt goes into the staging slot just past the decode rows; compaction keeps it there.
             slot = len(self._rows)
@@ -408,11 +408,12 @@ class Engine:
                 req.open_choices -= 1
                 if req.open_choices == 0:
                     self._finish_request(req)
+        # Compact before delivering: once a consumer sees its request done, its rows are gone.
+        self._compact()
         for req in touched.values():
             req.flush()
-        self._compact()
 
-    def _finish_request(self, req: _Request) -> None:
+    def _finish_request(self, req: _Request, flush: bool = False) -> None:
         now = time.perf_counter()
         metrics = {
             "engine": "local",
@@ -421,7 +422,8 @@ class Engine:
         }
         req.outbox.append(DoneEvent(len(req.prompt), req.completion_tokens, metrics))
         req.done = True
-        req.flush()
+        if flush:
+            req.flush()
 
     def _drop_cancelled(self) -> None:
         pf = self._prefilling
