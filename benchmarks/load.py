@@ -186,10 +186,10 @@ def write_config(path: Path, upstream_url: str, port: int, max_concurrent: int) 
 
 
 class Server:
-    def __init__(self, cfg: Path, port: int):
+    def __init__(self, cfg: Path, port: int, env: dict[str, str] | None = None):
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "-c", str(cfg), "--log-level", "warning"],
-                                     cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
     async def wait(self) -> None:
         deadline = time.time() + 90
@@ -237,7 +237,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # -- main sweep: admission limit above the largest step, so every request must succeed -------------------
         port = free_port()
         write_config(tmp / "load.json", f"http://127.0.0.1:{up_port}/v1", port, max_concurrent=max(clients) + 64)
-        srv = Server(tmp / "load.json", port)
+        server_env = {"PYTHONMALLOC": args.pythonmalloc} if args.pythonmalloc else {}
+        out["server_env"] = server_env
+        srv = Server(tmp / "load.json", port, server_env)
         try:
             await srv.wait()
             pid = srv.proc.pid
@@ -271,7 +273,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # -- back-pressure: a burst of 4x the admission limit ----------------------------------------------------
         port = free_port()
         write_config(tmp / "bp.json", f"http://127.0.0.1:{up_port}/v1", port, max_concurrent=args.bp_limit)
-        srv = Server(tmp / "bp.json", port)
+        srv = Server(tmp / "bp.json", port, server_env)
         try:
             await srv.wait()
             st = await run_step(srv.url + "/v1/chat/completions", args.model, 4 * args.bp_limit, False, args.seconds, srv.proc.pid)
@@ -298,13 +300,15 @@ def main() -> int:
                     help="idle seconds after the run before RSS/fds are read again: idle pooled connections close "
                          "after aiohttp's 15 s keep-alive, checked every 15 s, so up to ~30 s")
     ap.add_argument("--bp-limit", type=int, default=100, help="max_concurrent_requests of the back-pressure server")
+    ap.add_argument("--pythonmalloc", help="PYTHONMALLOC for the server, e.g. `malloc`: then the idle heap trim gives "
+                    "back nearly all of a burst's memory (pymalloc keeps partly used 1 MiB arenas)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep (RSS is read after each round)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     out = asyncio.run(main_async(args))
     print()
     print(f"upstream latency {args.latency}s + U(0, {args.jitter})s, {args.seconds}s per step, model {args.model!r}, "
-          f"fd limit {out['fd_limit'][0]}")
+          f"fd limit {out['fd_limit'][0]}, server env {out['server_env'] or 'default'}")
     print(fmt_table(out["steps"]))
     print(f"server RSS: boot {out['rss_boot_mb']} MB, after warm-up {out['rss_start_mb']} MB, peak {out['rss_peak_mb']} MB, "
           f"after the run + {args.idle:g}s idle {out['rss_end_mb']} MB ({out['rss_growth_pct']:+.1f}%); after each round "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .auth import check_key, load_keys
 from .chat.api_router import router as chat_router
 from .chat.serving import ChatService
 from .errors import APIError, api_error_handler, error_body, http_error_handler, unhandled_handler, validation_handler
+from .memory import trim_when_idle
 from .metrics import Metrics
 from .models.api_router import router as models_router
 
@@ -106,9 +108,12 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         await registry.start()
         log.info("serving %d architecture(s) and %d backend alias(es)", len(catalog), len(registry.aliases()))
+        chat: ChatService = app.state.chat
+        trimmer = asyncio.ensure_future(trim_when_idle(lambda: chat.admitted, lambda: chat.inflight))
         try:
             yield
         finally:
+            trimmer.cancel()
             await registry.close()
 
     app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)

@@ -79,6 +79,7 @@ class ChatService:
         self.max_messages = max_messages
         self.metrics = metrics
         self.inflight = 0
+        self.admitted = 0  # requests admitted since start (the idle heap trim watches it)
 
     # -- resolution -------------------------------------------------------------
     def resolve(self, req: ChatCompletionRequest) -> ArchitectureSpec:
@@ -141,6 +142,7 @@ class ChatService:
         spec = self.resolve(req)
         final = self.final_overrides(req)
         self._admit()
+        self.admitted += 1
         self.inflight += 1
         self.metrics.inflight.inc()
         t0 = time.perf_counter()
@@ -186,6 +188,7 @@ class ChatService:
         spec = self.resolve(req)
         final = self.final_overrides(req)
         self._admit()
+        self.admitted += 1
         self.inflight += 1
         self.metrics.inflight.inc()
         return self._stream(req, spec, final)
