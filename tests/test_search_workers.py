@@ -69,7 +69,7 @@ def _check_bookkeeping(study: optuna.Study, n: int) -> None:
 
 
 def test_two_workers_share_one_study_then_export(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, step_sleep_s=0.03)
+    cfg = _config(tmp_path, step_sleep_s=0.08)  # ~1 s per trial: the second process starts before the first is done
     url = f"sqlite:///{tmp_path}/shared.db"
     out = subprocess.run(_cmd("run", str(cfg), "--storage", url, "--n-trials", "8", "--workers", "2", "--no-export"),
                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
