@@ -32,7 +32,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("config", help="search config YAML (search/*.yaml)")
     r.add_argument("--storage", help="Optuna RDB URL (default: config's, else sqlite:///runs/search/<study>.db)")
     r.add_argument("--study", help="study name (default: config's study.name)")
-    r.add_argument("--n-trials", type=int, help="target evaluated trials in the whole study (all workers together)")
+    r.add_argument("--n-trials", type=int, help="target of new architectures evaluated in the whole study (all workers, "
+                   "all runs); stored in the study. Default: the stored target, else the config's study.n_trials")
     r.add_argument("--workers", type=int, default=1, help="worker processes to start on this machine (default 1)")
     r.add_argument("--worker-index", type=int, default=0, help="offsets the sampler seed so workers propose different points")
     r.add_argument("--no-finalize", action="store_true", help="skip test-split scoring of the best trials and baselines")
