@@ -1,6 +1,7 @@
 """Speed of the embedded engine vs Hugging Face ``generate`` on the same model, side by side in one run.
 
-    python benchmarks/local_engine.py [--tokens 128] [--skip-hf] [--dtype auto]
+    python benchmarks/local_engine.py [--tokens 128] [--skip-hf] [--dtype auto] [--threads auto|N]
+                                      [--model gemma3-270m --skip-moa]
 
 Prints: single-stream tokens/s, aggregate tokens/s of n=6 in one batch (engine: one
 request with shared prefill; HF: num_return_sequences=6), their ratios, and the wall
@@ -61,7 +62,10 @@ def hf_generate(folder: Path, dtype: torch.dtype, tokens: int, n: int, repeats: 
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    if tok.chat_template:
+        ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:  # base model: plain completion, as LocalBackend does
+        ids = tok(PROMPT[0]["content"], return_tensors="pt")
     kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=0.7, num_return_sequences=n)
     with torch.inference_mode():
         model.generate(**ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
@@ -106,11 +110,13 @@ async def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", default="auto", help="engine threads (int or auto); HF gets the same int, else all cores")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="registry name or HF folder")
+    ap.add_argument("--skip-moa", action="store_true", help="no Self-MoA timing (e.g. for a base model)")
     args = ap.parse_args()
     threads = int(args.threads) if args.threads != "auto" else "auto"
 
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings on busy cores are slower; see per CPU-s)")
-    backend = LocalBackend(dtype=args.dtype, threads=threads)
+    backend = LocalBackend(args.model, dtype=args.dtype, threads=threads)
     t0 = time.perf_counter()
     await backend.start()
     runner = backend.loaded.runner
@@ -125,6 +131,10 @@ async def main() -> None:
         print(f"HF fp32  single-stream {hf1}   n=6 aggregate {hf6}   (threads {torch.get_num_threads()})")
         print(f"ratio engine/HF (wall): single {single.wall / hf1.wall:.2f}x   n=6 {batch6.wall / hf6.wall:.2f}x")
         print(f"ratio engine/HF (CPU):  single {single.cpu / hf1.cpu:.2f}x   n=6 {batch6.cpu / hf6.cpu:.2f}x")
+    if args.skip_moa:
+        print(f"engine stats: {backend.stats()}")
+        await backend.close()
+        return
     s, a, stoks, aprompt, cpu = await self_moa(backend)
     print(f"Self-MoA (6 samples + 1 aggregation, max_tokens 256): {s + a:.1f}s wall, {cpu:.1f} CPU-s  (samples {s:.1f}s, "
           f"{stoks} tokens; aggregation {a:.1f}s with a {aprompt}-token prompt)")
