@@ -67,6 +67,13 @@ def _has_key(obj: Any, key: str, depth: int = 0) -> bool:
     return False
 
 
+async def _disconnected(raw: Request) -> None:
+    """Returns when the client has gone. The body is already read, so the ASGI server's next message is the
+    disconnect (uvicorn sends it as soon as the socket closes); anything else, wait a little and ask again."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.25)
+
+
 class ChatService:
     def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
                  request_timeout_s: float, metrics: Metrics, max_messages: int = 512):
@@ -149,14 +156,18 @@ class ChatService:
         status, res = 500, None
         try:
             task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, deadline_s=self.request_timeout_s))
-            # Starlette does not cancel a non-streaming handler when the client goes away: watch for it.
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if not done and await raw.is_disconnected():
-                    task.cancel()
-                    status = 499
-                    log.info("client disconnected; cancelled %s", spec.name)
-                    raise APIError(499, "client disconnected")
+            # Starlette does not cancel a non-streaming handler when the client goes away: wait for the disconnect
+            # itself rather than polling for it (4 polls a second per request cost real CPU at 1000 in flight).
+            gone = asyncio.ensure_future(_disconnected(raw))
+            try:
+                await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not task.done():
+                task.cancel()
+                status = 499
+                log.info("client disconnected; cancelled %s", spec.name)
+                raise APIError(499, "client disconnected")
             try:
                 res = task.result()
             except GraphError as e:
