@@ -315,3 +315,54 @@ def test_parsers_are_linear_on_adversarial_text(parser, text):
     except ParseError:
         pass
     assert time.perf_counter() - t0 < 1.0
+
+
+# -- property fuzzing of the parsers ----------------------------------------------------------------------------------
+
+
+def test_parsers_never_crash_and_keep_their_contracts():
+    """Any text at all: a parser returns its documented shape or raises ParseError, nothing else."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from archon_server.components import extractors, parsers
+    from archon_server.components.base import ParseError
+    from archon_server.spec import ExtractorSpec
+
+    # Text made of the characters the parsers care about, so the interesting paths are hit often.
+    alphabet = st.sampled_from(list("[]>0123456789 \n\t-*.:)(TtestPassedFailedCorrectIncorrect{}\\boxed") + ["Test 1: ", "[Passed]",
+                                "[Correct]", "[Incorrect]", "[1]", " > ", "\\boxed{", "answer is ", "\u00a0", "\u2028"])
+    texts = st.one_of(st.text(max_size=300), st.lists(alphabet, max_size=80).map("".join))
+
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(text=texts, n=st.integers(1, 12))
+    def check(text, n):  # type: ignore[no-untyped-def]
+        try:
+            order = parsers.parse_ranking(text, n)
+            assert sorted(order) == list(range(n))  # a permutation: nothing dropped, nothing invented
+        except ParseError:
+            pass
+        try:
+            assert isinstance(parsers.parse_verdict(text), bool)
+        except ParseError:
+            pass
+        try:
+            res = parsers.parse_test_results(text, n)
+            assert len(res) == n and all(isinstance(x, bool) for x in res)
+        except ParseError:
+            pass
+        try:
+            crit = parsers.parse_joint_critiques(text, n)
+            assert len(crit) == n and any(c for c in crit)
+        except ParseError:
+            pass
+        try:
+            tests = parsers.parse_unit_tests(text, n)
+            assert 1 <= len(tests) <= n and all(t and t == t.strip() for t in tests)
+        except ParseError:
+            pass
+        for kind in ("boxed", "choice", "number", "text"):
+            a = extractors.extract(text, ExtractorSpec(kind=kind))
+            assert a is None or isinstance(a, str)
+
+    check()
