@@ -174,3 +174,28 @@ def test_search_worker_killed_three_times_resumes_with_nothing_lost(tmp_path: Pa
                         capture_output=True, text=True, timeout=120)
     status = json.loads(st.stdout.strip().splitlines()[-1])
     assert status["evaluated"] == n
+
+
+@pytest.mark.xfail(strict=True, reason="bench sweep records a question that failed on a transient upstream error as done "
+                   "(score 0) and never retries it on resume; remove this marker when sweep.py retries `error` records")
+def test_sweep_retries_questions_that_failed_during_an_outage(tmp_path: Path, math500_available) -> None:
+    state = {"down": True}
+    up = FakeUpstream(lambda b: {"fault": "503"} if state["down"] else None).start()
+    try:
+        (tmp_path / "server.json").write_text(json.dumps({
+            "backends": [{"alias": "fake", "kind": "openai", "model": "m", "urls": [up.url], "aliases": PRESET_ALIASES, "max_retries": 0}]}))
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+            "name": "outage", "architectures": ["fake"], "benchmarks": [{"name": "math500", "split": "dev", "n": 3}]}))
+        cmd = [sys.executable, "-m", "archon_server", "bench", "run", str(tmp_path / "sweep.yaml"), "--config",
+               str(tmp_path / "server.json"), "--out", str(tmp_path / "out"), "--no-progress"]
+        subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=120)
+        state["down"] = False  # the outage is over: re-running the sweep must redo what the outage broke
+        subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=120)
+        recs = {}
+        for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            recs[(r["arch"], r["benchmark"], r["id"])] = r  # the last record of a question wins
+        assert len(recs) == 3
+        assert not [r for r in recs.values() if r.get("error")], "questions broken by the outage were never retried"
+    finally:
+        up.stop()
