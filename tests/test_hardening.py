@@ -111,7 +111,7 @@ def test_beyond_max_concurrent_requests_429_at_once(upstream_factory, server_fac
         assert r.status_code == 429, r.text[:200]
         err = r.json()["error"]
         assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
-        assert dt < 1.0, dt  # answered at once, not queued behind the 2 s requests
+        assert dt < 1.5, dt  # answered at once, not queued behind the 2 s requests
     assert [r.status_code for r in done] == [200] * 4
     assert all("error" not in r.text for r in done)
     assert after.status_code == 200  # slots were given back
