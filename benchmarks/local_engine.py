@@ -89,6 +89,16 @@ async def engine_rate(backend: LocalBackend, tokens: int, n: int, repeats: int) 
     return rate
 
 
+async def concurrent_rate(backend: LocalBackend, tokens: int, k: int) -> Rate:
+    """k separate n=1 requests at once (what a critic layer sends): continuous batching at work."""
+    rate = Rate()
+    params = [SamplingParams(temperature=0.7, max_tokens=tokens, seed=i, extra={"ignore_eos": True}) for i in range(k)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = await asyncio.gather(*(backend.chat(ChatRequest("m", PROMPT, p)) for p in params))
+    rate.add(sum(r.usage.completion_tokens for r in results), time.perf_counter() - t0, time.process_time() - c0)
+    return rate
+
+
 async def self_moa(backend: LocalBackend, max_tokens: int = 256) -> tuple[float, float, int, int, float]:
     """One default Self-MoA answer: 6 samples in one batch, then one aggregation call."""
     user = [{"role": "user", "content": MOA_QUESTION}]
@@ -124,6 +134,8 @@ async def main() -> None:
     single = await engine_rate(backend, args.tokens, 1, args.repeats)
     batch6 = await engine_rate(backend, args.tokens, 6, args.repeats)
     print(f"engine   single-stream {single}   n=6 aggregate {batch6}   ({args.tokens} tokens each, threads now {backend.engine.tuner.current})")
+    conc = await concurrent_rate(backend, args.tokens, 6)
+    print(f"engine   6 concurrent n=1 requests: {conc}   (max batch seen {backend.engine.stats.max_batch_seen})")
     if not args.skip_hf:
         torch.set_num_threads(threads if isinstance(threads, int) else os.cpu_count() or 1)
         hf1 = hf_generate(backend.loaded.path, torch.float32, args.tokens, 1, args.repeats)
