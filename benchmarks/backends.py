@@ -28,16 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from archon_server.backends.base import Backend, ChatRequest, SamplingParams  # noqa: E402
+from archon_server.components.prompts import FUSER_SYSTEM  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What are the main causes of the French Revolution? Answer in a few paragraphs."
-AGG_SYSTEM = (
-    "You have been provided with a set of responses from various open-source models to the latest user query. "
-    "Your task is to synthesize these responses into a single, high-quality response. Critically evaluate the "
-    "information provided in these responses, recognizing that some of it may be biased or incorrect. Your response "
-    "should not simply replicate the given answers but should offer a refined, accurate, and comprehensive reply.\n\n"
-    "Responses from models:"
-)
 
 
 def make_backend(kind: str, args: argparse.Namespace) -> Backend:
@@ -91,7 +85,7 @@ async def self_moa(b: Backend, max_tokens: int, ignore_eos: bool, seed: int) -> 
     agg = await b.chat(
         ChatRequest(
             model="smol",
-            messages=[{"role": "system", "content": f"{AGG_SYSTEM}\n{refs}"}, {"role": "user", "content": QUESTION}],
+            messages=[{"role": "system", "content": f"{FUSER_SYSTEM}\n{refs}"}, {"role": "user", "content": QUESTION}],
             params=SamplingParams(temperature=0.7, max_tokens=max_tokens, n=1, seed=seed, extra=extra),
         )
     )

@@ -26,16 +26,10 @@ import torch  # noqa: E402
 
 from archon_server.backends.base import ChatRequest, SamplingParams  # noqa: E402
 from archon_server.backends.local import LocalBackend  # noqa: E402
+from archon_server.components.prompts import FUSER_SYSTEM  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Explain how a refrigerator keeps food cold, step by step."}]
 MOA_QUESTION = "What are the main causes of the French Revolution? Answer in a few paragraphs."
-AGG_SYSTEM = (
-    "You have been provided with a set of responses from various open-source models to the latest user query. "
-    "Your task is to synthesize these responses into a single, high-quality response. Critically evaluate the "
-    "information provided in these responses, recognizing that some of it may be biased or incorrect. Your response "
-    "should not simply replicate the given answers but should offer a refined, accurate, and comprehensive reply.\n\n"
-    "Responses from models:"
-)
 
 
 class Rate:
@@ -107,7 +101,7 @@ async def self_moa(backend: LocalBackend, max_tokens: int = 256) -> tuple[float,
     samples = await backend.chat(ChatRequest("m", user, SamplingParams(temperature=0.7, max_tokens=max_tokens, n=6, seed=0)))
     t1 = time.perf_counter()
     refs = "\n".join(f"{i + 1}. {c.text}" for i, c in enumerate(samples.choices))
-    agg = [{"role": "system", "content": f"{AGG_SYSTEM}\n{refs}"}, *user]
+    agg = [{"role": "system", "content": f"{FUSER_SYSTEM}\n{refs}"}, *user]
     final = await backend.chat(ChatRequest("m", agg, SamplingParams(temperature=0.7, max_tokens=max_tokens, seed=0)))
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, samples.usage.completion_tokens, final.usage.prompt_tokens, time.process_time() - c0

@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..components.extractors import last_boxed  # noqa: F401 - the answer of a MATH solution; re-exported
 from typing import Any
 
 from .paths import data_dir, data_file
@@ -113,34 +115,6 @@ def load_arena_answers(model: str, root: Root = None) -> dict[str, str]:
 MATH_INSTRUCTION = "Solve the following math problem. Reason step by step, and put your final answer within \\boxed{}."
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces; None if absent."""
-    best = None
-    for key in ("\\boxed", "\\fbox"):
-        i = text.rfind(key)
-        if i >= 0 and (best is None or i > best[0]):
-            best = (i, key)
-    if best is None:
-        return None
-    i = best[0] + len(best[1])
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":  # "\boxed 5" form
-        j = i
-        while j < len(text) and text[j] not in "$ \n":
-            j += 1
-        return text[i:j] or None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
 
 
 def load_math500(root: Root = None) -> list[Item]:

@@ -8,13 +8,24 @@ from ..spec import ExtractorSpec
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if idx < 0:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces; None if absent."""
+    best = None
+    for key in ("\\boxed", "\\fbox"):
+        i = text.rfind(key)
+        if i >= 0 and (best is None or i > best[0]):
+            best = (i, key)
+    if best is None:
         return None
-    i = text.find("{", idx)
-    if i < 0:
+    i = best[0] + len(best[1])
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text):
         return None
+    if text[i] != "{":  # "\boxed 5" form
+        j = i
+        while j < len(text) and text[j] not in "$ \n":
+            j += 1
+        return text[i:j] or None
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":
