@@ -47,10 +47,10 @@ class Config:
 
 
 DEFAULT_CONFIGS = (
-    [Config("fixed", k=k) for k in (2, 3, 4, 6, 8)]
+    [Config("fixed", k=k) for k in (1, 2, 3, 4, 6)]
     + [Config("heuristic", k=5)]
     + [Config("confidence", t) for t in (0.2, 0.4, 0.6)]
-    + [Config("entropy", t) for t in (0.5, 1.5)]
+    + [Config("entropy", t) for t in (1.0, 2.0)]
     + [Config("cumprob", t) for t in (0.3, 0.5, 0.7, 0.9)]
     + [Config("specdec_pp", t) for t in (0.3, 0.5, 0.7, 0.9)]
 )

@@ -158,9 +158,8 @@ class EagleDraft(nn.Module):
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, str(folder / "draft.safetensors"))
-        meta = {"kind": "eagle1", **asdict(self.cfg), **(extra or {})}
+        save_file(_half(self.state_dict()), str(folder / "draft.safetensors"))
+        meta = {"kind": "eagle1", "stored_dtype": "float16", **asdict(self.cfg), **(extra or {})}
         (folder / "draft.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -170,7 +169,7 @@ class EagleDraft(nn.Module):
         meta = json.loads((folder / "draft.json").read_text())
         fields = DraftConfig.__dataclass_fields__
         cfg = DraftConfig(**{k: v for k, v in meta.items() if k in fields})
-        sd = load_file(str(folder / "draft.safetensors"))
+        sd = _float(load_file(str(folder / "draft.safetensors")))
         model = cls(cfg, embed, sd["vocab_ids"])
         model.load_state_dict(sd, strict=False)
         return model.eval()
@@ -230,8 +229,8 @@ class AcceptHead(nn.Module):
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / "head.safetensors"))
-        full = {"hidden": self.hidden, "blocks": self.n_blocks, "tied": self.tied, **meta}
+        save_file(_half(self.state_dict()), str(folder / "head.safetensors"))
+        full = {"hidden": self.hidden, "blocks": self.n_blocks, "tied": self.tied, "stored_dtype": "float16", **meta}
         (folder / "head.json").write_text(json.dumps(full, indent=2) + "\n")
 
     @classmethod
@@ -240,8 +239,17 @@ class AcceptHead(nn.Module):
 
         meta = json.loads((folder / "head.json").read_text())
         head = cls(meta["hidden"], meta["blocks"], meta["tied"])
-        head.load_state_dict(load_file(str(folder / "head.safetensors")))
+        head.load_state_dict(_float(load_file(str(folder / "head.safetensors"))))
         return head.eval(), meta
+
+
+def _half(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Artifacts are stored in float16 (half the size; the draft computes in float32)."""
+    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
+
+
+def _float(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
 def soft_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

@@ -123,6 +123,62 @@ class EagleDrafter:
         return float(self.head.accept_prob(hidden))
 
 
+class LMDrafter:
+    """A separate causal LM with the target's vocabulary as the draft (here: an int8
+    dynamically quantized copy of the target, see :func:`loading.load_int8_draft`).
+
+    It keeps its own HF ``DynamicCache``; at each round start the cache is cropped to the
+    longest prefix shared with the committed sequence (accepted candidates stay cached)
+    and the remaining committed tokens are fed in one pass.  Target features are ignored.
+    """
+
+    def __init__(self, model: Any, head: AcceptHead | None = None):
+        self.model = model
+        self.head = head
+        self.tokens: list[int] = []
+        self.cache_tokens: list[int] = []
+        self.cache: Any = None
+        self.forward_calls = 0
+
+    def reset(self, tokens: list[int], feats: torch.Tensor | None = None) -> None:
+        from transformers import DynamicCache
+
+        self.tokens = list(tokens)
+        self.cache = DynamicCache(config=self.model.config)
+        self.cache_tokens = []
+
+    def commit(self, new_tokens: list[int], new_feats: torch.Tensor | None = None) -> None:
+        self.tokens.extend(new_tokens)
+
+    def _run(self, toks: list[int]) -> DraftStep:
+        out = self.model.model(input_ids=torch.tensor([toks]), cache=self.cache, use_cache=True)
+        self.forward_calls += 1
+        self.cache_tokens.extend(toks)
+        h = out.last_hidden_state[0, -1]
+        return DraftStep(h.float(), self.model.lm_head(h[None])[0].float())
+
+    @torch.inference_mode()
+    def start_round(self) -> DraftStep:
+        lcp = 0
+        limit = min(len(self.cache_tokens), len(self.tokens) - 1)  # always feed at least the newest token
+        while lcp < limit and self.cache_tokens[lcp] == self.tokens[lcp]:
+            lcp += 1
+        drop = len(self.cache_tokens) - lcp
+        if drop:
+            self.cache.crop(-drop)
+            del self.cache_tokens[lcp:]
+        return self._run(self.tokens[lcp:])
+
+    @torch.inference_mode()
+    def step(self, token: int) -> DraftStep:
+        return self._run([token])
+
+    @torch.inference_mode()
+    def accept_prob(self, hidden: torch.Tensor) -> float:
+        assert self.head is not None, "specdec_pp needs an acceptance head"
+        return float(self.head.accept_prob(hidden))
+
+
 @dataclass
 class SpecStats:
     num_drafts: int = 0  # rounds
@@ -220,7 +276,7 @@ def autoregressive_generate(
 def speculative_generate(
     prompt_ids: list[int],
     target: TargetModel,
-    drafter: EagleDrafter,
+    drafter: "EagleDrafter | LMDrafter",
     policy: StopPolicy,
     verify_mode: VerifyMode | str = VerifyMode.GREEDY,
     sampling: SamplingConfig = SamplingConfig(),

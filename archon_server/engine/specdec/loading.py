@@ -64,3 +64,26 @@ def stop_ids(tok) -> set[int]:
     if isinstance(im_end, int) and im_end >= 0:
         ids.add(im_end)
     return {i for i in ids if i is not None}
+
+
+_INT8: dict[str, object] = {}
+
+
+def load_int8_draft(name: str = DEFAULT_TARGET):
+    """An int8 dynamically quantized copy of the target (HF model, quantized nn.Linear layers).
+
+    Same vocabulary and nearly the same distribution as the target (high acceptance), at
+    roughly a third to a half of a target step on CPU.  Built at load time (no artifact).
+    """
+    if name not in _INT8:
+        import warnings
+
+        from transformers import AutoModelForCausalLM
+
+        from archon_server.engine.model_store import pull
+
+        model = AutoModelForCausalLM.from_pretrained(str(pull(name)), dtype=torch.float32).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+            _INT8[name] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return _INT8[name]

@@ -48,11 +48,13 @@ def verify_greedy(candidates: list[int], target_logits: torch.Tensor) -> tuple[i
 def verify_sampled(
     candidates: list[int],
     target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
     generator: torch.Generator | None = None,
 ) -> tuple[int, int]:
-    """``target_probs`` [K+1, V], ``draft_probs`` [K, V] (the q each candidate was drawn from)."""
+    """``target_probs`` [K+1, V], ``draft_probs`` [K, V] (the q each candidate was drawn from;
+    None only when there are no candidates and the call just samples the next token)."""
     for j, y in enumerate(candidates):
+        assert draft_probs is not None
         p_y = float(target_probs[j, y])
         q_y = float(draft_probs[j, y])
         # q_y > 0 because y was drawn from q; guard anyway so a caller bug cannot divide by zero
@@ -98,6 +100,6 @@ def verify(
         return verify_greedy(candidates, target_probs)
     if mode is VerifyMode.POINT_MASS:
         return verify_point_mass(candidates, target_probs, generator)
-    if draft_probs is None:
+    if draft_probs is None and candidates:
         raise ValueError("sampled verification needs the draft probabilities")
     return verify_sampled(candidates, target_probs, draft_probs, generator)
