@@ -80,3 +80,16 @@ def test_sampled_run_counters(env) -> None:
     # every round emits accepted + 1 tokens; prefill emits the first
     assert stats.emitted_tokens <= 1 + stats.num_accepted_draft_tokens + stats.target_forward_passes - 1
     assert 2 <= stats.mean_k <= 20 or stats.num_drafts == 0
+
+
+def test_serving_hook_returns_vllm_metric_names(env) -> None:
+    from archon_server.engine.specdec.serve import speculative_generate_for_request
+
+    runner, tok, _, _ = env
+    ids = loading.chat_ids(tok, PROMPT)
+    ref, _ = autoregressive_generate(ids, TargetModel(runner), max_new_tokens=16)
+    out, metrics = speculative_generate_for_request(runner, ids, {"method": "cumprob", "threshold": 0.5},
+                                                    temperature=0.0, max_tokens=16)
+    assert out == ref
+    for name in ("mean_acceptance_length", "draft_acceptance_rate", "num_draft_tokens", "num_accepted_draft_tokens"):
+        assert name in metrics

@@ -22,12 +22,12 @@ from typing import Any
 
 from . import loading
 from .draft import AcceptHead, EagleDraft
-from .generate import EagleDrafter, TargetModel, speculative_generate
+from .generate import EagleDrafter, LMDrafter, TargetModel, speculative_generate
 from .policies import make_policy
 from .sampling import SamplingConfig
 
 _LOCK = threading.Lock()
-_DRAFTS: dict[tuple[int, str], EagleDraft] = {}
+_DRAFTS: dict[tuple[int, str], Any] = {}
 _HEADS: dict[str, AcceptHead] = {}
 
 
@@ -49,11 +49,19 @@ class SpeculativeConfig:
         return cls(**d)
 
 
-def _draft_for(runner: Any, folder: str | None) -> EagleDraft:
+def _draft_for(runner: Any, folder: str | None) -> Any:
+    """``None``/``"eagle"``: the shipped EAGLE draft; a folder with ``draft.json``: another
+    EAGLE draft; any other folder: a Hugging Face causal LM with the target's vocabulary
+    (run as an :class:`LMDrafter`)."""
     key = (id(runner), folder or "")
     with _LOCK:
         if key not in _DRAFTS:
-            _DRAFTS[key] = loading.load_draft(runner, folder)
+            if folder in (None, "", "eagle") or (Path(folder) / "draft.json").exists():
+                _DRAFTS[key] = loading.load_draft(runner, None if folder in (None, "", "eagle") else folder)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                _DRAFTS[key] = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
         return _DRAFTS[key]
 
 
@@ -93,7 +101,8 @@ def speculative_generate_for_request(
     policy = make_policy(cfg.method, cfg.threshold, cfg.k, cfg.min_k, cfg.max_k)
     target = TargetModel(runner, slot=slot, cache=cache)
     mode = "greedy" if sampling.greedy else "sampled"
-    tokens, stats = speculative_generate(prompt_ids, target, EagleDrafter(draft, head), policy, mode, sampling,
+    drafter = EagleDrafter(draft, head) if isinstance(draft, EagleDraft) else LMDrafter(draft, head)
+    tokens, stats = speculative_generate(prompt_ids, target, drafter, policy, mode, sampling,
                                          max_tokens, seed, stop_ids)
     metrics = stats.metrics()
     metrics["spec_method"] = policy.describe()  # type: ignore[assignment]
