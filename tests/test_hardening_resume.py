@@ -176,8 +176,6 @@ def test_search_worker_killed_three_times_resumes_with_nothing_lost(tmp_path: Pa
     assert status["evaluated"] == n
 
 
-@pytest.mark.xfail(strict=True, reason="bench sweep records a question that failed on a transient upstream error as done "
-                   "(score 0) and never retries it on resume; remove this marker when sweep.py retries `error` records")
 def test_sweep_retries_questions_that_failed_during_an_outage(tmp_path: Path, math500_available) -> None:
     state = {"down": True}
     up = FakeUpstream(lambda b: {"fault": "503"} if state["down"] else None).start()

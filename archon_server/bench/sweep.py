@@ -95,12 +95,17 @@ def result_key(arch: str, benchmark: str, qid: str) -> str:
 
 
 class ResultsLog:
-    """Append-only JSONL of finished questions; a torn last line (killed mid-write) is ignored."""
+    """Append-only JSONL of finished questions; a torn last line (killed mid-write) is ignored.
+
+    A question whose record carries an ``error`` (a backend outage, a deadline) is not done: a re-run
+    tries it again and appends a new record, which then supersedes the failed one. A question that
+    succeeded is never run twice.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.records: list[dict[str, Any]] = []
+        self._latest: dict[str, dict[str, Any]] = {}
         self.done: set[str] = set()
         if self.path.exists():
             with open(self.path, encoding="utf-8") as f:
@@ -109,12 +114,22 @@ class ResultsLog:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    k = result_key(rec["arch"], rec["benchmark"], rec["id"])
-                    if k not in self.done:
-                        self.done.add(k)
-                        self.records.append(rec)
+                    self._keep(rec)
         self._needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
         self._lock = asyncio.Lock()
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """One record per question: its success, else its latest failure."""
+        return list(self._latest.values())
+
+    def _keep(self, rec: dict[str, Any]) -> None:
+        k = result_key(rec["arch"], rec["benchmark"], rec["id"])
+        if k in self.done:
+            return
+        self._latest[k] = rec
+        if not rec.get("error"):
+            self.done.add(k)
 
     async def append(self, rec: dict[str, Any]) -> None:
         k = result_key(rec["arch"], rec["benchmark"], rec["id"])
@@ -129,8 +144,7 @@ class ResultsLog:
                 f.write(line + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            self.done.add(k)
-            self.records.append(rec)
+            self._keep(rec)
 
 
 # --------------------------------------------------------------------------- backends
