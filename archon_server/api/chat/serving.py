@@ -127,9 +127,17 @@ class ChatService:
         )
 
     def _admit(self) -> None:
+        """Take an in-flight slot or refuse at once (429); every admitted request calls :meth:`_release` once."""
         if self.inflight >= self.max_inflight:
             self.metrics.rejected.labels("concurrency").inc()
             raise APIError(429, f"server busy: {self.max_inflight} requests in flight; retry later", code="rate_limit_exceeded")
+        self.admitted += 1
+        self.inflight += 1
+        self.metrics.inflight.inc()
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.dec()
 
     def _gerr(self, e: GraphError) -> APIError:
         return APIError(e.status, str(e), code={502: "upstream_error", 504: "timeout", 400: "invalid_value"}.get(e.status))
@@ -149,9 +157,6 @@ class ChatService:
         spec = self.resolve(req)
         final = self.final_overrides(req)
         self._admit()
-        self.admitted += 1
-        self.inflight += 1
-        self.metrics.inflight.inc()
         t0 = time.perf_counter()
         status, res = 500, None
         try:
@@ -178,8 +183,7 @@ class ChatService:
             status = 200
             return self._response(req, spec, res).model_dump(exclude_none=True)
         finally:
-            self.inflight -= 1
-            self.metrics.inflight.dec()
+            self._release()
             self._observe(spec.name, status, t0, res)
 
     def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult) -> ChatCompletionResponse:
@@ -199,9 +203,6 @@ class ChatService:
         spec = self.resolve(req)
         final = self.final_overrides(req)
         self._admit()
-        self.admitted += 1
-        self.inflight += 1
-        self.metrics.inflight.inc()
         return self._stream(req, spec, final)
 
     async def _stream(self, req: ChatCompletionRequest, spec: ArchitectureSpec, final: FinalOverrides) -> AsyncIterator[str]:
@@ -254,6 +255,5 @@ class ChatService:
             if not task.done():  # client went away: cancel every in-flight backend call
                 task.cancel()
                 status = 499
-            self.inflight -= 1
-            self.metrics.inflight.dec()
+            self._release()
             self._observe(spec.name, status, t0, res)
