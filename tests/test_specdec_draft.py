@@ -85,3 +85,18 @@ def test_speculative_config_rejects_unknown_keys() -> None:
     assert SpeculativeConfig.from_dict({"method": "fixed", "k": 3}).k == 3
     with pytest.raises(ValueError):
         SpeculativeConfig.from_dict({"method": "fixed", "depth": 3})
+
+
+def test_ngram_drafter_copies_the_continuation_of_the_last_match() -> None:
+    from archon_server.engine.specdec.generate import NgramDrafter
+
+    d = NgramDrafter(vocab_size=20, max_ngram=2)
+    d.reset([1, 2, 3, 4, 5, 9, 1, 2])
+    proposed = []
+    step = d.start_round()
+    while step is not None:
+        proposed.append(int(step.logits.argmax()))
+        step = d.step(proposed[-1])
+    assert proposed == [3, 4, 5, 9, 1, 2]
+    d.reset([7, 8])
+    assert d.start_round() is None  # no earlier occurrence: nothing to draft

@@ -93,3 +93,15 @@ def test_serving_hook_returns_vllm_metric_names(env) -> None:
     assert out == ref
     for name in ("mean_acceptance_length", "draft_acceptance_rate", "num_draft_tokens", "num_accepted_draft_tokens"):
         assert name in metrics
+
+
+def test_ngram_drafter_greedy_equals_target_only(env) -> None:
+    from archon_server.engine.specdec.generate import NgramDrafter
+
+    runner, tok, _, _ = env
+    ids = loading.chat_ids(tok, "Repeat exactly: the cat sat on the mat, the cat sat on the mat.")
+    ref, _ = autoregressive_generate(ids, TargetModel(runner), max_new_tokens=20)
+    out, stats = speculative_generate(ids, TargetModel(runner), NgramDrafter(runner.dims.vocab), FixedK(4), "greedy",
+                                      max_new_tokens=20)
+    assert out == ref
+    assert stats.draft_forward_passes == 0

@@ -23,7 +23,7 @@ import torch
 
 from . import loading
 from .data import alpaca_split, humaneval_prompts, math_prompts
-from .generate import EagleDrafter, SpecStats, TargetModel, autoregressive_generate, speculative_generate
+from .generate import EagleDrafter, NgramDrafter, SpecStats, TargetModel, autoregressive_generate, speculative_generate
 from .policies import StopPolicy, make_policy
 from .sampling import SamplingConfig
 
@@ -105,7 +105,7 @@ def modeled_time(stats: SpecStats, table: dict[str, float]) -> float:
 
 def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Path | str = "benchmarks/results/specdec",
               configs: list[Config] | None = None, ood_configs: list[str] | None = None,
-              temperature: float = 0.0, verify_mode: str = "greedy", seed: int = 0) -> dict:
+              temperature: float = 0.0, verify_mode: str = "greedy", seed: int = 0, drafter: str = "eagle") -> dict:
     loading.set_threads()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +117,8 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
     stops = loading.stop_ids(tok)
     sampling = SamplingConfig(temperature=temperature)
     configs = configs or list(DEFAULT_CONFIGS)
+    if drafter == "ngram":  # no hidden states, no head
+        configs = [c for c in configs if c.method != "specdec_pp"]
     table = calibrate(runner, draft, head)
     print("calibration (ms):", {k: round(v * 1000, 2) for k, v in table.items()}, flush=True)
 
@@ -124,7 +126,7 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
     if n_ood:
         sets["humaneval"] = humaneval_prompts()[:n_ood]
         sets["math500"] = math_prompts()[:n_ood]
-    results: dict = {"calibration": table, "max_new_tokens": max_new, "verify_mode": verify_mode,
+    results: dict = {"calibration": table, "max_new_tokens": max_new, "verify_mode": verify_mode, "drafter": drafter,
                      "temperature": temperature, "head": head_meta, "sets": {}}
     target = TargetModel(runner)
     for set_name, prompts in sets.items():
@@ -139,8 +141,8 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
             ar_stats.add(s)
             ar_modeled += (s.target_forward_passes - 1) * target_cost(table, 1)
             for c in cfgs:
-                drafter = EagleDrafter(draft, head)
-                out, st = speculative_generate(ids, target, drafter, c.policy(), verify_mode, sampling, max_new, seed, stops)
+                d = EagleDrafter(draft, head) if drafter == "eagle" else NgramDrafter(runner.dims.vocab)
+                out, st = speculative_generate(ids, target, d, c.policy(), verify_mode, sampling, max_new, seed, stops)
                 if verify_mode == "greedy" and out != ref:
                     mismatches += 1
                 agg[c.label].add(st)
@@ -161,8 +163,9 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
             "ar_tokens": ar_stats.emitted_tokens, "greedy_mismatches": mismatches, "rows": rows,
         }
         print_table(set_name, results["sets"][set_name])
-    (out_dir / f"results_{verify_mode}.json").write_text(json.dumps(results, indent=2))
-    plot_pareto(results, out_dir / f"pareto_{verify_mode}.png")
+    tag = verify_mode if drafter == "eagle" else f"{drafter}_{verify_mode}"
+    (out_dir / f"results_{tag}.json").write_text(json.dumps(results, indent=2))
+    plot_pareto(results, out_dir / f"pareto_{tag}.png")
     return results
 
 
@@ -200,7 +203,7 @@ def plot_pareto(results: dict, path: Path) -> None:
                 ax.annotate(lab.split(" ")[-1], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("target forward passes per token (lower = fewer verifications)")
         ax.set_ylabel("discarded draft tokens per token (lower = less waste)")
-        ax.set_title(f"{name} ({results['verify_mode']}, T={results['temperature']})")
+        ax.set_title(f"{name} ({results.get('drafter', 'eagle')}, {results['verify_mode']}, T={results['temperature']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -224,6 +227,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="benchmarks/results/specdec")
     ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5' (default: full sweep)")
     ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
+    ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
 
 
 def parse_configs(spec: str) -> list[Config] | None:
@@ -242,7 +246,7 @@ def parse_configs(spec: str) -> list[Config] | None:
 def bench_from_args(args: argparse.Namespace) -> dict:
     ood = [s for s in args.ood_configs.split(",") if s] or None
     return run_bench(args.n_alpaca, args.n_ood, args.max_new, args.out, parse_configs(args.configs), ood,
-                     args.temperature, args.verify_mode)
+                     args.temperature, args.verify_mode, drafter=args.drafter)
 
 
 if __name__ == "__main__":  # pragma: no cover

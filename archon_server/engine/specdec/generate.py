@@ -179,6 +179,61 @@ class LMDrafter:
         return float(self.head.accept_prob(hidden))
 
 
+class NgramDrafter:
+    """Prompt-lookup drafting (no model): find the most recent earlier occurrence of the
+    last ``n`` committed tokens (n = max_ngram..min_ngram) and propose what followed it.
+
+    The draft "distribution" is a point mass on each proposed token, so sampled decoding
+    must verify with ``point_mass`` (identical to ``sampled`` with a one-hot q).  A step
+    returns None when the copied continuation runs out, which ends the round.
+    """
+
+    head = None
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1, max_copy: int = 20):
+        self.vocab_size = vocab_size
+        self.max_ngram, self.min_ngram, self.max_copy = max_ngram, min_ngram, max_copy
+        self.tokens: list[int] = []
+        self._cont: list[int] = []
+        self._i = 0
+        self.forward_calls = 0
+
+    def reset(self, tokens: list[int], feats: torch.Tensor | None = None) -> None:
+        self.tokens = list(tokens)
+
+    def commit(self, new_tokens: list[int], new_feats: torch.Tensor | None = None) -> None:
+        self.tokens.extend(new_tokens)
+
+    def _lookup(self) -> list[int]:
+        t = self.tokens
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(t) <= n:
+                continue
+            suffix = t[-n:]
+            for i in range(len(t) - n - 1, -1, -1):
+                if t[i : i + n] == suffix:
+                    return t[i + n : i + n + self.max_copy]
+        return []
+
+    def _emit(self) -> DraftStep | None:
+        if self._i >= len(self._cont):
+            return None
+        logits = torch.full((self.vocab_size,), float("-inf"))
+        logits[self._cont[self._i]] = 0.0
+        self._i += 1
+        return DraftStep(torch.zeros(1), logits)
+
+    def start_round(self) -> DraftStep | None:
+        self._cont, self._i = self._lookup(), 0
+        return self._emit()
+
+    def step(self, token: int) -> DraftStep | None:
+        return self._emit()
+
+    def accept_prob(self, hidden: torch.Tensor) -> float:
+        raise ValueError("the n-gram drafter has no acceptance head")
+
+
 @dataclass
 class SpecStats:
     num_drafts: int = 0  # rounds
@@ -276,7 +331,7 @@ def autoregressive_generate(
 def speculative_generate(
     prompt_ids: list[int],
     target: TargetModel,
-    drafter: "EagleDrafter | LMDrafter",
+    drafter: "EagleDrafter | LMDrafter | NgramDrafter",
     policy: StopPolicy,
     verify_mode: VerifyMode | str = VerifyMode.GREEDY,
     sampling: SamplingConfig = SamplingConfig(),
