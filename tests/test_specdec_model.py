@@ -93,6 +93,9 @@ def test_serving_hook_returns_vllm_metric_names(env) -> None:
     assert out == ref
     for name in ("mean_acceptance_length", "draft_acceptance_rate", "num_draft_tokens", "num_accepted_draft_tokens"):
         assert name in metrics
+    out, metrics = speculative_generate_for_request(runner, ids, {"method": "fixed", "k": 4, "draft": "ngram"},
+                                                    temperature=0.0, max_tokens=16)
+    assert out == ref
 
 
 def test_ngram_drafter_greedy_equals_target_only(env) -> None:

@@ -4,7 +4,8 @@ The ``LocalBackend`` calls :func:`speculative_generate_for_request` when a reque
 backend's config carries::
 
     speculative: {method: specdec_pp|fixed|heuristic|confidence|entropy|cumprob,
-                  draft: <folder, default: shipped>, head: <folder, default: shipped>,
+                  draft: eagle (default, shipped) | ngram (prompt lookup) | <EAGLE folder> | <HF model folder>,
+                  head: <folder, default: shipped>,
                   threshold: <float>, k: <int>, min_k: 2, max_k: 20}
 
 and gets the tokens plus counters under vLLM's metric names.  Temperature 0 uses greedy
@@ -22,7 +23,7 @@ from typing import Any
 
 from . import loading
 from .draft import AcceptHead, EagleDraft
-from .generate import EagleDrafter, LMDrafter, TargetModel, speculative_generate
+from .generate import EagleDrafter, LMDrafter, NgramDrafter, TargetModel, speculative_generate
 from .policies import make_policy
 from .sampling import SamplingConfig
 
@@ -98,12 +99,19 @@ def speculative_generate_for_request(
     """
     cfg = spec if isinstance(spec, SpeculativeConfig) else SpeculativeConfig.from_dict(spec)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
-    draft = _draft_for(runner, cfg.draft)
-    head = _head_for(cfg.head, sampling.greedy) if cfg.method in ("specdec_pp", "specdecpp", "specdec++") else None
     policy = make_policy(cfg.method, cfg.threshold, cfg.k, cfg.min_k, cfg.max_k)
     target = TargetModel(runner, slot=slot, cache=cache)
     mode = "greedy" if sampling.greedy else "sampled"
-    drafter = EagleDrafter(draft, head) if isinstance(draft, EagleDraft) else LMDrafter(draft, head)
+    drafter: Any
+    if cfg.draft == "ngram":  # prompt lookup: point-mass drafts, no head
+        if policy.needs_head:
+            raise ValueError("specdec_pp needs a model draft (the n-gram drafter has no hidden states)")
+        drafter = NgramDrafter(runner.dims.vocab)
+        mode = "greedy" if sampling.greedy else "point_mass"
+    else:
+        draft = _draft_for(runner, cfg.draft)
+        head = _head_for(cfg.head, sampling.greedy) if policy.needs_head else None
+        drafter = EagleDrafter(draft, head) if isinstance(draft, EagleDraft) else LMDrafter(draft, head)
     tokens, stats = speculative_generate(prompt_ids, target, drafter, policy, mode, sampling,
                                          max_tokens, seed, stop_ids)
     metrics = stats.metrics()
