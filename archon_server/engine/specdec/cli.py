@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="specdec")
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_cli(sub)
-    args = ap.parse_args(["specdec", *(argv or [])] if argv is not None else None)
+    import sys
+
+    args = ap.parse_args(["specdec", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 
 
