@@ -271,3 +271,29 @@ async def test_churn_of_concurrent_requests_matches_running_them_alone():
         assert backend.engine.active_sequences == 0
     finally:
         await backend.close()
+
+
+async def test_speculative_backend_config_is_lossless_greedy_and_reports_vllm_metrics():
+    """`speculative:` on the local backend (n-gram drafter, fixed K): greedy output equals plain greedy decoding,
+    and the result carries vLLM's acceptance metrics; n > 1 requests keep the batched path."""
+    from archon_server.backends.base import ChatRequest, SamplingParams
+    from archon_server.backends.local import LocalBackend
+
+    spec = LocalBackend(speculative={"method": "fixed", "k": 4, "draft": "ngram"})
+    plain = LocalBackend()
+    await spec.start()
+    await plain.start()
+    try:
+        msgs = [{"role": "user", "content": "List the days of the week, one per line."}]
+        p = SamplingParams(temperature=0.0, max_tokens=40)
+        a = await spec.chat(ChatRequest("smollm2-135m-instruct", msgs, p))
+        b = await plain.chat(ChatRequest("smollm2-135m-instruct", msgs, p))
+        assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens == b.usage.completion_tokens
+        for k in ("mean_acceptance_length", "draft_acceptance_rate", "num_draft_tokens", "num_accepted_draft_tokens"):
+            assert k in a.metrics
+        assert a.metrics["num_draft_tokens"] > 0 and "num_draft_tokens" not in b.metrics
+        many = await spec.chat(ChatRequest("smollm2-135m-instruct", msgs, SamplingParams(temperature=0.7, max_tokens=8, n=2, seed=1)))
+        assert len(many.choices) == 2 and "num_draft_tokens" not in many.metrics
+    finally:
+        await spec.close()
+        await plain.close()

@@ -64,6 +64,9 @@ class LocalBackend(Backend):
         self.dtype = dtype
         self.max_batch = max_batch
         self.progress = bool(options.pop("progress", True))
+        # Backend-wide speculative decoding ({method, draft, head, threshold, k}); a request may set its own
+        # through `extra={"speculative": {...}}` (or disable it with `extra={"speculative": None}`).
+        self.speculative: dict[str, Any] | None = options.pop("speculative", None)
         self.threads: int | str = options.pop("threads", "auto")
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
@@ -124,8 +127,7 @@ class LocalBackend(Backend):
             ids = ids["input_ids"]
         return list(ids)
 
-    @staticmethod
-    def _gen_params(p: SamplingParams) -> Any:
+    def _gen_params(self, p: SamplingParams) -> Any:
         from archon_server.engine.scheduler import GenParams
 
         return GenParams(
@@ -143,6 +145,7 @@ class LocalBackend(Backend):
             repetition_penalty=float(p.extra.get("repetition_penalty", 1.0)),
             presence_penalty=float(p.extra.get("presence_penalty", 0.0)),
             frequency_penalty=float(p.extra.get("frequency_penalty", 0.0)),
+            speculative=p.extra.get("speculative", self.speculative),
         )
 
     async def _events(self, request: ChatRequest) -> AsyncIterator[Any]:

@@ -51,6 +51,8 @@ class GenParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
+    speculative: dict[str, Any] | None = None
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)
@@ -279,6 +281,15 @@ class Engine:
                 self.stats.cancelled += 1
                 req.done = True
                 continue
+            if req.params.speculative and req.params.n == 1:
+                # Speculative decoding verifies several tokens per target pass for ONE sequence; it runs
+                # alone (own one-slot cache) once the batch has drained, never inside a batched step.
+                if self._rows:
+                    break
+                self._waiting.popleft()
+                self.stats.requests += 1
+                self._run_speculative(req)
+                continue
             # A request bigger than max_batch runs alone rather than never.
             if self._rows and len(self._rows) + req.params.n > self.max_batch:
                 break
@@ -413,12 +424,54 @@ class Engine:
         for req in touched.values():
             req.flush()
 
-    def _finish_request(self, req: _Request, flush: bool = False) -> None:
+    def _run_speculative(self, req: _Request) -> None:
+        """One speculative generation; stop strings and EOS are applied to its tokens as in a normal step.
+
+        Its text arrives as one event at the end (no token-by-token streaming), and a cancel takes effect
+        only when it is done: ``max_tokens`` bounds it.
+        """
+        from .specdec.serve import speculative_generate_for_request
+
+        p = req.params
+        req.t_first = time.perf_counter()
+        try:
+            tokens, spec_metrics = speculative_generate_for_request(
+                self.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
+                seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(self.eos_ids),
+            )
+        except Exception as e:  # a bad speculative config fails its request, never the worker
+            log.warning("speculative generation failed: %s", e)
+            self.stats.errors += 1
+            req.outbox = [ErrorEvent(e)]
+            req.done = True
+            req.flush()
+            return
+        text = IncrementalText(self.tokenizer, p.stop)
+        reason, n = "length", 0
+        for tok in tokens:
+            n += 1
+            if tok in self.eos_ids and not p.ignore_eos:
+                reason = "stop"
+                break
+            if text.add(tok):
+                reason = "stop"
+                break
+        text.flush()
+        delta = text.take(final=True)
+        if delta:
+            req.outbox.append(TokenEvent(0, delta))
+        req.completion_tokens = n
+        self.stats.decode_tokens += n
+        req.outbox.append(FinishEvent(0, reason, text.text, n))
+        self._finish_request(req, flush=True, extra=spec_metrics)
+
+    def _finish_request(self, req: _Request, flush: bool = False, extra: dict[str, Any] | None = None) -> None:
         now = time.perf_counter()
         metrics = {
             "engine": "local",
             "queue_s": round((req.t_first or now) - req.t_submit, 4),
             "generation_s": round(now - req.t_submit, 4),
+            **(extra or {}),
         }
         req.outbox.append(DoneEvent(len(req.prompt), req.completion_tokens, metrics))
         req.done = True

@@ -3,12 +3,27 @@
 Seams: :mod:`.verify` (pure verification rules), :mod:`.policies` (stop rules),
 :mod:`.draft` (EAGLE draft layer + acceptance head), :mod:`.generate` (the loop and its
 model wrappers), :mod:`.serve` (the LocalBackend hook), :mod:`.train` / :mod:`.bench`.
+
+Names are imported lazily: the `archon` CLI loads :mod:`.cli` at every start, and that must
+not pull in torch (an HTTP-only server would carry ~200 MB for nothing).
 """
 
-from .generate import EagleDrafter, SpecStats, TargetModel, autoregressive_generate, speculative_generate
-from .policies import StopPolicy, make_policy
-from .sampling import SamplingConfig
-from .verify import VerifyMode, verify
+from __future__ import annotations
 
-__all__ = ["EagleDrafter", "SamplingConfig", "SpecStats", "StopPolicy", "TargetModel", "VerifyMode",
-           "autoregressive_generate", "make_policy", "speculative_generate", "verify"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "EagleDrafter": ".generate", "SpecStats": ".generate", "TargetModel": ".generate",
+    "autoregressive_generate": ".generate", "speculative_generate": ".generate",
+    "StopPolicy": ".policies", "make_policy": ".policies", "SamplingConfig": ".sampling",
+    "VerifyMode": ".verify", "verify": ".verify",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(name)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import loading
+from .cli import add_bench_args  # noqa: F401 - the arguments live with the (torch-free) CLI
 from .data import alpaca_split, humaneval_prompts, math_prompts
 from .generate import EagleDrafter, NgramDrafter, SpecStats, TargetModel, autoregressive_generate, speculative_generate
 from .policies import StopPolicy, make_policy
@@ -216,18 +217,6 @@ def main(argv: list[str] | None = None) -> None:
     add_bench_args(ap)
     args = ap.parse_args(argv)
     bench_from_args(args)
-
-
-def add_bench_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--n-alpaca", type=int, default=8)
-    ap.add_argument("--n-ood", type=int, default=3)
-    ap.add_argument("--max-new", type=int, default=64)
-    ap.add_argument("--verify-mode", default="greedy", choices=["greedy", "sampled", "point_mass"])
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--out", default="benchmarks/results/specdec")
-    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5' (default: full sweep)")
-    ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
-    ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
 
 
 def parse_configs(spec: str) -> list[Config] | None:

@@ -36,8 +36,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     h.add_argument("--epochs", type=int, default=30)
     h.set_defaults(func=_train_head)
 
-    from .bench import add_bench_args
-
     r = sub.add_parser("bench", help="policy x threshold sweep; prints tables, writes JSON + Pareto PNG")
     add_bench_args(r)
     r.set_defaults(func=_bench)
@@ -96,3 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+def add_bench_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--n-alpaca", type=int, default=8)
+    ap.add_argument("--n-ood", type=int, default=3)
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--verify-mode", default="greedy", choices=["greedy", "sampled", "point_mass"])
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--out", default="benchmarks/results/specdec")
+    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5' (default: full sweep)")
+    ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
+    ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
