@@ -9,15 +9,19 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import SpecError, load_config
 from .spec import dump_architecture, import_archon, json_schema, load_architecture, load_text
+
+if TYPE_CHECKING:
+    from .spec import ArchitectureSpec
 
 # Subcommand groups contributed by other packages (each exposes add_cli(subparsers)).
 _PLUGINS = ["archon_server.engine.cli", "archon_server.bench.cli", "archon_server.search.cli", "archon_server.engine.specdec.cli"]
 
 
-def _die(msg: str, code: int = 2) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def _die(msg: str, code: int = 2) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -43,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_arch(name: str, cfg) -> "ArchitectureSpec":  # type: ignore[name-defined]  # noqa: F821
+def _resolve_arch(name: str, cfg: Any) -> "ArchitectureSpec":
     from .graph.catalog import load_catalog
 
     p = Path(name)

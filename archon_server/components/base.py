@@ -177,6 +177,21 @@ class ComponentContext:
             choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i) for i in idx], usage=usage, metrics=metrics
         )
 
+    async def judge_each(
+        self, component: str, ctype: str, alias: str, user_prompts: list[str], params: SamplingParams, parser: Callable[[str], T]
+    ) -> list[T | None]:
+        """One parsed judge call per candidate, all concurrently. A failed call is None in its place (recorded in
+        the trace); if every call failed the component fails. Unparseable output is None too (see call_parsed)."""
+        results = await gather_tolerant(
+            [
+                self.call_parsed(component, ctype, alias, user_prompt(p), params, parser, purpose=f"candidate {i + 1}")
+                for i, p in enumerate(user_prompts)
+            ]
+        )
+        if user_prompts and all(isinstance(r, BaseException) for r in results):
+            raise ComponentFailed(f"{component}: every call failed")
+        return [None if isinstance(r, BaseException) else r for r in results]
+
     async def call_parsed(
         self,
         component: str,

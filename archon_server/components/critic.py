@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import prompts
-from .base import Component, ComponentContext, ComponentFailed, gather_tolerant, numbered, user_prompt
+from .base import Component, ComponentContext, numbered, user_prompt
 from .parsers import parse_critique, parse_joint_critiques
 from .state import State, Update
 
@@ -15,19 +15,10 @@ class Critic(Component):
         params = ctx.sampling(self.spec, judge=True)
         n = len(state.candidates)
         if self.spec.per_candidate or n == 1:
-            results = await gather_tolerant(
-                [
-                    ctx.call_parsed(
-                        self.id, self.type, self.spec.model,
-                        user_prompt(prompts.CRITIC.format(query=state.query, response=c.text)),
-                        params, parse_critique, purpose=f"candidate {i + 1}",
-                    )
-                    for i, c in enumerate(state.candidates)
-                ]
+            critiques = await ctx.judge_each(
+                self.id, self.type, self.spec.model,
+                [prompts.CRITIC.format(query=state.query, response=c.text) for c in state.candidates], params, parse_critique,
             )
-            critiques = [r if isinstance(r, str) else None for r in results]
-            if n and all(isinstance(r, BaseException) for r in results):
-                raise ComponentFailed(f"{self.id}: every critique call failed")
         else:
             prompt = prompts.CRITIC_JOINT.format(n=n, query=state.query, responses=numbered(state.candidates))
             parsed = await ctx.call_parsed(

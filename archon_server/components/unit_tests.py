@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import prompts
-from .base import Component, ComponentContext, ComponentFailed, gather_tolerant, user_prompt
+from .base import Component, ComponentContext, gather_tolerant, user_prompt
 from .parsers import parse_test_results, parse_unit_tests
 from .state import State, Update
 
@@ -48,18 +48,11 @@ class UnitTestEvaluator(Component):
         tests = state.unit_tests
         listing = "\n".join(f"Test {i + 1}: {t}" for i, t in enumerate(tests))
         params = ctx.sampling(self.spec, judge=True)
-        results = await gather_tolerant(
-            [
-                ctx.call_parsed(
-                    self.id, self.type, self.spec.model,
-                    user_prompt(prompts.UNIT_TEST_EVALUATOR.format(query=state.query, response=c.text, tests=listing)),
-                    params, lambda t: parse_test_results(t, len(tests)), purpose=f"candidate {i + 1}",
-                )
-                for i, c in enumerate(state.candidates)
-            ]
+        results = await ctx.judge_each(
+            self.id, self.type, self.spec.model,
+            [prompts.UNIT_TEST_EVALUATOR.format(query=state.query, response=c.text, tests=listing) for c in state.candidates],
+            params, lambda t: parse_test_results(t, len(tests)),
         )
-        if state.candidates and all(isinstance(r, BaseException) for r in results):
-            raise ComponentFailed(f"{self.id}: every evaluation call failed")
         # Fail closed: an unanswered evaluation scores 0.
         return [sum(r) / len(tests) if isinstance(r, list) else 0.0 for r in results]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import prompts
-from .base import Component, ComponentContext, ComponentFailed, gather_tolerant, user_prompt
+from .base import Component, ComponentContext
 from .parsers import parse_verdict
 from .state import State, Update
 
@@ -15,18 +15,10 @@ class Verifier(Component):
 
     async def run(self, ctx: ComponentContext, state: State) -> Update:
         params = ctx.sampling(self.spec, judge=True)
-        results = await gather_tolerant(
-            [
-                ctx.call_parsed(
-                    self.id, self.type, self.spec.model,
-                    user_prompt(prompts.VERIFIER.format(query=state.query, response=c.text)),
-                    params, parse_verdict, purpose=f"candidate {i + 1}",
-                )
-                for i, c in enumerate(state.candidates)
-            ]
+        results = await ctx.judge_each(
+            self.id, self.type, self.spec.model,
+            [prompts.VERIFIER.format(query=state.query, response=c.text) for c in state.candidates], params, parse_verdict,
         )
-        if state.candidates and all(isinstance(r, BaseException) for r in results):
-            raise ComponentFailed(f"{self.id}: every verification call failed")
         # Fail closed: a failed or unparseable verification does not pass.
         passed = [replace(c, score=1.0) for c, r in zip(state.candidates, results) if r is True]
         if not passed:
