@@ -100,3 +100,103 @@ def test_ngram_drafter_copies_the_continuation_of_the_last_match() -> None:
     assert proposed == [3, 4, 5, 9, 1, 2]
     d.reset([7, 8])
     assert d.start_round() is None  # no earlier occurrence: nothing to draft
+
+
+def test_int8_draft_steps_match_bf16() -> None:
+    """Drafting steps of at most 4 rows use int8 weights; they stay close to bf16 (the draft only
+    proposes, so small rounding never changes what is emitted), and training ignores them."""
+    m = _draft().to(torch.bfloat16)
+    f = torch.randn(1, 6, 32, dtype=torch.bfloat16)
+    x = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        ref = m(f, x)
+        ref_logits = m.logits(ref[:, -1:])
+        q = m.quantize_int8()
+        assert q is m and set(m._int8) >= {"fc", "q", "k", "v", "o", "gate", "up", "down", "lm_head"}
+        kv = DraftKV()
+        m(f[:, :5], x[:, :5], kv=kv, start=0)  # 5 rows: the bf16 path
+        step = m(f[:, 5:], x[:, 5:], kv=kv, start=5)  # 1 row: int8
+        assert torch.allclose(step.float(), ref[:, 5:].float(), atol=0.15, rtol=0.05)
+        logits = m.logits(step)
+        assert torch.allclose(logits.float(), ref_logits.float(), atol=0.2, rtol=0.05)
+    m.train()
+    assert m._lin("q", f[:, :1]).requires_grad  # training uses the bf16/fp32 parameters, not the int8 copies
+
+
+class _ScriptedTarget:
+    """A target whose next token is always (t + 1) % V; enough to drive the loop."""
+
+    def __init__(self, vocab: int = 50):
+        self.vocab, self.tokens, self.forward_passes = vocab, [], 0
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def _out(self, toks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.full((len(toks), self.vocab), -10.0)
+        logits[torch.arange(len(toks)), torch.tensor([(t + 1) % self.vocab for t in toks])] = 10.0
+        return logits, torch.zeros(len(toks), 4)
+
+    def prefill(self, toks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens = list(toks)
+        self.forward_passes += 1
+        return self._out(toks)[0][-1:], self._out(toks)[1]
+
+    def forward(self, toks: list[int], all_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens += toks
+        self.forward_passes += 1
+        return self._out(toks)
+
+    def crop(self, n: int) -> None:
+        del self.tokens[n:]
+
+
+class _ScriptedDrafter:
+    """Proposes the right token; its 'hidden state' carries the head's acceptance probability."""
+
+    def __init__(self, probs: list[float]):
+        self.probs, self.forward_calls, self.seen = probs, 0, []
+
+    def reset(self, tokens: list[int], feats: torch.Tensor) -> None:
+        self.last = tokens[-1]
+
+    def commit(self, new_tokens: list[int], new_feats: torch.Tensor) -> None:
+        self.last = new_tokens[-1]
+
+    def _step(self, fed: int, j: int):
+        from archon_server.engine.specdec.generate import DraftStep
+
+        self.forward_calls += 1
+        logits = torch.full((50,), -10.0)
+        logits[(fed + 1) % 50] = 10.0
+        return DraftStep(torch.tensor([self.probs[min(j, len(self.probs) - 1)]]), logits)
+
+    def start_round(self):
+        self.j = 0
+        return self._step(self.last, 0)
+
+    def step(self, token: int):
+        self.j += 1
+        return self._step(token, self.j)
+
+    def accept_prob(self, hidden: torch.Tensor) -> float:
+        self.seen.append(float(hidden))
+        return float(hidden)
+
+
+def test_specdec_pp_judges_each_candidate_before_drafting_the_next() -> None:
+    """As in the authors' loop: after y_k is drafted, the draft is run on y_k, the head gives
+    P_acc(y_k), and only then does the rule decide whether to draft y_{k+1}.  With head
+    probabilities 0.9 (y_1) and 0.3 (y_2) and h = 0.5, the risk after y_2 is 1 - 0.27 > 0.5,
+    so every round drafts exactly 2 candidates (a one-step-late rule would draft a third)."""
+    from archon_server.engine.specdec.generate import speculative_generate
+    from archon_server.engine.specdec.policies import SpecDecPP
+
+    drafter = _ScriptedDrafter([0.0, 0.9, 0.3, 0.3])  # index 0: the committed token's step (not judged)
+    out, stats = speculative_generate([1, 2, 3], _ScriptedTarget(), drafter, SpecDecPP(0.5), "greedy",
+                                      max_new_tokens=13)
+    assert out == [(4 + i) % 50 for i in range(13)]
+    assert stats.k_per_round[:-1] and all(k == 2 for k in stats.k_per_round[:-1])
+    assert all(a == k for a, k in zip(stats.accepted_per_round, stats.k_per_round))
+    assert drafter.seen[:2] == pytest.approx([0.9, 0.3])

@@ -79,7 +79,8 @@ def test_sampled_run_counters(env) -> None:
     assert 0.0 <= m["draft_acceptance_rate"] <= 1.0
     # every round emits accepted + 1 tokens; prefill emits the first
     assert stats.emitted_tokens <= 1 + stats.num_accepted_draft_tokens + stats.target_forward_passes - 1
-    assert 2 <= stats.mean_k <= 20 or stats.num_drafts == 0
+    # K stays within 2..20 except in the last round, which the max_new_tokens budget may shorten
+    assert all(2 <= k <= 20 for k in stats.k_per_round[:-1])
 
 
 def test_serving_hook_returns_vllm_metric_names(env) -> None:

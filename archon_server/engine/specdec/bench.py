@@ -106,11 +106,12 @@ def modeled_time(stats: SpecStats, table: dict[str, float]) -> float:
 
 def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Path | str = "benchmarks/results/specdec",
               configs: list[Config] | None = None, ood_configs: list[str] | None = None,
-              temperature: float = 0.0, verify_mode: str = "greedy", seed: int = 0, drafter: str = "eagle") -> dict:
+              temperature: float = 0.0, verify_mode: str = "greedy", seed: int = 0, drafter: str = "eagle",
+              dtype: str = "auto") -> dict:
     loading.set_threads()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner, tok = loading.load_runner(), loading.load_tokenizer()
+    runner, tok = loading.load_runner(dtype=dtype), loading.load_tokenizer()
     draft = loading.load_draft(runner)
     head_mode = "greedy" if verify_mode == "greedy" else "sampled"
     head_dir = loading.ARTIFACTS / f"head_{head_mode}"
@@ -128,6 +129,7 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
         sets["humaneval"] = humaneval_prompts()[:n_ood]
         sets["math500"] = math_prompts()[:n_ood]
     results: dict = {"calibration": table, "max_new_tokens": max_new, "verify_mode": verify_mode, "drafter": drafter,
+                     "target_dtype": str(runner.dtype), "int8_small_batch": bool(runner.int8),
                      "temperature": temperature, "head": head_meta, "sets": {}}
     target = TargetModel(runner)
     for set_name, prompts in sets.items():
@@ -163,11 +165,43 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
             "prompts": len(prompts), "ar_tokens_per_s": ar_stats.emitted_tokens / ar_stats.wall_s,
             "ar_tokens": ar_stats.emitted_tokens, "greedy_mismatches": mismatches, "rows": rows,
         }
+        results["sets"][set_name]["summary"] = summarize(results["sets"][set_name])
         print_table(set_name, results["sets"][set_name])
     tag = verify_mode if drafter == "eagle" else f"{drafter}_{verify_mode}"
     (out_dir / f"results_{tag}.json").write_text(json.dumps(results, indent=2))
     plot_pareto(results, out_dir / f"pareto_{tag}.png")
     return results
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """Pareto: ``a`` needs no more target passes and discards no more draft tokens per token
+    than ``b``, and is strictly better in one."""
+    keys = ("target_passes_per_token", "discarded_per_token")
+    return all(a[k] <= b[k] for k in keys) and any(a[k] < b[k] for k in keys)
+
+
+def summarize(res: dict) -> dict:
+    """The issue's comparisons for one prompt set: the best of each method (by wall clock),
+    SpecDec++ against the best fixed K, and Pareto domination on (passes, discards)."""
+    rows = res["rows"]
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["method"] not in best or r["speedup_wall"] > best[r["method"]]["speedup_wall"]:
+            best[r["method"]] = r
+    out: dict = {"best": {m: {"config": r["config"], "speedup_wall": r["speedup_wall"], "speedup_model": r["speedup_model"]}
+                          for m, r in best.items()}}
+    fixed = best.get("fixed")
+    for m in ("specdec_pp", "cumprob", "confidence", "heuristic"):
+        if m in best and fixed:
+            out[f"{m}_over_best_fixed_wall"] = best[m]["speedup_wall"] / fixed["speedup_wall"]
+            out[f"{m}_over_best_fixed_model"] = best[m]["speedup_model"] / fixed["speedup_model"]
+    adaptive = [r for r in rows if r["method"] == "specdec_pp"]
+    for m in ("fixed", "confidence", "cumprob"):
+        if m not in best or not adaptive:
+            continue
+        # does some SpecDec++ threshold dominate that method's best configuration?
+        out[f"specdec_pp_dominates_best_{m}"] = any(dominates(a, best[m]) for a in adaptive)
+    return out
 
 
 def print_table(name: str, res: dict) -> None:
@@ -179,6 +213,10 @@ def print_table(name: str, res: dict) -> None:
         print(f"{r['config']:<18}{r['draft_acceptance_rate']:>9.3f}{r['mean_acceptance_length']:>8.2f}"
               f"{r['target_passes_per_token']:>8.3f}{r['discarded_per_token']:>9.3f}{r['mean_k']:>7.2f}"
               f"{r['tokens_per_s']:>7.1f}{r['speedup_wall']:>7.2f}{r['speedup_model']:>8.2f}")
+    summary = res.get("summary", {})
+    for k, v in summary.items():
+        if k != "best":
+            print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
     print(flush=True)
 
 
@@ -235,7 +273,7 @@ def parse_configs(spec: str) -> list[Config] | None:
 def bench_from_args(args: argparse.Namespace) -> dict:
     ood = [s for s in args.ood_configs.split(",") if s] or None
     return run_bench(args.n_alpaca, args.n_ood, args.max_new, args.out, parse_configs(args.configs), ood,
-                     args.temperature, args.verify_mode, drafter=args.drafter)
+                     args.temperature, args.verify_mode, drafter=args.drafter, dtype=args.dtype)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,17 +12,26 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-data", help="teacher-force the target on AlpacaEval train answers (features, labels)")
     b.add_argument("--work", type=Path, default=None)
-    b.add_argument("--n-prompts", type=int, default=200)
-    b.add_argument("--max-new", type=int, default=128)
-    b.add_argument("--source", choices=["gpt4", "target"], default="gpt4")
+    b.add_argument("--n-prompts", type=int, default=640, help="train instructions per system")
+    b.add_argument("--max-new", type=int, default=192, help="answer tokens kept (or generated) per instruction")
+    b.add_argument("--source", choices=["corpus", "gpt4", "target"], default="corpus",
+                   help="corpus: several AlpacaEval systems' answers; gpt4: the reference only; target: its own greedy answers")
+    b.add_argument("--systems", type=int, default=10, help="how many AlpacaEval systems the corpus takes")
+    b.add_argument("--name", default="data", help="writes <work>/<name>.pt (training reads data.pt)")
     b.set_defaults(func=_build_data)
+
+    m = sub.add_parser("merge-data", help="concatenate <work>/<part>.pt files into <work>/data.pt")
+    m.add_argument("parts", nargs="+")
+    m.add_argument("--work", type=Path, default=None)
+    m.set_defaults(func=_merge_data)
 
     d = sub.add_parser("train-draft", help="train the EAGLE draft layer")
     d.add_argument("--work", type=Path, default=None)
     d.add_argument("--out", type=Path, default=None)
     d.add_argument("--epochs", type=int, default=3)
     d.add_argument("--vocab", type=int, default=8192)
-    d.add_argument("--max-minutes", type=float, default=30.0)
+    d.add_argument("--max-minutes", type=float, default=60.0)
+    d.add_argument("--unroll", type=float, default=0.5, help="weight of the second-step loss (0: EAGLE-1 training)")
     d.set_defaults(func=_train_draft)
 
     h = sub.add_parser("train-head", help="train the SpecDec++ acceptance head (and the draft first if missing)")
@@ -51,14 +60,23 @@ def _work(args: argparse.Namespace) -> Path:
 def _build_data(args: argparse.Namespace) -> int:
     from .train import build_data
 
-    build_data(_work(args), n_prompts=args.n_prompts, max_new=args.max_new, source=args.source)
+    build_data(_work(args), n_prompts=args.n_prompts, max_new=args.max_new, source=args.source, systems=args.systems,
+               name=args.name)
+    return 0
+
+
+def _merge_data(args: argparse.Namespace) -> int:
+    from .train import merge_data
+
+    merge_data(_work(args), args.parts)
     return 0
 
 
 def _train_draft(args: argparse.Namespace) -> int:
     from .train import train_draft
 
-    train_draft(_work(args), args.out, epochs=args.epochs, vocab=args.vocab, max_minutes=args.max_minutes)
+    train_draft(_work(args), args.out, epochs=args.epochs, vocab=args.vocab, max_minutes=args.max_minutes,
+                w_unroll=args.unroll)
     return 0
 
 
@@ -92,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
-
 
 def add_bench_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n-alpaca", type=int, default=8)
@@ -106,3 +121,9 @@ def add_bench_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5' (default: full sweep)")
     ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
     ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
+    ap.add_argument("--dtype", default="auto", help="target dtype: auto = as served (bf16 + int8 small-batch "
+                    "weights on AVX512-BF16 CPUs), float32")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

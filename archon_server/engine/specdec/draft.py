@@ -99,6 +99,7 @@ class EagleDraft(nn.Module):
         self.up = nn.Linear(c.hidden, c.intermediate, bias=False)
         self.down = nn.Linear(c.intermediate, c.hidden, bias=False)
         self.final_norm = RMSNorm(c.hidden, c.rms_eps)
+        self._int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -115,11 +116,12 @@ class EagleDraft(nn.Module):
         """
         c = self.cfg
         B, T, _ = feats.shape
-        x = self.fc(torch.cat([feats, self.embed[tokens]], dim=-1))
+        lin = self._lin
+        x = lin("fc", torch.cat([feats, self.embed[tokens]], dim=-1))
         h = self.attn_norm(x)
-        q = self.q(h).view(B, T, c.heads, c.head_dim).transpose(1, 2)
-        k = self.k(h).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v(h).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+        q = lin("q", h).view(B, T, c.heads, c.head_dim).transpose(1, 2)
+        k = lin("k", h).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+        v = lin("v", h).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
         pos = torch.arange(start, start + T, device=feats.device)
         q, k = _rope(q, pos, c.rope_theta), _rope(k, pos, c.rope_theta)
         if kv is not None:
@@ -138,19 +140,56 @@ class EagleDraft(nn.Module):
             qpos = torch.arange(L - T, L, device=feats.device)
             mask = torch.arange(L, device=feats.device)[None, :] <= qpos[:, None]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.o(a.transpose(1, 2).reshape(B, T, -1))
+        x = x + lin("o", a.transpose(1, 2).reshape(B, T, -1))
         h = self.mlp_norm(x)
-        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        x = x + lin("down", F.silu(lin("gate", h)) * lin("up", h))
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Restricted-vocabulary logits [..., draft_vocab] of predicted features."""
+        if self._int8 and not self.training and hidden.dtype == torch.bfloat16:
+            q, sc = self._int8["lm_head"]
+            return torch._weight_int8pack_mm(hidden.reshape(-1, hidden.shape[-1]), q, sc).view(*hidden.shape[:-1], -1)
         return hidden @ self.lm_head.T
+
+    # ------------------------------------------------------------------ int8 inference
+    _INT8_ROWS = 4  # int8 GEMV kernels win at a few rows; catch-up passes over more tokens keep bf16
+
+    def _lin(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer: nn.Linear = getattr(self, name)
+        if self._int8 and not self.training and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= self._INT8_ROWS:
+            q, sc = self._int8[name]
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, sc).view(*x.shape[:-1], q.shape[0])
+            return y + layer.bias if layer.bias is not None else y
+        return layer(x)
+
+    def quantize_int8(self) -> "EagleDraft":
+        """Per-output-channel int8 copies of the projections and the LM head for drafting steps
+        in bf16 (the engine runner's trick: a one-token step reads half the bytes; measured
+        ~0.3-0.4 ms of a ~1.2 ms step saved).  The draft only proposes, so rounding never
+        changes what is emitted."""
+        if not hasattr(torch, "_weight_int8pack_mm"):
+            return self
+        table = {}
+        mats = {n: getattr(self, n).weight for n in ("fc", "q", "k", "v", "o", "gate", "up", "down")}
+        mats["lm_head"] = self.lm_head
+        for n, w in mats.items():
+            wf = w.detach().float()
+            scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+            q = (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            table[n] = (q, scale.to(torch.bfloat16))
+        try:  # a private op: check that this build has a working kernel
+            q, sc = table["o"]
+            torch._weight_int8pack_mm(torch.zeros(1, q.shape[1], dtype=torch.bfloat16), q, sc)
+        except (RuntimeError, NotImplementedError):
+            return self
+        self._int8 = table
+        return self
 
     def full_logits(self, hidden: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
         """Logits over the target's whole vocabulary (-inf outside the draft vocabulary)."""
-        out = torch.full((*hidden.shape[:-1], self.cfg.vocab_size), fill, dtype=hidden.dtype)
-        out[..., self.vocab_ids] = self.logits(hidden)
+        out = torch.full((*hidden.shape[:-1], self.cfg.vocab_size), fill, dtype=torch.float32)
+        out[..., self.vocab_ids] = self.logits(hidden).float()
         return out
 
     # ------------------------------------------------------------------ io

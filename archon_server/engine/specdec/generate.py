@@ -80,16 +80,21 @@ class EagleDrafter:
         self._last_hidden: torch.Tensor | None = None
         self.forward_calls = 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.draft.fc.weight.dtype
+
     def reset(self, tokens: list[int], feats: torch.Tensor) -> None:
         self.kv = DraftKV()
         self.true_len = 0
         self.tokens = list(tokens)
-        self.feats = feats
+        self.feats = feats.to(self.dtype)
 
     def commit(self, new_tokens: list[int], new_feats: torch.Tensor) -> None:
         """Append committed tokens and the target features that are now known (for every
         committed token but the newest)."""
         self.tokens.extend(new_tokens)
+        new_feats = new_feats.to(self.dtype)
         self.feats = new_feats if self.feats is None else torch.cat([self.feats, new_feats])
 
     @torch.inference_mode()
@@ -120,7 +125,7 @@ class EagleDrafter:
     @torch.inference_mode()
     def accept_prob(self, hidden: torch.Tensor) -> float:
         assert self.head is not None, "specdec_pp needs an acceptance head"
-        return float(self.head.accept_prob(hidden))
+        return float(self.head.accept_prob(hidden.float()))
 
 
 class LMDrafter:
@@ -364,12 +369,9 @@ def speculative_generate(
         qs: list[torch.Tensor] = []
         state = DraftState()
         step = drafter.start_round() if max_k > 0 else None
-        while step is not None and len(cands) < max_k:
-            if policy.needs_head:
-                # the head judges the token this step was fed: the committed token (first step,
-                # counts as accepted) or the previous candidate
-                state.accept_probs.append(1.0 if not cands else drafter.accept_prob(step.hidden))
-                stats.head_calls += 1 if cands else 0
+        if policy.needs_head and step is not None:
+            state.accept_probs.append(1.0)  # the head's first input is the committed token: counts as accepted
+        while step is not None:
             q = probs_from_logits(step.logits, sampling)
             y = sample(q, g)
             cands.append(y)
@@ -382,9 +384,17 @@ def speculative_generate(
                 state.entropies.append(entropy(soft))
             if len(cands) >= max_k or _is_stop(y, stops):
                 break
-            if len(cands) >= policy.min_k and policy.should_stop(state):
+            if not policy.needs_head and len(cands) >= policy.min_k and policy.should_stop(state):
                 break
             step = drafter.step(y)
+            if policy.needs_head and step is not None:
+                # SpecDec++: the head judges y from the hidden state of the step whose input is y,
+                # so the rule sees P_acc(y_1..y_k) before drafting y_{k+1}; when it stops, that
+                # one draft forward was spent only on the head (as in the authors' loop).
+                state.accept_probs.append(drafter.accept_prob(step.hidden))
+                stats.head_calls += 1
+                if len(cands) >= policy.min_k and policy.should_stop(state):
+                    break
 
         n = target.length + 1  # committed tokens (the newest one is not in the target cache yet)
         t_logits, t_hidden = target.forward([out[-1]] + cands, all_logits=True)

@@ -72,50 +72,102 @@ def teacher_force(runner, tokens: list[int]) -> dict[str, torch.Tensor]:
     """Target features, argmax and log-normaliser (T=1) at every position of ``tokens``."""
     cache = runner.new_cache(1, len(tokens) + 8)
     out = runner.forward(torch.tensor([tokens]), cache, 0, [0], logits="last")
-    h = out.hidden[0].float()
-    logits = h @ runner.lm_head.float().T
-    return {"feats": h.half(), "argmax": logits.argmax(-1).int(), "lse": torch.logsumexp(logits, -1)}
+    # the LM head in the runner's own dtype (bf16 when serving): that is what verification sees
+    logits = (out.hidden[0] @ runner.lm_head.T).float()
+    return {"feats": out.hidden[0].half(), "argmax": logits.argmax(-1).int(), "lse": torch.logsumexp(logits, -1)}
+
+
+# AlpacaEval systems whose answers to the *train* instructions make the draft's corpus
+# (EAGLE trains on fixed text: the labels are always the target's own features and
+# next-token distributions, so any fluent answers to in-distribution prompts will do).
+CORPUS_SYSTEMS = ("gpt4_1106_preview", "gpt-4o-2024-05-13", "Meta-Llama-3-70B-Instruct", "claude-2.1",
+                  "gpt-3.5-turbo-1106", "FuseChat-Gemma-2-9B-Instruct", "Together-MoA",
+                  "FuseChat-Llama-3.2-1B-Instruct", "gpt-3.5-turbo-1106_concise", "alpaca-7b")
 
 
 def build_data(work: Path = DEFAULT_WORK, n_prompts: int = 320, max_new: int = 160, max_prompt: int = 192,
-               target: str = DEFAULT_TARGET, source: str = "gpt4") -> Path:
-    """``source="target"``: the target's own greedy answers (best match, but generation on a
-    shared 2-core CPU was too slow); ``"gpt4"``: teacher-force the target on the AlpacaEval
-    reference answers (EAGLE reports low sensitivity to the training text: the labels are
-    always the target's own features and distributions)."""
+               target: str = DEFAULT_TARGET, source: str = "corpus", systems: int = 5, dtype: str = "auto",
+               name: str = "data") -> Path:
+    """``source="corpus"``: teacher-force the target on the answers of ``systems`` AlpacaEval
+    systems to the train instructions (``n_prompts`` instructions each; the default);
+    ``"gpt4"``: only the GPT-4 reference answers; ``"target"``: the target's own greedy answers
+    (closest to inference, but generation on a 2-core CPU is ~5x slower than teacher forcing).
+
+    Every sequence records ``group`` = its instruction's row, so validation splits by
+    instruction (no instruction is both trained on and validated on).  ``dtype``: the
+    target's dtype (``auto`` = as served: bf16 + int8 on AVX512-BF16 CPUs).  Writes
+    ``work/<name>.pt``; training reads ``work/data.pt`` (see :func:`merge_data`)."""
     set_threads()
     work.mkdir(parents=True, exist_ok=True)
-    runner, tok = load_runner(target), load_tokenizer(target)
+    runner, tok = load_runner(target, dtype=dtype), load_tokenizer(target)
     stops = stop_ids(tok)
-    import json as _json
-
     from .data import TRAIN_END, data_dir
 
-    rows = _json.loads((data_dir() / "alpaca_eval/model_outputs/gpt4_1106_preview.json").read_text())[:TRAIN_END]
-    pairs = [(chat_ids(tok, r["instruction"]), r["output"]) for r in rows]
-    pairs = [pr for pr in pairs if len(pr[0]) <= max_prompt][:n_prompts]
-    prompts = [p for p, _ in pairs]
-    log(f"{len(prompts)} train prompts, source={source}")
+    outputs = data_dir() / "alpaca_eval/model_outputs"
+    names = CORPUS_SYSTEMS[: max(1, systems)] if source == "corpus" else CORPUS_SYSTEMS[:1]
+    end = sorted(stops)[0]
+    items: list[tuple[int, list[int], list[int] | None]] = []  # (group, prompt ids, answer ids or None)
+    for name in names:
+        rows = json.loads((outputs / f"{name}.json").read_text())[:TRAIN_END]
+        kept = 0
+        for g, r in enumerate(rows):
+            if kept >= n_prompts:
+                break
+            p = chat_ids(tok, r["instruction"])
+            if len(p) > max_prompt or not r.get("output"):
+                continue
+            kept += 1
+            ans = None if source == "target" else tok(r["output"], add_special_tokens=False)["input_ids"][: max_new - 1] + [end]
+            items.append((g, p, ans))
+    log(f"{len(items)} sequences from {len(names)} system(s), source={source}")
     if source == "target":
-        answers = batched_greedy(runner, prompts, max_new, stops)
-    else:
-        end = sorted(stops)[0]
-        answers = [tok(o, add_special_tokens=False)["input_ids"][: max_new - 1] + [end] for _, o in pairs]
+        answers = batched_greedy(runner, [p for _, p, _ in items], max_new, stops)
+        items = [(g, p, a) for (g, p, _), a in zip(items, answers)]
     seqs = []
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        toks = p + a
-        seqs.append({"tokens": torch.tensor(toks, dtype=torch.int32), "prompt_len": len(p), **teacher_force(runner, toks)})
-        if i % 50 == 49:
-            log(f"teacher-forced {i + 1}/{len(prompts)}")
+    t0 = time.time()
+    for i, (g, p, a) in enumerate(items):
+        toks = p + a  # type: ignore[operator]
+        seqs.append({"tokens": torch.tensor(toks, dtype=torch.int32), "prompt_len": len(p), "group": g,
+                     **teacher_force(runner, toks)})
+        if i % 200 == 199:
+            n_tok = sum(len(s["tokens"]) for s in seqs)
+            log(f"teacher-forced {i + 1}/{len(items)} ({n_tok / (time.time() - t0):.0f} tok/s)")
     # draft vocabulary: most frequent tokens of the train answers (never the held-out set)
     counts: Counter[int] = Counter()
     for s in seqs:
         counts.update(s["tokens"][s["prompt_len"] :].tolist())
         counts.update(s["argmax"][s["prompt_len"] - 1 :].tolist())
-    path = work / "data.pt"
-    torch.save({"seqs": seqs, "counts": dict(counts), "target": target, "source": source}, path)
+    path = work / f"{name}.pt"
+    torch.save({"seqs": seqs, "counts": dict(counts), "target": target, "source": source,
+                "systems": list(names) if source != "target" else ["target greedy"], "dtype": str(runner.dtype)}, path)
     log(f"saved {len(seqs)} sequences, {sum(len(s['tokens']) for s in seqs)} tokens -> {path}")
     return path
+
+
+def merge_data(work: Path, parts: list[str], name: str = "data") -> Path:
+    """Concatenate ``work/<part>.pt`` files (e.g. other systems' answers and the target's
+    own) into ``work/<name>.pt``; token counts add up."""
+    blobs = [torch.load(work / f"{p}.pt") for p in parts]
+    counts: Counter[int] = Counter()
+    for b in blobs:
+        counts.update(b["counts"])
+    merged = {"seqs": [s for b in blobs for s in b["seqs"]], "counts": dict(counts), "target": blobs[0]["target"],
+              "source": "+".join(b["source"] for b in blobs), "systems": [x for b in blobs for x in b["systems"]],
+              "dtype": blobs[0]["dtype"]}
+    path = work / f"{name}.pt"
+    torch.save(merged, path)
+    log(f"merged {parts}: {len(merged['seqs'])} sequences -> {path}")
+    return path
+
+
+def split_by_group(seqs: list[dict], every: int = 10) -> tuple[list[dict], list[dict]]:
+    """(validation, train): instructions whose row is divisible by ``every`` are validation.
+    Data built before groups existed falls back to the first tenth of the sequences."""
+    if "group" not in seqs[0]:
+        n_val = max(8, len(seqs) // every)
+        return seqs[:n_val], seqs[n_val:]
+    val = [s for s in seqs if s["group"] % every == 0]
+    return val, [s for s in seqs if s["group"] % every != 0]
 
 
 def draft_vocab(counts: dict[int, int], size: int, must: set[int], vocab_size: int) -> torch.Tensor:
@@ -157,34 +209,66 @@ def _pad_pairs(group: list[dict], tokens_key: str = "tokens"):
     return f_in, x_in, f_out, mask
 
 
+def _unrolled_inputs(f_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Inputs of a second draft step: pair i reads the draft's own prediction of f_i (made by
+    pair i-1) instead of the target's f_i, as candidates 2.. of a round do at inference."""
+    return torch.cat([f_in[:, :1], h[:, :-1].detach()], dim=1)
+
+
 def draft_eval(draft: EagleDraft, seqs: list[dict]) -> dict[str, float]:
-    """Teacher-forced top-1 agreement with the target's argmax on answer positions."""
-    agree = total = 0
+    """Teacher-forced top-1 agreement with the target's argmax on answer positions, for the
+    first candidate of a round (true features) and the second (the draft's own features)."""
+    agree = agree2 = total = 0
     with torch.no_grad():
         for group in _batches(seqs, 8, False, random.Random(0)):
             f_in, x_in, f_out, mask = _pad_pairs(group)
             h = draft(f_in, x_in)
-            pred = draft.vocab_ids[draft.logits(h).argmax(-1)]
-            tgt = torch.zeros_like(pred)
+            h2 = draft(_unrolled_inputs(f_in, h), x_in)
+            tgt = torch.zeros(h.shape[:2], dtype=torch.long)
             for b, s in enumerate(group):
                 n = len(s["tokens"]) - 1
                 tgt[b, :n] = s["argmax"][1:].long()  # argmax of f_{i+1}
-            agree += int(((pred == tgt).float() * mask).sum())
+            for hh, acc in ((h, "1"), (h2, "2")):
+                pred = draft.vocab_ids[draft.logits(hh).argmax(-1)]
+                hit = int(((pred == tgt).float() * mask).sum())
+                if acc == "1":
+                    agree += hit
+                else:
+                    agree2 += hit
             total += int(mask.sum())
-    return {"top1_agreement": agree / max(1, total), "positions": total}
+    return {"top1_agreement": agree / max(1, total), "top1_agreement_step2": agree2 / max(1, total), "positions": total}
+
+
+def _draft_losses(draft: EagleDraft, h: torch.Tensor, f_out: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE's losses: smooth-L1 on the predicted feature, cross-entropy against the target's
+    next-token distribution (restricted to the draft vocabulary)."""
+    m = mask[..., None]
+    reg = (F.smooth_l1_loss(h.float(), f_out, reduction="none") * m).sum() / (m.sum() * h.shape[-1])
+    with torch.no_grad():
+        p_t = torch.softmax(draft.logits(f_out).float(), -1)
+    logq = torch.log_softmax(draft.logits(h).float(), -1)
+    cls = -((p_t * logq).sum(-1) * mask).sum() / mask.sum()
+    return reg, cls
 
 
 def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int = 4, lr: float = 1e-3,
-                vocab: int = 8192, w_cls: float = 1.0, init_layer: int = 29, batch: int = 4, seed: int = 0,
-                max_minutes: float = 30.0, resume: Path | None = None) -> Path:
-    """``resume``: continue from a saved draft (same data/vocabulary) instead of the target's layer."""
+                vocab: int = 8192, w_cls: float = 1.0, init_layer: int = 29, batch: int = 8, seed: int = 0,
+                max_minutes: float = 30.0, resume: Path | None = None, w_unroll: float = 0.5,
+                bf16: bool = True) -> Path:
+    """``resume``: continue from a saved draft (same data/vocabulary) instead of the target's layer.
+
+    ``w_unroll``: weight of the second-step loss, where every pair reads the draft's own
+    predicted feature (detached) - without it the draft only ever sees true features in
+    training and its second candidate agrees with the target ~5% of the time.
+    ``bf16``: autocast the matmuls (AVX512-BF16: ~2x faster here; master weights stay fp32).
+    The draft is saved after every epoch, so a killed run keeps its last finished epoch.
+    """
     set_threads()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     blob = torch.load(work / "data.pt")
     seqs = blob["seqs"]
-    n_val = max(8, len(seqs) // 10)
-    val, tr = seqs[:n_val], seqs[n_val:]
+    val, tr = split_by_group(seqs)
     sd = target_state_dict(blob["target"])
     tok = load_tokenizer(blob["target"])
     vocab_ids = draft_vocab(blob["counts"], vocab, stop_ids(tok), sd["model.embed_tokens.weight"].shape[0])
@@ -195,43 +279,54 @@ def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int 
     else:
         draft = EagleDraft.init_from_target(cfg, sd, vocab_ids, init_layer)
         log(f"draft init from layer {init_layer}: val {draft_eval(draft, val)}")
+    n_tok = sum(len(s["tokens"]) for s in tr)
+    log(f"train {len(tr)} sequences ({n_tok} tokens), validation {len(val)} (split by instruction)")
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(tr) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    out = out or ARTIFACTS / "draft"
+    systems = blob.get("systems") or ["gpt4_1106_preview"]
+    meta = {"trained_on": f"alpaca_eval train split (rows 0-639, every 10th instruction held out), target "
+                          f"teacher-forced on the answers of {', '.join(systems)} ({blob.get('source', 'gpt4')})",
+            "init_layer": init_layer, "epochs": epochs, "lr": lr, "w_cls": w_cls, "w_unroll": w_unroll,
+            "train_tokens": n_tok, "features_dtype": blob.get("dtype", "torch.float32")}
     t0 = time.time()
     step = 0
     for ep in range(epochs):
-        tot = {"reg": 0.0, "cls": 0.0}
+        tot = {"reg": 0.0, "cls": 0.0, "cls2": 0.0}
+        nb = 0
         for group in _batches(tr, batch, True, rng):
             f_in, x_in, f_out, mask = _pad_pairs(group)
-            h = draft(f_in, x_in)
-            m = mask[..., None]
-            reg = (F.smooth_l1_loss(h, f_out, reduction="none") * m).sum() / (m.sum() * h.shape[-1])
-            with torch.no_grad():
-                p_t = torch.softmax(draft.logits(f_out), -1)
-            logq = torch.log_softmax(draft.logits(h), -1)
-            cls = -((p_t * logq).sum(-1) * mask).sum() / mask.sum()
-            loss = reg + w_cls * cls
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                h = draft(f_in, x_in)
+                reg, cls = _draft_losses(draft, h, f_out, mask)
+                loss = reg + w_cls * cls
+                if w_unroll:
+                    h2 = draft(_unrolled_inputs(f_in, h), x_in)
+                    reg2, cls2 = _draft_losses(draft, h2, f_out, mask)
+                    loss = loss + w_unroll * (reg2 + w_cls * cls2)
+                    tot["cls2"] += cls2.item()
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step += 1
+            nb += 1
             tot["reg"] += reg.item()
             tot["cls"] += cls.item()
+            if step % 100 == 0:
+                log(f"epoch {ep} step {step}/{steps}: cls {tot['cls'] / nb:.3f} cls2 {tot['cls2'] / nb:.3f} "
+                    f"({(time.time() - t0) / 60:.1f} min)")
             if time.time() - t0 > max_minutes * 60:
                 break
-        nb = max(1, math.ceil(len(tr) / batch))
-        log(f"epoch {ep}: reg {tot['reg'] / nb:.4f} cls {tot['cls'] / nb:.4f} val {draft_eval(draft, val)}")
+        ev = draft_eval(draft, val)
+        log(f"epoch {ep}: reg {tot['reg'] / max(1, nb):.4f} cls {tot['cls'] / max(1, nb):.4f} val {ev}")
+        draft.save(out, {**meta, "epochs_done": ep + 1, "val": ev})
         if time.time() - t0 > max_minutes * 60:
             log("time budget reached")
             break
-    out = out or ARTIFACTS / "draft"
-    draft.save(out, {"trained_on": "alpaca_eval train split (rows 0-639), target teacher-forced on the GPT-4 reference answers",
-                     "init_layer": init_layer, "epochs": epochs, "lr": lr, "w_cls": w_cls,
-                     "val": draft_eval(draft, val)})
     log(f"saved draft -> {out}")
     return out
 
@@ -302,16 +397,16 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
     from .loading import load_runner as _lr  # noqa: F401  (runner not needed: the draft holds the embeddings)
     sd = target_state_dict(blob["target"])
     draft = EagleDraft.load(Path(draft_dir or ARTIFACTS / "draft"), sd["model.embed_tokens.weight"].float())
-    n_val = max(8, len(seqs) // 10)
+    val, train = split_by_group(seqs)
     temp = temperature if mode != "greedy" else 1.0
     if heldout_only:
-        # The draft was trained on seqs[n_val:]; there it agrees with the target far more
-        # often (train label mean ~0.6 vs ~0.27 held out), so a head trained there learns
-        # optimistic acceptance.  Use only the draft's held-out sequences, split 3:1.
-        cut = (3 * n_val) // 4
-        tr_seqs, va_seqs = seqs[:cut], seqs[cut:n_val]
+        # On its own training text the draft agrees with the target far more often than on
+        # new text, so a head trained there learns optimistic acceptance.  Use only the
+        # draft's held-out instructions, split 3:1 by instruction.
+        tr_seqs = [s for i, s in enumerate(val) if (s.get("group", i) // 10) % 4 != 3]
+        va_seqs = [s for i, s in enumerate(val) if (s.get("group", i) // 10) % 4 == 3]
     else:
-        tr_seqs, va_seqs = seqs[n_val:], seqs[:n_val]
+        tr_seqs, va_seqs = train, val
     hv, yv, mv = build_head_data(draft, va_seqs, mode, temp, seed=seed + 1)
     ht, yt, mt = build_head_data(draft, tr_seqs, mode, temp, seed=seed)
     log(f"head data: train {int(mt.sum())} val {int(mv.sum())} positions, mean label {float(yt[mt > 0].mean()):.3f}")
