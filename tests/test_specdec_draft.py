@@ -200,3 +200,29 @@ def test_specdec_pp_judges_each_candidate_before_drafting_the_next() -> None:
     assert stats.k_per_round[:-1] and all(k == 2 for k in stats.k_per_round[:-1])
     assert all(a == k for a, k in zip(stats.accepted_per_round, stats.k_per_round))
     assert drafter.seen[:2] == pytest.approx([0.9, 0.3])
+
+
+def test_loads_the_authors_head_format(tmp_path) -> None:
+    """The authors' head (``nn.Sequential([ResBlock] * n, Linear(h, 2))`` saved by the hub mixin:
+    config.json + model.safetensors, repeated names of the shared block dropped) loads tied and
+    computes the same logits."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    w, b = torch.randn(16, 16) * 0.1, torch.randn(16) * 0.1
+    ow, ob = torch.randn(2, 16), torch.randn(2)
+    (tmp_path / "config.json").write_text('{"hidden_size": 16, "num_layers": 3}')
+    save_file({"model.0.linear.weight": w, "model.0.linear.bias": b, "model.3.weight": ow, "model.3.bias": ob},
+              str(tmp_path / "model.safetensors"))
+    head, meta = AcceptHead.load(tmp_path)
+    assert meta["tied"] and meta["blocks"] == 3
+    x = torch.randn(5, 16)
+    ref = x
+    for _ in range(3):
+        ref = ref + torch.nn.functional.silu(ref @ w.T + b)
+    ref = ref @ ow.T + ob
+    assert torch.allclose(head(x), ref, atol=1e-5)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({"model.0.linear.weight": w, "model.0.linear.bias": b}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="model.3.weight"):
+        AcceptHead.load(tmp_path)  # output layer missing: a clear error, not a half-loaded head

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from archon_server.engine.specdec import loading
-from archon_server.engine.specdec.generate import (EagleDrafter, TargetModel, autoregressive_generate,
+from archon_server.engine.specdec.generate import (EagleDrafter, LMDrafter, TargetModel, autoregressive_generate,
                                                    speculative_generate)
 from archon_server.engine.specdec.policies import FixedK, SpecDecPP, make_policy
 from archon_server.engine.specdec.sampling import SamplingConfig
@@ -109,3 +109,21 @@ def test_ngram_drafter_greedy_equals_target_only(env) -> None:
                                       max_new_tokens=20)
     assert out == ref
     assert stats.draft_forward_passes == 0
+
+
+def test_lm_drafter_keeps_its_cache(env) -> None:
+    """A separate Hugging Face causal LM as the draft.  Given the target's own weights it must
+    agree with the target nearly always: a drafter that lost its KV cache between calls (the
+    cache passed under the wrong keyword) accepted ~20% and went unnoticed."""
+    from transformers import AutoModelForCausalLM
+
+    from archon_server.engine.model_store import pull
+
+    runner, tok, _, _ = env
+    model = AutoModelForCausalLM.from_pretrained(str(pull(loading.DEFAULT_TARGET)), dtype=torch.float32).eval()
+    ids = loading.chat_ids(tok, PROMPT)
+    target = TargetModel(runner)
+    ref, _ = autoregressive_generate(ids, target, max_new_tokens=24)
+    out, stats = speculative_generate(ids, target, LMDrafter(model), FixedK(3), "greedy", max_new_tokens=24)
+    assert out == ref
+    assert stats.draft_acceptance_rate > 0.9

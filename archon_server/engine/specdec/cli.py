@@ -118,7 +118,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--verify-mode", default="greedy", choices=["greedy", "sampled", "point_mass"])
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--out", default="benchmarks/results/specdec")
-    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5' (default: full sweep)")
+    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5,cumprob:0.7:3' (method:threshold[:max K]; default: full sweep)")
     ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
     ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
     ap.add_argument("--dtype", default="auto", help="target dtype: auto = as served (bf16 + int8 small-batch "

@@ -274,11 +274,52 @@ class AcceptHead(nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> tuple["AcceptHead", dict]:
+        """Our format (``head.json`` + ``head.safetensors``) or the authors' released one."""
         from safetensors.torch import load_file
 
+        folder = Path(folder)
+        if not (folder / "head.json").exists() and (folder / "config.json").exists():
+            return cls.load_authors(folder)
         meta = json.loads((folder / "head.json").read_text())
         head = cls(meta["hidden"], meta["blocks"], meta["tied"])
         head.load_state_dict(_float(load_file(str(folder / "head.safetensors"))))
+        return head.eval(), meta
+
+    @classmethod
+    def load_authors(cls, folder: Path) -> tuple["AcceptHead", dict]:
+        """A head saved by the SpecDec++ authors' code (``AcceptancePredictionHead``, a
+        ``PyTorchModelHubMixin``): ``config.json`` = ``{"hidden_size", "num_layers"}`` and
+        ``model.safetensors`` (or ``pytorch_model.bin``) with ``model.<i>.linear.*`` for the
+        residual blocks and ``model.<num_layers>.*`` for the output layer.  Their blocks are
+        one module repeated (``[ResBlock(h)] * n``), so the head loads as tied; the keys of
+        each index are read anyway, and differing ones make it untied."""
+        folder = Path(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        hidden, n = int(cfg["hidden_size"]), int(cfg.get("num_layers", 0))
+        if (folder / "model.safetensors").exists():
+            from safetensors.torch import load_file
+
+            sd = load_file(str(folder / "model.safetensors"))
+        else:
+            sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        sd = _float(sd)
+        blocks = [(sd.get(f"model.{i}.linear.weight"), sd.get(f"model.{i}.linear.bias")) for i in range(n)]
+        required = [f"model.{n}.weight", f"model.{n}.bias"] + (["model.0.linear.weight", "model.0.linear.bias"] if n else [])
+        missing = [k for k in required if k not in sd]
+        if missing:
+            raise ValueError(f"{folder}: missing {missing} - not an AcceptancePredictionHead checkpoint")
+        # safetensors drops the repeated names of a shared tensor: fill them from the first block
+        blocks = [(w if w is not None else blocks[0][0], b if b is not None else blocks[0][1]) for w, b in blocks]
+        tied = all(torch.equal(w, blocks[0][0]) and torch.equal(b, blocks[0][1]) for w, b in blocks)
+        head = cls(hidden, n, tied)
+        with torch.no_grad():
+            for blk, (w, b) in zip(head.blocks, blocks[: 1 if tied else n]):
+                blk.weight.copy_(w)
+                blk.bias.copy_(b)
+            head.out.weight.copy_(sd[f"model.{n}.weight"])
+            head.out.bias.copy_(sd[f"model.{n}.bias"])
+        meta = {"hidden": hidden, "blocks": n, "tied": tied, "format": "specdec_pp authors (AcceptancePredictionHead)",
+                **{k: v for k, v in cfg.items() if k not in ("hidden_size", "num_layers")}}
         return head.eval(), meta
 
 
