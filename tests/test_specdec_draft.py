@@ -226,3 +226,21 @@ def test_loads_the_authors_head_format(tmp_path) -> None:
     torch.save({"model.0.linear.weight": w, "model.0.linear.bias": b}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="model.3.weight"):
         AcceptHead.load(tmp_path)  # output layer missing: a clear error, not a half-loaded head
+
+
+def test_auc_matches_pairwise_count() -> None:
+    from archon_server.engine.specdec.train import auc
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (40,), generator=g).float()  # many ties
+    for labels in ((torch.rand(40, generator=g) > 0.5).float(), torch.rand(40, generator=g)):
+        num = den = 0.0
+        for i in range(40):
+            for j in range(40):
+                if i == j:
+                    continue
+                w = float(labels[i] * (1 - labels[j]))
+                den += w
+                num += w * (1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0)
+        assert auc(scores, labels) == pytest.approx(num / den)
+    assert auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0])) == 1.0

@@ -127,3 +127,21 @@ def test_lm_drafter_keeps_its_cache(env) -> None:
     out, stats = speculative_generate(ids, target, LMDrafter(model), FixedK(3), "greedy", max_new_tokens=24)
     assert out == ref
     assert stats.draft_acceptance_rate > 0.9
+
+
+def test_engine_as_served_runs_every_drafter_and_policy(env) -> None:
+    """The runner as the local backend builds it (dtype auto: bf16 + int8 GEMV on AVX512-BF16 CPUs,
+    float32 elsewhere): the draft and its int8 copies follow the runner's dtype, the head stays
+    float32, and greedy and sampled requests run with every drafter."""
+    from archon_server.engine.specdec.serve import speculative_generate_for_request
+
+    _, tok, _, _ = env
+    runner = loading.load_runner(dtype="auto")
+    ids = loading.chat_ids(tok, PROMPT)
+    specs = ({"method": "specdec_pp", "threshold": 0.7}, {"method": "cumprob", "min_k": 1, "max_k": 3},
+             {"method": "fixed", "k": 3, "draft": "ngram"})
+    for spec in specs:
+        for temperature in (0.0, 1.0):
+            out, m = speculative_generate_for_request(runner, ids, spec, temperature=temperature, max_tokens=16, seed=1)
+            assert 1 <= len(out) <= 16 and m["emitted_tokens"] == len(out), spec
+            assert m["num_drafts"] > 0 or spec.get("draft") == "ngram", spec

@@ -42,7 +42,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     h.add_argument("--temperature", type=float, default=None, help="default: 0 for greedy, 1 for sampled")
     h.add_argument("--blocks", type=int, default=3)
     h.add_argument("--tied", action="store_true", help="reuse one block n times (the authors' code)")
-    h.add_argument("--epochs", type=int, default=30)
+    h.add_argument("--epochs", type=int, default=8)
+    h.add_argument("--heldout-only", action="store_true",
+                   help="train only on the draft's held-out text (unbiased labels, ~13x less data)")
     h.set_defaults(func=_train_head)
 
     r = sub.add_parser("bench", help="policy x threshold sweep; prints tables, writes JSON + Pareto PNG")
@@ -89,7 +91,7 @@ def _train_head(args: argparse.Namespace) -> int:
         train_draft(_work(args), Path(draft))
     temp = args.temperature if args.temperature is not None else (0.0 if args.mode == "greedy" else 1.0)
     train_head(_work(args), Path(draft), args.out, mode=args.mode, temperature=temp, blocks=args.blocks,
-               tied=args.tied, epochs=args.epochs)
+               tied=args.tied, epochs=args.epochs, heldout_only=args.heldout_only)
     return 0
 
 
@@ -118,7 +120,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--verify-mode", default="greedy", choices=["greedy", "sampled", "point_mass"])
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--out", default="benchmarks/results/specdec")
-    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5,cumprob:0.7:3' (method:threshold[:max K]; default: full sweep)")
+    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5,cumprob:0.7:3:1' (method:threshold[:max K[:min K]]; default: full sweep)")
     ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
     ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
     ap.add_argument("--dtype", default="auto", help="target dtype: auto = as served (bf16 + int8 small-batch "

@@ -334,10 +334,11 @@ def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int 
 # ---------------------------------------------------------------------- 3./4. head
 @torch.no_grad()
 def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature: float = 1.0,
-                    target_frac: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (draft hidden states [N, H], labels [N], loss mask [N]) over answer positions."""
+                    target_frac: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """-> (draft hidden states [N, H], labels [N], loss mask [N], the draft's own probability of
+    each proposal [N] - what the head-free ``cumprob`` rule uses) over answer positions."""
     g = torch.Generator().manual_seed(seed)
-    hs, labels, masks = [], [], []
+    hs, labels, masks, confs = [], [], [], []
     E = draft.embed
     for s in seqs:
         toks = s["tokens"].long()
@@ -353,11 +354,13 @@ def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature:
             y_local = dl.argmax(-1)
             y = draft.vocab_ids[y_local]
             lab = (y == s["argmax"][js - 1].long()).float()  # argmax of p(.|x_<j) lives at j-1
+            confs.append(torch.softmax(dl.float(), -1).max(-1).values)
         else:
             q = torch.softmax(dl / temperature, -1)
             y_local = torch.multinomial(q, 1, generator=g)[:, 0]
             y = draft.vocab_ids[y_local]
             q_y = q.gather(1, y_local[:, None])[:, 0]
+            confs.append(q_y)
             logit_p = (f[js - 1] * E[y]).sum(-1)
             if temperature != 1.0:
                 lse = torch.logsumexp(f[js - 1] @ E.T / temperature, -1)
@@ -373,7 +376,23 @@ def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature:
         hs.append(h2[js - 1])
         labels.append(lab)
         masks.append((~use_target).float())
-    return torch.cat(hs), torch.cat(labels), torch.cat(masks)
+    return torch.cat(hs), torch.cat(labels), torch.cat(masks), torch.cat(confs)
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for soft ``labels`` in [0, 1]: position i counts
+    as accepted with weight ``y_i`` and rejected with ``1 - y_i``; ties count half; an item is
+    never paired with itself.  (For 0/1 labels this is the usual AUC.)"""
+    s, y = scores.double().flatten(), labels.double().flatten()
+    uniq, inv = torch.unique(s, sorted=True, return_inverse=True)
+    zeros = torch.zeros(len(uniq), dtype=torch.double)
+    pos = zeros.clone().index_add_(0, inv, y)  # accepted mass per distinct score
+    neg = zeros.clone().index_add_(0, inv, 1 - y)
+    self_pairs = zeros.clone().index_add_(0, inv, y * (1 - y))
+    neg_below = torch.cumsum(neg, 0) - neg
+    num = (pos * neg_below).sum() + 0.5 * (pos * neg - self_pairs).sum()
+    den = y.sum() * (1 - y).sum() - (y * (1 - y)).sum()
+    return float(num / den) if den > 0 else float("nan")
 
 
 def head_metrics(head: AcceptHead, h: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> dict[str, float]:
@@ -384,12 +403,13 @@ def head_metrics(head: AcceptHead, h: torch.Tensor, y: torch.Tensor, m: torch.Te
         loss = float(soft_bce(logits, y, m))
         mse = float(((p - y)[sel] ** 2).mean())
         base = float(((y[sel].mean() - y[sel]) ** 2).mean())  # constant predictor
-    return {"loss": loss, "brier": mse, "brier_const": base, "mean_label": float(y[sel].mean())}
+    return {"loss": loss, "brier": mse, "brier_const": base, "mean_label": float(y[sel].mean()),
+            "auc": auc(p[sel], y[sel])}
 
 
 def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Path | None = None,
                mode: str = "greedy", temperature: float = 0.0, blocks: int = 3, tied: bool = False,
-               epochs: int = 30, lr: float = 1e-3, seed: int = 0, heldout_only: bool = True) -> Path:
+               epochs: int = 8, lr: float = 1e-3, seed: int = 0, heldout_only: bool = False) -> Path:
     set_threads()
     torch.manual_seed(seed)
     blob = torch.load(work / "data.pt")
@@ -399,17 +419,20 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
     draft = EagleDraft.load(Path(draft_dir or ARTIFACTS / "draft"), sd["model.embed_tokens.weight"].float())
     val, train = split_by_group(seqs)
     temp = temperature if mode != "greedy" else 1.0
-    if heldout_only:
-        # On its own training text the draft agrees with the target far more often than on
-        # new text, so a head trained there learns optimistic acceptance.  Use only the
-        # draft's held-out instructions, split 3:1 by instruction.
-        tr_seqs = [s for i, s in enumerate(val) if (s.get("group", i) // 10) % 4 != 3]
-        va_seqs = [s for i, s in enumerate(val) if (s.get("group", i) // 10) % 4 == 3]
-    else:
-        tr_seqs, va_seqs = train, val
-    hv, yv, mv = build_head_data(draft, va_seqs, mode, temp, seed=seed + 1)
-    ht, yt, mt = build_head_data(draft, tr_seqs, mode, temp, seed=seed)
-    log(f"head data: train {int(mt.sum())} val {int(mv.sum())} positions, mean label {float(yt[mt > 0].mean()):.3f}")
+    # The head is validated on a quarter of the draft's held-out instructions.  It trains on the
+    # rest of them and (unless ``heldout_only``) on the draft's own training text, where the draft
+    # agrees with the target more often than on new text (labels: mean 0.50 vs 0.39).  Measured:
+    # held-out only (63k positions) overfits within 2 epochs, AUC 0.75 - below the draft's own
+    # probability (0.80); with the training text (830k) AUC 0.84.
+    va_seqs = [s for i, s in enumerate(val) if (s.get("group", i) // 10) % 4 == 3]
+    tr_seqs = [s for i, s in enumerate(val) if (s.get("group", i) // 10) % 4 != 3]
+    if not heldout_only:
+        tr_seqs = tr_seqs + train
+    hv, yv, mv, cv = build_head_data(draft, va_seqs, mode, temp, seed=seed + 1)
+    ht, yt, mt, _ = build_head_data(draft, tr_seqs, mode, temp, seed=seed)
+    conf_auc = auc(cv[mv > 0], yv[mv > 0])
+    log(f"head data: train {int(mt.sum())} val {int(mv.sum())} positions, mean label {float(yt[mt > 0].mean()):.3f}; "
+        f"val AUC of the draft's own probability (the head-free rule's signal): {conf_auc:.3f}")
     head = AcceptHead(hv.shape[1], blocks, tied)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -433,8 +456,8 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
     out = out or ARTIFACTS / f"head_{mode}"
     head.save(out, {"draft_id": "artifacts/draft (eagle1 on smollm2-135m-instruct)", "target_id": blob["target"],
                     "verify_mode": mode, "temperature": temperature, "loss": "soft BCE, reject 6 / accept 1",
-                    "target_token_frac": 0.15, "best_epoch": best[1], "trained_on": "draft-held-out sequences" if heldout_only else "draft train sequences",
-                    "val": head_metrics(head, hv, yv, mv)})
+                    "target_token_frac": 0.15, "best_epoch": best[1], "trained_on": "draft-held-out sequences" if heldout_only else "draft held-out + train sequences",
+                    "val": head_metrics(head, hv, yv, mv), "val_auc_draft_probability": conf_auc})
     log(f"saved head -> {out}")
     return out
 
