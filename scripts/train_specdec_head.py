@@ -32,7 +32,7 @@ def main() -> None:
         build_data(args.work, n_prompts=args.target_prompts, max_new=160, source="target", name="target")
         merge_data(args.work, ["corpus", "target"])
     if not args.skip_draft:
-        train_draft(args.work, ARTIFACTS / "draft", epochs=args.draft_epochs)
+        train_draft(args.work, ARTIFACTS / "draft", epochs=args.draft_epochs, max_minutes=90)
     train_head(args.work, ARTIFACTS / "draft", ARTIFACTS / "head_greedy", mode="greedy", temperature=0.0)
     train_head(args.work, ARTIFACTS / "draft", ARTIFACTS / "head_sampled", mode="sampled", temperature=1.0)
 

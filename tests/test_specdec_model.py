@@ -145,3 +145,24 @@ def test_engine_as_served_runs_every_drafter_and_policy(env) -> None:
             out, m = speculative_generate_for_request(runner, ids, spec, temperature=temperature, max_tokens=16, seed=1)
             assert 1 <= len(out) <= 16 and m["emitted_tokens"] == len(out), spec
             assert m["num_drafts"] > 0 or spec.get("draft") == "ngram", spec
+
+
+def test_training_pipeline_end_to_end(tmp_path) -> None:
+    """`build-data` (other systems' answers and the target's own), `merge-data`, `train-draft`,
+    `train-head` on a tiny slice: each step writes what the next reads, and the artifacts record
+    what they were trained on."""
+    import json
+
+    from archon_server.engine.specdec.train import build_data, merge_data, train_draft, train_head
+
+    assert build_data(tmp_path, n_prompts=32, max_new=6, systems=1, name="corpus").name == "corpus.pt"
+    build_data(tmp_path, n_prompts=32, max_new=6, source="target", name="target")
+    merge_data(tmp_path, ["corpus", "target"])
+    blob = torch.load(tmp_path / "data.pt")
+    assert len(blob["seqs"]) == 64 and blob["systems"] == ["gpt4_1106_preview", "target greedy"]
+    draft_dir = train_draft(tmp_path, tmp_path / "draft", epochs=1, batch=16, vocab=512)
+    meta = json.loads((draft_dir / "draft.json").read_text())
+    assert meta["epochs_done"] == 1 and 0.0 <= meta["val"]["top1_agreement"] <= 1.0
+    head_dir = train_head(tmp_path, draft_dir, tmp_path / "head", mode="greedy", temperature=0.0, epochs=1)
+    head_meta = json.loads((head_dir / "head.json").read_text())
+    assert head_meta["verify_mode"] == "greedy" and "val_auc_draft_probability" in head_meta

@@ -107,8 +107,8 @@ def build_data(work: Path = DEFAULT_WORK, n_prompts: int = 320, max_new: int = 1
     names = CORPUS_SYSTEMS[: max(1, systems)] if source == "corpus" else CORPUS_SYSTEMS[:1]
     end = sorted(stops)[0]
     items: list[tuple[int, list[int], list[int] | None]] = []  # (group, prompt ids, answer ids or None)
-    for name in names:
-        rows = json.loads((outputs / f"{name}.json").read_text())[:TRAIN_END]
+    for system in names:
+        rows = json.loads((outputs / f"{system}.json").read_text())[:TRAIN_END]
         kept = 0
         for g, r in enumerate(rows):
             if kept >= n_prompts:
@@ -228,13 +228,8 @@ def draft_eval(draft: EagleDraft, seqs: list[dict]) -> dict[str, float]:
             for b, s in enumerate(group):
                 n = len(s["tokens"]) - 1
                 tgt[b, :n] = s["argmax"][1:].long()  # argmax of f_{i+1}
-            for hh, acc in ((h, "1"), (h2, "2")):
-                pred = draft.vocab_ids[draft.logits(hh).argmax(-1)]
-                hit = int(((pred == tgt).float() * mask).sum())
-                if acc == "1":
-                    agree += hit
-                else:
-                    agree2 += hit
+            hits = [int(((draft.vocab_ids[draft.logits(hh).argmax(-1)] == tgt).float() * mask).sum()) for hh in (h, h2)]
+            agree, agree2 = agree + hits[0], agree2 + hits[1]
             total += int(mask.sum())
     return {"top1_agreement": agree / max(1, total), "top1_agreement_step2": agree2 / max(1, total), "positions": total}
 
