@@ -113,8 +113,8 @@ def test_ngram_drafter_greedy_equals_target_only(env) -> None:
 
 def test_lm_drafter_keeps_its_cache(env) -> None:
     """A separate Hugging Face causal LM as the draft.  Given the target's own weights it must
-    agree with the target nearly always: a drafter that lost its KV cache between calls (the
-    cache passed under the wrong keyword) accepted ~20% and went unnoticed."""
+    agree with the target nearly always, so the drafter keeps and crops its KV cache correctly
+    (a drafter that lost its cache between calls would see only the newest tokens)."""
     from transformers import AutoModelForCausalLM
 
     from archon_server.engine.model_store import pull

@@ -156,7 +156,7 @@ class LMDrafter:
         self.tokens.extend(new_tokens)
 
     def _run(self, toks: list[int]) -> DraftStep:
-        out = self.model.model(input_ids=torch.tensor([toks]), past_key_values=self.cache, use_cache=True)
+        out = self.model.model(input_ids=torch.tensor([toks]), cache=self.cache, use_cache=True)
         self.forward_calls += 1
         self.cache_tokens.extend(toks)
         h = out.last_hidden_state[0, -1]
