@@ -227,6 +227,32 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}") from None
 
 
+def quantize_int8(weights: dict, dtype: torch.dtype) -> dict:
+    """Per-output-channel int8 copies ``{key: (q, scale)}`` of ``weights`` ({key: [out, in]}) for
+    :func:`int8_linear`; empty when this torch build has no working int8 GEMM kernel (a private
+    op, so it is probed before anyone relies on it)."""
+    if not weights or not hasattr(torch, "_weight_int8pack_mm"):
+        return {}
+    table = {}
+    for key, w in weights.items():
+        wf = w.detach().float()
+        scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        q = (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        table[key] = (q, scale.to(dtype))
+    q, sc = next(iter(table.values()))
+    try:
+        torch._weight_int8pack_mm(torch.zeros(1, q.shape[1], dtype=dtype, device=q.device), q, sc)
+    except (RuntimeError, NotImplementedError):
+        return {}
+    return table
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (q * scale).T + bias`` with the int8 weight-only GEMM (x in ``scale``'s dtype)."""
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale).view(*x.shape[:-1], q.shape[0])
+    return y + bias if bias is not None else y
+
+
 class ModelRunner:
     """Weights + forward pass of one model.  Not thread-safe: one worker owns it."""
 
@@ -321,28 +347,14 @@ class ModelRunner:
         (<= 0.4% of a row's largest weight) is small next to the Q4 source's; greedy
         output matched float32 on the test prompts.
         """
-        if not hasattr(torch, "_weight_int8pack_mm"):
-            return
         mats = [self.lm_head] + [L[k] for L in self.layers for k in ("qkv", "o", "gate_up", "down")]
-        table = {}
-        for w in mats:
-            wf = w.float()
-            scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-            q = (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            table[id(w)] = (q, scale.to(self.dtype))
-        try:  # a private op: make sure this build has a working kernel before relying on it
-            q, sc = table[id(self.layers[0]["o"])]
-            torch._weight_int8pack_mm(torch.zeros(1, q.shape[1], dtype=self.dtype, device=self.device), q, sc)
-        except (RuntimeError, NotImplementedError):
-            return
-        self.int8 = table  # type: ignore[assignment]
+        table = quantize_int8({id(w): w for w in mats}, self.dtype)
+        if table:
+            self.int8 = table  # type: ignore[assignment]
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, small: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
         if small and self.int8:
-            q, sc = self.int8[id(w)]  # type: ignore[misc]
-            shape = x.shape
-            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, sc).view(*shape[:-1], q.shape[0])
-            return y + bias if bias is not None else y
+            return int8_linear(x, *self.int8[id(w)], bias)  # type: ignore[misc]
         return F.linear(x, w, bias)
 
     # ------------------------------------------------------------------ cache API

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from archon_server.engine.runner import int8_linear, quantize_int8
+
 
 @dataclass
 class DraftConfig:
@@ -148,8 +150,7 @@ class EagleDraft(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Restricted-vocabulary logits [..., draft_vocab] of predicted features."""
         if self._int8 and not self.training and hidden.dtype == torch.bfloat16:
-            q, sc = self._int8["lm_head"]
-            return torch._weight_int8pack_mm(hidden.reshape(-1, hidden.shape[-1]), q, sc).view(*hidden.shape[:-1], -1)
+            return int8_linear(hidden, *self._int8["lm_head"])
         return hidden @ self.lm_head.T
 
     # ------------------------------------------------------------------ int8 inference
@@ -158,9 +159,7 @@ class EagleDraft(nn.Module):
     def _lin(self, name: str, x: torch.Tensor) -> torch.Tensor:
         layer: nn.Linear = getattr(self, name)
         if self._int8 and not self.training and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= self._INT8_ROWS:
-            q, sc = self._int8[name]
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, sc).view(*x.shape[:-1], q.shape[0])
-            return y + layer.bias if layer.bias is not None else y
+            return int8_linear(x, *self._int8[name], layer.bias)
         return layer(x)
 
     def quantize_int8(self) -> "EagleDraft":
@@ -168,22 +167,8 @@ class EagleDraft(nn.Module):
         in bf16 (the engine runner's trick: a one-token step reads half the bytes; measured
         ~0.3-0.4 ms of a ~1.2 ms step saved).  The draft only proposes, so rounding never
         changes what is emitted."""
-        if not hasattr(torch, "_weight_int8pack_mm"):
-            return self
-        table = {}
         mats = {n: getattr(self, n).weight for n in ("fc", "q", "k", "v", "o", "gate", "up", "down")}
-        mats["lm_head"] = self.lm_head
-        for n, w in mats.items():
-            wf = w.detach().float()
-            scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-            q = (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            table[n] = (q, scale.to(torch.bfloat16))
-        try:  # a private op: check that this build has a working kernel
-            q, sc = table["o"]
-            torch._weight_int8pack_mm(torch.zeros(1, q.shape[1], dtype=torch.bfloat16), q, sc)
-        except (RuntimeError, NotImplementedError):
-            return self
-        self._int8 = table
+        self._int8 = quantize_int8({**mats, "lm_head": self.lm_head}, torch.bfloat16)
         return self
 
     def full_logits(self, hidden: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:

@@ -386,12 +386,12 @@ def speculative_generate(
             if q is not None:
                 qs.append(q)
             state.k = len(cands)
-            if policy.name in ("cumprob", "confidence"):  # greedy: the draft's softmax probability of its argmax
-                state.token_probs.append(float(q[y]) if q is not None else float(torch.softmax(step.logits.float(), -1)[y]))
-            if policy.name in ("confidence", "entropy"):
-                soft = torch.softmax(step.logits.float(), -1)
+            if policy.name in ("cumprob", "confidence", "entropy"):
+                soft = torch.softmax(step.logits.float(), -1)  # the draft's own distribution (q is one-hot when greedy)
+                state.token_probs.append(float(q[y]) if q is not None else float(soft[y]))
                 state.max_probs.append(float(soft.max()))
-                state.entropies.append(entropy(soft))
+                if policy.name == "entropy":
+                    state.entropies.append(entropy(soft))
             if len(cands) >= max_k or _is_stop(y, stops):
                 break
             if not policy.needs_head and len(cands) >= policy.min_k and policy.should_stop(state):
