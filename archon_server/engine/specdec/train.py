@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import alpaca_split
 from .draft import AcceptHead, DraftConfig, EagleDraft, soft_bce
 from .loading import (ARTIFACTS, DEFAULT_TARGET, chat_ids, load_runner, load_tokenizer, set_threads, stop_ids,
                       target_state_dict)
@@ -409,7 +408,6 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
     torch.manual_seed(seed)
     blob = torch.load(work / "data.pt")
     seqs = blob["seqs"]
-    from .loading import load_runner as _lr  # noqa: F401  (runner not needed: the draft holds the embeddings)
     sd = target_state_dict(blob["target"])
     draft = EagleDraft.load(Path(draft_dir or ARTIFACTS / "draft"), sd["model.embed_tokens.weight"].float())
     val, train = split_by_group(seqs)
@@ -455,7 +453,3 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
                     "val": head_metrics(head, hv, yv, mv), "val_auc_draft_probability": conf_auc})
     log(f"saved head -> {out}")
     return out
-
-
-if __name__ == "__main__":  # pragma: no cover
-    json.dumps({})
