@@ -1,40 +1,77 @@
 #!/usr/bin/env python
-"""Reproduce the shipped SpecDec++ artifacts (draft + heads) on CPU (~1 hour on 2 cores).
+"""Reproduce the shipped SpecDec++ artifacts (draft + heads).
 
-    python scripts/train_specdec_head.py            # build data, train draft, both heads
+    python scripts/train_specdec_head.py            # CPU recipe (~1 hour on 2 cores)
     python scripts/train_specdec_head.py --skip-data --skip-draft   # heads only
+    python scripts/train_specdec_head.py --gpu      # GPU recipe (a few minutes on one H100)
 
-Data: the target (bf16, as served) teacher-forced on ten AlpacaEval systems' answers to
-the train instructions (~1.4M tokens) plus its own greedy answers to 400 of them; every
-10th instruction is held out for validation and for the heads.
+CPU recipe: the target (bf16, as served) teacher-forced on ten AlpacaEval systems' answers
+to the train instructions (~1.1M tokens) plus its own greedy answers to 400 of them.
+GPU recipe: the same corpus plus the target's own answers (one greedy, ``--samples``
+sampled at T=0.7) to every AlpacaEval train instruction, the arena-hard prompts and the
+MT-Bench first turns - generation, which is what makes self-distillation expensive on a
+CPU, takes about a minute there.  Every 10th prompt is held out for validation and for
+the heads in both.  ``--compare DIR`` reports an existing draft's held-out agreement on
+the same validation set, so two drafts are compared on equal terms.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import torch
+
+from archon_server.engine.specdec.draft import EagleDraft
 from archon_server.engine.specdec.loading import ARTIFACTS
-from archon_server.engine.specdec.train import DEFAULT_WORK, build_data, merge_data, train_draft, train_head
+from archon_server.engine.specdec.train import (DEFAULT_WORK, build_data, draft_eval, log, merge_data, split_by_group,
+                                                target_state_dict, train_draft, train_head)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--out", type=Path, default=ARTIFACTS, help="writes draft/, head_greedy/, head_sampled/ here")
+    ap.add_argument("--gpu", action="store_true", help="the GPU recipe (device cuda, self-distillation on more prompts)")
     ap.add_argument("--systems", type=int, default=10)
-    ap.add_argument("--target-prompts", type=int, default=400)
-    ap.add_argument("--draft-epochs", type=int, default=4)
+    ap.add_argument("--target-prompts", type=int, default=None, help="per prompt set (CPU: 400, GPU: all)")
+    ap.add_argument("--samples", type=int, default=3, help="GPU recipe: sampled answers per prompt")
+    ap.add_argument("--draft-epochs", type=int, default=None, help="CPU: 4, GPU: 10")
+    ap.add_argument("--max-minutes", type=float, default=90.0, help="draft training time budget")
+    ap.add_argument("--head-seqs", type=int, default=None, help="cap on head training sequences (GPU: 6000)")
+    ap.add_argument("--compare", type=Path, default=None, help="an existing draft to evaluate on the same held-out set")
     ap.add_argument("--skip-data", action="store_true")
     ap.add_argument("--skip-draft", action="store_true")
+    ap.add_argument("--skip-heads", action="store_true")
     args = ap.parse_args()
+    dev = "cuda" if args.gpu else "cpu"
+    gpu = {"device": dev, "gen_batch": 256, "tf_batch": 64} if args.gpu else {}
     if not args.skip_data:
-        build_data(args.work, n_prompts=640, max_new=192, systems=args.systems, name="corpus")
-        build_data(args.work, n_prompts=args.target_prompts, max_new=160, source="target", name="target")
+        build_data(args.work, n_prompts=640, max_new=192, systems=args.systems, name="corpus", **gpu)
+        if args.gpu:
+            build_data(args.work, n_prompts=args.target_prompts or 10_000, max_new=192, source="target", name="target",
+                       prompt_sets=("alpaca_train", "arena_hard", "mt_bench"), samples=args.samples,
+                       max_prompt=512, **gpu)
+        else:
+            build_data(args.work, n_prompts=args.target_prompts or 400, max_new=160, source="target", name="target")
         merge_data(args.work, ["corpus", "target"])
+    draft_dir = args.out / "draft"
     if not args.skip_draft:
-        train_draft(args.work, ARTIFACTS / "draft", epochs=args.draft_epochs, max_minutes=90)
-    train_head(args.work, ARTIFACTS / "draft", ARTIFACTS / "head_greedy", mode="greedy", temperature=0.0)
-    train_head(args.work, ARTIFACTS / "draft", ARTIFACTS / "head_sampled", mode="sampled", temperature=1.0)
+        train_draft(args.work, draft_dir, epochs=args.draft_epochs or (10 if args.gpu else 4),
+                    max_minutes=args.max_minutes, device=dev, batch=64 if args.gpu else 8)
+    if args.compare:
+        blob = torch.load(args.work / "data.pt")
+        val, _ = split_by_group(blob["seqs"])
+        embed = target_state_dict(blob["target"])["model.embed_tokens.weight"].float()
+        result = {str(d): draft_eval(EagleDraft.load(d, embed).to(dev), val) for d in (args.compare, draft_dir)}
+        log(f"held-out agreement on the same {len(val)} sequences: {json.dumps(result)}")
+        (args.out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.skip_heads:
+        return
+    head = {"device": dev, "batch": 2048 if args.gpu else 256, "max_train_seqs": args.head_seqs or (6000 if args.gpu else None)}
+    train_head(args.work, draft_dir, args.out / "head_greedy", mode="greedy", temperature=0.0, **head)
+    train_head(args.work, draft_dir, args.out / "head_sampled", mode="sampled", temperature=1.0, **head)
 
 
 if __name__ == "__main__":

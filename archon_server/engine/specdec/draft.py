@@ -173,7 +173,7 @@ class EagleDraft(nn.Module):
 
     def full_logits(self, hidden: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
         """Logits over the target's whole vocabulary (-inf outside the draft vocabulary)."""
-        out = torch.full((*hidden.shape[:-1], self.cfg.vocab_size), fill, dtype=torch.float32)
+        out = torch.full((*hidden.shape[:-1], self.cfg.vocab_size), fill, dtype=torch.float32, device=hidden.device)
         out[..., self.vocab_ids] = self.logits(hidden).float()
         return out
 
@@ -310,7 +310,7 @@ class AcceptHead(nn.Module):
 
 def _half(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Artifacts are stored in float16 (half the size; the draft computes in float32)."""
-    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
+    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in sd.items()}
 
 
 def _float(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -45,7 +45,8 @@ class TargetModel:
     def forward(self, tokens: list[int], all_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``tokens`` after the current prefix -> (logits [T or 1, V], hidden [T, H])."""
         self.forward_passes += 1
-        out = self.runner.forward(torch.tensor([tokens]), self.cache, self.slot, [self.length],
+        ids = torch.tensor([tokens], device=self.runner.device)
+        out = self.runner.forward(ids, self.cache, self.slot, [self.length],
                                   logits="all" if all_logits else "last")
         return out.logits[0], out.hidden[0].float()
 
@@ -84,17 +85,21 @@ class EagleDrafter:
     def dtype(self) -> torch.dtype:
         return self.draft.fc.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.draft.fc.weight.device
+
     def reset(self, tokens: list[int], feats: torch.Tensor) -> None:
         self.kv = DraftKV()
         self.true_len = 0
         self.tokens = list(tokens)
-        self.feats = feats.to(self.dtype)
+        self.feats = feats.to(self.device, self.dtype)
 
     def commit(self, new_tokens: list[int], new_feats: torch.Tensor) -> None:
         """Append committed tokens and the target features that are now known (for every
         committed token but the newest)."""
         self.tokens.extend(new_tokens)
-        new_feats = new_feats.to(self.dtype)
+        new_feats = new_feats.to(self.device, self.dtype)
         self.feats = new_feats if self.feats is None else torch.cat([self.feats, new_feats])
 
     @torch.inference_mode()
@@ -105,7 +110,7 @@ class EagleDrafter:
         assert self.feats.shape[0] == n - 1, (self.feats.shape, n)
         i0 = self.true_len
         f = self.feats[i0 : n - 1][None]
-        x = torch.tensor([self.tokens[i0 + 1 : n]])
+        x = torch.tensor([self.tokens[i0 + 1 : n]], device=self.device)
         h = self.draft(f, x, kv=self.kv, start=i0)[0]
         self.forward_calls += 1
         self.true_len = n - 1
@@ -117,7 +122,8 @@ class EagleDrafter:
         """Feed a candidate (paired with the draft's own predicted feature)."""
         assert self._last_hidden is not None
         start = self.kv.length
-        h = self.draft(self._last_hidden[None, None], torch.tensor([[token]]), kv=self.kv, start=start)[0, 0]
+        h = self.draft(self._last_hidden[None, None], torch.tensor([[token]], device=self.device), kv=self.kv,
+                       start=start)[0, 0]
         self.forward_calls += 1
         self._last_hidden = h
         return DraftStep(h, self.draft.full_logits(h))
@@ -156,7 +162,8 @@ class LMDrafter:
         self.tokens.extend(new_tokens)
 
     def _run(self, toks: list[int]) -> DraftStep:
-        out = self.model.model(input_ids=torch.tensor([toks]), cache=self.cache, use_cache=True)
+        ids = torch.tensor([toks], device=self.model.device)
+        out = self.model.model(input_ids=ids, cache=self.cache, use_cache=True)
         self.forward_calls += 1
         self.cache_tokens.extend(toks)
         h = out.last_hidden_state[0, -1]
@@ -302,10 +309,12 @@ def _generator(seed: int | None) -> torch.Generator:
 
 def _draw(logits: torch.Tensor, sampling: SamplingConfig, g: torch.Generator) -> tuple[int, torch.Tensor | None]:
     """Next token and the distribution it was drawn from (None for greedy: an argmax, no
-    one-hot vector and no multinomial draw, which cost ~0.1-0.2 ms per token on a CPU)."""
+    one-hot vector and no multinomial draw, which cost ~0.1-0.2 ms per token on a CPU).
+    Sampling happens on the CPU with the CPU generator ``g`` whatever the model's device,
+    so a seed gives the same draws on a GPU as here."""
     if sampling.greedy:
         return int(logits.argmax()), None
-    q = probs_from_logits(logits, sampling)
+    q = probs_from_logits(logits.cpu(), sampling)
     return sample(q, g), q
 
 
@@ -411,7 +420,7 @@ def speculative_generate(
         if mode is VerifyMode.GREEDY:
             k, nxt = verify(mode, cands, t_logits)
         else:
-            t_probs = probs_from_logits(t_logits, sampling)
+            t_probs = probs_from_logits(t_logits.cpu(), sampling)
             d_probs = torch.stack(qs) if qs else None
             k, nxt = verify(mode, cands, t_probs, d_probs, g)
         # stop tokens inside the accepted prefix end the output there

@@ -19,14 +19,15 @@ def set_threads() -> None:
     torch.set_num_threads(int(os.environ.get("ARCHON_THREADS", default_threads())))
 
 
-def load_runner(name: str = DEFAULT_TARGET, dtype: str = "float32"):
+def load_runner(name: str = DEFAULT_TARGET, dtype: str = "float32", device: str = "cpu"):
     """``dtype="auto"`` is the engine as served (bf16 with int8 small-batch weights on
-    AVX512-BF16 CPUs: ~4x faster decode steps here); ``"float32"`` is bit-stable across
-    batch shapes, which the token-for-token greedy tests rely on."""
+    AVX512-BF16 CPUs: ~4x faster decode steps here; bf16 on a GPU); ``"float32"`` is
+    bit-stable across batch shapes, which the token-for-token greedy tests rely on.
+    ``device``: ``cpu``, ``cuda`` or ``auto`` (a GPU when there is one)."""
     from archon_server.engine.model_store import pull
     from archon_server.engine.runner import ModelRunner
 
-    return ModelRunner(pull(name), device="cpu", dtype=dtype)
+    return ModelRunner(pull(name), device=device, dtype=dtype)
 
 
 def target_state_dict(name: str = DEFAULT_TARGET) -> dict[str, torch.Tensor]:
@@ -41,13 +42,14 @@ def load_draft(runner, folder: Path | str | None = None) -> EagleDraft:
     """The draft shares the runner's embedding matrix (its tied LM head) and computes in the
     runner's dtype (bf16 halves a draft step on AVX512-BF16 CPUs: 1.1 vs 2.5 ms)."""
     folder = Path(folder) if folder else ARTIFACTS / "draft"
-    draft = EagleDraft.load(folder, runner.lm_head.float()).to(runner.dtype)
+    draft = EagleDraft.load(folder, runner.lm_head.float()).to(device=runner.device, dtype=runner.dtype)
     return draft.quantize_int8() if getattr(runner, "int8", None) else draft
 
 
-def load_head(folder: Path | str | None = None) -> tuple[AcceptHead, dict]:
+def load_head(folder: Path | str | None = None, device: torch.device | str = "cpu") -> tuple[AcceptHead, dict]:
     folder = Path(folder) if folder else ARTIFACTS / "head_greedy"
-    return AcceptHead.load(folder)
+    head, meta = AcceptHead.load(folder)
+    return head.to(device), meta
 
 
 def load_tokenizer(name: str = DEFAULT_TARGET):

@@ -41,8 +41,18 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------- 1. data
 @torch.inference_mode()
-def batched_greedy(runner, prompts: list[list[int]], max_new: int, stops: set[int], batch: int = 16) -> list[list[int]]:
-    """Greedy answers for many prompts, ``batch`` rows decoding together on the runner."""
+def batched_generate(runner, prompts: list[list[int]], max_new: int, stops: set[int], batch: int = 16,
+                     temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Answers for many prompts, ``batch`` rows decoding together on the runner: greedy at
+    temperature 0, else sampled (seeded generator on the runner's device)."""
+    g = torch.Generator(device=runner.device).manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> list[int]:  # [B, V] -> next tokens
+        if temperature <= 0:
+            return logits.argmax(-1).tolist()
+        probs = torch.softmax(logits.float() / temperature, -1)
+        return torch.multinomial(probs, 1, generator=g)[:, 0].tolist()
+
     outs: list[list[int]] = []
     for b0 in range(0, len(prompts), batch):
         group = prompts[b0 : b0 + batch]
@@ -50,14 +60,14 @@ def batched_greedy(runner, prompts: list[list[int]], max_new: int, stops: set[in
         nxt = []
         for s, p in enumerate(group):
             o = runner.prefill(p, cache, s)
-            nxt.append(int(o.logits[0, -1].argmax()))
+            nxt += pick(o.logits[0, -1:])
         answers = [[t] for t in nxt]
         done = [t in stops for t in nxt]
         for _ in range(max_new - 1):
             if all(done):
                 break
             o = runner.decode([a[-1] for a in answers], cache, 0)
-            for s, t in enumerate(o.logits[:, -1].argmax(-1).tolist()):
+            for s, t in enumerate(pick(o.logits[:, -1])):
                 if not done[s]:
                     answers[s].append(t)
                     done[s] = t in stops
@@ -70,10 +80,36 @@ def batched_greedy(runner, prompts: list[list[int]], max_new: int, stops: set[in
 def teacher_force(runner, tokens: list[int]) -> dict[str, torch.Tensor]:
     """Target features, argmax and log-normaliser (T=1) at every position of ``tokens``."""
     cache = runner.new_cache(1, len(tokens) + 8)
-    out = runner.forward(torch.tensor([tokens]), cache, 0, [0], logits="last")
+    out = runner.forward(torch.tensor([tokens], device=runner.device), cache, 0, [0], logits="last")
     # the LM head in the runner's own dtype (bf16 when serving): that is what verification sees
     logits = (out.hidden[0] @ runner.lm_head.T).float()
-    return {"feats": out.hidden[0].half(), "argmax": logits.argmax(-1).int(), "lse": torch.logsumexp(logits, -1)}
+    return {"feats": out.hidden[0].half().cpu(), "argmax": logits.argmax(-1).int().cpu(),
+            "lse": torch.logsumexp(logits, -1).cpu()}
+
+
+@torch.inference_mode()
+def teacher_force_many(runner, token_lists: list[list[int]], batch: int = 1) -> list[dict[str, torch.Tensor]]:
+    """:func:`teacher_force` for many sequences, ``batch`` of similar length per forward pass
+    (padded at the end: causal attention keeps real positions blind to the padding).  On a GPU
+    this is ~50x faster than one at a time; on a CPU keep ``batch=1``."""
+    if batch <= 1:
+        return [teacher_force(runner, t) for t in token_lists]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in token_lists]
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    for b0 in range(0, len(order), batch):
+        idx = order[b0 : b0 + batch]
+        T = max(len(token_lists[i]) for i in idx)
+        ids = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(token_lists[i])] = torch.tensor(token_lists[i])
+        cache = runner.new_cache(len(idx), T + 8)
+        hidden = runner.forward(ids.to(runner.device), cache, 0, [0] * len(idx), logits="last").hidden
+        for r, i in enumerate(idx):
+            h = hidden[r, : len(token_lists[i])]
+            logits = (h @ runner.lm_head.T).float()
+            out[i] = {"feats": h.half().cpu(), "argmax": logits.argmax(-1).int().cpu(),
+                      "lse": torch.logsumexp(logits, -1).cpu()}
+    return out
 
 
 # AlpacaEval systems whose answers to the *train* instructions make the draft's corpus
@@ -86,51 +122,69 @@ CORPUS_SYSTEMS = ("gpt4_1106_preview", "gpt-4o-2024-05-13", "Meta-Llama-3-70B-In
 
 def build_data(work: Path = DEFAULT_WORK, n_prompts: int = 320, max_new: int = 160, max_prompt: int = 192,
                target: str = DEFAULT_TARGET, source: str = "corpus", systems: int = 5, dtype: str = "auto",
-               name: str = "data") -> Path:
+               name: str = "data", device: str = "cpu", prompt_sets: tuple[str, ...] = ("alpaca_train",),
+               samples: int = 0, temperature: float = 0.7, gen_batch: int = 16, tf_batch: int = 1) -> Path:
     """``source="corpus"``: teacher-force the target on the answers of ``systems`` AlpacaEval
     systems to the train instructions (``n_prompts`` instructions each; the default);
-    ``"gpt4"``: only the GPT-4 reference answers; ``"target"``: the target's own greedy answers
-    (closest to inference, but generation on a 2-core CPU is ~5x slower than teacher forcing).
+    ``"gpt4"``: only the GPT-4 reference answers; ``"target"``: the target's own answers
+    (closest to inference, but generation on a 2-core CPU is ~5x slower than teacher forcing;
+    on a GPU it is cheap) to the first ``n_prompts`` prompts of each of ``prompt_sets``
+    (:data:`~.data.SELF_DISTILL_SETS`): one greedy answer plus ``samples`` sampled at
+    ``temperature`` (EAGLE's labels are the target's own features and distributions whatever
+    the text, so samples widen the data without leaving the target's distribution).
 
-    Every sequence records ``group`` = its instruction's row, so validation splits by
-    instruction (no instruction is both trained on and validated on).  ``dtype``: the
-    target's dtype (``auto`` = as served: bf16 + int8 on AVX512-BF16 CPUs).  Writes
+    Every sequence records ``group`` = its prompt's index plus the set's offset, so validation
+    splits by prompt (no prompt is both trained on and validated on).  ``dtype``: the target's
+    dtype (``auto`` = as served: bf16 + int8 on AVX512-BF16 CPUs, bf16 on a GPU).  Writes
     ``work/<name>.pt``; training reads ``work/data.pt`` (see :func:`merge_data`)."""
     set_threads()
     work.mkdir(parents=True, exist_ok=True)
-    runner, tok = load_runner(target, dtype=dtype), load_tokenizer(target)
+    runner, tok = load_runner(target, dtype=dtype, device=device), load_tokenizer(target)
     stops = stop_ids(tok)
-    from .data import TRAIN_END, data_dir
+    from .data import SELF_DISTILL_SETS, TRAIN_END, data_dir, self_distill_prompts
 
-    outputs = data_dir() / "alpaca_eval/model_outputs"
-    names = CORPUS_SYSTEMS[: max(1, systems)] if source == "corpus" else CORPUS_SYSTEMS[:1]
     end = sorted(stops)[0]
     items: list[tuple[int, list[int], list[int] | None]] = []  # (group, prompt ids, answer ids or None)
-    for system in names:
-        rows = json.loads((outputs / f"{system}.json").read_text())[:TRAIN_END]
-        kept = 0
-        for g, r in enumerate(rows):
-            if kept >= n_prompts:
-                break
-            p = chat_ids(tok, r["instruction"])
-            if len(p) > max_prompt or not r.get("output"):
-                continue
-            kept += 1
-            ans = None if source == "target" else tok(r["output"], add_special_tokens=False)["input_ids"][: max_new - 1] + [end]
-            items.append((g, p, ans))
-    log(f"{len(items)} sequences from {len(names)} system(s), source={source}")
     if source == "target":
-        answers = batched_greedy(runner, [p for _, p, _ in items], max_new, stops)
-        items = [(g, p, a) for (g, p, _), a in zip(items, answers)]
+        names = [f"target ({', '.join(prompt_sets)}; greedy" + (f" + {samples} sampled at T={temperature})" if samples else ")")]
+        for ps in prompt_sets:
+            offset, kept = SELF_DISTILL_SETS[ps], 0
+            for g, text in enumerate(self_distill_prompts(ps)):
+                p = chat_ids(tok, text)
+                if kept >= n_prompts or len(p) > max_prompt:
+                    continue
+                kept += 1
+                items.append((offset + g, p, None))
+        log(f"{len(items)} prompts from {', '.join(prompt_sets)}; generating on {runner.device}")
+        prompts = [p for _, p, _ in items]
+        answers = [batched_generate(runner, prompts, max_new, stops, gen_batch)]
+        answers += [batched_generate(runner, prompts, max_new, stops, gen_batch, temperature, seed=1 + k) for k in range(samples)]
+        items = [(g, p, a[i]) for a in answers for i, (g, p, _) in enumerate(items)]
+    else:
+        outputs = data_dir() / "alpaca_eval/model_outputs"
+        names = list(CORPUS_SYSTEMS[: max(1, systems)] if source == "corpus" else CORPUS_SYSTEMS[:1])
+        for system in names:
+            rows = json.loads((outputs / f"{system}.json").read_text())[:TRAIN_END]
+            kept = 0
+            for g, r in enumerate(rows):
+                if kept >= n_prompts:
+                    break
+                p = chat_ids(tok, r["instruction"])
+                if len(p) > max_prompt or not r.get("output"):
+                    continue
+                kept += 1
+                items.append((g, p, tok(r["output"], add_special_tokens=False)["input_ids"][: max_new - 1] + [end]))
+        log(f"{len(items)} sequences from {len(names)} system(s), source={source}")
     seqs = []
     t0 = time.time()
-    for i, (g, p, a) in enumerate(items):
-        toks = p + a  # type: ignore[operator]
-        seqs.append({"tokens": torch.tensor(toks, dtype=torch.int32), "prompt_len": len(p), "group": g,
-                     **teacher_force(runner, toks)})
-        if i % 200 == 199:
-            n_tok = sum(len(s["tokens"]) for s in seqs)
-            log(f"teacher-forced {i + 1}/{len(items)} ({n_tok / (time.time() - t0):.0f} tok/s)")
+    chunk = max(200, tf_batch * 8)
+    for c0 in range(0, len(items), chunk):
+        part = items[c0 : c0 + chunk]
+        forced = teacher_force_many(runner, [p + a for _, p, a in part], tf_batch)  # type: ignore[operator]
+        for (g, p, a), tf in zip(part, forced):
+            seqs.append({"tokens": torch.tensor(p + a, dtype=torch.int32), "prompt_len": len(p), "group": g, **tf})  # type: ignore[operator]
+        n_tok = sum(len(s["tokens"]) for s in seqs)
+        log(f"teacher-forced {len(seqs)}/{len(items)} ({n_tok / (time.time() - t0):.0f} tok/s)")
     # draft vocabulary: most frequent tokens of the train answers (never the held-out set)
     counts: Counter[int] = Counter()
     for s in seqs:
@@ -138,7 +192,7 @@ def build_data(work: Path = DEFAULT_WORK, n_prompts: int = 320, max_new: int = 1
         counts.update(s["argmax"][s["prompt_len"] - 1 :].tolist())
     path = work / f"{name}.pt"
     torch.save({"seqs": seqs, "counts": dict(counts), "target": target, "source": source,
-                "systems": list(names) if source != "target" else ["target greedy"], "dtype": str(runner.dtype)}, path)
+                "systems": names, "dtype": str(runner.dtype)}, path)
     log(f"saved {len(seqs)} sequences, {sum(len(s['tokens']) for s in seqs)} tokens -> {path}")
     return path
 
@@ -189,7 +243,7 @@ def _batches(seqs: list[dict], batch: int, shuffle: bool, rng: random.Random):
         yield [seqs[i] for i in g]
 
 
-def _pad_pairs(group: list[dict], tokens_key: str = "tokens"):
+def _pad_pairs(group: list[dict], tokens_key: str = "tokens", device: torch.device | str = "cpu"):
     """Pairs (f_i, x_{i+1}) -> targets f_{i+1}; mask marks pairs that predict an answer token."""
     L = max(len(s["tokens"]) for s in group) - 1
     H = group[0]["feats"].shape[1]
@@ -205,7 +259,7 @@ def _pad_pairs(group: list[dict], tokens_key: str = "tokens"):
         f_out[b, :n] = f[1:]
         x_in[b, :n] = s[tokens_key][1:].long()
         mask[b, max(0, s["prompt_len"] - 2) : n] = 1.0  # pair i predicts token i+2
-    return f_in, x_in, f_out, mask
+    return f_in.to(device), x_in.to(device), f_out.to(device), mask.to(device)
 
 
 def _unrolled_inputs(f_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -218,12 +272,13 @@ def draft_eval(draft: EagleDraft, seqs: list[dict]) -> dict[str, float]:
     """Teacher-forced top-1 agreement with the target's argmax on answer positions, for the
     first candidate of a round (true features) and the second (the draft's own features)."""
     agree = agree2 = total = 0
+    device = draft.fc.weight.device
     with torch.no_grad():
         for group in _batches(seqs, 8, False, random.Random(0)):
-            f_in, x_in, f_out, mask = _pad_pairs(group)
+            f_in, x_in, f_out, mask = _pad_pairs(group, device=device)
             h = draft(f_in, x_in)
             h2 = draft(_unrolled_inputs(f_in, h), x_in)
-            tgt = torch.zeros(h.shape[:2], dtype=torch.long)
+            tgt = torch.zeros(h.shape[:2], dtype=torch.long, device=device)
             for b, s in enumerate(group):
                 n = len(s["tokens"]) - 1
                 tgt[b, :n] = s["argmax"][1:].long()  # argmax of f_{i+1}
@@ -248,13 +303,14 @@ def _draft_losses(draft: EagleDraft, h: torch.Tensor, f_out: torch.Tensor, mask:
 def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int = 4, lr: float = 1e-3,
                 vocab: int = 8192, w_cls: float = 1.0, init_layer: int = 29, batch: int = 8, seed: int = 0,
                 max_minutes: float = 30.0, resume: Path | None = None, w_unroll: float = 0.5,
-                bf16: bool = True) -> Path:
+                bf16: bool = True, device: str = "cpu") -> Path:
     """``resume``: continue from a saved draft (same data/vocabulary) instead of the target's layer.
 
     ``w_unroll``: weight of the second-step loss, where every pair reads the draft's own
     predicted feature (detached) - without it the draft only ever sees true features in
     training and its second candidate agrees with the target ~5% of the time.
     ``bf16``: autocast the matmuls (AVX512-BF16: ~2x faster here; master weights stay fp32).
+    ``device``: where the draft trains (``cuda``: use a larger ``batch``).
     The draft is saved after every epoch, so a killed run keeps its last finished epoch.
     """
     set_threads()
@@ -272,6 +328,8 @@ def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int 
         log(f"draft resumed from {resume}: val {draft_eval(draft, val)}")
     else:
         draft = EagleDraft.init_from_target(cfg, sd, vocab_ids, init_layer)
+    draft = draft.to(device)
+    if resume is None:
         log(f"draft init from layer {init_layer}: val {draft_eval(draft, val)}")
     n_tok = sum(len(s["tokens"]) for s in tr)
     log(f"train {len(tr)} sequences ({n_tok} tokens), validation {len(val)} (split by instruction)")
@@ -281,18 +339,20 @@ def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     out = out or ARTIFACTS / "draft"
     systems = blob.get("systems") or ["gpt4_1106_preview"]
-    meta = {"trained_on": f"alpaca_eval train split (rows 0-639, every 10th instruction held out), target "
-                          f"teacher-forced on the answers of {', '.join(systems)} ({blob.get('source', 'gpt4')})",
+    meta = {"trained_on": f"prompts: AlpacaEval train split (rows 0-639) and the self-distillation sets named here, every "
+                          f"10th prompt held out; target teacher-forced on the answers of {', '.join(systems)} "
+                          f"({blob.get('source', 'gpt4')})",
             "init_layer": init_layer, "epochs": epochs, "lr": lr, "w_cls": w_cls, "w_unroll": w_unroll,
-            "train_tokens": n_tok, "features_dtype": blob.get("dtype", "torch.float32")}
+            "train_tokens": n_tok, "features_dtype": blob.get("dtype", "torch.float32"), "batch": batch,
+            "device": str(device)}
     t0 = time.time()
     step = 0
     for ep in range(epochs):
         tot = {"reg": 0.0, "cls": 0.0, "cls2": 0.0}
         nb = 0
         for group in _batches(tr, batch, True, rng):
-            f_in, x_in, f_out, mask = _pad_pairs(group)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            f_in, x_in, f_out, mask = _pad_pairs(group, device=device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 h = draft(f_in, x_in)
                 reg, cls = _draft_losses(draft, h, f_out, mask)
                 loss = reg + w_cls * cls
@@ -331,27 +391,29 @@ def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature:
                     target_frac: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """-> (draft hidden states [N, H], labels [N], loss mask [N], the draft's own probability of
     each proposal [N] - what the head-free ``cumprob`` rule uses) over answer positions."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same data whatever the device
     hs, labels, masks, confs = [], [], [], []
     E = draft.embed
+    dev = E.device
     for s in seqs:
-        toks = s["tokens"].long()
-        f = s["feats"].float()
+        toks = s["tokens"].long().to(dev)
+        f = s["feats"].float().to(dev)
+        argmax, lse = s["argmax"].long().to(dev), s["lse"].to(dev)
         P, L = s["prompt_len"], len(toks)
         if L - P < 2:
             continue
         # q for token j comes from pair j-2 (input x_{j-1}); teacher-forced on X
         h1 = draft(f[None, :-1], toks[None, 1:])[0]  # [L-1, H]; row i predicts token i+2
-        js = torch.arange(max(P, 2), L)
+        js = torch.arange(max(P, 2), L, device=dev)
         dl = draft.logits(h1[js - 2])  # [n, Vd]
         if mode == "greedy":
             y_local = dl.argmax(-1)
             y = draft.vocab_ids[y_local]
-            lab = (y == s["argmax"][js - 1].long()).float()  # argmax of p(.|x_<j) lives at j-1
+            lab = (y == argmax[js - 1]).float()  # argmax of p(.|x_<j) lives at j-1
             confs.append(torch.softmax(dl.float(), -1).max(-1).values)
         else:
             q = torch.softmax(dl / temperature, -1)
-            y_local = torch.multinomial(q, 1, generator=g)[:, 0]
+            y_local = torch.multinomial(q.cpu(), 1, generator=g)[:, 0].to(dev)
             y = draft.vocab_ids[y_local]
             q_y = q.gather(1, y_local[:, None])[:, 0]
             confs.append(q_y)
@@ -360,16 +422,17 @@ def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature:
                 lse = torch.logsumexp(f[js - 1] @ E.T / temperature, -1)
                 p_y = torch.exp(logit_p / temperature - lse)
             else:
-                p_y = torch.exp(logit_p - s["lse"][js - 1])
+                p_y = torch.exp(logit_p - lse[js - 1])
             lab = torch.clamp(p_y / q_y, max=1.0)
-        use_target = torch.rand(len(js), generator=g) < target_frac
+        use_target = (torch.rand(len(js), generator=g) < target_frac).to(dev)
         z = toks.clone()
         z[js] = torch.where(use_target, toks[js], y)
         # head input: hidden at the pair whose input token is z_j, i.e. pair j-1 = (f_{j-1}, z_j)
         h2 = draft(f[None, :-1], z[None, 1:])[0]
-        hs.append(h2[js - 1])
-        labels.append(lab)
-        masks.append((~use_target).float())
+        hs.append(h2[js - 1].cpu())
+        labels.append(lab.cpu())
+        masks.append((~use_target).float().cpu())
+        confs[-1] = confs[-1].cpu()
     return torch.cat(hs), torch.cat(labels), torch.cat(masks), torch.cat(confs)
 
 
@@ -390,6 +453,8 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def head_metrics(head: AcceptHead, h: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> dict[str, float]:
+    dev = head.out.weight.device
+    h, y, m = h.to(dev), y.to(dev), m.to(dev)
     with torch.no_grad():
         logits = head(h)
         p = torch.softmax(logits, -1)[:, 1]
@@ -398,18 +463,19 @@ def head_metrics(head: AcceptHead, h: torch.Tensor, y: torch.Tensor, m: torch.Te
         mse = float(((p - y)[sel] ** 2).mean())
         base = float(((y[sel].mean() - y[sel]) ** 2).mean())  # constant predictor
     return {"loss": loss, "brier": mse, "brier_const": base, "mean_label": float(y[sel].mean()),
-            "auc": auc(p[sel], y[sel])}
+            "auc": auc(p[sel].cpu(), y[sel].cpu())}
 
 
 def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Path | None = None,
                mode: str = "greedy", temperature: float = 0.0, blocks: int = 3, tied: bool = False,
-               epochs: int = 8, lr: float = 1e-3, seed: int = 0, heldout_only: bool = False) -> Path:
+               epochs: int = 8, lr: float = 1e-3, seed: int = 0, heldout_only: bool = False,
+               device: str = "cpu", batch: int = 256, max_train_seqs: int | None = None) -> Path:
     set_threads()
     torch.manual_seed(seed)
     blob = torch.load(work / "data.pt")
     seqs = blob["seqs"]
     sd = target_state_dict(blob["target"])
-    draft = EagleDraft.load(Path(draft_dir or ARTIFACTS / "draft"), sd["model.embed_tokens.weight"].float())
+    draft = EagleDraft.load(Path(draft_dir or ARTIFACTS / "draft"), sd["model.embed_tokens.weight"].float()).to(device)
     val, train = split_by_group(seqs)
     temp = temperature if mode != "greedy" else 1.0
     # The head is validated on a quarter of the draft's held-out instructions.  It trains on the
@@ -421,21 +487,24 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
     tr_seqs = [s for i, s in enumerate(val) if (s.get("group", i) // 10) % 4 != 3]
     if not heldout_only:
         tr_seqs = tr_seqs + train
+    if max_train_seqs is not None and len(tr_seqs) > max_train_seqs:
+        stride = math.ceil(len(tr_seqs) / max_train_seqs)  # an even spread over prompts and sources
+        tr_seqs = tr_seqs[::stride]
     hv, yv, mv, cv = build_head_data(draft, va_seqs, mode, temp, seed=seed + 1)
     ht, yt, mt, _ = build_head_data(draft, tr_seqs, mode, temp, seed=seed)
     conf_auc = auc(cv[mv > 0], yv[mv > 0])
     log(f"head data: train {int(mt.sum())} val {int(mv.sum())} positions, mean label {float(yt[mt > 0].mean()):.3f}; "
         f"val AUC of the draft's own probability (the head-free rule's signal): {conf_auc:.3f}")
-    head = AcceptHead(hv.shape[1], blocks, tied)
+    head = AcceptHead(hv.shape[1], blocks, tied).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    bs = 256
+    bs = batch
     best: tuple[float, int, dict] = (float("inf"), -1, {})
     for ep in range(epochs):
         perm = torch.randperm(len(ht), generator=g)
         for i in range(0, len(ht), bs):
             idx = perm[i : i + bs]
-            loss = soft_bce(head(ht[idx]), yt[idx], mt[idx])
+            loss = soft_bce(head(ht[idx].to(device)), yt[idx].to(device), mt[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
