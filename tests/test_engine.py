@@ -273,6 +273,44 @@ async def test_churn_of_concurrent_requests_matches_running_them_alone():
         await backend.close()
 
 
+async def test_speculative_requests_stream_round_by_round_and_cancel(shared):
+    """A speculative request streams each verification round's tokens (not one piece at the end),
+    honours stop strings like a normal step, and a cancelled stream ends it."""
+    spec = LocalBackend(progress=False, speculative={"method": "fixed", "k": 3, "draft": "ngram"})
+    spec.engine, spec.loaded = shared
+    engine, _ = shared
+    params = dict(temperature=0.0, max_tokens=40)
+    chunks = [c async for c in spec.stream(req(STORY, **params))]
+    pieces = [c.text for c in chunks if c.text]
+    assert len(pieces) > 3
+    done = await spec.chat(req(STORY, **params))
+    assert "".join(pieces) == done.choices[0].text
+    assert chunks[-1].metrics["num_draft_tokens"] > 0 and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+    word = done.choices[0].text.split()[3]
+    stopped = await spec.chat(req(STORY, stop=[word], **params))
+    assert stopped.choices[0].finish_reason == "stop" and word not in stopped.choices[0].text
+    assert done.choices[0].text.startswith(stopped.choices[0].text)
+
+    cancelled_before = engine.stats.cancelled
+    seen = asyncio.Event()
+
+    async def consume():
+        async for c in spec.stream(req(STORY, temperature=0.8, max_tokens=400, seed=3)):
+            if c.text:
+                seen.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(seen.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 10
+    while engine.stats.cancelled == cancelled_before and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert engine.stats.cancelled == cancelled_before + 1
+
+
 async def test_speculative_backend_config_is_lossless_greedy_and_reports_vllm_metrics():
     """`speculative:` on the local backend (n-gram drafter, fixed K): greedy output equals plain greedy decoding,
     and the result carries vLLM's acceptance metrics; n > 1 requests keep the batched path."""

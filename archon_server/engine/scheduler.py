@@ -425,19 +425,35 @@ class Engine:
             req.flush()
 
     def _run_speculative(self, req: _Request) -> None:
-        """One speculative generation; stop strings and EOS are applied to its tokens as in a normal step.
-
-        Its text arrives as one event at the end (no token-by-token streaming), and a cancel takes effect
-        only when it is done: ``max_tokens`` bounds it.
-        """
+        """One speculative generation, streamed round by round: each round's tokens go through
+        the same EOS / stop-string / text handling as a normal step and are flushed to the sink;
+        a cancel or a matched stop string ends the generation after the round in flight."""
         from .specdec.serve import speculative_generate_for_request
 
         p = req.params
         req.t_first = time.perf_counter()
+        text = IncrementalText(self.tokenizer, p.stop)
+        state = {"n": 0, "reason": "length"}
+
+        def on_tokens(tokens: list[int]) -> bool:
+            ended = False
+            for tok in tokens:
+                state["n"] += 1
+                if (tok in self.eos_ids and not p.ignore_eos) or text.add(tok):
+                    state["reason"], ended = "stop", True
+                    break
+            if ended or state["n"] >= req.max_new:
+                text.flush()
+            delta = text.take(final=ended or state["n"] >= req.max_new)
+            if delta:
+                req.outbox.append(TokenEvent(0, delta))
+                req.flush()
+            return ended or req.cancelled
+
         try:
-            tokens, spec_metrics = speculative_generate_for_request(
+            _, spec_metrics = speculative_generate_for_request(
                 self.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
-                seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(self.eos_ids),
+                seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(self.eos_ids), on_tokens=on_tokens,
             )
         except Exception as e:  # a bad speculative config fails its request, never the worker
             log.warning("speculative generation failed: %s", e)
@@ -446,23 +462,18 @@ class Engine:
             req.done = True
             req.flush()
             return
-        text = IncrementalText(self.tokenizer, p.stop)
-        reason, n = "length", 0
-        for tok in tokens:
-            n += 1
-            if tok in self.eos_ids and not p.ignore_eos:
-                reason = "stop"
-                break
-            if text.add(tok):
-                reason = "stop"
-                break
+        if req.cancelled:
+            self.stats.cancelled += 1
+            req.done = True
+            return
         text.flush()
         delta = text.take(final=True)
         if delta:
             req.outbox.append(TokenEvent(0, delta))
+        n = state["n"]
         req.completion_tokens = n
         self.stats.decode_tokens += n
-        req.outbox.append(FinishEvent(0, reason, text.text, n))
+        req.outbox.append(FinishEvent(0, str(state["reason"]), text.text, n))
         self._finish_request(req, flush=True, extra=spec_metrics)
 
     def _finish_request(self, req: _Request, flush: bool = False, extra: dict[str, Any] | None = None) -> None:

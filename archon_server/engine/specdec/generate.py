@@ -15,6 +15,7 @@ cropped to n+k and k+1 tokens are committed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,11 +362,15 @@ def speculative_generate(
     max_new_tokens: int = 64,
     seed: int | None = 0,
     stop_ids: set[int] | frozenset[int] = frozenset(),
+    on_tokens: Callable[[list[int]], bool] | None = None,
 ) -> tuple[list[int], SpecStats]:
     """Draft with ``drafter`` until ``policy`` stops, verify in one target pass, repeat.
 
     Output follows the target's sampling distribution exactly for ``sampled`` and
     ``point_mass`` and equals target-only greedy output for ``greedy`` (tests check both).
+    ``on_tokens``: called with the tokens each round commits (the first token alone, then
+    ``k + 1`` per round), so a server can stream them; returning True ends the generation
+    there (a stop string matched, the client went away).
     """
     mode = VerifyMode(verify_mode)
     if mode is VerifyMode.GREEDY and not sampling.greedy:
@@ -379,8 +384,9 @@ def speculative_generate(
     logits, hidden = target.prefill(prompt_ids)
     first, _ = _draw(logits[-1], sampling, g)
     out = [first]
+    halted = on_tokens is not None and on_tokens([first])
     drafter.reset(list(prompt_ids) + [first], hidden)
-    while len(out) < max_new_tokens and not _is_stop(out[-1], stops):
+    while not halted and len(out) < max_new_tokens and not _is_stop(out[-1], stops):
         budget = max_new_tokens - len(out)  # emitting k+1 <= budget keeps us within max_new_tokens
         max_k = min(policy.begin_round(), max(budget - 1, 0))
         cands: list[int] = []
@@ -432,6 +438,8 @@ def speculative_generate(
         target.crop(n - 1 + k + 1)  # keep x_{n-1} and the k accepted candidates
         drafter.commit(emitted, t_hidden[: k + 1])
         out.extend(emitted)
+        if on_tokens is not None:
+            halted = on_tokens(emitted)
         policy.end_round(len(cands), k)
         if cands:
             stats.num_drafts += 1

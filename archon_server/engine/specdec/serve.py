@@ -17,6 +17,7 @@ to both sides).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,14 @@ def speculative_generate_for_request(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     cache: Any = None,
     slot: int = 0,
+    on_tokens: Callable[[list[int]], bool] | None = None,
 ) -> tuple[list[int], dict[str, float | int]]:
     """Generate for one sequence in ``cache`` slot ``slot`` (a fresh one-slot cache if None).
 
     Returns ``(tokens, metrics)``; metrics has ``mean_acceptance_length``,
     ``draft_acceptance_rate``, ``num_draft_tokens``, ``num_accepted_draft_tokens`` (vLLM's
     names) and ours (target_forward_passes, mean_k, ...).  Not thread-safe per runner:
-    call it from the worker that owns the runner.
+    call it from the worker that owns the runner.  ``on_tokens``: see :func:`speculative_generate`.
     """
     cfg = spec if isinstance(spec, SpeculativeConfig) else SpeculativeConfig.from_dict(spec)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
@@ -115,7 +117,7 @@ def speculative_generate_for_request(
         head = _head_for(cfg.head, sampling.greedy) if policy.needs_head else None
         drafter = EagleDrafter(draft, head) if isinstance(draft, EagleDraft) else LMDrafter(draft, head)
     tokens, stats = speculative_generate(prompt_ids, target, drafter, policy, mode, sampling,
-                                         max_tokens, seed, stop_ids)
+                                         max_tokens, seed, stop_ids, on_tokens)
     metrics = stats.metrics()
     metrics["spec_method"] = policy.describe()  # type: ignore[assignment]
     return tokens, metrics
