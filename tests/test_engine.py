@@ -302,13 +302,40 @@ async def test_speculative_requests_stream_round_by_round_and_cancel(shared):
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(seen.wait(), 30)
+    assert engine.active_sequences == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     deadline = time.monotonic() + 10
-    while engine.stats.cancelled == cancelled_before and time.monotonic() < deadline:
+    while engine.active_sequences and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    assert engine.stats.cancelled == cancelled_before + 1
+    assert engine.active_sequences == 0 and engine.stats.cancelled == cancelled_before + 1
+
+
+async def test_speculative_requests_interleave_with_batched_ones(shared):
+    """Speculative requests no longer hold the worker: two of them and a plain request run
+    together (one speculative round per batched step), each with the output it has alone."""
+    spec = LocalBackend(progress=False, speculative={"method": "fixed", "k": 3, "draft": "ngram"})
+    plain = LocalBackend(progress=False)
+    for b in (spec, plain):
+        b.engine, b.loaded = shared
+    engine, _ = shared
+    long_spec, other_spec = req(STORY, temperature=0.0, max_tokens=120), req(QUESTION, temperature=0.0, max_tokens=30)
+    short_plain = req(QUESTION, temperature=0.0, max_tokens=12)
+    alone = [await spec.chat(long_spec), await spec.chat(other_spec), await plain.chat(short_plain)]
+    finished: list[str] = []
+
+    async def run(backend, r, name):
+        res = await backend.chat(r)
+        finished.append(name)
+        return res
+
+    together = await asyncio.gather(run(spec, long_spec, "long speculative"), run(spec, other_spec, "short speculative"),
+                                    run(plain, short_plain, "plain"))
+    for a, b in zip(alone, together):
+        assert a.choices[0].text == b.choices[0].text
+    assert finished[-1] == "long speculative"  # the others did not wait for it
+    assert engine.active_sequences == 0
 
 
 async def test_speculative_backend_config_is_lossless_greedy_and_reports_vllm_metrics():

@@ -159,6 +159,18 @@ class _Sequence:
 
 
 @dataclass
+class _SpecRun:
+    """A speculative request in flight: its round generator and its text so far."""
+
+    req: _Request
+    rounds: Any  # Generator[list[int], bool | None, (tokens, metrics)] from specdec.serve.speculative_session
+    text: IncrementalText
+    n: int = 0
+    reason: str = "length"
+    halt: bool | None = None  # sent with the next round (None starts the generator)
+
+
+@dataclass
 class _Prefill:
     req: _Request
     slot: int
@@ -190,6 +202,7 @@ class Engine:
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
+        self._spec: list[_SpecRun] = []  # speculative requests: one round each per worker iteration
         self._prefilling: _Prefill | None = None
         self.prefill_chunk = 256  # tokens per prefill chunk while other sequences decode
         self.prefill_chunk_idle = 512  # ... and when nobody waits on it
@@ -224,8 +237,8 @@ class Engine:
 
     @property
     def active_sequences(self) -> int:
-        """Sequences currently in the decode batch (0 when idle)."""
-        return len(self._rows)
+        """Sequences being generated: the decode batch plus speculative requests (0 when idle)."""
+        return len(self._rows) + len(self._spec)
 
     @property
     def queued_requests(self) -> int:
@@ -253,12 +266,14 @@ class Engine:
                 if not self._rows and self._prefilling is None and self.cache.nbytes() > self.idle_cache_bytes:
                     # Idle after long/wide requests: give the grown KV cache back.
                     self.cache = self.runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
-                self._admit(block=not self._rows and self._prefilling is None)
+                self._admit(block=not self._rows and self._prefilling is None and not self._spec)
                 self._drop_cancelled()
                 if self._prefilling is not None:
                     self._prefill_chunk()
                 if self._rows:
                     self._step()
+                if self._spec:
+                    self._spec_rounds()
             except Exception as e:  # a failed step fails its requests, never the worker
                 log.exception("local engine step failed")
                 self._fail_all(e)
@@ -282,13 +297,13 @@ class Engine:
                 req.done = True
                 continue
             if req.params.speculative and req.params.n == 1:
-                # Speculative decoding verifies several tokens per target pass for ONE sequence; it runs
-                # alone (own one-slot cache) once the batch has drained, never inside a batched step.
-                if self._rows:
+                # Speculative decoding verifies several tokens per target pass for ONE sequence: it has
+                # its own one-slot cache and runs one round per worker iteration, between batched steps.
+                if len(self._rows) + len(self._spec) >= self.max_batch:
                     break
                 self._waiting.popleft()
                 self.stats.requests += 1
-                self._run_speculative(req)
+                self._start_speculative(req)
                 continue
             # A request bigger than max_batch runs alone rather than never.
             if self._rows and len(self._rows) + req.params.n > self.max_batch:
@@ -424,56 +439,64 @@ class Engine:
         for req in touched.values():
             req.flush()
 
-    def _run_speculative(self, req: _Request) -> None:
-        """One speculative generation, streamed round by round: each round's tokens go through
-        the same EOS / stop-string / text handling as a normal step and are flushed to the sink;
-        a cancel or a matched stop string ends the generation after the round in flight."""
-        from .specdec.serve import speculative_generate_for_request
+    def _start_speculative(self, req: _Request) -> None:
+        from .specdec.serve import speculative_session
 
         p = req.params
         req.t_first = time.perf_counter()
-        text = IncrementalText(self.tokenizer, p.stop)
-        state = {"n": 0, "reason": "length"}
+        rounds = speculative_session(
+            self.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
+            seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(self.eos_ids),
+        )
+        self._spec.append(_SpecRun(req, rounds, IncrementalText(self.tokenizer, p.stop)))
 
-        def on_tokens(tokens: list[int]) -> bool:
+    def _spec_rounds(self) -> None:
+        """One round of every speculative request: its tokens go through the same EOS /
+        stop-string / text handling as a normal step and are flushed to the sink; a cancel or
+        a matched stop string ends the request after the round in flight."""
+        for run in list(self._spec):
+            req = run.req
+            if req.cancelled:
+                run.rounds.close()
+                self._spec.remove(run)
+                self.stats.cancelled += 1
+                req.done = True
+                continue
+            try:
+                tokens = run.rounds.send(run.halt)
+            except StopIteration as done:
+                self._spec.remove(run)
+                self._finish_speculative(run, done.value[1])
+                continue
+            except Exception as e:  # a bad speculative config or a failed round fails its request only
+                log.warning("speculative generation failed: %s", e)
+                self._spec.remove(run)
+                self.stats.errors += 1
+                req.outbox = [ErrorEvent(e)]
+                req.done = True
+                req.flush()
+                continue
             ended = False
             for tok in tokens:
-                state["n"] += 1
-                if (tok in self.eos_ids and not p.ignore_eos) or text.add(tok):
-                    state["reason"], ended = "stop", True
+                run.n += 1
+                if (tok in self.eos_ids and not req.params.ignore_eos) or run.text.add(tok):
+                    run.reason, ended = "stop", True
                     break
-            if ended or state["n"] >= req.max_new:
-                text.flush()
-            delta = text.take(final=ended or state["n"] >= req.max_new)
+            delta = run.text.take()
             if delta:
                 req.outbox.append(TokenEvent(0, delta))
                 req.flush()
-            return ended or req.cancelled
+            run.halt = ended
 
-        try:
-            _, spec_metrics = speculative_generate_for_request(
-                self.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
-                seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(self.eos_ids), on_tokens=on_tokens,
-            )
-        except Exception as e:  # a bad speculative config fails its request, never the worker
-            log.warning("speculative generation failed: %s", e)
-            self.stats.errors += 1
-            req.outbox = [ErrorEvent(e)]
-            req.done = True
-            req.flush()
-            return
-        if req.cancelled:
-            self.stats.cancelled += 1
-            req.done = True
-            return
-        text.flush()
-        delta = text.take(final=True)
+    def _finish_speculative(self, run: _SpecRun, spec_metrics: dict[str, Any]) -> None:
+        req = run.req
+        run.text.flush()
+        delta = run.text.take(final=True)
         if delta:
             req.outbox.append(TokenEvent(0, delta))
-        n = state["n"]
-        req.completion_tokens = n
-        self.stats.decode_tokens += n
-        req.outbox.append(FinishEvent(0, str(state["reason"]), text.text, n))
+        req.completion_tokens = run.n
+        self.stats.decode_tokens += run.n
+        req.outbox.append(FinishEvent(0, run.reason, run.text.text, run.n))
         self._finish_request(req, flush=True, extra=spec_metrics)
 
     def _finish_request(self, req: _Request, flush: bool = False, extra: dict[str, Any] | None = None) -> None:
@@ -522,6 +545,10 @@ class Engine:
 
     def _fail_all(self, err: BaseException) -> None:
         reqs = {id(s.req): s.req for s in self._rows}
+        for run in self._spec:
+            reqs[id(run.req)] = run.req
+            run.rounds.close()
+        self._spec = []
         if self._prefilling is not None:
             reqs[id(self._prefilling.req)] = self._prefilling.req
             self._prefilling = None

@@ -15,7 +15,7 @@ cropped to n+k and k+1 tokens are committed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -351,7 +351,20 @@ def autoregressive_generate(
     return out, stats
 
 
-@torch.inference_mode()
+Rounds = Generator[list[int], "bool | None", Any]
+
+
+def drive(rounds: Rounds, on_tokens: Callable[[list[int]], bool] | None = None) -> Any:
+    """Run a round generator (:func:`speculative_rounds`) to the end; ``on_tokens`` sees each
+    round's tokens and may end the generation by returning True.  Returns the generator's value."""
+    try:
+        tokens = next(rounds)
+        while True:
+            tokens = rounds.send(bool(on_tokens(tokens)) if on_tokens is not None else False)
+    except StopIteration as done:
+        return done.value
+
+
 def speculative_generate(
     prompt_ids: list[int],
     target: TargetModel,
@@ -372,6 +385,25 @@ def speculative_generate(
     ``k + 1`` per round), so a server can stream them; returning True ends the generation
     there (a stop string matched, the client went away).
     """
+    return drive(speculative_rounds(prompt_ids, target, drafter, policy, verify_mode, sampling, max_new_tokens,
+                                    seed, stop_ids), on_tokens)
+
+
+@torch.inference_mode()
+def speculative_rounds(
+    prompt_ids: list[int],
+    target: TargetModel,
+    drafter: "EagleDrafter | LMDrafter | NgramDrafter",
+    policy: StopPolicy,
+    verify_mode: VerifyMode | str = VerifyMode.GREEDY,
+    sampling: SamplingConfig = SamplingConfig(),
+    max_new_tokens: int = 64,
+    seed: int | None = 0,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+) -> Generator[list[int], "bool | None", tuple[list[int], SpecStats]]:
+    """:func:`speculative_generate` one round at a time: yields the tokens each round commits
+    and receives True to stop there (``send``); returns ``(tokens, stats)``.  A server
+    interleaves the rounds of several requests with its batched decode steps this way."""
     mode = VerifyMode(verify_mode)
     if mode is VerifyMode.GREEDY and not sampling.greedy:
         raise ValueError("greedy verification needs temperature 0")
@@ -384,7 +416,7 @@ def speculative_generate(
     logits, hidden = target.prefill(prompt_ids)
     first, _ = _draw(logits[-1], sampling, g)
     out = [first]
-    halted = on_tokens is not None and on_tokens([first])
+    halted = yield [first]
     drafter.reset(list(prompt_ids) + [first], hidden)
     while not halted and len(out) < max_new_tokens and not _is_stop(out[-1], stops):
         budget = max_new_tokens - len(out)  # emitting k+1 <= budget keeps us within max_new_tokens
@@ -438,8 +470,7 @@ def speculative_generate(
         target.crop(n - 1 + k + 1)  # keep x_{n-1} and the k accepted candidates
         drafter.commit(emitted, t_hidden[: k + 1])
         out.extend(emitted)
-        if on_tokens is not None:
-            halted = on_tokens(emitted)
+        halted = yield emitted
         policy.end_round(len(cands), k)
         if cands:
             stats.num_drafts += 1

@@ -17,14 +17,14 @@ to both sides).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import loading
 from .draft import AcceptHead, EagleDraft
-from .generate import EagleDrafter, LMDrafter, NgramDrafter, TargetModel, speculative_generate
+from .generate import EagleDrafter, LMDrafter, NgramDrafter, TargetModel, drive, speculative_rounds
 from .policies import make_policy
 from .sampling import SamplingConfig
 
@@ -101,6 +101,27 @@ def speculative_generate_for_request(
     names) and ours (target_forward_passes, mean_k, ...).  Not thread-safe per runner:
     call it from the worker that owns the runner.  ``on_tokens``: see :func:`speculative_generate`.
     """
+    return drive(speculative_session(runner, prompt_ids, spec, temperature=temperature, top_p=top_p,
+                                     max_tokens=max_tokens, seed=seed, stop_ids=stop_ids, cache=cache, slot=slot),
+                 on_tokens)
+
+
+def speculative_session(
+    runner: Any,
+    prompt_ids: list[int],
+    spec: dict[str, Any] | SpeculativeConfig,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_tokens: int = 256,
+    seed: int | None = None,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    cache: Any = None,
+    slot: int = 0,
+) -> Generator[list[int], "bool | None", tuple[list[int], dict[str, Any]]]:
+    """:func:`speculative_generate_for_request` one round at a time (see
+    :func:`~.generate.speculative_rounds`): the engine's worker advances several of these
+    between its batched decode steps.  A bad config raises at the first ``next``."""
     cfg = spec if isinstance(spec, SpeculativeConfig) else SpeculativeConfig.from_dict(spec)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
     policy = make_policy(cfg.method, cfg.threshold, cfg.k, cfg.min_k, cfg.max_k)
@@ -116,8 +137,8 @@ def speculative_generate_for_request(
         draft = _draft_for(runner, cfg.draft)
         head = _head_for(cfg.head, sampling.greedy) if policy.needs_head else None
         drafter = EagleDrafter(draft, head) if isinstance(draft, EagleDraft) else LMDrafter(draft, head)
-    tokens, stats = speculative_generate(prompt_ids, target, drafter, policy, mode, sampling,
-                                         max_tokens, seed, stop_ids, on_tokens)
-    metrics = stats.metrics()
-    metrics["spec_method"] = policy.describe()  # type: ignore[assignment]
+    tokens, stats = yield from speculative_rounds(prompt_ids, target, drafter, policy, mode, sampling,
+                                                  max_tokens, seed, stop_ids)
+    metrics: dict[str, Any] = stats.metrics()
+    metrics["spec_method"] = policy.describe()
     return tokens, metrics
