@@ -85,25 +85,18 @@ def speculative_generate_for_request(
     prompt_ids: list[int],
     spec: dict[str, Any] | SpeculativeConfig,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    max_tokens: int = 256,
-    seed: int | None = None,
-    stop_ids: set[int] | frozenset[int] = frozenset(),
-    cache: Any = None,
-    slot: int = 0,
     on_tokens: Callable[[list[int]], bool] | None = None,
-) -> tuple[list[int], dict[str, float | int]]:
-    """Generate for one sequence in ``cache`` slot ``slot`` (a fresh one-slot cache if None).
+    **options: Any,
+) -> tuple[list[int], dict[str, Any]]:
+    """Generate for one sequence; ``options`` are :func:`speculative_session`'s (temperature,
+    top_p, max_tokens, seed, stop_ids, cache, slot).
 
     Returns ``(tokens, metrics)``; metrics has ``mean_acceptance_length``,
     ``draft_acceptance_rate``, ``num_draft_tokens``, ``num_accepted_draft_tokens`` (vLLM's
     names) and ours (target_forward_passes, mean_k, ...).  Not thread-safe per runner:
     call it from the worker that owns the runner.  ``on_tokens``: see :func:`speculative_generate`.
     """
-    return drive(speculative_session(runner, prompt_ids, spec, temperature=temperature, top_p=top_p,
-                                     max_tokens=max_tokens, seed=seed, stop_ids=stop_ids, cache=cache, slot=slot),
-                 on_tokens)
+    return drive(speculative_session(runner, prompt_ids, spec, **options), on_tokens)
 
 
 def speculative_session(
@@ -119,9 +112,10 @@ def speculative_session(
     cache: Any = None,
     slot: int = 0,
 ) -> Generator[list[int], "bool | None", tuple[list[int], dict[str, Any]]]:
-    """:func:`speculative_generate_for_request` one round at a time (see
-    :func:`~.generate.speculative_rounds`): the engine's worker advances several of these
-    between its batched decode steps.  A bad config raises at the first ``next``."""
+    """One speculative generation, one round at a time (see :func:`~.generate.speculative_rounds`):
+    the engine's worker advances several of these between its batched decode steps.  Generates
+    in ``cache`` slot ``slot`` (a fresh one-slot cache if None).  A bad config raises at the
+    first ``next``."""
     cfg = spec if isinstance(spec, SpeculativeConfig) else SpeculativeConfig.from_dict(spec)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
     policy = make_policy(cfg.method, cfg.threshold, cfg.k, cfg.min_k, cfg.max_k)
