@@ -57,6 +57,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     h.add_argument("--device", default="cpu", help="cpu or cuda")
     h.add_argument("--batch", type=int, default=256, help="positions per step (GPU: 2048)")
     h.add_argument("--max-train-seqs", type=int, default=None, help="cap on training sequences (an even spread)")
+    h.add_argument("--select", choices=["brier", "auc", "loss"], default="brier", help="held-out metric that picks the kept epoch")
     h.set_defaults(func=_train_head)
 
     r = sub.add_parser("bench", help="policy x threshold sweep; prints tables, writes JSON + Pareto PNG")
@@ -105,7 +106,7 @@ def _train_head(args: argparse.Namespace) -> int:
     temp = args.temperature if args.temperature is not None else (0.0 if args.mode == "greedy" else 1.0)
     train_head(_work(args), Path(draft), args.out, mode=args.mode, temperature=temp, blocks=args.blocks,
                tied=args.tied, epochs=args.epochs, heldout_only=args.heldout_only, device=args.device, batch=args.batch,
-               max_train_seqs=args.max_train_seqs)
+               max_train_seqs=args.max_train_seqs, select=args.select)
     return 0
 
 
