@@ -97,3 +97,22 @@ def test_calibration_times_the_device(tiny_folder: Path, device: str) -> None:
     table = calibrate(runner, draft, AcceptHead(HIDDEN).to(runner.device), reps=2)
     assert all(v > 0 for v in table.values())
     assert {"target_1", "target_21", "draft_step", "head"} <= set(table)
+
+
+def test_round_callbacks_stream_and_stop(tiny_folder: Path) -> None:
+    """``on_tokens`` sees every committed token once, in order, and returning True ends the
+    generation after that round; ``max_new_tokens=0`` generates nothing (not even the first token)."""
+    runner = ModelRunner(tiny_folder, device="cpu", dtype="float32")
+    target = TargetModel(runner)
+    prompt = [5, 9, 17, 33, 9, 17, 33, 9, 17, 60, 61, 62, 5, 9, 17]
+    seen: list[list[int]] = []
+    out, _ = speculative_generate(prompt, target, NgramDrafter(VOCAB), make_policy("fixed", k=3), "greedy",
+                                  max_new_tokens=30, on_tokens=lambda t: seen.append(list(t)) or False)
+    assert [t for r in seen for t in r] == out and len(seen) > 1
+    rounds: list[list[int]] = []
+    out2, _ = speculative_generate(prompt, target, NgramDrafter(VOCAB), make_policy("fixed", k=3), "greedy",
+                                   max_new_tokens=30, on_tokens=lambda t: rounds.append(list(t)) or len(rounds) == 3)
+    assert len(rounds) == 3 and out2 == [t for r in rounds for t in r] and out[: len(out2)] == out2
+    empty, stats = speculative_generate(prompt, target, NgramDrafter(VOCAB), make_policy("fixed", k=3), "greedy",
+                                        max_new_tokens=0)
+    assert empty == [] and stats.target_forward_passes == 0

@@ -296,7 +296,7 @@ class Engine:
                 self.stats.cancelled += 1
                 req.done = True
                 continue
-            if req.params.speculative and req.params.n == 1:
+            if req.params.speculative and req.params.n == 1 and req.max_new > 0:
                 # Speculative decoding verifies several tokens per target pass for ONE sequence: it has
                 # its own one-slot cache and runs one round per worker iteration, between batched steps.
                 if len(self._rows) + len(self._spec) >= self.max_batch:

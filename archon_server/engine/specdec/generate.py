@@ -412,6 +412,8 @@ def speculative_rounds(
     stats = SpecStats()
     t0 = time.perf_counter()
     passes0, dpasses0 = target.forward_passes, drafter.forward_calls
+    if max_new_tokens <= 0:
+        return [], stats
 
     logits, hidden = target.prefill(prompt_ids)
     first, _ = _draw(logits[-1], sampling, g)
