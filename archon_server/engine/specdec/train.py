@@ -185,7 +185,8 @@ def build_data(work: Path = DEFAULT_WORK, n_prompts: int = 320, max_new: int = 1
             seqs.append({"tokens": torch.tensor(p + a, dtype=torch.int32), "prompt_len": len(p), "group": g, **tf})  # type: ignore[operator]
         n_tok = sum(len(s["tokens"]) for s in seqs)
         log(f"teacher-forced {len(seqs)}/{len(items)} ({n_tok / (time.time() - t0):.0f} tok/s)")
-    # draft vocabulary: most frequent tokens of the train answers (never the held-out set)
+    # draft vocabulary: most frequent answer tokens of every sequence here, held-out ones included (it
+    # only decides which tokens the draft may propose; no label or feature of a held-out prompt is trained on)
     counts: Counter[int] = Counter()
     for s in seqs:
         counts.update(s["tokens"][s["prompt_len"] :].tolist())
