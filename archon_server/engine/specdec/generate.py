@@ -365,19 +365,10 @@ def drive(rounds: Rounds, on_tokens: Callable[[list[int]], bool] | None = None) 
         return done.value
 
 
-def speculative_generate(
-    prompt_ids: list[int],
-    target: TargetModel,
-    drafter: "EagleDrafter | LMDrafter | NgramDrafter",
-    policy: StopPolicy,
-    verify_mode: VerifyMode | str = VerifyMode.GREEDY,
-    sampling: SamplingConfig = SamplingConfig(),
-    max_new_tokens: int = 64,
-    seed: int | None = 0,
-    stop_ids: set[int] | frozenset[int] = frozenset(),
-    on_tokens: Callable[[list[int]], bool] | None = None,
-) -> tuple[list[int], SpecStats]:
-    """Draft with ``drafter`` until ``policy`` stops, verify in one target pass, repeat.
+def speculative_generate(*args: Any, on_tokens: Callable[[list[int]], bool] | None = None,
+                         **kwargs: Any) -> tuple[list[int], SpecStats]:
+    """Draft with ``drafter`` until ``policy`` stops, verify in one target pass, repeat; the
+    arguments are :func:`speculative_rounds`'s, which this runs to the end.
 
     Output follows the target's sampling distribution exactly for ``sampled`` and
     ``point_mass`` and equals target-only greedy output for ``greedy`` (tests check both).
@@ -385,8 +376,7 @@ def speculative_generate(
     ``k + 1`` per round), so a server can stream them; returning True ends the generation
     there (a stop string matched, the client went away).
     """
-    return drive(speculative_rounds(prompt_ids, target, drafter, policy, verify_mode, sampling, max_new_tokens,
-                                    seed, stop_ids), on_tokens)
+    return drive(speculative_rounds(*args, **kwargs), on_tokens)
 
 
 @torch.inference_mode()
@@ -401,9 +391,10 @@ def speculative_rounds(
     seed: int | None = 0,
     stop_ids: set[int] | frozenset[int] = frozenset(),
 ) -> Generator[list[int], "bool | None", tuple[list[int], SpecStats]]:
-    """:func:`speculative_generate` one round at a time: yields the tokens each round commits
-    and receives True to stop there (``send``); returns ``(tokens, stats)``.  A server
-    interleaves the rounds of several requests with its batched decode steps this way."""
+    """The speculative loop one round at a time: yields the tokens each round commits and
+    receives True to stop there (``send``); returns ``(tokens, stats)``.  A server interleaves
+    the rounds of several requests with its batched decode steps this way; see
+    :func:`speculative_generate` for the guarantees."""
     mode = VerifyMode(verify_mode)
     if mode is VerifyMode.GREEDY and not sampling.greedy:
         raise ValueError("greedy verification needs temperature 0")

@@ -81,10 +81,14 @@ def teacher_force(runner, tokens: list[int]) -> dict[str, torch.Tensor]:
     """Target features, argmax and log-normaliser (T=1) at every position of ``tokens``."""
     cache = runner.new_cache(1, len(tokens) + 8)
     out = runner.forward(torch.tensor([tokens], device=runner.device), cache, 0, [0], logits="last")
+    return _forced(runner, out.hidden[0])
+
+
+def _forced(runner, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One sequence's record from its target features [T, H] (kept on the CPU, fp16)."""
     # the LM head in the runner's own dtype (bf16 when serving): that is what verification sees
-    logits = (out.hidden[0] @ runner.lm_head.T).float()
-    return {"feats": out.hidden[0].half().cpu(), "argmax": logits.argmax(-1).int().cpu(),
-            "lse": torch.logsumexp(logits, -1).cpu()}
+    logits = (hidden @ runner.lm_head.T).float()
+    return {"feats": hidden.half().cpu(), "argmax": logits.argmax(-1).int().cpu(), "lse": torch.logsumexp(logits, -1).cpu()}
 
 
 @torch.inference_mode()
@@ -105,10 +109,7 @@ def teacher_force_many(runner, token_lists: list[list[int]], batch: int = 1) -> 
         cache = runner.new_cache(len(idx), T + 8)
         hidden = runner.forward(ids.to(runner.device), cache, 0, [0] * len(idx), logits="last").hidden
         for r, i in enumerate(idx):
-            h = hidden[r, : len(token_lists[i])]
-            logits = (h @ runner.lm_head.T).float()
-            out[i] = {"feats": h.half().cpu(), "argmax": logits.argmax(-1).int().cpu(),
-                      "lse": torch.logsumexp(logits, -1).cpu()}
+            out[i] = _forced(runner, hidden[r, : len(token_lists[i])])
     return out
 
 
@@ -415,17 +416,17 @@ def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature:
             y_local = dl.argmax(-1)
             y = draft.vocab_ids[y_local]
             lab = (y == argmax[js - 1]).float()  # argmax of p(.|x_<j) lives at j-1
-            confs.append(torch.softmax(dl.float(), -1).max(-1).values)
+            confs.append(torch.softmax(dl.float(), -1).max(-1).values.cpu())
         else:
             q = torch.softmax(dl / temperature, -1)
             y_local = torch.multinomial(q.cpu(), 1, generator=g)[:, 0].to(dev)
             y = draft.vocab_ids[y_local]
             q_y = q.gather(1, y_local[:, None])[:, 0]
-            confs.append(q_y)
+            confs.append(q_y.cpu())
             logit_p = (f[js - 1] * E[y]).sum(-1)
             if temperature != 1.0:
-                lse = torch.logsumexp(f[js - 1] @ E.T / temperature, -1)
-                p_y = torch.exp(logit_p / temperature - lse)
+                lse_t = torch.logsumexp(f[js - 1] @ E.T / temperature, -1)
+                p_y = torch.exp(logit_p / temperature - lse_t)
             else:
                 p_y = torch.exp(logit_p - lse[js - 1])
             lab = torch.clamp(p_y / q_y, max=1.0)
@@ -437,7 +438,6 @@ def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature:
         hs.append(h2[js - 1].cpu())
         labels.append(lab.cpu())
         masks.append((~use_target).float().cpu())
-        confs[-1] = confs[-1].cpu()
     return torch.cat(hs), torch.cat(labels), torch.cat(masks), torch.cat(confs)
 
 
