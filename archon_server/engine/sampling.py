@@ -80,6 +80,18 @@ def apply_penalties(logits: torch.Tensor, r: RowSampling) -> torch.Tensor:
     return x
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One draw from a 1-D distribution ``probs`` [V] (weights need not sum to 1) by inverse CDF:
+    a float64 running sum and a binary search for a uniform draw.  Exact up to float64 rounding;
+    never picks a zero-weight token (``right=True`` finds the first sum above the draw).  Why not
+    ``torch.multinomial``: over SmolLM2's 49k vocabulary on this CPU it costs 0.8 ms a draw,
+    this 0.05 ms - a sampled decode step paid it once per row, a speculative round once per
+    candidate and once more to verify.  ``generator`` must live on ``probs``' device."""
+    c = probs.double().cumsum(-1)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=c.device) * c[-1]
+    return min(int(torch.searchsorted(c, u, right=True)[0]), probs.shape[-1] - 1)
+
+
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     """One token per row of ``logits`` [B, V] (float32)."""
     out: list[int] = []
@@ -90,17 +102,14 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
             if r.greedy:
                 out.append(int(row.argmax()))
                 continue
-            probs = filter_logits(row, r.temperature, r.top_p, r.top_k).softmax(-1)
-            out.append(int(torch.multinomial(probs, 1, generator=r.generator).item()))
+            out.append(draw(filter_logits(row, r.temperature, r.top_p, r.top_k).softmax(-1), r.generator))
             continue
         if r.greedy:
             if greedy_ids is None:
                 greedy_ids = logits.argmax(-1).tolist()
             out.append(int(greedy_ids[b]))
             continue
-        x = filter_logits(logits[b], r.temperature, r.top_p, r.top_k)
-        probs = x.softmax(-1)
-        out.append(int(torch.multinomial(probs, 1, generator=r.generator).item()))
+        out.append(draw(filter_logits(logits[b], r.temperature, r.top_p, r.top_k).softmax(-1), r.generator))
     return out
 
 

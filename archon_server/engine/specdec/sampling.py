@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from archon_server.engine.sampling import draw
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -50,8 +52,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One draw from a 1-D distribution (argmax for one-hot rows, as multinomial would give)."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """One draw from a 1-D distribution (the engine's inverse-CDF :func:`~archon_server.engine.sampling.draw`;
+    a one-hot row gives its token)."""
+    return draw(probs, generator)
 
 
 def entropy(probs: torch.Tensor) -> float:
