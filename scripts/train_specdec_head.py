@@ -37,7 +37,7 @@ from archon_server.engine.specdec.train import (DEFAULT_WORK, build_data, draft_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    ap.add_argument("--out", type=Path, default=ARTIFACTS, help="writes draft/, head_greedy/, head_sampled/ here")
+    ap.add_argument("--out", type=Path, default=ARTIFACTS, help="writes draft/, head_{greedy,sampled}[_proposer]/ here")
     ap.add_argument("--gpu", action="store_true", help="the GPU recipe (device cuda, self-distillation on more prompts)")
     ap.add_argument("--systems", type=int, default=10)
     ap.add_argument("--target-prompts", type=int, default=None, help="per prompt set (CPU: 400, GPU: all)")
@@ -85,8 +85,12 @@ def main() -> None:
     if args.skip_heads:
         return
     head = {"device": dev, "batch": 2048 if args.gpu else 256, "max_train_seqs": args.head_seqs or (6000 if args.gpu else None)}
-    train_head(head_work, draft_dir, args.out / "head_greedy", mode="greedy", temperature=0.0, **head)
-    train_head(head_work, draft_dir, args.out / "head_sampled", mode="sampled", temperature=1.0, **head)
+    for reads in ("candidate", "proposer"):  # the authors' head, and ours that needs no extra draft step
+        suffix = "" if reads == "candidate" else f"_{reads}"
+        train_head(head_work, draft_dir, args.out / f"head_greedy{suffix}", mode="greedy", temperature=0.0,
+                   reads=reads, **head)
+        train_head(head_work, draft_dir, args.out / f"head_sampled{suffix}", mode="sampled", temperature=1.0,
+                   reads=reads, **head)
 
 
 if __name__ == "__main__":

@@ -59,10 +59,12 @@ def test_greedy_speculative_equals_target_only_on_device(tiny_folder: Path, devi
     runner = ModelRunner(tiny_folder, device=device, dtype="float32")
     draft = _draft(runner, tiny_folder)
     head = AcceptHead(HIDDEN).to(runner.device)
+    proposer = AcceptHead(HIDDEN, reads="proposer").to(runner.device)
     target = TargetModel(runner)
     prompt = [5, 9, 17, 33, 9, 17, 33, 9, 17, 60, 61, 62, 5, 9, 17]  # repeats give the n-gram drafter matches
     ref, _ = autoregressive_generate(prompt, target, max_new_tokens=40)
-    drafters = {"eagle": lambda: EagleDrafter(draft, head), "ngram": lambda: NgramDrafter(VOCAB)}
+    drafters = {"eagle": lambda: EagleDrafter(draft, head), "eagle+proposer head": lambda: EagleDrafter(draft, proposer),
+                "ngram": lambda: NgramDrafter(VOCAB)}
     for name, make in drafters.items():
         for method, arg in (("fixed", 3), ("cumprob", 0.5), ("specdec_pp", 0.5)):
             if name == "ngram" and method == "specdec_pp":
@@ -84,6 +86,10 @@ def test_sampled_speculative_runs_on_device(tiny_folder: Path, device: str) -> N
     runs = [speculative_generate(prompt, target, EagleDrafter(draft), make_policy("fixed", k=3), "sampled",
                                  sampling, max_new_tokens=30, seed=7) for _ in range(2)]
     assert runs[0][0] == runs[1][0]  # same seed, same draws
+    proposer = AcceptHead(HIDDEN, reads="proposer").to(runner.device)  # its inputs come from both devices
+    out, stats = speculative_generate(prompt, target, EagleDrafter(draft, proposer), make_policy("specdec_pp", 0.5),
+                                      "sampled", sampling, max_new_tokens=30, seed=7)
+    assert len(out) == 30 and stats.head_calls > 0
     assert all(0 <= t < VOCAB for t in runs[0][0])
     out, _ = speculative_generate(prompt, target, NgramDrafter(VOCAB), make_policy("fixed", k=3), "point_mass",
                                   sampling, max_new_tokens=30, seed=7)
@@ -94,9 +100,10 @@ def test_sampled_speculative_runs_on_device(tiny_folder: Path, device: str) -> N
 def test_calibration_times_the_device(tiny_folder: Path, device: str) -> None:
     runner = ModelRunner(tiny_folder, device=device, dtype="float32")
     draft = _draft(runner, tiny_folder)
-    table = calibrate(runner, draft, AcceptHead(HIDDEN).to(runner.device), reps=2)
+    heads = {reads: AcceptHead(HIDDEN, reads=reads).to(runner.device) for reads in ("candidate", "proposer")}
+    table = calibrate(runner, draft, heads, reps=2)
     assert all(v > 0 for v in table.values())
-    assert {"target_1", "target_21", "draft_step", "head"} <= set(table)
+    assert {"target_1", "target_21", "draft_step", "head_candidate", "head_proposer"} <= set(table)
 
 
 def test_round_callbacks_stream_and_stop(tiny_folder: Path) -> None:

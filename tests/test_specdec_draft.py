@@ -81,6 +81,23 @@ def test_cli_registers_subcommands() -> None:
     assert args.tied and args.mode == "sampled"
 
 
+def test_bench_keeps_the_two_specdec_heads_apart() -> None:
+    from archon_server.engine.specdec.bench import parse_configs, summarize
+
+    cs = parse_configs("fixed:1,specdec_pp:0.5:3:1,specdec_pp/proposer:0.5:3:1,cumprob:0.3:3:1")
+    assert [c.label for c in cs] == ["fixed k=1", "specdec_pp 0.5 K>=1 K<=3", "specdec_pp/proposer 0.5 K>=1 K<=3",
+                                     "cumprob 0.3 K>=1 K<=3"]
+    assert [c.reads for c in cs[1:3]] == ["candidate", "proposer"]
+    speed, passes, discards = [1.1, 1.0, 1.2, 1.15], [0.75, 0.74, 0.70, 0.71], [0.48, 0.50, 0.45, 0.50]
+    rows = [{"config": c.label, "method": c.method, "family": c.family, "speedup_wall": w, "speedup_model": w,
+             "target_passes_per_token": t, "discarded_per_token": d} for c, w, t, d in zip(cs, speed, passes, discards)]
+    summary = summarize({"rows": rows})
+    assert summary["best"]["specdec_pp/proposer"]["config"] == "specdec_pp/proposer 0.5 K>=1 K<=3"
+    assert summary["specdec_pp/proposer_over_best_fixed_wall"] == pytest.approx(1.2 / 1.1)
+    assert summary["specdec_pp_over_best_fixed_wall"] == pytest.approx(1.0 / 1.1)
+    assert summary["specdec_pp/proposer_dominates_best_fixed"] and not summary["specdec_pp_dominates_best_fixed"]
+
+
 def test_speculative_config_rejects_unknown_keys() -> None:
     assert SpeculativeConfig.from_dict({"method": "fixed", "k": 3}).k == 3
     with pytest.raises(ValueError):
@@ -184,6 +201,14 @@ class _ScriptedDrafter:
         self.seen.append(float(hidden))
         return float(hidden)
 
+    def proposal_accept_prob(self, step, y: int, q: torch.Tensor, first: bool) -> float:
+        return self.accept_prob(step.hidden)
+
+
+class _Reads:
+    def __init__(self, reads: str):
+        self.reads = reads
+
 
 def test_specdec_pp_judges_each_candidate_before_drafting_the_next() -> None:
     """As in the authors' loop: after y_k is drafted, the draft is run on y_k, the head gives
@@ -200,6 +225,47 @@ def test_specdec_pp_judges_each_candidate_before_drafting_the_next() -> None:
     assert stats.k_per_round[:-1] and all(k == 2 for k in stats.k_per_round[:-1])
     assert all(a == k for a, k in zip(stats.accepted_per_round, stats.k_per_round))
     assert drafter.seen[:2] == pytest.approx([0.9, 0.3])
+
+
+@pytest.mark.parametrize("min_k", [1, 2])
+def test_proposer_head_judges_a_candidate_without_another_draft_step(min_k: int) -> None:
+    """A ``proposer`` head judges y_j from the step that proposed it: with P_acc 0.9 (y_1) and
+    0.3 (y_2) and h = 0.5 every round drafts 2 candidates with 2 draft forwards (the authors'
+    head needs 3); with P_acc(y_1) = 0.4 and K >= 1 it stops after one forward."""
+    from archon_server.engine.specdec.generate import speculative_generate
+    from archon_server.engine.specdec.policies import SpecDecPP
+
+    probs = [0.9, 0.3, 0.3] if min_k == 2 else [0.4, 0.9]
+    drafter = _ScriptedDrafter(probs)
+    drafter.head = _Reads("proposer")
+    out, stats = speculative_generate([1, 2, 3], _ScriptedTarget(), drafter, SpecDecPP(0.5, min_k=min_k), "greedy",
+                                      max_new_tokens=13)
+    assert out == [(4 + i) % 50 for i in range(13)]
+    k = 2 if min_k == 2 else 1
+    assert stats.k_per_round[:-1] and all(n == k for n in stats.k_per_round[:-1])
+    assert stats.draft_forward_passes == stats.num_draft_tokens
+    assert stats.head_calls == stats.num_draft_tokens - 1  # the last round is cut by max_tokens: nothing to decide
+    assert drafter.seen[:k] == pytest.approx(probs[:k])
+
+
+def test_proposer_head_round_trip_and_inputs(tmp_path) -> None:
+    from archon_server.engine.specdec.draft import proposal_stats
+
+    with pytest.raises(ValueError, match="reads"):
+        AcceptHead(16, reads="output")
+    head = AcceptHead(16, 2, reads="proposer")
+    q = torch.softmax(torch.randn(3, 10), -1)
+    y = torch.tensor([0, 4, 9])
+    st = proposal_stats(q, q[torch.arange(3), y], 1.0)
+    assert st.shape == (3, 6)
+    assert torch.allclose(st[:, 0].exp(), q[torch.arange(3), y])
+    assert torch.allclose(st[:, 4], -(q * q.log()).sum(-1))
+    assert bool((st[:, 2] >= st[:, 3]).all())
+    x = AcceptHead.proposer_input(torch.randn(3, 16), torch.randn(3, 16), st)
+    head.save(tmp_path, {"verify_mode": "greedy"})
+    loaded, meta = AcceptHead.load(tmp_path)
+    assert meta["reads"] == "proposer" and loaded.reads == "proposer"
+    assert torch.allclose(loaded(x), head(x), atol=1e-2)  # stored in float16
 
 
 def test_loads_the_authors_head_format(tmp_path) -> None:

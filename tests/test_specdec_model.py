@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from archon_server.engine.specdec import loading
+from archon_server.engine.specdec.draft import AcceptHead
 from archon_server.engine.specdec.generate import (EagleDrafter, LMDrafter, TargetModel, autoregressive_generate,
                                                    speculative_generate)
 from archon_server.engine.specdec.policies import FixedK, SpecDecPP, make_policy
@@ -38,8 +39,10 @@ def test_greedy_speculative_equals_target_only(env) -> None:
     ids = loading.chat_ids(tok, PROMPT)
     target = TargetModel(runner)
     ref, _ = autoregressive_generate(ids, target, max_new_tokens=24)
-    for policy in (FixedK(4), SpecDecPP(0.5), make_policy("confidence")):
-        out, stats = speculative_generate(ids, target, EagleDrafter(draft, head), policy, "greedy",
+    proposer = AcceptHead(draft.cfg.hidden, reads="proposer")  # untrained: the output must not depend on it
+    for policy, h in ((FixedK(4), head), (SpecDecPP(0.5), head), (make_policy("confidence"), head),
+                      (SpecDecPP(0.5, min_k=1, max_k=3), proposer)):
+        out, stats = speculative_generate(ids, target, EagleDrafter(draft, h), policy, "greedy",
                                           max_new_tokens=24)
         assert out == ref, policy.describe()
         assert stats.num_accepted_draft_tokens > 0  # the draft is doing something
@@ -139,6 +142,7 @@ def test_engine_as_served_runs_every_drafter_and_policy(env) -> None:
     runner = loading.load_runner(dtype="auto")
     ids = loading.chat_ids(tok, PROMPT)
     specs = ({"method": "specdec_pp", "threshold": 0.7}, {"method": "cumprob", "min_k": 1, "max_k": 3},
+             {"method": "specdec_pp", "threshold": 0.5, "head": "proposer", "min_k": 1, "max_k": 3},
              {"method": "fixed", "k": 3, "draft": "ngram"})
     for spec in specs:
         for temperature in (0.0, 1.0):
@@ -174,3 +178,8 @@ def test_training_pipeline_end_to_end(tmp_path) -> None:
     head_dir = train_head(tmp_path, draft_dir, tmp_path / "head", mode="greedy", temperature=0.0, epochs=1)
     head_meta = json.loads((head_dir / "head.json").read_text())
     assert head_meta["verify_mode"] == "greedy" and "val_auc_draft_probability" in head_meta
+    assert head_meta["reads"] == "candidate"
+    head_dir = train_head(tmp_path, draft_dir, tmp_path / "head_p", mode="sampled", temperature=1.0, epochs=1,
+                          reads="proposer")
+    head, head_meta = AcceptHead.load(head_dir)
+    assert head.reads == "proposer" and head.inp.in_features == 2 * meta["hidden"] + 6

@@ -58,6 +58,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     h.add_argument("--batch", type=int, default=256, help="positions per step (GPU: 2048)")
     h.add_argument("--max-train-seqs", type=int, default=None, help="cap on training sequences (an even spread)")
     h.add_argument("--select", choices=["brier", "auc", "loss"], default="brier", help="held-out metric that picks the kept epoch")
+    h.add_argument("--reads", choices=["candidate", "proposer"], default="candidate",
+                   help="the draft state that judges a candidate: the step whose input it is (the authors'), "
+                        "or the step that proposed it (no extra draft step when serving)")
     h.set_defaults(func=_train_head)
 
     r = sub.add_parser("bench", help="policy x threshold sweep; prints tables, writes JSON + Pareto PNG")
@@ -106,7 +109,7 @@ def _train_head(args: argparse.Namespace) -> int:
     temp = args.temperature if args.temperature is not None else (0.0 if args.mode == "greedy" else 1.0)
     train_head(_work(args), Path(draft), args.out, mode=args.mode, temperature=temp, blocks=args.blocks,
                tied=args.tied, epochs=args.epochs, heldout_only=args.heldout_only, device=args.device, batch=args.batch,
-               max_train_seqs=args.max_train_seqs, select=args.select)
+               max_train_seqs=args.max_train_seqs, select=args.select, reads=args.reads)
     return 0
 
 
@@ -135,7 +138,8 @@ def add_bench_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--verify-mode", default="greedy", choices=["greedy", "sampled", "point_mass"])
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--out", default="benchmarks/results/specdec")
-    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5,cumprob:0.7:3:1' (method:threshold[:max K[:min K]]; default: full sweep)")
+    ap.add_argument("--configs", default="", help="comma list like 'fixed:4,specdec_pp:0.5,cumprob:0.7:3:1,specdec_pp/proposer:0.5' (method[/head]:threshold[:max K[:min K]]; "
+                    "head: candidate (the authors', default) or proposer; default: full sweep)")
     ap.add_argument("--ood-configs", default="", help="labels to run on OOD sets (default: all)")
     ap.add_argument("--drafter", default="eagle", choices=["eagle", "ngram"], help="ngram = prompt lookup (no model)")
     ap.add_argument("--dtype", default="auto", help="target dtype: auto = as served (bf16 + int8 small-batch "

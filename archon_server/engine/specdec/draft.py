@@ -223,16 +223,50 @@ class EagleDraft(nn.Module):
         return m
 
 
+HEAD_READS = ("candidate", "proposer")
+N_PROPOSER_STATS = 6
+
+
+def proposal_stats(q: torch.Tensor, q_y: torch.Tensor, first: torch.Tensor | float) -> torch.Tensor:
+    """Scalar features of a proposal for a ``proposer`` head, from the drafting distribution
+    ``q`` [..., V] (any slice of the vocabulary that holds all of its mass, e.g. the draft's
+    own) and the proposal's probability ``q_y`` [...]: log q(y), log(1 - q(y)), the log of the
+    two largest probabilities of q (their gap is how close the draft's argmax was to flipping),
+    the entropy of q (nats) and whether y is the round's first candidate.  The first feature is
+    the whole signal of the head-free ``cumprob`` rule, so the head knows what that rule knows."""
+    q, q_y = q.float(), q_y.float()
+    top2 = q.topk(2, dim=-1).values
+    eps = 1e-6
+    ent = -torch.special.xlogy(q, q).sum(-1)
+    first_t = torch.as_tensor(first, dtype=torch.float32, device=q.device).expand_as(q_y)
+    return torch.stack([torch.log(q_y.clamp_min(eps)), torch.log((1 - q_y).clamp_min(eps)),
+                        torch.log(top2[..., 0].clamp_min(eps)), torch.log(top2[..., 1].clamp_min(eps)), ent, first_t],
+                       dim=-1)
+
+
 class AcceptHead(nn.Module):
     """SpecDec++ acceptance-prediction head: ``n`` residual blocks ``x + SiLU(W x + b)``, then ``Linear(h, 2)``.
 
     ``tied=True`` reuses one block ``n`` times, as the authors' code does through
     ``[Block()] * n``; ``tied=False`` gives each block its own weights.
+
+    ``reads`` says which draft state judges candidate ``y_j``:
+
+    - ``"candidate"`` (the authors'): the hidden state of the draft step whose *input* is
+      ``y_j``.  The head runs one step behind, so deciding to stop after ``y_k`` costs a draft
+      forward whose proposal is thrown away (the round's first candidate counts as accepted).
+    - ``"proposer"`` (ours): the hidden state that *proposed* ``y_j``, with ``y_j``'s embedding
+      and :func:`proposal_stats` of the drafting distribution, through one input projection
+      ``Linear(2h + 6, h)``.  Everything it reads exists when ``y_j`` is drawn, so the stop
+      rule costs a head call and no extra draft step.
     """
 
-    def __init__(self, hidden: int, n_blocks: int = 3, tied: bool = False):
+    def __init__(self, hidden: int, n_blocks: int = 3, tied: bool = False, reads: str = "candidate"):
         super().__init__()
-        self.hidden, self.n_blocks, self.tied = hidden, n_blocks, tied
+        if reads not in HEAD_READS:
+            raise ValueError(f"reads must be one of {HEAD_READS}, not {reads!r}")
+        self.hidden, self.n_blocks, self.tied, self.reads = hidden, n_blocks, tied, reads
+        self.inp = nn.Linear(2 * hidden + N_PROPOSER_STATS, hidden) if reads == "proposer" else None
         self.blocks = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(1 if tied else n_blocks)])
         for b in self.blocks:  # start as identity so the blocks only refine
             nn.init.zeros_(b.weight)
@@ -240,11 +274,18 @@ class AcceptHead(nn.Module):
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [..., 2]; index 1 = accept."""
+        """Logits [..., 2]; index 1 = accept.  ``x``: the hidden state ([..., h]), or for a
+        ``proposer`` head :meth:`proposer_input`'s [..., 2h + 6]."""
+        if self.inp is not None:
+            x = self.inp(x)
         for i in range(self.n_blocks):
             blk = self.blocks[0 if self.tied else i]
             x = x + F.silu(blk(x))
         return self.out(x)
+
+    @staticmethod
+    def proposer_input(hidden: torch.Tensor, cand_embed: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        return torch.cat([hidden.float(), cand_embed.float(), stats.float()], dim=-1)
 
     def accept_prob(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.forward(x).float(), dim=-1)[..., 1]
@@ -254,7 +295,8 @@ class AcceptHead(nn.Module):
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file(_half(self.state_dict()), str(folder / "head.safetensors"))
-        full = {"hidden": self.hidden, "blocks": self.n_blocks, "tied": self.tied, "stored_dtype": "float16", **meta}
+        full = {"hidden": self.hidden, "blocks": self.n_blocks, "tied": self.tied, "reads": self.reads,
+                "stored_dtype": "float16", **meta}
         (folder / "head.json").write_text(json.dumps(full, indent=2) + "\n")
 
     @classmethod
@@ -266,7 +308,7 @@ class AcceptHead(nn.Module):
         if not (folder / "head.json").exists() and (folder / "config.json").exists():
             return cls.load_authors(folder)
         meta = json.loads((folder / "head.json").read_text())
-        head = cls(meta["hidden"], meta["blocks"], meta["tied"])
+        head = cls(meta["hidden"], meta["blocks"], meta["tied"], meta.get("reads", "candidate"))
         head.load_state_dict(_float(load_file(str(folder / "head.safetensors"))))
         return head.eval(), meta
 
@@ -303,7 +345,7 @@ class AcceptHead(nn.Module):
                 blk.bias.copy_(b)
             head.out.weight.copy_(sd[f"model.{n}.weight"])
             head.out.bias.copy_(sd[f"model.{n}.bias"])
-        meta = {"hidden": hidden, "blocks": n, "tied": tied, "format": "specdec_pp authors (AcceptancePredictionHead)",
+        meta = {"hidden": hidden, "blocks": n, "tied": tied, "reads": "candidate", "format": "specdec_pp authors (AcceptancePredictionHead)",
                 **{k: v for k, v in cfg.items() if k not in ("hidden_size", "num_layers")}}
         return head.eval(), meta
 

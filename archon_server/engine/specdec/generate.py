@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .draft import AcceptHead, DraftKV, EagleDraft
+from .draft import AcceptHead, DraftKV, EagleDraft, proposal_stats
 from .policies import DraftState, StopPolicy
 from .sampling import SamplingConfig, entropy, probs_from_logits, sample
 from .verify import VerifyMode, verify
@@ -134,6 +134,21 @@ class EagleDrafter:
         assert self.head is not None, "specdec_pp needs an acceptance head"
         return float(self.head.accept_prob(hidden.float()))
 
+    @torch.inference_mode()
+    def proposal_accept_prob(self, step: DraftStep, y: int, q: torch.Tensor, first: bool) -> float:
+        """A ``proposer`` head's P_acc of candidate ``y`` drawn from ``step`` with distribution ``q``
+        (the full vocabulary; q is zero outside the draft's, so its statistics are taken there)."""
+        ids = self.draft.vocab_ids.to(q.device)
+        return _proposal_accept_prob(self.head, step, self.draft.embed[y], q[ids], q[y], first)
+
+
+def _proposal_accept_prob(head: AcceptHead | None, step: DraftStep, embed_row: torch.Tensor, q: torch.Tensor,
+                          q_y: torch.Tensor, first: bool) -> float:
+    assert head is not None, "specdec_pp needs an acceptance head"
+    dev = head.out.weight.device  # q is on the CPU when sampling (draws use the CPU generator), h on the model's device
+    stats = proposal_stats(q, q_y, float(first)).to(dev)
+    return float(head.accept_prob(AcceptHead.proposer_input(step.hidden.to(dev), embed_row.to(dev), stats)))
+
 
 class LMDrafter:
     """A separate causal LM with the target's vocabulary as the draft (here: an int8
@@ -189,7 +204,11 @@ class LMDrafter:
     @torch.inference_mode()
     def accept_prob(self, hidden: torch.Tensor) -> float:
         assert self.head is not None, "specdec_pp needs an acceptance head"
-        return float(self.head.accept_prob(hidden))
+        return float(self.head.accept_prob(hidden.float()))
+
+    @torch.inference_mode()
+    def proposal_accept_prob(self, step: DraftStep, y: int, q: torch.Tensor, first: bool) -> float:
+        return _proposal_accept_prob(self.head, step, self.model.get_input_embeddings().weight[y], q, q[y], first)
 
 
 class NgramDrafter:
@@ -245,6 +264,8 @@ class NgramDrafter:
 
     def accept_prob(self, hidden: torch.Tensor) -> float:
         raise ValueError("the n-gram drafter has no acceptance head")
+
+    proposal_accept_prob = accept_prob
 
 
 @dataclass
@@ -405,6 +426,8 @@ def speculative_rounds(
     passes0, dpasses0 = target.forward_passes, drafter.forward_calls
     if max_new_tokens <= 0:
         return [], stats
+    # a "candidate" head (the authors') reads the step after a candidate; a "proposer" head does not
+    lookahead = policy.needs_head and getattr(getattr(drafter, "head", None), "reads", "candidate") == "candidate"
 
     logits, hidden = target.prefill(prompt_ids)
     first, _ = _draw(logits[-1], sampling, g)
@@ -418,7 +441,7 @@ def speculative_rounds(
         qs: list[torch.Tensor] = []
         state = DraftState()
         step = drafter.start_round() if max_k > 0 else None
-        if policy.needs_head and step is not None:
+        if lookahead and step is not None:
             state.accept_probs.append(1.0)  # the head's first input is the committed token: counts as accepted
         while step is not None:
             y, q = _draw(step.logits, sampling, g)
@@ -426,21 +449,25 @@ def speculative_rounds(
             if q is not None:
                 qs.append(q)
             state.k = len(cands)
-            if policy.name in ("cumprob", "confidence", "entropy"):
+            if len(cands) >= max_k or _is_stop(y, stops):
+                break  # the round ends here whatever a rule would say
+            if policy.name in ("cumprob", "confidence", "entropy") or (policy.needs_head and not lookahead):
                 soft = torch.softmax(step.logits.float(), -1)  # the draft's own distribution (q is one-hot when greedy)
                 state.token_probs.append(float(q[y]) if q is not None else float(soft[y]))
                 state.max_probs.append(float(soft.max()))
                 if policy.name == "entropy":
                     state.entropies.append(entropy(soft))
-            if len(cands) >= max_k or _is_stop(y, stops):
-                break
-            if not policy.needs_head and len(cands) >= policy.min_k and policy.should_stop(state):
+                if policy.needs_head:  # a proposer head: judged from what drew y, no extra draft step
+                    state.accept_probs.append(drafter.proposal_accept_prob(step, y, q if q is not None else soft,
+                                                                           len(cands) == 1))
+                    stats.head_calls += 1
+            if not lookahead and len(cands) >= policy.min_k and policy.should_stop(state):
                 break
             step = drafter.step(y)
-            if policy.needs_head and step is not None:
-                # SpecDec++: the head judges y from the hidden state of the step whose input is y,
-                # so the rule sees P_acc(y_1..y_k) before drafting y_{k+1}; when it stops, that
-                # one draft forward was spent only on the head (as in the authors' loop).
+            if lookahead and step is not None:
+                # SpecDec++ as the authors run it: the head judges y from the hidden state of the step
+                # whose input is y, so the rule sees P_acc(y_1..y_k) before drafting y_{k+1}; when it
+                # stops, that one draft forward was spent only on the head.
                 state.accept_probs.append(drafter.accept_prob(step.hidden))
                 stats.head_calls += 1
                 if len(cands) >= policy.min_k and policy.should_stop(state):

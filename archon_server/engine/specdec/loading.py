@@ -46,8 +46,15 @@ def load_draft(runner, folder: Path | str | None = None) -> EagleDraft:
     return draft.quantize_int8() if getattr(runner, "int8", None) else draft
 
 
+def head_dir(mode: str = "greedy", reads: str = "candidate") -> Path:
+    """The shipped head for a verify mode (``greedy`` / ``sampled``) and :attr:`AcceptHead.reads`."""
+    return ARTIFACTS / (f"head_{mode}" if reads == "candidate" else f"head_{mode}_{reads}")
+
+
 def load_head(folder: Path | str | None = None, device: torch.device | str = "cpu") -> tuple[AcceptHead, dict]:
-    folder = Path(folder) if folder else ARTIFACTS / "head_greedy"
+    """A head (ours or the authors' format) in float32 on ``device`` (the draft's: it reads the
+    draft's hidden states)."""
+    folder = Path(folder) if folder else head_dir()
     head, meta = AcceptHead.load(folder)
     return head.to(device), meta
 

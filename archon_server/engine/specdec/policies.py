@@ -13,9 +13,11 @@ enforced by the drafter, so a policy only says whether *it* would stop.  Rules:
 - ``cumprob``    SpecDec++'s rule with the draft's own probabilities instead of a head:
                  stop when ``1 - prod_j q(y_j) > h`` (the head-free ablation).
 - ``specdec_pp`` SpecDec++: stop when ``1 - prod_j P_acc(y_j) > h`` with ``P_acc`` from
-                 the trained acceptance head.  The head reads the draft's hidden state at
-                 the position whose *input* is the candidate, so it needs one more draft
-                 forward per candidate; :attr:`StopPolicy.needs_head` tells the drafter.
+                 the trained acceptance head.  The authors' head reads the draft's hidden
+                 state at the position whose *input* is the candidate, so it needs one more
+                 draft forward per round; a ``proposer`` head (``AcceptHead.reads``) reads the
+                 state that proposed it and needs none.  :attr:`StopPolicy.needs_head` tells
+                 the drafter.
 """
 
 from __future__ import annotations
@@ -142,8 +144,9 @@ class CumProb(StopPolicy):
 
 
 class SpecDecPP(StopPolicy):
-    """Head-based stop rule.  ``accept_probs[0]`` (the first candidate) is 1 by convention,
-    mirroring the authors' code where the head runs one step behind."""
+    """Head-based stop rule.  With the authors' head ``accept_probs[0]`` is 1 by convention
+    (it runs one step behind, so the committed token comes first); with a ``proposer`` head
+    ``accept_probs[j]`` judges candidate ``j + 1``."""
 
     name = "specdec_pp"
     needs_head = True

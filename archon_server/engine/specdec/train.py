@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .draft import AcceptHead, DraftConfig, EagleDraft, soft_bce
+from .draft import AcceptHead, DraftConfig, EagleDraft, proposal_stats, soft_bce
 from .loading import (ARTIFACTS, DEFAULT_TARGET, chat_ids, load_runner, load_tokenizer, set_threads, stop_ids,
                       target_state_dict)
 
@@ -392,11 +392,41 @@ def train_draft(work: Path = DEFAULT_WORK, out: Path | None = None, epochs: int 
 
 
 # ---------------------------------------------------------------------- 3./4. head
+def _proposals(draft: EagleDraft, dl: torch.Tensor, f: torch.Tensor, argmax: torch.Tensor, lse: torch.Tensor,
+               js: torch.Tensor, mode: str, temperature: float, g: torch.Generator):
+    """The draft's proposals for tokens ``js`` from its restricted logits ``dl`` [n, Vd] (greedy:
+    argmax; sampled: a draw at ``temperature``) -> (indices into the draft vocabulary, drafting distribution
+    q [n, Vd], acceptance labels: 1[y = target argmax] or min(1, p(y)/q(y)))."""
+    E = draft.embed
+    if mode == "greedy":
+        q = torch.softmax(dl.float(), -1)
+        y_local = dl.argmax(-1)
+        lab = (draft.vocab_ids[y_local] == argmax[js - 1]).float()  # argmax of p(.|x_<j) lives at j-1
+        return y_local, q, lab
+    q = torch.softmax(dl.float() / temperature, -1)
+    y_local = torch.multinomial(q.cpu(), 1, generator=g)[:, 0].to(q.device)
+    y = draft.vocab_ids[y_local]
+    q_y = q.gather(1, y_local[:, None])[:, 0]
+    logit_p = (f[js - 1] * E[y]).sum(-1)
+    if temperature != 1.0:
+        lse_t = torch.logsumexp(f[js - 1] @ E.T / temperature, -1)
+        p_y = torch.exp(logit_p / temperature - lse_t)
+    else:
+        p_y = torch.exp(logit_p - lse[js - 1])
+    return y_local, q, torch.clamp(p_y / q_y, max=1.0)
+
+
 @torch.no_grad()
 def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature: float = 1.0,
-                    target_frac: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """-> (draft hidden states [N, H], labels [N], loss mask [N], the draft's own probability of
-    each proposal [N] - what the head-free ``cumprob`` rule uses) over answer positions."""
+                    target_frac: float = 0.15, seed: int = 0, reads: str = "candidate") -> tuple[torch.Tensor, ...]:
+    """-> (head inputs [N, D], labels [N], loss mask [N], the draft's own probability of each
+    proposal [N] - what the head-free ``cumprob`` rule uses) over answer positions.
+
+    ``reads="candidate"`` (the authors' recipe): the input is the draft's hidden state at the
+    pair whose input token is the proposal; 15% of positions feed the target's token instead
+    (no loss there).  ``reads="proposer"``: the proposing state with the proposal's embedding
+    and :func:`proposal_stats`, for first candidates (true target features) and second ones
+    (the draft reads its own predicted feature, as candidates 2.. do when serving)."""
     g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same data whatever the device
     hs, labels, masks, confs = [], [], [], []
     E = draft.embed
@@ -411,28 +441,22 @@ def build_head_data(draft: EagleDraft, seqs: list[dict], mode: str, temperature:
         # q for token j comes from pair j-2 (input x_{j-1}); teacher-forced on X
         h1 = draft(f[None, :-1], toks[None, 1:])[0]  # [L-1, H]; row i predicts token i+2
         js = torch.arange(max(P, 2), L, device=dev)
-        dl = draft.logits(h1[js - 2])  # [n, Vd]
-        if mode == "greedy":
-            y_local = dl.argmax(-1)
-            y = draft.vocab_ids[y_local]
-            lab = (y == argmax[js - 1]).float()  # argmax of p(.|x_<j) lives at j-1
-            confs.append(torch.softmax(dl.float(), -1).max(-1).values.cpu())
-        else:
-            q = torch.softmax(dl / temperature, -1)
-            y_local = torch.multinomial(q.cpu(), 1, generator=g)[:, 0].to(dev)
-            y = draft.vocab_ids[y_local]
-            q_y = q.gather(1, y_local[:, None])[:, 0]
-            confs.append(q_y.cpu())
-            logit_p = (f[js - 1] * E[y]).sum(-1)
-            if temperature != 1.0:
-                lse_t = torch.logsumexp(f[js - 1] @ E.T / temperature, -1)
-                p_y = torch.exp(logit_p / temperature - lse_t)
-            else:
-                p_y = torch.exp(logit_p - lse[js - 1])
-            lab = torch.clamp(p_y / q_y, max=1.0)
+        if reads == "proposer":
+            h_second = draft(_unrolled_inputs(f[None, :-1], h1[None]), toks[None, 1:])[0]
+            for first, h in ((1.0, h1), (0.0, h_second)):
+                y_local, q, lab = _proposals(draft, draft.logits(h[js - 2]), f, argmax, lse, js, mode, temperature, g)
+                y = draft.vocab_ids[y_local]
+                q_y = q.gather(1, y_local[:, None])[:, 0]
+                hs.append(AcceptHead.proposer_input(h[js - 2], E[y], proposal_stats(q, q_y, first)).cpu())
+                labels.append(lab.cpu())
+                masks.append(torch.ones(len(js)))
+                confs.append(q_y.cpu())
+            continue
+        y_local, q, lab = _proposals(draft, draft.logits(h1[js - 2]), f, argmax, lse, js, mode, temperature, g)
+        confs.append(q.gather(1, y_local[:, None])[:, 0].cpu())
         use_target = (torch.rand(len(js), generator=g) < target_frac).to(dev)
         z = toks.clone()
-        z[js] = torch.where(use_target, toks[js], y)
+        z[js] = torch.where(use_target, toks[js], draft.vocab_ids[y_local])
         # head input: hidden at the pair whose input token is z_j, i.e. pair j-1 = (f_{j-1}, z_j)
         h2 = draft(f[None, :-1], z[None, 1:])[0]
         hs.append(h2[js - 1].cpu())
@@ -475,8 +499,9 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
                mode: str = "greedy", temperature: float = 0.0, blocks: int = 3, tied: bool = False,
                epochs: int = 8, lr: float = 1e-3, seed: int = 0, heldout_only: bool = False,
                device: str = "cpu", batch: int = 256, max_train_seqs: int | None = None,
-               select: str = "brier") -> Path:
-    """``select``: the held-out metric that picks the kept epoch - ``brier`` (default; a proper
+               select: str = "brier", reads: str = "candidate") -> Path:
+    """``reads``: which draft state the head judges a candidate from (:class:`AcceptHead`).
+    ``select``: the held-out metric that picks the kept epoch - ``brier`` (default; a proper
     score of the probabilities the stop rule multiplies), ``auc`` (ranking only) or ``loss``
     (the class-weighted training loss, which favours timid early epochs: measured on the
     self-distilled data it kept epoch 0 at AUC 0.80 while epoch 7 had AUC 0.85 and a lower Brier)."""
@@ -502,12 +527,12 @@ def train_head(work: Path = DEFAULT_WORK, draft_dir: Path | None = None, out: Pa
     if max_train_seqs is not None and len(tr_seqs) > max_train_seqs:
         stride = math.ceil(len(tr_seqs) / max_train_seqs)  # an even spread over prompts and sources
         tr_seqs = tr_seqs[::stride]
-    hv, yv, mv, cv = build_head_data(draft, va_seqs, mode, temp, seed=seed + 1)
-    ht, yt, mt, _ = build_head_data(draft, tr_seqs, mode, temp, seed=seed)
+    hv, yv, mv, cv = build_head_data(draft, va_seqs, mode, temp, seed=seed + 1, reads=reads)
+    ht, yt, mt, _ = build_head_data(draft, tr_seqs, mode, temp, seed=seed, reads=reads)
     conf_auc = auc(cv[mv > 0], yv[mv > 0])
     log(f"head data: train {int(mt.sum())} val {int(mv.sum())} positions, mean label {float(yt[mt > 0].mean()):.3f}; "
         f"val AUC of the draft's own probability (the head-free rule's signal): {conf_auc:.3f}")
-    head = AcceptHead(hv.shape[1], blocks, tied).to(device)
+    head = AcceptHead(draft.cfg.hidden, blocks, tied, reads).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     bs = batch
