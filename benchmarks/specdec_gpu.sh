@@ -26,7 +26,7 @@ python3 -m archon_server.engine.cli models pull smollm2-135m-instruct ${GGUF:+--
 
 # On a GPU a verification pass costs about the same for 1 or 20 tokens, so longer fixed K and
 # the unbounded adaptive rules are the interesting part of the sweep (K 1..3 caps are CPU-specific).
-CONFIGS=fixed:1,fixed:2,fixed:3,fixed:4,fixed:6,fixed:8,heuristic:5,confidence:0.4,cumprob:0.3,cumprob:0.5,cumprob:0.7,specdec_pp:0.3,specdec_pp:0.5,specdec_pp:0.7,specdec_pp:0.9
+CONFIGS=fixed:1,fixed:2,fixed:3,fixed:4,fixed:6,fixed:8,heuristic:5,confidence:0.4,cumprob:0.3,cumprob:0.5,cumprob:0.7,specdec_pp:0.3,specdec_pp:0.5,specdec_pp:0.7,specdec_pp:0.9,specdec_pp/proposer:0.3,specdec_pp/proposer:0.5,specdec_pp/proposer:0.7
 timeout 300 python3 benchmarks/specdec.py --device cuda --n-alpaca 12 --n-ood 3 --max-new 96 --out "$OUT" \
   --configs "$CONFIGS"
 timeout 120 python3 benchmarks/specdec.py --device cuda --n-alpaca 12 --n-ood 3 --max-new 96 --out "$OUT" \

@@ -11,7 +11,8 @@ of them; the draft trains 4 epochs from the target's last layer.  2 (self-distil
 target's own greedy answers (192 tokens) to the AlpacaEval train instructions, the arena-hard
 prompts and the MT-Bench first turns (1801 prompts, ~0.49M tokens, ~19 min to generate and
 teacher-force here); the stage-1 draft trains 4 more epochs on them at lr 3e-4, and the heads
-(the authors' form and the proposer form, greedy and sampled; ~8 minutes each) train on them.  Held-out top-1 agreement on the target's own text: 0.344 -> 0.396.
+(the authors' form and the proposer form, greedy and sampled; ~8 minutes each) train on them.
+Held-out top-1 agreement on the target's own text: 0.344 -> 0.396.
 GPU recipe: the same corpus plus the target's own answers (one greedy, ``--samples``
 sampled at T=0.7) to every AlpacaEval train instruction, the arena-hard prompts and the
 MT-Bench first turns - generation, which is what makes self-distillation expensive on a

@@ -172,6 +172,8 @@ class _ScriptedTarget:
 class _ScriptedDrafter:
     """Proposes the right token; its 'hidden state' carries the head's acceptance probability."""
 
+    head = None  # no AcceptHead: the loop treats it as the authors' kind unless a test sets one
+
     def __init__(self, probs: list[float]):
         self.probs, self.forward_calls, self.seen = probs, 0, []
 

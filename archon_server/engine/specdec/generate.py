@@ -265,7 +265,8 @@ class NgramDrafter:
     def accept_prob(self, hidden: torch.Tensor) -> float:
         raise ValueError("the n-gram drafter has no acceptance head")
 
-    proposal_accept_prob = accept_prob
+    def proposal_accept_prob(self, step: DraftStep, y: int, q: torch.Tensor, first: bool) -> float:
+        return self.accept_prob(step.hidden)
 
 
 @dataclass
@@ -331,7 +332,7 @@ def _generator(seed: int | None) -> torch.Generator:
 
 def _draw(logits: torch.Tensor, sampling: SamplingConfig, g: torch.Generator) -> tuple[int, torch.Tensor | None]:
     """Next token and the distribution it was drawn from (None for greedy: an argmax, no
-    one-hot vector and no multinomial draw, which cost ~0.1-0.2 ms per token on a CPU).
+    one-hot vector and no softmax over the vocabulary).
     Sampling happens on the CPU with the CPU generator ``g`` whatever the model's device,
     so a seed gives the same draws on a GPU as here."""
     if sampling.greedy:
@@ -427,7 +428,7 @@ def speculative_rounds(
     if max_new_tokens <= 0:
         return [], stats
     # a "candidate" head (the authors') reads the step after a candidate; a "proposer" head does not
-    lookahead = policy.needs_head and getattr(getattr(drafter, "head", None), "reads", "candidate") == "candidate"
+    lookahead = policy.needs_head and getattr(drafter.head, "reads", "candidate") == "candidate"
 
     logits, hidden = target.prefill(prompt_ids)
     first, _ = _draw(logits[-1], sampling, g)
