@@ -18,6 +18,7 @@ from ...components import FinalOverrides
 from ...graph.catalog import passthrough
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
+from ..edge import remaining_s
 from ..errors import APIError, error_body
 from ..metrics import Metrics
 from .protocol import (
@@ -126,6 +127,14 @@ class ChatService:
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
         )
 
+    def _deadline(self, raw: Request | None) -> float:
+        """What is left of the request's deadline, which started at the edge: reading and parsing the body and
+        building the prompt count too, so a big body cannot stretch the answer past ``request_timeout_s``."""
+        left = self.request_timeout_s if raw is None else remaining_s(raw.scope, self.request_timeout_s)
+        if left <= 0:
+            raise APIError(504, f"deadline of {self.request_timeout_s:g}s exceeded before the request could start", code="timeout")
+        return left
+
     def _admit(self) -> None:
         """Take an in-flight slot or refuse at once (429); every admitted request calls :meth:`_release` once."""
         if self.inflight >= self.max_inflight:
@@ -156,11 +165,13 @@ class ChatService:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
         spec = self.resolve(req)
         final = self.final_overrides(req)
+        messages = [m.to_dict() for m in req.messages]
+        deadline_s = self._deadline(raw)
         self._admit()
         t0 = time.perf_counter()
         status, res = 500, None
         try:
-            task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, deadline_s=self.request_timeout_s))
+            task = asyncio.ensure_future(self.runtime.run(spec, messages, final=final, deadline_s=deadline_s))
             # Starlette does not cancel a non-streaming handler when the client goes away: wait for the disconnect
             # itself rather than polling for it (4 polls a second per request cost real CPU at 1000 in flight).
             gone = asyncio.ensure_future(_disconnected(raw))
@@ -198,14 +209,17 @@ class ChatService:
         )
 
     # -- streaming ----------------------------------------------------------------
-    async def create_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def create_stream(self, req: ChatCompletionRequest, raw: Request | None = None) -> AsyncIterator[str]:
         """Validate and admit first (errors become normal HTTP errors), then return the SSE generator."""
         spec = self.resolve(req)
         final = self.final_overrides(req)
+        messages = [m.to_dict() for m in req.messages]
+        deadline_s = self._deadline(raw)
         self._admit()
-        return self._stream(req, spec, final)
+        return self._stream(req, spec, final, messages, deadline_s)
 
-    async def _stream(self, req: ChatCompletionRequest, spec: ArchitectureSpec, final: FinalOverrides) -> AsyncIterator[str]:
+    async def _stream(self, req: ChatCompletionRequest, spec: ArchitectureSpec, final: FinalOverrides,
+                      messages: list[dict[str, Any]], deadline_s: float) -> AsyncIterator[str]:
         cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.perf_counter()
         queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
 
@@ -216,7 +230,7 @@ class ChatService:
             c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
-        task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, sink=sink, deadline_s=self.request_timeout_s))
+        task = asyncio.ensure_future(self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=deadline_s))
         task.add_done_callback(lambda _t: queue.put_nowait(None))
         status, res = 500, None
         finished: set[int] = set()
