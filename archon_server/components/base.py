@@ -102,16 +102,17 @@ class ComponentContext:
         stream: bool = False,
     ) -> ChatResult:
         """One logical call for ``n`` samples: one ``n=k`` request when the backend allows, else k concurrent ones."""
+        started = self.layer.call_started(component, ctype, alias, n, purpose)
+        t0 = started[1]
         try:
             backend = self.registry.get(alias)
             model = self.registry.model_name(alias)
         except UnknownModel:
             err = f"unknown model alias {alias!r}"
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, 0.0, error=err, purpose=purpose))
+            self.layer.record(CallRecord(component, ctype, alias, n, False, 0.0, error=err, purpose=purpose), started)
             self.layer.failures.append(f"{component}: {err}")
             raise BackendError(err, status=400) from None
         limit = self.registry.limit(alias)
-        t0 = time.perf_counter()
         try:
             if stream and self.sink is not None:
                 res = await self._streamed(backend, ChatRequest(model, messages, replace(params, n=n)), limit)
@@ -126,15 +127,15 @@ class ComponentContext:
                 parts = await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs))
                 res = _merge_results(parts)
         except asyncio.CancelledError:
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error="cancelled", purpose=purpose))
+            self.layer.record(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error="cancelled", purpose=purpose), started)
             raise
         except BackendError as e:
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=str(e)[:300], purpose=purpose))
+            self.layer.record(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=str(e)[:300], purpose=purpose), started)
             self.layer.failures.append(f"{component}: {str(e)[:200]}")
             raise
         except Exception as e:  # a backend bug must not become a 500: record it as a failed call
             msg = f"{type(e).__name__}: {e}"[:300]
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=msg, purpose=purpose))
+            self.layer.record(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=msg, purpose=purpose), started)
             self.layer.failures.append(f"{component}: {msg}")
             raise BackendError(msg, status=502) from e
         lat = time.perf_counter() - t0
@@ -143,10 +144,11 @@ class ComponentContext:
         for k, v in res.metrics.items():
             if isinstance(v, (int, float)):
                 self.metrics[k] = self.metrics.get(k, 0) + v if k.startswith("num_") else v
-        self.layer.calls.append(
+        self.layer.record(
             CallRecord(
                 component, ctype, alias, n, True, lat, res.usage.prompt_tokens, res.usage.completion_tokens, res.requests, purpose=purpose
-            )
+            ),
+            started,
         )
         return res
 
