@@ -24,14 +24,7 @@ from .architectures.api_router import router as architectures_router
 from .auth import check_key, load_keys
 from .chat.api_router import router as chat_router
 from .chat.serving import ChatService
-from .errors import (
-    APIError,
-    api_error_handler,
-    error_body,
-    http_error_handler,
-    unhandled_handler,
-    validation_handler,
-)
+from .errors import APIError, api_error_handler, error_body, http_error_handler, unhandled_handler, validation_handler
 from .memory import trim_when_idle
 from .metrics import Metrics
 from .models.api_router import router as models_router
