@@ -22,6 +22,7 @@ class CallRecord:
     requests: int = 1
     error: str | None = None
     purpose: str = ""  # e.g. "candidate 3", "retry: parse failure"
+    status: str = "ok"  # ok | error | timeout | cancelled: set from the exception's type (components.base.failure_status)
 
 
 @dataclass
