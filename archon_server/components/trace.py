@@ -34,6 +34,7 @@ class CallRecord:
     requests: int = 1
     error: str | None = None
     purpose: str = ""  # e.g. "candidate 3", "retry: parse failure"
+    status: str = "ok"  # ok | error | timeout | cancelled: set from the exception's type (components.base.failure_status)
     id: int = 0  # call number within the request (matches call_started / call_ended events)
     start_s: float = 0.0  # when the call began, seconds after the request started (the waterfall's x)
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.base import BackendTimeout, SamplingParams, Usage
+from ..backends.base import SamplingParams, Usage
 from ..backends.registry import BackendRegistry
 from ..components import COMPONENTS, ComponentContext, FinalOverrides
 from ..components.base import StreamSink
@@ -162,13 +162,13 @@ class GraphRuntime:
             stream_here = sink is not None and is_final and len(comps) == 1 and comps[0].streamable
             ctxs = [
                 ComponentContext(
-                    self.registry, lt, usage, spec.defaults,
+                    self.registry, lt, usage, spec.defaults, comp.id, comp.type,
                     final=final if is_final else None,
                     sink=sink if stream_here else None,
                     metrics=trace.metrics,
                     seed_base=None if final.seed is None else (final.seed + 7919 * li + 131 * j) % 2**31,
                 )
-                for j, _ in enumerate(comps)
+                for j, comp in enumerate(comps)
             ]
             t0 = time.perf_counter()
             results = await asyncio.gather(*(c.run(x, state) for c, x in zip(comps, ctxs)), return_exceptions=True)
@@ -201,10 +201,9 @@ class GraphRuntime:
 
     @staticmethod
     def _status(lt: LayerTrace) -> int:
-        errs = [c.error or "" for c in lt.calls if not c.ok]
-        if errs and all("timed out" in e or "timeout" in e.lower() for e in errs):
-            return 504
-        return 502
+        """504 when every failed call timed out (classified by exception type when it was recorded), else 502."""
+        failed = [c.status for c in lt.calls if not c.ok]
+        return 504 if failed and all(s == "timeout" for s in failed) else 502
 
     @staticmethod
     def _merge(state: State, updates: list[Update]) -> None:
@@ -226,4 +225,4 @@ class GraphRuntime:
             state.critiques = critiques
 
 
-__all__ = ["GraphError", "GraphRuntime", "RunResult", "BackendTimeout"]
+__all__ = ["GraphError", "GraphRuntime", "RunResult"]
