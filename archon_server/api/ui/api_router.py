@@ -25,4 +25,4 @@ def mount_ui(app: FastAPI) -> None:
     async def ui_root() -> RedirectResponse:
         return RedirectResponse(PREFIX + "/")
 
-    app.mount(PREFIX + "/", StaticFiles(directory=STATIC, html=True), name="ui")
+    app.mount(PREFIX + "/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="ui")
