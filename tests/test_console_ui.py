@@ -161,6 +161,7 @@ def test_playground_streams_self_moa_on_the_embedded_model_with_a_key(browser, e
     wait_for(lambda: by(drv, "#pg-status").text.startswith(("done", "failed")), 300, "the end of the request")
     assert by(drv, "#pg-status").text.startswith("done"), by(drv, "#banner").text
     assert all("ok" in c.get_attribute("class") for c in all_by(drv, "#pg-graph .g-call"))
+    assert [m.text.split(" · ")[0] for m in all_by(drv, "#pg-graph .g-layer .meta")] == ["0 in → 6 out", "6 in → 1 out"]
     answer = by(drv, "#pg-answer").text
     # the server kept the trace; the waterfall shows the calls it reports
     listed = httpx.get(embedded_server + "/v1/traces", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]

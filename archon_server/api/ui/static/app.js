@@ -349,8 +349,9 @@ function drawWaterfall(box, tr) {
   const x = (t) => labelW + (t / total) * (W - labelW - 60);
   const rows = calls.length + tr.layers.length;
   const s = svg("svg", { width: W, height: top + rows * rowH + 8, role: "img", "aria-label": `waterfall of ${calls.length} calls` });
-  for (let i = 0; i <= 5; i++) {  // time axis
-    const t = (total * i) / 5;
+  const raw = total / 5, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((v) => v >= raw);
+  for (let t = 0; t <= total + 1e-9; t += step) {  // time axis at round steps
     s.append(svg("line", { x1: x(t), x2: x(t), y1: 14, y2: top + rows * rowH, stroke: "#e4e6ee" }));
     const lab = svg("text", { x: x(t), y: 11, "text-anchor": "middle" }); lab.textContent = fmtS(t); s.append(lab);
   }
