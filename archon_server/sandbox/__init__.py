@@ -43,7 +43,7 @@ async def score_program(text: str, tests: list[str], timeout_s: float = 10.0) ->
     return run.fraction
 
 
-from .harness import GradedRun, run_graded  # noqa: E402 - after the helpers it does not need
+from .harness import GradedRun, run_graded
 
 __all__ = [
     "GradedRun", "run_graded", "SandboxLimits", "SandboxResult", "arun_python", "extract_code", "isolation_mode", "run_many", "run_python", "run_tests", "score_program",
