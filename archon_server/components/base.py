@@ -95,14 +95,16 @@ class ComponentContext:
         )
 
     def _record(self, alias: str, n: int, t0: float, *, status: str = "ok", error: str | None = None,
-                result: ChatResult | None = None, purpose: str = "", ctype: str | None = None) -> None:
-        """The one place a call enters the trace; a failure (not a cancellation) also enters the layer's failures."""
+                result: ChatResult | None = None, purpose: str = "", ctype: str | None = None,
+                started: tuple[int, float] | None = None) -> None:
+        """The one place a call enters the trace; a failure (not a cancellation) also enters the layer's failures.
+        ``started``: what :meth:`LayerTrace.call_started` returned (the call's number and start, for live views)."""
         u = result.usage if result is not None else Usage()
-        self.layer.calls.append(CallRecord(
+        self.layer.record(CallRecord(
             self.component, ctype or self.ctype, alias, n, status == "ok", time.perf_counter() - t0 if t0 else 0.0,
             u.prompt_tokens, u.completion_tokens, result.requests if result is not None else 1,
             error=error, purpose=purpose, status=status,
-        ))
+        ), started)
         if error is not None and status != "cancelled":
             self.layer.failures.append(f"{self.component}: {error[:200]}")
 
@@ -121,12 +123,13 @@ class ComponentContext:
 
         ``stream``: send the tokens to the client's sink as they come (only when this context has one).
         ``ctype``: record the call under another component type (self_moa_seq's proposals are generator calls)."""
+        started = self.layer.call_started(self.component, ctype or self.ctype, alias, n, purpose)
         try:
             backend = self.registry.get(alias)
             model = self.registry.model_name(alias)
         except UnknownModel:
             err = f"unknown model alias {alias!r}"
-            self._record(alias, n, 0.0, status="error", error=err, purpose=purpose, ctype=ctype)
+            self._record(alias, n, 0.0, status="error", error=err, purpose=purpose, ctype=ctype, started=started)
             raise BackendError(err, status=400) from None
         limit = self.registry.limit(alias)
         if n == 1 or backend.supports_n:
@@ -146,21 +149,21 @@ class ComponentContext:
             else:
                 res = _merge_results(await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs)))
         except asyncio.CancelledError:
-            self._record(alias, n, t0, status="cancelled", error="cancelled", purpose=purpose, ctype=ctype)
+            self._record(alias, n, t0, status="cancelled", error="cancelled", purpose=purpose, ctype=ctype, started=started)
             raise
         except BackendError as e:
-            self._record(alias, n, t0, status=failure_status(e), error=str(e)[:300], purpose=purpose, ctype=ctype)
+            self._record(alias, n, t0, status=failure_status(e), error=str(e)[:300], purpose=purpose, ctype=ctype, started=started)
             raise
         except Exception as e:  # a backend bug must not become a 500: record it as a failed call
             msg = f"{type(e).__name__}: {e}"[:300]
-            self._record(alias, n, t0, status="error", error=msg, purpose=purpose, ctype=ctype)
+            self._record(alias, n, t0, status="error", error=msg, purpose=purpose, ctype=ctype, started=started)
             raise BackendError(msg, status=502) from e
         self.usage.add(res.usage)
         self.ok_calls += 1
         for k, v in res.metrics.items():
             if isinstance(v, (int, float)):
                 self.metrics[k] = self.metrics.get(k, 0) + v if k.startswith("num_") else v
-        self._record(alias, n, t0, result=res, purpose=purpose, ctype=ctype)
+        self._record(alias, n, t0, result=res, purpose=purpose, ctype=ctype, started=started)
         return res
 
     async def _streamed(self, backend: Any, reqs: list[ChatRequest], limit: asyncio.Semaphore | None) -> ChatResult:
