@@ -15,7 +15,7 @@ from fastapi import Request
 from ...backends.base import StreamChunk, TokenLogprob, Usage
 from ...backends.registry import BackendRegistry
 from ...components import FinalOverrides
-from ...graph.catalog import passthrough
+from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..errors import APIError, error_body
@@ -76,7 +76,7 @@ async def _disconnected(raw: Request) -> None:
 
 
 class ChatService:
-    def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
+    def __init__(self, registry: BackendRegistry, catalog: Catalog, *, max_n: int, max_inflight: int,
                  request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None):
         self.registry = registry
         self.catalog = catalog
@@ -92,11 +92,8 @@ class ChatService:
 
     # -- resolution -------------------------------------------------------------
     def resolve(self, req: ChatCompletionRequest) -> ArchitectureSpec:
-        if req.model in self.catalog:
-            spec = self.catalog[req.model]
-        elif req.model in self.registry:
-            spec = passthrough(req.model)
-        else:
+        spec = self.catalog.lookup(req.model)
+        if spec is None:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
         if req.architecture:
             if _has_key(req.architecture, "pattern"):
