@@ -20,6 +20,7 @@ from ..backends.registry import BackendRegistry, build_registry
 from ..config import ServerConfig
 from ..graph.catalog import load_catalog
 from ..spec import ArchitectureSpec
+from .architectures.api_router import router as architectures_router
 from .auth import check_key, load_keys
 from .chat.api_router import router as chat_router
 from .chat.serving import ChatService
@@ -32,6 +33,9 @@ from .metrics import Metrics
 from .models.api_router import router as models_router
 from .responses.api_router import router as responses_router
 from .responses.serving import ResponsesService
+from .traces.api_router import router as traces_router
+from .traces.store import TraceStore
+from .ui.api_router import is_public, mount_ui
 
 log = logging.getLogger("archon.api")
 
@@ -59,7 +63,8 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.keys and scope.get("path") not in PUBLIC_PATHS and not check_key(headers.get("authorization"), self.keys):
+        path = scope.get("path", "")
+        if self.keys and path not in PUBLIC_PATHS and not is_public(path) and not check_key(headers.get("authorization"), self.keys):
             await _send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
             return
         if self.busy is not None and scope.get("method") == "POST" and scope.get("path") in GENERATION_PATHS and self.busy():
@@ -129,9 +134,11 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
     app.state.chat = ChatService(
         registry, catalog, max_n=s.max_n, max_inflight=s.max_concurrent_requests,
         request_timeout_s=s.request_timeout_s, metrics=metrics, max_messages=s.max_messages,
+        traces=TraceStore(s.keep_traces),
     )
     app.state.responses = ResponsesService(app.state.chat)
     app.state.completions = CompletionsService(app.state.chat)
+    app.state.traces = app.state.chat.traces
     app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
@@ -141,6 +148,9 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
     app.include_router(responses_router)
     app.include_router(completions_router)
     app.include_router(embeddings_router)
+    app.include_router(traces_router)
+    app.include_router(architectures_router)
+    mount_ui(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

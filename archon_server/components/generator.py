@@ -29,7 +29,7 @@ class Generator(Component):
         messages = with_system(state.messages, self.spec.system_prompt)
         stream = ctx.sink is not None and len(models) == 1
         results = await gather_tolerant(
-            [ctx.call(self.id, self.type, m, self._json_asked(ctx, m, messages), params, n=k, purpose=f"{k} sample(s)", stream=stream) for m in models]
+            [ctx.call(m, self._json_asked(ctx, m, messages), params, n=k, purpose=f"{k} sample(s)", stream=stream) for m in models]
         )
         cands: list[Candidate] = []
         for model, res in zip(models, results):

@@ -19,12 +19,14 @@ from ...backends.registry import BackendRegistry
 from ...components import FinalOverrides
 from ...components.base import StreamSink
 from ...components.state import Candidate
+from ...components.trace import TraceObserver
 from ...graph.catalog import passthrough
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..errors import APIError, error_body
 from ..metrics import Metrics
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
+from ..traces.store import TraceStore, entry
 from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -81,7 +83,7 @@ async def _disconnected(raw: Request) -> None:
 
 class ChatService:
     def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
-                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512):
+                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None):
         self.registry = registry
         self.catalog = catalog
         self.runtime = GraphRuntime(registry)
@@ -90,6 +92,7 @@ class ChatService:
         self.request_timeout_s = request_timeout_s
         self.max_messages = max_messages
         self.metrics = metrics
+        self.traces = traces or TraceStore(0)
         self.inflight = 0
         self.admitted = 0  # requests admitted since start (the idle heap trim watches it)
 
@@ -173,14 +176,24 @@ class ChatService:
                 for c in layer.calls:
                     self.metrics.backend_calls.labels(c.model, "ok" if c.ok else "error").inc(c.requests)
 
+    def _keep(self, cid: str, model: str, messages: list[dict[str, Any]], stream: bool, status: int, res: RunResult | None,
+              err: GraphError | None) -> None:
+        """Remember a finished request for /v1/traces and the console (server.keep_traces)."""
+        if not self.traces.enabled or (res is None and (err is None or err.trace is None)):
+            return
+        trace = res.trace if res is not None else err.trace  # type: ignore[union-attr]
+        self.traces.add(entry(cid, model, messages, status=status, stream=stream,
+                              trace=trace.to_dict() if trace else None, answers=res.choices if res else None,
+                              error=str(err) if err else None))
+
     # -- the one run path (chat, responses and completions all come through here) ---------------
     async def run_graph(self, spec: ArchitectureSpec, messages: list[dict[str, Any]], final: FinalOverrides,
-                        sink: StreamSink | None = None) -> RunResult:
+                        sink: StreamSink | None = None, observer: TraceObserver | None = None) -> RunResult:
         """Run the architecture; an answer that is not the JSON `response_format` asked for is asked for again, then
         refused (StructuredOutputInvalid). Streamed answers cannot be taken back: they are checked, not retried."""
         fmt = final.extra.get("response_format")
         for attempt in range(STRUCTURED_RETRIES + 1):
-            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=self.request_timeout_s)
+            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=self.request_timeout_s, observer=observer)
             try:
                 conform_all(res.candidates, fmt)
                 return res
@@ -192,11 +205,12 @@ class ChatService:
                     final = replace(final, seed=final.seed + 1)
         raise AssertionError("unreachable")
 
-    async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request) -> RunResult:
-        """Admit, run (cancelled when the client goes away), count; failures become APIErrors."""
+    async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request, keep: Keep | None = None) -> RunResult:
+        """Admit, run (cancelled when the client goes away), count, ``keep(status, result, error)``; failures become
+        APIErrors."""
         self._admit()
         t0 = time.perf_counter()
-        status, res = 500, None
+        status, res, gerr = 500, None, None
         try:
             task = asyncio.ensure_future(run())
             # Starlette does not cancel a non-streaming handler when the client goes away: wait for the disconnect
@@ -215,7 +229,7 @@ class ChatService:
                 res = task.result()
             except (GraphError, StructuredOutputInvalid) as e:
                 err = self._gerr(e)
-                status = err.status
+                status, gerr = err.status, e if isinstance(e, GraphError) else None
                 # Operators need the cause; upstream error text is already stripped of keys (backends/http.py).
                 log.warning("%s failed (%d): %s", name, err.status, e)
                 raise err from None
@@ -224,23 +238,29 @@ class ChatService:
         finally:
             self._release()
             self._observe(name, status, t0, res)
+            if keep is not None:
+                keep(status, res, gerr)
 
-    def open_stream(self, name: str, run: Callable[[StreamSink], Awaitable[RunResult]]) -> AsyncIterator[StreamChunk | RunResult | APIError]:
-        """Admit now (a refusal is a plain HTTP error), then: the final stage's chunks as they come, and last the
-        result, or the APIError it failed with. Closing the iterator early (client gone) cancels the run."""
+    def open_stream(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None = None,
+                    trace_events: bool = False) -> AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]:
+        """Admit now (a refusal is a plain HTTP error), then: the final stage's chunks as they come (with
+        ``trace_events``, the trace's events too, as dicts), and last the result, or the APIError it failed with.
+        Closing the iterator early (client gone) cancels the run."""
         self._admit()
-        return self._events(name, run)
+        return self._events(name, run, keep, trace_events)
 
-    async def _events(self, name: str, run: Callable[[StreamSink], Awaitable[RunResult]]) -> AsyncIterator[StreamChunk | RunResult | APIError]:
+    async def _events(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None,
+                      trace_events: bool) -> AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]:
         t0 = time.perf_counter()
-        queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
+        # Backend tokens, and trace events (dicts) as they happen; None: the graph ended.
+        queue: asyncio.Queue[StreamChunk | dict[str, Any] | None] = asyncio.Queue()
 
         async def sink(ch: StreamChunk) -> None:
             await queue.put(ch)
 
-        task = asyncio.ensure_future(run(sink))
+        task = asyncio.ensure_future(run(sink, queue.put_nowait if trace_events else None))
         task.add_done_callback(lambda _t: queue.put_nowait(None))
-        status, res = 500, None
+        status, res, gerr = 500, None, None
         try:
             while True:
                 item = await queue.get()
@@ -251,7 +271,7 @@ class ChatService:
                 res = task.result()
             except (GraphError, StructuredOutputInvalid) as e:
                 err = self._gerr(e)
-                status = err.status
+                status, gerr = err.status, e if isinstance(e, GraphError) else None
                 log.warning("%s stream failed (%d): %s", name, err.status, e)
                 yield err
                 return
@@ -263,6 +283,8 @@ class ChatService:
                 status = 499
             self._release()
             self._observe(name, status, t0, res)
+            if keep is not None:
+                keep(status, res, gerr)
 
     # -- non-streaming ------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
@@ -270,17 +292,19 @@ class ChatService:
         final = self.final_overrides(req)
         self.check_final(spec, final)
         messages = [m.to_dict() for m in req.messages]
-        res = await self.execute(spec.name, lambda: self.run_graph(spec, messages, final), raw)
-        return self._response(req, spec, res).model_dump(exclude_none=True)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        res = await self.execute(spec.name, lambda: self.run_graph(spec, messages, final), raw,
+                                 keep=lambda status, r, e: self._keep(cid, req.model, messages, False, status, r, e))
+        return self._response(req, spec, res, cid).model_dump(exclude_none=True)
 
-    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult) -> ChatCompletionResponse:
+    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult, cid: str) -> ChatCompletionResponse:
         choices = [
             Choice(index=i, message=ResponseMessage(content=c.text or (None if c.meta.get("tool_calls") else ""), tool_calls=c.meta.get("tool_calls")),
                    finish_reason=finish_reason(c), logprobs=_logprobs_json(c.meta.get("logprobs")) if req.logprobs else None)
             for i, c in enumerate(res.candidates)
         ]
         return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
+            id=cid, created=int(time.time()), model=req.model, choices=choices,
             usage=_usage(res.usage), trace=res.trace.to_dict() if req.return_trace else None,
         )
 
@@ -291,11 +315,15 @@ class ChatService:
         final = self.final_overrides(req)
         self.check_final(spec, final)
         messages = [m.to_dict() for m in req.messages]
-        events = self.open_stream(spec.name, lambda sink: self.run_graph(spec, messages, final, sink))
-        return self._stream(req, final, events)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        events = self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
+                                  keep=lambda status, r, e: self._keep(cid, req.model, messages, True, status, r, e),
+                                  trace_events=req.stream_trace)
+        return self._stream(req, final, cid, events)
 
-    async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, events: AsyncIterator[StreamChunk | RunResult | APIError]) -> AsyncIterator[str]:
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str,
+                      events: AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]) -> AsyncIterator[str]:
+        created = int(time.time())
 
         def chunk(choices: list[StreamChoice], **kw: Any) -> str:
             c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
@@ -309,6 +337,9 @@ class ChatService:
                     yield f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n"
                     yield "data: [DONE]\n\n"
                     return
+                if isinstance(item, dict):  # a trace event: a chunk with no choices, ignored by OpenAI clients
+                    yield chunk([], trace_event=item)
+                    continue
                 if isinstance(item, StreamChunk):
                     if item.text or item.tool_calls:
                         yield chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text or None, tool_calls=item.tool_calls))])
@@ -326,6 +357,10 @@ class ChatService:
                         trace=res.trace.to_dict() if req.return_trace else None,
                     )
                 yield "data: [DONE]\n\n"
+
+
+# What a finished request leaves behind: keep(status, result, graph error) (the trace store, for /v1/traces).
+Keep = Callable[[int, RunResult | None, GraphError | None], None]
 
 
 def final_extra(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> dict[str, Any]:

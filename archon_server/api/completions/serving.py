@@ -151,11 +151,11 @@ class CompletionsService:
         """(name, run(sink)) for this request: the raw path for a backend alias, the graph for an architecture."""
         self._check(req)
         if self._is_backend(req):
-            return req.model, lambda sink: self._raw(req, sink)
+            return req.model, lambda sink, _observer=None: self._raw(req, sink)
         spec, final = self._graph(req)
         traces: list[dict[str, Any]] = []
 
-        async def run(sink: StreamSink | None) -> RunResult:
+        async def run(sink: StreamSink | None, _observer: Any = None) -> RunResult:
             results = await asyncio.gather(*(
                 self.chat.run_graph(spec, [{"role": "user", "content": p}], final, None if sink is None else _shifted(sink, i * req.n))
                 for i, p in enumerate(req.prompt)

@@ -145,7 +145,7 @@ class ResponsesService:
     # -- streaming ----------------------------------------------------------------------
     async def create_stream(self, req: ResponsesRequest) -> AsyncIterator[str]:
         spec, messages, final, conversation = self._prepare(req)
-        events = self.chat.open_stream(spec.name, lambda sink: self.chat.run_graph(spec, messages, final, sink))
+        events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink))
         return self._stream(req, conversation, events)
 
     async def _stream(self, req: ResponsesRequest, conversation: list[dict[str, Any]], events: AsyncIterator[Any]) -> AsyncIterator[str]:
