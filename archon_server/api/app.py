@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends.registry import BackendRegistry, build_registry
 from ..config import ServerConfig
-from ..graph.catalog import load_catalog
+from ..graph.catalog import Catalog
 from ..spec import ArchitectureSpec
 from .architectures.api_router import router as architectures_router
 from .auth import check_key, load_keys
@@ -109,9 +109,15 @@ class GuardMiddleware:
                 raise
 
 
-def build_app(config: ServerConfig, registry: BackendRegistry | None = None, catalog: dict[str, ArchitectureSpec] | None = None) -> FastAPI:
+def build_app(
+    config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None
+) -> FastAPI:
+    """``catalog``: default, the config's architecture folders; a mapping is a fixed set of architectures."""
     registry = registry or build_registry(config)
-    catalog = catalog if catalog is not None else load_catalog(config.architectures_dirs)
+    if catalog is None:
+        catalog = Catalog(config.architectures_dirs, registry)
+    elif not isinstance(catalog, Catalog):
+        catalog = Catalog(registry=registry, specs=catalog)
     metrics = Metrics()
     s = config.server
 
@@ -129,6 +135,7 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
 
     app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
+    app.state.catalog = catalog  # every endpoint resolves model names here
     app.state.config = config
     app.state.metrics = metrics
     app.state.chat = ChatService(

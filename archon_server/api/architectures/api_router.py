@@ -51,7 +51,7 @@ async def validate_architecture(body: ValidateRequest) -> dict[str, Any]:
 
 @router.get("/v1/architectures/{name}")
 async def get_architecture(name: str, request: Request) -> dict[str, Any]:
-    spec = request.app.state.chat.catalog.get(name)
+    spec = request.app.state.catalog.architectures.get(name)
     if spec is None:
         raise APIError(404, f"no architecture {name!r}", param="name", code="model_not_found")
     return _describe(spec)

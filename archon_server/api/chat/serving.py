@@ -20,7 +20,7 @@ from ...components import FinalOverrides
 from ...components.base import StreamSink
 from ...components.state import Candidate
 from ...components.trace import TraceObserver
-from ...graph.catalog import passthrough
+from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..errors import APIError, error_body
@@ -82,7 +82,7 @@ async def _disconnected(raw: Request) -> None:
 
 
 class ChatService:
-    def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
+    def __init__(self, registry: BackendRegistry, catalog: Catalog, *, max_n: int, max_inflight: int,
                  request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None):
         self.registry = registry
         self.catalog = catalog
@@ -98,11 +98,8 @@ class ChatService:
 
     # -- resolution -------------------------------------------------------------
     def resolve(self, req: ChatCompletionRequest) -> ArchitectureSpec:
-        if req.model in self.catalog:
-            spec = self.catalog[req.model]
-        elif req.model in self.registry:
-            spec = passthrough(req.model)
-        else:
+        spec = self.catalog.lookup(req.model)
+        if spec is None:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
         if req.architecture:
             if _has_key(req.architecture, "pattern"):

@@ -79,7 +79,7 @@ class CompletionsService:
             raise APIError(400, "best_of: only best_of == n is served (use an architecture to choose among samples)", param="best_of", code="invalid_value")
 
     def _is_backend(self, req: CompletionRequest) -> bool:
-        return req.model not in self.chat.catalog and req.model in self.chat.registry and not req.architecture
+        return req.model not in self.chat.catalog.architectures and req.model in self.chat.registry and not req.architecture
 
     # -- a backend alias: raw completion ----------------------------------------------------
     def _params(self, req: CompletionRequest) -> SamplingParams:

@@ -12,8 +12,7 @@ router = APIRouter()
 
 @router.post("/v1/embeddings", responses={404: {"description": "not served", "content": {"application/json": {"example": error_body(404, "not served")}}}})
 async def embeddings(request: Request) -> None:
-    chat = request.app.state.chat
-    served = sorted(chat.catalog) + sorted(a for a in chat.registry.aliases() if a not in chat.catalog)
+    served = [card.id for card in request.app.state.chat.catalog.list_models()]
     raise APIError(404, "This server does not serve embeddings (/v1/embeddings). It serves text generation: "
                    "/v1/chat/completions, /v1/responses and /v1/completions, for the models: " + ", ".join(served),
                    param="model", code="embeddings_not_served")
