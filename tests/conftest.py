@@ -87,3 +87,43 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("needs_component"):
         require_component(mark.kwargs["what"], mark.kwargs["why_missing"])
+
+
+# -- storage: SQLite and real PostgreSQL ----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[str]:
+    """URL of a real PostgreSQL cluster: the one ``.ci/run`` started (``ARCHON_TEST_POSTGRES_URL``), else a
+    throwaway one started here.  Under CI a missing PostgreSQL is a failure, never a skip."""
+    from archon_server.testing.postgres import (
+        URL_ENV,
+        PostgresUnavailable,
+        TempPostgres,
+    )
+
+    if os.environ.get(URL_ENV):
+        yield os.environ[URL_ENV]
+        return
+    try:
+        pg = TempPostgres().start()
+    except PostgresUnavailable as e:
+        require_component("PostgreSQL", str(e))
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: str) -> str:
+    """A fresh database of its own on the real cluster."""
+    from archon_server.testing.postgres import create_database
+
+    return create_database(postgres_cluster)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs on SQLite and on real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/study.db"
+    return request.getfixturevalue("postgres_url")

@@ -1,9 +1,10 @@
-"""The FastAPI application: routes, error handlers, body-size limit, auth, lifespan."""
+"""The FastAPI application: routes, error handlers, the edge middleware (api/edge.py), lifespan."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,12 +16,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..backends.registry import BackendRegistry, build_registry
 from ..config import ServerConfig
-from ..graph.catalog import load_catalog
+from ..graph.catalog import Catalog
 from ..spec import ArchitectureSpec
+from .architectures.api_router import router as architectures_router
 from .auth import load_keys
 from .chat.api_router import router as chat_router
 from .chat.serving import ChatService
+from .completions.api_router import router as completions_router
+from .completions.serving import CompletionsService
 from .edge import BodyBudget, GuardMiddleware, redact_access_log
+from .embeddings.api_router import router as embeddings_router
 from .errors import (
     APIError,
     api_error_handler,
@@ -31,12 +36,27 @@ from .errors import (
 from .memory import trim_when_idle
 from .metrics import Metrics
 from .models.api_router import router as models_router
+from .responses.api_router import router as responses_router
+from .responses.serving import ResponsesService
+from .traces.api_router import router as traces_router
+from .traces.store import TraceStore
+from .ui.api_router import is_public, mount_ui
 
 log = logging.getLogger("archon.api")
 
-def build_app(config: ServerConfig, registry: BackendRegistry | None = None, catalog: dict[str, ArchitectureSpec] | None = None) -> FastAPI:
+PUBLIC_PATHS = frozenset({"/health"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})  # admitted by ChatService
+
+
+def build_app(
+    config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None
+) -> FastAPI:
+    """``catalog``: default, the config's architecture folders; a mapping is a fixed set of architectures."""
     registry = registry or build_registry(config)
-    catalog = catalog if catalog is not None else load_catalog(config.architectures_dirs)
+    if catalog is None:
+        catalog = Catalog(config.architectures_dirs, registry)
+    elif not isinstance(catalog, Catalog):
+        catalog = Catalog(registry=registry, specs=catalog)
     metrics = Metrics()
     s = config.server
 
@@ -55,18 +75,29 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
 
     app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
+    app.state.catalog = catalog  # every endpoint resolves model names here
     app.state.config = config
     app.state.metrics = metrics
     app.state.chat = ChatService(
         registry, catalog, max_n=s.max_n, max_inflight=s.max_concurrent_requests,
         request_timeout_s=s.request_timeout_s, metrics=metrics, max_messages=s.max_messages,
+        traces=TraceStore(s.keep_traces),
     )
+    app.state.responses = ResponsesService(app.state.chat)
+    app.state.completions = CompletionsService(app.state.chat)
+    app.state.traces = app.state.chat.traces
     app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unhandled_handler)
     app.include_router(chat_router)
     app.include_router(models_router)
+    app.include_router(responses_router)
+    app.include_router(completions_router)
+    app.include_router(embeddings_router)
+    app.include_router(traces_router)
+    app.include_router(architectures_router)
+    mount_ui(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -85,8 +116,9 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
             return True
         return False
 
-    app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes, busy=busy,
-                       budget=BodyBudget(s.max_inflight_body_bytes), on_reject=lambda reason: metrics.rejected.labels(reason).inc())
+    app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes, busy=busy, busy_paths=GENERATION_PATHS,
+                       public=lambda path: path in PUBLIC_PATHS or is_public(path), budget=BodyBudget(s.max_inflight_body_bytes),
+                       on_reject=lambda reason: metrics.rejected.labels(reason).inc())
     return app
 
 

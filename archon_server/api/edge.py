@@ -10,8 +10,8 @@ Plain ASGI (not a FastAPI dependency) so that it runs for every route, before an
 * text that cannot go upstream: a lone UTF-16 surrogate (``"\\ud800"``, valid JSON, not valid Unicode: it cannot
   be encoded as UTF-8, so the upstream call fails and the client got a 502) or a NUL character, anywhere in the
   body, is a 400 naming the field, before any backend call;
-* the arrival time, in ``scope["state"]["arrived"]`` (monotonic seconds), so the request deadline covers reading,
-  parsing and prompt building too, not just the graph (see :func:`remaining_s`).
+* the arrival time (a context variable, so every endpoint and the tasks it starts see it): the request deadline
+  covers reading, parsing and prompt building too, not just the graph (see :func:`remaining_s`).
 
 The access log writes the request line; :class:`AccessLogRedactor` blanks query-string values there, so a key sent
 as ``?api_key=...`` (refused with 401) does not end up in the log.
@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,7 +33,6 @@ from ..spec import format_loc
 from .auth import check_key
 from .errors import error_body
 
-PUBLIC_PATHS = frozenset({"/health"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 # What a body can hold that the text check must look at: a NUL escape, a high surrogate escape not followed by a
@@ -81,9 +81,13 @@ def _walk(obj: Any, loc: tuple[Any, ...]) -> tuple[str, str] | None:
     return None
 
 
-def remaining_s(scope: Scope, timeout_s: float) -> float:
-    """Seconds left of a ``timeout_s`` deadline that started when the request reached the edge."""
-    arrived = (scope.get("state") or {}).get("arrived")
+_ARRIVED: ContextVar[float | None] = ContextVar("archon_request_arrived", default=None)
+
+
+def remaining_s(timeout_s: float) -> float:
+    """Seconds left of a ``timeout_s`` deadline that started when the current request reached the edge (all of
+    ``timeout_s`` outside a request)."""
+    arrived = _ARRIVED.get()
     return timeout_s if arrived is None else timeout_s - (time.monotonic() - arrived)
 
 
@@ -114,11 +118,14 @@ class GuardMiddleware:
     """Auth, the in-flight cap, the body limits, the text check and the arrival stamp (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, keys: list[bytes], max_body: int, busy: Callable[[], bool] | None = None,
+                 busy_paths: frozenset[str] = frozenset({"/v1/chat/completions"}), public: Callable[[str], bool] = lambda p: p == "/health",
                  budget: BodyBudget | None = None, on_reject: Callable[[str], None] | None = None):
         self.app = app
         self.keys = keys
         self.max_body = max_body
         self.busy = busy
+        self.busy_paths = busy_paths  # where the in-flight cap applies (the generation endpoints)
+        self.public = public  # paths that need no key
         self.budget = budget
         self.on_reject = on_reject or (lambda _reason: None)
 
@@ -126,12 +133,19 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["arrived"] = time.monotonic()
+        arrived = _ARRIVED.set(time.monotonic())
+        try:
+            await self._guard(scope, receive, send)
+        finally:
+            _ARRIVED.reset(arrived)
+
+    async def _guard(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.keys and scope.get("path") not in PUBLIC_PATHS and not check_key(headers.get("authorization"), self.keys):
+        path = scope.get("path", "")
+        if self.keys and not self.public(path) and not check_key(headers.get("authorization"), self.keys):
             await send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
             return
-        if self.busy is not None and scope.get("method") == "POST" and scope.get("path") == "/v1/chat/completions" and self.busy():
+        if self.busy is not None and scope.get("method") == "POST" and path in self.busy_paths and self.busy():
             # Refuse before reading or parsing the body: under overload a 429 must cost next to nothing, or the
             # rejected clients' retries eat the CPU the admitted requests need (ChatService re-checks on admission).
             await send_error(send, 429, "server busy: too many requests in flight; retry later", "rate_limit_exceeded")

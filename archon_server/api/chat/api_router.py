@@ -26,6 +26,6 @@ _STREAM = {200: {"content": {"text/event-stream": {"schema": {
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
     service = request.app.state.chat
     if body.stream:
-        gen = await service.create_stream(body, request)
+        gen = await service.create_stream(body)
         return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return JSONResponse(await service.create(body, request))
