@@ -79,8 +79,8 @@ _EXPLICIT = [
     # \boxed{C}, \boxed{\text{C}}, \boxed{(C)}
     r"\\boxed\{[ \t]{0,4}(?:\\text(?:bf)?\{)?[ \t]{0,4}\(?([{L}])\)?[ \t]{0,4}\}?[ \t]{0,4}\}",
     # "answer is C", "Answer: (C)", "the correct choice is **C**", "option: C", "answer would be C"
-    r"(?i:answer|choice|option)[ \t]{0,8}(?i:is|:|=|would[ \t]{1,4}be|will[ \t]{1,4}be)?[ \t]{0,8}"
-    r"(?i:option|choice|letter)?[ \t]{0,8}[:\-]?[ \t]{0,8}[(\[]?\**[ \t]{0,4}([{L}])\b(?!['’-]\w)",
+    (r"(?i:answer|choice|option)[ \t]{0,8}(?i:is|:|=|would[ \t]{1,4}be|will[ \t]{1,4}be)?[ \t]{0,8}"
+     r"(?i:option|choice|letter)?[ \t]{0,8}[:\-]?[ \t]{0,8}[(\[]?\**[ \t]{0,4}([{L}])\b(?!['’-]\w)"),
     r"(?i:answer|choice|option)[ \t]{0,8}(?i:is|:)?[ \t]{0,8}[(\[]([{l}])[)\]]",
     # "C is correct", "(C) is the right answer"
     r"(?<![\w'])\(?([{L}])\)?[ \t]{0,4}(?i:is|would[ \t]{1,4}be)[ \t]{1,4}(?i:the[ \t]{1,4})?(?i:correct|right|best)\b",
