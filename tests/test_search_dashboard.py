@@ -3,6 +3,7 @@ stage) come back from the dashboard's own JSON API, served by ``archon search da
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -30,14 +31,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_dashboard_serves_the_postgresql_study_with_our_attributes(tmp_path: Path, postgres_url: str) -> None:
+def test_dashboard_serves_the_postgresql_study_with_our_attributes(tmp_path: Path, postgres_url: str) -> None:
     data = yaml.safe_load(TINY.read_text())
     data["study"].update({"name": "dash", "sampler": {"type": "random", "seed": 1}})
     data["evaluation"].update({"stages": [4], "test_top": 1, "baselines": False})
     data["evaluation"]["scripted"]["n_dev"] = 8
     cfg_path = tmp_path / "search.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
-    res = await run_search(load_search_config(cfg_path), storage=postgres_url, n_trials=4, do_finalize=False)
+    res = asyncio.run(run_search(load_search_config(cfg_path), storage=postgres_url, n_trials=4, do_finalize=False))
     study = res.study
 
     port = _free_port()

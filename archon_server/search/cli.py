@@ -126,7 +126,12 @@ def _summary(study: optuna.Study) -> dict[str, Any]:
 
 # -- commands -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from archon_server.search.runner import finalize_study, open_study, progress, run_search
+    from archon_server.search.runner import (
+        finalize_study,
+        open_study,
+        progress,
+        run_search,
+    )
 
     _setup_logging(args.verbose)
     try:
