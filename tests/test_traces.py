@@ -78,6 +78,8 @@ def test_stream_trace_events_parse_with_the_openai_sdk(upstream_factory, server_
     kinds = [e["type"] for e in events]
     assert kinds[0] == "run_started" and events[0]["graph"][0][0]["type"] == "generator"
     assert kinds.count("layer_started") == kinds.count("layer_ended") == len(trace["layers"])
+    assert [e["layer"] for e in events if e["type"] == "layer_ended"] == list(range(len(trace["layers"])))
+    assert [e["candidates_out"] for e in events if e["type"] == "layer_ended"] == [la["candidates_out"] for la in trace["layers"]]
     started = {e["call"]: e for e in events if e["type"] == "call_started"}
     ended = {e["call"]: e for e in events if e["type"] == "call_ended"}
     assert set(started) == set(ended) and len(ended) == sum(len(la["calls"]) for la in trace["layers"])

@@ -24,10 +24,15 @@ from .architectures.api_router import router as architectures_router
 from .auth import check_key, load_keys
 from .chat.api_router import router as chat_router
 from .chat.serving import ChatService
+from .completions.api_router import router as completions_router
+from .completions.serving import CompletionsService
+from .embeddings.api_router import router as embeddings_router
 from .errors import APIError, api_error_handler, error_body, http_error_handler, unhandled_handler, validation_handler
 from .memory import trim_when_idle
 from .metrics import Metrics
 from .models.api_router import router as models_router
+from .responses.api_router import router as responses_router
+from .responses.serving import ResponsesService
 from .traces.api_router import router as traces_router
 from .traces.store import TraceStore
 from .ui.api_router import is_public, mount_ui
@@ -35,6 +40,7 @@ from .ui.api_router import is_public, mount_ui
 log = logging.getLogger("archon.api")
 
 PUBLIC_PATHS = frozenset({"/health"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})  # admitted by ChatService
 
 
 async def _send_error(send: Send, status: int, message: str, code: str | None = None) -> None:
@@ -61,7 +67,7 @@ class GuardMiddleware:
         if self.keys and path not in PUBLIC_PATHS and not is_public(path) and not check_key(headers.get("authorization"), self.keys):
             await _send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
             return
-        if self.busy is not None and scope.get("method") == "POST" and scope.get("path") == "/v1/chat/completions" and self.busy():
+        if self.busy is not None and scope.get("method") == "POST" and scope.get("path") in GENERATION_PATHS and self.busy():
             # Refuse before reading or parsing the body: under overload a 429 must cost next to nothing, or the
             # rejected clients' retries eat the CPU the admitted requests need (ChatService re-checks on admission).
             await _send_error(send, 429, "server busy: too many requests in flight; retry later", "rate_limit_exceeded")
@@ -137,6 +143,8 @@ def build_app(
         request_timeout_s=s.request_timeout_s, metrics=metrics, max_messages=s.max_messages,
         traces=TraceStore(s.keep_traces),
     )
+    app.state.responses = ResponsesService(app.state.chat)
+    app.state.completions = CompletionsService(app.state.chat)
     app.state.traces = app.state.chat.traces
     app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
@@ -144,6 +152,9 @@ def build_app(
     app.add_exception_handler(Exception, unhandled_handler)
     app.include_router(chat_router)
     app.include_router(models_router)
+    app.include_router(responses_router)
+    app.include_router(completions_router)
+    app.include_router(embeddings_router)
     app.include_router(traces_router)
     app.include_router(architectures_router)
     mount_ui(app)

@@ -19,6 +19,7 @@ from archon_server.backends.base import (
     ChatRequest,
     ChatResult,
     Choice,
+    CompletionRequest,
     SamplingParams,
     StreamChunk,
     TokenLogprob,
@@ -48,6 +49,8 @@ class LocalBackend(Backend):
 
     supports_n = True
     supports_logprobs = True
+    supports_tools = False  # SmolLM2's template has no tool-calling format
+    supports_response_format = False  # no constrained decoding yet: the server prompts for JSON and validates
 
     def __init__(
         self,
@@ -156,13 +159,18 @@ class LocalBackend(Backend):
             speculative=p.extra.get("speculative", self.speculative),
         )
 
-    async def _events(self, request: ChatRequest) -> AsyncIterator[Any]:
+    async def _events(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Any]:
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
         if self.engine is None:
             await self.start()
         from archon_server.engine.scheduler import DoneEvent, ErrorEvent
 
-        prompt = self._prompt_ids(request.messages)
+        if isinstance(request, CompletionRequest):  # raw text: no chat template
+            prompt = list(self.loaded.tokenizer(request.prompt)["input_ids"])
+            if not prompt:
+                raise BackendError("empty prompt", status=400, backend=self.name)
+        else:
+            prompt = self._prompt_ids(request.messages)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[list[Any]] = asyncio.Queue()
         try:
@@ -181,7 +189,21 @@ class LocalBackend(Backend):
             handle.cancel()  # no-op once done; otherwise the worker drops the rows next step
 
     # ------------------------------------------------------------------ Backend API
-    async def chat(self, request: ChatRequest) -> ChatResult:
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        res = await self.chat(request)
+        if request.echo:
+            for c in res.choices:
+                c.text = request.prompt + c.text
+        return res
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        if request.echo:
+            for i in range(request.params.n):
+                yield StreamChunk(index=i, text=request.prompt)
+        async for ch in self.stream(request):
+            yield ch
+
+    async def chat(self, request: ChatRequest | CompletionRequest) -> ChatResult:
         from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
 
         t0 = time.perf_counter()
@@ -206,7 +228,7 @@ class LocalBackend(Backend):
         choices = [Choice(text=texts[i], finish_reason=reasons[i], index=i, logprobs=lps[i] if want_lp else None) for i in range(n)]
         return ChatResult(choices=choices, usage=usage, model=self.model, latency_s=time.perf_counter() - t0, requests=1, metrics=metrics)
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+    async def stream(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[StreamChunk]:
         from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
 
         async with contextlib.aclosing(self._events(request)) as events:

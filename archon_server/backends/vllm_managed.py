@@ -26,15 +26,17 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from ..config import VLLMBackendConfig, VLLMOptions
-from .base import Backend, BackendError, ChatRequest, ChatResult, StreamChunk
+from .base import Backend, BackendError, ChatRequest, ChatResult, CompletionRequest, StreamChunk
 from .process import SupervisedProcess, free_port
 
 log = logging.getLogger("archon.backends.vllm")
+
+R = TypeVar("R", ChatRequest, CompletionRequest)
 
 DEFAULT_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -169,6 +171,8 @@ class VLLMManagedBackend(Backend):
         self._closing = False
         self._started = False
         self._start_lock = asyncio.Lock()
+        # vLLM calls tools only when launched with --enable-auto-tool-choice (and a --tool-call-parser for the model).
+        self.supports_tools = "--enable-auto-tool-choice" in self.opts.extra_args or bool(self.opts.command)
 
     @classmethod
     def from_config(cls, cfg: VLLMBackendConfig) -> "VLLMManagedBackend":
@@ -353,7 +357,7 @@ class VLLMManagedBackend(Backend):
             raise BackendError(f"vLLM backend {self.name!r} is not started", status=503, retryable=False, backend=self.name)
         return self._http
 
-    def _rename(self, request: ChatRequest) -> ChatRequest:
+    def _rename(self, request: R) -> R:
         # We launched the server, so the only model it serves is ours, whatever alias the caller used.
         return request if request.model == self.served_model_name else replace(request, model=self.served_model_name)
 
@@ -382,6 +386,13 @@ class VLLMManagedBackend(Backend):
                     yield replace(chunk, index=i)
             else:
                 yield chunk
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        return await self._client().complete(self._rename(request))
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        async for chunk in self._client().stream_complete(self._rename(request)):
+            yield chunk
 
     async def models(self) -> list[str]:
         return await self._client().models() if self._http is not None else []

@@ -97,10 +97,11 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
                 notes["lc_win_rate"] = round(lc.length_controlled_winrate, 2)
                 notes["lc_se"] = round(lc.lc_standard_error, 2)
         elif bench == "mt_bench":
-            vals = [r["score"] for r in ok if r.get("score") is not None]
-            score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "1-10"
+            # FastChat: the mean over every valid turn score (a question with one unparsed turn counts once)
             t1 = [r["turn_scores"][0] for r in ok if r.get("turn_scores") and r["turn_scores"][0] is not None]
-            t2 = [r["turn_scores"][1] for r in ok if r.get("turn_scores") and r["turn_scores"][1] is not None]
+            t2 = [r["turn_scores"][1] for r in ok if len(r.get("turn_scores") or ()) > 1 and r["turn_scores"][1] is not None]
+            vals = t1 + t2
+            score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "1-10"
             notes.update(turn1=round(float(np.mean(t1)), 3) if t1 else None, turn2=round(float(np.mean(t2)), 3) if t2 else None)
         elif bench == "arena_hard":
             games = [ArenaGame(r["id"], g["model_first"], g["verdict"]) for r in ok for g in r.get("games", [])]
