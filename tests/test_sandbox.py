@@ -225,8 +225,8 @@ def test_stdlib_and_the_interpreters_packages_still_work(mode):
 
     python = sb._program_python(mode)
     candidates = ["yaml", "numpy", "certifi", "attr", "six", "idna", "packaging", "setuptools", "pip"]
-    host = subprocess.run([python, "-I", "-c", "import importlib.util, json, sys\nprint(json.dumps([m for m in sys.argv[1:] "
-                           "if importlib.util.find_spec(m)]))", *candidates], capture_output=True, text=True, check=True)
+    find = "import importlib.util, json, sys\nprint(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m)]))"
+    host = subprocess.run([python, "-I", "-c", find, *candidates], capture_output=True, text=True, check=True)
     installed = json.loads(host.stdout)
     code = (
         "import json, sqlite3, decimal, ctypes, zlib, hashlib, ssl, lzma, bz2, unicodedata, subprocess, sys, multiprocessing\n"
