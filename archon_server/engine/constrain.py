@@ -10,6 +10,7 @@ numbers) is exactly what such a library gets right and we would not.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Any
 
@@ -23,8 +24,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     llguidance = None
 
 
-def available() -> bool:
-    return llguidance is not None
+log = logging.getLogger(__name__)
 
 
 def grammar_for(response_format: dict[str, Any] | None) -> str | None:
@@ -49,33 +49,40 @@ class Constraints:
         self._tok: Any = None
         self._lock = threading.Lock()
 
-    def matcher(self, grammar: str, vocab: int) -> TokenConstraint:
+    def matcher(self, grammar: str) -> TokenConstraint:
         with self._lock:
             if self._tok is None:
                 self._tok = llguidance.hf.from_tokenizer(self._hf)
         m = llguidance.LLMatcher(self._tok, grammar)
         if m.is_error():
             raise ValueError(f"response_format: grammar rejected: {m.get_error()}")
-        return TokenConstraint(m, vocab, self._tok.vocab_size)
+        return TokenConstraint(m, self._tok.vocab_size)
 
 
 class TokenConstraint:
     """One sequence's grammar state: :meth:`mask` the row's logits, then :meth:`accept` the token drawn."""
 
-    def __init__(self, matcher: Any, vocab: int, tok_vocab: int):
+    def __init__(self, matcher: Any, tok_vocab: int):
         self.matcher = matcher
-        self.vocab = vocab
         self.tok_vocab = tok_vocab
         self.bitmask = llguidance.torch.allocate_token_bitmask(1, tok_vocab)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of one row's logits [V] with every token the grammar forbids at -inf."""
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        """A copy of one row's logits [V] with every token the grammar forbids at -inf. A matcher in an error state
+        constrains nothing more (the row is never failed for it: it runs in the batch's decode step, and the server
+        validates the answer anyway)."""
+        if self.matcher.is_error():
+            return logits
+        try:
+            llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        except Exception:  # noqa: BLE001 - see above: never fail the batch's step
+            log.warning("constrained decoding gave up: %s", self.matcher.get_error() or "mask failed")
+            return logits
         row = logits.detach().to("cpu", torch.float32).clone().unsqueeze(0)
         llguidance.torch.apply_token_bitmask_inplace(row[:, : self.tok_vocab], self.bitmask)
         row[:, self.tok_vocab :] = float("-inf")  # padding rows of the embedding: never tokens
         return row[0].to(logits.device)
 
     def accept(self, token: int) -> None:
-        if not self.matcher.is_stopped():
+        if not self.matcher.is_stopped() and not self.matcher.is_error():
             self.matcher.consume_token(token)

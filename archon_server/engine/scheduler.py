@@ -373,7 +373,7 @@ class Engine:
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
                 prompt_ids=req.prompt,
-                constraint=self._constraints.matcher(p.grammar, last_logits.shape[-1]) if p.grammar else None,
+                constraint=self._constraints.matcher(p.grammar) if p.grammar else None,
             )
             text = IncrementalText(self.tokenizer, p.stop)
             sampling.output_ids = text.ids  # penalties read the generated tokens as they grow
