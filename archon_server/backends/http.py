@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from ..config import OpenAIBackendConfig
 from .base import (
     Backend,
     BackendError,
@@ -187,6 +188,12 @@ class OpenAIHTTPBackend(Backend):
         self.breaker_cooldown_s = breaker_cooldown_s
         self.extra_headers = dict(extra_headers or {})
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, cfg: OpenAIBackendConfig) -> "OpenAIHTTPBackend":
+        """Every field of the config's kind reaches the backend (none copied by hand in the registry)."""
+        fields = cfg.model_dump(exclude={"alias", "kind", "model", "urls", "aliases", "max_concurrency"})
+        return cls(cfg.alias, cfg.urls, cfg.model, **fields)
 
     # -- plumbing -------------------------------------------------------------
     def _headers(self) -> dict[str, str]:

@@ -26,6 +26,7 @@ from archon_server.backends.base import (
     TokenLogprob,
     Usage,
 )
+from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
 
 
@@ -79,6 +80,13 @@ class LocalBackend(Backend):
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
         self.loaded: Any = None  # archon_server.engine.loader.LoadedModel
         self._start_lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: LocalBackendConfig) -> "LocalBackend":
+        """The config's options are validated already (a bad ``speculative`` block fails at start-up, naming its path)."""
+        opts = cfg.options.model_dump(exclude={"speculative"})
+        spec = cfg.options.speculative
+        return cls(cfg.model or model_store.DEFAULT_MODEL, name=cfg.alias, speculative=spec.model_dump(exclude_unset=True) if spec else None, **opts)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
