@@ -138,6 +138,20 @@ def test_tools_reach_the_final_stage_and_tool_calls_come_back(upstream_factory, 
     assert msgs[1]["tool_calls"] == [CALL] and msgs[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
 
 
+def test_inner_layers_see_the_tools_only_if_the_architecture_says_so(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"tool_calls": [CALL]} if b.get("tools") else None)
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    c.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                              extra_body={"architecture": {"tools_in_prompt": True}})
+    proposers = [q.body for q in up.requests if "tools" not in q.body]
+    assert proposers and all("get_weather: Weather of a city" in q["messages"][0]["content"] for q in proposers)
+    assert all(q["messages"][-1] == {"role": "user", "content": "Weather?"} for q in proposers)
+    up.requests.clear()
+    c.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER])
+    assert not any("get_weather" in json.dumps(q.body["messages"]) for q in up.requests)  # the default: final stage only
+
+
 def test_responses_function_calls_non_streaming_and_streaming(upstream_factory, server_factory):
     up = upstream_factory(lambda b: {"tool_calls": [CALL]} if b.get("tools") else None)
     srv = server_factory(fake_config(up.url))
