@@ -295,3 +295,17 @@ def test_embeddings_404_names_what_is_served(upstream_factory, server_factory):
     body = e.value.body
     assert body["code"] == "embeddings_not_served" and "self-moa" in body["message"] and "/v1/responses" in body["message"]
     assert httpx.post(srv.url + "/v1/embeddings", json={}).json()["error"]["type"] == "not_found_error"
+
+
+def test_responses_and_completions_are_kept_in_the_trace_store(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url, keep_traces=8))
+    c = client(srv)
+    r = c.responses.create(model="self-moa", input="Hi?")
+    with c.responses.stream(model="default", input="Streamed?") as s:
+        s.get_final_response()
+    k = c.completions.create(model="default", prompt="Once upon")
+    kept = {t["id"]: t for t in httpx.get(srv.url + "/v1/traces").json()["data"]}
+    assert r.id in kept and k.id in kept and len(kept) == 3
+    item = httpx.get(srv.url + f"/v1/traces/{r.id}").json()
+    assert item["answers"] == [r.output_text] and item["trace"]["calls"] == 2
