@@ -116,7 +116,7 @@ def waterfall_matches(drv, trace: dict[str, Any]) -> None:  # type: ignore[no-un
 def embedded_server() -> Iterator[str]:
     """`archon serve` as a user starts it (embedded default model), with an API key configured."""
     port = free_port()
-    log = open(SHOTS / "console-serve.log", "w") if SHOTS.is_dir() else subprocess.DEVNULL
+    log = open(SHOTS / "console-serve.log", "w") if SHOTS.is_dir() else subprocess.DEVNULL  # noqa: SIM115 - open as long as the server
     proc = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             cwd=str(ROOT), env={**os.environ, "HF_HUB_OFFLINE": "1", "ARCHON_API_KEYS": KEY})
     url = f"http://127.0.0.1:{port}"

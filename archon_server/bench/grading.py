@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..sandbox import SandboxLimits, isolation_mode
 from ..sandbox.harness import run_graded
 from .datasets import Item, last_boxed
@@ -225,6 +227,19 @@ def grade_humaneval(response: str, ref: dict[str, Any], limits: SandboxLimits | 
     run = run_graded(humaneval_solution(ref, response), [f"{ref['test']}\n\ncheck({entry})\n"],
                      prelude=ref["prompt"], bind=[entry], per_test_timeout_s=10, limits=limits)
     return _grade(run.passed, None, status=run.sandbox.status, reason=run.reason or run.outcomes[0].error)
+
+
+# --------------------------------------------------------------------------- pass@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The Codex paper's unbiased estimator 1 - C(n-c, k) / C(n, k), in its numerically stable
+    product form (n samples of which c are correct; k <= n)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 # --------------------------------------------------------------------------- dispatch

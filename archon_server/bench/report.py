@@ -114,6 +114,13 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
         else:
             vals = [float(r.get("score") or 0.0) * 100 for r in recs]
             score, se, unit = float(np.mean(vals)), _sem(vals), "acc %"
+            if any("pass_at" in r for r in recs):
+                # pass@k: the mean over problems of the unbiased per-problem estimate (a failed problem counts 0)
+                ks = sorted({k for r in recs for k in r.get("pass_at", {})}, key=int)
+                for k in ks:
+                    notes[f"pass@{k}"] = round(100 * float(np.mean([r.get("pass_at", {}).get(k, 0.0) for r in recs])), 2)
+                notes["samples"] = max(int(r.get("n_samples", 1)) for r in recs)
+                unit = "pass@1 %"
         rows.append(Row(score=score, se=se, unit=unit, notes=notes, **common))
     return rows
 

@@ -360,7 +360,7 @@ function drawWaterfall(box, tr) {
     const head = svg("text", { x: 4, y: y + 14, "font-weight": "600" });
     head.textContent = `layer ${li} · ${layer.components.join(", ")} · ${fmtS(layer.latency_s)}`;
     s.append(head); y += rowH;
-    for (const c of calls.filter((k) => k.layer === li)) {
+    for (const c of calls.filter((k) => k.layer === li).sort((a, b) => a.start - b.start || a.id - b.id)) {
       const failed = c.ok === false;
       const g = svg("g", { class: "wf-bar" + (failed ? " failed" : "") + (crit.has(c) ? " critical" : ""), "data-call": c.id, "data-requests": c.requests || 1 });
       const label = svg("text", { x: 14, y: y + 14 });
