@@ -193,6 +193,7 @@ class ServerSettings(_Base):
     port: int = Field(default=8000, ge=0, le=65535)
     max_concurrent_requests: int = Field(default=256, ge=1, description="Beyond this, requests get 429 at once.")
     max_body_bytes: int = Field(default=4_000_000, ge=1024)
+    max_inflight_body_bytes: int = Field(default=64_000_000, ge=1024, description="Bytes of request bodies in flight at once, all requests together (beyond: 429 at once).")
     max_n: int = Field(default=16, ge=1)
     max_messages: int = Field(default=512, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of one request (whole graph).")
@@ -200,6 +201,12 @@ class ServerSettings(_Base):
     api_keys_file: str | None = Field(default=None, description="File with one client key per line.")
     default_architecture: str | None = None
     keep_traces: int = Field(default=100, ge=0, description="Recent requests' traces kept in memory for /v1/traces and /ui (0: none).")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "ServerSettings":
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError("max_inflight_body_bytes must be >= max_body_bytes (else a largest-allowed body never gets in)")
+        return self
 
 
 class ServerConfig(_Base):

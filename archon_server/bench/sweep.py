@@ -146,6 +146,14 @@ class ResultsLog:
         if not rec.get("error"):
             self.done.add(k)
 
+    async def claim(self, arch: str, benchmark: str, item: str) -> bool:
+        """One process owns this file, so every question is its own (a shared store's claim can say no)."""
+        return True
+
+    async def wait_for_others(self) -> set[str]:
+        """Keys to try again because the worker that held them died; never any here."""
+        return set()
+
     async def append(self, rec: dict[str, Any]) -> None:
         k = result_key(rec["arch"], rec["benchmark"], rec["id"])
         async with self._lock:
@@ -232,6 +240,7 @@ class SweepRun:
     data_root: str | None = None
     meter: CostMeter = field(default_factory=CostMeter)
     pass_at: dict[tuple[str, str], PassAt] = field(default_factory=dict)  # (benchmark, id) -> its entry's pass_at
+    results: Any = None  # a shared store's StoreResults (bench/store.py); default: <out>/results.jsonl
 
     async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]], sample: int = 0) -> tuple[str, int, Usage]:
         if spec is None:
@@ -358,7 +367,7 @@ class SweepRun:
         return out
 
     async def run(self, archs: dict[str, ArchitectureSpec | None]) -> ResultsLog:
-        log = ResultsLog(self.out_dir / "results.jsonl")
+        log = self.results if self.results is not None else ResultsLog(self.out_dir / "results.jsonl")
         todo = [(a, s, it) for a, s in archs.items() for _, it in self.items()
                 if result_key(a, it.benchmark, it.id) not in log.done]
         sem = asyncio.Semaphore(self.spec.concurrency)
@@ -370,8 +379,12 @@ class SweepRun:
 
         async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
             async with sem:
-                rec = await self.run_item(a, s, it)
-            await log.append(rec)
+                if not await log.claim(a, it.benchmark, it.id):
+                    rec = None  # another worker of a shared store has it
+                else:
+                    rec = await self.run_item(a, s, it)
+            if rec is not None:
+                await log.append(rec)
             if bar is not None:
                 m = self.meter
                 bar.set_postfix(calls=m.calls, tok=m.usage.total_tokens, judge_calls=m.judge_calls, refresh=False)
@@ -379,6 +392,9 @@ class SweepRun:
 
         try:
             await asyncio.gather(*(one(a, s, it) for a, s, it in todo))
+            # A shared store: stay until the questions other workers hold are done, taking over a dead one's.
+            while again := await log.wait_for_others():
+                await asyncio.gather(*(one(a, s, it) for a, s, it in todo if result_key(a, it.benchmark, it.id) in again))
         finally:
             if bar is not None:
                 bar.close()
@@ -408,8 +424,13 @@ async def run_sweep(
     cache: bool = True,
     progress: bool = True,
     data_root: str | None = None,
+    store_url: str | None = None,
+    store_lease_s: float = 60.0,
 ) -> ResultsLog:
-    """Run (or resume) a sweep; returns the results log (all records, old and new)."""
+    """Run (or resume) a sweep; returns the results log (all records, old and new).
+
+    ``store_url``: share the sweep with other workers through that database (bench/store.py); this
+    worker's ``<out>/results.jsonl`` is then written from the store when it finishes."""
     from ..graph.runtime import GraphRuntime
 
     out = Path(out_dir)
@@ -424,24 +445,39 @@ async def run_sweep(
             cfg_path = str(base_dir / cfg_path)
         config = config or load_config(cfg_path)
         registry = build_registry(config)
-    store = CacheStore(out / "cache.sqlite") if cache else None
+    shared = None
+    if store_url:
+        from .store import SweepStore
+
+        shared = SweepStore(store_url, spec.name, lease_s=store_lease_s)
+        shared.results.register(spec.model_dump(mode="json"))
+    store = (shared.calls if shared is not None else CacheStore(out / "cache.sqlite")) if cache else None
     wrap_registry(registry, spec, store)
     archs = resolve_architectures(spec.architectures, registry, config, base_dir)
     (out / "sweep.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2), encoding="utf-8")
     if own_registry:
         await registry.start()
     started = time.time()
-    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root)
+    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root,
+                   results=shared.results if shared is not None else None)
     before = 0
     try:
         before = len(ResultsLog(out / "results.jsonl").records)
-        log = await run.run(archs)
+        if shared is None:
+            log = await run.run(archs)
+        else:
+            async with shared.results:
+                await run.run(archs)
+            shared.results.export_jsonl(out / "results.jsonl")
+            log = ResultsLog(out / "results.jsonl")
     finally:
         _append_run_stats(out, run, registry, started, before)
         if own_registry:
             await registry.close()
         if store is not None:
             store.close()
+        if shared is not None:
+            shared.close()
     return log
 
 

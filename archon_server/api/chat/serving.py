@@ -23,6 +23,7 @@ from ...components.trace import TraceObserver
 from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
+from ..edge import remaining_s
 from ..errors import APIError, error_body
 from ..metrics import Metrics
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
@@ -190,7 +191,8 @@ class ChatService:
         refused (StructuredOutputInvalid). Streamed answers cannot be taken back: they are checked, not retried."""
         fmt = final.extra.get("response_format")
         for attempt in range(STRUCTURED_RETRIES + 1):
-            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=self.request_timeout_s, observer=observer)
+            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=max(remaining_s(self.request_timeout_s), 1e-3),
+                                        observer=observer)  # one deadline for all attempts, from arrival
             try:
                 conform_all(res.candidates, fmt)
                 return res
@@ -202,9 +204,19 @@ class ChatService:
                     final = replace(final, seed=final.seed + 1)
         raise AssertionError("unreachable")
 
+    def _time_left(self) -> float:
+        """What is left of the request's deadline. It started when the request reached the edge (api/edge.py), so
+        reading and parsing the body and building the prompt count too: a big body cannot stretch the answer past
+        ``request_timeout_s``. Nothing left: 504 at once, before admission."""
+        left = remaining_s(self.request_timeout_s)
+        if left <= 0:
+            raise APIError(504, f"deadline of {self.request_timeout_s:g}s exceeded before the request could start", code="timeout")
+        return left
+
     async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request, keep: Keep | None = None) -> RunResult:
         """Admit, run (cancelled when the client goes away), count, ``keep(status, result, error)``; failures become
         APIErrors."""
+        self._time_left()
         self._admit()
         t0 = time.perf_counter()
         status, res, gerr = 500, None, None
@@ -243,6 +255,7 @@ class ChatService:
         """Admit now (a refusal is a plain HTTP error), then: the final stage's chunks as they come (with
         ``trace_events``, the trace's events too, as dicts), and last the result, or the APIError it failed with.
         Closing the iterator early (client gone) cancels the run."""
+        self._time_left()
         self._admit()
         return self._events(name, run, keep, trace_events)
 
