@@ -237,6 +237,19 @@ def test_invalid_structured_answer_is_retried_then_refused(upstream_factory, ser
     assert "response_format" in e.value.body["message"]
 
 
+def test_a_streamed_answer_that_is_not_the_json_asked_for_ends_in_an_error(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"text": "plain words"})
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30, json={
+            "model": "default", "stream": True, "messages": [{"role": "user", "content": "?"}], "response_format": {"type": "json_object"}}) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "invalid_structured_output"
+    events = list(c.responses.create(model="default", input="?", stream=True, text={"format": {"type": "json_object"}}))
+    assert events[-1].type == "response.failed" and events[-1].response.error.code == "invalid_structured_output"
+    assert len(up.requests) == 2  # streamed answers are checked, not asked for again
+
+
 # -- /v1/completions ------------------------------------------------------------------------
 
 def test_completions_on_a_backend_are_raw_pass_through(upstream_factory, server_factory):
