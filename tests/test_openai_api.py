@@ -279,6 +279,9 @@ def test_completions_on_an_architecture_run_the_prompt_as_one_user_message(upstr
     r = c.completions.create(model="self-moa", prompt="Tell me a joke", max_tokens=20, echo=True)
     assert r.choices[0].text == "Tell me a joke" + "fused answer from 6 responses"
     assert up.requests[0].body["messages"] == [{"role": "user", "content": "Tell me a joke"}] and up.requests[1].body["max_tokens"] == 20
+    lp = c.completions.create(model="self-moa", prompt="Tell me a joke", logprobs=1, echo=True).choices[0].logprobs  # the final stage's
+    assert lp.tokens == ["fused", "answer", "from", "6", "responses"] and lp.token_logprobs == [-0.5] * 5
+    assert lp.top_logprobs[0] == {"fused": -0.5} and lp.text_offset[0] == len("Tell me a joke")
     chunks = list(c.completions.create(model="self-moa", prompt=["a", "b"], stream=True))
     by_index: dict[int, str] = {}
     for ch in chunks:
