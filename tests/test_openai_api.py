@@ -300,6 +300,10 @@ def test_completions_bad_input(upstream_factory, server_factory):
         assert e.value.body["param"] == param
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="x")
+    bad = upstream_factory(lambda b: {"fault": "503"})
+    with pytest.raises(openai.APIStatusError) as e:
+        client(server_factory(fake_config(bad.url))).completions.create(model="default", prompt="x")
+    assert e.value.status_code == 502 and "503" in e.value.body["message"] and len(bad.requests) == 2  # retried once, then 502
 
 
 # -- /v1/embeddings ------------------------------------------------------------------------
