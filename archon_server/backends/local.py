@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -50,7 +51,9 @@ class LocalBackend(Backend):
     supports_n = True
     supports_logprobs = True
     supports_tools = False  # SmolLM2's template has no tool-calling format
-    supports_response_format = False  # no constrained decoding yet: the server prompts for JSON and validates
+    # response_format constrains decoding (engine/constrain.py, llguidance); without llguidance installed the
+    # server prompts for JSON and validates instead.
+    supports_response_format = importlib.util.find_spec("llguidance") is not None
 
     def __init__(
         self,
@@ -157,7 +160,18 @@ class LocalBackend(Backend):
             presence_penalty=float(p.extra.get("presence_penalty", 0.0)),
             frequency_penalty=float(p.extra.get("frequency_penalty", 0.0)),
             speculative=p.extra.get("speculative", self.speculative),
+            grammar=self._grammar(p.extra.get("response_format")),
         )
+
+    def _grammar(self, response_format: dict[str, Any] | None) -> str | None:
+        if not response_format or not self.supports_response_format:
+            return None
+        from archon_server.engine.constrain import grammar_for
+
+        try:
+            return grammar_for(response_format)
+        except ValueError as e:
+            raise BackendError(f"response_format: cannot constrain decoding to it: {e}", status=400, backend=self.name) from e
 
     async def _events(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Any]:
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""

@@ -9,6 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..structured import check_response_format
 
 
+def stop_list(v: str | list[str] | None) -> list[str] | None:
+    """OpenAI's `stop`: a string or up to 4 non-empty strings (chat and completions alike)."""
+    if v is None:
+        return None
+    v = [v] if isinstance(v, str) else v
+    if len(v) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in v):
+        raise ValueError("stop sequences must be non-empty")
+    return v
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
@@ -85,14 +97,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in v):
-            raise ValueError("stop sequences must be non-empty")
-        return v
+        return stop_list(v)
 
     @field_validator("messages")
     @classmethod
