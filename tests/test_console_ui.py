@@ -193,6 +193,32 @@ def test_saved_trace_file_opens_in_the_viewer_without_keys(browser, upstream_fac
     by(drv, "#tr-file").send_keys(str(lines))
     wait_for(lambda: "2 trace(s)" in by(drv, "#tr-status").text, 20, "two traces from the JSON lines")
     waterfall_matches(drv, stored["trace"])
+    # a sweep's results (keep_traces: true): one trace per answer, one per turn for multi-turn questions
+    sweep_out = _sweep_with_traces(tmp_path)
+    records = [json.loads(x) for x in (sweep_out / "results.jsonl").read_text().splitlines()]
+    by(drv, "#tr-file").send_keys(str(sweep_out / "results.jsonl"))
+    wait_for(lambda: "3 trace(s)" in by(drv, "#tr-status").text, 20, "the sweep's three traces")
+    waterfall_matches(drv, next(r for r in records if "trace" in r)["trace"])
+    from selenium.webdriver.support.select import Select
+
+    pick = Select(by(drv, "#tr-pick"))  # results are written as answers finish: find the second turn by its label
+    pick.select_by_index(next(i for i, o in enumerate(pick.options) if "turn 2" in o.text))
+    waterfall_matches(drv, next(r for r in records if "traces" in r)["traces"][1])
+    assert "mt_bench" in by(drv, "#tr-summary").text and "turn 2" in by(drv, "#tr-summary").text
+
+
+def _sweep_with_traces(tmp_path: Path) -> Path:
+    import asyncio
+
+    from archon_server.bench import sweep as sw
+    from tests.bench_fakes import ScriptedUpstream, make_registry
+
+    (tmp_path / "tiny-moa.yaml").write_text("name: tiny-moa\nlayers:\n  - - {type: generator, models: [proposer-1, proposer-2]}\n"
+                                           "  - - {type: fuser, model: aggregator}\n")
+    spec = sw.SweepSpec.model_validate({"name": "t", "judge": "judge", "keep_traces": True, "architectures": [str(tmp_path / "tiny-moa.yaml")],
+                                        "benchmarks": [{"name": "math500", "split": "dev", "n": 1}, {"name": "mt_bench", "n": 1}]})
+    asyncio.run(sw.run_sweep(spec, tmp_path / "sweep", registry=make_registry(ScriptedUpstream()), progress=False))
+    return tmp_path / "sweep"
 
 
 def test_compare_failures_and_an_unreachable_server(browser, upstream_factory, server_factory):
