@@ -177,13 +177,13 @@ def test_saved_trace_file_opens_in_the_viewer_without_keys(browser, upstream_fac
     waterfall_matches(drv, trace)
     bars = all_by(drv, "#tr-waterfall g.wf-bar")
     assert "failed" in bars[0].get_attribute("class") and sum("failed" in b.get_attribute("class") for b in bars) == 1
-    assert "upstream answered 500" in by(drv, '#tr-layers .layer-card[data-layer="0"]').text
-    ranker = by(drv, '#tr-layers .layer-card[data-layer="1"]')
-    assert ranker.text.count("kept #") == 5 and ranker.text.count("dropped") == 3
+    assert "upstream answered 500" in by(drv, '#tr-layers .layer-card[data-layer="0"]').get_attribute("textContent")
+    ranker = by(drv, '#tr-layers .layer-card[data-layer="1"]').get_attribute("textContent")
+    assert ranker.count("kept #") == 5 and ranker.count("dropped") == 3
     # expanding a candidate shows its whole text
     cand = all_by(drv, '#tr-layers .layer-card[data-layer="0"] details.cand')[1]
     cand.find_element("css selector", "summary").click()
-    assert trace["layers"][0]["candidates"][1]["text"] in cand.find_element("css selector", "pre").text
+    wait_for(lambda: trace["layers"][0]["candidates"][1]["text"] in cand.find_element("css selector", "pre").text, 10, "the expanded text")
     drv.save_screenshot(str(SHOTS / "console-loaded-trace.png"))
     # a downloaded trace (a /v1/traces entry) and JSON lines of responses load too
     entry = httpx.get(srv.url + "/v1/traces").json()["data"][0]
