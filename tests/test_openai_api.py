@@ -159,8 +159,9 @@ def test_responses_function_calls_non_streaming_and_streaming(upstream_factory, 
     srv = server_factory(fake_config(up.url))
     c = client(srv)
     tool = {"type": "function", "name": "get_weather", "description": "Weather of a city", "parameters": WEATHER["function"]["parameters"]}
-    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool])
+    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool], tool_choice={"type": "function", "name": "get_weather"})
     assert up.requests[0].body["tools"] == [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}]
+    assert up.requests[0].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}  # in chat's shape
     item = r.output[0]
     assert item.type == "function_call" and item.name == "get_weather" and item.call_id == "call_1" and json.loads(item.arguments) == {"city": "Paris"}
     with c.responses.stream(model="default", input="Weather?", tools=[tool]) as stream:

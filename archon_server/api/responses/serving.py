@@ -30,7 +30,7 @@ from ...components.state import Candidate
 from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
 from ..errors import APIError
-from ..structured import chat_tools
+from ..structured import chat_tool_choice, chat_tools
 from .protocol import ResponsesRequest, input_messages
 
 MAX_KEPT = 256  # responses kept for previous_response_id (each holds its conversation: bounded by count)
@@ -90,7 +90,7 @@ class ResponsesService:
         final = FinalOverrides(
             n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
             logprobs=bool(req.top_logprobs), top_logprobs=req.top_logprobs or 0,
-            extra=final_extra(fmt, tools, req.tool_choice, req.parallel_tool_calls),
+            extra=final_extra(fmt, tools, chat_tool_choice(req.tool_choice), req.parallel_tool_calls),
         )
         self.chat.check_final(spec, final)
         return spec, messages, final, conversation
