@@ -33,6 +33,7 @@ from .base import (
     TokenLogprob,
     Usage,
 )
+from .http_scoring import HTTPScoring
 
 log = logging.getLogger("archon.backends.http")
 
@@ -128,7 +129,7 @@ def parse_completion(data: Any, backend: str) -> ChatResult:
     return ChatResult(choices=choices, usage=_usage(data.get("usage")), model=str(data.get("model", "")), metrics=metrics)
 
 
-class OpenAIHTTPBackend(Backend):
+class OpenAIHTTPBackend(HTTPScoring, Backend):
     def __init__(
         self,
         name: str,

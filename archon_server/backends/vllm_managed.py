@@ -31,7 +31,19 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import Backend, BackendError, ChatRequest, ChatResult, StreamChunk
+from .base import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    NextTokenRequest,
+    NextTokenResult,
+    RewardRequest,
+    RewardResult,
+    ScoreRequest,
+    ScoreResult,
+    StreamChunk,
+)
 from .process import SupervisedProcess, free_port
 
 log = logging.getLogger("archon.backends.vllm")
@@ -417,6 +429,22 @@ class VLLMManagedBackend(Backend):
                     yield replace(chunk, index=i)
             else:
                 yield chunk
+
+    # Scoring goes to the same server (vLLM's prompt_logprobs, /tokenize, /score): see backends/http_scoring.py.
+    supports_scoring = True
+    supports_reward = True
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        return await self._client().score(replace(request, model=self.served_model_name))
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        return await self._client().next_token_logprobs(replace(request, model=self.served_model_name))
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        return await self._client().reward(replace(request, model=self.served_model_name))
+
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score") -> None:
+        await self._client().check_scoring(need, self.served_model_name, protocol)
 
     async def models(self) -> list[str]:
         return await self._client().models() if self._http is not None else []

@@ -23,7 +23,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import Backend, ChatRequest, ChatResult, Choice, TokenLogprob, Usage
+from ..backends.base import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    Choice,
+    NextTokenRequest,
+    NextTokenResult,
+    RewardRequest,
+    RewardResult,
+    ScoreRequest,
+    ScoreResult,
+    TokenLogprob,
+    Usage,
+)
 
 
 class CacheStore:
@@ -114,6 +127,8 @@ class CachingBackend(Backend):
         self.name = getattr(inner, "name", "backend")
         self.supports_n = inner.supports_n
         self.supports_logprobs = inner.supports_logprobs
+        self.supports_scoring = inner.supports_scoring
+        self.supports_reward = inner.supports_reward
         self.hits = 0
         self.misses = 0
 
@@ -135,6 +150,19 @@ class CachingBackend(Backend):
         res = await self.inner.chat(request)  # errors propagate and are not stored
         self.store.put(key, result_to_json(res))
         return res
+
+    # Scoring is deterministic and cheap next to generation: passed through, not cached.
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        return await self.inner.score(request)
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        return await self.inner.next_token_logprobs(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        return await self.inner.reward(request)
+
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score") -> None:
+        await self.inner.check_scoring(need, model, protocol)
 
     async def start(self) -> None:
         await self.inner.start()
