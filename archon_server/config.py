@@ -72,6 +72,7 @@ class ServerSettings(_Base):
     api_keys_env: str | None = Field(default="ARCHON_API_KEYS", description="Comma-separated client keys in this env var.")
     api_keys_file: str | None = Field(default=None, description="File with one client key per line.")
     default_architecture: str | None = None
+    keep_traces: int = Field(default=100, ge=0, description="Recent requests' traces kept in memory for /v1/traces and /ui (0: none).")
 
 
 class ServerConfig(_Base):

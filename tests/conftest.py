@@ -56,3 +56,45 @@ def server_factory() -> Iterator[Callable[..., ServerThread]]:
     yield make
     for s in started:
         s.stop()
+
+
+# -- storage: SQLite and real PostgreSQL ----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[str]:
+    """URL of a real PostgreSQL cluster: the one ``.ci/run`` started (``ARCHON_TEST_POSTGRES_URL``), else a
+    throwaway one started here.  Under CI a missing PostgreSQL is a failure, never a skip."""
+    from archon_server.testing.postgres import (
+        URL_ENV,
+        PostgresUnavailable,
+        TempPostgres,
+    )
+
+    if os.environ.get(URL_ENV):
+        yield os.environ[URL_ENV]
+        return
+    try:
+        pg = TempPostgres().start()
+    except PostgresUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required under CI: {e}")
+        pytest.skip(str(e))
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: str) -> str:
+    """A fresh database of its own on the real cluster."""
+    from archon_server.testing.postgres import create_database
+
+    return create_database(postgres_cluster)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs on SQLite and on real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/study.db"
+    return request.getfixturevalue("postgres_url")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,8 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends.registry import BackendRegistry, build_registry
 from ..config import ServerConfig
-from ..graph.catalog import load_catalog
+from ..graph.catalog import Catalog
 from ..spec import ArchitectureSpec
+from .architectures.api_router import router as architectures_router
 from .auth import check_key, load_keys
 from .chat.api_router import router as chat_router
 from .chat.serving import ChatService
@@ -27,6 +28,9 @@ from .errors import APIError, api_error_handler, error_body, http_error_handler,
 from .memory import trim_when_idle
 from .metrics import Metrics
 from .models.api_router import router as models_router
+from .traces.api_router import router as traces_router
+from .traces.store import TraceStore
+from .ui.api_router import is_public, mount_ui
 
 log = logging.getLogger("archon.api")
 
@@ -53,7 +57,8 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.keys and scope.get("path") not in PUBLIC_PATHS and not check_key(headers.get("authorization"), self.keys):
+        path = scope.get("path", "")
+        if self.keys and path not in PUBLIC_PATHS and not is_public(path) and not check_key(headers.get("authorization"), self.keys):
             await _send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
             return
         if self.busy is not None and scope.get("method") == "POST" and scope.get("path") == "/v1/chat/completions" and self.busy():
@@ -98,9 +103,15 @@ class GuardMiddleware:
                 raise
 
 
-def build_app(config: ServerConfig, registry: BackendRegistry | None = None, catalog: dict[str, ArchitectureSpec] | None = None) -> FastAPI:
+def build_app(
+    config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None
+) -> FastAPI:
+    """``catalog``: default, the config's architecture folders; a mapping is a fixed set of architectures."""
     registry = registry or build_registry(config)
-    catalog = catalog if catalog is not None else load_catalog(config.architectures_dirs)
+    if catalog is None:
+        catalog = Catalog(config.architectures_dirs, registry)
+    elif not isinstance(catalog, Catalog):
+        catalog = Catalog(registry=registry, specs=catalog)
     metrics = Metrics()
     s = config.server
 
@@ -118,18 +129,24 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
 
     app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
+    app.state.catalog = catalog  # every endpoint resolves model names here
     app.state.config = config
     app.state.metrics = metrics
     app.state.chat = ChatService(
         registry, catalog, max_n=s.max_n, max_inflight=s.max_concurrent_requests,
         request_timeout_s=s.request_timeout_s, metrics=metrics, max_messages=s.max_messages,
+        traces=TraceStore(s.keep_traces),
     )
+    app.state.traces = app.state.chat.traces
     app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unhandled_handler)
     app.include_router(chat_router)
     app.include_router(models_router)
+    app.include_router(traces_router)
+    app.include_router(architectures_router)
+    mount_ui(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

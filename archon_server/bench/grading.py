@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..sandbox import SandboxLimits, isolation_mode
+from ..sandbox.harness import run_graded
 from .datasets import Item, last_boxed
-from ..sandbox import SandboxLimits, isolation_mode, run_python
 
 
 @dataclass
@@ -140,26 +141,37 @@ def extract_crux_answer(response: str, mode: str) -> str | None:
     return text
 
 
-def cruxeval_program(ref: dict[str, Any], answer: str) -> str:
+def cruxeval_check(ref: dict[str, Any], answer: str) -> tuple[str, str, str]:
+    """(candidate, prelude, test) for :func:`run_graded`: the model's answer is evaluated in the
+    candidate process and comes back as plain data; ``f`` (the dataset's code) runs in the harness.
+
+    Output mode: the answer is the predicted value.  Input mode: the answer is a call
+    ``f(...)`` (or its arguments), evaluated after the dataset's code (inputs may name its
+    globals) with ``f`` replaced by one that only records its arguments, which the harness then
+    passes to the real ``f``.  Output mode leaves ``f`` out of the candidate's reach (an answer
+    ``f(x)`` would otherwise grade itself).
+    """
     if ref["mode"] == "output":
-        return f"{ref['code']}\nassert f({ref['input']}) == {answer}\n"
+        return f"__answer__ = (\n{answer}\n)\n", ref["code"], f"assert f({ref['input']}) == __answer__\n"
     call = answer if answer.startswith("f(") else f"f({answer})"
-    return f"{ref['code']}\nassert {call} == {ref['output']}\n"
+    candidate = f"{ref['code']}\n\ndef f(*args, **kwargs):\n    return (args, kwargs)\n\n__answer__ = (\n{call}\n)\n"
+    return candidate, ref["code"], f"assert f(*__answer__[0], **__answer__[1]) == {ref['output']}\n"
 
 
 def grade_cruxeval(response: str, ref: dict[str, Any], limits: SandboxLimits | None = None) -> Grade:
     ans = extract_crux_answer(response, ref["mode"])
     if ans is None:
         return _grade(False, None, reason="no answer found")
-    r = run_python(cruxeval_program(ref, ans), limits=limits or SandboxLimits(timeout_s=10))
-    return _grade(r.passed, ans, status=r.status, reason=r.reason)
+    candidate, prelude, test = cruxeval_check(ref, ans)
+    run = run_graded(candidate, [test], prelude=prelude, bind=["__answer__"], per_test_timeout_s=10, limits=limits)
+    return _grade(run.passed, ans, status=run.sandbox.status, reason=run.reason or run.outcomes[0].error)
 
 
 # --------------------------------------------------------------------------- HumanEval
 
 
-def humaneval_program(ref: dict[str, Any], response: str) -> str:
-    """Program = (the response's function, or prompt + completion) + the tests + ``check(entry_point)``.
+def humaneval_solution(ref: dict[str, Any], response: str) -> str:
+    """The candidate program: the response's function after the prompt, or prompt + completion.
 
     If a code block defines the entry point, the block is the solution, placed after the
     whole prompt: the prompt's imports and helper functions (HumanEval/10 completes
@@ -179,12 +191,17 @@ def humaneval_program(ref: dict[str, Any], response: str) -> str:
     else:
         completion = blocks[0] if blocks else response
         solution = ref["prompt"] + completion
-    return f"{solution}\n\n{ref['test']}\n\ncheck({entry})\n"
+    return solution
 
 
 def grade_humaneval(response: str, ref: dict[str, Any], limits: SandboxLimits | None = None) -> Grade:
-    r = run_python(humaneval_program(ref, response), limits=limits or SandboxLimits(timeout_s=10))
-    return _grade(r.passed, None, status=r.status, reason=r.reason)
+    """Upstream's check (``ref['test']`` + ``check(entry_point)``), run by the harness against the
+    candidate's entry point in its own process; the prompt (trusted helpers such as ``poly``) is the
+    harness-side prelude.  Only the harness's nonce-signed verdict counts (see sandbox.harness)."""
+    entry = ref["entry_point"]
+    run = run_graded(humaneval_solution(ref, response), [f"{ref['test']}\n\ncheck({entry})\n"],
+                     prelude=ref["prompt"], bind=[entry], per_test_timeout_s=10, limits=limits)
+    return _grade(run.passed, None, status=run.sandbox.status, reason=run.reason or run.outcomes[0].error)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..backends.base import Backend, ChatRequest, ChatResult, SamplingParams, Usage
-from ..spec import ArchitectureSpec, SpecError, load_architecture, validation_messages
+from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
 from .grading import AUTO_GRADED, grade
@@ -186,29 +186,21 @@ Generate = Callable[[list[dict[str, Any]]], Any]  # async (messages) -> (text, c
 
 
 def resolve_architectures(names: Iterable[str], registry: Any, config: Any | None, base_dir: Path | None = None) -> dict[str, ArchitectureSpec | None]:
-    """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend alias."""
-    from ..graph.catalog import load_catalog, passthrough
+    """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend
+    alias, resolved by the server's one catalog (graph.catalog.Catalog)."""
+    from ..graph.catalog import Catalog, UnknownArchitecture
 
-    catalog: dict[str, ArchitectureSpec] = {}
-    if config is not None:
-        catalog = load_catalog(config.architectures_dirs)
+    catalog = Catalog(config.architectures_dirs if config is not None else (), registry)
     out: dict[str, ArchitectureSpec | None] = {}
     for n in names:
         if n == NULL_ARCH:
             out[n] = None
             continue
-        p = Path(n)
-        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
-            p = base_dir / p
-        if p.suffix.lower() in (".yaml", ".yml", ".json") and p.exists():
-            spec = load_architecture(p)
-            out[spec.name] = spec
-        elif n in catalog:
-            out[n] = catalog[n]
-        elif registry is not None and n in registry:
-            out[n] = passthrough(n)
-        else:
-            raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"])
+        try:
+            spec = catalog.resolve(n, files=True, base_dir=base_dir)
+        except UnknownArchitecture:
+            raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"]) from None
+        out[spec.name] = spec
     return out
 
 

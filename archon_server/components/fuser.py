@@ -42,5 +42,5 @@ class Fuser(Component):
         header = self.spec.system_prompt or prompts.FUSER_SYSTEM
         msgs = fusion_messages(state, cands, header, crit, self.spec.length_control)
         n = ctx.final.n if ctx.final is not None else self.spec.samples
-        res = await ctx.call(self.id, self.type, self.spec.model, msgs, ctx.sampling(self.spec), n=n, purpose=f"fuse {len(cands)}", stream=True)
+        res = await ctx.call(self.spec.model, msgs, ctx.sampling(self.spec), n=n, purpose=f"fuse {len(cands)}", stream=True)
         return Update(candidates=[Candidate(c.text, source=self.spec.model, finish_reason=c.finish_reason, meta={"logprobs": c.logprobs}) for c in res.choices])

@@ -28,7 +28,7 @@ class Generator(Component):
         messages = with_system(state.messages, self.spec.system_prompt)
         stream = ctx.sink is not None and len(models) == 1
         results = await gather_tolerant(
-            [ctx.call(self.id, self.type, m, messages, params, n=k, purpose=f"{k} sample(s)", stream=stream) for m in models]
+            [ctx.call(m, messages, params, n=k, purpose=f"{k} sample(s)", stream=stream) for m in models]
         )
         cands: list[Candidate] = []
         for model, res in zip(models, results):

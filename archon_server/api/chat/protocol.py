@@ -52,6 +52,7 @@ class ChatCompletionRequest(BaseModel):
     # archon-server extensions (the openai SDK sends them with `extra_body=`)
     architecture: dict[str, Any] | None = Field(default=None, description="Overrides deep-merged into the architecture.")
     return_trace: bool = False
+    stream_trace: bool = Field(default=False, description="With stream: true, add the graph's progress (trace events) as chunks.")
 
     @field_validator("stop")
     @classmethod
@@ -122,3 +123,4 @@ class ChatCompletionChunk(BaseModel):
     choices: list[StreamChoice]
     usage: UsageInfo | None = None
     trace: dict[str, Any] | None = None
+    trace_event: dict[str, Any] | None = None  # stream_trace: one event of the graph's progress (choices is empty)

@@ -15,11 +15,12 @@ from fastapi import Request
 from ...backends.base import StreamChunk, TokenLogprob, Usage
 from ...backends.registry import BackendRegistry
 from ...components import FinalOverrides
-from ...graph.catalog import passthrough
+from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..errors import APIError, error_body
 from ..metrics import Metrics
+from ..traces.store import TraceStore, entry
 from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -75,8 +76,8 @@ async def _disconnected(raw: Request) -> None:
 
 
 class ChatService:
-    def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
-                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512):
+    def __init__(self, registry: BackendRegistry, catalog: Catalog, *, max_n: int, max_inflight: int,
+                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None):
         self.registry = registry
         self.catalog = catalog
         self.runtime = GraphRuntime(registry)
@@ -85,16 +86,14 @@ class ChatService:
         self.request_timeout_s = request_timeout_s
         self.max_messages = max_messages
         self.metrics = metrics
+        self.traces = traces or TraceStore(0)
         self.inflight = 0
         self.admitted = 0  # requests admitted since start (the idle heap trim watches it)
 
     # -- resolution -------------------------------------------------------------
     def resolve(self, req: ChatCompletionRequest) -> ArchitectureSpec:
-        if req.model in self.catalog:
-            spec = self.catalog[req.model]
-        elif req.model in self.registry:
-            spec = passthrough(req.model)
-        else:
+        spec = self.catalog.lookup(req.model)
+        if spec is None:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
         if req.architecture:
             if _has_key(req.architecture, "pattern"):
@@ -152,13 +151,22 @@ class ChatService:
                 for c in layer.calls:
                     self.metrics.backend_calls.labels(c.model, "ok" if c.ok else "error").inc(c.requests)
 
+    def _keep(self, cid: str, req: ChatCompletionRequest, status: int, res: RunResult | None, err: GraphError | None) -> None:
+        """Remember a finished request for /v1/traces and the console (server.keep_traces)."""
+        if not self.traces.enabled or (res is None and (err is None or err.trace is None)):
+            return
+        trace = res.trace if res is not None else err.trace  # type: ignore[union-attr]
+        self.traces.add(entry(cid, req.model, [m.to_dict() for m in req.messages], status=status, stream=req.stream,
+                              trace=trace.to_dict() if trace else None, answers=res.choices if res else None,
+                              error=str(err) if err else None))
+
     # -- non-streaming ------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
         spec = self.resolve(req)
         final = self.final_overrides(req)
         self._admit()
         t0 = time.perf_counter()
-        status, res = 500, None
+        status, res, gerr, cid = 500, None, None, f"chatcmpl-{uuid.uuid4().hex}"
         try:
             task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, deadline_s=self.request_timeout_s))
             # Starlette does not cancel a non-streaming handler when the client goes away: wait for the disconnect
@@ -176,24 +184,25 @@ class ChatService:
             try:
                 res = task.result()
             except GraphError as e:
-                status = e.status
+                status, gerr = e.status, e
                 # Operators need the cause; upstream error text is already stripped of keys (backends/http.py).
                 log.warning("%s failed (%d): %s", spec.name, e.status, e)
                 raise self._gerr(e) from None
             status = 200
-            return self._response(req, spec, res).model_dump(exclude_none=True)
+            return self._response(req, spec, res, cid).model_dump(exclude_none=True)
         finally:
             self._release()
             self._observe(spec.name, status, t0, res)
+            self._keep(cid, req, status, res, gerr)
 
-    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult) -> ChatCompletionResponse:
+    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult, cid: str) -> ChatCompletionResponse:
         choices = [
             Choice(index=i, message=ResponseMessage(content=c.text), finish_reason=c.finish_reason or "stop",
                    logprobs=_logprobs_json(c.meta.get("logprobs")) if req.logprobs else None)
             for i, c in enumerate(res.candidates)
         ]
         return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
+            id=cid, created=int(time.time()), model=req.model, choices=choices,
             usage=_usage(res.usage), trace=res.trace.to_dict() if req.return_trace else None,
         )
 
@@ -207,7 +216,8 @@ class ChatService:
 
     async def _stream(self, req: ChatCompletionRequest, spec: ArchitectureSpec, final: FinalOverrides) -> AsyncIterator[str]:
         cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.perf_counter()
-        queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
+        # Backend tokens, and with `stream_trace` the trace's events (dicts) as they happen; None: the graph ended.
+        queue: asyncio.Queue[StreamChunk | dict[str, Any] | None] = asyncio.Queue()
 
         async def sink(ch: StreamChunk) -> None:
             await queue.put(ch)
@@ -216,9 +226,10 @@ class ChatService:
             c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
-        task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, sink=sink, deadline_s=self.request_timeout_s))
+        task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, sink=sink, deadline_s=self.request_timeout_s,
+                                                      observer=queue.put_nowait if req.stream_trace else None))
         task.add_done_callback(lambda _t: queue.put_nowait(None))
-        status, res = 500, None
+        status, res, gerr = 500, None, None
         finished: set[int] = set()
         try:
             for i in range(final.n):
@@ -227,12 +238,14 @@ class ChatService:
                 item = await queue.get()
                 if item is None:
                     break
-                if item.text:
+                if isinstance(item, dict):  # a trace event: a chunk with no choices, ignored by OpenAI clients
+                    yield chunk([], trace_event=item)
+                elif item.text:
                     yield chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text))])
             try:
                 res = task.result()
             except GraphError as e:
-                status = e.status
+                status, gerr = e.status, e
                 log.warning("%s stream failed (%d): %s", spec.name, e.status, e)
                 yield f"data: {json.dumps(error_body(e.status, str(e), code='upstream_error' if e.status == 502 else 'timeout'))}\n\n"
                 yield "data: [DONE]\n\n"
@@ -257,3 +270,4 @@ class ChatService:
                 status = 499
             self._release()
             self._observe(spec.name, status, t0, res)
+            self._keep(cid, req, status, res, gerr)
