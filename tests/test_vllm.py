@@ -177,7 +177,7 @@ async def test_score_matches_the_embedded_engine(vllm: VLLMManagedBackend) -> No
     assert (ours.scores[0].logprob > ours.scores[1].logprob) == (theirs.scores[0].logprob > theirs.scores[1].logprob)
     top_theirs = await vllm.next_token_logprobs(NextTokenRequest("any-alias", q, 5))
     assert top_theirs.top[0][0] == top_ours.top[0][0]
-    assert top_theirs.top[0][1] == pytest.approx(top_ours.top[0][1], abs=0.05)
+    assert top_theirs.top[0][1] == pytest.approx(top_ours.top[0][1], abs=0.15)
 
 
 async def test_reward_on_a_generative_model_is_refused_clearly(vllm: VLLMManagedBackend) -> None:

@@ -223,9 +223,10 @@ class ScoringMixin:
     async def reward(self, request: RewardRequest) -> RewardResult:
         raise self._cannot("compute rewards (it is not a reward-model server)")
 
-    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score") -> None:
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
         """Raise :class:`ScoringUnsupported` unless this backend can do ``need`` (score | next_token | reward;
-        ``model``: the upstream model name, ``protocol``: the reward protocol)."""
+        ``model``: the upstream model name, ``protocol``: the reward protocol). ``probe=False``: answer from what
+        the backend knows without a network call (an upstream that must be asked then raises nothing)."""
         ok = self.supports_reward if need == "reward" else self.supports_scoring
         if not ok:
             raise self._cannot({"score": "score text", "next_token": "return next-token log-probabilities", "reward": "compute rewards"}[need])

@@ -186,8 +186,10 @@ class HTTPScoring:
         usage = Usage(int((u or {}).get("prompt_tokens") or 0), 0)
         return RewardResult(parse_rewards(data, request.protocol, len(request.responses), self.name), usage, time.perf_counter() - t0)  # type: ignore[attr-defined]
 
-    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score") -> None:
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
         """Ask the upstream once; a missing capability becomes :class:`ScoringUnsupported` naming it."""
+        if not probe:
+            return
         probe = [{"role": "user", "content": "Hi"}]
         try:
             if need == "score":

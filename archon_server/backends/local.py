@@ -47,7 +47,9 @@ class LocalBackend(Backend):
     """In-process generation.  ``await start()`` loads (and on first use converts) the model.
 
     ``options``: ``progress`` (bool, print conversion progress; default True);
-    ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times).
+    ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times);
+    ``lazy`` (bool: load on first use rather than at server start; for a model only some architectures use,
+    like the default config's ``weak`` base model for density-ratio scoring).
     """
 
     supports_n = True
@@ -74,6 +76,7 @@ class LocalBackend(Backend):
         # through `extra={"speculative": {...}}` (or disable it with `extra={"speculative": None}`).
         self.speculative: dict[str, Any] | None = options.pop("speculative", None)
         self.threads: int | str = options.pop("threads", "auto")
+        self.lazy = bool(options.pop("lazy", False))
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
@@ -82,6 +85,10 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if not self.lazy:
+            await self._load()
+
+    async def _load(self) -> None:
         async with self._start_lock:
             if self.engine is not None:
                 return
@@ -103,7 +110,9 @@ class LocalBackend(Backend):
         return [self.model]
 
     async def health(self) -> bool:
-        return self.engine is not None and self.engine.alive
+        if self.engine is None:
+            return self.lazy  # not loaded yet by design: healthy until a first use fails
+        return self.engine.alive
 
     @property
     def model_path(self) -> str:
@@ -164,7 +173,7 @@ class LocalBackend(Backend):
     async def _events(self, request: ChatRequest) -> AsyncIterator[Any]:
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
         if self.engine is None:
-            await self.start()
+            await self._load()
         from archon_server.engine.scheduler import DoneEvent, ErrorEvent
 
         prompt = self._prompt_ids(request.messages)
@@ -188,7 +197,7 @@ class LocalBackend(Backend):
     async def _on_worker(self, fn: Any) -> Any:
         """Run ``fn(runner)`` on the engine's worker thread (between decode steps) and await its result."""
         if self.engine is None:
-            await self.start()
+            await self._load()
         try:
             return await asyncio.wrap_future(self.engine.run_job(fn))
         except ValueError as e:  # too long for the context, empty prompt
@@ -203,7 +212,7 @@ class LocalBackend(Backend):
 
         t0 = time.perf_counter()
         if self.engine is None:
-            await self.start()
+            await self._load()
         prompt = self._score_prompt(request.messages)
         fulls = [self._prompt_ids(request.messages, c) for c in request.continuations]
         cut = min([len(prompt)] + [common_prefix(prompt, f) for f in fulls])  # a boundary token may merge
@@ -234,7 +243,7 @@ class LocalBackend(Backend):
 
         t0 = time.perf_counter()
         if self.engine is None:
-            await self.start()
+            await self._load()
         prompt = self._prompt_ids(request.messages)
         top = await self._on_worker(lambda runner: next_token_top(runner, prompt, request.top_k))
         return NextTokenResult([(self._token_str(t), lp) for t, lp in top], Usage(prompt_tokens=len(prompt)), time.perf_counter() - t0)

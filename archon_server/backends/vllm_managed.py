@@ -443,8 +443,9 @@ class VLLMManagedBackend(Backend):
     async def reward(self, request: RewardRequest) -> RewardResult:
         return await self._client().reward(replace(request, model=self.served_model_name))
 
-    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score") -> None:
-        await self._client().check_scoring(need, self.served_model_name, protocol)
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
+        if probe:
+            await self._client().check_scoring(need, self.served_model_name, protocol)
 
     async def models(self) -> list[str]:
         return await self._client().models() if self._http is not None else []

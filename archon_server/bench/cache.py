@@ -161,8 +161,8 @@ class CachingBackend(Backend):
     async def reward(self, request: RewardRequest) -> RewardResult:
         return await self.inner.reward(request)
 
-    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score") -> None:
-        await self.inner.check_scoring(need, model, protocol)
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
+        await self.inner.check_scoring(need, model, protocol, probe)
 
     async def start(self) -> None:
         await self.inner.start()

@@ -159,10 +159,27 @@ class LimitedBackend(Backend):
         self.name = getattr(inner, "name", "backend")
         self.supports_n = inner.supports_n
         self.supports_logprobs = inner.supports_logprobs
+        self.supports_scoring = inner.supports_scoring
+        self.supports_reward = inner.supports_reward
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         async with self.sem:
             return await self.inner.chat(request)
+
+    async def score(self, request: Any) -> Any:
+        async with self.sem:
+            return await self.inner.score(request)
+
+    async def next_token_logprobs(self, request: Any) -> Any:
+        async with self.sem:
+            return await self.inner.next_token_logprobs(request)
+
+    async def reward(self, request: Any) -> Any:
+        async with self.sem:
+            return await self.inner.reward(request)
+
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
+        await self.inner.check_scoring(need, model, protocol, probe)
 
     async def start(self) -> None:
         await self.inner.start()
