@@ -97,3 +97,45 @@ async def test_scoring_interleaves_with_generation_and_survives_bad_input(backen
     again = await backend.score(ScoreRequest("m", QUESTION, ["Paris."]))
     assert again.scores[0].logprob == pytest.approx(scores[0].scores[0].logprob, abs=1e-4)
     assert (await backend.chat(chat(STORY, max_tokens=60, temperature=0.0))).choices[0].text == alone
+
+
+async def test_density_ratio_ranks_a_known_better_text_above_corrupted_ones(backend: LocalBackend) -> None:
+    """CDR with the embedded instruct model over the gemma3-270m base model (different tokenizer and no chat
+    template): the right answer beats its shuffled words, an off-topic answer and a truncated one."""
+    from archon_server.backends.registry import BackendRegistry
+    from archon_server.components import FinalOverrides
+    from archon_server.components.state import Candidate
+    from archon_server.graph.runtime import GraphRuntime
+    from archon_server.spec import parse_architecture
+
+    good = ("1. Keep a regular schedule: go to bed and wake up at the same time every day.\n"
+            "2. Avoid screens and caffeine in the hour before bed.")
+    shuffled = "regular time up 2. go 1. bed caffeine schedule: the Keep and in to every before same and at the screens a wake hour Avoid day. bed."
+    offtopic = "The stock market fell by two percent on Tuesday after the central bank raised interest rates."
+    cands = [shuffled, offtopic, good, "1. Keep a regular"]
+
+    class Fixed(LocalBackend):  # generation replaced by the fixed candidates; scoring is the real engine's
+        async def chat(self, request: ChatRequest):  # type: ignore[no-untyped-def, override]
+            from archon_server.backends.base import ChatResult, Choice
+
+            return ChatResult([Choice(t, index=i) for i, t in enumerate(cands)])
+
+    gen = Fixed(progress=False)
+    gen.engine, gen.loaded = backend.engine, backend.loaded
+    weak = LocalBackend("gemma3-270m", progress=False, lazy=True)  # what the default config binds to `weak`
+    reg = BackendRegistry()
+    reg.register("default", gen)
+    reg.register("weak", weak)
+    spec = parse_architecture({"name": "cdr", "layers": [[{"type": "generator", "model": "default", "samples": 4}],
+                                                         [{"type": "scorer", "method": "density_ratio", "model": "default", "weak": "weak", "top_k": 4}]]})
+    try:
+        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Give me two tips for sleeping better."}], final=FinalOverrides(n=4))
+    finally:
+        await weak.close()
+    ranked: list[Candidate] = res.candidates
+    assert ranked[0].text == good, [(c.text[:20], c.score) for c in ranked]
+    assert ranked[-1].text in (shuffled, offtopic)
+    parts = ranked[0].meta["scorer"]
+    assert parts["logp_strong"] - parts["logp_weak"] == pytest.approx(ranked[0].score)
+    scorer_calls = [c for layer in res.trace.layers for c in layer.calls if c.type == "scorer"]
+    assert sorted(c.model for c in scorer_calls) == ["default", "weak"] and all(c.ok and c.n == 4 for c in scorer_calls)
