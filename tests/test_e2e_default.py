@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -103,6 +104,36 @@ def test_scoring_presets_in_the_default_server(served):
             assert len(kept) == 3
     r = served.chat.completions.create(model="smollm2", messages=msgs, max_tokens=20)
     assert english(r.choices[0].message.content)
+
+
+def test_responses_completions_and_structured_outputs_on_the_embedded_model(served):
+    """The rest of the OpenAI API on the running default server, one request after another as a client would."""
+    r = served.responses.create(model="smollm2", input="What is the capital of France? One sentence.", instructions="Answer briefly.",
+                                max_output_tokens=40, temperature=0)
+    assert r.status in ("completed", "incomplete") and english(r.output_text) and r.usage.output_tokens > 0
+    with served.responses.stream(model="self-moa", input="Name a fruit.", max_output_tokens=24) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
+    assert english(final.output_text) and not any(t in final.output_text for t in TEMPLATE_TOKENS)
+    c = served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, echo=True, logprobs=2, temperature=0)
+    assert c.choices[0].text.startswith("The capital of France is") and len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens
+    # Structured output on the embedded engine is constrained decoding (llguidance): valid on the first run.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}}, "required": ["city", "country"],
+              "additionalProperties": False}
+    for model in ("smollm2", "self-moa"):
+        j = served.chat.completions.create(model=model, messages=[{"role": "user", "content": "Give the capital of France and its country."}],
+                                           max_tokens=60, seed=3, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+                                           extra_body={"return_trace": True})
+        value = json.loads(j.choices[0].message.content)
+        assert set(value) == {"city", "country"} and all(isinstance(v, str) for v in value.values())
+        assert j.model_extra["trace"]["calls"] == (1 if model == "smollm2" else 2)  # no retry was needed
+    with pytest.raises(openai.BadRequestError) as e:
+        served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert "'smollm2'" in e.value.body["message"] and "cannot call tools" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        served.embeddings.create(model="smollm2", input="x")
 
 
 def test_disconnect_cancels_generation():

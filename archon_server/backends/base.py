@@ -52,6 +52,16 @@ class ChatRequest:
 
 
 @dataclass
+class CompletionRequest:
+    """A raw text completion (no chat template). ``echo``: the prompt is prepended to each choice's text."""
+
+    model: str
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    echo: bool = False
+
+
+@dataclass
 class TokenLogprob:
     token: str
     logprob: float
@@ -64,6 +74,7 @@ class Choice:
     finish_reason: str = "stop"
     index: int = 0
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {id, type: function, function: {name, arguments}}
 
 
 @dataclass
@@ -99,6 +110,24 @@ class StreamChunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     metrics: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's streamed tool_calls deltas (index, id, function pieces)
+
+
+def accumulate_tool_calls(acc: dict[int, dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    """Fold streamed tool_calls deltas into whole calls, keyed by their index: ids and names arrive once, the
+    arguments in pieces (OpenAI's and vLLM's streaming shape)."""
+    for d in deltas:
+        if not isinstance(d, dict):
+            continue
+        i = d.get("index", 0) if isinstance(d.get("index", 0), int) else 0
+        call = acc.setdefault(i, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        if d.get("id"):
+            call["id"] = d["id"]
+        fn = d.get("function") if isinstance(d.get("function"), dict) else {}
+        if fn.get("name"):
+            call["function"]["name"] += fn["name"]
+        if isinstance(fn.get("arguments"), str):
+            call["function"]["arguments"] += fn["arguments"]
 
 
 # ---------------------------------------------------------------------------- scoring (no generation)
@@ -242,6 +271,11 @@ class Backend(ScoringMixin, abc.ABC):
     name: str = "backend"
     supports_n: bool = True
     supports_logprobs: bool = True
+    # OpenAI-style `tools` / `tool_choice` are honoured (the model may answer with tool_calls).
+    supports_tools: bool = True
+    # `response_format` json_object / json_schema constrains decoding (vLLM's structured outputs); without it the
+    # server prompts for JSON and validates (see api/structured.py).
+    supports_response_format: bool = True
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
@@ -262,6 +296,19 @@ class Backend(ScoringMixin, abc.ABC):
         for ch in res.choices:
             yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
         res.latency_s = res.latency_s or time.perf_counter() - t0
+        yield StreamChunk(usage=res.usage, metrics=res.metrics)
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        """Raw text completion of ``request.prompt`` (POST /v1/completions on a backend alias)."""
+        raise BackendError(f"backend {self.name} does not serve raw text completions", status=400, backend=self.name)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        """Streaming raw completion. Default: one chunk from :meth:`complete`."""
+        res = await self.complete(request)
+        for ch in res.choices:
+            yield StreamChunk(index=ch.index, text=ch.text)
+        for ch in res.choices:
+            yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
         yield StreamChunk(usage=res.usage, metrics=res.metrics)
 
     async def models(self) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from ..config import OpenAIBackendConfig
 from .base import (
     Backend,
     BackendError,
@@ -29,6 +30,7 @@ from .base import (
     ChatRequest,
     ChatResult,
     Choice,
+    CompletionRequest,
     StreamChunk,
     TokenLogprob,
     Usage,
@@ -87,7 +89,26 @@ def _body(request: ChatRequest, stream: bool) -> dict[str, Any]:
     return body
 
 
+def _completion_body(request: CompletionRequest, stream: bool) -> dict[str, Any]:
+    """POST /v1/completions: the chat body's sampling fields with `prompt` for `messages`, `logprobs` an int."""
+    body = _body(ChatRequest(request.model, [], request.params), stream)
+    del body["messages"]
+    body.pop("top_logprobs", None)
+    body["prompt"] = request.prompt
+    if request.params.logprobs:
+        body["logprobs"] = request.params.top_logprobs
+    if request.echo:
+        body["echo"] = True
+    return body
+
+
 def _parse_logprobs(lp: Any) -> list[TokenLogprob] | None:
+    if isinstance(lp, dict) and isinstance(lp.get("tokens"), list):  # text_completion's legacy shape
+        tops = lp.get("top_logprobs") or []
+        return [
+            TokenLogprob(str(t), float(v or 0.0), [(str(a), float(b)) for a, b in (tops[j] or {}).items()] if j < len(tops) and isinstance(tops[j], dict) else [])
+            for j, (t, v) in enumerate(zip(lp["tokens"], lp.get("token_logprobs") or []))
+        ]
     if not isinstance(lp, dict) or not isinstance(lp.get("content"), list):
         return None
     out = []
@@ -112,13 +133,16 @@ def parse_completion(data: Any, backend: str) -> ChatResult:
         if not isinstance(c, dict):
             raise BackendError("malformed choice from upstream", status=502, retryable=True, backend=backend)
         msg = c.get("message") or {}
-        text = msg.get("content") if isinstance(msg, dict) else None
+        # chat.completion: message.content (and message.tool_calls); text_completion: text
+        text = msg.get("content") if isinstance(msg, dict) and "message" in c else c.get("text")
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
         choices.append(
             Choice(
                 text=text if isinstance(text, str) else "",
                 finish_reason=c.get("finish_reason") or "stop",
                 index=int(c.get("index", i)) if isinstance(c.get("index", i), int) else i,
                 logprobs=_parse_logprobs(c.get("logprobs")),
+                tool_calls=[t for t in calls if isinstance(t, dict)] or None if isinstance(calls, list) else None,
             )
         )
     choices.sort(key=lambda c: c.index)
@@ -165,6 +189,12 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
         self.breaker_cooldown_s = breaker_cooldown_s
         self.extra_headers = dict(extra_headers or {})
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, cfg: OpenAIBackendConfig) -> "OpenAIHTTPBackend":
+        """Every field of the config's kind reaches the backend (none copied by hand in the registry)."""
+        fields = cfg.model_dump(exclude={"alias", "kind", "model", "urls", "aliases", "max_concurrency"})
+        return cls(cfg.alias, cfg.urls, cfg.model, **fields)
 
     # -- plumbing -------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -294,12 +324,22 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
             one = await self.chat(_single(request))
             one.choices = [dataclasses.replace(one.choices[0], index=i) for i in range(request.params.n)]
             return one
-        body = _body(request, stream=False)
+        return await self._post_completion("/chat/completions", _body(request, stream=False), request.params.n)
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        if _greedy_n(request):
+            one = await self.complete(dataclasses.replace(request, params=dataclasses.replace(request.params, n=1)))
+            one.choices = [dataclasses.replace(one.choices[0], index=i) for i in range(request.params.n)]
+            return one
+        return await self._post_completion("/completions", _completion_body(request, stream=False), request.params.n)
+
+    async def _post_completion(self, path: str, body: dict[str, Any], n: int) -> ChatResult:
+        """POST a (chat) completion body to the least-loaded replica, with retries; validate the answer."""
 
         async def once(replica: Replica) -> ChatResult:
             s = await self.session()
             t0 = time.perf_counter()
-            async with s.post(f"{replica.url}/chat/completions", json=body, headers=self._headers()) as resp:
+            async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
                 if resp.status != 200:
                     err = await self._error_from(resp)
                     err.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
@@ -309,9 +349,9 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
                 except (ValueError, aiohttp.ContentTypeError):
                     raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name) from None
             res = parse_completion(data, self.name)
-            if len(res.choices) != request.params.n:
+            if len(res.choices) != n:
                 raise BackendError(
-                    f"upstream {self.name} returned {len(res.choices)} choices for n={request.params.n}",
+                    f"upstream {self.name} returned {len(res.choices)} choices for n={n}",
                     status=502,
                     retryable=True,
                     backend=self.name,
@@ -330,7 +370,23 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
                 for i in range(request.params.n):  # every copy gets each piece
                     yield dataclasses.replace(ch, index=i)
             return
-        body = _body(request, stream=True)
+        async for ch in self._stream_completion("/chat/completions", _body(request, stream=True), request.params.n):
+            yield ch
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        if _greedy_n(request):
+            one = dataclasses.replace(request, params=dataclasses.replace(request.params, n=1))
+            async for ch in self.stream_complete(one):
+                if ch.usage is not None:
+                    yield ch
+                    continue
+                for i in range(request.params.n):
+                    yield dataclasses.replace(ch, index=i)
+            return
+        async for ch in self._stream_completion("/completions", _completion_body(request, stream=True), request.params.n):
+            yield ch
+
+    async def _stream_completion(self, path: str, body: dict[str, Any], n: int) -> AsyncIterator[StreamChunk]:
         s = await self.session()
         attempt = 0
         # Retries only until the first byte of content: afterwards a retry would duplicate text.
@@ -339,7 +395,7 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
             replica.outstanding += 1
             emitted = False
             try:
-                async with s.post(f"{replica.url}/chat/completions", json=body, headers=self._headers()) as resp:
+                async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
                     if resp.status != 200:
                         raise await self._error_from(resp)
                     finished: set[int] = set()
@@ -357,16 +413,19 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
                                 continue
                             idx = c.get("index", 0) if isinstance(c.get("index", 0), int) else 0
                             delta = c.get("delta") or {}
-                            text = delta.get("content") if isinstance(delta, dict) else None
-                            if text:
+                            # chat: delta.content (and delta.tool_calls); raw completions: text
+                            text = delta.get("content") if isinstance(delta, dict) and delta else c.get("text")
+                            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+                            if text or calls:
                                 emitted = True
-                                yield StreamChunk(index=idx, text=text)
+                                yield StreamChunk(index=idx, text=text if isinstance(text, str) else "",
+                                                  tool_calls=calls if isinstance(calls, list) else None)
                             if c.get("finish_reason"):
                                 finished.add(idx)
                                 yield StreamChunk(index=idx, finish_reason=c["finish_reason"])
                         if chunk.get("usage"):
                             usage = _usage(chunk["usage"])
-                    if len(finished) < request.params.n:
+                    if len(finished) < n:
                         raise BackendError(
                             f"upstream {self.name} stream ended before all choices finished (truncated)",
                             status=502,

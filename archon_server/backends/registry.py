@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
+from ..spec import SpecError
 from .base import Backend
 
 log = logging.getLogger("archon.backends")
@@ -76,36 +78,30 @@ class BackendRegistry:
                 log.warning("closing a backend failed: %s", r)
 
 
+# kind -> (module, class) of its backend, imported on first use (torch is heavy, vLLM's client side less so); each
+# class builds itself with ``from_config(cfg)`` from its kind's typed config (config.BackendConfig).
+BACKEND_FACTORIES: dict[str, tuple[str, str]] = {
+    "openai": ("archon_server.backends.http", "OpenAIHTTPBackend"),
+    "local": ("archon_server.backends.local", "LocalBackend"),
+    "vllm": ("archon_server.backends.vllm_managed", "VLLMManagedBackend"),
+}
+
+
 def make_backend(cfg: BackendConfig) -> Backend:
-    if cfg.kind == "openai":
-        from .http import OpenAIHTTPBackend
-
-        return OpenAIHTTPBackend(
-            cfg.alias,
-            cfg.urls,
-            cfg.model,
-            api_key_env=cfg.api_key_env,
-            connect_timeout_s=cfg.connect_timeout_s,
-            read_timeout_s=cfg.read_timeout_s,
-            max_retries=cfg.max_retries,
-            max_connections=cfg.max_connections,
-            supports_n=cfg.supports_n,
-            breaker_failures=cfg.breaker_failures,
-            breaker_cooldown_s=cfg.breaker_cooldown_s,
-        )
-    if cfg.kind == "local":
-        from .local import LocalBackend  # imported lazily: torch is heavy
-
-        return LocalBackend(cfg.model, name=cfg.alias, **cfg.options)
-    if cfg.kind == "vllm":
-        from .vllm_managed import VLLMManagedBackend
-
-        return VLLMManagedBackend(name=cfg.alias, model=cfg.model, **cfg.options)
-    raise ValueError(f"unknown backend kind {cfg.kind!r}")
+    try:
+        module, cls = BACKEND_FACTORIES[cfg.kind]
+    except KeyError:
+        raise ValueError(f"unknown backend kind {cfg.kind!r}") from None
+    return getattr(importlib.import_module(module), cls).from_config(cfg)  # type: ignore[no-any-return]
 
 
 def build_registry(config: ServerConfig) -> BackendRegistry:
+    """Every backend of the config, built now: a backend that cannot be built is a start-up error naming its entry."""
     reg = BackendRegistry()
-    for b in config.backends:
-        reg.register(b.alias, make_backend(b), b.model or b.alias, aliases=b.aliases, max_concurrency=b.max_concurrency)
+    for i, b in enumerate(config.backends):
+        try:
+            backend = make_backend(b)
+        except (ValueError, TypeError) as e:
+            raise SpecError([f"backends[{i}] ({b.alias}): {e}"]) from None
+        reg.register(b.alias, backend, b.model or b.alias, aliases=b.aliases, max_concurrency=b.max_concurrency)
     return reg

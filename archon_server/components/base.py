@@ -8,7 +8,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from ..backends.base import BackendError, BackendTimeout, ChatRequest, ChatResult, Choice, SamplingParams, StreamChunk, Usage
+from ..backends.base import (
+    BackendError,
+    BackendTimeout,
+    ChatRequest,
+    ChatResult,
+    Choice,
+    SamplingParams,
+    StreamChunk,
+    Usage,
+    accumulate_tool_calls,
+)
 from ..backends.registry import BackendRegistry, UnknownModel
 from ..spec import Sampling
 from .state import Candidate, State, Update
@@ -43,6 +53,8 @@ class FinalOverrides:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # Passed to the final stage's backend calls as they are: `response_format`, `tools`, `tool_choice` (OpenAI's shapes).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 StreamSink = Callable[[StreamChunk], Awaitable[None]]
@@ -93,6 +105,7 @@ class ComponentContext:
             stop=val["stop"],
             logprobs=bool(final.logprobs) if final else False,
             top_logprobs=int(final.top_logprobs) if final else 0,
+            extra=dict(final.extra) if final else {},
         )
 
     def _record(self, alias: str, n: int, t0: float, *, status: str = "ok", error: str | None = None,
@@ -194,6 +207,7 @@ class ComponentContext:
         sink = self.sink
         texts: dict[int, list[str]] = {}
         finish: dict[int, str] = {}
+        calls: dict[int, dict[int, dict[str, Any]]] = {}
         usage = Usage()
         metrics: dict[str, Any] = {}
 
@@ -210,13 +224,16 @@ class ComponentContext:
                     texts.setdefault(idx, []).append(ch.text)
                 if ch.finish_reason:
                     finish[idx] = ch.finish_reason
+                if ch.tool_calls:
+                    accumulate_tool_calls(calls.setdefault(idx, {}), ch.tool_calls)
                 await sink(replace(ch, index=idx))
 
         await asyncio.gather(*(_limited(limit, one(i, r)) for i, r in enumerate(reqs)))
-        idx = sorted(set(texts) | set(finish)) or [0]
+        idx = sorted(set(texts) | set(finish) | set(calls)) or [0]
         return ChatResult(
-            choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i) for i in idx], usage=usage,
-            metrics=metrics, requests=len(reqs),
+            choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i,
+                            tool_calls=[c for _, c in sorted(calls[i].items())] if i in calls else None) for i in idx],
+            usage=usage, metrics=metrics, requests=len(reqs),
         )
 
     async def judge_each(
@@ -268,7 +285,7 @@ def _merge_results(parts: list[ChatResult]) -> ChatResult:
     for i, p in enumerate(parts):
         usage.add(p.usage)
         for c in p.choices:
-            choices.append(Choice(c.text, c.finish_reason, i, c.logprobs))
+            choices.append(Choice(c.text, c.finish_reason, i, c.logprobs, c.tool_calls))
     return ChatResult(choices=choices, usage=usage, model=parts[0].model if parts else "", requests=len(parts))
 
 

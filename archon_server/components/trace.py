@@ -121,7 +121,7 @@ class Trace:
         return lt
 
     def end_layer(self, lt: LayerTrace) -> None:
-        self.emit({"type": "layer_ended", **{k: v for k, v in lt.to_dict().items() if k != "calls"}})
+        self.emit({"type": "layer_ended", "layer": lt.index, **{k: v for k, v in lt.to_dict().items() if k != "calls"}})
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,27 @@
+"""Thin routes for /v1/responses."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..chat.api_router import _ERRORS
+from .protocol import ResponsesRequest
+
+router = APIRouter()
+
+# 200 is a Response object as JSON, or Server-Sent Events with `stream: true`: both documented.
+_STREAM = {200: {"content": {
+    "application/json": {"schema": {"type": "object", "description": "a Response object (`object: response`)"}},
+    "text/event-stream": {"schema": {
+        "type": "object", "description": "typed events (`event: response.output_text.delta`, `data:` JSON with `sequence_number`), last `response.completed` or `response.failed`",
+        "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}}
+
+
+@router.post("/v1/responses", responses={**_STREAM, **_ERRORS})
+async def create_response(body: ResponsesRequest, request: Request):  # type: ignore[no-untyped-def]
+    service = request.app.state.responses
+    if body.stream:
+        gen = await service.create_stream(body)
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(await service.create(body, request))
