@@ -138,6 +138,20 @@ def test_tools_reach_the_final_stage_and_tool_calls_come_back(upstream_factory, 
     assert msgs[1]["tool_calls"] == [CALL] and msgs[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
 
 
+def test_inner_layers_see_the_tools_only_if_the_architecture_says_so(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"tool_calls": [CALL]} if b.get("tools") else None)
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    c.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                              extra_body={"architecture": {"tools_in_prompt": True}})
+    proposers = [q.body for q in up.requests if "tools" not in q.body]
+    assert proposers and all("get_weather: Weather of a city" in q["messages"][0]["content"] for q in proposers)
+    assert all(q["messages"][-1] == {"role": "user", "content": "Weather?"} for q in proposers)
+    up.requests.clear()
+    c.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER])
+    assert not any("get_weather" in json.dumps(q.body["messages"]) for q in up.requests)  # the default: final stage only
+
+
 def test_responses_function_calls_non_streaming_and_streaming(upstream_factory, server_factory):
     up = upstream_factory(lambda b: {"tool_calls": [CALL]} if b.get("tools") else None)
     srv = server_factory(fake_config(up.url))
@@ -281,3 +295,17 @@ def test_embeddings_404_names_what_is_served(upstream_factory, server_factory):
     body = e.value.body
     assert body["code"] == "embeddings_not_served" and "self-moa" in body["message"] and "/v1/responses" in body["message"]
     assert httpx.post(srv.url + "/v1/embeddings", json={}).json()["error"]["type"] == "not_found_error"
+
+
+def test_responses_and_completions_are_kept_in_the_trace_store(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url, keep_traces=8))
+    c = client(srv)
+    r = c.responses.create(model="self-moa", input="Hi?")
+    with c.responses.stream(model="default", input="Streamed?") as s:
+        s.get_final_response()
+    k = c.completions.create(model="default", prompt="Once upon")
+    kept = {t["id"]: t for t in httpx.get(srv.url + "/v1/traces").json()["data"]}
+    assert r.id in kept and k.id in kept and len(kept) == 3
+    item = httpx.get(srv.url + f"/v1/traces/{r.id}").json()
+    assert item["answers"] == [r.output_text] and item["trace"]["calls"] == 2

@@ -12,18 +12,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..exceptions import ArchonError
 
-class BackendError(Exception):
-    """A backend call failed. ``status`` is the upstream HTTP status (or None); ``retryable`` drives retries."""
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False, backend: str | None = None):
+class BackendError(ArchonError):
+    """A backend call failed. ``status`` is the upstream HTTP status (or None); ``retryable`` drives retries;
+    ``retry_after``: seconds the upstream asked us to wait before the next try (its Retry-After header)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False, backend: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.backend = backend
+        self.retry_after = retry_after
 
 
 class BackendTimeout(BackendError):
+    """A backend call ran out of time (the runtime answers 504 when every failed call of a layer is one)."""
+
     def __init__(self, message: str, *, backend: str | None = None):
         super().__init__(message, status=504, retryable=True, backend=backend)
 
@@ -316,3 +323,82 @@ class Backend(ScoringMixin, abc.ABC):
 
     async def health(self) -> bool:
         return True
+
+
+class BackendWrapper(Backend):
+    """A backend in front of another (a cache, a limit): everything not overridden goes to ``inner`` - lifecycle,
+    every kind of call, models, health - and the capabilities are read from it, so a wrapper never claims what the
+    backend behind it cannot do, and a method added to :class:`Backend` later is forwarded without touching wrappers."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name = inner.name
+
+    @property  # type: ignore[override]
+    def supports_n(self) -> bool:
+        return self.inner.supports_n
+
+    @property  # type: ignore[override]
+    def supports_logprobs(self) -> bool:
+        return self.inner.supports_logprobs
+
+    @property  # type: ignore[override]
+    def supports_tools(self) -> bool:
+        return self.inner.supports_tools
+
+    @property  # type: ignore[override]
+    def supports_response_format(self) -> bool:
+        return self.inner.supports_response_format
+
+    @property  # type: ignore[override]
+    def supports_scoring(self) -> bool:
+        return self.inner.supports_scoring
+
+    @property  # type: ignore[override]
+    def supports_reward(self) -> bool:
+        return self.inner.supports_reward
+
+    def unwrap(self) -> Backend:
+        """The backend at the bottom of a chain of wrappers."""
+        b: Backend = self.inner
+        while isinstance(b, BackendWrapper):
+            b = b.inner
+        return b
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await self.inner.chat(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        async for ch in self.inner.stream(request):
+            yield ch
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        return await self.inner.complete(request)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        async for ch in self.inner.stream_complete(request):
+            yield ch
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:  # not cached by a cache: deterministic, cheap
+        return await self.inner.score(request)
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        return await self.inner.next_token_logprobs(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        return await self.inner.reward(request)
+
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
+        await self.inner.check_scoring(need, model, protocol, probe)
+
+    async def models(self) -> list[str]:
+        return await self.inner.models()
+
+    async def health(self) -> bool:
+        return await self.inner.health()

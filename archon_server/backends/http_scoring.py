@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -115,17 +116,22 @@ class HTTPScoring:
     supports_reward = True
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> Any:
-        async def once(replica: Any) -> Any:
+        """POST ``body`` to ``url`` (``{v1}``: the replica's base URL, ``{root}``: without ``/v1``) through the
+        backend's one retry loop and replica pool; the decoded JSON answer."""
+
+        async def once(replica: Any) -> AsyncGenerator[Any, None]:
             s = await self.session()  # type: ignore[attr-defined]
-            async with s.post(url.format(v1=replica.url, root=replica.url.removesuffix("/v1")), json=body, headers=self._headers()) as resp:  # type: ignore[attr-defined]
+            target = url.format(v1=replica.url, root=replica.url.removesuffix("/v1"))
+            async with s.post(target, json=body, headers=self._headers()) as resp:  # type: ignore[attr-defined]
                 if resp.status != 200:
                     raise await self._error_from(resp)  # type: ignore[attr-defined]
                 try:
-                    return await resp.json(content_type=None)
+                    data = await resp.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError):
                     raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name) from None  # type: ignore[attr-defined]
+            yield data
 
-        return await self._with_retries(once)  # type: ignore[attr-defined]
+        return [d async for d in self._attempts(once)][0]  # type: ignore[attr-defined]
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         t0 = time.perf_counter()

@@ -180,7 +180,8 @@ class CompletionsService:
 
     async def create(self, req: CompletionRequest, raw: Request) -> dict[str, Any]:
         name, run = self._plan(req)
-        res = await self.chat.execute(name, lambda: run(None), raw)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        res = await self.chat.execute(name, lambda: run(None), raw, keep=self._keeper(req, cid, stream=False))
         choices = []
         for i, c in enumerate(res.candidates):
             pre = self._echo(req, i)
@@ -188,18 +189,24 @@ class CompletionsService:
                                             logprobs=_legacy_logprobs(c.meta.get("logprobs"), len(pre)) if req.logprobs is not None else None))
         u = res.usage
         return CompletionResponse(
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
+            id=cid, created=int(time.time()), model=req.model, choices=choices,
             usage=UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens),
             trace=self._trace(req, run, res),
         ).model_dump(exclude_none=True)
 
     async def create_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         name, run = self._plan(req)
-        events = self.chat.open_stream(name, run)
-        return self._stream(req, run, events)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        events = self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True))
+        return self._stream(req, cid, run, events)
 
-    async def _stream(self, req: CompletionRequest, run: Any, events: AsyncIterator[Any]) -> AsyncIterator[str]:
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    def _keeper(self, req: CompletionRequest, cid: str, stream: bool) -> Any:
+        """For the trace store (/v1/traces): the prompts as the user messages they become."""
+        messages = [{"role": "user", "content": p} for p in req.prompt]
+        return lambda status, r, e: self.chat._keep(cid, req.model, messages, stream, status, r, e)
+
+    async def _stream(self, req: CompletionRequest, cid: str, run: Any, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        created = int(time.time())
 
         def chunk(choices: list[CompletionChoice], **kw: Any) -> str:
             c = CompletionResponse(id=cid, created=created, model=req.model, choices=choices, **kw)

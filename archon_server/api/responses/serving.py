@@ -136,8 +136,9 @@ class ResponsesService:
     # -- non-streaming ------------------------------------------------------------------
     async def create(self, req: ResponsesRequest, raw: Request) -> dict[str, Any]:
         spec, messages, final, conversation = self._prepare(req)
-        res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw)
         rid = _id("resp")
+        res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw,
+                                      keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, False, status, r, e))
         body = self._finish(req, self._shell(req, rid, time.time(), "in_progress"), res, self._output(res.candidates[0], _id("msg"), []))
         self._keep(req, rid, conversation, res.candidates[0])
         return body
@@ -145,11 +146,13 @@ class ResponsesService:
     # -- streaming ----------------------------------------------------------------------
     async def create_stream(self, req: ResponsesRequest) -> AsyncIterator[str]:
         spec, messages, final, conversation = self._prepare(req)
-        events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink))
-        return self._stream(req, conversation, events)
+        rid = _id("resp")
+        events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
+                                       keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e))
+        return self._stream(req, rid, conversation, events)
 
-    async def _stream(self, req: ResponsesRequest, conversation: list[dict[str, Any]], events: AsyncIterator[Any]) -> AsyncIterator[str]:
-        rid, created = _id("resp"), time.time()
+    async def _stream(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        created = time.time()
         shell = self._shell(req, rid, created, "in_progress")
         seq = 0
 
