@@ -122,7 +122,7 @@ class Runtime(GraphRuntime):
 def runtime(*backends: Backend) -> GraphRuntime:
     reg = BackendRegistry()
     for b in backends:
-        reg.register(b.name, b)
+        reg.register(b.name, b, getattr(b, "model", "") or b.name)
     return Runtime(reg)
 
 
@@ -226,3 +226,106 @@ def test_spec_validation_names_the_path():
     assert s.backend_calls_estimate() == 1 + 30
     assert s.scoring_needs() == [("j", "next_token", "")]
     assert Candidate("x").score is None
+
+
+# ---------------------------------------------------------------------------- over HTTP
+
+
+class RewardServer:
+    """A scripted reward-model server on 127.0.0.1 speaking vLLM's Score API (POST /score {text_1, text_2}) and
+    text-embeddings-inference's rerank (POST /rerank {query, texts}); the reward is the count of "good"."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        self.bodies: list[tuple[str, dict[str, Any]]] = []
+        app = web.Application()
+        app.router.add_post("/score", self._score)
+        app.router.add_post("/rerank", self._rerank)
+        self.runner = web.AppRunner(app)
+
+    async def start(self) -> str:
+        from aiohttp import web
+
+        from archon_server.testing.upstream import free_port
+
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def _score(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.json()
+        self.bodies.append(("score", body))
+        data = [{"index": i, "object": "score", "score": t.count("good") + 0.5} for i, t in enumerate(body["text_2"])]
+        return web.json_response({"id": "x", "object": "list", "model": body["model"], "data": list(reversed(data)),
+                                  "usage": {"prompt_tokens": 7, "total_tokens": 7}})
+
+    async def _rerank(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.json()
+        self.bodies.append(("rerank", body))
+        out = sorted(({"index": i, "score": float(t.count("good"))} for i, t in enumerate(body["texts"])), key=lambda r: -r["score"])
+        return web.json_response(out)
+
+
+async def test_reward_model_over_http_in_both_protocols():
+    from archon_server.backends.http import OpenAIHTTPBackend
+
+    srv = RewardServer()
+    url = await srv.start()
+    rm = OpenAIHTTPBackend("rm", [url], "my-reward-model", max_retries=0)
+    try:
+        texts = ["meh", "good good", "good"]
+        for protocol in ("vllm_score", "tei_rerank"):
+            rt = runtime(Fixed(texts), rm)
+            res = await rt.run(arch({"method": "reward_model", "model": "rm", "top_k": 3, "reward_protocol": protocol}, 3), Q)
+            assert [c.text for c in res.candidates] == ["good good", "good", "meh"]
+            kind, body = srv.bodies[-1]
+            if protocol == "vllm_score":
+                assert kind == "score" and body == {"model": "my-reward-model", "text_1": "Say something.", "text_2": texts}
+                assert [c.score for c in res.candidates] == [2.5, 1.5, 0.5]
+            else:
+                assert kind == "rerank" and body["query"] == "Say something." and body["texts"] == texts
+        await rm.check_scoring("reward", "my-reward-model", "vllm_score")  # the start-up probe passes
+        with pytest.raises(ScoringUnsupported) as e:  # this server has no prompt_logprobs/tokenize: said clearly
+            await rm.check_scoring("score", "my-reward-model")
+        assert "cannot score text" in str(e.value)
+    finally:
+        await rm.close()
+        await srv.runner.cleanup()
+
+
+async def test_an_upstream_that_cannot_score_is_refused_before_any_sample(upstream_factory):
+    """An OpenAI-compatible upstream without vLLM's /tokenize + prompt_logprobs: best-of-n-cdr answers 400 naming the
+    alias and the missing capability, after one probe and without generating a sample; other architectures run."""
+    from pathlib import Path
+
+    from archon_server.backends.registry import build_registry
+    from archon_server.graph.catalog import load_catalog
+    from tests.conftest import fake_config
+
+    up = upstream_factory()
+    cfg = fake_config(up.url)
+    cfg.backends[0].aliases.append("weak")
+    reg = build_registry(cfg)
+    await reg.start()
+    presets = load_catalog([str(Path(__file__).resolve().parent.parent / "architectures")])
+    try:
+        rt = GraphRuntime(reg)
+        assert await rt.scoring_problems(presets["best-of-n-cdr"], probe=False) == []  # an HTTP upstream is only known by asking
+        with pytest.raises(GraphError) as e:
+            await rt.run(presets["best-of-n-cdr"], Q)
+        assert e.value.status == 400 and "'default'" in str(e.value) and "cannot score text" in str(e.value)
+        assert up.requests == []  # the probe's /tokenize got a 404 (not a chat request); no sample was generated
+        with pytest.raises(GraphError):
+            await rt.run(presets["self-moa-rank"], Q)  # same alias and capability: the answer is remembered
+        # The logprob judge needs only standard logprobs, which this upstream has: best-of-n-judge runs.
+        res = await rt.run(presets["best-of-n-judge"], Q)
+        assert res.text and sum(c.type == "scorer" for layer in res.trace.layers for c in layer.calls) == 30
+        assert (await rt.run(presets["self-moa"], Q)).text
+    finally:
+        await reg.close()
