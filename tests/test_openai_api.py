@@ -8,7 +8,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from conftest import fake_config
 
 
@@ -55,6 +54,9 @@ def test_responses_input_message_list_and_previous_response_id(upstream_factory,
     c.responses.create(model="default", input="Another?", previous_response_id=first.id)
     msgs = up.requests[1].body["messages"]
     assert [m["role"] for m in msgs] == ["developer", "user", "assistant", "user"] and msgs[2]["content"] == "answer 0 from fake-model"
+    assert c.responses.retrieve(first.id).output_text == first.output_text
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve("resp_unknown")
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model="default", input="x", previous_response_id="resp_unknown")
     assert e.value.body["param"] == "previous_response_id" and "not kept" in e.value.body["message"]
@@ -185,9 +187,8 @@ def test_tools_refused_for_a_backend_that_cannot_call_them_and_for_a_selecting_f
     config = fake_config(up.url)
     registry = build_registry(config)
     registry.get("default").supports_tools = False
-    with ServerThread(build_app(config, registry=registry)) as srv:
-        with pytest.raises(openai.BadRequestError) as e:
-            client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
+    with ServerThread(build_app(config, registry=registry)) as srv, pytest.raises(openai.BadRequestError) as e:
+        client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
     assert e.value.body["param"] == "tools" and "model 'default'" in e.value.body["message"] and "cannot call tools" in e.value.body["message"]
     srv2 = server_factory(config)
     with pytest.raises(openai.BadRequestError) as e:
@@ -309,3 +310,35 @@ def test_responses_and_completions_are_kept_in_the_trace_store(upstream_factory,
     assert r.id in kept and k.id in kept and len(kept) == 3
     item = httpx.get(srv.url + f"/v1/traces/{r.id}").json()
     assert item["answers"] == [r.output_text] and item["trace"]["calls"] == 2
+
+
+async def test_one_server_many_shapes_at_once(upstream_factory, server_factory):
+    """Chat, Responses and Completions, streamed and not, all in flight together and again: every answer right, and
+    the server's in-flight count back to zero after."""
+    import asyncio
+
+    up = upstream_factory(latency=0.02)
+    srv = server_factory(fake_config(up.url))
+    ac = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+
+    async def streamed_response(i: int) -> str:
+        async with ac.responses.stream(model="moa-lite", input=f"q{i}") as s:
+            return (await s.get_final_response()).output_text
+
+    async def streamed_completion(i: int) -> str:
+        return "".join([ch.choices[0].text async for ch in await ac.completions.create(model="default", prompt=f"p{i}", stream=True) if ch.choices])
+
+    for _ in range(2):
+        jobs = []
+        for i in range(4):
+            jobs += [ac.responses.create(model="self-moa", input=f"q{i}"), streamed_response(i),
+                     ac.completions.create(model="default", prompt=[f"p{i}", f"r{i}"]), streamed_completion(i),
+                     ac.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "x" * 20000}])]
+        out = await asyncio.gather(*jobs)
+        for i in range(4):
+            resp, sresp, comp, scomp, chat = out[5 * i: 5 * i + 5]
+            assert resp.output_text == sresp == chat.choices[0].message.content == "fused answer from 6 responses"
+            assert [c.text for c in comp.choices] == [f"completion 0 of p{i}", f"completion 0 of r{i}"] and scomp == f"completion 0 of p{i}"
+    async with httpx.AsyncClient() as h:
+        assert "archon_requests_in_flight 0.0" in (await h.get(srv.url + "/metrics")).text
+    await ac.close()
