@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from ..chat.api_router import _ERRORS, answer
 from .protocol import ResponsesRequest
@@ -20,3 +21,8 @@ _STREAM = {200: {"content": {
 @router.post("/v1/responses", responses={**_STREAM, **_ERRORS})
 async def create_response(body: ResponsesRequest, request: Request):  # type: ignore[no-untyped-def]
     return await answer(request.app.state.responses, body, request)
+
+
+@router.get("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
+async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.responses.retrieve(response_id))
