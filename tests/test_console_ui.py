@@ -263,4 +263,5 @@ def test_compare_failures_and_an_unreachable_server(browser, upstream_factory, s
     by(drv, "#pg-send").click()
     wait_for(lambda: "unreachable" in by(drv, "#banner").text, 30, "the unreachable message")
     assert by(drv, "#conn-text").text == "unreachable"
+    assert drv.execute_script("const r = document.querySelector('#banner').getBoundingClientRect(); return r.top >= 0 && r.bottom <= innerHeight")
     drv.save_screenshot(str(SHOTS / "console-unreachable.png"))
