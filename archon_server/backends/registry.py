@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from ..config import BackendConfig, ServerConfig
 from ..spec import SpecError
 from .base import Backend, BackendWrapper, ChatRequest, ChatResult, CompletionRequest, StreamChunk
+from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.backends")
 
 
-class UnknownModel(KeyError):
+class UnknownModel(ArchonError, KeyError):
     pass
 
 
