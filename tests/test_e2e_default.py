@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from archon_server.testing.upstream import free_port
+from archon_server.testing.server import serve_process
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,25 +20,9 @@ TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 @pytest.fixture(scope="module")
 def served():
-    port = free_port()
-    log = open(ROOT / ".pytest_cache" / "e2e-serve.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # first run on a machine converts the model
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"archon serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("archon serve did not become ready")
-    yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
-    proc.terminate()
-    proc.wait(30)
+    log = ROOT / ".pytest_cache" / "e2e-serve.log" if (ROOT / ".pytest_cache").is_dir() else None
+    with serve_process(["serve"], log=log, cwd=str(ROOT)) as (_proc, url):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
 def english(text: str) -> bool:
@@ -80,6 +61,30 @@ def test_stop_strings_and_length(served):
     assert "7" not in text and r.choices[0].finish_reason == "stop" and re.search(r"\b[1-6]\b", text)
     r = served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=8)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+
+
+def test_scoring_presets_in_the_default_server(served):
+    """The three scoring presets through the README's server with the SDK, one after another and again, mixed with
+    a plain request: scores in the trace, the answer is the top-scored sample, no verdict is ever generated."""
+    msgs = [{"role": "user", "content": "Give me one tip for learning a language."}]
+    short = {"architecture": {"defaults": {"max_tokens": 40}}, "return_trace": True}
+    for name, scorer_calls in (("best-of-n-cdr", 2), ("best-of-n-judge", 30), ("self-moa-rank", 2), ("best-of-n-cdr", 2)):
+        r = served.chat.completions.create(model=name, messages=msgs, max_tokens=40, seed=3, extra_body=short)
+        text = r.choices[0].message.content
+        assert english(text) and not any(t in text for t in TEMPLATE_TOKENS), (name, text)
+        trace = r.model_extra["trace"]
+        layer = next(lt for lt in trace["layers"] if any(c["type"] == "scorer" for c in lt["calls"]))
+        calls = [c for c in layer["calls"] if c["type"] == "scorer"]
+        assert len(calls) == scorer_calls and all(c["ok"] and c["completion_tokens"] == 0 for c in calls), (name, calls)
+        assert any("scores [1]" in n for n in layer["notes"]), layer["notes"]
+        kept = layer["candidates"]
+        assert kept and all(c["score"] is not None for c in kept)
+        if name != "self-moa-rank":  # the final answer is the best-scored sample (self-moa-rank fuses its top 3)
+            assert text == max(kept, key=lambda c: c["score"])["text"]
+        else:
+            assert len(kept) == 3
+    r = served.chat.completions.create(model="smollm2", messages=msgs, max_tokens=20)
+    assert english(r.choices[0].message.content)
 
 
 def test_responses_completions_and_structured_outputs_on_the_embedded_model(served):

@@ -90,3 +90,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
         out.append({"type": "function", "function": fn})
     return out
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    """Responses API `tool_choice` ({"type": "function", "name": ...}) in Chat Completions' shape; strings as they are."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice and "function" not in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
