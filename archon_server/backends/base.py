@@ -35,6 +35,17 @@ class BackendTimeout(BackendError):
         super().__init__(message, status=504, retryable=True, backend=backend)
 
 
+def content_text(content: Any) -> str:
+    """The text of an OpenAI message ``content``: a string, or a list of parts of which the text parts count (a part
+    without a ``type`` is text); None and anything else are empty. The one flattener: the API layer, the components'
+    prompts and the local engine's chat template all read content through it."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return ""
+
+
 @dataclass
 class SamplingParams:
     """What one backend call asks for. ``extra`` is passed through (vLLM's extra sampling params)."""

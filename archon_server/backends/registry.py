@@ -24,11 +24,12 @@ from .base import (
     ScoreResult,
     StreamChunk,
 )
+from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.backends")
 
 
-class UnknownModel(KeyError):
+class UnknownModel(ArchonError, KeyError):
     pass
 
 
