@@ -30,6 +30,7 @@ from archon_server.backends.base import (
     StreamChunk,
     TokenLogprob,
     Usage,
+    common_prefix,
 )
 from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
@@ -238,7 +239,7 @@ class LocalBackend(Backend):
     # ------------------------------------------------------------------ scoring
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """One teacher-forced pass: the prompt prefilled once, every continuation in one batch after it."""
-        from archon_server.engine.scoring import common_prefix, score_continuations
+        from archon_server.engine.scoring import score_continuations
 
         t0 = time.perf_counter()
         if self.engine is None:
