@@ -75,7 +75,7 @@ def _worker_index(value: str) -> int:
     if value == "auto":
         import zlib
 
-        from archon_server.search.runner import worker_id
+        from archon_server.db import worker_id
 
         return zlib.crc32(worker_id().encode()) % 100_000
     try:
