@@ -231,6 +231,11 @@ class ArchitectureSpec(_Base):
         "`first` the first in layer order. Ties keep layer order; never random.",
     )
     deadline_s: float | None = Field(default=None, gt=0, description="Per-request deadline for the whole graph.")
+    tools_in_prompt: bool = Field(
+        default=False,
+        description="With a request's `tools`: describe them to every layer in a system note, so proposers can plan "
+        "for the calls the final stage may make (only the final stage is ever given the tools themselves).",
+    )
 
     @field_validator("layers")
     @classmethod

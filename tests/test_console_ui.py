@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from archon_server.testing.upstream import free_port
+from archon_server.testing.server import serve_process
 from tests.conftest import fake_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,31 +113,9 @@ def waterfall_matches(drv, trace: dict[str, Any]) -> None:  # type: ignore[no-un
 @pytest.fixture
 def embedded_server() -> Iterator[str]:
     """`archon serve` as a user starts it (embedded default model), with an API key configured."""
-    port = free_port()
-    log = open(SHOTS / "console-serve.log", "w") if SHOTS.is_dir() else subprocess.DEVNULL  # noqa: SIM115 - open as long as the server
-    proc = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=str(ROOT), env={**os.environ, "HF_HUB_OFFLINE": "1", "ARCHON_API_KEYS": KEY})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # the first start on a machine converts the model
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"archon serve exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("archon serve did not become ready")
+    log = SHOTS / "console-serve.log" if SHOTS.is_dir() else None
+    with serve_process(["serve"], env={"ARCHON_API_KEYS": KEY}, log=log, cwd=str(ROOT)) as (_proc, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.e2e

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from archon_server.testing.upstream import free_port
+from archon_server.testing.server import serve_process
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,25 +20,9 @@ TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 @pytest.fixture(scope="module")
 def served():
-    port = free_port()
-    log = open(ROOT / ".pytest_cache" / "e2e-serve.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # first run on a machine converts the model
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"archon serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("archon serve did not become ready")
-    yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
-    proc.terminate()
-    proc.wait(30)
+    log = ROOT / ".pytest_cache" / "e2e-serve.log" if (ROOT / ".pytest_cache").is_dir() else None
+    with serve_process(["serve"], log=log, cwd=str(ROOT)) as (_proc, url):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
 def english(text: str) -> bool:

@@ -12,18 +12,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..exceptions import ArchonError
 
-class BackendError(Exception):
-    """A backend call failed. ``status`` is the upstream HTTP status (or None); ``retryable`` drives retries."""
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False, backend: str | None = None):
+class BackendError(ArchonError):
+    """A backend call failed. ``status`` is the upstream HTTP status (or None); ``retryable`` drives retries;
+    ``retry_after``: seconds the upstream asked us to wait before the next try (its Retry-After header)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False, backend: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.backend = backend
+        self.retry_after = retry_after
 
 
 class BackendTimeout(BackendError):
+    """A backend call ran out of time (the runtime answers 504 when every failed call of a layer is one)."""
+
     def __init__(self, message: str, *, backend: str | None = None):
         super().__init__(message, status=504, retryable=True, backend=backend)
 
@@ -185,3 +192,62 @@ class Backend(abc.ABC):
 
     async def health(self) -> bool:
         return True
+
+
+class BackendWrapper(Backend):
+    """A backend in front of another (a cache, a limit): everything not overridden goes to ``inner`` - lifecycle,
+    every kind of call, models, health - and the capabilities are read from it, so a wrapper never claims what the
+    backend behind it cannot do, and a method added to :class:`Backend` later is forwarded without touching wrappers."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name = inner.name
+
+    @property  # type: ignore[override]
+    def supports_n(self) -> bool:
+        return self.inner.supports_n
+
+    @property  # type: ignore[override]
+    def supports_logprobs(self) -> bool:
+        return self.inner.supports_logprobs
+
+    @property  # type: ignore[override]
+    def supports_tools(self) -> bool:
+        return self.inner.supports_tools
+
+    @property  # type: ignore[override]
+    def supports_response_format(self) -> bool:
+        return self.inner.supports_response_format
+
+    def unwrap(self) -> Backend:
+        """The backend at the bottom of a chain of wrappers."""
+        b: Backend = self.inner
+        while isinstance(b, BackendWrapper):
+            b = b.inner
+        return b
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await self.inner.chat(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        async for ch in self.inner.stream(request):
+            yield ch
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        return await self.inner.complete(request)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        async for ch in self.inner.stream_complete(request):
+            yield ch
+
+    async def models(self) -> list[str]:
+        return await self.inner.models()
+
+    async def health(self) -> bool:
+        return await self.inner.health()

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..backends.base import Backend, ChatRequest, ChatResult, SamplingParams, Usage
+from ..backends.base import Backend, SamplingParams, Usage
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
@@ -173,27 +173,6 @@ class ResultsLog:
 # --------------------------------------------------------------------------- backends
 
 
-class LimitedBackend(Backend):
-    """Caps calls in flight to one backend (the sweep's per-backend concurrency)."""
-
-    def __init__(self, inner: Backend, limit: int):
-        self.inner = inner
-        self.sem = asyncio.Semaphore(limit)
-        self.name = getattr(inner, "name", "backend")
-        self.supports_n = inner.supports_n
-        self.supports_logprobs = inner.supports_logprobs
-
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        async with self.sem:
-            return await self.inner.chat(request)
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
 @dataclass
 class CostMeter:
     calls: int = 0
@@ -254,7 +233,8 @@ class SweepRun:
     def _judge_backend(self) -> tuple[Backend, str]:
         if not self.spec.judge:
             raise SpecError(["judge: judged benchmarks need a `judge` backend alias"])
-        return self.registry.get(self.spec.judge), self.registry.model_name(self.spec.judge)
+        # Through the registry's limit, like the architectures' own calls (the sweep's backend_concurrency).
+        return self.registry.limited(self.spec.judge), self.registry.model_name(self.spec.judge)
 
     async def run_item(self, arch: str, spec: ArchitectureSpec | None, item: ds.Item) -> dict[str, Any]:
         rec: dict[str, Any] = {"arch": arch, "benchmark": item.benchmark, "id": item.id}
@@ -402,15 +382,15 @@ class SweepRun:
 
 
 def wrap_registry(registry: Any, spec: SweepSpec, store: CacheStore | None) -> None:
-    """Cache every backend (keyed on model+messages+params), then cap its concurrency."""
+    """Cache every backend (keyed on model+messages+params), then cap its concurrency (the registry's own limit:
+    cache hits take a slot too, as they always did)."""
     default = spec.backend_concurrency.get("default")
-
-    def wrap(alias: str, backend: Backend) -> Backend:
-        b: Backend = CachingBackend(backend, store, namespace=alias) if store is not None else backend
+    if store is not None:
+        registry.wrap(lambda alias, backend: CachingBackend(backend, store, namespace=alias))
+    for alias in registry.backends():
         limit = spec.backend_concurrency.get(alias, default)
-        return LimitedBackend(b, limit) if limit else b
-
-    registry.wrap(wrap)
+        if limit:
+            registry.cap(alias, limit)
 
 
 async def run_sweep(

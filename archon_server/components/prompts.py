@@ -26,6 +26,21 @@ def json_instruction(response_format: dict[str, Any]) -> str:
     return JSON_OBJECT
 
 
+TOOLS_NOTE = (
+    "The final answer to this conversation may call these tools (a later stage calls them; you answer in text):\n{tools}"
+)
+
+
+def tools_note(tools: list[dict[str, Any]]) -> str:
+    """The request's tools as text, for inner layers of an architecture with `tools_in_prompt`."""
+    lines = []
+    for t in tools:
+        fn = t.get("function") or {}
+        params = json.dumps(fn.get("parameters") or {}, ensure_ascii=False)
+        lines.append(f"- {fn.get('name', '')}: {fn.get('description', '')} parameters: {params}")
+    return TOOLS_NOTE.format(tools="\n".join(lines))
+
+
 FUSER_CRITIQUE = "\nCritique of this response:\n{critique}"
 FUSER_LENGTH = "\n\nKeep your final response to about {words} words."
 

@@ -16,8 +16,9 @@ from fastapi import Request
 
 from ...backends.base import StreamChunk, TokenLogprob, Usage
 from ...backends.registry import BackendRegistry
-from ...components import FinalOverrides
+from ...components import FinalOverrides, prompts
 from ...components.base import StreamSink
+from ...components.generator import with_note
 from ...components.state import Candidate
 from ...components.trace import TraceObserver
 from ...graph.catalog import Catalog
@@ -190,6 +191,8 @@ class ChatService:
         """Run the architecture; an answer that is not the JSON `response_format` asked for is asked for again, then
         refused (StructuredOutputInvalid). Streamed answers cannot be taken back: they are checked, not retried."""
         fmt = final.extra.get("response_format")
+        if spec.tools_in_prompt and final.extra.get("tools"):
+            messages = with_note(messages, prompts.tools_note(final.extra["tools"]))
         for attempt in range(STRUCTURED_RETRIES + 1):
             res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=max(remaining_s(self.request_timeout_s), 1e-3),
                                         observer=observer)  # one deadline for all attempts, from arrival
