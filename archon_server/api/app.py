@@ -66,6 +66,9 @@ def build_app(
         await registry.start()
         log.info("serving %d architecture(s) and %d backend alias(es)", len(catalog), len(registry.aliases()))
         chat: ChatService = app.state.chat
+        for name, spec in catalog.architectures.items():  # scorers on backends that cannot score: said now
+            for problem in await chat.runtime.scoring_problems(spec, probe=False):
+                log.warning("architecture %r will refuse requests: its scorer needs what %s", name, problem)
         trimmer = asyncio.ensure_future(trim_when_idle(lambda: chat.admitted, lambda: chat.inflight))
         try:
             yield

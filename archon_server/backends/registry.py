@@ -10,12 +10,26 @@ from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
 from ..spec import SpecError
-from .base import Backend, BackendWrapper, ChatRequest, ChatResult, CompletionRequest, StreamChunk
+from .base import (
+    Backend,
+    BackendWrapper,
+    ChatRequest,
+    ChatResult,
+    CompletionRequest,
+    NextTokenRequest,
+    NextTokenResult,
+    RewardRequest,
+    RewardResult,
+    ScoreRequest,
+    ScoreResult,
+    StreamChunk,
+)
+from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.backends")
 
 
-class UnknownModel(KeyError):
+class UnknownModel(ArchonError, KeyError):
     pass
 
 
@@ -49,6 +63,18 @@ class _Limited(BackendWrapper):
         async with self.sem:
             async for ch in self.inner.stream_complete(request):
                 yield ch
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        async with self.sem:
+            return await self.inner.score(request)
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        async with self.sem:
+            return await self.inner.next_token_logprobs(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        async with self.sem:
+            return await self.inner.reward(request)
 
 
 class BackendRegistry:

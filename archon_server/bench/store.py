@@ -32,8 +32,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..db import create_tables, normalize_url, sqlite_path, worker_id
+from ..exceptions import ArchonError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.bench.store")
 
 _META = sa.MetaData()
 SWEEPS = sa.Table(
@@ -63,7 +64,7 @@ CALLS = sa.Table(
 )
 
 
-class SweepMismatch(ValueError):
+class SweepMismatch(ArchonError, ValueError):
     """The store already holds a sweep of this name with a different definition."""
 
 

@@ -14,6 +14,7 @@ stays responsive.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import random
@@ -32,7 +33,7 @@ from .runner import ModelRunner, default_threads
 from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.engine.scheduler")
 
 
 @dataclass
@@ -174,6 +175,15 @@ class _SpecRun:
 
 
 @dataclass
+class _Job:
+    """Work other than generation that needs the model (teacher-forced scoring): ``fn(runner)`` runs on
+    the worker thread between steps, its result or exception goes to ``future``."""
+
+    fn: Callable[[ModelRunner], Any]
+    future: concurrent.futures.Future
+
+
+@dataclass
 class _Prefill:
     req: _Request
     slot: int
@@ -203,7 +213,8 @@ class Engine:
         self.idle_cache_bytes = 512 << 20
         self.stats = EngineStats()
         self.cache = runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
-        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._inbox: queue.Queue[_Request | _Job | None] = queue.Queue()
+        self._jobs: deque[_Job] = deque()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
         self._spec: list[_SpecRun] = []  # speculative requests: one round each per worker iteration
@@ -262,6 +273,16 @@ class Engine:
         self._inbox.put(req)
         return GenerationHandle(req)
 
+    def run_job(self, fn: Callable[[ModelRunner], Any]) -> concurrent.futures.Future:
+        """Run ``fn(runner)`` on the worker thread between decode steps (the runner is not thread-safe);
+        wrap the returned future with ``asyncio.wrap_future`` to await it."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError("engine shut down"))
+        else:
+            self._inbox.put(_Job(fn, fut))
+        return fut
+
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
@@ -270,8 +291,10 @@ class Engine:
                 if not self._rows and self._prefilling is None and self.cache.nbytes() > self.idle_cache_bytes:
                     # Idle after long/wide requests: give the grown KV cache back.
                     self.cache = self.runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
-                self._admit(block=not self._rows and self._prefilling is None and not self._spec)
+                self._admit(block=not self._rows and self._prefilling is None and not self._spec and not self._jobs)
                 self._drop_cancelled()
+                if self._jobs:
+                    self._run_job(self._jobs.popleft())
                 if self._prefilling is not None:
                     self._prefill_chunk()
                 if self._rows:
@@ -288,7 +311,9 @@ class Engine:
         try:
             item = self._inbox.get(timeout=self.idle_poll_s) if block and not self._waiting else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, _Job):
+                    self._jobs.append(item)
+                elif item is not None:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -324,6 +349,16 @@ class Engine:
             self.cache.reserve(slot + req.params.n, len(req.prompt) + 1)
             self.cache.lengths[slot] = 0
             self._prefilling = _Prefill(req, slot)
+
+    def _run_job(self, job: _Job) -> None:
+        """One job per worker iteration, so a burst of scoring calls interleaves with decode steps."""
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.fn(self.runner))
+        except Exception as e:  # noqa: BLE001 - a failed job fails its caller only
+            self.stats.errors += 1
+            job.future.set_exception(e)
 
     def _prefill_chunk(self) -> None:
         """Run the next chunk of the staged prompt; when it is complete, its n rows join the batch.
@@ -565,8 +600,14 @@ class Engine:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
+                if isinstance(item, _Job):
+                    self._jobs.append(item)
+                elif item is not None:
                     reqs[id(item)] = item
+            while self._jobs:  # queued jobs were not touched by a failed step: they fail only at shutdown
+                job = self._jobs.popleft()
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(err)
         self._rows = []
         self._waiting.clear()
         for r in reqs.values():

@@ -21,7 +21,7 @@ from optuna.storages import RDBStorage
 
 from archon_server.db import normalize_url, sqlite_path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.search.storage")
 
 
 def _prepare_sqlite(path: Path) -> None:
