@@ -24,10 +24,11 @@ when the run died costs nothing the second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..backends.base import Backend, ChatRequest, ChatResult, SamplingParams, Usage
+from ..backends.base import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    SamplingParams,
+    StreamChunk,
+    Usage,
+)
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
@@ -178,6 +186,11 @@ class LimitedBackend(Backend):
     async def chat(self, request: ChatRequest) -> ChatResult:
         async with self.sem:
             return await self.inner.chat(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        async with self.sem, contextlib.aclosing(self.inner.stream(request)) as chunks:
+            async for ch in chunks:
+                yield ch
 
     async def start(self) -> None:
         await self.inner.start()
