@@ -28,6 +28,9 @@ def presets_dir() -> Path:
 
 # Aliases the shipped presets use; the default config binds them all to the local model.
 PRESET_ALIASES = ["default", "aggregator", "judge"] + [f"proposer-{i}" for i in range(1, 9)]
+# The less-aligned model density-ratio scorers divide by (best-of-n-cdr, self-moa-rank); the default config binds
+# it to the gemma3-270m base model, loaded on first use.
+WEAK_ALIAS = "weak"
 
 
 class _Base(BaseModel):
@@ -106,6 +109,7 @@ class LocalOptions(_Base):
     progress: bool = Field(default=True, description="Print the first start's model conversion progress.")
     threads: int | Literal["auto"] = Field(default="auto", description="Torch threads, or auto: tuned from step times.")
     speculative: SpeculativeOptions | None = None
+    lazy: bool = Field(default=False, description="Load on first use, not at start (a model only some architectures use).")
 
 
 class LocalBackendConfig(_BackendBase):
@@ -193,6 +197,7 @@ class ServerSettings(_Base):
     port: int = Field(default=8000, ge=0, le=65535)
     max_concurrent_requests: int = Field(default=256, ge=1, description="Beyond this, requests get 429 at once.")
     max_body_bytes: int = Field(default=4_000_000, ge=1024)
+    max_inflight_body_bytes: int = Field(default=64_000_000, ge=1024, description="Bytes of request bodies in flight at once, all requests together (beyond: 429 at once).")
     max_n: int = Field(default=16, ge=1)
     max_messages: int = Field(default=512, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of one request (whole graph).")
@@ -200,6 +205,12 @@ class ServerSettings(_Base):
     api_keys_file: str | None = Field(default=None, description="File with one client key per line.")
     default_architecture: str | None = None
     keep_traces: int = Field(default=100, ge=0, description="Recent requests' traces kept in memory for /v1/traces and /ui (0: none).")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "ServerSettings":
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError("max_inflight_body_bytes must be >= max_body_bytes (else a largest-allowed body never gets in)")
+        return self
 
 
 class ServerConfig(_Base):
@@ -219,7 +230,8 @@ class ServerConfig(_Base):
 
 
 def default_config() -> ServerConfig:
-    """The zero-setup config: SmolLM2-135M-Instruct in-process, all preset aliases bound to it."""
+    """The zero-setup config: SmolLM2-135M-Instruct in-process, all preset aliases bound to it; the gemma3-270m base
+    model as ``weak`` (density-ratio scoring), loaded only when an architecture first scores with it."""
     return ServerConfig(
         backends=[
             LocalBackendConfig(
@@ -227,7 +239,8 @@ def default_config() -> ServerConfig:
                 kind="local",
                 model=os.environ.get("ARCHON_LOCAL_MODEL", "smollm2-135m-instruct"),
                 aliases=PRESET_ALIASES,
-            )
+            ),
+            LocalBackendConfig(alias="gemma3-270m", kind="local", model="gemma3-270m", aliases=[WEAK_ALIAS], options=LocalOptions(lazy=True)),
         ],
         server=ServerSettings(default_architecture="self-moa"),
     )

@@ -58,6 +58,37 @@ def server_factory() -> Iterator[Callable[..., ServerThread]]:
         s.stop()
 
 
+# -- real components a test needs (vLLM, PostgreSQL, Chromium...) ---------------------------------------------------
+def under_ci() -> bool:
+    """`.ci/run` (and CI services) set CI=true: then a missing component is a failure, never a skip."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_component(what: str, why_missing: str | None) -> None:
+    """Call where a test needs a real component: nothing when it is there; else skip with the reason on a
+    developer's machine and fail under CI, so a broken install cannot hide behind skipped tests."""
+    if why_missing is None:
+        return
+    if under_ci():
+        pytest.fail(f"{what} is required under CI (CI={os.environ.get('CI')}): {why_missing}", pytrace=False)
+    pytest.skip(why_missing)
+
+
+def needs(what: str, why_missing: str | None) -> pytest.MarkDecorator:
+    """``pytestmark = [needs("vLLM", vllm_missing())]``: :func:`require_component` before each test's fixtures."""
+    return pytest.mark.needs_component(what=what, why_missing=why_missing)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_component(what, why_missing): a real component the test needs (see conftest.needs)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs_component"):
+        require_component(mark.kwargs["what"], mark.kwargs["why_missing"])
+
+
 # -- storage: SQLite and real PostgreSQL ----------------------------------------------------------------
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[str]:
@@ -75,9 +106,7 @@ def postgres_cluster() -> Iterator[str]:
     try:
         pg = TempPostgres().start()
     except PostgresUnavailable as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required under CI: {e}")
-        pytest.skip(str(e))
+        require_component("PostgreSQL", str(e))
     try:
         yield pg.url
     finally:

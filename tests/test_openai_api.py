@@ -8,7 +8,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from conftest import fake_config
 
 
@@ -39,6 +38,8 @@ def test_responses_create_runs_the_architecture_with_usage_and_trace(upstream_fa
     assert fuse["messages"][0]["role"] == "system" and fuse["messages"][0]["content"].startswith("Be brief.")
     assert r.usage.input_tokens == 20 and r.usage.output_tokens == 35 and r.usage.total_tokens == 55
     assert r.model_extra["trace"]["calls"] == 2
+    lp = client(srv).responses.create(model="default", input="Hi?", top_logprobs=1).output[0].content[0].logprobs
+    assert [t.token for t in lp] == ["answer", "0", "from", "fake-model"] and lp[0].logprob == -0.5 and lp[0].top_logprobs[0].token == "answer"
 
 
 def test_responses_input_message_list_and_previous_response_id(upstream_factory, server_factory):
@@ -55,6 +56,9 @@ def test_responses_input_message_list_and_previous_response_id(upstream_factory,
     c.responses.create(model="default", input="Another?", previous_response_id=first.id)
     msgs = up.requests[1].body["messages"]
     assert [m["role"] for m in msgs] == ["developer", "user", "assistant", "user"] and msgs[2]["content"] == "answer 0 from fake-model"
+    assert c.responses.retrieve(first.id).output_text == first.output_text
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve("resp_unknown")
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model="default", input="x", previous_response_id="resp_unknown")
     assert e.value.body["param"] == "previous_response_id" and "not kept" in e.value.body["message"]
@@ -138,13 +142,28 @@ def test_tools_reach_the_final_stage_and_tool_calls_come_back(upstream_factory, 
     assert msgs[1]["tool_calls"] == [CALL] and msgs[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
 
 
+def test_inner_layers_see_the_tools_only_if_the_architecture_says_so(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"tool_calls": [CALL]} if b.get("tools") else None)
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    c.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                              extra_body={"architecture": {"tools_in_prompt": True}})
+    proposers = [q.body for q in up.requests if "tools" not in q.body]
+    assert proposers and all("get_weather: Weather of a city" in q["messages"][0]["content"] for q in proposers)
+    assert all(q["messages"][-1] == {"role": "user", "content": "Weather?"} for q in proposers)
+    up.requests.clear()
+    c.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER])
+    assert not any("get_weather" in json.dumps(q.body["messages"]) for q in up.requests)  # the default: final stage only
+
+
 def test_responses_function_calls_non_streaming_and_streaming(upstream_factory, server_factory):
     up = upstream_factory(lambda b: {"tool_calls": [CALL]} if b.get("tools") else None)
     srv = server_factory(fake_config(up.url))
     c = client(srv)
     tool = {"type": "function", "name": "get_weather", "description": "Weather of a city", "parameters": WEATHER["function"]["parameters"]}
-    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool])
+    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool], tool_choice={"type": "function", "name": "get_weather"})
     assert up.requests[0].body["tools"] == [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}]
+    assert up.requests[0].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}  # in chat's shape
     item = r.output[0]
     assert item.type == "function_call" and item.name == "get_weather" and item.call_id == "call_1" and json.loads(item.arguments) == {"city": "Paris"}
     with c.responses.stream(model="default", input="Weather?", tools=[tool]) as stream:
@@ -171,9 +190,8 @@ def test_tools_refused_for_a_backend_that_cannot_call_them_and_for_a_selecting_f
     config = fake_config(up.url)
     registry = build_registry(config)
     registry.get("default").supports_tools = False
-    with ServerThread(build_app(config, registry=registry)) as srv:
-        with pytest.raises(openai.BadRequestError) as e:
-            client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
+    with ServerThread(build_app(config, registry=registry)) as srv, pytest.raises(openai.BadRequestError) as e:
+        client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
     assert e.value.body["param"] == "tools" and "model 'default'" in e.value.body["message"] and "cannot call tools" in e.value.body["message"]
     srv2 = server_factory(config)
     with pytest.raises(openai.BadRequestError) as e:
@@ -222,6 +240,19 @@ def test_invalid_structured_answer_is_retried_then_refused(upstream_factory, ser
     assert "response_format" in e.value.body["message"]
 
 
+def test_a_streamed_answer_that_is_not_the_json_asked_for_ends_in_an_error(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"text": "plain words"})
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30, json={
+            "model": "default", "stream": True, "messages": [{"role": "user", "content": "?"}], "response_format": {"type": "json_object"}}) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "invalid_structured_output"
+    events = list(c.responses.create(model="default", input="?", stream=True, text={"format": {"type": "json_object"}}))
+    assert events[-1].type == "response.failed" and events[-1].response.error.code == "invalid_structured_output"
+    assert len(up.requests) == 2  # streamed answers are checked, not asked for again
+
+
 # -- /v1/completions ------------------------------------------------------------------------
 
 def test_completions_on_a_backend_are_raw_pass_through(upstream_factory, server_factory):
@@ -251,6 +282,9 @@ def test_completions_on_an_architecture_run_the_prompt_as_one_user_message(upstr
     r = c.completions.create(model="self-moa", prompt="Tell me a joke", max_tokens=20, echo=True)
     assert r.choices[0].text == "Tell me a joke" + "fused answer from 6 responses"
     assert up.requests[0].body["messages"] == [{"role": "user", "content": "Tell me a joke"}] and up.requests[1].body["max_tokens"] == 20
+    lp = c.completions.create(model="self-moa", prompt="Tell me a joke", logprobs=1, echo=True).choices[0].logprobs  # the final stage's
+    assert lp.tokens == ["fused", "answer", "from", "6", "responses"] and lp.token_logprobs == [-0.5] * 5
+    assert lp.top_logprobs[0] == {"fused": -0.5} and lp.text_offset[0] == len("Tell me a joke")
     chunks = list(c.completions.create(model="self-moa", prompt=["a", "b"], stream=True))
     by_index: dict[int, str] = {}
     for ch in chunks:
@@ -269,6 +303,10 @@ def test_completions_bad_input(upstream_factory, server_factory):
         assert e.value.body["param"] == param
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="x")
+    bad = upstream_factory(lambda b: {"fault": "503"})
+    with pytest.raises(openai.APIStatusError) as e:
+        client(server_factory(fake_config(bad.url))).completions.create(model="default", prompt="x")
+    assert e.value.status_code == 502 and "503" in e.value.body["message"] and len(bad.requests) == 2  # retried once, then 502
 
 
 # -- /v1/embeddings ------------------------------------------------------------------------
@@ -281,3 +319,49 @@ def test_embeddings_404_names_what_is_served(upstream_factory, server_factory):
     body = e.value.body
     assert body["code"] == "embeddings_not_served" and "self-moa" in body["message"] and "/v1/responses" in body["message"]
     assert httpx.post(srv.url + "/v1/embeddings", json={}).json()["error"]["type"] == "not_found_error"
+
+
+def test_responses_and_completions_are_kept_in_the_trace_store(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url, keep_traces=8))
+    c = client(srv)
+    r = c.responses.create(model="self-moa", input="Hi?")
+    with c.responses.stream(model="default", input="Streamed?") as s:
+        s.get_final_response()
+    k = c.completions.create(model="default", prompt="Once upon")
+    kept = {t["id"]: t for t in httpx.get(srv.url + "/v1/traces").json()["data"]}
+    assert r.id in kept and k.id in kept and len(kept) == 3
+    item = httpx.get(srv.url + f"/v1/traces/{r.id}").json()
+    assert item["answers"] == [r.output_text] and item["trace"]["calls"] == 2
+
+
+async def test_one_server_many_shapes_at_once(upstream_factory, server_factory):
+    """Chat, Responses and Completions, streamed and not, all in flight together and again: every answer right, and
+    the server's in-flight count back to zero after."""
+    import asyncio
+
+    up = upstream_factory(latency=0.02)
+    srv = server_factory(fake_config(up.url))
+    ac = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+
+    async def streamed_response(i: int) -> str:
+        async with ac.responses.stream(model="moa-lite", input=f"q{i}") as s:
+            return (await s.get_final_response()).output_text
+
+    async def streamed_completion(i: int) -> str:
+        return "".join([ch.choices[0].text async for ch in await ac.completions.create(model="default", prompt=f"p{i}", stream=True) if ch.choices])
+
+    for _ in range(2):
+        jobs = []
+        for i in range(4):
+            jobs += [ac.responses.create(model="self-moa", input=f"q{i}"), streamed_response(i),
+                     ac.completions.create(model="default", prompt=[f"p{i}", f"r{i}"]), streamed_completion(i),
+                     ac.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "x" * 20000}])]
+        out = await asyncio.gather(*jobs)
+        for i in range(4):
+            resp, sresp, comp, scomp, chat = out[5 * i: 5 * i + 5]
+            assert resp.output_text == sresp == chat.choices[0].message.content == "fused answer from 6 responses"
+            assert [c.text for c in comp.choices] == [f"completion 0 of p{i}", f"completion 0 of r{i}"] and scomp == f"completion 0 of p{i}"
+    async with httpx.AsyncClient() as h:
+        assert "archon_requests_in_flight 0.0" in (await h.get(srv.url + "/metrics")).text
+    await ac.close()

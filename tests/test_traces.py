@@ -113,3 +113,21 @@ def test_architecture_endpoints(upstream_factory, server_factory):
     one = httpx.get(srv.url + "/v1/architectures/self-moa").json()
     assert one["name"] == "self-moa" and "generator" in one["yaml"]
     assert httpx.get(srv.url + "/v1/architectures/nope").status_code == 404
+
+
+def test_keys_guard_traces_but_not_the_console_page(upstream_factory, server_factory, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("k-console-1\n")
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url, api_keys_file=str(keys), api_keys_env=None))
+    for path in ("/ui", "/ui/", "/ui/app.js", "/ui/style.css"):  # the page holds no data: it loads, then asks for a key
+        r = httpx.get(srv.url + path, follow_redirects=True)
+        assert r.status_code == 200 and r.text, path
+    assert "text/html" in httpx.get(srv.url + "/ui/").headers["content-type"]
+    assert httpx.get(srv.url + "/ui/nope.js").status_code == 404
+    auth = {"Authorization": "Bearer k-console-1"}
+    for path in ("/v1/traces", "/v1/traces/x", "/v1/architectures/schema", "/v1/architectures/self-moa"):
+        assert httpx.get(srv.url + path).status_code == 401, path
+    assert httpx.post(srv.url + "/v1/architectures/validate", json={"text": "x"}).status_code == 401
+    r = httpx.post(srv.url + "/v1/chat/completions", headers=auth, json={"model": "self-moa", "messages": [{"role": "user", "content": "q"}]})
+    assert httpx.get(srv.url + f"/v1/traces/{r.json()['id']}", headers=auth).json()["status"] == "ok"

@@ -10,15 +10,15 @@ breaker that skips a replica that keeps failing for a cool-down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import email.utils
 import json
 import logging
 import os
-import random
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -35,22 +35,14 @@ from .base import (
     TokenLogprob,
     Usage,
 )
+from .http_scoring import HTTPScoring
+from .pool import Replica, ReplicaPool
+
+T = TypeVar("T")
 
 log = logging.getLogger("archon.backends.http")
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-@dataclass
-class Replica:
-    url: str
-    outstanding: int = 0
-    consecutive_failures: int = 0
-    open_until: float = 0.0  # circuit open (skipped) until this monotonic time
-    stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "failures": 0})
-
-    def available(self, now: float) -> bool:
-        return now >= self.open_until
 
 
 def _greedy_n(request: ChatRequest) -> bool:
@@ -152,7 +144,7 @@ def parse_completion(data: Any, backend: str) -> ChatResult:
     return ChatResult(choices=choices, usage=_usage(data.get("usage")), model=str(data.get("model", "")), metrics=metrics)
 
 
-class OpenAIHTTPBackend(Backend):
+class OpenAIHTTPBackend(HTTPScoring, Backend):
     def __init__(
         self,
         name: str,
@@ -171,11 +163,10 @@ class OpenAIHTTPBackend(Backend):
         breaker_cooldown_s: float = 10.0,
         extra_headers: dict[str, str] | None = None,
     ):
-        if not base_urls:
-            raise ValueError(f"backend {name!r}: no base URL")
+        self.pool = ReplicaPool(name, base_urls, breaker_failures=breaker_failures, breaker_cooldown_s=breaker_cooldown_s,
+                                backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
         self.name = name
         self.model = model
-        self.replicas = [Replica(u.rstrip("/")) for u in base_urls]
         self.api_key_env = api_key_env
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
@@ -184,8 +175,6 @@ class OpenAIHTTPBackend(Backend):
         self.backoff_max_s = backoff_max_s
         self.max_connections = max_connections
         self.supports_n = supports_n
-        self.breaker_failures = breaker_failures
-        self.breaker_cooldown_s = breaker_cooldown_s
         self.extra_headers = dict(extra_headers or {})
         self._session: aiohttp.ClientSession | None = None
 
@@ -231,36 +220,9 @@ class OpenAIHTTPBackend(Backend):
             await self._session.close()
         self._session = None
 
-    def _pick(self) -> Replica:
-        """Least outstanding requests among replicas whose breaker is closed (all open: least recently opened)."""
-        now = time.monotonic()
-        live = [r for r in self.replicas if r.available(now)]
-        if not live:
-            return min(self.replicas, key=lambda r: r.open_until)
-        return min(live, key=lambda r: r.outstanding)
-
-    def _record(self, replica: Replica, ok: bool, error: BaseException | None = None) -> None:
-        replica.stats["requests"] += 1
-        if not ok:
-            log.debug("backend %s replica %s: attempt failed: %s", self.name, replica.url, str(error) or type(error).__name__)
-        if ok:
-            replica.consecutive_failures = 0
-            replica.open_until = 0.0
-            return
-        replica.stats["failures"] += 1
-        replica.consecutive_failures += 1
-        if replica.consecutive_failures >= self.breaker_failures:
-            replica.open_until = time.monotonic() + self.breaker_cooldown_s
-            log.warning("backend %s replica %s: circuit open for %.0fs", self.name, replica.url, self.breaker_cooldown_s)
-
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), self.backoff_max_s)
-            except ValueError:
-                pass
-        # Full jitter (AWS architecture blog): spreads retries of many callers apart.
-        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.pool.replicas
 
     async def _error_from(self, resp: aiohttp.ClientResponse) -> BackendError:
         try:
@@ -280,40 +242,45 @@ class OpenAIHTTPBackend(Backend):
             status=resp.status,
             retryable=resp.status in RETRY_STATUSES,
             backend=self.name,
+            retry_after=_retry_after(resp.headers.get("Retry-After")),
         )
 
-    async def _with_retries(self, fn):  # type: ignore[no-untyped-def]
-        attempt = 0
-        while True:
-            replica = self._pick()
-            replica.outstanding += 1
-            try:
-                result = await fn(replica)
-            except asyncio.CancelledError:
-                raise
-            except BackendError as e:
-                self._record(replica, False, e)
-                if not e.retryable or attempt >= self.max_retries:
+    def _failure(self, e: Exception) -> BackendError:
+        """Any failure of one attempt as a BackendError: timeouts are BackendTimeout, broken connections retryable."""
+        if isinstance(e, BackendError):
+            return e
+        if isinstance(e, asyncio.TimeoutError):
+            return BackendTimeout(f"upstream {self.name} timed out", backend=self.name)
+        if isinstance(e, (aiohttp.ClientError, ConnectionError, OSError)):
+            return BackendError(f"upstream {self.name} connection failed: {type(e).__name__}", status=502, retryable=True, backend=self.name)
+        raise e
+
+    async def _attempts(self, attempt_on: Callable[[Replica], AsyncGenerator[T, None]]) -> AsyncIterator[T]:
+        """The one retry loop (chat, completions, and their streams): each attempt on the pool's pick, retried on a
+        retryable failure with the pool's backoff (Retry-After honoured) up to ``max_retries`` times - but never once
+        the attempt has yielded anything, since the caller has passed it on (a retry would duplicate text)."""
+        for attempt in range(self.max_retries + 1):
+            emitted = False
+            with self.pool.attempt() as replica:
+                try:
+                    # aclosing: a consumer that stops early (client gone) closes the attempt, and its connection, now
+                    async with contextlib.aclosing(attempt_on(replica)) as items:
+                        async for item in items:
+                            emitted = True
+                            yield item
+                except asyncio.CancelledError:
                     raise
-                delay = self._backoff(attempt, getattr(e, "retry_after", None))
-            except asyncio.TimeoutError as e:
-                self._record(replica, False, e)
-                if attempt >= self.max_retries:
-                    raise BackendTimeout(f"upstream {self.name} timed out", backend=self.name) from None
-                delay = self._backoff(attempt, None)
-            except (aiohttp.ClientError, ConnectionError, OSError) as e:
-                self._record(replica, False, e)
-                if attempt >= self.max_retries:
-                    raise BackendError(
-                        f"upstream {self.name} connection failed: {type(e).__name__}", status=502, retryable=True, backend=self.name
-                    ) from None
-                delay = self._backoff(attempt, None)
-            else:
-                self._record(replica, True)
-                return result
-            finally:
-                replica.outstanding -= 1
-            attempt += 1
+                except Exception as e:  # noqa: BLE001 - classified by _failure (unknown ones re-raised there)
+                    err = self._failure(e)
+                    self.pool.record(replica, False, err)
+                    if emitted or not err.retryable or attempt >= self.max_retries:
+                        if err is e:
+                            raise
+                        raise err from None
+                    delay = self.pool.backoff(attempt, err.retry_after)
+                else:
+                    self.pool.record(replica, True)
+                    return
             await asyncio.sleep(delay)
 
     # -- API ------------------------------------------------------------------
@@ -335,14 +302,12 @@ class OpenAIHTTPBackend(Backend):
     async def _post_completion(self, path: str, body: dict[str, Any], n: int) -> ChatResult:
         """POST a (chat) completion body to the least-loaded replica, with retries; validate the answer."""
 
-        async def once(replica: Replica) -> ChatResult:
+        async def once(replica: Replica) -> AsyncGenerator[ChatResult, None]:
             s = await self.session()
             t0 = time.perf_counter()
             async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
                 if resp.status != 200:
-                    err = await self._error_from(resp)
-                    err.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
-                    raise err
+                    raise await self._error_from(resp)
                 try:
                     data = await resp.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError):
@@ -356,9 +321,9 @@ class OpenAIHTTPBackend(Backend):
                     backend=self.name,
                 )
             res.latency_s = time.perf_counter() - t0
-            return res
+            yield res
 
-        return await self._with_retries(once)
+        return [r async for r in self._attempts(once)][0]
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         if _greedy_n(request):
@@ -386,69 +351,48 @@ class OpenAIHTTPBackend(Backend):
             yield ch
 
     async def _stream_completion(self, path: str, body: dict[str, Any], n: int) -> AsyncIterator[StreamChunk]:
-        s = await self.session()
-        attempt = 0
-        # Retries only until the first byte of content: afterwards a retry would duplicate text.
-        while True:
-            replica = self._pick()
-            replica.outstanding += 1
-            emitted = False
-            try:
-                async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
-                    if resp.status != 200:
-                        raise await self._error_from(resp)
-                    finished: set[int] = set()
-                    usage: Usage | None = None
-                    async for chunk in _sse_events(resp, self.name):
-                        if isinstance(chunk.get("error"), dict):
-                            raise BackendError(
-                                f"upstream {self.name} stream error: {self._redact(str(chunk['error'].get('message', '')))}"[:500],
-                                status=502,
-                                retryable=not emitted,
-                                backend=self.name,
-                            )
-                        for c in chunk.get("choices") or []:
-                            if not isinstance(c, dict):
-                                continue
-                            idx = c.get("index", 0) if isinstance(c.get("index", 0), int) else 0
-                            delta = c.get("delta") or {}
-                            # chat: delta.content (and delta.tool_calls); raw completions: text
-                            text = delta.get("content") if isinstance(delta, dict) and delta else c.get("text")
-                            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-                            if text or calls:
-                                emitted = True
-                                yield StreamChunk(index=idx, text=text if isinstance(text, str) else "",
-                                                  tool_calls=calls if isinstance(calls, list) else None)
-                            if c.get("finish_reason"):
-                                finished.add(idx)
-                                yield StreamChunk(index=idx, finish_reason=c["finish_reason"])
-                        if chunk.get("usage"):
-                            usage = _usage(chunk["usage"])
-                    if len(finished) < n:
+        async def once(replica: Replica) -> AsyncGenerator[StreamChunk, None]:
+            s = await self.session()
+            async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
+                if resp.status != 200:
+                    raise await self._error_from(resp)
+                finished: set[int] = set()
+                usage: Usage | None = None
+                async for chunk in _sse_events(resp, self.name):
+                    if isinstance(chunk.get("error"), dict):
                         raise BackendError(
-                            f"upstream {self.name} stream ended before all choices finished (truncated)",
+                            f"upstream {self.name} stream error: {self._redact(str(chunk['error'].get('message', '')))}"[:500],
                             status=502,
-                            retryable=not emitted,
+                            retryable=True,  # only until something was passed on (_attempts)
                             backend=self.name,
                         )
-                self._record(replica, True)
-                yield StreamChunk(usage=usage or Usage())
-                return
-            except asyncio.CancelledError:
-                raise
-            except (BackendError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError) as e:
-                self._record(replica, False, e)
-                retryable = isinstance(e, BackendError) and e.retryable or not isinstance(e, BackendError)
-                if emitted or not retryable or attempt >= self.max_retries:
-                    if isinstance(e, BackendError):
-                        raise
-                    if isinstance(e, asyncio.TimeoutError):
-                        raise BackendTimeout(f"upstream {self.name} stream timed out", backend=self.name) from None
-                    raise BackendError(f"upstream {self.name} stream failed: {type(e).__name__}", status=502, backend=self.name) from None
-            finally:
-                replica.outstanding -= 1
-            attempt += 1
-            await asyncio.sleep(self._backoff(attempt - 1, None))
+                    for c in chunk.get("choices") or []:
+                        if not isinstance(c, dict):
+                            continue
+                        idx = c.get("index", 0) if isinstance(c.get("index", 0), int) else 0
+                        delta = c.get("delta") or {}
+                        # chat: delta.content (and delta.tool_calls); raw completions: text
+                        text = delta.get("content") if isinstance(delta, dict) and delta else c.get("text")
+                        calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+                        if text or calls:
+                            yield StreamChunk(index=idx, text=text if isinstance(text, str) else "",
+                                              tool_calls=calls if isinstance(calls, list) else None)
+                        if c.get("finish_reason"):
+                            finished.add(idx)
+                            yield StreamChunk(index=idx, finish_reason=c["finish_reason"])
+                    if chunk.get("usage"):
+                        usage = _usage(chunk["usage"])
+                if len(finished) < n:
+                    raise BackendError(
+                        f"upstream {self.name} stream ended before all choices finished (truncated)",
+                        status=502,
+                        retryable=True,
+                        backend=self.name,
+                    )
+            yield StreamChunk(usage=usage or Usage())
+
+        async for ch in self._attempts(once):
+            yield ch
 
     async def models(self) -> list[str]:
         s = await self.session()
@@ -473,6 +417,21 @@ class OpenAIHTTPBackend(Backend):
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 continue
         return False
+
+
+def _retry_after(value: str | None) -> float | None:
+    """An upstream's Retry-After: seconds, or an HTTP date (RFC 9110 10.2.3); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 async def _sse_events(resp: aiohttp.ClientResponse, backend: str) -> AsyncIterator[dict[str, Any]]:

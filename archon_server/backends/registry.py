@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
 from ..spec import SpecError
-from .base import Backend
+from .base import (
+    Backend,
+    BackendWrapper,
+    ChatRequest,
+    ChatResult,
+    CompletionRequest,
+    NextTokenRequest,
+    NextTokenResult,
+    RewardRequest,
+    RewardResult,
+    ScoreRequest,
+    ScoreResult,
+    StreamChunk,
+)
+from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.backends")
 
 
-class UnknownModel(KeyError):
+class UnknownModel(ArchonError, KeyError):
     pass
 
 
@@ -25,11 +40,51 @@ class Binding:
     model: str  # model name sent upstream
 
 
+class _Limited(BackendWrapper):
+    """Every call of ``inner`` holds one slot of the registry's limit for it (a stream: until it ends)."""
+
+    def __init__(self, inner: Backend, limit: asyncio.Semaphore):
+        super().__init__(inner)
+        self.sem = limit
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        async with self.sem:
+            return await self.inner.chat(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        # aclosing: a consumer that stops early (a judge at its verdict) ends the inner stream now, not at GC
+        async with self.sem, contextlib.aclosing(self.inner.stream(request)) as chunks:
+            async for ch in chunks:
+                yield ch
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        async with self.sem:
+            return await self.inner.complete(request)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        async with self.sem:
+            async for ch in self.inner.stream_complete(request):
+                yield ch
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        async with self.sem:
+            return await self.inner.score(request)
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        async with self.sem:
+            return await self.inner.next_token_logprobs(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        async with self.sem:
+            return await self.inner.reward(request)
+
+
 class BackendRegistry:
     def __init__(self) -> None:
         self._backends: dict[str, Backend] = {}
         self._bindings: dict[str, Binding] = {}
         self._limits: dict[str, asyncio.Semaphore] = {}
+        self._sizes: dict[str, int] = {}
 
     def register(self, alias: str, backend: Backend, model: str = "", *, aliases: list[str] | tuple[str, ...] = (), max_concurrency: int | None = None) -> None:
         for a in [alias, *aliases]:
@@ -39,6 +94,7 @@ class BackendRegistry:
         self._backends[alias] = backend
         if max_concurrency:
             self._limits[alias] = asyncio.Semaphore(max_concurrency)
+            self._sizes[alias] = max_concurrency
 
     def __contains__(self, alias: str) -> bool:
         return alias in self._bindings
@@ -62,7 +118,23 @@ class BackendRegistry:
         return self._binding(alias).model
 
     def limit(self, alias: str) -> asyncio.Semaphore | None:
+        """The backend's concurrency limit (config ``max_concurrency``; all aliases of a backend share it)."""
         return self._limits.get(self._binding(alias).key)
+
+    def cap(self, alias: str, max_concurrency: int) -> None:
+        """Lower the backend's limit to ``max_concurrency`` (never raises it), e.g. a sweep's per-backend cap.
+        Call before any call is in flight: calls holding the old limit's slots are not counted against the new one."""
+        key = self._binding(alias).key
+        old = self._limits.get(key)
+        if old is None or max_concurrency < self._sizes.get(key, max_concurrency + 1):
+            self._limits[key] = asyncio.Semaphore(max_concurrency)
+            self._sizes[key] = max_concurrency
+
+    def limited(self, alias: str) -> Backend:
+        """The backend with its limit applied to every call, for callers outside the graph runtime (a sweep's
+        judges); the runtime's components take the same slots (ComponentContext.call)."""
+        backend, limit = self.get(alias), self.limit(alias)
+        return backend if limit is None else _Limited(backend, limit)
 
     def wrap(self, fn: Callable[[str, Backend], Backend]) -> None:
         """Replace every backend by ``fn(alias, backend)`` (e.g. a caching wrapper)."""

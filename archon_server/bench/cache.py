@@ -23,15 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import (
-    Backend,
-    ChatRequest,
-    ChatResult,
-    Choice,
-    StreamChunk,
-    TokenLogprob,
-    Usage,
-)
+from ..backends.base import Backend, BackendWrapper, ChatRequest, ChatResult, Choice, StreamChunk, TokenLogprob, Usage
 
 
 class CacheStore:
@@ -119,14 +111,14 @@ def cache_scope(name: str) -> Iterator[None]:
         _scope.reset(token)
 
 
-class CachingBackend(Backend):
+class CachingBackend(BackendWrapper):
+    """Chat calls answered from the store when this scope asked the same before; everything else goes to ``inner``.
+    A stream is served from :meth:`chat` (one chunk, :meth:`Backend.stream`), so it is cached too."""
+
     def __init__(self, inner: Backend, store: CacheStore, *, namespace: str = ""):
-        self.inner = inner
+        super().__init__(inner)
         self.store = store
         self.namespace = namespace
-        self.name = getattr(inner, "name", "backend")
-        self.supports_n = inner.supports_n
-        self.supports_logprobs = inner.supports_logprobs
         self.hits = 0
         self.misses = 0
 
@@ -189,14 +181,3 @@ class CachingBackend(Backend):
         choices = [Choice(texts[i], reasons.get(i, "stop"), i) for i in sorted(texts)]
         self.store.put(key, result_to_json(ChatResult(choices, usage, request.model, metrics=metrics)))
 
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def models(self) -> list[str]:
-        return await self.inner.models()
-
-    async def health(self) -> bool:
-        return await self.inner.health()

@@ -24,11 +24,10 @@ when the run died costs nothing the second time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..backends.base import (
-    Backend,
-    ChatRequest,
-    ChatResult,
-    SamplingParams,
-    StreamChunk,
-    Usage,
-)
+from ..backends.base import Backend, SamplingParams, Usage
+from ..graph.runtime import GraphError
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
@@ -92,6 +85,7 @@ class SweepSpec(_Base):
     architectures: list[str] = Field(min_length=1)
     benchmarks: list[BenchmarkEntry] = Field(min_length=1)
     null_text: str = NULL_OUTPUT
+    keep_traces: bool = Field(default=False, description="Store each answer's trace in its result (`trace`, or `traces` per turn); the web console opens them.")
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -154,6 +148,14 @@ class ResultsLog:
         if not rec.get("error"):
             self.done.add(k)
 
+    async def claim(self, arch: str, benchmark: str, item: str) -> bool:
+        """One process owns this file, so every question is its own (a shared store's claim can say no)."""
+        return True
+
+    async def wait_for_others(self) -> set[str]:
+        """Keys to try again because the worker that held them died; never any here."""
+        return set()
+
     async def append(self, rec: dict[str, Any]) -> None:
         k = result_key(rec["arch"], rec["benchmark"], rec["id"])
         async with self._lock:
@@ -171,32 +173,6 @@ class ResultsLog:
 
 
 # --------------------------------------------------------------------------- backends
-
-
-class LimitedBackend(Backend):
-    """Caps calls in flight to one backend (the sweep's per-backend concurrency)."""
-
-    def __init__(self, inner: Backend, limit: int):
-        self.inner = inner
-        self.sem = asyncio.Semaphore(limit)
-        self.name = getattr(inner, "name", "backend")
-        self.supports_n = inner.supports_n
-        self.supports_logprobs = inner.supports_logprobs
-
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        async with self.sem:
-            return await self.inner.chat(request)
-
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async with self.sem, contextlib.aclosing(self.inner.stream(request)) as chunks:
-            async for ch in chunks:
-                yield ch
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @dataclass
@@ -235,6 +211,13 @@ def resolve_architectures(names: Iterable[str], registry: Any, config: Any | Non
 # --------------------------------------------------------------------------- the run
 
 
+def _traces_field(traces: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A result's trace(s) when the sweep keeps them: `trace` for one turn, `traces` for several."""
+    if not traces:
+        return {}
+    return {"trace": traces[0]} if len(traces) == 1 else {"traces": traces}
+
+
 @dataclass
 class SweepRun:
     spec: SweepSpec
@@ -245,43 +228,56 @@ class SweepRun:
     data_root: str | None = None
     meter: CostMeter = field(default_factory=CostMeter)
     pass_at: dict[tuple[str, str], PassAt] = field(default_factory=dict)  # (benchmark, id) -> its entry's pass_at
+    results: Any = None  # a shared store's StoreResults (bench/store.py); default: <out>/results.jsonl
 
-    async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]], sample: int = 0) -> tuple[str, int, Usage]:
+    async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]], sample: int = 0,
+                        traces: list[dict[str, Any]] | None = None) -> tuple[str, int, Usage]:
+        """``traces``: with the sweep's keep_traces, the run's trace is appended there."""
         if spec is None:
             return self.spec.null_text, 0, Usage()
         params = SamplingParams(**self.spec.params) if self.spec.params else None
         if params is not None and sample and params.seed is not None:
             params.seed += sample  # pass@k samples must differ
-        res = await self.runtime.run(spec, messages, params)
+        try:
+            res = await self.runtime.run(spec, messages, params)
+        except GraphError as e:
+            if traces is not None and e.trace is not None:
+                traces.append(e.trace.to_dict())
+            raise
+        if traces is not None:
+            traces.append(res.trace.to_dict())
         return res.text, int(res.calls), res.usage
 
     def _judge_backend(self) -> tuple[Backend, str]:
         if not self.spec.judge:
             raise SpecError(["judge: judged benchmarks need a `judge` backend alias"])
-        return self.registry.get(self.spec.judge), self.registry.model_name(self.spec.judge)
+        # Through the registry's limit, like the architectures' own calls (the sweep's backend_concurrency).
+        return self.registry.limited(self.spec.judge), self.registry.model_name(self.spec.judge)
 
     async def run_item(self, arch: str, spec: ArchitectureSpec | None, item: ds.Item) -> dict[str, Any]:
         rec: dict[str, Any] = {"arch": arch, "benchmark": item.benchmark, "id": item.id}
         usage = Usage()
         calls = 0
         answers: list[str] = []
+        traces: list[dict[str, Any]] | None = [] if self.spec.keep_traces else None
         t0 = time.perf_counter()
         if (pk := self.pass_at.get((item.benchmark, item.id))) is not None:
             return await self._run_samples(rec, arch, spec, item, pk, t0)
         try:
             with cache_scope(f"gen\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
                 for turn in range(len(item.turns)):
-                    text, c, u = await self._generate(arch, spec, item.messages(turn, answers))
+                    text, c, u = await self._generate(arch, spec, item.messages(turn, answers), traces=traces)
                     answers.append(text)
                     calls += c
                     usage.add(u)
         except Exception as e:  # noqa: BLE001 - a failed question is recorded, the sweep goes on
-            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0)
+            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, **_traces_field(traces))
             rec.update(calls=calls, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                        seconds=time.perf_counter() - t0)
             self._count(calls, usage)
             return rec
         rec["seconds"] = time.perf_counter() - t0
+        rec.update(_traces_field(traces))
         rec.update(output=answers[0] if len(answers) == 1 else answers, calls=calls,
                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
         self._count(calls, usage)
@@ -371,7 +367,7 @@ class SweepRun:
         return out
 
     async def run(self, archs: dict[str, ArchitectureSpec | None]) -> ResultsLog:
-        log = ResultsLog(self.out_dir / "results.jsonl")
+        log = self.results if self.results is not None else ResultsLog(self.out_dir / "results.jsonl")
         todo = [(a, s, it) for a, s in archs.items() for _, it in self.items()
                 if result_key(a, it.benchmark, it.id) not in log.done]
         sem = asyncio.Semaphore(self.spec.concurrency)
@@ -383,8 +379,12 @@ class SweepRun:
 
         async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
             async with sem:
-                rec = await self.run_item(a, s, it)
-            await log.append(rec)
+                if not await log.claim(a, it.benchmark, it.id):
+                    rec = None  # another worker of a shared store has it
+                else:
+                    rec = await self.run_item(a, s, it)
+            if rec is not None:
+                await log.append(rec)
             if bar is not None:
                 m = self.meter
                 bar.set_postfix(calls=m.calls, tok=m.usage.total_tokens, judge_calls=m.judge_calls, refresh=False)
@@ -392,6 +392,9 @@ class SweepRun:
 
         try:
             await asyncio.gather(*(one(a, s, it) for a, s, it in todo))
+            # A shared store: stay until the questions other workers hold are done, taking over a dead one's.
+            while again := await log.wait_for_others():
+                await asyncio.gather(*(one(a, s, it) for a, s, it in todo if result_key(a, it.benchmark, it.id) in again))
         finally:
             if bar is not None:
                 bar.close()
@@ -399,15 +402,15 @@ class SweepRun:
 
 
 def wrap_registry(registry: Any, spec: SweepSpec, store: CacheStore | None) -> None:
-    """Cache every backend (keyed on model+messages+params), then cap its concurrency."""
+    """Cache every backend (keyed on model+messages+params), then cap its concurrency (the registry's own limit:
+    cache hits take a slot too, as they always did)."""
     default = spec.backend_concurrency.get("default")
-
-    def wrap(alias: str, backend: Backend) -> Backend:
-        b: Backend = CachingBackend(backend, store, namespace=alias) if store is not None else backend
+    if store is not None:
+        registry.wrap(lambda alias, backend: CachingBackend(backend, store, namespace=alias))
+    for alias in registry.backends():
         limit = spec.backend_concurrency.get(alias, default)
-        return LimitedBackend(b, limit) if limit else b
-
-    registry.wrap(wrap)
+        if limit:
+            registry.cap(alias, limit)
 
 
 async def run_sweep(
@@ -421,8 +424,13 @@ async def run_sweep(
     cache: bool = True,
     progress: bool = True,
     data_root: str | None = None,
+    store_url: str | None = None,
+    store_lease_s: float = 60.0,
 ) -> ResultsLog:
-    """Run (or resume) a sweep; returns the results log (all records, old and new)."""
+    """Run (or resume) a sweep; returns the results log (all records, old and new).
+
+    ``store_url``: share the sweep with other workers through that database (bench/store.py); this
+    worker's ``<out>/results.jsonl`` is then written from the store when it finishes."""
     from ..graph.runtime import GraphRuntime
 
     out = Path(out_dir)
@@ -437,24 +445,39 @@ async def run_sweep(
             cfg_path = str(base_dir / cfg_path)
         config = config or load_config(cfg_path)
         registry = build_registry(config)
-    store = CacheStore(out / "cache.sqlite") if cache else None
+    shared = None
+    if store_url:
+        from .store import SweepStore
+
+        shared = SweepStore(store_url, spec.name, lease_s=store_lease_s)
+        shared.results.register(spec.model_dump(mode="json"))
+    store = (shared.calls if shared is not None else CacheStore(out / "cache.sqlite")) if cache else None
     wrap_registry(registry, spec, store)
     archs = resolve_architectures(spec.architectures, registry, config, base_dir)
     (out / "sweep.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2), encoding="utf-8")
     if own_registry:
         await registry.start()
     started = time.time()
-    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root)
+    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root,
+                   results=shared.results if shared is not None else None)
     before = 0
     try:
         before = len(ResultsLog(out / "results.jsonl").records)
-        log = await run.run(archs)
+        if shared is None:
+            log = await run.run(archs)
+        else:
+            async with shared.results:
+                await run.run(archs)
+            shared.results.export_jsonl(out / "results.jsonl")
+            log = ResultsLog(out / "results.jsonl")
     finally:
         _append_run_stats(out, run, registry, started, before)
         if own_registry:
             await registry.close()
         if store is not None:
             store.close()
+        if shared is not None:
+            shared.close()
     return log
 
 

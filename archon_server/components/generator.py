@@ -16,6 +16,13 @@ def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict
     return [{"role": "system", "content": system}, *rest]
 
 
+def with_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
+    """``note`` added to the conversation's system message (one is made when there is none)."""
+    if messages and messages[0].get("role") == "system":
+        return [{"role": "system", "content": f"{message_text(messages[0])}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
 class Generator(Component):
     type = "generator"
     produces = True
@@ -47,7 +54,4 @@ class Generator(Component):
         fmt = ctx.final.extra.get("response_format") if ctx.final is not None else None
         if not fmt or model not in ctx.registry or ctx.registry.get(model).supports_response_format:
             return messages
-        note = prompts.json_instruction(fmt)
-        if messages and messages[0].get("role") == "system":
-            return [{"role": "system", "content": f"{message_text(messages[0])}\n\n{note}"}, *messages[1:]]
-        return [{"role": "system", "content": note}, *messages]
+        return with_note(messages, prompts.json_instruction(fmt))

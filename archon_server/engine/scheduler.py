@@ -14,6 +14,7 @@ stays responsive.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import random
@@ -27,11 +28,12 @@ from typing import Any
 import torch
 
 from .detokenize import IncrementalText
+from .constrain import Constraints
 from .runner import ModelRunner, default_threads
 from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.engine.scheduler")
 
 
 @dataclass
@@ -53,6 +55,8 @@ class GenParams:
     frequency_penalty: float = 0.0
     # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
     speculative: dict[str, Any] | None = None
+    # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
+    grammar: str | None = None
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)
@@ -171,6 +175,15 @@ class _SpecRun:
 
 
 @dataclass
+class _Job:
+    """Work other than generation that needs the model (teacher-forced scoring): ``fn(runner)`` runs on
+    the worker thread between steps, its result or exception goes to ``future``."""
+
+    fn: Callable[[ModelRunner], Any]
+    future: concurrent.futures.Future
+
+
+@dataclass
 class _Prefill:
     req: _Request
     slot: int
@@ -194,12 +207,14 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
+        self._constraints = Constraints(tokenizer)
         self.max_batch = max(1, max_batch)
         self.idle_poll_s = idle_poll_s
         self.idle_cache_bytes = 512 << 20
         self.stats = EngineStats()
         self.cache = runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
-        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._inbox: queue.Queue[_Request | _Job | None] = queue.Queue()
+        self._jobs: deque[_Job] = deque()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
         self._spec: list[_SpecRun] = []  # speculative requests: one round each per worker iteration
@@ -258,6 +273,16 @@ class Engine:
         self._inbox.put(req)
         return GenerationHandle(req)
 
+    def run_job(self, fn: Callable[[ModelRunner], Any]) -> concurrent.futures.Future:
+        """Run ``fn(runner)`` on the worker thread between decode steps (the runner is not thread-safe);
+        wrap the returned future with ``asyncio.wrap_future`` to await it."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError("engine shut down"))
+        else:
+            self._inbox.put(_Job(fn, fut))
+        return fut
+
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
@@ -266,8 +291,10 @@ class Engine:
                 if not self._rows and self._prefilling is None and self.cache.nbytes() > self.idle_cache_bytes:
                     # Idle after long/wide requests: give the grown KV cache back.
                     self.cache = self.runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
-                self._admit(block=not self._rows and self._prefilling is None and not self._spec)
+                self._admit(block=not self._rows and self._prefilling is None and not self._spec and not self._jobs)
                 self._drop_cancelled()
+                if self._jobs:
+                    self._run_job(self._jobs.popleft())
                 if self._prefilling is not None:
                     self._prefill_chunk()
                 if self._rows:
@@ -284,7 +311,9 @@ class Engine:
         try:
             item = self._inbox.get(timeout=self.idle_poll_s) if block and not self._waiting else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, _Job):
+                    self._jobs.append(item)
+                elif item is not None:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -296,7 +325,7 @@ class Engine:
                 self.stats.cancelled += 1
                 req.done = True
                 continue
-            if req.params.speculative and req.params.n == 1 and req.max_new > 0:
+            if req.params.speculative and req.params.n == 1 and req.max_new > 0 and not req.params.grammar:
                 # Speculative decoding verifies several tokens per target pass for ONE sequence: it has
                 # its own one-slot cache and runs one round per worker iteration, between batched steps.
                 if len(self._rows) + len(self._spec) >= self.max_batch:
@@ -320,6 +349,16 @@ class Engine:
             self.cache.reserve(slot + req.params.n, len(req.prompt) + 1)
             self.cache.lengths[slot] = 0
             self._prefilling = _Prefill(req, slot)
+
+    def _run_job(self, job: _Job) -> None:
+        """One job per worker iteration, so a burst of scoring calls interleaves with decode steps."""
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.fn(self.runner))
+        except Exception as e:  # noqa: BLE001 - a failed job fails its caller only
+            self.stats.errors += 1
+            job.future.set_exception(e)
 
     def _prefill_chunk(self) -> None:
         """Run the next chunk of the staged prompt; when it is complete, its n rows join the batch.
@@ -369,6 +408,7 @@ class Engine:
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
                 prompt_ids=req.prompt,
+                constraint=self._constraints.matcher(p.grammar) if p.grammar else None,
             )
             text = IncrementalText(self.tokenizer, p.stop)
             sampling.output_ids = text.ids  # penalties read the generated tokens as they grow
@@ -560,8 +600,14 @@ class Engine:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
+                if isinstance(item, _Job):
+                    self._jobs.append(item)
+                elif item is not None:
                     reqs[id(item)] = item
+            while self._jobs:  # queued jobs were not touched by a failed step: they fail only at shutdown
+                job = self._jobs.popleft()
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(err)
         self._rows = []
         self._waiting.clear()
         for r in reqs.values():

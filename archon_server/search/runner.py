@@ -51,7 +51,7 @@ from archon_server.search.storage import (
 )
 from archon_server.spec import ArchitectureSpec, dump_architecture, parse_architecture
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.search.runner")
 
 STUDY_CONFIG = "config"
 STUDY_TARGET = "target_n_trials"
@@ -103,6 +103,10 @@ def open_study(
         claims.ensure_table(engine)  # before the workers race to
     if STUDY_CONFIG not in study.user_attrs:
         study.set_user_attr(STUDY_CONFIG, config.model_dump(mode="json", by_alias=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # What optuna-dashboard labels the objective axes with.
+            study.set_metric_names(["dev score", "cost per query"] if multi else ["dev score - lambda x cost"])
     return study
 
 

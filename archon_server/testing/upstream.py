@@ -169,7 +169,7 @@ class FakeUpstream:
                 await asyncio.sleep(delay)
             if fault in ("500", "502", "503", "429", "400", "401", "403"):
                 rec.status = int(fault)
-                headers = {"Retry-After": "0"} if fault == "429" else None
+                headers = {"Retry-After": str(act.get("retry_after", 0))} if fault == "429" else None
                 msg = act.get("message", f"injected {fault}")  # e.g. a provider that echoes the key it refused
                 return web.json_response({"error": {"message": msg, "type": "server_error"}}, status=int(fault), headers=headers)
             if fault == "timeout":

@@ -6,7 +6,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ...backends.base import content_text
 from ..structured import check_response_format
+
+
+def stop_list(v: str | list[str] | None) -> list[str] | None:
+    """OpenAI's `stop`: a string or up to 4 non-empty strings (chat and completions alike)."""
+    if v is None:
+        return None
+    v = [v] if isinstance(v, str) else v
+    if len(v) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in v):
+        raise ValueError("stop sequences must be non-empty")
+    return v
 
 
 class TextPart(BaseModel):
@@ -24,9 +37,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = Field(default=None, max_length=256)  # a tool's result
 
     def to_dict(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(p.text for p in content)
+        content = content_text([p.model_dump() for p in self.content]) if isinstance(self.content, list) else self.content
         out: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
@@ -85,14 +96,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in v):
-            raise ValueError("stop sequences must be non-empty")
-        return v
+        return stop_list(v)
 
     @field_validator("messages")
     @classmethod

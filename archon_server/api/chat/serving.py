@@ -16,14 +16,16 @@ from fastapi import Request
 
 from ...backends.base import StreamChunk, TokenLogprob, Usage
 from ...backends.registry import BackendRegistry
-from ...components import FinalOverrides
+from ...components import FinalOverrides, prompts
 from ...components.base import StreamSink
+from ...components.generator import with_note
 from ...components.state import Candidate
 from ...components.trace import TraceObserver
 from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
-from ..errors import APIError, error_body
+from ..edge import remaining_s
+from ..errors import APIError, error_body, failure_code
 from ..metrics import Metrics
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
 from ..traces.store import TraceStore, entry
@@ -161,7 +163,7 @@ class ChatService:
     def _gerr(self, e: GraphError | StructuredOutputInvalid) -> APIError:
         if isinstance(e, StructuredOutputInvalid):
             return APIError(422, f"response_format: {e}", param="response_format", code="invalid_structured_output")
-        return APIError(e.status, str(e), code={502: "upstream_error", 504: "timeout", 400: "invalid_value"}.get(e.status))
+        return APIError(e.status, str(e), code=failure_code(e.status))
 
     def _observe(self, model: str, status: int, t0: float, res: RunResult | None) -> None:
         self.metrics.requests.labels(model, str(status)).inc()
@@ -189,8 +191,11 @@ class ChatService:
         """Run the architecture; an answer that is not the JSON `response_format` asked for is asked for again, then
         refused (StructuredOutputInvalid). Streamed answers cannot be taken back: they are checked, not retried."""
         fmt = final.extra.get("response_format")
+        if spec.tools_in_prompt and final.extra.get("tools"):
+            messages = with_note(messages, prompts.tools_note(final.extra["tools"]))
         for attempt in range(STRUCTURED_RETRIES + 1):
-            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=self.request_timeout_s, observer=observer)
+            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=max(remaining_s(self.request_timeout_s), 1e-3),
+                                        observer=observer)  # one deadline for all attempts, from arrival
             try:
                 conform_all(res.candidates, fmt)
                 return res
@@ -202,9 +207,19 @@ class ChatService:
                     final = replace(final, seed=final.seed + 1)
         raise AssertionError("unreachable")
 
+    def _time_left(self) -> float:
+        """What is left of the request's deadline. It started when the request reached the edge (api/edge.py), so
+        reading and parsing the body and building the prompt count too: a big body cannot stretch the answer past
+        ``request_timeout_s``. Nothing left: 504 at once, before admission."""
+        left = remaining_s(self.request_timeout_s)
+        if left <= 0:
+            raise APIError(504, f"deadline of {self.request_timeout_s:g}s exceeded before the request could start", code=failure_code(504))
+        return left
+
     async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request, keep: Keep | None = None) -> RunResult:
         """Admit, run (cancelled when the client goes away), count, ``keep(status, result, error)``; failures become
         APIErrors."""
+        self._time_left()
         self._admit()
         t0 = time.perf_counter()
         status, res, gerr = 500, None, None
@@ -243,6 +258,7 @@ class ChatService:
         """Admit now (a refusal is a plain HTTP error), then: the final stage's chunks as they come (with
         ``trace_events``, the trace's events too, as dicts), and last the result, or the APIError it failed with.
         Closing the iterator early (client gone) cancels the run."""
+        self._time_left()
         self._admit()
         return self._events(name, run, keep, trace_events)
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..chat.api_router import _ERRORS
+from ..chat.api_router import _ERRORS, answer
 from .protocol import CompletionRequest, CompletionResponse
 
 router = APIRouter()
@@ -17,8 +16,4 @@ _STREAM = {200: {"content": {"text/event-stream": {"schema": {
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**_STREAM, **_ERRORS})
 async def create_completion(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    service = request.app.state.completions
-    if body.stream:
-        gen = await service.create_stream(body)
-        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await service.create(body, request))
+    return await answer(request.app.state.completions, body, request)

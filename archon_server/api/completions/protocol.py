@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..chat.protocol import StreamOptions, UsageInfo
+from ..chat.protocol import StreamOptions, UsageInfo, stop_list
 
 MAX_PROMPTS = 64  # prompts in one request (each runs the whole architecture)
 
@@ -52,12 +52,7 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 4 or any(not s for s in v):
-            raise ValueError("at most 4 non-empty stop sequences")
-        return v
+        return stop_list(v)
 
     @field_validator("suffix")
     @classmethod

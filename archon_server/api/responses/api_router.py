@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from ..chat.api_router import _ERRORS
+from ..chat.api_router import _ERRORS, answer
 from .protocol import ResponsesRequest
 
 router = APIRouter()
@@ -20,8 +20,9 @@ _STREAM = {200: {"content": {
 
 @router.post("/v1/responses", responses={**_STREAM, **_ERRORS})
 async def create_response(body: ResponsesRequest, request: Request):  # type: ignore[no-untyped-def]
-    service = request.app.state.responses
-    if body.stream:
-        gen = await service.create_stream(body)
-        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await service.create(body, request))
+    return await answer(request.app.state.responses, body, request)
+
+
+@router.get("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
+async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.responses.retrieve(response_id))

@@ -70,7 +70,10 @@ class ResponsesRequest(BaseModel):
             return None
         if fmt.get("type") == "json_schema":
             inner = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
-            return check_response_format({"type": "json_schema", "json_schema": inner})
+            try:
+                return check_response_format({"type": "json_schema", "json_schema": inner})
+            except ValueError as e:  # name the field as this API spells it
+                raise ValueError(str(e).replace("response_format.json_schema.schema", "text.format.schema")) from None
         if fmt.get("type") == "json_object":
             return {"type": "json_object"}
         raise ValueError(f"text.format.type: {fmt.get('type')!r} is not one of text, json_object, json_schema")

@@ -8,7 +8,8 @@ function_call_arguments.delta..., function_call_arguments.done, then output_item
 response.failed. Every event carries a `sequence_number` counting from 0.
 
 `previous_response_id`: the last ``MAX_KEPT`` stored responses (``store``, default true) are kept in memory with
-their conversation; an id that is not kept (unknown, evicted, or from before a restart) is a 400 saying so.
+their conversation (and GET /v1/responses/{id} returns them); an id that is not kept (unknown, evicted, or from
+before a restart) is a 400 (a 404 for GET) saying so.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from typing import Any
 
 from fastapi import Request
 
-from ...backends.base import StreamChunk, accumulate_tool_calls
+from ...backends.base import StreamChunk, TokenLogprob, accumulate_tool_calls
 from ...components import FinalOverrides
 from ...components.state import Candidate
 from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
 from ..errors import APIError
-from ..structured import chat_tools
+from ..structured import chat_tool_choice, chat_tools
 from .protocol import ResponsesRequest, input_messages
 
 MAX_KEPT = 256  # responses kept for previous_response_id (each holds its conversation: bounded by count)
@@ -45,9 +46,18 @@ def _usage(res: RunResult) -> dict[str, Any]:
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": u.total_tokens}
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+def _logprobs(lps: list[TokenLogprob] | None) -> list[dict[str, Any]]:
+    """The final stage's token logprobs (asked for with `top_logprobs`) in output_text's shape."""
+    def b(t: str) -> list[int]:
+        return list(t.encode("utf-8", "replace"))
+
+    return [{"token": t.token, "bytes": b(t.token), "logprob": t.logprob,
+             "top_logprobs": [{"token": a, "bytes": b(a), "logprob": v} for a, v in t.top]} for t in lps or []]
+
+
+def _message_item(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}] if status != "in_progress" else []}
 
 
 def _call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any]:
@@ -59,7 +69,8 @@ def _call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any
 class ResponsesService:
     def __init__(self, chat: ChatService):
         self.chat = chat
-        self.kept: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.kept: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()  # id -> the conversation it ends
+        self.bodies: dict[str, dict[str, Any]] = {}  # id -> the Response object (GET /v1/responses/{id})
 
     # -- request -> run -----------------------------------------------------------------
     def _prepare(self, req: ResponsesRequest) -> tuple[Any, list[dict[str, Any]], FinalOverrides, list[dict[str, Any]]]:
@@ -88,20 +99,28 @@ class ResponsesService:
         final = FinalOverrides(
             n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
             logprobs=bool(req.top_logprobs), top_logprobs=req.top_logprobs or 0,
-            extra=final_extra(fmt, tools, req.tool_choice, req.parallel_tool_calls),
+            extra=final_extra(fmt, tools, chat_tool_choice(req.tool_choice), req.parallel_tool_calls),
         )
         self.chat.check_final(spec, final)
         return spec, messages, final, conversation
 
-    def _keep(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], cand: Candidate) -> None:
+    def _keep(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], cand: Candidate, body: dict[str, Any]) -> None:
         if not req.store:
             return
         turn: dict[str, Any] = {"role": "assistant", "content": cand.text}
         if cand.meta.get("tool_calls"):
             turn["tool_calls"] = cand.meta["tool_calls"]
         self.kept[rid] = [*conversation, turn]
+        self.bodies[rid] = body
         while len(self.kept) > MAX_KEPT:
-            self.kept.popitem(last=False)
+            old, _ = self.kept.popitem(last=False)
+            self.bodies.pop(old, None)
+
+    def retrieve(self, rid: str) -> dict[str, Any]:
+        if rid not in self.bodies:
+            raise APIError(404, f"response {rid!r} is not kept by this server (it keeps the last {MAX_KEPT} stored responses in memory, until restart)",
+                           param="response_id", code="response_not_found")
+        return self.bodies[rid]
 
     def _shell(self, req: ResponsesRequest, rid: str, created: float, status: str) -> dict[str, Any]:
         """The Response object around the output: what the client asked for, echoed back."""
@@ -130,26 +149,29 @@ class ResponsesService:
     def _output(cand: Candidate, msg_id: str, call_ids: list[str]) -> list[dict[str, Any]]:
         status = "incomplete" if cand.finish_reason == "length" else "completed"
         calls = cand.meta.get("tool_calls") or []
-        items = [_message_item(msg_id, cand.text, status)] if cand.text or not calls else []
+        items = [_message_item(msg_id, cand.text, status, _logprobs(cand.meta.get("logprobs")))] if cand.text or not calls else []
         return items + [_call_item(call_ids[j] if j < len(call_ids) else _id("fc"), c, "completed") for j, c in enumerate(calls)]
 
     # -- non-streaming ------------------------------------------------------------------
     async def create(self, req: ResponsesRequest, raw: Request) -> dict[str, Any]:
         spec, messages, final, conversation = self._prepare(req)
-        res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw)
         rid = _id("resp")
+        res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw,
+                                      keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, False, status, r, e))
         body = self._finish(req, self._shell(req, rid, time.time(), "in_progress"), res, self._output(res.candidates[0], _id("msg"), []))
-        self._keep(req, rid, conversation, res.candidates[0])
+        self._keep(req, rid, conversation, res.candidates[0], body)
         return body
 
     # -- streaming ----------------------------------------------------------------------
     async def create_stream(self, req: ResponsesRequest) -> AsyncIterator[str]:
         spec, messages, final, conversation = self._prepare(req)
-        events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink))
-        return self._stream(req, conversation, events)
+        rid = _id("resp")
+        events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
+                                       keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e))
+        return self._stream(req, rid, conversation, events)
 
-    async def _stream(self, req: ResponsesRequest, conversation: list[dict[str, Any]], events: AsyncIterator[Any]) -> AsyncIterator[str]:
-        rid, created = _id("resp"), time.time()
+    async def _stream(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        created = time.time()
         shell = self._shell(req, rid, created, "in_progress")
         seq = 0
 
@@ -232,5 +254,6 @@ class ResponsesService:
                         yield ev("response.function_call_arguments.done", item_id=it["id"], output_index=oi, name=it["name"], arguments=it["arguments"])
                     yield ev("response.output_item.done", output_index=oi, item=it)
                     output.append(it)
-                self._keep(req, rid, conversation, cand)
-                yield ev("response.completed", response=self._finish(req, shell, res, output))
+                body = self._finish(req, shell, res, output)
+                self._keep(req, rid, conversation, cand, body)
+                yield ev("response.completed", response=body)
