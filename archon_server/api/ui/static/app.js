@@ -411,12 +411,16 @@ function drawLayers(box, tr) {
     const cands = layer.candidates || [];
     if (layer.kept && prev.length) {
       // A selecting layer: show every incoming candidate, kept (in the layer's order, with its score) or dropped.
+      // The verb says what the selection was: a verifier passes, a vote keeps the majority, a ranker keeps its top.
+      const types = new Set(layer.calls.map((c) => c.type));
+      const [yes, no] = types.has("verifier") ? ["passed", "did not pass"]
+        : layer.votes && Object.keys(layer.votes).length ? ["in the majority", "outvoted"] : ["kept", "dropped"];
       card.append(el("div", { class: "muted", text: "incoming candidates:" }));
       prev.forEach((c, i) => {
         const rank = layer.kept.indexOf(i);
         const tags = rank >= 0
-          ? [el("span", { class: "tag kept", text: `kept #${rank + 1}` + (cands[rank] && cands[rank].score !== null && cands[rank].score !== undefined ? ` · score ${cands[rank].score}` : "") })]
-          : [el("span", { class: "tag dropped", text: "dropped" })];
+          ? [el("span", { class: "tag kept", text: `${yes} #${rank + 1}` + (cands[rank] && cands[rank].score !== null && cands[rank].score !== undefined ? ` · score ${cands[rank].score}` : "") })]
+          : [el("span", { class: "tag dropped", text: no })];
         card.append(candidateItem(c, i, tags));
       });
     } else if (cands.length) {
