@@ -177,13 +177,13 @@ def test_saved_trace_file_opens_in_the_viewer_without_keys(browser, upstream_fac
     waterfall_matches(drv, trace)
     bars = all_by(drv, "#tr-waterfall g.wf-bar")
     assert "failed" in bars[0].get_attribute("class") and sum("failed" in b.get_attribute("class") for b in bars) == 1
-    assert "upstream answered 500" in by(drv, '#tr-layers .layer-card[data-layer="0"]').text
-    ranker = by(drv, '#tr-layers .layer-card[data-layer="1"]')
-    assert ranker.text.count("kept #") == 5 and ranker.text.count("dropped") == 3
+    assert "upstream answered 500" in by(drv, '#tr-layers .layer-card[data-layer="0"]').get_attribute("textContent")
+    ranker = by(drv, '#tr-layers .layer-card[data-layer="1"]').get_attribute("textContent")
+    assert ranker.count("kept #") == 5 and ranker.count("dropped") == 3
     # expanding a candidate shows its whole text
     cand = all_by(drv, '#tr-layers .layer-card[data-layer="0"] details.cand')[1]
     cand.find_element("css selector", "summary").click()
-    assert trace["layers"][0]["candidates"][1]["text"] in cand.find_element("css selector", "pre").text
+    wait_for(lambda: trace["layers"][0]["candidates"][1]["text"] in cand.find_element("css selector", "pre").text, 10, "the expanded text")
     drv.save_screenshot(str(SHOTS / "console-loaded-trace.png"))
     # a downloaded trace (a /v1/traces entry) and JSON lines of responses load too
     entry = httpx.get(srv.url + "/v1/traces").json()["data"][0]
@@ -193,6 +193,32 @@ def test_saved_trace_file_opens_in_the_viewer_without_keys(browser, upstream_fac
     by(drv, "#tr-file").send_keys(str(lines))
     wait_for(lambda: "2 trace(s)" in by(drv, "#tr-status").text, 20, "two traces from the JSON lines")
     waterfall_matches(drv, stored["trace"])
+    # a sweep's results (keep_traces: true): one trace per answer, one per turn for multi-turn questions
+    sweep_out = _sweep_with_traces(tmp_path)
+    records = [json.loads(x) for x in (sweep_out / "results.jsonl").read_text().splitlines()]
+    by(drv, "#tr-file").send_keys(str(sweep_out / "results.jsonl"))
+    wait_for(lambda: "3 trace(s)" in by(drv, "#tr-status").text, 20, "the sweep's three traces")
+    waterfall_matches(drv, next(r for r in records if "trace" in r)["trace"])
+    from selenium.webdriver.support.select import Select
+
+    pick = Select(by(drv, "#tr-pick"))  # results are written as answers finish: find the second turn by its label
+    pick.select_by_index(next(i for i, o in enumerate(pick.options) if "turn 2" in o.text))
+    waterfall_matches(drv, next(r for r in records if "traces" in r)["traces"][1])
+    assert "mt_bench" in by(drv, "#tr-summary").text and "turn 2" in by(drv, "#tr-summary").text
+
+
+def _sweep_with_traces(tmp_path: Path) -> Path:
+    import asyncio
+
+    from archon_server.bench import sweep as sw
+    from tests.bench_fakes import ScriptedUpstream, make_registry
+
+    (tmp_path / "tiny-moa.yaml").write_text("name: tiny-moa\nlayers:\n  - - {type: generator, models: [proposer-1, proposer-2]}\n"
+                                           "  - - {type: fuser, model: aggregator}\n")
+    spec = sw.SweepSpec.model_validate({"name": "t", "judge": "judge", "keep_traces": True, "architectures": [str(tmp_path / "tiny-moa.yaml")],
+                                        "benchmarks": [{"name": "math500", "split": "dev", "n": 1}, {"name": "mt_bench", "n": 1}]})
+    asyncio.run(sw.run_sweep(spec, tmp_path / "sweep", registry=make_registry(ScriptedUpstream()), progress=False))
+    return tmp_path / "sweep"
 
 
 def test_compare_failures_and_an_unreachable_server(browser, upstream_factory, server_factory):
@@ -237,4 +263,5 @@ def test_compare_failures_and_an_unreachable_server(browser, upstream_factory, s
     by(drv, "#pg-send").click()
     wait_for(lambda: "unreachable" in by(drv, "#banner").text, 30, "the unreachable message")
     assert by(drv, "#conn-text").text == "unreachable"
+    assert drv.execute_script("const r = document.querySelector('#banner').getBoundingClientRect(); return r.top >= 0 && r.bottom <= innerHeight")
     drv.save_screenshot(str(SHOTS / "console-unreachable.png"))

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 
 from ..components.state import Candidate
+from ..exceptions import ArchonError
 
 # One more run of the graph when the answer is not the JSON asked for (the embedded engine's only safeguard).
 STRUCTURED_RETRIES = 1
@@ -23,7 +24,7 @@ STRUCTURED_RETRIES = 1
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
-class StructuredOutputInvalid(ValueError):
+class StructuredOutputInvalid(ArchonError, ValueError):
     """The final answer is not the JSON that `response_format` asked for."""
 
 

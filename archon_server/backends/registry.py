@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -24,11 +25,12 @@ from .base import (
     ScoreResult,
     StreamChunk,
 )
+from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.backends")
 
 
-class UnknownModel(KeyError):
+class UnknownModel(ArchonError, KeyError):
     pass
 
 
@@ -50,8 +52,9 @@ class _Limited(BackendWrapper):
             return await self.inner.chat(request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async with self.sem:
-            async for ch in self.inner.stream(request):
+        # aclosing: a consumer that stops early (a judge at its verdict) ends the inner stream now, not at GC
+        async with self.sem, contextlib.aclosing(self.inner.stream(request)) as chunks:
+            async for ch in chunks:
                 yield ch
 
     async def complete(self, request: CompletionRequest) -> ChatResult:

@@ -31,8 +31,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from ..exceptions import ArchonError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.bench.store")
 
 _META = sa.MetaData()
 SWEEPS = sa.Table(
@@ -62,7 +63,7 @@ CALLS = sa.Table(
 )
 
 
-class SweepMismatch(ValueError):
+class SweepMismatch(ArchonError, ValueError):
     """The store already holds a sweep of this name with a different definition."""
 
 

@@ -23,6 +23,7 @@ from ..backends.registry import BackendRegistry, UnknownModel
 from ..spec import Sampling
 from .state import Candidate, State, Update
 from .trace import CallRecord, LayerTrace
+from ..exceptions import ArchonError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,11 +34,11 @@ DEFAULT_SAMPLING = Sampling(temperature=0.7, top_p=1.0, max_tokens=512)
 JUDGE_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=512)
 
 
-class ParseError(ValueError):
+class ParseError(ArchonError, ValueError):
     """A model's output could not be parsed into the structure a component needs."""
 
 
-class ComponentFailed(Exception):
+class ComponentFailed(ArchonError):
     """Every call of a component failed; the layer decides (min_success) whether that is fatal."""
 
 

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     llguidance = None
 
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.engine.constrain")
 
 
 def grammar_for(response_format: dict[str, Any] | None) -> str | None:

@@ -20,7 +20,7 @@ import optuna
 
 from archon_server.spec import SpecError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.search.cli")
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:

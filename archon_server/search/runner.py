@@ -51,7 +51,7 @@ from archon_server.search.storage import (
 )
 from archon_server.spec import ArchitectureSpec, dump_architecture, parse_architecture
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.search.runner")
 
 STUDY_CONFIG = "config"
 STUDY_TARGET = "target_n_trials"

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.search.storage")
 
 
 def sqlite_path(url: str) -> Path | None:
