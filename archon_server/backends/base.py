@@ -7,6 +7,7 @@ here knows about the HTTP layer of our own server.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -386,8 +387,9 @@ class BackendWrapper(Backend):
         return await self.inner.chat(request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async for ch in self.inner.stream(request):
-            yield ch
+        async with contextlib.aclosing(self.inner.stream(request)) as chunks:  # an early close reaches inner now
+            async for ch in chunks:
+                yield ch
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
         return await self.inner.complete(request)
