@@ -17,9 +17,10 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from .exceptions import ArchonError
 
 
-class SpecError(ValueError):
+class SpecError(ArchonError, ValueError):
     """An architecture (or config) failed validation; ``errors`` holds ``path: message`` lines."""
 
     def __init__(self, errors: list[str], source: str | None = None):

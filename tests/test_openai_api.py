@@ -38,6 +38,8 @@ def test_responses_create_runs_the_architecture_with_usage_and_trace(upstream_fa
     assert fuse["messages"][0]["role"] == "system" and fuse["messages"][0]["content"].startswith("Be brief.")
     assert r.usage.input_tokens == 20 and r.usage.output_tokens == 35 and r.usage.total_tokens == 55
     assert r.model_extra["trace"]["calls"] == 2
+    lp = client(srv).responses.create(model="default", input="Hi?", top_logprobs=1).output[0].content[0].logprobs
+    assert [t.token for t in lp] == ["answer", "0", "from", "fake-model"] and lp[0].logprob == -0.5 and lp[0].top_logprobs[0].token == "answer"
 
 
 def test_responses_input_message_list_and_previous_response_id(upstream_factory, server_factory):
@@ -159,8 +161,9 @@ def test_responses_function_calls_non_streaming_and_streaming(upstream_factory, 
     srv = server_factory(fake_config(up.url))
     c = client(srv)
     tool = {"type": "function", "name": "get_weather", "description": "Weather of a city", "parameters": WEATHER["function"]["parameters"]}
-    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool])
+    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool], tool_choice={"type": "function", "name": "get_weather"})
     assert up.requests[0].body["tools"] == [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}]
+    assert up.requests[0].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}  # in chat's shape
     item = r.output[0]
     assert item.type == "function_call" and item.name == "get_weather" and item.call_id == "call_1" and json.loads(item.arguments) == {"city": "Paris"}
     with c.responses.stream(model="default", input="Weather?", tools=[tool]) as stream:

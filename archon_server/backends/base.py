@@ -7,6 +7,7 @@ here knows about the HTTP layer of our own server.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,6 +34,17 @@ class BackendTimeout(BackendError):
 
     def __init__(self, message: str, *, backend: str | None = None):
         super().__init__(message, status=504, retryable=True, backend=backend)
+
+
+def content_text(content: Any) -> str:
+    """The text of an OpenAI message ``content``: a string, or a list of parts of which the text parts count (a part
+    without a ``type`` is text); None and anything else are empty. The one flattener: the API layer, the components'
+    prompts and the local engine's chat template all read content through it."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return ""
 
 
 @dataclass
@@ -386,8 +398,9 @@ class BackendWrapper(Backend):
         return await self.inner.chat(request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async for ch in self.inner.stream(request):
-            yield ch
+        async with contextlib.aclosing(self.inner.stream(request)) as chunks:  # an early close reaches inner now
+            async for ch in chunks:
+                yield ch
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
         return await self.inner.complete(request)

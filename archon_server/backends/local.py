@@ -31,20 +31,10 @@ from archon_server.backends.base import (
     TokenLogprob,
     Usage,
     common_prefix,
+    content_text,
 )
 from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
-
-
-def _content_text(content: Any) -> str:
-    """OpenAI message content: a string or a list of parts (only text parts are kept)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
-    return str(content)
 
 
 class LocalBackend(Backend):
@@ -144,7 +134,7 @@ class LocalBackend(Backend):
     # ------------------------------------------------------------------ helpers
     def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None) -> list[int]:
         tok = self.loaded.tokenizer
-        msgs = [{"role": m.get("role", "user"), "content": _content_text(m.get("content"))} for m in messages]
+        msgs = [{"role": m.get("role", "user"), "content": content_text(m.get("content"))} for m in messages]
         if not msgs:
             raise BackendError("no messages", status=400, backend=self.name)
         if continuation is not None:  # scoring: the continuation is (the rest of) the assistant's reply

@@ -33,7 +33,7 @@ from .runner import ModelRunner, default_threads
 from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.engine.scheduler")
 
 
 @dataclass

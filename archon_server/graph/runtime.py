@@ -19,9 +19,10 @@ from ..components.base import StreamSink
 from ..components.state import Candidate, State, Update
 from ..components.trace import LayerTrace, Trace, TraceObserver, candidate_dicts
 from ..spec import ArchitectureSpec
+from ..exceptions import ArchonError
 
 
-class GraphError(Exception):
+class GraphError(ArchonError):
     """The graph could not produce an answer. ``status``: 502 backends failed, 504 deadline/timeouts, 400 bad binding."""
 
     def __init__(self, message: str, status: int = 502, trace: Trace | None = None):

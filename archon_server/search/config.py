@@ -223,9 +223,6 @@ class SearchConfig(_Base):
             raise ValueError("study.sampler.type: nsga2 needs objective.mode: pareto")
         return self
 
-    def sampler_is_multi(self) -> bool:
-        return self.objective.mode == "pareto"
-
     def storage_url(self) -> str:
         return self.study.storage or default_storage_url(self.study.name)
 
