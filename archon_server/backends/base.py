@@ -7,6 +7,7 @@ here knows about the HTTP layer of our own server.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -174,6 +175,17 @@ class ScoreRequest:
     model: str
     messages: list[dict[str, Any]]
     continuations: list[str]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists: where a continuation's own tokens start once the
+    prompt alone and the prompt with the continuation are tokenized (a boundary token may merge the two)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass
@@ -386,8 +398,9 @@ class BackendWrapper(Backend):
         return await self.inner.chat(request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async for ch in self.inner.stream(request):
-            yield ch
+        async with contextlib.aclosing(self.inner.stream(request)) as chunks:  # an early close reaches inner now
+            async for ch in chunks:
+                yield ch
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
         return await self.inner.complete(request)

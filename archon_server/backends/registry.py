@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
+from ..exceptions import ArchonError
 from ..spec import SpecError
 from .base import (
     Backend,
@@ -24,7 +26,6 @@ from .base import (
     ScoreResult,
     StreamChunk,
 )
-from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.backends")
 
@@ -51,8 +52,9 @@ class _Limited(BackendWrapper):
             return await self.inner.chat(request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async with self.sem:
-            async for ch in self.inner.stream(request):
+        # aclosing: a consumer that stops early (a judge at its verdict) ends the inner stream now, not at GC
+        async with self.sem, contextlib.aclosing(self.inner.stream(request)) as chunks:
+            async for ch in chunks:
                 yield ch
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
