@@ -109,7 +109,9 @@ class LocalBackend(Backend):
             return {}
         from dataclasses import asdict
 
-        return {**asdict(self.engine.stats), "active_sequences": self.engine.active_sequences, "queued": self.engine.queued_requests}
+        cache = self.engine.cache
+        return {**asdict(self.engine.stats), "active_sequences": self.engine.active_sequences, "queued": self.engine.queued_requests,
+                "cache_slots": cache.slots, "cache_capacity": cache.capacity, "cache_bytes": cache.nbytes()}
 
     # ------------------------------------------------------------------ helpers
     def _prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
