@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
     app = build_app(cfg)
-    names = sorted(app.state.chat.catalog)
+    names = app.state.catalog.names()
     print(f"archon-server on http://{host}:{port}/v1", flush=True)
     print(f"  architectures: {', '.join(names)}", flush=True)
     print(f"  backends: {', '.join(f'{b.alias} ({b.kind}: {b.model})' for b in cfg.backends)}", flush=True)
@@ -47,16 +47,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_arch(name: str, cfg: Any) -> "ArchitectureSpec":
-    from .graph.catalog import load_catalog
+def _resolve_arch(name: str, cfg: Any, registry: Any) -> "ArchitectureSpec":
+    """A file, a catalog architecture or a backend alias (see graph.catalog.Catalog.resolve)."""
+    from .graph.catalog import Catalog, UnknownArchitecture
 
-    p = Path(name)
-    if p.suffix.lower() in (".yaml", ".yml", ".json") or p.exists():
-        return load_architecture(p)
-    catalog = load_catalog(cfg.architectures_dirs)
-    if name not in catalog:
-        _die(f"unknown architecture {name!r}; known: {', '.join(sorted(catalog))}")
-    return catalog[name]
+    try:
+        return Catalog(cfg.architectures_dirs, registry).resolve(name, files=True)
+    except UnknownArchitecture as e:
+        _die(str(e))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -65,11 +63,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .graph.runtime import GraphError, GraphRuntime
 
     cfg = load_config(args.config)
-    spec = _resolve_arch(args.architecture or cfg.server.default_architecture or "self-moa", cfg)
+    reg = build_registry(cfg)
+    spec = _resolve_arch(args.architecture or cfg.server.default_architecture or "self-moa", cfg, reg)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
 
     async def main() -> int:
-        reg = build_registry(cfg)
         await reg.start()
         try:
             params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed) if args.max_tokens else None

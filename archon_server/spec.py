@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Container
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -230,6 +231,11 @@ class ArchitectureSpec(_Base):
         "`first` the first in layer order. Ties keep layer order; never random.",
     )
     deadline_s: float | None = Field(default=None, gt=0, description="Per-request deadline for the whole graph.")
+    tools_in_prompt: bool = Field(
+        default=False,
+        description="With a request's `tools`: describe them to every layer in a system note, so proposers can plan "
+        "for the calls the final stage may make (only the final stage is ever given the tools themselves).",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -292,26 +298,26 @@ class ArchitectureSpec(_Base):
         return calls
 
 
-def format_loc(loc: tuple[Any, ...]) -> str:
-    """Turn a pydantic error location into ``layers[2][0].top_k`` (discriminator tags dropped)."""
+def format_loc(loc: tuple[Any, ...], tags: Container[str] = ()) -> str:
+    """Turn a pydantic error location into ``layers[2][0].top_k`` (discriminator tags, and ``tags``, dropped)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in COMPONENT_TYPES or (isinstance(part, str) and part.startswith("function-")):
+        elif part in COMPONENT_TYPES or part in tags or (isinstance(part, str) and part.startswith("function-")):
             continue
         else:
             out += ("." if out else "") + str(part)
     return out or "<root>"
 
 
-def validation_messages(err: ValidationError) -> list[str]:
+def validation_messages(err: ValidationError, tags: Container[str] = ()) -> list[str]:
     msgs = []
     for e in err.errors():
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        msgs.append(f"{format_loc(tuple(e['loc']))}: {msg}")
+        msgs.append(f"{format_loc(tuple(e['loc']), tags)}: {msg}")
     return msgs
 
 

@@ -56,3 +56,74 @@ def server_factory() -> Iterator[Callable[..., ServerThread]]:
     yield make
     for s in started:
         s.stop()
+
+
+# -- real components a test needs (vLLM, PostgreSQL, Chromium...) ---------------------------------------------------
+def under_ci() -> bool:
+    """`.ci/run` (and CI services) set CI=true: then a missing component is a failure, never a skip."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_component(what: str, why_missing: str | None) -> None:
+    """Call where a test needs a real component: nothing when it is there; else skip with the reason on a
+    developer's machine and fail under CI, so a broken install cannot hide behind skipped tests."""
+    if why_missing is None:
+        return
+    if under_ci():
+        pytest.fail(f"{what} is required under CI (CI={os.environ.get('CI')}): {why_missing}", pytrace=False)
+    pytest.skip(why_missing)
+
+
+def needs(what: str, why_missing: str | None) -> pytest.MarkDecorator:
+    """``pytestmark = [needs("vLLM", vllm_missing())]``: :func:`require_component` before each test's fixtures."""
+    return pytest.mark.needs_component(what=what, why_missing=why_missing)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_component(what, why_missing): a real component the test needs (see conftest.needs)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs_component"):
+        require_component(mark.kwargs["what"], mark.kwargs["why_missing"])
+
+
+# -- storage: SQLite and real PostgreSQL ----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[str]:
+    """URL of a real PostgreSQL cluster: the one ``.ci/run`` started (``ARCHON_TEST_POSTGRES_URL``), else a
+    throwaway one started here.  Under CI a missing PostgreSQL is a failure, never a skip."""
+    from archon_server.testing.postgres import (
+        URL_ENV,
+        PostgresUnavailable,
+        TempPostgres,
+    )
+
+    if os.environ.get(URL_ENV):
+        yield os.environ[URL_ENV]
+        return
+    try:
+        pg = TempPostgres().start()
+    except PostgresUnavailable as e:
+        require_component("PostgreSQL", str(e))
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: str) -> str:
+    """A fresh database of its own on the real cluster."""
+    from archon_server.testing.postgres import create_database
+
+    return create_database(postgres_cluster)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs on SQLite and on real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/study.db"
+    return request.getfixturevalue("postgres_url")

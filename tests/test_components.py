@@ -156,3 +156,13 @@ async def test_executed_unit_test_evaluator_runs_code_in_the_sandbox(upstream_fa
     ], prompt="Write add(a, b).")
     assert res.text == good and res.candidates[0].score == 1.0
     assert any("not Python" in n for n in res.trace.layers[1].notes)
+
+
+async def test_failures_are_classified_by_exception_type_not_text(upstream_factory):
+    """A 400 whose message says "timeout" is a failed call (502), not a timeout (504); the record carries the status."""
+    up = upstream_factory(lambda b: {"fault": "400", "message": "invalid value for `timeout`: request timed out"})
+    with pytest.raises(GraphError) as e:
+        await run(up, [[{"type": "generator", "model": "default"}]])
+    assert e.value.status == 502
+    calls = e.value.trace.layers[0].calls
+    assert [(c.ok, c.status, c.component, c.type) for c in calls] == [(False, "error", "generator0", "generator")]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from archon_server.testing.upstream import free_port
+from archon_server.testing.server import serve_process
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,25 +20,9 @@ TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 @pytest.fixture(scope="module")
 def served():
-    port = free_port()
-    log = open(ROOT / ".pytest_cache" / "e2e-serve.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # first run on a machine converts the model
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"archon serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("archon serve did not become ready")
-    yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
-    proc.terminate()
-    proc.wait(30)
+    log = ROOT / ".pytest_cache" / "e2e-serve.log" if (ROOT / ".pytest_cache").is_dir() else None
+    with serve_process(["serve"], log=log, cwd=str(ROOT)) as (_proc, url):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
 def english(text: str) -> bool:
@@ -79,6 +61,36 @@ def test_stop_strings_and_length(served):
     assert "7" not in text and r.choices[0].finish_reason == "stop" and re.search(r"\b[1-6]\b", text)
     r = served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=8)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+
+
+def test_responses_completions_and_structured_outputs_on_the_embedded_model(served):
+    """The rest of the OpenAI API on the running default server, one request after another as a client would."""
+    r = served.responses.create(model="smollm2", input="What is the capital of France? One sentence.", instructions="Answer briefly.",
+                                max_output_tokens=40, temperature=0)
+    assert r.status in ("completed", "incomplete") and english(r.output_text) and r.usage.output_tokens > 0
+    with served.responses.stream(model="self-moa", input="Name a fruit.", max_output_tokens=24) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
+    assert english(final.output_text) and not any(t in final.output_text for t in TEMPLATE_TOKENS)
+    c = served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, echo=True, logprobs=2, temperature=0)
+    assert c.choices[0].text.startswith("The capital of France is") and len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens
+    # Structured output on the embedded engine is constrained decoding (llguidance): valid on the first run.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}}, "required": ["city", "country"],
+              "additionalProperties": False}
+    for model in ("smollm2", "self-moa"):
+        j = served.chat.completions.create(model=model, messages=[{"role": "user", "content": "Give the capital of France and its country."}],
+                                           max_tokens=60, seed=3, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+                                           extra_body={"return_trace": True})
+        value = json.loads(j.choices[0].message.content)
+        assert set(value) == {"city", "country"} and all(isinstance(v, str) for v in value.values())
+        assert j.model_extra["trace"]["calls"] == (1 if model == "smollm2" else 2)  # no retry was needed
+    with pytest.raises(openai.BadRequestError) as e:
+        served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert "'smollm2'" in e.value.body["message"] and "cannot call tools" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        served.embeddings.create(model="smollm2", input="x")
 
 
 def test_disconnect_cancels_generation():

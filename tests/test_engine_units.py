@@ -134,3 +134,28 @@ def test_penalties_follow_vllm_semantics():
     assert pf.tolist() == [2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25]
     # greedy with a penalty picks the best *penalized* token
     assert sample_rows(logits[None], [RowSampling(0.0, repetition_penalty=4.0, output_ids=[0])]) == [2]
+
+
+def test_a_constraint_masks_every_draw_and_hears_each_token():
+    """sample_rows asks a row's constraint (engine/constrain.py) to mask the logits, then tells it the token drawn."""
+
+    class OnlyEven:
+        def __init__(self):
+            self.seen = []
+
+        def mask(self, row):
+            out = row.clone()
+            out[1::2] = float("-inf")
+            return out
+
+        def accept(self, tok):
+            self.seen.append(tok)
+
+    logits = torch.zeros(2, 10)
+    logits[:, 3] = 9.0  # the unconstrained favourite is odd
+    c0, c1 = OnlyEven(), OnlyEven()
+    rows = [RowSampling(temperature=0.0, constraint=c0), RowSampling(temperature=1.0, generator=make_generator(1, torch.device("cpu")), constraint=c1)]
+    for _ in range(20):
+        toks = sample_rows(logits, rows)
+        assert all(t % 2 == 0 for t in toks)
+    assert len(c0.seen) == len(c1.seen) == 20 and logits[0, 3] == 9.0  # the shared logits are left as they were

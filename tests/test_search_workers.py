@@ -68,9 +68,9 @@ def _check_bookkeeping(study: optuna.Study, n: int) -> None:
                 retried_from(r) == t.number for r in trials), t
 
 
-def test_two_workers_share_one_study_then_export(tmp_path: Path) -> None:
+def test_two_workers_share_one_study_then_export(tmp_path: Path, storage_url: str) -> None:
     cfg = _config(tmp_path, step_sleep_s=0.08)  # ~1 s per trial: the second process starts before the first is done
-    url = f"sqlite:///{tmp_path}/shared.db"
+    url = storage_url
     out = subprocess.run(_cmd("run", str(cfg), "--storage", url, "--n-trials", "8", "--workers", "2", "--no-export"),
                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -155,7 +155,7 @@ def test_add_cli_registers_on_any_parser(argv: list[str]) -> None:
         assert (args.workers, args.n_trials, args.config) == (3, 7, "c.yaml")
 
 
-async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_path: Path) -> None:
+async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_path: Path, storage_url: str) -> None:
     """Two workers drew the same graph: the later trial waits for the earlier one and copies its result;
     if the earlier one's worker dies (heartbeat stops), the later trial is no longer blocked and evaluates."""
     from archon_server.search.config import load_search_config
@@ -166,7 +166,7 @@ async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_pa
     from archon_server.search.storage import Heartbeat
 
     cfg = load_search_config(_config(tmp_path))
-    study = open_study(cfg, storage=f"sqlite:///{tmp_path}/twin.db")
+    study = open_study(cfg, storage=storage_url)
     ev = ScriptedEvaluator(Landscape({m.name: m.score for m in cfg.models}), n_dev=10)
     obj = ArchitectureObjective(cfg, ev, [m.name for m in cfg.models], "twin")
     obj.poll_s = 0.1
@@ -180,7 +180,9 @@ async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_pa
             warnings.simplefilter("ignore")
             first = study.ask()
         hb = Heartbeat(study._storage, first._trial_id)
-        first.set_user_attr(ATTR_KEY, architecture_key(obj.build(first)))
+        key = architecture_key(obj.build(first))
+        first.set_user_attr(ATTR_KEY, key)
+        assert await obj._await_duplicate(first, key) is None  # the first trial claims the graph
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             second = study.ask()
@@ -204,3 +206,96 @@ async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_pa
     out = await asyncio.wait_for(task, 30)  # grace period 2 s, then the first is failed
     assert study.trials[second.number - 1].state == TrialState.FAIL
     assert ATTR_DUPLICATE not in second.user_attrs and ev.evaluations == 10 and out.values
+
+
+async def test_the_claim_row_closes_the_race_between_twins_seen_in_the_wrong_order(tmp_path: Path, storage_url: str) -> None:
+    """The race the claim row closes: a *later* trial (another worker) started evaluating a graph before the
+    earlier trial with the same graph had written its key.  Looking at the trial list, the earlier trial
+    sees only a later twin and, by the old rule (wait only for earlier trials), paid again.  With the
+    claim row the later trial holds the graph and the earlier one waits and copies its result."""
+    from archon_server.search import claims
+    from archon_server.search.config import load_search_config
+    from archon_server.search.evaluator import Landscape, ScriptedEvaluator
+    from archon_server.search.objective import ATTR_DUPLICATE, ArchitectureObjective
+    from archon_server.search.runner import open_study
+    from archon_server.search.storage import Heartbeat
+
+    cfg = load_search_config(_config(tmp_path))
+    study = open_study(cfg, storage=storage_url)
+    workers = []  # two "workers": an evaluator each (an evaluator memoises, so one would hide a second evaluation)
+    for _ in range(2):
+        ev = ScriptedEvaluator(Landscape({m.name: m.score for m in cfg.models}), n_dev=10, step_sleep_s=0.1)
+        workers.append(ArchitectureObjective(cfg, ev, [m.name for m in cfg.models], "race"))
+        workers[-1].poll_s = 0.1
+    params = {"family": "moa", "top_k": 2, "samples": 1, "fusion_layers": 1, "fusers": 1, "ranker": False,
+              "critic": False, "final": "none"}
+    study.enqueue_trial(params)
+    study.enqueue_trial(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        early, late = study.ask(), study.ask()
+    with Heartbeat(study._storage, early._trial_id), Heartbeat(study._storage, late._trial_id):
+        late_task = asyncio.create_task(workers[0].run(late))
+        await asyncio.sleep(0.3)  # the later trial is evaluating; the earlier one has not even sampled yet
+        assert not late_task.done()
+        early_task = asyncio.create_task(workers[1].run(early))
+        late_out = await asyncio.wait_for(late_task, 30)
+        study.tell(late, late_out.values)
+        early_out = await asyncio.wait_for(early_task, 30)
+    assert sum(w.evaluator.evaluations for w in workers) == 10, "the graph was evaluated twice"
+    assert early.user_attrs[ATTR_DUPLICATE] == late.number and early_out.values == late_out.values
+    engine = claims.storage_engine(study._storage)
+    assert claims.holders(engine, study._study_id) == {late.user_attrs[ATTR_KEY]: late.number}
+
+
+def _check_no_graph_evaluated_twice(url: str, study: optuna.Study) -> None:
+    from archon_server.search import claims
+
+    evaluated = [t for t in study.get_trials() if is_evaluated(t)]
+    keys = [t.user_attrs[ATTR_KEY] for t in evaluated]
+    assert len(keys) == len(set(keys)), "a graph was evaluated twice"
+    held = claims.holders(claims.storage_engine(make_storage(url, heartbeat_interval=None)), study._study_id)
+    for t in evaluated:  # every evaluation went through the claim
+        assert held[t.user_attrs[ATTR_KEY]] == t.number
+
+
+@pytest.mark.slow
+def test_four_workers_on_postgresql_one_killed_mid_trial(tmp_path: Path, postgres_url: str) -> None:
+    """Four worker processes on real PostgreSQL, a space small enough that they keep drawing the same graphs,
+    one worker SIGKILLed mid-trial: exactly N evaluated trials, no graph evaluated twice, the killed trial
+    re-run once with the same parameters."""
+    n = 8
+    cfg = _config(tmp_path, step_sleep_s=0.12)  # ~1.2 s per trial
+    data = yaml.safe_load(cfg.read_text())
+    # 2 models x 2 sample counts x 3 finals = 12 graphs: collisions between the 4 workers are the common case.
+    data["space"].update({"families": ["self_moa"], "self_moa_model_rank": [0, 1], "final": ["none", "verifier", "vote"]})
+    data["study"]["converged_after"] = 200
+    cfg.write_text(yaml.safe_dump(data))
+    run = lambda idx: subprocess.Popen(  # noqa: E731
+        _cmd("run", str(cfg), "--storage", postgres_url, "--n-trials", str(n), "--no-finalize", "--no-export",
+             "--worker-index", str(idx)),
+        env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = run(0)
+    procs = [victim]
+    try:
+        killed = _wait_running_trial_of(postgres_url, victim.pid, timeout=90)
+        procs += [run(i) for i in (1, 2, 3)]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        assert victim.returncode == -signal.SIGKILL
+        for p in procs[1:]:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    study = _load(postgres_url)
+    _check_bookkeeping(study, n)
+    _check_no_graph_evaluated_twice(postgres_url, study)
+    trials = study.get_trials()
+    assert trials[killed].state == TrialState.FAIL
+    retries = [t for t in trials if retried_from(t) == killed]
+    assert len(retries) == 1 and retries[0].params == trials[killed].params
+    workers = {t.user_attrs.get(ATTR_WORKER) for t in trials if is_evaluated(t)}
+    assert len(workers) >= 3, workers  # the survivors shared the work

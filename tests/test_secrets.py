@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ROOT
 
 from archon_server.config import PRESET_ALIASES
 from archon_server.testing.upstream import FakeUpstream, free_port
-from conftest import ROOT
 
 CLIENT_KEY = "ck-client-9f8e7d6c5b4a-SECRET"
 CLIENT_KEY_2 = "ck-second-0a1b2c3d4e5f-SECRET"
@@ -141,3 +141,26 @@ def test_keys_never_in_logs_traces_or_error_bodies(served):
         # no recognisable part of it either (a truncated key is still a leak)
         assert secret[:16] not in blob and secret[-16:] not in blob, f"part of {secret[:6]}... leaked"
     assert "***" in "\n".join(seen)  # the echoed key was replaced, not the whole message dropped
+
+
+def test_keys_in_the_url_are_not_in_the_access_log(served):
+    """A key sent as a query parameter is refused (401), but the access log writes the request line: the real
+    server's log, as it prints it, must show the parameter names and not the values."""
+    url = served["url"]
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    assert httpx.get(url + f"/v1/models?api_key={CLIENT_KEY}").status_code == 401
+    assert httpx.get(url + f"/health?token={UPSTREAM_KEY}&verbose=1").status_code == 200
+    assert httpx.get(url + f"/v1/models?{WRONG_KEY}", headers=auth).status_code == 200  # a bare value, no name
+    r = httpx.post(url + f"/v1/chat/completions?key={CLIENT_KEY_2}", headers=auth, timeout=30,
+                   json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    time.sleep(0.5)
+    logs = served["log"].read_text(errors="replace")
+    access = [ln for ln in logs.splitlines() if '"GET /' in ln or '"POST /' in ln]
+    assert len(access) >= 4, logs[-2000:]  # the access log really was written
+    for secret in SECRETS:
+        assert secret not in logs and secret[:16] not in logs, f"{secret[:6]}... in the log"
+    assert any("/v1/models?api_key=*** " in ln and " 401" in ln for ln in access), access
+    assert any("/health?token=***&verbose=*** " in ln for ln in access), access
+    assert any("/v1/models?*** " in ln for ln in access), access
+    assert any("/v1/chat/completions?key=*** " in ln for ln in access), access

@@ -275,3 +275,30 @@ def test_greedy_n_is_asked_once_and_copied(upstream_factory, server_factory):
     texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)}
     assert texts[0] == texts[1] == "answer 0 from fake-model"
     assert all(q.body["n"] == 1 for q in up.requests)
+
+
+def test_streamed_n_on_a_backend_without_n_sends_one_request_per_sample(upstream_factory, server_factory):
+    """Regression: the streaming branch was taken before `supports_n` was checked, so `n=k` went upstream anyway."""
+    up = upstream_factory(lambda b: {"text": f"sample seeded {b.get('seed')}", "token_delay": 0.01})
+    cfg = fake_config(up.url)
+    cfg.backends[0].supports_n = False
+    srv = server_factory(cfg)
+    stream = client(srv).chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "Q"}], n=3, seed=10, stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    bodies = [q.body for q in up.requests]
+    assert [b.get("n") for b in bodies] == [1, 1, 1] and all(b["stream"] is True for b in bodies)
+    # Each request is one choice, seeds offset so the samples differ; every choice streamed and finished.
+    assert texts == {0: "sample seeded 10", 1: "sample seeded 11", 2: "sample seeded 12"}
+    assert finish == {0: "stop", 1: "stop", 2: "stop"}
+    assert usage is not None and usage.completion_tokens > 0

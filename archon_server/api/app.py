@@ -1,11 +1,10 @@
-"""The FastAPI application: routes, error handlers, body-size limit, auth, lifespan."""
+"""The FastAPI application: routes, error handlers, the edge middleware (api/edge.py), lifespan."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,98 +13,56 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends.registry import BackendRegistry, build_registry
 from ..config import ServerConfig
-from ..graph.catalog import load_catalog
+from ..graph.catalog import Catalog
 from ..spec import ArchitectureSpec
-from .auth import check_key, load_keys
+from .architectures.api_router import router as architectures_router
+from .auth import load_keys
 from .chat.api_router import router as chat_router
 from .chat.serving import ChatService
-from .errors import APIError, api_error_handler, error_body, http_error_handler, unhandled_handler, validation_handler
+from .completions.api_router import router as completions_router
+from .completions.serving import CompletionsService
+from .edge import BodyBudget, GuardMiddleware, redact_access_log
+from .embeddings.api_router import router as embeddings_router
+from .errors import (
+    APIError,
+    api_error_handler,
+    http_error_handler,
+    unhandled_handler,
+    validation_handler,
+)
 from .memory import trim_when_idle
 from .metrics import Metrics
 from .models.api_router import router as models_router
+from .responses.api_router import router as responses_router
+from .responses.serving import ResponsesService
+from .traces.api_router import router as traces_router
+from .traces.store import TraceStore
+from .ui.api_router import is_public, mount_ui
 
 log = logging.getLogger("archon.api")
 
 PUBLIC_PATHS = frozenset({"/health"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})  # admitted by ChatService
 
 
-async def _send_error(send: Send, status: int, message: str, code: str | None = None) -> None:
-    body = json.dumps(error_body(status, message, code=code)).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class GuardMiddleware:
-    """Auth and body-size limit as plain ASGI, so they run before any body is parsed (and for every route)."""
-
-    def __init__(self, app: ASGIApp, keys: list[bytes], max_body: int, busy: Callable[[], bool] | None = None):
-        self.app = app
-        self.keys = keys
-        self.max_body = max_body
-        self.busy = busy
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.keys and scope.get("path") not in PUBLIC_PATHS and not check_key(headers.get("authorization"), self.keys):
-            await _send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
-            return
-        if self.busy is not None and scope.get("method") == "POST" and scope.get("path") == "/v1/chat/completions" and self.busy():
-            # Refuse before reading or parsing the body: under overload a 429 must cost next to nothing, or the
-            # rejected clients' retries eat the CPU the admitted requests need (ChatService re-checks on admission).
-            await _send_error(send, 429, "server busy: too many requests in flight; retry later", "rate_limit_exceeded")
-            return
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
-            return
-        seen = 0
-        started = False  # the app began its response
-        refused = False  # we answered 413 ourselves
-
-        async def limited_receive() -> Message:
-            nonlocal seen, refused
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:
-                    # Answer 413 right here: raising would not do, since FastAPI turns any failure while reading
-                    # the body into a 400. The app is then told the client left, and whatever it sends is dropped.
-                    if not started and not refused:
-                        refused = True
-                        await _send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
-                    return {"type": "http.disconnect"}
-            return msg
-
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            if refused:
-                return
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except Exception:
-            if not refused:  # an error after our 413 is the app noticing the "disconnect": nothing more to say
-                raise
-
-
-def build_app(config: ServerConfig, registry: BackendRegistry | None = None, catalog: dict[str, ArchitectureSpec] | None = None) -> FastAPI:
+def build_app(
+    config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None
+) -> FastAPI:
+    """``catalog``: default, the config's architecture folders; a mapping is a fixed set of architectures."""
     registry = registry or build_registry(config)
-    catalog = catalog if catalog is not None else load_catalog(config.architectures_dirs)
+    if catalog is None:
+        catalog = Catalog(config.architectures_dirs, registry)
+    elif not isinstance(catalog, Catalog):
+        catalog = Catalog(registry=registry, specs=catalog)
     metrics = Metrics()
     s = config.server
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        redact_access_log()  # after the server configured logging, so the filter sits on its access logger
         await registry.start()
         log.info("serving %d architecture(s) and %d backend alias(es)", len(catalog), len(registry.aliases()))
         chat: ChatService = app.state.chat
@@ -118,18 +75,29 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
 
     app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
+    app.state.catalog = catalog  # every endpoint resolves model names here
     app.state.config = config
     app.state.metrics = metrics
     app.state.chat = ChatService(
         registry, catalog, max_n=s.max_n, max_inflight=s.max_concurrent_requests,
         request_timeout_s=s.request_timeout_s, metrics=metrics, max_messages=s.max_messages,
+        traces=TraceStore(s.keep_traces),
     )
+    app.state.responses = ResponsesService(app.state.chat)
+    app.state.completions = CompletionsService(app.state.chat)
+    app.state.traces = app.state.chat.traces
     app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unhandled_handler)
     app.include_router(chat_router)
     app.include_router(models_router)
+    app.include_router(responses_router)
+    app.include_router(completions_router)
+    app.include_router(embeddings_router)
+    app.include_router(traces_router)
+    app.include_router(architectures_router)
+    mount_ui(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -148,8 +116,10 @@ def build_app(config: ServerConfig, registry: BackendRegistry | None = None, cat
             return True
         return False
 
-    app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes, busy=busy)
+    app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes, busy=busy, busy_paths=GENERATION_PATHS,
+                       public=lambda path: path in PUBLIC_PATHS or is_public(path), budget=BodyBudget(s.max_inflight_body_bytes),
+                       on_reject=lambda reason: metrics.rejected.labels(reason).inc())
     return app
 
 
-__all__ = ["build_app", "JSONResponse"]
+__all__ = ["JSONResponse", "build_app"]

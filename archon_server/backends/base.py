@@ -12,18 +12,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..exceptions import ArchonError
 
-class BackendError(Exception):
-    """A backend call failed. ``status`` is the upstream HTTP status (or None); ``retryable`` drives retries."""
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False, backend: str | None = None):
+class BackendError(ArchonError):
+    """A backend call failed. ``status`` is the upstream HTTP status (or None); ``retryable`` drives retries;
+    ``retry_after``: seconds the upstream asked us to wait before the next try (its Retry-After header)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False, backend: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.backend = backend
+        self.retry_after = retry_after
 
 
 class BackendTimeout(BackendError):
+    """A backend call ran out of time (the runtime answers 504 when every failed call of a layer is one)."""
+
     def __init__(self, message: str, *, backend: str | None = None):
         super().__init__(message, status=504, retryable=True, backend=backend)
 
@@ -52,6 +59,16 @@ class ChatRequest:
 
 
 @dataclass
+class CompletionRequest:
+    """A raw text completion (no chat template). ``echo``: the prompt is prepended to each choice's text."""
+
+    model: str
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    echo: bool = False
+
+
+@dataclass
 class TokenLogprob:
     token: str
     logprob: float
@@ -64,6 +81,7 @@ class Choice:
     finish_reason: str = "stop"
     index: int = 0
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {id, type: function, function: {name, arguments}}
 
 
 @dataclass
@@ -99,6 +117,24 @@ class StreamChunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     metrics: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's streamed tool_calls deltas (index, id, function pieces)
+
+
+def accumulate_tool_calls(acc: dict[int, dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    """Fold streamed tool_calls deltas into whole calls, keyed by their index: ids and names arrive once, the
+    arguments in pieces (OpenAI's and vLLM's streaming shape)."""
+    for d in deltas:
+        if not isinstance(d, dict):
+            continue
+        i = d.get("index", 0) if isinstance(d.get("index", 0), int) else 0
+        call = acc.setdefault(i, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        if d.get("id"):
+            call["id"] = d["id"]
+        fn = d.get("function") if isinstance(d.get("function"), dict) else {}
+        if fn.get("name"):
+            call["function"]["name"] += fn["name"]
+        if isinstance(fn.get("arguments"), str):
+            call["function"]["arguments"] += fn["arguments"]
 
 
 class Backend(abc.ABC):
@@ -111,6 +147,11 @@ class Backend(abc.ABC):
     name: str = "backend"
     supports_n: bool = True
     supports_logprobs: bool = True
+    # OpenAI-style `tools` / `tool_choice` are honoured (the model may answer with tool_calls).
+    supports_tools: bool = True
+    # `response_format` json_object / json_schema constrains decoding (vLLM's structured outputs); without it the
+    # server prompts for JSON and validates (see api/structured.py).
+    supports_response_format: bool = True
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
@@ -133,8 +174,80 @@ class Backend(abc.ABC):
         res.latency_s = res.latency_s or time.perf_counter() - t0
         yield StreamChunk(usage=res.usage, metrics=res.metrics)
 
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        """Raw text completion of ``request.prompt`` (POST /v1/completions on a backend alias)."""
+        raise BackendError(f"backend {self.name} does not serve raw text completions", status=400, backend=self.name)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        """Streaming raw completion. Default: one chunk from :meth:`complete`."""
+        res = await self.complete(request)
+        for ch in res.choices:
+            yield StreamChunk(index=ch.index, text=ch.text)
+        for ch in res.choices:
+            yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
+        yield StreamChunk(usage=res.usage, metrics=res.metrics)
+
     async def models(self) -> list[str]:
         return []
 
     async def health(self) -> bool:
         return True
+
+
+class BackendWrapper(Backend):
+    """A backend in front of another (a cache, a limit): everything not overridden goes to ``inner`` - lifecycle,
+    every kind of call, models, health - and the capabilities are read from it, so a wrapper never claims what the
+    backend behind it cannot do, and a method added to :class:`Backend` later is forwarded without touching wrappers."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name = inner.name
+
+    @property  # type: ignore[override]
+    def supports_n(self) -> bool:
+        return self.inner.supports_n
+
+    @property  # type: ignore[override]
+    def supports_logprobs(self) -> bool:
+        return self.inner.supports_logprobs
+
+    @property  # type: ignore[override]
+    def supports_tools(self) -> bool:
+        return self.inner.supports_tools
+
+    @property  # type: ignore[override]
+    def supports_response_format(self) -> bool:
+        return self.inner.supports_response_format
+
+    def unwrap(self) -> Backend:
+        """The backend at the bottom of a chain of wrappers."""
+        b: Backend = self.inner
+        while isinstance(b, BackendWrapper):
+            b = b.inner
+        return b
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await self.inner.chat(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        async for ch in self.inner.stream(request):
+            yield ch
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        return await self.inner.complete(request)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        async for ch in self.inner.stream_complete(request):
+            yield ch
+
+    async def models(self) -> list[str]:
+        return await self.inner.models()
+
+    async def health(self) -> bool:
+        return await self.inner.health()

@@ -10,18 +10,19 @@ breaker that skips a replica that keeps failing for a cool-down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import email.utils
 import json
 import logging
 import os
-import random
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 
+from ..config import OpenAIBackendConfig
 from .base import (
     Backend,
     BackendError,
@@ -29,26 +30,18 @@ from .base import (
     ChatRequest,
     ChatResult,
     Choice,
+    CompletionRequest,
     StreamChunk,
     TokenLogprob,
     Usage,
 )
+from .pool import Replica, ReplicaPool
+
+T = TypeVar("T")
 
 log = logging.getLogger("archon.backends.http")
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-@dataclass
-class Replica:
-    url: str
-    outstanding: int = 0
-    consecutive_failures: int = 0
-    open_until: float = 0.0  # circuit open (skipped) until this monotonic time
-    stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "failures": 0})
-
-    def available(self, now: float) -> bool:
-        return now >= self.open_until
 
 
 def _greedy_n(request: ChatRequest) -> bool:
@@ -86,7 +79,26 @@ def _body(request: ChatRequest, stream: bool) -> dict[str, Any]:
     return body
 
 
+def _completion_body(request: CompletionRequest, stream: bool) -> dict[str, Any]:
+    """POST /v1/completions: the chat body's sampling fields with `prompt` for `messages`, `logprobs` an int."""
+    body = _body(ChatRequest(request.model, [], request.params), stream)
+    del body["messages"]
+    body.pop("top_logprobs", None)
+    body["prompt"] = request.prompt
+    if request.params.logprobs:
+        body["logprobs"] = request.params.top_logprobs
+    if request.echo:
+        body["echo"] = True
+    return body
+
+
 def _parse_logprobs(lp: Any) -> list[TokenLogprob] | None:
+    if isinstance(lp, dict) and isinstance(lp.get("tokens"), list):  # text_completion's legacy shape
+        tops = lp.get("top_logprobs") or []
+        return [
+            TokenLogprob(str(t), float(v or 0.0), [(str(a), float(b)) for a, b in (tops[j] or {}).items()] if j < len(tops) and isinstance(tops[j], dict) else [])
+            for j, (t, v) in enumerate(zip(lp["tokens"], lp.get("token_logprobs") or []))
+        ]
     if not isinstance(lp, dict) or not isinstance(lp.get("content"), list):
         return None
     out = []
@@ -111,13 +123,16 @@ def parse_completion(data: Any, backend: str) -> ChatResult:
         if not isinstance(c, dict):
             raise BackendError("malformed choice from upstream", status=502, retryable=True, backend=backend)
         msg = c.get("message") or {}
-        text = msg.get("content") if isinstance(msg, dict) else None
+        # chat.completion: message.content (and message.tool_calls); text_completion: text
+        text = msg.get("content") if isinstance(msg, dict) and "message" in c else c.get("text")
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
         choices.append(
             Choice(
                 text=text if isinstance(text, str) else "",
                 finish_reason=c.get("finish_reason") or "stop",
                 index=int(c.get("index", i)) if isinstance(c.get("index", i), int) else i,
                 logprobs=_parse_logprobs(c.get("logprobs")),
+                tool_calls=[t for t in calls if isinstance(t, dict)] or None if isinstance(calls, list) else None,
             )
         )
     choices.sort(key=lambda c: c.index)
@@ -147,11 +162,10 @@ class OpenAIHTTPBackend(Backend):
         breaker_cooldown_s: float = 10.0,
         extra_headers: dict[str, str] | None = None,
     ):
-        if not base_urls:
-            raise ValueError(f"backend {name!r}: no base URL")
+        self.pool = ReplicaPool(name, base_urls, breaker_failures=breaker_failures, breaker_cooldown_s=breaker_cooldown_s,
+                                backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
         self.name = name
         self.model = model
-        self.replicas = [Replica(u.rstrip("/")) for u in base_urls]
         self.api_key_env = api_key_env
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
@@ -160,10 +174,14 @@ class OpenAIHTTPBackend(Backend):
         self.backoff_max_s = backoff_max_s
         self.max_connections = max_connections
         self.supports_n = supports_n
-        self.breaker_failures = breaker_failures
-        self.breaker_cooldown_s = breaker_cooldown_s
         self.extra_headers = dict(extra_headers or {})
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, cfg: OpenAIBackendConfig) -> "OpenAIHTTPBackend":
+        """Every field of the config's kind reaches the backend (none copied by hand in the registry)."""
+        fields = cfg.model_dump(exclude={"alias", "kind", "model", "urls", "aliases", "max_concurrency"})
+        return cls(cfg.alias, cfg.urls, cfg.model, **fields)
 
     # -- plumbing -------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -201,36 +219,9 @@ class OpenAIHTTPBackend(Backend):
             await self._session.close()
         self._session = None
 
-    def _pick(self) -> Replica:
-        """Least outstanding requests among replicas whose breaker is closed (all open: least recently opened)."""
-        now = time.monotonic()
-        live = [r for r in self.replicas if r.available(now)]
-        if not live:
-            return min(self.replicas, key=lambda r: r.open_until)
-        return min(live, key=lambda r: r.outstanding)
-
-    def _record(self, replica: Replica, ok: bool, error: BaseException | None = None) -> None:
-        replica.stats["requests"] += 1
-        if not ok:
-            log.debug("backend %s replica %s: attempt failed: %s", self.name, replica.url, str(error) or type(error).__name__)
-        if ok:
-            replica.consecutive_failures = 0
-            replica.open_until = 0.0
-            return
-        replica.stats["failures"] += 1
-        replica.consecutive_failures += 1
-        if replica.consecutive_failures >= self.breaker_failures:
-            replica.open_until = time.monotonic() + self.breaker_cooldown_s
-            log.warning("backend %s replica %s: circuit open for %.0fs", self.name, replica.url, self.breaker_cooldown_s)
-
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), self.backoff_max_s)
-            except ValueError:
-                pass
-        # Full jitter (AWS architecture blog): spreads retries of many callers apart.
-        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.pool.replicas
 
     async def _error_from(self, resp: aiohttp.ClientResponse) -> BackendError:
         try:
@@ -250,40 +241,45 @@ class OpenAIHTTPBackend(Backend):
             status=resp.status,
             retryable=resp.status in RETRY_STATUSES,
             backend=self.name,
+            retry_after=_retry_after(resp.headers.get("Retry-After")),
         )
 
-    async def _with_retries(self, fn):  # type: ignore[no-untyped-def]
-        attempt = 0
-        while True:
-            replica = self._pick()
-            replica.outstanding += 1
-            try:
-                result = await fn(replica)
-            except asyncio.CancelledError:
-                raise
-            except BackendError as e:
-                self._record(replica, False, e)
-                if not e.retryable or attempt >= self.max_retries:
+    def _failure(self, e: Exception) -> BackendError:
+        """Any failure of one attempt as a BackendError: timeouts are BackendTimeout, broken connections retryable."""
+        if isinstance(e, BackendError):
+            return e
+        if isinstance(e, asyncio.TimeoutError):
+            return BackendTimeout(f"upstream {self.name} timed out", backend=self.name)
+        if isinstance(e, (aiohttp.ClientError, ConnectionError, OSError)):
+            return BackendError(f"upstream {self.name} connection failed: {type(e).__name__}", status=502, retryable=True, backend=self.name)
+        raise e
+
+    async def _attempts(self, attempt_on: Callable[[Replica], AsyncGenerator[T, None]]) -> AsyncIterator[T]:
+        """The one retry loop (chat, completions, and their streams): each attempt on the pool's pick, retried on a
+        retryable failure with the pool's backoff (Retry-After honoured) up to ``max_retries`` times - but never once
+        the attempt has yielded anything, since the caller has passed it on (a retry would duplicate text)."""
+        for attempt in range(self.max_retries + 1):
+            emitted = False
+            with self.pool.attempt() as replica:
+                try:
+                    # aclosing: a consumer that stops early (client gone) closes the attempt, and its connection, now
+                    async with contextlib.aclosing(attempt_on(replica)) as items:
+                        async for item in items:
+                            emitted = True
+                            yield item
+                except asyncio.CancelledError:
                     raise
-                delay = self._backoff(attempt, getattr(e, "retry_after", None))
-            except asyncio.TimeoutError as e:
-                self._record(replica, False, e)
-                if attempt >= self.max_retries:
-                    raise BackendTimeout(f"upstream {self.name} timed out", backend=self.name) from None
-                delay = self._backoff(attempt, None)
-            except (aiohttp.ClientError, ConnectionError, OSError) as e:
-                self._record(replica, False, e)
-                if attempt >= self.max_retries:
-                    raise BackendError(
-                        f"upstream {self.name} connection failed: {type(e).__name__}", status=502, retryable=True, backend=self.name
-                    ) from None
-                delay = self._backoff(attempt, None)
-            else:
-                self._record(replica, True)
-                return result
-            finally:
-                replica.outstanding -= 1
-            attempt += 1
+                except Exception as e:  # noqa: BLE001 - classified by _failure (unknown ones re-raised there)
+                    err = self._failure(e)
+                    self.pool.record(replica, False, err)
+                    if emitted or not err.retryable or attempt >= self.max_retries:
+                        if err is e:
+                            raise
+                        raise err from None
+                    delay = self.pool.backoff(attempt, err.retry_after)
+                else:
+                    self.pool.record(replica, True)
+                    return
             await asyncio.sleep(delay)
 
     # -- API ------------------------------------------------------------------
@@ -293,32 +289,40 @@ class OpenAIHTTPBackend(Backend):
             one = await self.chat(_single(request))
             one.choices = [dataclasses.replace(one.choices[0], index=i) for i in range(request.params.n)]
             return one
-        body = _body(request, stream=False)
+        return await self._post_completion("/chat/completions", _body(request, stream=False), request.params.n)
 
-        async def once(replica: Replica) -> ChatResult:
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        if _greedy_n(request):
+            one = await self.complete(dataclasses.replace(request, params=dataclasses.replace(request.params, n=1)))
+            one.choices = [dataclasses.replace(one.choices[0], index=i) for i in range(request.params.n)]
+            return one
+        return await self._post_completion("/completions", _completion_body(request, stream=False), request.params.n)
+
+    async def _post_completion(self, path: str, body: dict[str, Any], n: int) -> ChatResult:
+        """POST a (chat) completion body to the least-loaded replica, with retries; validate the answer."""
+
+        async def once(replica: Replica) -> AsyncGenerator[ChatResult, None]:
             s = await self.session()
             t0 = time.perf_counter()
-            async with s.post(f"{replica.url}/chat/completions", json=body, headers=self._headers()) as resp:
+            async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
                 if resp.status != 200:
-                    err = await self._error_from(resp)
-                    err.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
-                    raise err
+                    raise await self._error_from(resp)
                 try:
                     data = await resp.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError):
                     raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name) from None
             res = parse_completion(data, self.name)
-            if len(res.choices) != request.params.n:
+            if len(res.choices) != n:
                 raise BackendError(
-                    f"upstream {self.name} returned {len(res.choices)} choices for n={request.params.n}",
+                    f"upstream {self.name} returned {len(res.choices)} choices for n={n}",
                     status=502,
                     retryable=True,
                     backend=self.name,
                 )
             res.latency_s = time.perf_counter() - t0
-            return res
+            yield res
 
-        return await self._with_retries(once)
+        return [r async for r in self._attempts(once)][0]
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         if _greedy_n(request):
@@ -329,67 +333,65 @@ class OpenAIHTTPBackend(Backend):
                 for i in range(request.params.n):  # every copy gets each piece
                     yield dataclasses.replace(ch, index=i)
             return
-        body = _body(request, stream=True)
-        s = await self.session()
-        attempt = 0
-        # Retries only until the first byte of content: afterwards a retry would duplicate text.
-        while True:
-            replica = self._pick()
-            replica.outstanding += 1
-            emitted = False
-            try:
-                async with s.post(f"{replica.url}/chat/completions", json=body, headers=self._headers()) as resp:
-                    if resp.status != 200:
-                        raise await self._error_from(resp)
-                    finished: set[int] = set()
-                    usage: Usage | None = None
-                    async for chunk in _sse_events(resp, self.name):
-                        if isinstance(chunk.get("error"), dict):
-                            raise BackendError(
-                                f"upstream {self.name} stream error: {self._redact(str(chunk['error'].get('message', '')))}"[:500],
-                                status=502,
-                                retryable=not emitted,
-                                backend=self.name,
-                            )
-                        for c in chunk.get("choices") or []:
-                            if not isinstance(c, dict):
-                                continue
-                            idx = c.get("index", 0) if isinstance(c.get("index", 0), int) else 0
-                            delta = c.get("delta") or {}
-                            text = delta.get("content") if isinstance(delta, dict) else None
-                            if text:
-                                emitted = True
-                                yield StreamChunk(index=idx, text=text)
-                            if c.get("finish_reason"):
-                                finished.add(idx)
-                                yield StreamChunk(index=idx, finish_reason=c["finish_reason"])
-                        if chunk.get("usage"):
-                            usage = _usage(chunk["usage"])
-                    if len(finished) < request.params.n:
+        async for ch in self._stream_completion("/chat/completions", _body(request, stream=True), request.params.n):
+            yield ch
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        if _greedy_n(request):
+            one = dataclasses.replace(request, params=dataclasses.replace(request.params, n=1))
+            async for ch in self.stream_complete(one):
+                if ch.usage is not None:
+                    yield ch
+                    continue
+                for i in range(request.params.n):
+                    yield dataclasses.replace(ch, index=i)
+            return
+        async for ch in self._stream_completion("/completions", _completion_body(request, stream=True), request.params.n):
+            yield ch
+
+    async def _stream_completion(self, path: str, body: dict[str, Any], n: int) -> AsyncIterator[StreamChunk]:
+        async def once(replica: Replica) -> AsyncGenerator[StreamChunk, None]:
+            s = await self.session()
+            async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
+                if resp.status != 200:
+                    raise await self._error_from(resp)
+                finished: set[int] = set()
+                usage: Usage | None = None
+                async for chunk in _sse_events(resp, self.name):
+                    if isinstance(chunk.get("error"), dict):
                         raise BackendError(
-                            f"upstream {self.name} stream ended before all choices finished (truncated)",
+                            f"upstream {self.name} stream error: {self._redact(str(chunk['error'].get('message', '')))}"[:500],
                             status=502,
-                            retryable=not emitted,
+                            retryable=True,  # only until something was passed on (_attempts)
                             backend=self.name,
                         )
-                self._record(replica, True)
-                yield StreamChunk(usage=usage or Usage())
-                return
-            except asyncio.CancelledError:
-                raise
-            except (BackendError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError) as e:
-                self._record(replica, False, e)
-                retryable = isinstance(e, BackendError) and e.retryable or not isinstance(e, BackendError)
-                if emitted or not retryable or attempt >= self.max_retries:
-                    if isinstance(e, BackendError):
-                        raise
-                    if isinstance(e, asyncio.TimeoutError):
-                        raise BackendTimeout(f"upstream {self.name} stream timed out", backend=self.name) from None
-                    raise BackendError(f"upstream {self.name} stream failed: {type(e).__name__}", status=502, backend=self.name) from None
-            finally:
-                replica.outstanding -= 1
-            attempt += 1
-            await asyncio.sleep(self._backoff(attempt - 1, None))
+                    for c in chunk.get("choices") or []:
+                        if not isinstance(c, dict):
+                            continue
+                        idx = c.get("index", 0) if isinstance(c.get("index", 0), int) else 0
+                        delta = c.get("delta") or {}
+                        # chat: delta.content (and delta.tool_calls); raw completions: text
+                        text = delta.get("content") if isinstance(delta, dict) and delta else c.get("text")
+                        calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+                        if text or calls:
+                            yield StreamChunk(index=idx, text=text if isinstance(text, str) else "",
+                                              tool_calls=calls if isinstance(calls, list) else None)
+                        if c.get("finish_reason"):
+                            finished.add(idx)
+                            yield StreamChunk(index=idx, finish_reason=c["finish_reason"])
+                    if chunk.get("usage"):
+                        usage = _usage(chunk["usage"])
+                if len(finished) < n:
+                    raise BackendError(
+                        f"upstream {self.name} stream ended before all choices finished (truncated)",
+                        status=502,
+                        retryable=True,
+                        backend=self.name,
+                    )
+            yield StreamChunk(usage=usage or Usage())
+
+        async for ch in self._attempts(once):
+            yield ch
 
     async def models(self) -> list[str]:
         s = await self.session()
@@ -414,6 +416,21 @@ class OpenAIHTTPBackend(Backend):
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 continue
         return False
+
+
+def _retry_after(value: str | None) -> float | None:
+    """An upstream's Retry-After: seconds, or an HTTP date (RFC 9110 10.2.3); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 async def _sse_events(resp: aiohttp.ClientResponse, backend: str) -> AsyncIterator[dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,11 +20,13 @@ from archon_server.backends.base import (
     ChatRequest,
     ChatResult,
     Choice,
+    CompletionRequest,
     SamplingParams,
     StreamChunk,
     TokenLogprob,
     Usage,
 )
+from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
 
 
@@ -47,6 +50,10 @@ class LocalBackend(Backend):
 
     supports_n = True
     supports_logprobs = True
+    supports_tools = False  # SmolLM2's template has no tool-calling format
+    # response_format constrains decoding (engine/constrain.py, llguidance); without llguidance installed the
+    # server prompts for JSON and validates instead.
+    supports_response_format = importlib.util.find_spec("llguidance") is not None
 
     def __init__(
         self,
@@ -73,6 +80,13 @@ class LocalBackend(Backend):
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
         self.loaded: Any = None  # archon_server.engine.loader.LoadedModel
         self._start_lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: LocalBackendConfig) -> "LocalBackend":
+        """The config's options are validated already (a bad ``speculative`` block fails at start-up, naming its path)."""
+        opts = cfg.options.model_dump(exclude={"speculative"})
+        spec = cfg.options.speculative
+        return cls(cfg.model or model_store.DEFAULT_MODEL, name=cfg.alias, speculative=spec.model_dump(exclude_unset=True) if spec else None, **opts)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -148,15 +162,31 @@ class LocalBackend(Backend):
             presence_penalty=float(p.extra.get("presence_penalty", 0.0)),
             frequency_penalty=float(p.extra.get("frequency_penalty", 0.0)),
             speculative=p.extra.get("speculative", self.speculative),
+            grammar=self._grammar(p.extra.get("response_format")),
         )
 
-    async def _events(self, request: ChatRequest) -> AsyncIterator[Any]:
+    def _grammar(self, response_format: dict[str, Any] | None) -> str | None:
+        if not response_format or not self.supports_response_format:
+            return None
+        from archon_server.engine.constrain import grammar_for
+
+        try:
+            return grammar_for(response_format)
+        except ValueError as e:
+            raise BackendError(f"response_format: cannot constrain decoding to it: {e}", status=400, backend=self.name) from e
+
+    async def _events(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Any]:
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
         if self.engine is None:
             await self.start()
         from archon_server.engine.scheduler import DoneEvent, ErrorEvent
 
-        prompt = self._prompt_ids(request.messages)
+        if isinstance(request, CompletionRequest):  # raw text: no chat template
+            prompt = list(self.loaded.tokenizer(request.prompt)["input_ids"])
+            if not prompt:
+                raise BackendError("empty prompt", status=400, backend=self.name)
+        else:
+            prompt = self._prompt_ids(request.messages)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[list[Any]] = asyncio.Queue()
         try:
@@ -175,7 +205,21 @@ class LocalBackend(Backend):
             handle.cancel()  # no-op once done; otherwise the worker drops the rows next step
 
     # ------------------------------------------------------------------ Backend API
-    async def chat(self, request: ChatRequest) -> ChatResult:
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        res = await self.chat(request)
+        if request.echo:
+            for c in res.choices:
+                c.text = request.prompt + c.text
+        return res
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        if request.echo:
+            for i in range(request.params.n):
+                yield StreamChunk(index=i, text=request.prompt)
+        async for ch in self.stream(request):
+            yield ch
+
+    async def chat(self, request: ChatRequest | CompletionRequest) -> ChatResult:
         from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
 
         t0 = time.perf_counter()
@@ -200,7 +244,7 @@ class LocalBackend(Backend):
         choices = [Choice(text=texts[i], finish_reason=reasons[i], index=i, logprobs=lps[i] if want_lp else None) for i in range(n)]
         return ChatResult(choices=choices, usage=usage, model=self.model, latency_s=time.perf_counter() - t0, requests=1, metrics=metrics)
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+    async def stream(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[StreamChunk]:
         from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
 
         async with contextlib.aclosing(self._events(request)) as events:

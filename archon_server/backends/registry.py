@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
-from .base import Backend
+from ..spec import SpecError
+from .base import Backend, BackendWrapper, ChatRequest, ChatResult, CompletionRequest, StreamChunk
 
 log = logging.getLogger("archon.backends")
 
@@ -23,11 +25,38 @@ class Binding:
     model: str  # model name sent upstream
 
 
+class _Limited(BackendWrapper):
+    """Every call of ``inner`` holds one slot of the registry's limit for it (a stream: until it ends)."""
+
+    def __init__(self, inner: Backend, limit: asyncio.Semaphore):
+        super().__init__(inner)
+        self.sem = limit
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        async with self.sem:
+            return await self.inner.chat(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        async with self.sem:
+            async for ch in self.inner.stream(request):
+                yield ch
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        async with self.sem:
+            return await self.inner.complete(request)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        async with self.sem:
+            async for ch in self.inner.stream_complete(request):
+                yield ch
+
+
 class BackendRegistry:
     def __init__(self) -> None:
         self._backends: dict[str, Backend] = {}
         self._bindings: dict[str, Binding] = {}
         self._limits: dict[str, asyncio.Semaphore] = {}
+        self._sizes: dict[str, int] = {}
 
     def register(self, alias: str, backend: Backend, model: str = "", *, aliases: list[str] | tuple[str, ...] = (), max_concurrency: int | None = None) -> None:
         for a in [alias, *aliases]:
@@ -37,6 +66,7 @@ class BackendRegistry:
         self._backends[alias] = backend
         if max_concurrency:
             self._limits[alias] = asyncio.Semaphore(max_concurrency)
+            self._sizes[alias] = max_concurrency
 
     def __contains__(self, alias: str) -> bool:
         return alias in self._bindings
@@ -60,7 +90,23 @@ class BackendRegistry:
         return self._binding(alias).model
 
     def limit(self, alias: str) -> asyncio.Semaphore | None:
+        """The backend's concurrency limit (config ``max_concurrency``; all aliases of a backend share it)."""
         return self._limits.get(self._binding(alias).key)
+
+    def cap(self, alias: str, max_concurrency: int) -> None:
+        """Lower the backend's limit to ``max_concurrency`` (never raises it), e.g. a sweep's per-backend cap.
+        Call before any call is in flight: calls holding the old limit's slots are not counted against the new one."""
+        key = self._binding(alias).key
+        old = self._limits.get(key)
+        if old is None or max_concurrency < self._sizes.get(key, max_concurrency + 1):
+            self._limits[key] = asyncio.Semaphore(max_concurrency)
+            self._sizes[key] = max_concurrency
+
+    def limited(self, alias: str) -> Backend:
+        """The backend with its limit applied to every call, for callers outside the graph runtime (a sweep's
+        judges); the runtime's components take the same slots (ComponentContext.call)."""
+        backend, limit = self.get(alias), self.limit(alias)
+        return backend if limit is None else _Limited(backend, limit)
 
     def wrap(self, fn: Callable[[str, Backend], Backend]) -> None:
         """Replace every backend by ``fn(alias, backend)`` (e.g. a caching wrapper)."""
@@ -76,36 +122,30 @@ class BackendRegistry:
                 log.warning("closing a backend failed: %s", r)
 
 
+# kind -> (module, class) of its backend, imported on first use (torch is heavy, vLLM's client side less so); each
+# class builds itself with ``from_config(cfg)`` from its kind's typed config (config.BackendConfig).
+BACKEND_FACTORIES: dict[str, tuple[str, str]] = {
+    "openai": ("archon_server.backends.http", "OpenAIHTTPBackend"),
+    "local": ("archon_server.backends.local", "LocalBackend"),
+    "vllm": ("archon_server.backends.vllm_managed", "VLLMManagedBackend"),
+}
+
+
 def make_backend(cfg: BackendConfig) -> Backend:
-    if cfg.kind == "openai":
-        from .http import OpenAIHTTPBackend
-
-        return OpenAIHTTPBackend(
-            cfg.alias,
-            cfg.urls,
-            cfg.model,
-            api_key_env=cfg.api_key_env,
-            connect_timeout_s=cfg.connect_timeout_s,
-            read_timeout_s=cfg.read_timeout_s,
-            max_retries=cfg.max_retries,
-            max_connections=cfg.max_connections,
-            supports_n=cfg.supports_n,
-            breaker_failures=cfg.breaker_failures,
-            breaker_cooldown_s=cfg.breaker_cooldown_s,
-        )
-    if cfg.kind == "local":
-        from .local import LocalBackend  # imported lazily: torch is heavy
-
-        return LocalBackend(cfg.model, name=cfg.alias, **cfg.options)
-    if cfg.kind == "vllm":
-        from .vllm_managed import VLLMManagedBackend
-
-        return VLLMManagedBackend(name=cfg.alias, model=cfg.model, **cfg.options)
-    raise ValueError(f"unknown backend kind {cfg.kind!r}")
+    try:
+        module, cls = BACKEND_FACTORIES[cfg.kind]
+    except KeyError:
+        raise ValueError(f"unknown backend kind {cfg.kind!r}") from None
+    return getattr(importlib.import_module(module), cls).from_config(cfg)  # type: ignore[no-any-return]
 
 
 def build_registry(config: ServerConfig) -> BackendRegistry:
+    """Every backend of the config, built now: a backend that cannot be built is a start-up error naming its entry."""
     reg = BackendRegistry()
-    for b in config.backends:
-        reg.register(b.alias, make_backend(b), b.model or b.alias, aliases=b.aliases, max_concurrency=b.max_concurrency)
+    for i, b in enumerate(config.backends):
+        try:
+            backend = make_backend(b)
+        except (ValueError, TypeError) as e:
+            raise SpecError([f"backends[{i}] ({b.alias}): {e}"]) from None
+        reg.register(b.alias, backend, b.model or b.alias, aliases=b.aliases, max_concurrency=b.max_concurrency)
     return reg

@@ -26,56 +26,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import Backend, BackendError, ChatRequest, ChatResult, StreamChunk
+from ..config import VLLMBackendConfig, VLLMOptions
+from .base import Backend, BackendError, ChatRequest, ChatResult, CompletionRequest, StreamChunk
 from .process import SupervisedProcess, free_port
 
 log = logging.getLogger("archon.backends.vllm")
 
+R = TypeVar("R", ChatRequest, CompletionRequest)
+
 DEFAULT_MODULE = "vllm.entrypoints.openai.api_server"
-
-
-class VLLMOptions(BaseModel):
-    """Launch options of a managed vLLM backend (``options`` of a ``kind: vllm`` backend)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, description="HF folder, hub id, or a model-store name (e.g. smollm2-135m-instruct).")
-    served_model_name: str | None = Field(default=None, description="Name vLLM serves the model under (default: the backend name).")
-    python: str | None = Field(default=None, description="Interpreter of the vLLM venv (default: $ARCHON_VLLM_PYTHON, ./.venv-vllm, this one).")
-    command: list[str] | None = Field(default=None, description="Full launch argv template; see module docstring.")
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, ge=1, le=65535, description="Port of replica 0 (replica i: port+i); default: free ports.")
-    replicas: int = Field(default=1, ge=1, le=64)
-    replica_devices: list[str] | None = Field(default=None, description="CUDA_VISIBLE_DEVICES per replica, e.g. ['0', '1'] or ['0,1', '2,3'].")
-    tensor_parallel_size: int | None = Field(default=None, ge=1)
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    max_model_len: int | None = Field(default=None, ge=16)
-    dtype: str | None = None
-    speculative_config: dict[str, Any] | None = Field(default=None, description="Passed as --speculative-config JSON (draft model, eagle, ngram...).")
-    enforce_eager: bool = False
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    api_key_env: str | None = Field(default=None, description="Env var with a key vLLM should require (passed as VLLM_API_KEY).")
-    startup_timeout_s: float = Field(default=900.0, gt=0)
-    stop_grace_s: float = Field(default=15.0, ge=0)
-    restart: bool = True
-    restart_backoff_s: float = Field(default=1.0, gt=0)
-    restart_backoff_max_s: float = Field(default=60.0, gt=0)
-    read_timeout_s: float = Field(default=600.0, gt=0)
-    log_level: str = Field(default="INFO", description="Level at which vLLM's own log lines are forwarded.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "VLLMOptions":
-        if self.replica_devices is not None and len(self.replica_devices) != self.replicas:
-            raise ValueError("replica_devices needs one entry per replica")
-        if self.command is not None and not self.command:
-            raise ValueError("command must not be empty")
-        return self
 
 
 def default_python() -> str:
@@ -208,6 +171,12 @@ class VLLMManagedBackend(Backend):
         self._closing = False
         self._started = False
         self._start_lock = asyncio.Lock()
+        # vLLM calls tools only when launched with --enable-auto-tool-choice (and a --tool-call-parser for the model).
+        self.supports_tools = "--enable-auto-tool-choice" in self.opts.extra_args or bool(self.opts.command)
+
+    @classmethod
+    def from_config(cls, cfg: VLLMBackendConfig) -> "VLLMManagedBackend":
+        return cls(name=cfg.alias, **cfg.options.model_dump(exclude_unset=True))
 
     # -- introspection (tests, /metrics) ---------------------------------------
     @property
@@ -388,7 +357,7 @@ class VLLMManagedBackend(Backend):
             raise BackendError(f"vLLM backend {self.name!r} is not started", status=503, retryable=False, backend=self.name)
         return self._http
 
-    def _rename(self, request: ChatRequest) -> ChatRequest:
+    def _rename(self, request: R) -> R:
         # We launched the server, so the only model it serves is ours, whatever alias the caller used.
         return request if request.model == self.served_model_name else replace(request, model=self.served_model_name)
 
@@ -417,6 +386,13 @@ class VLLMManagedBackend(Backend):
                     yield replace(chunk, index=i)
             else:
                 yield chunk
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        return await self._client().complete(self._rename(request))
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        async for chunk in self._client().stream_complete(self._rename(request)):
+            yield chunk
 
     async def models(self) -> list[str]:
         return await self._client().models() if self._http is not None else []

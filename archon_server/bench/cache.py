@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import Backend, ChatRequest, ChatResult, Choice, TokenLogprob, Usage
+from ..backends.base import Backend, BackendWrapper, ChatRequest, ChatResult, Choice, TokenLogprob, Usage
 
 
 class CacheStore:
@@ -106,14 +106,14 @@ def cache_scope(name: str) -> Iterator[None]:
         _scope.reset(token)
 
 
-class CachingBackend(Backend):
+class CachingBackend(BackendWrapper):
+    """Chat calls answered from the store when this scope asked the same before; everything else goes to ``inner``.
+    A stream is served from :meth:`chat` (one chunk, :meth:`Backend.stream`), so it is cached too."""
+
     def __init__(self, inner: Backend, store: CacheStore, *, namespace: str = ""):
-        self.inner = inner
+        super().__init__(inner)
         self.store = store
         self.namespace = namespace
-        self.name = getattr(inner, "name", "backend")
-        self.supports_n = inner.supports_n
-        self.supports_logprobs = inner.supports_logprobs
         self.hits = 0
         self.misses = 0
 
@@ -136,14 +136,4 @@ class CachingBackend(Backend):
         self.store.put(key, result_to_json(res))
         return res
 
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def models(self) -> list[str]:
-        return await self.inner.models()
-
-    async def health(self) -> bool:
-        return await self.inner.health()
+    stream = Backend.stream  # through chat, so a replayed sweep streams from the cache as well

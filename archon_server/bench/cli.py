@@ -23,7 +23,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for b in spec.benchmarks:
             b.n = min(b.n or args.limit, args.limit)
     log = asyncio.run(run_sweep(spec, out, config_path=args.config, base_dir=sweep_path.parent.parent if sweep_path.parent.name == "benchmarks" else sweep_path.parent,
-                                cache=not args.no_cache, progress=not args.no_progress, data_root=args.data))
+                                cache=not args.no_cache, progress=not args.no_progress, data_root=args.data,
+                                store_url=args.store))
     paths = write_report(out, title=f"Sweep {spec.name}")
     print(Path(paths["markdown"]).read_text(encoding="utf-8"))
     print(f"{len(log.records)} results in {out / 'results.jsonl'}; report {paths['markdown']}, plot {paths['plot']}", file=sys.stderr)
@@ -33,6 +34,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    if args.store:  # a shared sweep: results.jsonl from the store first (all workers' rows)
+        from .store import SweepStore
+
+        name = args.sweep or json.loads((Path(args.out) / "sweep.json").read_text(encoding="utf-8"))["name"]
+        store = SweepStore(args.store, name)
+        try:
+            store.results.export_jsonl(Path(args.out) / "results.jsonl")
+        finally:
+            store.close()
     paths = write_report(args.out)
     print(Path(paths["markdown"]).read_text(encoding="utf-8"))
     return 0
@@ -123,10 +133,14 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--no-cache", action="store_true", help="do not cache backend calls")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--data", help="benchmark data folder (default $ARCHON_DATA_DIR or ../shared/data)")
+    r.add_argument("--store", help="shared sweep store URL (postgresql://... or sqlite:///...): several workers, on any "
+                   "hosts, split the sweep and share the call cache; results.jsonl is written from it")
     r.set_defaults(fn=cmd_run)
 
     rp = sub.add_parser("report", help="(re)write report.md, the plot and exported outputs of a sweep folder")
     rp.add_argument("out")
+    rp.add_argument("--store", help="shared sweep store URL: write results.jsonl from it first")
+    rp.add_argument("--sweep", help="sweep name in the store (default: OUT/sweep.json's)")
     rp.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("score-alpaca", help="raw and length-controlled win rates of AlpacaEval annotation files")

@@ -20,10 +20,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from ..components.extractors import last_boxed  # noqa: F401 - the answer of a MATH solution; re-exported
 from typing import Any
 
+from ..components.extractors import last_boxed
 from .paths import data_dir, data_file
 
 Root = str | os.PathLike[str] | None

@@ -15,8 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+from ..sandbox import SandboxLimits, isolation_mode
+from ..sandbox.harness import run_graded
 from .datasets import Item, last_boxed
-from ..sandbox import SandboxLimits, isolation_mode, run_python
 
 
 @dataclass
@@ -70,27 +73,50 @@ def grade_math(response: str, answer: str) -> Grade:
 
 # --------------------------------------------------------------------------- MMLU
 
-# Whitespace runs are bounded ({0,8}, [ \t]) so that no pattern backtracks quadratically on
-# long blank runs in model output.
-_CHOICE_PATTERNS = [
-    r"answer[ \t]{0,8}(?:is|:)?[ \t]{0,8}[:\-]?[ \t]{0,8}\(?\**[ \t]{0,8}([{L}])\b",
-    r"\*\*\(?([{L}])\)?\*\*",
-    r"^[ \t]{0,8}\(?([{L}])\)?[.)]?[ \t]{0,8}$",
-    r"\(([{L}])\)",
-    r"\b([{L}])[.)][ \t\n]",
+# The cascade, strongest first; inside a level the *last* match in the text wins.  Letters are
+# capitals only (the article "a" is not choice A), except inside parentheses/brackets.  Keywords
+# are case-insensitive.  Whitespace runs are bounded ({0,8}, [ \t]) so that no pattern
+# backtracks quadratically on long blank runs in model output.
+_EXPLICIT = [
+    # \boxed{C}, \boxed{\text{C}}, \boxed{(C)}
+    r"\\boxed\{[ \t]{0,4}(?:\\text(?:bf)?\{)?[ \t]{0,4}\(?([{L}])\)?[ \t]{0,4}\}?[ \t]{0,4}\}",
+    # "answer is C", "Answer: (C)", "the correct choice is **C**", "option: C", "answer would be C"
+    (r"(?i:answer|choice|option)[ \t]{0,8}(?i:is|:|=|would[ \t]{1,4}be|will[ \t]{1,4}be)?[ \t]{0,8}"
+     r"(?i:option|choice|letter)?[ \t]{0,8}[:\-]?[ \t]{0,8}[(\[]?\**[ \t]{0,4}([{L}])\b(?!['’-]\w)"),
+    r"(?i:answer|choice|option)[ \t]{0,8}(?i:is|:)?[ \t]{0,8}[(\[]([{l}])[)\]]",
+    # "C is correct", "(C) is the right answer"
+    r"(?<![\w'])\(?([{L}])\)?[ \t]{0,4}(?i:is|would[ \t]{1,4}be)[ \t]{1,4}(?i:the[ \t]{1,4})?(?i:correct|right|best)\b",
+]
+_WEAK = [
+    r"\*\*\(?([{L}])\)?\*\*",  # **C**
+    r"^[ \t]{0,8}\(?([{L}])\)?[.)]?[ \t]{0,8}$",  # a line that is only the letter
+    r"\(([{L}])\)",  # (C)
+    r"(?<![\w'])([{L}])[ \t]{0,4}[.)!]?[ \t*]{0,8}\Z",  # "... so C" at the very end
 ]
 
 
+def _last(patterns: list[str], text: str, letters: str) -> str | None:
+    upper, lower = re.escape(letters.upper()), re.escape(letters.lower() + letters.upper())
+    best: tuple[int, str] | None = None
+    for pat in patterns:
+        for m in re.finditer(pat.replace("{L}", upper).replace("{l}", lower), text, flags=re.MULTILINE):
+            if best is None or m.start() >= best[0]:
+                best = (m.start(), m.group(1).upper())
+    return best[1] if best else None
+
+
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
-    """The chosen letter: an explicit "Answer: X" (last one) first, then weaker patterns, then a lone letter."""
-    L = re.escape(letters)
-    for pat in _CHOICE_PATTERNS:
-        hits = re.findall(pat.replace("{L}", L), text, flags=re.IGNORECASE | re.MULTILINE)
-        hits = [h.upper() for h in hits if h.upper() in letters]
-        if hits:
-            return hits[-1]
-    stripped = text.strip().strip(".*() ").upper()
-    return stripped if len(stripped) == 1 and stripped in letters else None
+    """The chosen letter.  Cascade: the last explicit choice statement (``\\boxed{C}``, "the answer
+    is C", "C is correct"), else the last weaker mark (bold letter, a letter alone on a line,
+    "(C)", a letter ending the text), else a single distinct "C." / "C)" marker (several
+    distinct ones are an option listing, not an answer).
+    """
+    for level in (_EXPLICIT, _WEAK):
+        got = _last(level, text, letters)
+        if got is not None:
+            return got
+    marks = set(re.findall(rf"(?<![\w'])([{re.escape(letters.upper())}])[.)](?:[ \t\n]|\Z)", text))
+    return marks.pop() if len(marks) == 1 else None
 
 
 def grade_mmlu(response: str, answer: str) -> Grade:
@@ -140,26 +166,37 @@ def extract_crux_answer(response: str, mode: str) -> str | None:
     return text
 
 
-def cruxeval_program(ref: dict[str, Any], answer: str) -> str:
+def cruxeval_check(ref: dict[str, Any], answer: str) -> tuple[str, str, str]:
+    """(candidate, prelude, test) for :func:`run_graded`: the model's answer is evaluated in the
+    candidate process and comes back as plain data; ``f`` (the dataset's code) runs in the harness.
+
+    Output mode: the answer is the predicted value.  Input mode: the answer is a call
+    ``f(...)`` (or its arguments), evaluated after the dataset's code (inputs may name its
+    globals) with ``f`` replaced by one that only records its arguments, which the harness then
+    passes to the real ``f``.  Output mode leaves ``f`` out of the candidate's reach (an answer
+    ``f(x)`` would otherwise grade itself).
+    """
     if ref["mode"] == "output":
-        return f"{ref['code']}\nassert f({ref['input']}) == {answer}\n"
+        return f"__answer__ = (\n{answer}\n)\n", ref["code"], f"assert f({ref['input']}) == __answer__\n"
     call = answer if answer.startswith("f(") else f"f({answer})"
-    return f"{ref['code']}\nassert {call} == {ref['output']}\n"
+    candidate = f"{ref['code']}\n\ndef f(*args, **kwargs):\n    return (args, kwargs)\n\n__answer__ = (\n{call}\n)\n"
+    return candidate, ref["code"], f"assert f(*__answer__[0], **__answer__[1]) == {ref['output']}\n"
 
 
 def grade_cruxeval(response: str, ref: dict[str, Any], limits: SandboxLimits | None = None) -> Grade:
     ans = extract_crux_answer(response, ref["mode"])
     if ans is None:
         return _grade(False, None, reason="no answer found")
-    r = run_python(cruxeval_program(ref, ans), limits=limits or SandboxLimits(timeout_s=10))
-    return _grade(r.passed, ans, status=r.status, reason=r.reason)
+    candidate, prelude, test = cruxeval_check(ref, ans)
+    run = run_graded(candidate, [test], prelude=prelude, bind=["__answer__"], per_test_timeout_s=10, limits=limits)
+    return _grade(run.passed, ans, status=run.sandbox.status, reason=run.reason or run.outcomes[0].error)
 
 
 # --------------------------------------------------------------------------- HumanEval
 
 
-def humaneval_program(ref: dict[str, Any], response: str) -> str:
-    """Program = (the response's function, or prompt + completion) + the tests + ``check(entry_point)``.
+def humaneval_solution(ref: dict[str, Any], response: str) -> str:
+    """The candidate program: the response's function after the prompt, or prompt + completion.
 
     If a code block defines the entry point, the block is the solution, placed after the
     whole prompt: the prompt's imports and helper functions (HumanEval/10 completes
@@ -179,12 +216,30 @@ def humaneval_program(ref: dict[str, Any], response: str) -> str:
     else:
         completion = blocks[0] if blocks else response
         solution = ref["prompt"] + completion
-    return f"{solution}\n\n{ref['test']}\n\ncheck({entry})\n"
+    return solution
 
 
 def grade_humaneval(response: str, ref: dict[str, Any], limits: SandboxLimits | None = None) -> Grade:
-    r = run_python(humaneval_program(ref, response), limits=limits or SandboxLimits(timeout_s=10))
-    return _grade(r.passed, None, status=r.status, reason=r.reason)
+    """Upstream's check (``ref['test']`` + ``check(entry_point)``), run by the harness against the
+    candidate's entry point in its own process; the prompt (trusted helpers such as ``poly``) is the
+    harness-side prelude.  Only the harness's nonce-signed verdict counts (see sandbox.harness)."""
+    entry = ref["entry_point"]
+    run = run_graded(humaneval_solution(ref, response), [f"{ref['test']}\n\ncheck({entry})\n"],
+                     prelude=ref["prompt"], bind=[entry], per_test_timeout_s=10, limits=limits)
+    return _grade(run.passed, None, status=run.sandbox.status, reason=run.reason or run.outcomes[0].error)
+
+
+# --------------------------------------------------------------------------- pass@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The Codex paper's unbiased estimator 1 - C(n-c, k) / C(n, k), in its numerically stable
+    product form (n samples of which c are correct; k <= n)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 # --------------------------------------------------------------------------- dispatch

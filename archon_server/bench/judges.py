@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import math
@@ -24,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import Backend, BackendError, ChatRequest, ChatResult, SamplingParams, Usage
+from ..backends.base import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    SamplingParams,
+    Usage,
+)
 from .datasets import Item, load_mt_bench_judge_prompts
 
 # --------------------------------------------------------------------------- AlpacaEval 2.0
@@ -150,14 +158,21 @@ _RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
 def parse_rating(text: str) -> float | None:
-    """FastChat's rule: ``[[x]]`` (else ``[x]``); the first match wins; None if absent."""
+    """FastChat's rule: the first ``[[x]]`` (else the first ``[x]``), read with ``ast.literal_eval``.
+
+    None where FastChat records -1 (no match) and where its ``literal_eval`` raises: ``[[08]]``
+    is not a Python literal (leading zero), FastChat's judging thread dies on it and the rating
+    never reaches its tables, so it is an invalid rating here, not 8.  No fallback to ``[x]``
+    after a ``[[x]]`` match, as in FastChat.
+    """
     m = _RATING.search(text) or _RATING_BACKUP.search(text)
     if not m:
         return None
     try:
-        return float(m.group(1))
-    except ValueError:
+        v = ast.literal_eval(m.group(1))
+    except (ValueError, SyntaxError):
         return None
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 @dataclass
@@ -209,7 +224,8 @@ class MTBenchJudge:
 
 
 def mt_bench_summary(scores: Sequence[MTBenchScore]) -> dict[str, float | int]:
-    """Mean score for turn 1, turn 2 and overall (FastChat drops unparsable ratings)."""
+    """Mean score for turn 1, turn 2 and overall = the mean over every valid turn score, as FastChat's
+    ``show_result`` (unparsable ratings dropped; not a mean of per-question means)."""
     def mean(xs: list[float]) -> float:
         return float(np.mean(xs)) if xs else float("nan")
 
@@ -227,7 +243,7 @@ Begin your evaluation by generating your own answer to the prompt. You must prov
 
 When evaluating the assistants' answers, compare both assistants' answers with your answer. You must identify and correct any mistakes or inaccurate information.
 
-Then consider if the assistant's answers are helpful, relevant, and concise. Helpful means the answer correctly responds to the prompt or follows the instructions. Note when user prompt is ambiguous or has more than one interpretation, it is more helpful and appropriate to ask for clarifications or more information from the user than providing an answer based on assumptions. Relevant means all parts of the response closely connect or are appropriate to what is being asked. Concise means the response is clear and not verbose or excessive.
+Then consider if the assistant's answers are helpful, relevant, and concise. Helpful means the answer correctly responds to the prompt or follows the instructions. Note when user prompt has any ambiguity or more than one interpretation, it is more helpful and appropriate to ask for clarifications or more information from the user than providing an answer based on assumptions. Relevant means all parts of the response closely connect or are appropriate to what is being asked. Concise means the response is clear and not verbose or excessive.
 
 Then consider the creativity and novelty of the assistant's answers when needed. Finally, identify any missing important information in the assistants' answers that would be beneficial to include when responding to the user prompt.
 
@@ -258,12 +274,14 @@ STRONG_WEIGHT = 3  # Arena-Hard counts a decisive verdict three times
 
 
 def parse_verdict(text: str) -> str | None:
-    """The verdict label; Arena-Hard takes it only when all ``[[...]]`` labels agree."""
-    found = {m.replace("<<", ">>") for m in _VERDICT.findall(text)}
-    found = {v for v in found if v in VERDICTS or v in ("B<A", "A<B")}
-    norm = {"A<B": "B>A", "B<A": "A>B"}
-    found = {norm.get(v, v) for v in found}
-    return found.pop() if len(found) == 1 else None
+    """Arena-Hard's ``get_score``: every ``[[...]]`` match of the official regex; exactly one distinct
+    label is the verdict, none or several is no verdict.  Labels outside the five (``A<B``...) are not
+    normalised: upstream's battle builder gives them weight 0, so they are no verdict here too."""
+    found = {m.strip("\n") for m in _VERDICT.findall(text) if m != ""}
+    if len(found) != 1:
+        return None
+    v = found.pop()
+    return v if v in VERDICTS else None
 
 
 @dataclass
@@ -306,25 +324,36 @@ class ArenaHardJudge:
         return list(await asyncio.gather(self.game(item, answer, False), self.game(item, answer, True)))
 
 
-def arena_win_rate(games: Sequence[ArenaGame], *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, float | int]:
-    """Weighted win rate of the model vs the baseline (points), with a question-level bootstrap CI."""
-    per_q: dict[str, list[tuple[float, int]]] = {}
+def arena_battles(games: Sequence[ArenaGame]) -> np.ndarray:
+    """The model's outcome (1 win, 0.5 tie, 0 loss) in each battle, a decisive verdict repeated
+    ``STRONG_WEIGHT`` times, unparsed games left out — upstream's ``get_battles_from_judgment`` rows."""
+    out: list[float] = []
     for g in games:
         o = g.model_outcome()
         if o is not None:
-            per_q.setdefault(g.question_id, []).append(o)
-    if not per_q:
+            out += [o[0]] * o[1]
+    return np.array(out, dtype=float)
+
+
+def arena_win_rate(games: Sequence[ArenaGame], *, n_boot: int = 100, seed: int = 0, alpha: float = 0.05) -> dict[str, float | int]:
+    """Win rate of the model vs the baseline (points) with upstream's bootstrap CI.
+
+    Upstream fits a Bradley-Terry model to the battles and bootstraps by resampling *battle rows*
+    (``--num-rounds 100``).  With one model against the anchored baseline the BT win probability is
+    the battles' mean outcome (ties count half, as upstream's tie duplication does), so the score and
+    each bootstrap round reduce to a mean over (resampled) battles.
+    """
+    battles = arena_battles(games)
+    n_q = len({g.question_id for g in games if g.model_outcome() is not None})
+    if not len(battles):
         return {"win_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_questions": 0, "n_games": 0}
-    qs = list(per_q)
-    num = np.array([sum(s * w for s, w in per_q[q]) for q in qs])
-    den = np.array([sum(w for _, w in per_q[q]) for q in qs], dtype=float)
-    rate = float(num.sum() / den.sum() * 100)
+    rate = float(battles.mean() * 100)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(qs), size=(n_boot, len(qs)))
-    boots = num[idx].sum(axis=1) / den[idx].sum(axis=1) * 100
+    idx = rng.integers(0, len(battles), size=(n_boot, len(battles)))
+    boots = battles[idx].mean(axis=1) * 100
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return {"win_rate": rate, "ci_low": float(lo), "ci_high": float(hi), "n_questions": len(qs),
-            "n_games": sum(len(v) for v in per_q.values())}
+    return {"win_rate": rate, "ci_low": float(lo), "ci_high": float(hi), "n_questions": n_q,
+            "n_games": sum(g.model_outcome() is not None for g in games), "n_battles": len(battles)}
 
 
 # --------------------------------------------------------------------------- null model

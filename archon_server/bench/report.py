@@ -97,10 +97,11 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
                 notes["lc_win_rate"] = round(lc.length_controlled_winrate, 2)
                 notes["lc_se"] = round(lc.lc_standard_error, 2)
         elif bench == "mt_bench":
-            vals = [r["score"] for r in ok if r.get("score") is not None]
-            score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "1-10"
+            # FastChat: the mean over every valid turn score (a question with one unparsed turn counts once)
             t1 = [r["turn_scores"][0] for r in ok if r.get("turn_scores") and r["turn_scores"][0] is not None]
-            t2 = [r["turn_scores"][1] for r in ok if r.get("turn_scores") and r["turn_scores"][1] is not None]
+            t2 = [r["turn_scores"][1] for r in ok if len(r.get("turn_scores") or ()) > 1 and r["turn_scores"][1] is not None]
+            vals = t1 + t2
+            score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "1-10"
             notes.update(turn1=round(float(np.mean(t1)), 3) if t1 else None, turn2=round(float(np.mean(t2)), 3) if t2 else None)
         elif bench == "arena_hard":
             games = [ArenaGame(r["id"], g["model_first"], g["verdict"]) for r in ok for g in r.get("games", [])]
@@ -113,6 +114,13 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
         else:
             vals = [float(r.get("score") or 0.0) * 100 for r in recs]
             score, se, unit = float(np.mean(vals)), _sem(vals), "acc %"
+            if any("pass_at" in r for r in recs):
+                # pass@k: the mean over problems of the unbiased per-problem estimate (a failed problem counts 0)
+                ks = sorted({k for r in recs for k in r.get("pass_at", {})}, key=int)
+                for k in ks:
+                    notes[f"pass@{k}"] = round(100 * float(np.mean([r.get("pass_at", {}).get(k, 0.0) for r in recs])), 2)
+                notes["samples"] = max(int(r.get("n_samples", 1)) for r in recs)
+                unit = "pass@1 %"
         rows.append(Row(score=score, se=se, unit=unit, notes=notes, **common))
     return rows
 

@@ -12,6 +12,7 @@ A sweep file (``benchmarks/<name>.yaml``)::
     benchmarks:
       - {name: math500, split: dev, n: 5}
       - {name: alpaca_eval, n: 5}
+      - {name: humaneval, n: 20, pass_at: {n: 10, k: [1, 10]}}   # 10 samples per problem, pass@1/pass@10
 
 Every finished (architecture, benchmark, question) is appended as one JSON line to
 ``<out>/results.jsonl`` (flushed and fsynced), so a killed run resumes where it stopped:
@@ -32,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..backends.base import Backend, ChatRequest, ChatResult, SamplingParams, Usage
-from ..spec import ArchitectureSpec, SpecError, load_architecture, validation_messages
+from ..backends.base import Backend, SamplingParams, Usage
+from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
-from .grading import AUTO_GRADED, grade
+from .grading import AUTO_GRADED, grade, pass_at_k
 from .judges import NULL_OUTPUT, AlpacaJudge, ArenaHardJudge, MTBenchJudge
 
 JUDGED = ("alpaca_eval", "mt_bench", "arena_hard")
@@ -49,12 +50,26 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PassAt(_Base):
+    """pass@k (Codex paper): ``n`` samples per problem, the unbiased estimate for each ``k`` <= n."""
+
+    n: int = Field(ge=1, le=1000)
+    k: list[int] = Field(default_factory=lambda: [1, 10, 100], min_length=1)
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> PassAt:
+        if any(k < 1 for k in self.k) or not any(k <= self.n for k in self.k):
+            raise ValueError(f"pass_at.k needs at least one k in 1..n={self.n} (got {self.k})")
+        return self
+
+
 class BenchmarkEntry(_Base):
     name: str
     split: str | None = Field(default=None, pattern="^(dev|test)$")
     n: int | None = Field(default=None, ge=1)
     ids: list[str] | None = None
     seed: int | None = None
+    pass_at: PassAt | None = Field(default=None, description="Auto-graded benchmarks: n samples per problem, pass@k.")
 
 
 class SweepSpec(_Base):
@@ -131,6 +146,14 @@ class ResultsLog:
         if not rec.get("error"):
             self.done.add(k)
 
+    async def claim(self, arch: str, benchmark: str, item: str) -> bool:
+        """One process owns this file, so every question is its own (a shared store's claim can say no)."""
+        return True
+
+    async def wait_for_others(self) -> set[str]:
+        """Keys to try again because the worker that held them died; never any here."""
+        return set()
+
     async def append(self, rec: dict[str, Any]) -> None:
         k = result_key(rec["arch"], rec["benchmark"], rec["id"])
         async with self._lock:
@@ -150,27 +173,6 @@ class ResultsLog:
 # --------------------------------------------------------------------------- backends
 
 
-class LimitedBackend(Backend):
-    """Caps calls in flight to one backend (the sweep's per-backend concurrency)."""
-
-    def __init__(self, inner: Backend, limit: int):
-        self.inner = inner
-        self.sem = asyncio.Semaphore(limit)
-        self.name = getattr(inner, "name", "backend")
-        self.supports_n = inner.supports_n
-        self.supports_logprobs = inner.supports_logprobs
-
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        async with self.sem:
-            return await self.inner.chat(request)
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
 @dataclass
 class CostMeter:
     calls: int = 0
@@ -186,29 +188,21 @@ Generate = Callable[[list[dict[str, Any]]], Any]  # async (messages) -> (text, c
 
 
 def resolve_architectures(names: Iterable[str], registry: Any, config: Any | None, base_dir: Path | None = None) -> dict[str, ArchitectureSpec | None]:
-    """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend alias."""
-    from ..graph.catalog import load_catalog, passthrough
+    """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend
+    alias, resolved by the server's one catalog (graph.catalog.Catalog)."""
+    from ..graph.catalog import Catalog, UnknownArchitecture
 
-    catalog: dict[str, ArchitectureSpec] = {}
-    if config is not None:
-        catalog = load_catalog(config.architectures_dirs)
+    catalog = Catalog(config.architectures_dirs if config is not None else (), registry)
     out: dict[str, ArchitectureSpec | None] = {}
     for n in names:
         if n == NULL_ARCH:
             out[n] = None
             continue
-        p = Path(n)
-        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
-            p = base_dir / p
-        if p.suffix.lower() in (".yaml", ".yml", ".json") and p.exists():
-            spec = load_architecture(p)
-            out[spec.name] = spec
-        elif n in catalog:
-            out[n] = catalog[n]
-        elif registry is not None and n in registry:
-            out[n] = passthrough(n)
-        else:
-            raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"])
+        try:
+            spec = catalog.resolve(n, files=True, base_dir=base_dir)
+        except UnknownArchitecture:
+            raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"]) from None
+        out[spec.name] = spec
     return out
 
 
@@ -224,18 +218,23 @@ class SweepRun:
     progress: bool = True
     data_root: str | None = None
     meter: CostMeter = field(default_factory=CostMeter)
+    pass_at: dict[tuple[str, str], PassAt] = field(default_factory=dict)  # (benchmark, id) -> its entry's pass_at
+    results: Any = None  # a shared store's StoreResults (bench/store.py); default: <out>/results.jsonl
 
-    async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]]) -> tuple[str, int, Usage]:
+    async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]], sample: int = 0) -> tuple[str, int, Usage]:
         if spec is None:
             return self.spec.null_text, 0, Usage()
         params = SamplingParams(**self.spec.params) if self.spec.params else None
+        if params is not None and sample and params.seed is not None:
+            params.seed += sample  # pass@k samples must differ
         res = await self.runtime.run(spec, messages, params)
         return res.text, int(res.calls), res.usage
 
     def _judge_backend(self) -> tuple[Backend, str]:
         if not self.spec.judge:
             raise SpecError(["judge: judged benchmarks need a `judge` backend alias"])
-        return self.registry.get(self.spec.judge), self.registry.model_name(self.spec.judge)
+        # Through the registry's limit, like the architectures' own calls (the sweep's backend_concurrency).
+        return self.registry.limited(self.spec.judge), self.registry.model_name(self.spec.judge)
 
     async def run_item(self, arch: str, spec: ArchitectureSpec | None, item: ds.Item) -> dict[str, Any]:
         rec: dict[str, Any] = {"arch": arch, "benchmark": item.benchmark, "id": item.id}
@@ -243,6 +242,8 @@ class SweepRun:
         calls = 0
         answers: list[str] = []
         t0 = time.perf_counter()
+        if (pk := self.pass_at.get((item.benchmark, item.id))) is not None:
+            return await self._run_samples(rec, arch, spec, item, pk, t0)
         try:
             with cache_scope(f"gen\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
                 for turn in range(len(item.turns)):
@@ -262,6 +263,32 @@ class SweepRun:
         self._count(calls, usage)
         with cache_scope(f"judge\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
             rec.update(await self._score(item, answers))
+        return rec
+
+    async def _run_samples(self, rec: dict[str, Any], arch: str, spec: ArchitectureSpec | None, item: ds.Item,
+                           pk: PassAt, t0: float) -> dict[str, Any]:
+        """pass@k: ``pk.n`` independent answers (concurrently, each its own cache scope), each graded."""
+        async def one(i: int) -> tuple[str, int, Usage]:
+            with cache_scope(f"gen\x1f{arch}\x1f{item.benchmark}\x1f{item.id}\x1fsample{i}"):
+                return await self._generate(arch, spec, item.messages(0, []), sample=i)
+
+        usage = Usage()
+        try:
+            outs = await asyncio.gather(*(one(i) for i in range(pk.n)))
+        except Exception as e:  # noqa: BLE001 - a failed question is recorded, the sweep goes on
+            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, seconds=time.perf_counter() - t0)
+            return rec
+        calls = sum(c for _, c, _ in outs)
+        for _, _, u in outs:
+            usage.add(u)
+        self._count(calls, usage)
+        texts = [t for t, _, _ in outs]
+        grades = await asyncio.gather(*(asyncio.to_thread(grade, item, t) for t in texts))
+        c = sum(g.correct for g in grades)
+        rec.update(output=texts[0], samples=texts, n_samples=pk.n, n_correct=c, score=c / pk.n, correct=c > 0,
+                   pass_at={str(k): pass_at_k(pk.n, c, k) for k in pk.k if k <= pk.n},
+                   calls=calls, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   seconds=time.perf_counter() - t0)
         return rec
 
     def _count(self, calls: int, usage: Usage) -> None:
@@ -313,10 +340,14 @@ class SweepRun:
             items = ds.select(entry.name, split_name=entry.split, n=entry.n, ids=entry.ids,
                               seed=self.spec.seed if entry.seed is None else entry.seed, root=self.data_root)
             out += [(entry.name, it) for it in items]
+            if entry.pass_at is not None:
+                if entry.name in JUDGED:
+                    raise SpecError([f"benchmarks: pass_at needs an automatically graded benchmark, not {entry.name!r}"])
+                self.pass_at.update({(it.benchmark, it.id): entry.pass_at for it in items})
         return out
 
     async def run(self, archs: dict[str, ArchitectureSpec | None]) -> ResultsLog:
-        log = ResultsLog(self.out_dir / "results.jsonl")
+        log = self.results if self.results is not None else ResultsLog(self.out_dir / "results.jsonl")
         todo = [(a, s, it) for a, s in archs.items() for _, it in self.items()
                 if result_key(a, it.benchmark, it.id) not in log.done]
         sem = asyncio.Semaphore(self.spec.concurrency)
@@ -328,8 +359,12 @@ class SweepRun:
 
         async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
             async with sem:
-                rec = await self.run_item(a, s, it)
-            await log.append(rec)
+                if not await log.claim(a, it.benchmark, it.id):
+                    rec = None  # another worker of a shared store has it
+                else:
+                    rec = await self.run_item(a, s, it)
+            if rec is not None:
+                await log.append(rec)
             if bar is not None:
                 m = self.meter
                 bar.set_postfix(calls=m.calls, tok=m.usage.total_tokens, judge_calls=m.judge_calls, refresh=False)
@@ -337,6 +372,9 @@ class SweepRun:
 
         try:
             await asyncio.gather(*(one(a, s, it) for a, s, it in todo))
+            # A shared store: stay until the questions other workers hold are done, taking over a dead one's.
+            while again := await log.wait_for_others():
+                await asyncio.gather(*(one(a, s, it) for a, s, it in todo if result_key(a, it.benchmark, it.id) in again))
         finally:
             if bar is not None:
                 bar.close()
@@ -344,15 +382,15 @@ class SweepRun:
 
 
 def wrap_registry(registry: Any, spec: SweepSpec, store: CacheStore | None) -> None:
-    """Cache every backend (keyed on model+messages+params), then cap its concurrency."""
+    """Cache every backend (keyed on model+messages+params), then cap its concurrency (the registry's own limit:
+    cache hits take a slot too, as they always did)."""
     default = spec.backend_concurrency.get("default")
-
-    def wrap(alias: str, backend: Backend) -> Backend:
-        b: Backend = CachingBackend(backend, store, namespace=alias) if store is not None else backend
+    if store is not None:
+        registry.wrap(lambda alias, backend: CachingBackend(backend, store, namespace=alias))
+    for alias in registry.backends():
         limit = spec.backend_concurrency.get(alias, default)
-        return LimitedBackend(b, limit) if limit else b
-
-    registry.wrap(wrap)
+        if limit:
+            registry.cap(alias, limit)
 
 
 async def run_sweep(
@@ -366,8 +404,13 @@ async def run_sweep(
     cache: bool = True,
     progress: bool = True,
     data_root: str | None = None,
+    store_url: str | None = None,
+    store_lease_s: float = 60.0,
 ) -> ResultsLog:
-    """Run (or resume) a sweep; returns the results log (all records, old and new)."""
+    """Run (or resume) a sweep; returns the results log (all records, old and new).
+
+    ``store_url``: share the sweep with other workers through that database (bench/store.py); this
+    worker's ``<out>/results.jsonl`` is then written from the store when it finishes."""
     from ..graph.runtime import GraphRuntime
 
     out = Path(out_dir)
@@ -382,24 +425,39 @@ async def run_sweep(
             cfg_path = str(base_dir / cfg_path)
         config = config or load_config(cfg_path)
         registry = build_registry(config)
-    store = CacheStore(out / "cache.sqlite") if cache else None
+    shared = None
+    if store_url:
+        from .store import SweepStore
+
+        shared = SweepStore(store_url, spec.name, lease_s=store_lease_s)
+        shared.results.register(spec.model_dump(mode="json"))
+    store = (shared.calls if shared is not None else CacheStore(out / "cache.sqlite")) if cache else None
     wrap_registry(registry, spec, store)
     archs = resolve_architectures(spec.architectures, registry, config, base_dir)
     (out / "sweep.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2), encoding="utf-8")
     if own_registry:
         await registry.start()
     started = time.time()
-    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root)
+    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root,
+                   results=shared.results if shared is not None else None)
     before = 0
     try:
         before = len(ResultsLog(out / "results.jsonl").records)
-        log = await run.run(archs)
+        if shared is None:
+            log = await run.run(archs)
+        else:
+            async with shared.results:
+                await run.run(archs)
+            shared.results.export_jsonl(out / "results.jsonl")
+            log = ResultsLog(out / "results.jsonl")
     finally:
         _append_run_stats(out, run, registry, started, before)
         if own_registry:
             await registry.close()
         if store is not None:
             store.close()
+        if shared is not None:
+            shared.close()
     return log
 
 

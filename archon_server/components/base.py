@@ -8,7 +8,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from ..backends.base import BackendError, ChatRequest, ChatResult, Choice, SamplingParams, StreamChunk, Usage
+from ..backends.base import (
+    BackendError,
+    BackendTimeout,
+    ChatRequest,
+    ChatResult,
+    Choice,
+    SamplingParams,
+    StreamChunk,
+    Usage,
+    accumulate_tool_calls,
+)
 from ..backends.registry import BackendRegistry, UnknownModel
 from ..spec import Sampling
 from .state import Candidate, State, Update
@@ -42,6 +52,8 @@ class FinalOverrides:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # Passed to the final stage's backend calls as they are: `response_format`, `tools`, `tool_choice` (OpenAI's shapes).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 StreamSink = Callable[[StreamChunk], Awaitable[None]]
@@ -49,10 +61,15 @@ StreamSink = Callable[[StreamChunk], Awaitable[None]]
 
 @dataclass
 class ComponentContext:
+    """One component's view of the run: bound to that component (``component`` id, ``ctype`` type), so every
+    call it makes is traced, limited and counted under its name without the component repeating it."""
+
     registry: BackendRegistry
     layer: LayerTrace
     usage: Usage
     defaults: Sampling
+    component: str = ""
+    ctype: str = ""
     final: FinalOverrides | None = None  # set on the final layer only
     sink: StreamSink | None = None  # set when this component's output is streamed to the client
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -87,12 +104,25 @@ class ComponentContext:
             stop=val["stop"],
             logprobs=bool(final.logprobs) if final else False,
             top_logprobs=int(final.top_logprobs) if final else 0,
+            extra=dict(final.extra) if final else {},
         )
+
+    def _record(self, alias: str, n: int, t0: float, *, status: str = "ok", error: str | None = None,
+                result: ChatResult | None = None, purpose: str = "", ctype: str | None = None,
+                started: tuple[int, float] | None = None) -> None:
+        """The one place a call enters the trace; a failure (not a cancellation) also enters the layer's failures.
+        ``started``: what :meth:`LayerTrace.call_started` returned (the call's number and start, for live views)."""
+        u = result.usage if result is not None else Usage()
+        self.layer.record(CallRecord(
+            self.component, ctype or self.ctype, alias, n, status == "ok", time.perf_counter() - t0 if t0 else 0.0,
+            u.prompt_tokens, u.completion_tokens, result.requests if result is not None else 1,
+            error=error, purpose=purpose, status=status,
+        ), started)
+        if error is not None and status != "cancelled":
+            self.layer.failures.append(f"{self.component}: {error[:200]}")
 
     async def call(
         self,
-        component: str,
-        ctype: str,
         alias: str,
         messages: list[dict[str, Any]],
         params: SamplingParams,
@@ -100,119 +130,121 @@ class ComponentContext:
         n: int = 1,
         purpose: str = "",
         stream: bool = False,
+        ctype: str | None = None,
     ) -> ChatResult:
-        """One logical call for ``n`` samples: one ``n=k`` request when the backend allows, else k concurrent ones."""
+        """One logical call for ``n`` samples: one ``n=k`` request when the backend allows, else k concurrent ones.
+
+        ``stream``: send the tokens to the client's sink as they come (only when this context has one).
+        ``ctype``: record the call under another component type (self_moa_seq's proposals are generator calls)."""
+        started = self.layer.call_started(self.component, ctype or self.ctype, alias, n, purpose)
         try:
             backend = self.registry.get(alias)
             model = self.registry.model_name(alias)
         except UnknownModel:
             err = f"unknown model alias {alias!r}"
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, 0.0, error=err, purpose=purpose))
-            self.layer.failures.append(f"{component}: {err}")
+            self._record(alias, n, 0.0, status="error", error=err, purpose=purpose, ctype=ctype, started=started)
             raise BackendError(err, status=400) from None
         limit = self.registry.limit(alias)
+        if n == 1 or backend.supports_n:
+            reqs = [ChatRequest(model, messages, replace(params, n=n))]
+        else:
+            # One request per sample; offset seeds so seeded samples still differ.
+            reqs = [
+                ChatRequest(model, messages, replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+                for i in range(n)
+            ]
         t0 = time.perf_counter()
         try:
             if stream and self.sink is not None:
-                res = await self._streamed(backend, ChatRequest(model, messages, replace(params, n=n)), limit)
-            elif n == 1 or backend.supports_n:
-                res = await _limited(limit, backend.chat(ChatRequest(model, messages, replace(params, n=n))))
+                res = await self._streamed(backend, reqs, limit)
+            elif len(reqs) == 1:
+                res = await _limited(limit, backend.chat(reqs[0]))
             else:
-                # One request per sample; offset seeds so seeded samples still differ.
-                reqs = [
-                    ChatRequest(model, messages, replace(params, n=1, seed=None if params.seed is None else params.seed + i))
-                    for i in range(n)
-                ]
-                parts = await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs))
-                res = _merge_results(parts)
+                res = _merge_results(await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs)))
         except asyncio.CancelledError:
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error="cancelled", purpose=purpose))
+            self._record(alias, n, t0, status="cancelled", error="cancelled", purpose=purpose, ctype=ctype, started=started)
             raise
         except BackendError as e:
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=str(e)[:300], purpose=purpose))
-            self.layer.failures.append(f"{component}: {str(e)[:200]}")
+            self._record(alias, n, t0, status=failure_status(e), error=str(e)[:300], purpose=purpose, ctype=ctype, started=started)
             raise
         except Exception as e:  # a backend bug must not become a 500: record it as a failed call
             msg = f"{type(e).__name__}: {e}"[:300]
-            self.layer.calls.append(CallRecord(component, ctype, alias, n, False, time.perf_counter() - t0, error=msg, purpose=purpose))
-            self.layer.failures.append(f"{component}: {msg}")
+            self._record(alias, n, t0, status="error", error=msg, purpose=purpose, ctype=ctype, started=started)
             raise BackendError(msg, status=502) from e
-        lat = time.perf_counter() - t0
         self.usage.add(res.usage)
         self.ok_calls += 1
         for k, v in res.metrics.items():
             if isinstance(v, (int, float)):
                 self.metrics[k] = self.metrics.get(k, 0) + v if k.startswith("num_") else v
-        self.layer.calls.append(
-            CallRecord(
-                component, ctype, alias, n, True, lat, res.usage.prompt_tokens, res.usage.completion_tokens, res.requests, purpose=purpose
-            )
-        )
+        self._record(alias, n, t0, result=res, purpose=purpose, ctype=ctype, started=started)
         return res
 
-    async def _streamed(self, backend: Any, req: ChatRequest, limit: asyncio.Semaphore | None) -> ChatResult:
+    async def _streamed(self, backend: Any, reqs: list[ChatRequest], limit: asyncio.Semaphore | None) -> ChatResult:
+        """Stream every request to the sink at once; request i's choices are numbered after those of the ones before
+        (one request of n=k: indices as the backend gives them; k requests of n=1: request i is choice i)."""
         assert self.sink is not None
+        sink = self.sink
         texts: dict[int, list[str]] = {}
         finish: dict[int, str] = {}
+        calls: dict[int, dict[int, dict[str, Any]]] = {}
         usage = Usage()
         metrics: dict[str, Any] = {}
-        if limit is not None:
-            await limit.acquire()
-        try:
+
+        async def one(i: int, req: ChatRequest) -> None:
+            nonlocal metrics
+            offset = i if len(reqs) > 1 else 0
             async for ch in backend.stream(req):
-                if ch.text:
-                    texts.setdefault(ch.index, []).append(ch.text)
-                if ch.finish_reason:
-                    finish[ch.index] = ch.finish_reason
                 if ch.usage is not None:
-                    usage = ch.usage
-                    metrics = ch.metrics or {}
+                    usage.add(ch.usage)
+                    metrics = ch.metrics or metrics
                     continue
-                await self.sink(ch)
-        finally:
-            if limit is not None:
-                limit.release()
-        idx = sorted(set(texts) | set(finish)) or [0]
+                idx = ch.index + offset
+                if ch.text:
+                    texts.setdefault(idx, []).append(ch.text)
+                if ch.finish_reason:
+                    finish[idx] = ch.finish_reason
+                if ch.tool_calls:
+                    accumulate_tool_calls(calls.setdefault(idx, {}), ch.tool_calls)
+                await sink(replace(ch, index=idx))
+
+        await asyncio.gather(*(_limited(limit, one(i, r)) for i, r in enumerate(reqs)))
+        idx = sorted(set(texts) | set(finish) | set(calls)) or [0]
         return ChatResult(
-            choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i) for i in idx], usage=usage, metrics=metrics
+            choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i,
+                            tool_calls=[c for _, c in sorted(calls[i].items())] if i in calls else None) for i in idx],
+            usage=usage, metrics=metrics, requests=len(reqs),
         )
 
     async def judge_each(
-        self, component: str, ctype: str, alias: str, user_prompts: list[str], params: SamplingParams, parser: Callable[[str], T]
+        self, alias: str, user_prompts: list[str], params: SamplingParams, parser: Callable[[str], T], *, purpose: str = "candidate"
     ) -> list[T | None]:
         """One parsed judge call per candidate, all concurrently. A failed call is None in its place (recorded in
         the trace); if every call failed the component fails. Unparseable output is None too (see call_parsed)."""
         results = await gather_tolerant(
-            [
-                self.call_parsed(component, ctype, alias, user_prompt(p), params, parser, purpose=f"candidate {i + 1}")
-                for i, p in enumerate(user_prompts)
-            ]
+            [self.call_parsed(alias, user_prompt(p), params, parser, purpose=f"{purpose} {i + 1}") for i, p in enumerate(user_prompts)]
         )
         if user_prompts and all(isinstance(r, BaseException) for r in results):
-            raise ComponentFailed(f"{component}: every call failed")
+            raise ComponentFailed(f"{self.component}: every call failed")
         return [None if isinstance(r, BaseException) else r for r in results]
 
     async def call_parsed(
-        self,
-        component: str,
-        ctype: str,
-        alias: str,
-        messages: list[dict[str, Any]],
-        params: SamplingParams,
-        parser: Callable[[str], T],
-        *,
-        purpose: str = "",
+        self, alias: str, messages: list[dict[str, Any]], params: SamplingParams, parser: Callable[[str], T], *, purpose: str = ""
     ) -> T | None:
         """Call and parse; a parse failure retries once, then returns None and records the degradation."""
         for attempt in range(2):
-            res = await self.call(component, ctype, alias, messages, params, purpose=purpose + (" (retry)" if attempt else ""))
+            res = await self.call(alias, messages, params, purpose=purpose + (" (retry)" if attempt else ""))
             try:
                 return parser(res.choices[0].text if res.choices else "")
             except ParseError as e:
-                self.layer.notes.append(f"{component}: unparseable output{' after retry' if attempt else ''} ({e})")
+                self.layer.notes.append(f"{self.component}: unparseable output{' after retry' if attempt else ''} ({e})")
                 # A second greedy call would repeat the same text: sample the retry a little.
                 params = replace(params, temperature=max(params.temperature, 0.7), seed=None if params.seed is None else params.seed + 1)
         return None
+
+
+def failure_status(e: BaseException) -> str:
+    """A failed call's CallRecord status, from the exception's type: the runtime answers 504 when all are timeouts."""
+    return "timeout" if isinstance(e, BackendTimeout) else "error"
 
 
 async def _limited(limit: asyncio.Semaphore | None, coro: Awaitable[T]) -> T:
@@ -228,7 +260,7 @@ def _merge_results(parts: list[ChatResult]) -> ChatResult:
     for i, p in enumerate(parts):
         usage.add(p.usage)
         for c in p.choices:
-            choices.append(Choice(c.text, c.finish_reason, i, c.logprobs))
+            choices.append(Choice(c.text, c.finish_reason, i, c.logprobs, c.tool_calls))
     return ChatResult(choices=choices, usage=usage, model=parts[0].model if parts else "", requests=len(parts))
 
 

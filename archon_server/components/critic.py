@@ -16,13 +16,13 @@ class Critic(Component):
         n = len(state.candidates)
         if self.spec.per_candidate or n == 1:
             critiques = await ctx.judge_each(
-                self.id, self.type, self.spec.model,
+                self.spec.model,
                 [prompts.CRITIC.format(query=state.query, response=c.text) for c in state.candidates], params, parse_critique,
             )
         else:
             prompt = prompts.CRITIC_JOINT.format(n=n, query=state.query, responses=numbered(state.candidates))
             parsed = await ctx.call_parsed(
-                self.id, self.type, self.spec.model, user_prompt(prompt), params,
+                self.spec.model, user_prompt(prompt), params,
                 lambda t: parse_joint_critiques(t, n), purpose=f"critique {n}",
             )
             critiques = parsed or [None] * n

@@ -6,7 +6,7 @@ from typing import Any
 
 from . import prompts
 from .base import Component, ComponentContext, ComponentFailed
-from .state import Candidate, State, Update, message_text
+from .state import Candidate, State, Update, candidate_meta, message_text
 
 
 def fusion_messages(
@@ -40,7 +40,9 @@ class Fuser(Component):
         cands = state.candidates[: self.spec.max_candidates]
         crit = state.critiques if self.spec.use_critiques else None
         header = self.spec.system_prompt or prompts.FUSER_SYSTEM
+        if ctx.final is not None and ctx.final.extra.get("response_format"):  # the synthesis must be the JSON asked for
+            header = prompts.json_instruction(ctx.final.extra["response_format"]) + "\n\n" + header
         msgs = fusion_messages(state, cands, header, crit, self.spec.length_control)
         n = ctx.final.n if ctx.final is not None else self.spec.samples
-        res = await ctx.call(self.id, self.type, self.spec.model, msgs, ctx.sampling(self.spec), n=n, purpose=f"fuse {len(cands)}", stream=True)
-        return Update(candidates=[Candidate(c.text, source=self.spec.model, finish_reason=c.finish_reason, meta={"logprobs": c.logprobs}) for c in res.choices])
+        res = await ctx.call(self.spec.model, msgs, ctx.sampling(self.spec), n=n, purpose=f"fuse {len(cands)}", stream=True)
+        return Update(candidates=[Candidate(c.text, source=self.spec.model, finish_reason=c.finish_reason, meta=candidate_meta(c)) for c in res.choices])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import prompts
 from .base import Component, ComponentContext, ComponentFailed, gather_tolerant
-from .state import Candidate, State, Update
+from .state import Candidate, State, Update, candidate_meta, message_text
 
 
 def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
@@ -13,6 +14,13 @@ def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict
         return messages
     rest = [m for m in messages if m.get("role") not in ("system", "developer")]
     return [{"role": "system", "content": system}, *rest]
+
+
+def with_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
+    """``note`` added to the conversation's system message (one is made when there is none)."""
+    if messages and messages[0].get("role") == "system":
+        return [{"role": "system", "content": f"{message_text(messages[0])}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
 
 
 class Generator(Component):
@@ -28,14 +36,22 @@ class Generator(Component):
         messages = with_system(state.messages, self.spec.system_prompt)
         stream = ctx.sink is not None and len(models) == 1
         results = await gather_tolerant(
-            [ctx.call(self.id, self.type, m, messages, params, n=k, purpose=f"{k} sample(s)", stream=stream) for m in models]
+            [ctx.call(m, self._json_asked(ctx, m, messages), params, n=k, purpose=f"{k} sample(s)", stream=stream) for m in models]
         )
         cands: list[Candidate] = []
         for model, res in zip(models, results):
             if isinstance(res, BaseException):
                 continue
             for ch in res.choices:
-                cands.append(Candidate(ch.text, source=model, finish_reason=ch.finish_reason, meta={"logprobs": ch.logprobs}))
+                cands.append(Candidate(ch.text, source=model, finish_reason=ch.finish_reason, meta=candidate_meta(ch)))
         if not cands:
             raise ComponentFailed(f"{self.id}: every call failed")
         return Update(candidates=cands)
+
+    @staticmethod
+    def _json_asked(ctx: ComponentContext, model: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A final stage asked for JSON on a backend that cannot constrain its decoding is told so in its prompt."""
+        fmt = ctx.final.extra.get("response_format") if ctx.final is not None else None
+        if not fmt or model not in ctx.registry or ctx.registry.get(model).supports_response_format:
+            return messages
+        return with_note(messages, prompts.json_instruction(fmt))

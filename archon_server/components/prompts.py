@@ -1,5 +1,8 @@
 """Every prompt of every component, in one place (wording follows Together MoA and Archon)."""
 
+import json
+from typing import Any
+
 FUSER_SYSTEM = (
     "You have been provided with a set of responses from various models to the latest user query. "
     "Your task is to synthesize these responses into a single, high-quality response. It is crucial to critically "
@@ -8,6 +11,36 @@ FUSER_SYSTEM = (
     "comprehensive reply to the instruction. Ensure your response is well-structured, coherent, and adheres to the "
     "highest standards of accuracy and reliability.\n\nResponses from models:"
 )
+JSON_OBJECT = "Your final response must be a single JSON object and nothing else: no prose, no code fences."
+JSON_SCHEMA = (
+    "Your final response must be a single JSON value that validates against this JSON Schema, and nothing else "
+    "(no prose, no code fences):\n{schema}"
+)
+
+
+def json_instruction(response_format: dict[str, Any]) -> str:
+    """What a stage whose output must be JSON is told (OpenAI's `response_format`: json_object or json_schema)."""
+    if response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        return JSON_SCHEMA.format(schema=json.dumps(schema, ensure_ascii=False))
+    return JSON_OBJECT
+
+
+TOOLS_NOTE = (
+    "The final answer to this conversation may call these tools (a later stage calls them; you answer in text):\n{tools}"
+)
+
+
+def tools_note(tools: list[dict[str, Any]]) -> str:
+    """The request's tools as text, for inner layers of an architecture with `tools_in_prompt`."""
+    lines = []
+    for t in tools:
+        fn = t.get("function") or {}
+        params = json.dumps(fn.get("parameters") or {}, ensure_ascii=False)
+        lines.append(f"- {fn.get('name', '')}: {fn.get('description', '')} parameters: {params}")
+    return TOOLS_NOTE.format(tools="\n".join(lines))
+
+
 FUSER_CRITIQUE = "\nCritique of this response:\n{critique}"
 FUSER_LENGTH = "\n\nKeep your final response to about {words} words."
 

@@ -21,7 +21,7 @@ class Ranker(Component):
             return Update(selected=[replace(c, score=1.0) for c in cands])
         prompt = prompts.RANKER.format(n=n, query=state.query, responses=numbered(cands))
         order = await ctx.call_parsed(
-            self.id, self.type, self.spec.model, user_prompt(prompt), ctx.sampling(self.spec, judge=True),
+            self.spec.model, user_prompt(prompt), ctx.sampling(self.spec, judge=True),
             lambda t: parse_ranking(t, n), purpose=f"rank {n}",
         )
         if order is None:

@@ -51,7 +51,7 @@ class SelfMoASeq(Component):
 
             async def produce(k: int, idx: int) -> list[Candidate]:
                 try:
-                    res = await ctx.call(self.id, "generator", spec.proposer, state.messages, params, n=k, purpose=f"samples chunk {idx}")
+                    res = await ctx.call(spec.proposer, state.messages, params, n=k, purpose=f"samples chunk {idx}", ctype="generator")
                     return [Candidate(c.text, source=spec.proposer) for c in res.choices]
                 except Exception:  # noqa: BLE001 - recorded in the trace by ctx.call; the run goes on
                     return []
@@ -98,7 +98,7 @@ class SelfMoASeq(Component):
                     continue
                 msgs = fusion_messages(state, shown, spec.system_prompt or prompts.SELF_MOA_SEQ_SYSTEM)
                 try:
-                    res = await ctx.call(self.id, self.type, spec.model, msgs, agg_params, purpose=f"window {rounds + 1}")
+                    res = await ctx.call(spec.model, msgs, agg_params, purpose=f"window {rounds + 1}")
                     best = Candidate(res.choices[0].text, source=spec.model, finish_reason=res.choices[0].finish_reason)
                 except Exception:  # noqa: BLE001 - keep the previous synthesis, recorded in the trace
                     best = best or window[0]

@@ -41,6 +41,14 @@ def message_text(message: dict[str, Any]) -> str:
     return ""
 
 
+def candidate_meta(choice: Any) -> dict[str, Any]:
+    """What a produced candidate keeps of its backend choice beyond the text: logprobs, and tool_calls if any."""
+    meta: dict[str, Any] = {"logprobs": choice.logprobs}
+    if getattr(choice, "tool_calls", None):
+        meta["tool_calls"] = choice.tool_calls
+    return meta
+
+
 @dataclass
 class Update:
     """What one component returns; the runtime merges the updates of a layer."""

@@ -1,12 +1,24 @@
-"""Per-request trace: what every layer called, how long it took, what it cost."""
+"""Per-request trace: what every layer called, how long it took, what it cost.
+
+The trace is also the one place progress is observed from: a :class:`Trace` may carry an ``observer``
+(a plain callback) that hears every call start and end and every layer start and end as they are recorded
+here, so a live view (the web console, ``stream_trace``) needs no second bookkeeping path.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..backends.base import Usage
+
+# An event is a JSON-ready dict with a "type": run_started | layer_started | call_started | call_ended | layer_ended.
+TraceObserver = Callable[[dict[str, Any]], None]
+
+# Candidate texts kept per layer in a trace (each cut to this many characters): enough to read them in the console.
+MAX_CANDIDATE_CHARS = 20_000
 
 
 @dataclass
@@ -22,6 +34,12 @@ class CallRecord:
     requests: int = 1
     error: str | None = None
     purpose: str = ""  # e.g. "candidate 3", "retry: parse failure"
+    status: str = "ok"  # ok | error | timeout | cancelled: set from the exception's type (components.base.failure_status)
+    id: int = 0  # call number within the request (matches call_started / call_ended events)
+    start_s: float = 0.0  # when the call began, seconds after the request started (the waterfall's x)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "latency_s": round(self.latency_s, 4), "start_s": round(self.start_s, 4)}
 
 
 @dataclass
@@ -34,6 +52,42 @@ class LayerTrace:
     calls: list[CallRecord] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    start_s: float = 0.0
+    # The candidates this layer left (text, source, score); `kept`: for a selecting layer (ranker, verifier,
+    # vote...) the positions of the incoming candidates it kept, in its order; `votes`: a vote's counts.
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[int] | None = None
+    votes: dict[str, int] = field(default_factory=dict)
+    _trace: Trace | None = field(default=None, repr=False, compare=False)
+
+    def call_started(self, component: str, ctype: str, model: str, n: int, purpose: str = "") -> tuple[int, float]:
+        """Number a call and note its start; returns (id, perf_counter at start) for :meth:`record`."""
+        t0 = time.perf_counter()
+        tr = self._trace
+        if tr is None:
+            return 0, t0
+        tr._next_call += 1
+        tr.emit({"type": "call_started", "layer": self.index, "call": tr._next_call, "component": component, "ctype": ctype,
+                 "model": model, "n": n, "purpose": purpose, "start_s": round(t0 - tr.started, 4)})
+        return tr._next_call, t0
+
+    def record(self, rec: CallRecord, started: tuple[int, float] | None = None) -> CallRecord:
+        """Append a finished call (the one path every call record takes) and tell the observer."""
+        if started is not None:
+            rec.id = started[0]
+            if self._trace is not None:
+                rec.start_s = started[1] - self._trace.started
+        self.calls.append(rec)
+        if self._trace is not None:
+            self._trace.emit({**rec.to_dict(), "type": "call_ended", "ctype": rec.type, "layer": self.index, "call": rec.id})
+        return rec
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_") and f.name != "calls"}
+        out["latency_s"] = round(self.latency_s, 4)
+        out["start_s"] = round(self.start_s, 4)
+        out["calls"] = [c.to_dict() for c in self.calls]
+        return out
 
 
 @dataclass
@@ -44,10 +98,30 @@ class Trace:
     started: float = field(default_factory=time.perf_counter)
     latency_s: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    observer: TraceObserver | None = field(default=None, repr=False, compare=False)
+    _next_call: int = field(default=0, repr=False, compare=False)
 
     @property
     def calls(self) -> int:
         return sum(c.requests for layer in self.layers for c in layer.calls)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Hand an event to the observer; an observer's failure never fails the request."""
+        if self.observer is not None:
+            try:
+                self.observer(event)
+            except Exception:  # noqa: BLE001 - a live view going away must not break the graph
+                self.observer = None
+
+    def add_layer(self, index: int, components: list[str], candidates_in: int) -> LayerTrace:
+        lt = LayerTrace(index, components, candidates_in=candidates_in, start_s=time.perf_counter() - self.started, _trace=self)
+        self.layers.append(lt)
+        self.emit({"type": "layer_started", "layer": index, "components": components, "candidates_in": candidates_in,
+                   "start_s": round(lt.start_s, 4)})
+        return lt
+
+    def end_layer(self, lt: LayerTrace) -> None:
+        self.emit({"type": "layer_ended", "layer": lt.index, **{k: v for k, v in lt.to_dict().items() if k != "calls"}})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,12 +134,11 @@ class Trace:
                 "total_tokens": self.usage.total_tokens,
             },
             "metrics": self.metrics,
-            "layers": [
-                {
-                    **{k: v for k, v in asdict(layer).items() if k != "calls"},
-                    "latency_s": round(layer.latency_s, 4),
-                    "calls": [{**asdict(c), "latency_s": round(c.latency_s, 4)} for c in layer.calls],
-                }
-                for layer in self.layers
-            ],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
+
+
+def candidate_dicts(cands: list[Any]) -> list[dict[str, Any]]:
+    """What a trace keeps of a layer's candidates (texts cut to MAX_CANDIDATE_CHARS)."""
+    return [{"text": c.text[:MAX_CANDIDATE_CHARS], "source": c.source, "score": c.score,
+             **({"truncated": True} if len(c.text) > MAX_CANDIDATE_CHARS else {})} for c in cands]

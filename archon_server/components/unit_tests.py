@@ -17,7 +17,7 @@ class UnitTestGenerator(Component):
         k = self.spec.num_tests
         template = prompts.UNIT_TEST_GENERATOR_ASSERT if self.spec.style == "assert" else prompts.UNIT_TEST_GENERATOR
         tests = await ctx.call_parsed(
-            self.id, self.type, self.spec.model,
+            self.spec.model,
             user_prompt(template.format(query=state.query, k=k)),
             ctx.sampling(self.spec, judge=True), lambda t: parse_unit_tests(t, k), purpose=f"{k} tests",
         )
@@ -49,7 +49,7 @@ class UnitTestEvaluator(Component):
         listing = "\n".join(f"Test {i + 1}: {t}" for i, t in enumerate(tests))
         params = ctx.sampling(self.spec, judge=True)
         results = await ctx.judge_each(
-            self.id, self.type, self.spec.model,
+            self.spec.model,
             [prompts.UNIT_TEST_EVALUATOR.format(query=state.query, response=c.text, tests=listing) for c in state.candidates],
             params, lambda t: parse_test_results(t, len(tests)),
         )

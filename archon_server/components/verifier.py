@@ -16,7 +16,7 @@ class Verifier(Component):
     async def run(self, ctx: ComponentContext, state: State) -> Update:
         params = ctx.sampling(self.spec, judge=True)
         results = await ctx.judge_each(
-            self.id, self.type, self.spec.model,
+            self.spec.model,
             [prompts.VERIFIER.format(query=state.query, response=c.text) for c in state.candidates], params, parse_verdict,
         )
         # Fail closed: a failed or unparseable verification does not pass.

@@ -8,6 +8,7 @@ themselves may still differ in the last bits with the batch's shape, as in vLLM)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,6 +27,8 @@ class RowSampling:
     frequency_penalty: float = 0.0  # OpenAI: minus this per occurrence in the output
     prompt_ids: list[int] | None = None  # for repetition_penalty
     output_ids: list[int] | None = None  # the row's generated tokens so far (shared list, appended by the engine)
+    constraint: Any = None  # a grammar (engine/constrain.py): mask(logits) before the draw, accept(token) after
+
 
     @property
     def penalized(self) -> bool:
@@ -97,12 +100,14 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     out: list[int] = []
     greedy_ids = None
     for b, r in enumerate(rows):
-        if r.penalized:
-            row = apply_penalties(logits[b], r)
-            if r.greedy:
-                out.append(int(row.argmax()))
-                continue
-            out.append(draw(filter_logits(row, r.temperature, r.top_p, r.top_k).softmax(-1), r.generator))
+        if r.penalized or r.constraint is not None:
+            row = apply_penalties(logits[b], r) if r.penalized else logits[b]
+            if r.constraint is not None:
+                row = r.constraint.mask(row)
+            tok = int(row.argmax()) if r.greedy else draw(filter_logits(row, r.temperature, r.top_p, r.top_k).softmax(-1), r.generator)
+            if r.constraint is not None:
+                r.constraint.accept(tok)
+            out.append(tok)
             continue
         if r.greedy:
             if greedy_ids is None:

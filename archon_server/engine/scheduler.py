@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .detokenize import IncrementalText
+from .constrain import Constraints
 from .runner import ModelRunner, default_threads
 from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
@@ -53,6 +54,8 @@ class GenParams:
     frequency_penalty: float = 0.0
     # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
     speculative: dict[str, Any] | None = None
+    # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
+    grammar: str | None = None
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)
@@ -194,6 +197,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
+        self._constraints = Constraints(tokenizer)
         self.max_batch = max(1, max_batch)
         self.idle_poll_s = idle_poll_s
         self.stats = EngineStats()
@@ -363,7 +367,7 @@ class Engine:
                 self.stats.cancelled += 1
                 req.done = True
                 continue
-            speculative = req.params.speculative and req.params.n == 1 and req.max_new > 0
+            speculative = req.params.speculative and req.params.n == 1 and req.max_new > 0 and not req.params.grammar
             # A request bigger than max_batch runs alone rather than never.
             if speculative and len(self._rows) + len(self._spec) >= self.max_batch:
                 break
@@ -436,6 +440,7 @@ class Engine:
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
                 prompt_ids=req.prompt,
+                constraint=self._constraints.matcher(p.grammar) if p.grammar else None,
             )
             text = IncrementalText(self.tokenizer, p.stop)
             sampling.output_ids = text.ids  # penalties read the generated tokens as they grow

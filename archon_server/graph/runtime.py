@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.base import BackendTimeout, SamplingParams, Usage
+from ..backends.base import SamplingParams, Usage
 from ..backends.registry import BackendRegistry
 from ..components import COMPONENTS, ComponentContext, FinalOverrides
 from ..components.base import StreamSink
 from ..components.state import Candidate, State, Update
-from ..components.trace import LayerTrace, Trace
+from ..components.trace import LayerTrace, Trace, TraceObserver, candidate_dicts
 from ..spec import ArchitectureSpec
 
 
@@ -73,6 +73,31 @@ def _realign(old: list[Candidate], old_crit: list[str | None], kept: list[Candid
     return out
 
 
+def graph_outline(spec: ArchitectureSpec) -> list[list[dict[str, Any]]]:
+    """The layers as a live view draws them before any call: component id, type and model(s)."""
+    out = []
+    for layer in spec.layers:
+        row = []
+        for j, c in enumerate(layer):
+            row.append({"id": c.id or f"{c.type}{j}", "type": c.type, "models": c.models_used(),
+                        "samples": getattr(c, "samples", None)})
+        out.append(row)
+    return out
+
+
+_POS = "trace_in_pos"  # meta key: a candidate's position in its layer's input (selections copy candidates)
+
+
+def _note_outcome(lt: LayerTrace, incoming: list[Candidate], updates: list[Update], state: State) -> None:
+    """Record what a layer left: its candidates, and for a selecting layer which incoming ones it kept."""
+    lt.candidates_out = len(state.candidates)
+    lt.candidates = candidate_dicts(state.candidates)
+    if not any(u.candidates for u in updates) and any(u.selected is not None for u in updates):
+        lt.kept = [c.meta[_POS] for c in state.candidates if isinstance(c.meta.get(_POS), int)]
+    if state.votes:
+        lt.votes = dict(state.votes)
+
+
 def final_choices(cands: list[Candidate], rule: str, n: int) -> list[Candidate]:
     """`top_ranked`: highest score first (ties keep layer order); `first`: layer order. Never random."""
     if rule == "top_ranked":
@@ -98,13 +123,16 @@ class GraphRuntime:
         sink: StreamSink | None = None,
         deadline_s: float | None = None,
         unit_tests: list[str] | None = None,
+        observer: TraceObserver | None = None,
     ) -> RunResult:
-        """Run ``spec`` on ``messages``. ``unit_tests``: tests given by the caller (e.g. a dataset's), seen by evaluators."""
+        """Run ``spec`` on ``messages``. ``unit_tests``: tests given by the caller (e.g. a dataset's), seen by evaluators.
+        ``observer`` hears the trace's events as they happen (see components/trace.py)."""
         missing = self.check_bindings(spec)
         if missing:
             raise GraphError(f"architecture {spec.name!r} uses unknown model alias(es): {', '.join(missing)}", status=400)
         final = final or overrides_from(params) or FinalOverrides()
-        trace = Trace(spec.name)
+        trace = Trace(spec.name, observer=observer)
+        trace.emit({"type": "run_started", "architecture": spec.name, "graph": graph_outline(spec)})
         deadline = deadline_s if deadline_s is not None else spec.deadline_s
         if spec.deadline_s is not None and deadline is not None:
             deadline = min(deadline, spec.deadline_s)
@@ -126,19 +154,21 @@ class GraphRuntime:
         last = len(spec.layers) - 1
         for li, layer in enumerate(spec.layers):
             comps = [COMPONENTS[c.type](c, j) for j, c in enumerate(layer)]
-            lt = LayerTrace(li, [c.id for c in comps], candidates_in=len(state.candidates))
-            trace.layers.append(lt)
+            incoming = list(state.candidates)
+            for pos, c in enumerate(incoming):
+                c.meta[_POS] = pos
+            lt = trace.add_layer(li, [c.id for c in comps], len(incoming))
             is_final = li == last
             stream_here = sink is not None and is_final and len(comps) == 1 and comps[0].streamable
             ctxs = [
                 ComponentContext(
-                    self.registry, lt, usage, spec.defaults,
+                    self.registry, lt, usage, spec.defaults, comp.id, comp.type,
                     final=final if is_final else None,
                     sink=sink if stream_here else None,
                     metrics=trace.metrics,
                     seed_base=None if final.seed is None else (final.seed + 7919 * li + 131 * j) % 2**31,
                 )
-                for j, _ in enumerate(comps)
+                for j, comp in enumerate(comps)
             ]
             t0 = time.perf_counter()
             results = await asyncio.gather(*(c.run(x, state) for c, x in zip(comps, ctxs)), return_exceptions=True)
@@ -152,6 +182,8 @@ class GraphRuntime:
                 else:
                     updates.append(r)
             ok_calls = sum(x.ok_calls for x in ctxs)
+            if not updates or (lt.calls and ok_calls < spec.min_success):
+                trace.end_layer(lt)  # the live view learns the layer failed
             if not updates:
                 raise GraphError(f"layer {li} failed: " + "; ".join(lt.failures[-3:]), status=self._status(lt), trace=trace)
             if lt.calls and ok_calls < spec.min_success:
@@ -160,7 +192,8 @@ class GraphRuntime:
                     status=self._status(lt), trace=trace,
                 )
             self._merge(state, updates)
-            lt.candidates_out = len(state.candidates)
+            _note_outcome(lt, incoming, updates, state)
+            trace.end_layer(lt)
             if not state.candidates:
                 raise GraphError(f"layer {li} left no candidate", status=502, trace=trace)
             streamed = streamed or stream_here
@@ -168,10 +201,9 @@ class GraphRuntime:
 
     @staticmethod
     def _status(lt: LayerTrace) -> int:
-        errs = [c.error or "" for c in lt.calls if not c.ok]
-        if errs and all("timed out" in e or "timeout" in e.lower() for e in errs):
-            return 504
-        return 502
+        """504 when every failed call timed out (classified by exception type when it was recorded), else 502."""
+        failed = [c.status for c in lt.calls if not c.ok]
+        return 504 if failed and all(s == "timeout" for s in failed) else 502
 
     @staticmethod
     def _merge(state: State, updates: list[Update]) -> None:
@@ -193,4 +225,4 @@ class GraphRuntime:
             state.critiques = critiques
 
 
-__all__ = ["GraphError", "GraphRuntime", "RunResult", "BackendTimeout"]
+__all__ = ["GraphError", "GraphRuntime", "RunResult"]

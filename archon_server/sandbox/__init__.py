@@ -32,14 +32,19 @@ async def score_program(text: str, tests: list[str], timeout_s: float = 10.0) ->
     """Fraction of ``tests`` (Python source, e.g. asserts) that pass against the code in ``text``.
 
     Tests that are not Python (natural-language checks) are left out; none left scores 0.
+    The tests run in the grading harness (:mod:`.harness`): the candidate cannot forge a pass.
     """
+    from .harness import run_graded
+
     runnable = [t for t in tests if is_python(t)]
     if not runnable:
         return 0.0
-    results = await asyncio.to_thread(run_tests, extract_code(text), runnable, timeout_s)
-    return sum(r.passed for r in results) / len(runnable)
+    run = await asyncio.to_thread(run_graded, extract_code(text), runnable, per_test_timeout_s=timeout_s)
+    return run.fraction
 
+
+from .harness import GradedRun, run_graded
 
 __all__ = [
-    "SandboxLimits", "SandboxResult", "arun_python", "extract_code", "isolation_mode", "run_many", "run_python", "run_tests", "score_program",
+    "GradedRun", "run_graded", "SandboxLimits", "SandboxResult", "arun_python", "extract_code", "isolation_mode", "run_many", "run_python", "run_tests", "score_program",
 ]

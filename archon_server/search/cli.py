@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("search", help="architecture search with Optuna (cost-aware, resumable, distributed)")
-    sub = p.add_subparsers(dest="search_command", metavar="{run,export,status}")
+    sub = p.add_subparsers(dest="search_command", metavar="{run,export,status,dashboard}")
     sub.required = True
 
     r = sub.add_parser("run", help="run (or resume) a search study until it holds its target number of trials")
@@ -58,6 +58,14 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--storage")
     s.add_argument("--study")
     s.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("dashboard", help="browse a study in optuna-dashboard (pip install 'archon-server[dashboard]')")
+    d.add_argument("config", nargs="?", help="search config YAML (gives the storage/study defaults)")
+    d.add_argument("--storage", help="Optuna RDB URL (sqlite:///..., postgresql://...)")
+    d.add_argument("--study", help="study to print the link of (the dashboard lists every study in the storage)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    d.set_defaults(func=cmd_dashboard)
     return p
 
 
@@ -118,7 +126,12 @@ def _summary(study: optuna.Study) -> dict[str, Any]:
 
 # -- commands -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from archon_server.search.runner import finalize_study, open_study, progress, run_search
+    from archon_server.search.runner import (
+        finalize_study,
+        open_study,
+        progress,
+        run_search,
+    )
 
     _setup_logging(args.verbose)
     try:
@@ -181,6 +194,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     _setup_logging(False)
     _, storage, study_name = _resolve(args)
     print(json.dumps(_summary(_load_study(storage, study_name)), default=str))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard over the same storage the workers use; trials carry the graph YAML (``spec``), cost
+    per query, dev score and one ``stage_<n>`` score per cheap-first stage as user attributes."""
+    _setup_logging(False)
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        print("error: optuna-dashboard is not installed: pip install 'archon-server[dashboard]'", file=sys.stderr)
+        return 2
+    _, storage_url, study_name = _resolve(args)
+    study = _load_study(storage_url, study_name) if study_name or args.config else None
+    page = f"http://{args.host}:{args.port}/dashboard"
+    if study is not None:
+        page += f"/studies/{study._study_id}"  # noqa: SLF001 - the dashboard's URLs use the storage's id
+    print(f"optuna-dashboard on {page} (Ctrl-C stops)", flush=True)
+    from archon_server.search.storage import make_storage
+
+    run_server(make_storage(storage_url, heartbeat_interval=None), host=args.host, port=args.port)
     return 0
 
 

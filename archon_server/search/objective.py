@@ -18,9 +18,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from archon_server.search import claims
+from archon_server.search.claims import storage_engine
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import EvalResult, Evaluator
-from archon_server.search.space import architecture_key, check_rules, sample_architecture
+from archon_server.search.space import (
+    architecture_key,
+    check_rules,
+    sample_architecture,
+)
 from archon_server.search.storage import heartbeat_enabled
 from archon_server.spec import ArchitectureSpec, dump_architecture
 
@@ -129,18 +135,37 @@ class ArchitectureObjective:
         return None, running
 
     async def _await_duplicate(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
-        """A finished trial with the same graph, waiting for one that another worker is running now.
+        """A finished trial with the same graph, else None once this trial holds the graph's claim (it evaluates).
 
-        Only *earlier* trials are waited for, so two workers never wait on each other.  A dead
-        worker's trial is failed by the heartbeat check below, which ends the wait; without
-        heartbeats a dead worker could not be told from a slow one, so then we do not wait.
+        The claim row (:mod:`archon_server.search.claims`) decides which of several workers that drew the
+        same graph at the same time evaluates it; the others wait for its result.  A dead worker's trial is
+        failed by the heartbeat check below and a waiter takes its claim over; without heartbeats a dead
+        worker cannot be told from a slow one, so then nobody waits (a twin may be paid twice).
         """
         storage = trial.study._storage  # noqa: SLF001
         can_wait = heartbeat_enabled(storage)
+        engine = storage_engine(storage)
+        study_id = trial.study._study_id  # noqa: SLF001
         while True:
-            dup, running = self._find_duplicate(trial, key)
-            if dup is not None or not running or not can_wait:
+            dup, running = self._find_duplicate(trial, key)  # fast path, and studies from before claims
+            if dup is not None:
                 return dup
+            if engine is None:  # in-memory storage: one process, the trial list is the truth
+                if not running or not can_wait:
+                    return None
+            else:
+                holder = claims.claim(engine, study_id, key, trial.number)
+                if holder == trial.number:
+                    return None
+                t = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, holder))
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                    return t
+                if t.state == TrialState.FAIL:
+                    if claims.take_over(engine, study_id, key, holder, trial.number):
+                        return None
+                    continue  # another waiter took it: wait for that one
+                if not can_wait:
+                    return None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(trial.study)

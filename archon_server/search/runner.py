@@ -30,6 +30,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
+from archon_server.search import claims
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
 from archon_server.search.objective import (
@@ -42,7 +43,12 @@ from archon_server.search.objective import (
     is_rejected,
 )
 from archon_server.search.samplers import make_pruner, make_sampler
-from archon_server.search.storage import Heartbeat, heartbeat_enabled, make_storage, retry_callback
+from archon_server.search.storage import (
+    Heartbeat,
+    heartbeat_enabled,
+    make_storage,
+    retry_callback,
+)
 from archon_server.spec import ArchitectureSpec, dump_architecture, parse_architecture
 
 log = logging.getLogger(__name__)
@@ -92,8 +98,15 @@ def open_study(
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
+    engine = claims.storage_engine(study._storage)  # noqa: SLF001
+    if engine is not None:
+        claims.ensure_table(engine)  # before the workers race to
     if STUDY_CONFIG not in study.user_attrs:
         study.set_user_attr(STUDY_CONFIG, config.model_dump(mode="json", by_alias=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # What optuna-dashboard labels the objective axes with.
+            study.set_metric_names(["dev score", "cost per query"] if multi else ["dev score - lambda x cost"])
     return study
 
 
@@ -166,7 +179,9 @@ def make_evaluator(config: SearchConfig) -> Evaluator:
         s = ev.scripted
         landscape = Landscape(model_scores={m.name: (m.score if m.score is not None else 0.5) for m in config.models})
         return ScriptedEvaluator(landscape, n_dev=s.n_dev, n_test=s.n_test, noise=s.noise, step_sleep_s=s.step_sleep_s, seed=s.seed)
-    from archon_server.search.bench_eval import make_bench_evaluator  # heavy imports only when needed
+    from archon_server.search.bench_eval import (
+        make_bench_evaluator,  # heavy imports only when needed
+    )
 
     return make_bench_evaluator(config)
 

@@ -55,6 +55,16 @@ def _sqlite_creator(path: Path) -> Any:
     return connect
 
 
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; use psycopg v3 (the ``postgres`` extra) when that is what is installed."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
 def retry_callback(max_retry: int | None) -> Any:
     """Re-enqueue a dead worker's trial with the same parameters (``retried_trial_number`` finds the original)."""
     with warnings.catch_warnings():
@@ -78,6 +88,7 @@ def make_storage(
 ) -> RDBStorage:
     """Open (creating tables if needed) an RDB storage with heartbeat-based retry of dead workers' trials."""
     engine_kwargs: dict[str, Any] = {}
+    url = normalize_url(url)
     path = sqlite_path(url)
     if url.startswith("sqlite"):
         # Several processes write one file: wait for the lock instead of failing at once.

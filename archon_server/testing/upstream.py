@@ -6,7 +6,11 @@ verdicts, generators get a text that names the model and sample index.  A
 
     {"text": str | list[str], "latency": s, "jitter": s, "fault": "500" | "502" | "503" | "429" | "400" | "401" |
      "403" | "timeout" | "hang" | "reset" | "invalid_json" | "truncated" | "wrong_n" | "drip" | "stream_error",
-     "message": error message of an HTTP-status fault, "usage": {...}}
+     "message": error message of an HTTP-status fault, "usage": {...},
+     "tool_calls": [{"id": ..., "type": "function", "function": {"name": ..., "arguments": "..."}}], "finish_reason": "length"}
+
+``tool_calls`` makes every choice call those tools (finish_reason "tool_calls"; streamed as tool_calls deltas,
+the arguments in two pieces). POST /v1/completions answers raw text completions (``text``, ``echo``, ``logprobs``).
 
 Every request is recorded (body, start, end, aborted) so tests can assert that k
 samples went as one ``n=k`` request or that a disconnect aborted the upstream call.
@@ -110,6 +114,7 @@ class FakeUpstream:
         asyncio.set_event_loop(self._loop)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         # handler_cancellation: a client that disconnects cancels our handler, so aborts are observable.
@@ -164,7 +169,7 @@ class FakeUpstream:
                 await asyncio.sleep(delay)
             if fault in ("500", "502", "503", "429", "400", "401", "403"):
                 rec.status = int(fault)
-                headers = {"Retry-After": "0"} if fault == "429" else None
+                headers = {"Retry-After": str(act.get("retry_after", 0))} if fault == "429" else None
                 msg = act.get("message", f"injected {fault}")  # e.g. a provider that echoes the key it refused
                 return web.json_response({"error": {"message": msg, "type": "server_error"}}, status=int(fault), headers=headers)
             if fault == "timeout":
@@ -174,7 +179,10 @@ class FakeUpstream:
                 request.transport.abort()
                 return web.Response()
             texts = act.get("text")
-            if texts is None:
+            raw = "prompt" in body  # POST /v1/completions
+            if texts is None and raw:
+                texts = [f"completion {i} of {str(body['prompt'])[:40]}" for i in range(n)]
+            elif texts is None:
                 texts = [default_answer(body, i) for i in range(n)]
             elif isinstance(texts, str):
                 texts = [texts] * n
@@ -185,8 +193,19 @@ class FakeUpstream:
                 return await self._stream(request, body, texts, usage, fault, act)
             if fault == "invalid_json":
                 return web.Response(text="{not json", content_type="application/json")
+            calls = act.get("tool_calls")
+            if raw:
+                pre = str(body["prompt"]) if body.get("echo") else ""
+                choices = [
+                    {"index": i, "text": pre + t, "finish_reason": "stop",
+                     "logprobs": {"tokens": t.split(), "token_logprobs": [-0.5] * len(t.split()), "top_logprobs": [{w: -0.5} for w in t.split()],
+                                  "text_offset": list(range(len(t.split())))} if body.get("logprobs") is not None else None}
+                    for i, t in enumerate(texts)
+                ]
+                return web.json_response({"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": body.get("model"), "choices": choices, "usage": usage})
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop",
+                {"index": i, "message": {"role": "assistant", "content": None if calls else t, **({"tool_calls": calls} if calls else {})},
+                 "finish_reason": "tool_calls" if calls else act.get("finish_reason", "stop"),
                  **({"logprobs": {"content": [{"token": w, "logprob": -0.5, "top_logprobs": [{"token": w, "logprob": -0.5}]} for w in t.split()]}} if body.get("logprobs") else {})}
                 for i, t in enumerate(texts)
             ]
@@ -205,8 +224,20 @@ class FakeUpstream:
         async def send(obj: Any) -> None:
             await resp.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
 
-        base = {"id": "cmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": body.get("model")}
+        raw = "prompt" in body
+        base = {"id": "cmpl-fake", "object": "text_completion" if raw else "chat.completion.chunk", "created": int(time.time()), "model": body.get("model")}
+        calls = act.get("tool_calls")
         for i, t in enumerate(texts):
+            if calls and not raw:  # each call: id and name first, then the arguments in two pieces
+                for k, c in enumerate(calls):
+                    args = c["function"]["arguments"]
+                    head = {"index": k, "id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": ""}}
+                    for d in (head, {"index": k, "function": {"arguments": args[: len(args) // 2]}}, {"index": k, "function": {"arguments": args[len(args) // 2 :]}}):
+                        await send({**base, "choices": [{"index": i, "delta": {"tool_calls": [d]}, "finish_reason": None}]})
+                await send({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "tool_calls"}]})
+                continue
+            if raw and body.get("echo"):
+                await send({**base, "choices": [{"index": i, "text": str(body["prompt"]), "finish_reason": None}]})
             words = t.split(" ")
             for j, w in enumerate(words):
                 if fault == "truncated" and j >= len(words) // 2:
@@ -220,10 +251,11 @@ class FakeUpstream:
                     await send("{broken")
                     await resp.write_eof()
                     return resp
-                await send({**base, "choices": [{"index": i, "delta": {"content": (w if j == 0 else " " + w)}, "finish_reason": None}]})
+                piece = w if j == 0 else " " + w
+                await send({**base, "choices": [{"index": i, **({"text": piece} if raw else {"delta": {"content": piece}}), "finish_reason": None}]})
                 if drip:
                     await asyncio.sleep(drip)
-            await send({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]})
+            await send({**base, "choices": [{"index": i, **({"text": ""} if raw else {"delta": {}}), "finish_reason": act.get("finish_reason", "stop")}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({**base, "choices": [], "usage": usage})
         await send("[DONE]")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import error_body
 from .protocol import ChatCompletionRequest, ChatCompletionResponse
@@ -22,10 +24,14 @@ _STREAM = {200: {"content": {"text/event-stream": {"schema": {
     "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}}
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_STREAM, **_ERRORS})
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
-    service = request.app.state.chat
+async def answer(service: Any, body: Any, request: Request) -> Response:
+    """JSON, or with `stream: true` Server-Sent Events (chat, responses and completions answer alike)."""
     if body.stream:
         gen = await service.create_stream(body)
         return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return JSONResponse(await service.create(body, request))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_STREAM, **_ERRORS})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):  # type: ignore[no-untyped-def]
+    return await answer(request.app.state.chat, body, request)

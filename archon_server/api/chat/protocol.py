@@ -6,6 +6,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..structured import check_response_format
+
+
+def stop_list(v: str | list[str] | None) -> list[str] | None:
+    """OpenAI's `stop`: a string or up to 4 non-empty strings (chat and completions alike)."""
+    if v is None:
+        return None
+    v = [v] if isinstance(v, str) else v
+    if len(v) > 4:
+        raise ValueError("at most 4 stop sequences")
+    if any(not s for s in v):
+        raise ValueError("stop sequences must be non-empty")
+    return v
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -18,12 +32,19 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = Field(default=None, max_length=256)  # a tool's result
 
     def to_dict(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(p.text for p in content)
-        return {"role": self.role, "content": content or ""}
+        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -49,21 +70,34 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
+    # Structured outputs and tools: passed to the final stage (see api/structured.py)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # archon-server extensions (the openai SDK sends them with `extra_body=`)
     architecture: dict[str, Any] | None = Field(default=None, description="Overrides deep-merged into the architecture.")
     return_trace: bool = False
+    stream_trace: bool = Field(default=False, description="With stream: true, add the graph's progress (trace events) as chunks.")
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_response_format(v)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for t in v or []:
+            fn = t.get("function")
+            if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError("every tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}")
+        return v or None
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in v):
-            raise ValueError("stop sequences must be non-empty")
-        return v
+        return stop_list(v)
 
     @field_validator("messages")
     @classmethod
@@ -75,7 +109,8 @@ class ChatCompletionRequest(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Choice(BaseModel):
@@ -105,6 +140,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class StreamChoice(BaseModel):
@@ -122,3 +158,4 @@ class ChatCompletionChunk(BaseModel):
     choices: list[StreamChoice]
     usage: UsageInfo | None = None
     trace: dict[str, Any] | None = None
+    trace_event: dict[str, Any] | None = None  # stream_trace: one event of the graph's progress (choices is empty)

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
 
 from ...backends.base import StreamChunk, TokenLogprob, Usage
 from ...backends.registry import BackendRegistry
-from ...components import FinalOverrides
-from ...graph.catalog import passthrough
+from ...components import FinalOverrides, prompts
+from ...components.base import StreamSink
+from ...components.generator import with_note
+from ...components.state import Candidate
+from ...components.trace import TraceObserver
+from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
+from ..edge import remaining_s
 from ..errors import APIError, error_body
 from ..metrics import Metrics
+from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
+from ..traces.store import TraceStore, entry
 from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -75,8 +84,8 @@ async def _disconnected(raw: Request) -> None:
 
 
 class ChatService:
-    def __init__(self, registry: BackendRegistry, catalog: dict[str, ArchitectureSpec], *, max_n: int, max_inflight: int,
-                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512):
+    def __init__(self, registry: BackendRegistry, catalog: Catalog, *, max_n: int, max_inflight: int,
+                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None):
         self.registry = registry
         self.catalog = catalog
         self.runtime = GraphRuntime(registry)
@@ -85,16 +94,14 @@ class ChatService:
         self.request_timeout_s = request_timeout_s
         self.max_messages = max_messages
         self.metrics = metrics
+        self.traces = traces or TraceStore(0)
         self.inflight = 0
         self.admitted = 0  # requests admitted since start (the idle heap trim watches it)
 
     # -- resolution -------------------------------------------------------------
     def resolve(self, req: ChatCompletionRequest) -> ArchitectureSpec:
-        if req.model in self.catalog:
-            spec = self.catalog[req.model]
-        elif req.model in self.registry:
-            spec = passthrough(req.model)
-        else:
+        spec = self.catalog.lookup(req.model)
+        if spec is None:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
         if req.architecture:
             if _has_key(req.architecture, "pattern"):
@@ -124,7 +131,21 @@ class ChatService:
             n=req.n, temperature=req.temperature, top_p=req.top_p,
             max_tokens=req.max_completion_tokens or req.max_tokens, stop=req.stop, seed=req.seed,
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
+            extra=final_extra(req.response_format, req.tools, req.tool_choice, req.parallel_tool_calls),
         )
+
+    def check_final(self, spec: ArchitectureSpec, final: FinalOverrides) -> None:
+        """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them."""
+        if not final.extra.get("tools"):
+            return
+        for comp in spec.layers[-1]:
+            if comp.type not in ("generator", "fuser"):
+                raise APIError(400, f"tools: the final stage of {spec.name!r} is a {comp.type}, which selects an answer "
+                               "rather than writing one, so it cannot call tools", param="tools", code="invalid_value")
+            for alias in comp.models_used():
+                if not self.registry.get(alias).supports_tools:
+                    raise APIError(400, f"tools: model {alias!r} (the final stage of {spec.name!r}) cannot call tools",
+                                   param="tools", code="invalid_value")
 
     def _admit(self) -> None:
         """Take an in-flight slot or refuse at once (429); every admitted request calls :meth:`_release` once."""
@@ -139,7 +160,9 @@ class ChatService:
         self.inflight -= 1
         self.metrics.inflight.dec()
 
-    def _gerr(self, e: GraphError) -> APIError:
+    def _gerr(self, e: GraphError | StructuredOutputInvalid) -> APIError:
+        if isinstance(e, StructuredOutputInvalid):
+            return APIError(422, f"response_format: {e}", param="response_format", code="invalid_structured_output")
         return APIError(e.status, str(e), code={502: "upstream_error", 504: "timeout", 400: "invalid_value"}.get(e.status))
 
     def _observe(self, model: str, status: int, t0: float, res: RunResult | None) -> None:
@@ -152,15 +175,56 @@ class ChatService:
                 for c in layer.calls:
                     self.metrics.backend_calls.labels(c.model, "ok" if c.ok else "error").inc(c.requests)
 
-    # -- non-streaming ------------------------------------------------------------
-    async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
-        spec = self.resolve(req)
-        final = self.final_overrides(req)
+    def _keep(self, cid: str, model: str, messages: list[dict[str, Any]], stream: bool, status: int, res: RunResult | None,
+              err: GraphError | None) -> None:
+        """Remember a finished request for /v1/traces and the console (server.keep_traces)."""
+        if not self.traces.enabled or (res is None and (err is None or err.trace is None)):
+            return
+        trace = res.trace if res is not None else err.trace  # type: ignore[union-attr]
+        self.traces.add(entry(cid, model, messages, status=status, stream=stream,
+                              trace=trace.to_dict() if trace else None, answers=res.choices if res else None,
+                              error=str(err) if err else None))
+
+    # -- the one run path (chat, responses and completions all come through here) ---------------
+    async def run_graph(self, spec: ArchitectureSpec, messages: list[dict[str, Any]], final: FinalOverrides,
+                        sink: StreamSink | None = None, observer: TraceObserver | None = None) -> RunResult:
+        """Run the architecture; an answer that is not the JSON `response_format` asked for is asked for again, then
+        refused (StructuredOutputInvalid). Streamed answers cannot be taken back: they are checked, not retried."""
+        fmt = final.extra.get("response_format")
+        if spec.tools_in_prompt and final.extra.get("tools"):
+            messages = with_note(messages, prompts.tools_note(final.extra["tools"]))
+        for attempt in range(STRUCTURED_RETRIES + 1):
+            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=max(remaining_s(self.request_timeout_s), 1e-3),
+                                        observer=observer)  # one deadline for all attempts, from arrival
+            try:
+                conform_all(res.candidates, fmt)
+                return res
+            except StructuredOutputInvalid as e:
+                if sink is not None or attempt == STRUCTURED_RETRIES:
+                    raise StructuredOutputInvalid(f"{spec.name}: {e}") from None
+                log.info("%s: answer not as response_format asks (%s); running again", spec.name, e)
+                if final.seed is not None:
+                    final = replace(final, seed=final.seed + 1)
+        raise AssertionError("unreachable")
+
+    def _time_left(self) -> float:
+        """What is left of the request's deadline. It started when the request reached the edge (api/edge.py), so
+        reading and parsing the body and building the prompt count too: a big body cannot stretch the answer past
+        ``request_timeout_s``. Nothing left: 504 at once, before admission."""
+        left = remaining_s(self.request_timeout_s)
+        if left <= 0:
+            raise APIError(504, f"deadline of {self.request_timeout_s:g}s exceeded before the request could start", code="timeout")
+        return left
+
+    async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request, keep: Keep | None = None) -> RunResult:
+        """Admit, run (cancelled when the client goes away), count, ``keep(status, result, error)``; failures become
+        APIErrors."""
+        self._time_left()
         self._admit()
         t0 = time.perf_counter()
-        status, res = 500, None
+        status, res, gerr = 500, None, None
         try:
-            task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, deadline_s=self.request_timeout_s))
+            task = asyncio.ensure_future(run())
             # Starlette does not cancel a non-streaming handler when the client goes away: wait for the disconnect
             # itself rather than polling for it (4 polls a second per request cost real CPU at 1000 in flight).
             gone = asyncio.ensure_future(_disconnected(raw))
@@ -171,29 +235,89 @@ class ChatService:
             if not task.done():
                 task.cancel()
                 status = 499
-                log.info("client disconnected; cancelled %s", spec.name)
+                log.info("client disconnected; cancelled %s", name)
                 raise APIError(499, "client disconnected")
             try:
                 res = task.result()
-            except GraphError as e:
-                status = e.status
+            except (GraphError, StructuredOutputInvalid) as e:
+                err = self._gerr(e)
+                status, gerr = err.status, e if isinstance(e, GraphError) else None
                 # Operators need the cause; upstream error text is already stripped of keys (backends/http.py).
-                log.warning("%s failed (%d): %s", spec.name, e.status, e)
-                raise self._gerr(e) from None
+                log.warning("%s failed (%d): %s", name, err.status, e)
+                raise err from None
             status = 200
-            return self._response(req, spec, res).model_dump(exclude_none=True)
+            return res
         finally:
             self._release()
-            self._observe(spec.name, status, t0, res)
+            self._observe(name, status, t0, res)
+            if keep is not None:
+                keep(status, res, gerr)
 
-    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult) -> ChatCompletionResponse:
+    def open_stream(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None = None,
+                    trace_events: bool = False) -> AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]:
+        """Admit now (a refusal is a plain HTTP error), then: the final stage's chunks as they come (with
+        ``trace_events``, the trace's events too, as dicts), and last the result, or the APIError it failed with.
+        Closing the iterator early (client gone) cancels the run."""
+        self._time_left()
+        self._admit()
+        return self._events(name, run, keep, trace_events)
+
+    async def _events(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None,
+                      trace_events: bool) -> AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]:
+        t0 = time.perf_counter()
+        # Backend tokens, and trace events (dicts) as they happen; None: the graph ended.
+        queue: asyncio.Queue[StreamChunk | dict[str, Any] | None] = asyncio.Queue()
+
+        async def sink(ch: StreamChunk) -> None:
+            await queue.put(ch)
+
+        task = asyncio.ensure_future(run(sink, queue.put_nowait if trace_events else None))
+        task.add_done_callback(lambda _t: queue.put_nowait(None))
+        status, res, gerr = 500, None, None
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+            try:
+                res = task.result()
+            except (GraphError, StructuredOutputInvalid) as e:
+                err = self._gerr(e)
+                status, gerr = err.status, e if isinstance(e, GraphError) else None
+                log.warning("%s stream failed (%d): %s", name, err.status, e)
+                yield err
+                return
+            status = 200
+            yield res
+        finally:
+            if not task.done():  # client went away: cancel every in-flight backend call
+                task.cancel()
+                status = 499
+            self._release()
+            self._observe(name, status, t0, res)
+            if keep is not None:
+                keep(status, res, gerr)
+
+    # -- non-streaming ------------------------------------------------------------
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
+        spec = self.resolve(req)
+        final = self.final_overrides(req)
+        self.check_final(spec, final)
+        messages = [m.to_dict() for m in req.messages]
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        res = await self.execute(spec.name, lambda: self.run_graph(spec, messages, final), raw,
+                                 keep=lambda status, r, e: self._keep(cid, req.model, messages, False, status, r, e))
+        return self._response(req, spec, res, cid).model_dump(exclude_none=True)
+
+    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult, cid: str) -> ChatCompletionResponse:
         choices = [
-            Choice(index=i, message=ResponseMessage(content=c.text), finish_reason=c.finish_reason or "stop",
-                   logprobs=_logprobs_json(c.meta.get("logprobs")) if req.logprobs else None)
+            Choice(index=i, message=ResponseMessage(content=c.text or (None if c.meta.get("tool_calls") else ""), tool_calls=c.meta.get("tool_calls")),
+                   finish_reason=finish_reason(c), logprobs=_logprobs_json(c.meta.get("logprobs")) if req.logprobs else None)
             for i, c in enumerate(res.candidates)
         ]
         return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
+            id=cid, created=int(time.time()), model=req.model, choices=choices,
             usage=_usage(res.usage), trace=res.trace.to_dict() if req.return_trace else None,
         )
 
@@ -202,58 +326,76 @@ class ChatService:
         """Validate and admit first (errors become normal HTTP errors), then return the SSE generator."""
         spec = self.resolve(req)
         final = self.final_overrides(req)
-        self._admit()
-        return self._stream(req, spec, final)
+        self.check_final(spec, final)
+        messages = [m.to_dict() for m in req.messages]
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        events = self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
+                                  keep=lambda status, r, e: self._keep(cid, req.model, messages, True, status, r, e),
+                                  trace_events=req.stream_trace)
+        return self._stream(req, final, cid, events)
 
-    async def _stream(self, req: ChatCompletionRequest, spec: ArchitectureSpec, final: FinalOverrides) -> AsyncIterator[str]:
-        cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.perf_counter()
-        queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
-
-        async def sink(ch: StreamChunk) -> None:
-            await queue.put(ch)
+    async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str,
+                      events: AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]) -> AsyncIterator[str]:
+        created = int(time.time())
 
         def chunk(choices: list[StreamChoice], **kw: Any) -> str:
             c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
-        task = asyncio.ensure_future(self.runtime.run(spec, [m.to_dict() for m in req.messages], final=final, sink=sink, deadline_s=self.request_timeout_s))
-        task.add_done_callback(lambda _t: queue.put_nowait(None))
-        status, res = 500, None
-        finished: set[int] = set()
-        try:
+        async with contextlib.aclosing(events):
             for i in range(final.n):
                 yield chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                if item.text:
-                    yield chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text))])
-            try:
-                res = task.result()
-            except GraphError as e:
-                status = e.status
-                log.warning("%s stream failed (%d): %s", spec.name, e.status, e)
-                yield f"data: {json.dumps(error_body(e.status, str(e), code='upstream_error' if e.status == 502 else 'timeout'))}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            status = 200
-            if not res.streamed:  # the final stage was not streamable (ranker, vote, several components...)
+            async for item in events:
+                if isinstance(item, APIError):
+                    yield f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if isinstance(item, dict):  # a trace event: a chunk with no choices, ignored by OpenAI clients
+                    yield chunk([], trace_event=item)
+                    continue
+                if isinstance(item, StreamChunk):
+                    if item.text or item.tool_calls:
+                        yield chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text or None, tool_calls=item.tool_calls))])
+                    continue
+                res = item
+                if not res.streamed:  # the final stage was not streamable (ranker, vote, several components...)
+                    for i, c in enumerate(res.candidates):
+                        yield chunk([StreamChoice(index=i, delta=DeltaMessage(content=c.text or None, tool_calls=_indexed(c.meta.get("tool_calls"))))])
                 for i, c in enumerate(res.candidates):
-                    yield chunk([StreamChoice(index=i, delta=DeltaMessage(content=c.text))])
-            for i, c in enumerate(res.candidates):
-                finished.add(i)
-                yield chunk([StreamChoice(index=i, delta=DeltaMessage(), finish_reason=c.finish_reason or "stop")])
-            if req.stream_options and req.stream_options.include_usage or req.return_trace:
-                yield chunk(
-                    [],
-                    usage=_usage(res.usage) if (req.stream_options and req.stream_options.include_usage) else None,
-                    trace=res.trace.to_dict() if req.return_trace else None,
-                )
-            yield "data: [DONE]\n\n"
-        finally:
-            if not task.done():  # client went away: cancel every in-flight backend call
-                task.cancel()
-                status = 499
-            self._release()
-            self._observe(spec.name, status, t0, res)
+                    yield chunk([StreamChoice(index=i, delta=DeltaMessage(), finish_reason=finish_reason(c))])
+                if req.stream_options and req.stream_options.include_usage or req.return_trace:
+                    yield chunk(
+                        [],
+                        usage=_usage(res.usage) if (req.stream_options and req.stream_options.include_usage) else None,
+                        trace=res.trace.to_dict() if req.return_trace else None,
+                    )
+                yield "data: [DONE]\n\n"
+
+
+# What a finished request leaves behind: keep(status, result, graph error) (the trace store, for /v1/traces).
+Keep = Callable[[int, RunResult | None, GraphError | None], None]
+
+
+def final_extra(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> dict[str, Any]:
+    """The OpenAI fields the final stage's backend gets as they are (FinalOverrides.extra)."""
+    extra: dict[str, Any] = {}
+    if response_format:
+        extra["response_format"] = response_format
+    if tools:
+        extra["tools"] = tools
+        if tool_choice is not None:
+            extra["tool_choice"] = tool_choice
+        if parallel_tool_calls is not None:
+            extra["parallel_tool_calls"] = parallel_tool_calls
+    return extra
+
+
+def finish_reason(c: Candidate) -> str:
+    if c.meta.get("tool_calls") and (c.finish_reason or "stop") == "stop":
+        return "tool_calls"
+    return c.finish_reason or "stop"
+
+
+def _indexed(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Whole tool calls as one streamed delta each (OpenAI's delta shape carries an index)."""
+    return [{"index": j, **c} for j, c in enumerate(calls)] if calls else None

@@ -11,15 +11,11 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    state = request.app.state
     now = int(time.time())
-    data = [
-        {"id": name, "object": "model", "created": now, "owned_by": "archon", "description": spec.description, "kind": "architecture"}
-        for name, spec in sorted(state.chat.catalog.items())
-    ]
-    data += [
-        {"id": alias, "object": "model", "created": now, "owned_by": "archon", "kind": "backend"}
-        for alias in state.registry.aliases()
-        if alias not in state.chat.catalog
-    ]
+    data = []
+    for card in request.app.state.catalog.list_models():
+        entry = {"id": card.id, "object": "model", "created": now, "owned_by": "archon"}
+        if card.kind == "architecture":
+            entry["description"] = card.description
+        data.append({**entry, "kind": card.kind})
     return {"object": "list", "data": data}

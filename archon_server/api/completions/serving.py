@@ -1,0 +1,240 @@
+"""The logic behind POST /v1/completions.
+
+A backend alias is served straight through: the prompt goes to the backend as a raw text completion (no chat
+template), so `echo` and `logprobs` mean what they mean to vLLM. An architecture gets each prompt as one user
+message and runs exactly as for chat (ChatService's run path): the final stage's text is the completion; `echo`
+prepends the prompt; `logprobs` are the final stage's. Several prompts run concurrently; choice `i * n + j` is
+sample `j` of prompt `i`, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from ...backends.base import (
+    BackendError,
+    SamplingParams,
+    StreamChunk,
+    TokenLogprob,
+    Usage,
+)
+from ...backends.base import CompletionRequest as BackendCompletion
+from ...components import FinalOverrides
+from ...components.base import DEFAULT_SAMPLING, StreamSink
+from ...components.state import Candidate
+from ...components.trace import CallRecord, LayerTrace, Trace
+from ...graph.runtime import GraphError, RunResult
+from ..chat.protocol import UsageInfo
+from ..chat.serving import ChatService
+from ..errors import APIError, error_body
+from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
+
+
+def _legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    """Token logprobs in text_completion's shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if not lps:
+        return None
+    offsets, pos = [], offset
+    for t in lps:
+        offsets.append(pos)
+        pos += len(t.token)
+    return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [dict(t.top) for t in lps], "text_offset": offsets}
+
+
+def _merge(results: list[RunResult], name: str) -> RunResult:
+    """One result for the request: candidates in prompt order, usage and trace layers summed (metrics count all)."""
+    usage, trace = Usage(), Trace(name)
+    for r in results:
+        usage.add(r.usage)
+        trace.layers.extend(r.trace.layers)
+    trace.usage = usage
+    trace.latency_s = max((r.trace.latency_s for r in results), default=0.0)
+    return RunResult([c for r in results for c in r.candidates], usage, trace, all(r.streamed for r in results))
+
+
+def _shifted(sink: StreamSink, offset: int) -> StreamSink:
+    async def put(ch: StreamChunk) -> None:
+        await sink(StreamChunk(index=offset + ch.index, text=ch.text, finish_reason=ch.finish_reason, tool_calls=ch.tool_calls))
+
+    return put
+
+
+class CompletionsService:
+    def __init__(self, chat: ChatService):
+        self.chat = chat
+
+    def _check(self, req: CompletionRequest) -> None:
+        if req.n > self.chat.max_n:
+            raise APIError(400, f"n: must be <= {self.chat.max_n}", param="n", code="invalid_value")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of: only best_of == n is served (use an architecture to choose among samples)", param="best_of", code="invalid_value")
+
+    def _is_backend(self, req: CompletionRequest) -> bool:
+        return req.model not in self.chat.catalog.architectures and req.model in self.chat.registry and not req.architecture
+
+    # -- a backend alias: raw completion ----------------------------------------------------
+    def _params(self, req: CompletionRequest) -> SamplingParams:
+        extra = {k: v for k, v in (("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty)) if v is not None}
+        return SamplingParams(
+            temperature=DEFAULT_SAMPLING.temperature if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, max_tokens=req.max_tokens or 16, stop=req.stop, seed=req.seed,
+            n=req.n, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0, extra=extra,
+        )
+
+    async def _raw(self, req: CompletionRequest, sink: StreamSink | None) -> RunResult:
+        """Every prompt as one raw completion request to the backend, concurrently; traced as one layer."""
+        alias = req.model
+        backend, model, limit = self.chat.registry.get(alias), self.chat.registry.model_name(alias), self.chat.registry.limit(alias)
+        trace = Trace(alias)
+        layer = LayerTrace(0, ["completion"], candidates_in=0)
+        trace.layers.append(layer)
+        params = self._params(req)
+
+        async def one(i: int, prompt: str) -> list[Candidate]:
+            breq = BackendCompletion(model, prompt, params, echo=req.echo)
+            t0 = time.perf_counter()
+            try:
+                async with limit if limit is not None else contextlib.nullcontext():
+                    if sink is None:
+                        res = await backend.complete(breq)
+                        choices = [(c.text, c.finish_reason, c.logprobs) for c in res.choices]
+                        usage = res.usage
+                    else:
+                        texts: dict[int, list[str]] = {}
+                        finish: dict[int, str] = {}
+                        usage = Usage()
+                        async for ch in backend.stream_complete(breq):
+                            if ch.usage is not None:
+                                usage = ch.usage
+                                continue
+                            texts.setdefault(ch.index, []).append(ch.text)
+                            if ch.finish_reason:
+                                finish[ch.index] = ch.finish_reason
+                            await sink(StreamChunk(index=i * req.n + ch.index, text=ch.text, finish_reason=ch.finish_reason))
+                        choices = [("".join(texts.get(j, [])), finish.get(j, "stop"), None) for j in range(req.n)]
+            except BackendError as e:
+                layer.calls.append(CallRecord("completion", "completion", alias, req.n, False, time.perf_counter() - t0, error=str(e)[:300], purpose=f"prompt {i + 1}"))
+                raise
+            layer.calls.append(CallRecord("completion", "completion", alias, req.n, True, time.perf_counter() - t0,
+                                          usage.prompt_tokens, usage.completion_tokens, purpose=f"prompt {i + 1}"))
+            trace.usage.add(usage)
+            return [Candidate(text, source=alias, finish_reason=fr or "stop", meta={"logprobs": lp}) for text, fr, lp in choices]
+
+        try:
+            per_prompt = await asyncio.gather(*(one(i, p) for i, p in enumerate(req.prompt)))
+        except BackendError as e:
+            status = 504 if e.status == 504 else 400 if e.status == 400 else 502
+            raise GraphError(str(e), status=status, trace=trace) from None
+        trace.latency_s = time.perf_counter() - trace.started
+        layer.latency_s = trace.latency_s
+        cands = [c for cs in per_prompt for c in cs]
+        layer.candidates_out = len(cands)
+        return RunResult(cands, trace.usage, trace, streamed=sink is not None)
+
+    # -- an architecture: each prompt is one user message -------------------------------------
+    def _graph(self, req: CompletionRequest) -> tuple[Any, FinalOverrides]:
+        spec = self.chat.resolve(req)
+        final = FinalOverrides(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens, stop=req.stop,
+                               seed=req.seed, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
+        return spec, final
+
+    def _plan(self, req: CompletionRequest) -> tuple[str, Any]:
+        """(name, run(sink)) for this request: the raw path for a backend alias, the graph for an architecture."""
+        self._check(req)
+        if self._is_backend(req):
+            return req.model, lambda sink, _observer=None: self._raw(req, sink)
+        spec, final = self._graph(req)
+        traces: list[dict[str, Any]] = []
+
+        async def run(sink: StreamSink | None, _observer: Any = None) -> RunResult:
+            results = await asyncio.gather(*(
+                self.chat.run_graph(spec, [{"role": "user", "content": p}], final, None if sink is None else _shifted(sink, i * req.n))
+                for i, p in enumerate(req.prompt)
+            ))
+            traces.extend(r.trace.to_dict() for r in results)
+            return _merge(list(results), spec.name)
+
+        run.traces = traces  # type: ignore[attr-defined]
+        return spec.name, run
+
+    # -- answers ------------------------------------------------------------------------
+    def _trace(self, req: CompletionRequest, run: Any, res: RunResult) -> dict[str, Any] | list[dict[str, Any]] | None:
+        if not req.return_trace:
+            return None
+        traces = getattr(run, "traces", None)
+        if traces is None or len(traces) <= 1:
+            return res.trace.to_dict()
+        return traces  # several prompts through an architecture: one trace each, in prompt order
+
+    def _echo(self, req: CompletionRequest, i: int) -> str:
+        return req.prompt[i // req.n] if req.echo and not self._is_backend(req) else ""  # a backend echoes by itself
+
+    async def create(self, req: CompletionRequest, raw: Request) -> dict[str, Any]:
+        name, run = self._plan(req)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        res = await self.chat.execute(name, lambda: run(None), raw, keep=self._keeper(req, cid, stream=False))
+        choices = []
+        for i, c in enumerate(res.candidates):
+            pre = self._echo(req, i)
+            choices.append(CompletionChoice(index=i, text=pre + c.text, finish_reason=c.finish_reason or "stop",
+                                            logprobs=_legacy_logprobs(c.meta.get("logprobs"), len(pre)) if req.logprobs is not None else None))
+        u = res.usage
+        return CompletionResponse(
+            id=cid, created=int(time.time()), model=req.model, choices=choices,
+            usage=UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens),
+            trace=self._trace(req, run, res),
+        ).model_dump(exclude_none=True)
+
+    async def create_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+        name, run = self._plan(req)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        events = self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True))
+        return self._stream(req, cid, run, events)
+
+    def _keeper(self, req: CompletionRequest, cid: str, stream: bool) -> Any:
+        """For the trace store (/v1/traces): the prompts as the user messages they become."""
+        messages = [{"role": "user", "content": p} for p in req.prompt]
+        return lambda status, r, e: self.chat._keep(cid, req.model, messages, stream, status, r, e)
+
+    async def _stream(self, req: CompletionRequest, cid: str, run: Any, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[CompletionChoice], **kw: Any) -> str:
+            c = CompletionResponse(id=cid, created=created, model=req.model, choices=choices, **kw)
+            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+
+        total = len(req.prompt) * req.n
+        async with contextlib.aclosing(events):
+            for i in range(total):
+                if self._echo(req, i):
+                    yield chunk([CompletionChoice(index=i, text=self._echo(req, i))])
+            async for item in events:
+                if isinstance(item, APIError):
+                    yield f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if isinstance(item, StreamChunk):
+                    if item.text:
+                        yield chunk([CompletionChoice(index=item.index, text=item.text)])
+                    continue
+                res: RunResult = item
+                if not res.streamed:
+                    for i, c in enumerate(res.candidates):
+                        yield chunk([CompletionChoice(index=i, text=c.text)])
+                for i, c in enumerate(res.candidates):
+                    yield chunk([CompletionChoice(index=i, text="", finish_reason=c.finish_reason or "stop")])
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                if include_usage or req.return_trace:
+                    u = res.usage
+                    yield chunk([], usage=UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens) if include_usage else None,
+                                trace=self._trace(req, run, res))
+                yield "data: [DONE]\n\n"

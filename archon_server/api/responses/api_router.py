@@ -1,0 +1,28 @@
+"""Thin routes for /v1/responses."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..chat.api_router import _ERRORS, answer
+from .protocol import ResponsesRequest
+
+router = APIRouter()
+
+# 200 is a Response object as JSON, or Server-Sent Events with `stream: true`: both documented.
+_STREAM = {200: {"content": {
+    "application/json": {"schema": {"type": "object", "description": "a Response object (`object: response`)"}},
+    "text/event-stream": {"schema": {
+        "type": "object", "description": "typed events (`event: response.output_text.delta`, `data:` JSON with `sequence_number`), last `response.completed` or `response.failed`",
+        "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}}
+
+
+@router.post("/v1/responses", responses={**_STREAM, **_ERRORS})
+async def create_response(body: ResponsesRequest, request: Request):  # type: ignore[no-untyped-def]
+    return await answer(request.app.state.responses, body, request)
+
+
+@router.get("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
+async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.responses.retrieve(response_id))

@@ -1,0 +1,250 @@
+"""The logic behind POST /v1/responses: the same graph run as chat (ChatService's run path), answered as a
+Response object or as the Responses API's typed event stream.
+
+Stream: response.created, response.in_progress, then per output item output_item.added, (message:)
+content_part.added, output_text.delta..., output_text.done, content_part.done / (function call:)
+function_call_arguments.delta..., function_call_arguments.done, then output_item.done; last response.completed
+(a truncated answer is `status: incomplete` inside it, as vLLM sends it, so the SDK's stream helper finishes) or
+response.failed. Every event carries a `sequence_number` counting from 0.
+
+`previous_response_id`: the last ``MAX_KEPT`` stored responses (``store``, default true) are kept in memory with
+their conversation (and GET /v1/responses/{id} returns them); an id that is not kept (unknown, evicted, or from
+before a restart) is a 400 (a 404 for GET) saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from ...backends.base import StreamChunk, accumulate_tool_calls
+from ...components import FinalOverrides
+from ...components.state import Candidate
+from ...graph.runtime import RunResult
+from ..chat.serving import ChatService, final_extra
+from ..errors import APIError
+from ..structured import chat_tools
+from .protocol import ResponsesRequest, input_messages
+
+MAX_KEPT = 256  # responses kept for previous_response_id (each holds its conversation: bounded by count)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _usage(res: RunResult) -> dict[str, Any]:
+    u = res.usage
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": u.total_tokens}
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []}
+
+
+def _call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any]:
+    fn = call.get("function") or {}
+    return {"id": item_id, "type": "function_call", "call_id": call.get("id") or item_id.replace("fc_", "call_", 1),
+            "name": fn.get("name", ""), "arguments": fn.get("arguments", "") if status != "in_progress" else "", "status": status}
+
+
+class ResponsesService:
+    def __init__(self, chat: ChatService):
+        self.chat = chat
+        self.kept: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()  # id -> the conversation it ends
+        self.bodies: dict[str, dict[str, Any]] = {}  # id -> the Response object (GET /v1/responses/{id})
+
+    # -- request -> run -----------------------------------------------------------------
+    def _prepare(self, req: ResponsesRequest) -> tuple[Any, list[dict[str, Any]], FinalOverrides, list[dict[str, Any]]]:
+        try:
+            new = input_messages(req.input)
+            fmt = req.response_format()
+            tools = chat_tools(req.tools) if req.tools else None
+        except ValueError as e:
+            param = str(e).split(":")[0]
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            if req.previous_response_id not in self.kept:
+                raise APIError(400, f"previous_response_id: response {req.previous_response_id!r} is not kept by this server "
+                               f"(it keeps the last {MAX_KEPT} stored responses in memory, until restart); send the whole "
+                               "conversation as `input` instead", param="previous_response_id", code="previous_response_not_found")
+            self.kept.move_to_end(req.previous_response_id)
+            history = self.kept[req.previous_response_id]
+        conversation = [*history, *new]  # what a follow-up continues (instructions are not carried over, as OpenAI)
+        messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
+        if not any(m["role"] in ("user", "system", "developer") and m["content"] for m in messages):
+            raise APIError(400, "input: at least one non-empty user message (or instructions) is required", param="input", code="invalid_value")
+        if len(messages) > self.chat.max_messages:
+            raise APIError(400, f"input: at most {self.chat.max_messages} messages", param="input", code="invalid_value")
+        spec = self.chat.resolve(req)
+        final = FinalOverrides(
+            n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
+            logprobs=bool(req.top_logprobs), top_logprobs=req.top_logprobs or 0,
+            extra=final_extra(fmt, tools, req.tool_choice, req.parallel_tool_calls),
+        )
+        self.chat.check_final(spec, final)
+        return spec, messages, final, conversation
+
+    def _keep(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], cand: Candidate, body: dict[str, Any]) -> None:
+        if not req.store:
+            return
+        turn: dict[str, Any] = {"role": "assistant", "content": cand.text}
+        if cand.meta.get("tool_calls"):
+            turn["tool_calls"] = cand.meta["tool_calls"]
+        self.kept[rid] = [*conversation, turn]
+        self.bodies[rid] = body
+        while len(self.kept) > MAX_KEPT:
+            old, _ = self.kept.popitem(last=False)
+            self.bodies.pop(old, None)
+
+    def retrieve(self, rid: str) -> dict[str, Any]:
+        if rid not in self.bodies:
+            raise APIError(404, f"response {rid!r} is not kept by this server (it keeps the last {MAX_KEPT} stored responses in memory, until restart)",
+                           param="response_id", code="response_not_found")
+        return self.bodies[rid]
+
+    def _shell(self, req: ResponsesRequest, rid: str, created: float, status: str) -> dict[str, Any]:
+        """The Response object around the output: what the client asked for, echoed back."""
+        fmt = (req.text.format if req.text and req.text.format else None) or {"type": "text"}
+        return {
+            "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+            "incomplete_details": None, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+            "model": req.model, "output": [], "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id, "temperature": req.temperature, "top_p": req.top_p,
+            "tool_choice": req.tool_choice or "auto", "tools": req.tools or [], "text": {"format": fmt},
+            "metadata": req.metadata or {}, "store": req.store, "user": req.user, "usage": None,
+        }
+
+    def _finish(self, req: ResponsesRequest, shell: dict[str, Any], res: RunResult, output: list[dict[str, Any]]) -> dict[str, Any]:
+        cand = res.candidates[0]
+        truncated = cand.finish_reason == "length"
+        out = {**shell, "status": "incomplete" if truncated else "completed", "output": output, "usage": _usage(res)}
+        if truncated:
+            out["incomplete_details"] = {"reason": "max_output_tokens"}
+        out["completed_at"] = time.time()
+        if req.return_trace:
+            out["trace"] = res.trace.to_dict()
+        return out
+
+    @staticmethod
+    def _output(cand: Candidate, msg_id: str, call_ids: list[str]) -> list[dict[str, Any]]:
+        status = "incomplete" if cand.finish_reason == "length" else "completed"
+        calls = cand.meta.get("tool_calls") or []
+        items = [_message_item(msg_id, cand.text, status)] if cand.text or not calls else []
+        return items + [_call_item(call_ids[j] if j < len(call_ids) else _id("fc"), c, "completed") for j, c in enumerate(calls)]
+
+    # -- non-streaming ------------------------------------------------------------------
+    async def create(self, req: ResponsesRequest, raw: Request) -> dict[str, Any]:
+        spec, messages, final, conversation = self._prepare(req)
+        rid = _id("resp")
+        res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw,
+                                      keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, False, status, r, e))
+        body = self._finish(req, self._shell(req, rid, time.time(), "in_progress"), res, self._output(res.candidates[0], _id("msg"), []))
+        self._keep(req, rid, conversation, res.candidates[0], body)
+        return body
+
+    # -- streaming ----------------------------------------------------------------------
+    async def create_stream(self, req: ResponsesRequest) -> AsyncIterator[str]:
+        spec, messages, final, conversation = self._prepare(req)
+        rid = _id("resp")
+        events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
+                                       keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e))
+        return self._stream(req, rid, conversation, events)
+
+    async def _stream(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        created = time.time()
+        shell = self._shell(req, rid, created, "in_progress")
+        seq = 0
+
+        def ev(kind: str, **payload: Any) -> str:
+            nonlocal seq
+            data = json.dumps({"type": kind, "sequence_number": seq, **payload}, ensure_ascii=False)
+            seq += 1
+            return f"event: {kind}\ndata: {data}\n\n"
+
+        msg_id = _id("msg")
+        order: list[tuple[str, int]] = []  # output items in the order they were opened: ("message", 0) / ("call", k)
+        text: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
+        call_ids: dict[int, str] = {}
+
+        def open_message() -> list[str]:
+            if ("message", 0) in order:
+                return []
+            order.append(("message", 0))
+            oi = len(order) - 1
+            return [ev("response.output_item.added", output_index=oi, item=_message_item(msg_id, "", "in_progress")),
+                    ev("response.content_part.added", item_id=msg_id, output_index=oi, content_index=0,
+                       part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+        def on_text(delta: str) -> list[str]:
+            out = open_message()
+            text.append(delta)
+            return [*out, ev("response.output_text.delta", item_id=msg_id, output_index=order.index(("message", 0)),
+                             content_index=0, delta=delta, logprobs=[])]
+
+        def on_calls(deltas: list[dict[str, Any]]) -> list[str]:
+            out: list[str] = []
+            for d in deltas:
+                k = d.get("index", 0) if isinstance(d.get("index", 0), int) else 0
+                before = calls.get(k, {}).get("function", {}).get("arguments", "")
+                accumulate_tool_calls(calls, [d])
+                if ("call", k) not in order:
+                    order.append(("call", k))
+                    call_ids[k] = _id("fc")
+                    out.append(ev("response.output_item.added", output_index=len(order) - 1, item=_call_item(call_ids[k], calls[k], "in_progress")))
+                piece = calls[k]["function"]["arguments"][len(before):]
+                if piece:
+                    out.append(ev("response.function_call_arguments.delta", item_id=call_ids[k], output_index=order.index(("call", k)), delta=piece))
+            return out
+
+        async with contextlib.aclosing(events):
+            yield ev("response.created", response=shell)
+            yield ev("response.in_progress", response=shell)
+            async for item in events:
+                if isinstance(item, APIError):
+                    failed = {**shell, "status": "failed", "error": {"code": item.code or "server_error", "message": item.message}}
+                    yield ev("response.failed", response=failed)
+                    return
+                if isinstance(item, StreamChunk):
+                    if item.index != 0:
+                        continue
+                    for line in (on_text(item.text) if item.text else []) + (on_calls(item.tool_calls) if item.tool_calls else []):
+                        yield line
+                    continue
+                res: RunResult = item
+                cand = res.candidates[0]
+                if not res.streamed:  # the final stage was not streamable: its answer comes whole
+                    for line in (on_text(cand.text) if cand.text else []) + on_calls([{"index": j, **c} for j, c in enumerate(cand.meta.get("tool_calls") or [])]):
+                        yield line
+                if not order:  # an empty answer is still one (empty) message
+                    for line in open_message():
+                        yield line
+                # Close every item in the order opened, with the final text (a structured answer may lose its fences).
+                ids = [call_ids[k] for kind, k in order if kind == "call"]
+                final_items = self._output(cand, msg_id, ids)
+                by_id = {it["id"]: it for it in final_items}
+                output = []
+                for oi, (kind, k) in enumerate(order):
+                    it = by_id.get(msg_id if kind == "message" else call_ids[k]) or _message_item(msg_id, "".join(text), "completed")
+                    if kind == "message":
+                        part = it["content"][0]
+                        yield ev("response.output_text.done", item_id=msg_id, output_index=oi, content_index=0, text=part["text"], logprobs=[])
+                        yield ev("response.content_part.done", item_id=msg_id, output_index=oi, content_index=0, part=part)
+                    else:
+                        yield ev("response.function_call_arguments.done", item_id=it["id"], output_index=oi, name=it["name"], arguments=it["arguments"])
+                    yield ev("response.output_item.done", output_index=oi, item=it)
+                    output.append(it)
+                body = self._finish(req, shell, res, output)
+                self._keep(req, rid, conversation, cand, body)
+                yield ev("response.completed", response=body)

@@ -1,0 +1,90 @@
+"""Claim rows: at most one trial of a study evaluates a given graph at a time, across workers and hosts.
+
+Two workers can sample the same architecture at the same moment.  Looking for a running
+twin in the trial list is check-then-act (both may look before either has written its
+graph key), so the decision is made by the database instead: the first ``INSERT`` of
+``(study, graph key)`` into ``archon_graph_claims`` wins (primary key), the others read
+who holds it and wait for that trial's result.  If the holder's trial failed (its worker
+died and the heartbeat check marked it FAIL), a waiter takes the claim over with a
+compare-and-swap ``UPDATE ... WHERE trial_number = <old holder>``, so exactly one
+re-evaluates.  The table lives in the study's own database (SQLite or PostgreSQL): the
+storage URL stays the only thing workers share.
+"""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+_META = sa.MetaData()
+CLAIMS = sa.Table(
+    "archon_graph_claims",
+    _META,
+    sa.Column("study_id", sa.Integer, primary_key=True),
+    sa.Column("arch_key", sa.String(128), primary_key=True),
+    sa.Column("trial_number", sa.Integer, nullable=False),
+    sa.Column("claimed_at", sa.Float, nullable=False),
+)
+_READY: set[int] = set()  # engines whose table exists (id() of the engine), to skip create_all per call
+
+
+def storage_engine(storage: optuna.storages.BaseStorage) -> Engine | None:
+    """The SQLAlchemy engine behind an RDB storage (a study wraps it in Optuna's cache); None for in-memory storage."""
+    backend = getattr(storage, "_backend", storage)
+    return getattr(backend, "engine", None)
+
+
+def ensure_table(engine: Engine) -> Engine:
+    """Create the claims table once per engine.  Workers starting together may race to create it: on
+    PostgreSQL the loser's CREATE fails (a unique violation in the catalogue), which is fine if it now exists."""
+    if id(engine) in _READY:
+        return engine
+    for attempt in range(5):
+        try:
+            _META.create_all(engine)
+            break
+        except sa.exc.SQLAlchemyError:
+            if sa.inspect(engine).has_table(CLAIMS.name):
+                break
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    _READY.add(id(engine))
+    return engine
+
+
+def claim(engine: Engine, study_id: int, key: str, trial_number: int) -> int:
+    """Claim ``key`` for ``trial_number``; returns the number of the trial that holds it (ours if we won)."""
+    ensure_table(engine)
+    try:
+        with engine.begin() as con:
+            con.execute(CLAIMS.insert().values(study_id=study_id, arch_key=key, trial_number=trial_number,
+                                               claimed_at=time.time()))
+        return trial_number
+    except sa.exc.IntegrityError:
+        pass
+    with engine.connect() as con:
+        holder = con.execute(sa.select(CLAIMS.c.trial_number).where(
+            CLAIMS.c.study_id == study_id, CLAIMS.c.arch_key == key)).scalar_one_or_none()
+    # Vanishes only if the row was deleted by hand; then try again from the start.
+    return claim(engine, study_id, key, trial_number) if holder is None else int(holder)
+
+
+def take_over(engine: Engine, study_id: int, key: str, old_holder: int, trial_number: int) -> bool:
+    """Move the claim from a failed trial to ours; True for exactly one of several racing waiters."""
+    with engine.begin() as con:
+        res = con.execute(CLAIMS.update().where(
+            CLAIMS.c.study_id == study_id, CLAIMS.c.arch_key == key, CLAIMS.c.trial_number == old_holder,
+        ).values(trial_number=trial_number, claimed_at=time.time()))
+    return res.rowcount == 1
+
+
+def holders(engine: Engine, study_id: int) -> dict[str, int]:
+    """Graph key -> claiming trial number (for reports and tests)."""
+    ensure_table(engine)
+    with engine.connect() as con:
+        rows = con.execute(sa.select(CLAIMS.c.arch_key, CLAIMS.c.trial_number).where(CLAIMS.c.study_id == study_id))
+        return {k: int(n) for k, n in rows}
