@@ -92,6 +92,7 @@ SHORT = ["hi", "Name a colour.", "What is 2 + 2?", "Say something kind.", "List 
 # Prompt sizes for the long requests: just under the cache's growth steps (512, 1024, 2048 positions), so
 # they cross a step while decoding, and past them, so admission grows the cache first.
 LONG_SIZES = [500, 1010, 1500, 2030, 700]
+STEPS = [512, 1024, 2048]
 
 
 def rss_mb() -> float:
@@ -105,7 +106,7 @@ def plan(rng: random.Random, count: int) -> list[dict[str, Any]]:
     """A seeded mix of request shapes."""
     jobs = []
     for i in range(count):
-        kind = rng.choices(["short", "long", "moa", "cancel"], weights=[55, 25, 8, 12])[0]
+        kind = rng.choices(["short", "long", "moa", "cancel"], weights=[58, 22, 8, 12])[0]
         job: dict[str, Any] = {"id": i, "kind": kind, "n": rng.choice([1, 1, 6]), "stream": rng.random() < 0.4,
                                "max_tokens": rng.randint(4, 20), "seed": rng.randrange(1 << 30), "temperature": rng.choice([0.0, 0.7, 1.0])}
         if kind == "long":
@@ -115,7 +116,7 @@ def plan(rng: random.Random, count: int) -> list[dict[str, Any]]:
         if kind == "moa":
             job.update(n=1, max_tokens=12)
         if kind == "cancel":
-            job.update(stream=True, max_tokens=400)
+            job.update(stream=True, max_tokens=200)
         jobs.append(job)
     return jobs
 
@@ -164,30 +165,51 @@ def run_job(client: openai.OpenAI, backend: Any, job: dict[str, Any]) -> str:
     return "ok"
 
 
+def tour() -> list[dict[str, Any]]:
+    """First, one after another: at each growth step a long request that crosses it while decoding, then n=6
+    (the shape that broke after a growth), streamed and not."""
+    jobs = []
+    for k, step in enumerate(STEPS):
+        jobs.append({"id": 1000 + 2 * k, "kind": "long", "tokens": step - 6, "n": 1, "stream": False, "max_tokens": 20, "seed": k, "temperature": 0.0})
+        jobs.append({"id": 1001 + 2 * k, "kind": "short", "n": 6, "stream": k % 2 == 1, "max_tokens": 8, "seed": k, "temperature": 0.7})
+    return jobs
+
+
+def run_all(client: openai.OpenAI, backend: Any, jobs: list[dict[str, Any]], workers: int) -> tuple[dict[int, str], list[str]]:
+    outcomes: dict[int, str] = {}
+    errors: list[str] = []
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(run_job, client, backend, job): job for job in jobs}
+        for f in as_completed(futures):
+            try:
+                outcomes[futures[f]["id"]] = f.result()
+            except Exception as e:  # collected: the assertion lists every failure
+                errors.append(f"{futures[f]}: {type(e).__name__}: {e}"[:600])
+    return outcomes, errors
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # a few minutes on 2 idle cores; several times that when they are shared
 def test_soak_mixed_shapes_concurrent_clients():
     rng = random.Random(14)
-    jobs = plan(rng, 150)
+    first = tour()
+    jobs = plan(rng, 150 - len(first))
     with embedded_server() as (client, backend, url):
         fresh = backend.stats()
-        for job in jobs:
+        for job in first + jobs:
             if job["kind"] == "long":
                 job["messages"] = notes_prompt(backend, job["tokens"])
         run_job(client, backend, {"id": 0, "kind": "short", "n": 6, "stream": False, "max_tokens": 8, "seed": 1, "temperature": 0.7})
         start = settle(backend, fresh)
         rss0 = rss_mb()
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(4) as pool:  # four concurrent clients sharing one SDK client
-            futures = {pool.submit(run_job, client, backend, job): job for job in jobs}
-            outcomes = {}
-            errors = []
-            for f in as_completed(futures):
-                try:
-                    outcomes[futures[f]["id"]] = f.result()
-                except Exception as e:  # collected: the assertion below lists every failure
-                    errors.append(f"{futures[f]}: {type(e).__name__}: {e}")
+        outcomes, errors = run_all(client, backend, first, workers=1)
+        assert not errors, f"{len(errors)} of the {len(first)} first requests failed:\n" + "\n".join(errors)
+        more, errors = run_all(client, backend, jobs, workers=4)  # four concurrent clients sharing one SDK client
+        outcomes.update(more)
         elapsed = time.perf_counter() - t0
         assert not errors, f"{len(errors)} of {len(jobs)} requests failed:\n" + "\n".join(errors[:10])
+        jobs = first + jobs
         assert len(outcomes) == len(jobs) and list(outcomes.values()).count("cancelled") == sum(j["kind"] == "cancel" for j in jobs)
         end = settle(backend, start)
         assert httpx.get(url + "/health").status_code == 200
