@@ -17,8 +17,13 @@ from .spec import dump_architecture, import_archon, json_schema, load_architectu
 if TYPE_CHECKING:
     from .spec import ArchitectureSpec
 
-# Subcommand groups contributed by other packages (each exposes add_cli(subparsers)).
-_PLUGINS = ["archon_server.engine.cli", "archon_server.bench.cli", "archon_server.search.cli", "archon_server.engine.specdec.cli"]
+# Subcommand groups contributed by other packages: command -> module exposing add_cli(subparsers).
+_PLUGINS = {
+    "models": "archon_server.engine.cli",
+    "bench": "archon_server.bench.cli",
+    "search": "archon_server.search.cli",
+    "specdec": "archon_server.engine.specdec.cli",
+}
 
 
 def _die(msg: str, code: int = 2) -> NoReturn:
@@ -169,14 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--output", "-o")
     im.set_defaults(fn=cmd_import_archon)
 
-    for mod in _PLUGINS:
+    for command, mod in _PLUGINS.items():
         try:
             m = importlib.import_module(mod)
-        except ImportError as e:  # a plugin whose optional dependencies are missing must not break the CLI
-            logging.getLogger("archon.cli").debug("plugin %s unavailable: %s", mod, e)
+        except ImportError as e:
+            # A plugin whose dependencies are missing must not break the other commands, nor vanish: it stays listed,
+            # and running it says why it cannot run.
+            _unavailable(sub, command, f"{mod} failed to import: {type(e).__name__}: {e}")
             continue
         m.add_cli(sub)
     return p
+
+
+def _unavailable(sub: Any, command: str, why: str) -> None:
+    u = sub.add_parser(command, help=f"(unavailable: {why})", add_help=False)
+    u.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def fail(_args: argparse.Namespace) -> int:
+        _die(f"`archon {command}` is unavailable: {why}", code=1)
+
+    u.set_defaults(fn=fail)
 
 
 def main(argv: list[str] | None = None) -> int:

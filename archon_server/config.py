@@ -28,6 +28,9 @@ def presets_dir() -> Path:
 
 # Aliases the shipped presets use; the default config binds them all to the local model.
 PRESET_ALIASES = ["default", "aggregator", "judge"] + [f"proposer-{i}" for i in range(1, 9)]
+# The less-aligned model density-ratio scorers divide by (best-of-n-cdr, self-moa-rank); the default config binds
+# it to the gemma3-270m base model, loaded on first use.
+WEAK_ALIAS = "weak"
 
 
 class _Base(BaseModel):
@@ -106,6 +109,7 @@ class LocalOptions(_Base):
     progress: bool = Field(default=True, description="Print the first start's model conversion progress.")
     threads: int | Literal["auto"] = Field(default="auto", description="Torch threads, or auto: tuned from step times.")
     speculative: SpeculativeOptions | None = None
+    lazy: bool = Field(default=False, description="Load on first use, not at start (a model only some architectures use).")
 
 
 class LocalBackendConfig(_BackendBase):
@@ -226,7 +230,8 @@ class ServerConfig(_Base):
 
 
 def default_config() -> ServerConfig:
-    """The zero-setup config: SmolLM2-135M-Instruct in-process, all preset aliases bound to it."""
+    """The zero-setup config: SmolLM2-135M-Instruct in-process, all preset aliases bound to it; the gemma3-270m base
+    model as ``weak`` (density-ratio scoring), loaded only when an architecture first scores with it."""
     return ServerConfig(
         backends=[
             LocalBackendConfig(
@@ -234,7 +239,8 @@ def default_config() -> ServerConfig:
                 kind="local",
                 model=os.environ.get("ARCHON_LOCAL_MODEL", "smollm2-135m-instruct"),
                 aliases=PRESET_ALIASES,
-            )
+            ),
+            LocalBackendConfig(alias="gemma3-270m", kind="local", model="gemma3-270m", aliases=[WEAK_ALIAS], options=LocalOptions(lazy=True)),
         ],
         server=ServerSettings(default_architecture="self-moa"),
     )

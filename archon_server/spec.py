@@ -17,9 +17,10 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from .exceptions import ArchonError
 
 
-class SpecError(ValueError):
+class SpecError(ArchonError, ValueError):
     """An architecture (or config) failed validation; ``errors`` holds ``path: message`` lines."""
 
     def __init__(self, errors: list[str], source: str | None = None):
@@ -180,6 +181,60 @@ class ExtractorSpec(_Base):
         return self
 
 
+class Exemplar(_Base):
+    query: str
+    response: str
+
+
+class ScorerSpec(_Component):
+    """Ranks the candidates by scores computed from log-probabilities (no text is generated) and keeps ``top_k``.
+
+    Methods:
+
+    - ``density_ratio`` (CDR): ``log p_model(y|x) - log p_weak(y|x)``, ``model`` the better-aligned model,
+      ``weak`` the less-aligned one (e.g. instruct over base); the two may have different tokenizers.
+      ``length_normalize`` divides each log-prob by its own token count; ``criteria`` (a system message) and
+      ``exemplars`` (example turns) go into the strong model's prompt only.
+    - ``logprob_judge``: pointwise expected rating, the probability-weighted mean of "1".."10" read from the
+      judge's next-token log-probabilities (one call per candidate).
+    - ``pairwise``: a tournament of AlpacaEval-style preferences (P("a") vs P("b") of the next token, both
+      presentation orders averaged), round-robin up to ``round_robin_max`` candidates, knockout beyond;
+      Bradley-Terry turns the results into scores. ``pair_scorer: reward_model`` compares rewards instead.
+    - ``reward_model``: one call to a reward / sequence-classification model served over HTTP
+      (``reward_protocol``: vLLM's Score API ``vllm_score`` or text-embeddings-inference ``tei_rerank``).
+    """
+
+    type: Literal["scorer"] = "scorer"
+    method: Literal["density_ratio", "logprob_judge", "pairwise", "reward_model"] = "density_ratio"
+    top_k: int = Field(default=1, ge=1, le=256)
+    weak: str | None = Field(default=None, description="density_ratio: alias of the less-aligned (e.g. base) model.")
+    length_normalize: bool = Field(default=False, description="density_ratio: per-token log-probs (each model's own count).")
+    criteria: str | None = Field(default=None, description="density_ratio: system message given to the strong model only.")
+    exemplars: list[Exemplar] = Field(default_factory=list, description="density_ratio: example turns in the strong model's prompt.")
+    pair_scorer: Literal["logprob_judge", "reward_model"] = Field(default="logprob_judge", description="pairwise: what compares two candidates.")
+    round_robin_max: int = Field(default=8, ge=2, le=64, description="pairwise: up to this many candidates every pair meets; beyond, a knockout.")
+    reward_protocol: Literal["vllm_score", "tei_rerank"] = "vllm_score"
+    top_logprobs: int = Field(default=20, ge=2, le=100, description="logprob judges: next-token alternatives read.")
+
+    @model_validator(mode="after")
+    def _weak(self) -> "ScorerSpec":
+        if self.method == "density_ratio" and not self.weak:
+            raise ValueError("method density_ratio needs `weak` (the less-aligned model's alias)")
+        return self
+
+    def models_used(self) -> list[str]:
+        return [m for m in (self.model, self.weak if self.method == "density_ratio" else None) if m]
+
+    def scoring_needs(self) -> list[tuple[str, str, str]]:
+        """(alias, capability, reward protocol) this scorer relies on: checked when the server starts."""
+        assert self.model is not None
+        if self.method == "density_ratio":
+            return [(self.model, "score", ""), (self.weak or "", "score", "")]
+        if self.method == "reward_model" or (self.method == "pairwise" and self.pair_scorer == "reward_model"):
+            return [(self.model, "reward", self.reward_protocol)]
+        return [(self.model, "next_token", "")]
+
+
 class VoteSpec(_Base):
     """Majority vote / self-consistency over answers extracted from the candidates (no backend call)."""
 
@@ -202,6 +257,7 @@ ComponentSpec = Annotated[
         UnitTestEvaluatorSpec,
         SelfMoASeqSpec,
         VoteSpec,
+        ScorerSpec,
     ],
     Field(discriminator="type"),
 ]
@@ -216,6 +272,7 @@ COMPONENT_TYPES = (
     "unit_test_evaluator",
     "self_moa_seq",
     "vote",
+    "scorer",
 )
 
 
@@ -252,6 +309,16 @@ class ArchitectureSpec(_Base):
             raise ValueError("the first layer must contain a generator (or a self_moa_seq with a proposer)")
         return self
 
+    def scoring_needs(self) -> list[tuple[str, str, str]]:
+        """(alias, capability, protocol) of every scorer: what the backends must support (Backend.check_scoring)."""
+        seen: dict[tuple[str, str, str], None] = {}
+        for layer in self.layers:
+            for c in layer:
+                if isinstance(c, ScorerSpec):
+                    for need in c.scoring_needs():
+                        seen[need] = None
+        return list(seen)
+
     def models_used(self) -> list[str]:
         seen: dict[str, None] = {}
         for layer in self.layers:
@@ -275,6 +342,17 @@ class ArchitectureSpec(_Base):
                 elif isinstance(c, FuserSpec):
                     calls += 1
                     new += c.samples
+                elif isinstance(c, ScorerSpec):
+                    k = max(cands, 1)
+                    if c.method == "density_ratio":
+                        calls += 2
+                    elif c.method == "logprob_judge":
+                        calls += k
+                    elif c.method == "reward_model" or c.pair_scorer == "reward_model":
+                        calls += 1
+                    else:  # both orders of every pair (round-robin) or of every match (knockout: k - 1 matches)
+                        calls += 2 * (k * (k - 1) // 2 if k <= c.round_robin_max else k - 1)
+                    keep = min(c.top_k, cands)
                 elif isinstance(c, RankerSpec):
                     calls += 1
                     keep = min(c.top_k, cands)

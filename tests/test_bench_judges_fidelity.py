@@ -90,3 +90,86 @@ def test_mt_bench_overall_is_the_mean_over_valid_turn_scores():
     scores = [jd.MTBenchScore("81", 1, 10.0, "single-v1"), jd.MTBenchScore("81", 2, None, "single-v1-multi-turn"),
               jd.MTBenchScore("82", 1, 2.0, "single-v1"), jd.MTBenchScore("82", 2, 4.0, "single-v1-multi-turn")]
     assert jd.mt_bench_summary(scores)["overall"] == pytest.approx(16 / 3)
+
+
+class Rambler:
+    """Streams a verdict then rambles on for thousands of tokens; records how far it got and if it was closed."""
+
+    name = "rambler"
+    supports_n = True
+    supports_logprobs = False
+
+    def __init__(self, head: str):
+        self.head = head
+        self.yielded = 0
+        self.closed = False
+
+    async def stream(self, request):
+        from archon_server.backends.base import StreamChunk
+
+        tokens = [self.head[i:i + 3] for i in range(0, len(self.head), 3)] + [" blah"] * 5000
+        try:
+            for t in tokens:
+                self.yielded += 1
+                yield StreamChunk(text=t)
+            yield StreamChunk(finish_reason="length")
+            yield StreamChunk(usage=jd.Usage(100, len(tokens)))
+        finally:
+            self.closed = True
+
+
+async def test_mt_bench_judge_stops_at_its_rating():
+    from archon_server.bench import datasets as ds
+
+    item = ds.load_mt_bench()[0]
+    up = Rambler("The answer is helpful. [5] is what I'd say... Rating: [[7]] because")
+    s = await jd.MTBenchJudge(up, "j").score(item, ["a", "b"], 1)
+    assert s.score == 7.0
+    assert up.closed and up.yielded < 40  # not the 5000 rambling tokens
+    assert "[[7]]" in s.raw and "because" not in s.raw
+
+
+async def test_arena_judge_stops_at_its_verdict_and_prompts_stay_official():
+    from archon_server.bench import datasets as ds
+
+    item = ds.load_arena_hard()[0]
+    up = Rambler("My own answer: x = a[b[0]] ... My final verdict is: [[B>A]] and")
+    g = await jd.ArenaHardJudge(up, "j").game(item, "answer", True)
+    assert g.verdict == "B>A" and up.closed and up.yielded < 40
+
+
+async def test_a_judge_without_verdict_runs_to_the_end():
+    from archon_server.bench import datasets as ds
+
+    up = Rambler("no rating here")
+    s = await jd.MTBenchJudge(up, "j").score(ds.load_mt_bench()[0], ["a", "b"], 1)
+    assert s.score is None and up.yielded == 5 + 5000
+
+
+def test_early_stopped_judge_answers_are_cached_and_replayed(tmp_path):
+    import asyncio
+
+    from archon_server.backends.base import ChatRequest, SamplingParams
+    from archon_server.bench import cache as bc
+
+    store = bc.CacheStore(tmp_path / "c.sqlite")
+    req = ChatRequest("j", [{"role": "user", "content": "judge"}], SamplingParams(temperature=0.0))
+    first = Rambler("ok [[6]] more")
+    with bc.cache_scope("q"):
+        r1 = asyncio.run(jd.chat_until(bc.CachingBackend(first, store), req, jd.rating_complete))
+    again = Rambler("ok [[9]] different")  # would give another rating if it were asked
+    with bc.cache_scope("q"):
+        r2 = asyncio.run(jd.chat_until(bc.CachingBackend(again, store), req, jd.rating_complete))
+    assert jd.parse_rating(r1.choices[0].text) == jd.parse_rating(r2.choices[0].text) == 6.0
+    assert again.yielded == 0
+
+    # a stream closed for another reason (the consumer failed) is not cached
+    async def fail_midway():
+        async for ch in bc.CachingBackend(Rambler("text [[3]]"), store).stream(ChatRequest("j", [{"role": "user", "content": "other"}])):
+            raise RuntimeError("consumer failed")
+
+    import pytest as _pytest
+
+    with _pytest.raises(RuntimeError):
+        asyncio.run(fail_midway())
+    assert len(store) == 1

@@ -177,3 +177,19 @@ def test_sweep_file_validation(tmp_path):
         sw.load_sweep(p)
     assert any("architectures" in m for m in e.value.errors) and any("split" in m for m in e.value.errors)
     assert sw.load_sweep(REPO / "benchmarks" / "smoke.yaml").name == "smoke"
+
+
+async def test_sweep_keeps_traces_when_asked(tmp_path):
+    spec = _spec(tmp_path, architectures=[str(tmp_path / "tiny-moa.yaml")], keep_traces=True,
+                 benchmarks=[{"name": "math500", "split": "dev", "n": 2}, {"name": "mt_bench", "n": 1}])
+    log = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(ScriptedUpstream()), progress=False)
+    math = [r for r in log.records if r["benchmark"] == "math500"]
+    assert len(math) == 2 and all(r["trace"]["calls"] == r["calls"] == 3 for r in math)
+    [mt] = [r for r in log.records if r["benchmark"] == "mt_bench"]
+    assert len(mt["traces"]) == 2 and sum(t["calls"] for t in mt["traces"]) == mt["calls"]  # one trace per turn
+    on_disk = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert sum("trace" in r or "traces" in r for r in on_disk) == 3
+    plain = await sw.run_sweep(_spec(tmp_path, architectures=[str(tmp_path / "tiny-moa.yaml")],
+                                     benchmarks=[{"name": "math500", "split": "dev", "n": 1}]),
+                               tmp_path / "out2", registry=make_registry(ScriptedUpstream()), progress=False)
+    assert "trace" not in plain.records[0]  # off by default: results stay small

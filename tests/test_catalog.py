@@ -69,3 +69,31 @@ def test_cli_run_resolves_presets_files_and_aliases_through_the_catalog(upstream
     with pytest.raises(SystemExit) as e:
         main(["run", "Hi", "-a", "no-such-thing", "-c", str(cfg)])
     assert e.value.code == 2 and "unknown architecture 'no-such-thing'" in capsys.readouterr().err
+
+
+def test_a_subcommand_whose_import_fails_says_so(monkeypatch, capsys):
+    """`archon bench` used to vanish silently when its import failed (logged at debug before logging was set up)."""
+    from archon_server import cli
+
+    monkeypatch.setitem(cli._PLUGINS, "bench", "archon_server.no_such_module")
+    assert "unavailable" in cli.build_parser().format_help()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "run", "x.yaml"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "`archon bench` is unavailable" in err and "no_such_module" in err
+
+
+def test_one_exception_root_and_one_failure_code_map():
+    from archon_server.api.errors import APIError, failure_code
+    from archon_server.api.structured import StructuredOutputInvalid
+    from archon_server.backends.base import BackendError, BackendTimeout
+    from archon_server.backends.registry import UnknownModel
+    from archon_server.components.base import ComponentFailed, ParseError
+    from archon_server.exceptions import ArchonError
+    from archon_server.graph.runtime import GraphError
+
+    for cls in (SpecError, BackendError, BackendTimeout, UnknownModel, UnknownArchitecture, GraphError, ComponentFailed,
+                ParseError, StructuredOutputInvalid, APIError):
+        assert issubclass(cls, ArchonError), cls
+    # Streamed and JSON answers take their code from the same map: a 400 is never labelled "timeout" (the stream's did).
+    assert (failure_code(400), failure_code(502), failure_code(504)) == ("invalid_value", "upstream_error", "timeout")

@@ -1,13 +1,12 @@
 """The web console (/ui) in real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium).
 
 Skipped only off CI when Chromium is not installed; under CI (CI=true) a missing browser is a failure, since
-.ci/run installs it. Screenshots go to .pytest_cache/console-*.png (test 1's is the README's docs/console.png).
+.ci/run installs it. Screenshots go to .pytest_cache/console-*.png.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from archon_server.testing.server import serve_process
-from tests.conftest import fake_config
+from tests.conftest import fake_config, require_component
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / ".pytest_cache"
@@ -31,24 +30,14 @@ def _chromium() -> tuple[str, str] | None:
     return (binary, driver) if binary and driver else None
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 @pytest.fixture
 def browser() -> Iterator[Any]:
     found = _chromium()
-    if found is None:
-        if _under_ci():
-            pytest.fail("CI: chromium/chromedriver not installed (.ci/run installs them with apt-get)")
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        if _under_ci():
-            raise
-        pytest.skip("selenium is not installed (pip install -e '.[test]')")
+    require_component("Chromium", None if found else "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    assert found is not None
+    from selenium import webdriver  # the test extra; a missing one is an install error, not a skip
+    from selenium.webdriver.chrome.service import Service
+
     opts = webdriver.ChromeOptions()
     opts.binary_location = found[0]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,800",
@@ -177,13 +166,13 @@ def test_saved_trace_file_opens_in_the_viewer_without_keys(browser, upstream_fac
     waterfall_matches(drv, trace)
     bars = all_by(drv, "#tr-waterfall g.wf-bar")
     assert "failed" in bars[0].get_attribute("class") and sum("failed" in b.get_attribute("class") for b in bars) == 1
-    assert "upstream answered 500" in by(drv, '#tr-layers .layer-card[data-layer="0"]').text
-    ranker = by(drv, '#tr-layers .layer-card[data-layer="1"]')
-    assert ranker.text.count("kept #") == 5 and ranker.text.count("dropped") == 3
+    assert "upstream answered 500" in by(drv, '#tr-layers .layer-card[data-layer="0"]').get_attribute("textContent")
+    ranker = by(drv, '#tr-layers .layer-card[data-layer="1"]').get_attribute("textContent")
+    assert ranker.count("kept #") == 5 and ranker.count("dropped") == 3
     # expanding a candidate shows its whole text
     cand = all_by(drv, '#tr-layers .layer-card[data-layer="0"] details.cand')[1]
     cand.find_element("css selector", "summary").click()
-    assert trace["layers"][0]["candidates"][1]["text"] in cand.find_element("css selector", "pre").text
+    wait_for(lambda: trace["layers"][0]["candidates"][1]["text"] in cand.find_element("css selector", "pre").text, 10, "the expanded text")
     drv.save_screenshot(str(SHOTS / "console-loaded-trace.png"))
     # a downloaded trace (a /v1/traces entry) and JSON lines of responses load too
     entry = httpx.get(srv.url + "/v1/traces").json()["data"][0]
@@ -193,6 +182,32 @@ def test_saved_trace_file_opens_in_the_viewer_without_keys(browser, upstream_fac
     by(drv, "#tr-file").send_keys(str(lines))
     wait_for(lambda: "2 trace(s)" in by(drv, "#tr-status").text, 20, "two traces from the JSON lines")
     waterfall_matches(drv, stored["trace"])
+    # a sweep's results (keep_traces: true): one trace per answer, one per turn for multi-turn questions
+    sweep_out = _sweep_with_traces(tmp_path)
+    records = [json.loads(x) for x in (sweep_out / "results.jsonl").read_text().splitlines()]
+    by(drv, "#tr-file").send_keys(str(sweep_out / "results.jsonl"))
+    wait_for(lambda: "3 trace(s)" in by(drv, "#tr-status").text, 20, "the sweep's three traces")
+    waterfall_matches(drv, next(r for r in records if "trace" in r)["trace"])
+    from selenium.webdriver.support.select import Select
+
+    pick = Select(by(drv, "#tr-pick"))  # results are written as answers finish: find the second turn by its label
+    pick.select_by_index(next(i for i, o in enumerate(pick.options) if "turn 2" in o.text))
+    waterfall_matches(drv, next(r for r in records if "traces" in r)["traces"][1])
+    assert "mt_bench" in by(drv, "#tr-summary").text and "turn 2" in by(drv, "#tr-summary").text
+
+
+def _sweep_with_traces(tmp_path: Path) -> Path:
+    import asyncio
+
+    from archon_server.bench import sweep as sw
+    from tests.bench_fakes import ScriptedUpstream, make_registry
+
+    (tmp_path / "tiny-moa.yaml").write_text("name: tiny-moa\nlayers:\n  - - {type: generator, models: [proposer-1, proposer-2]}\n"
+                                           "  - - {type: fuser, model: aggregator}\n")
+    spec = sw.SweepSpec.model_validate({"name": "t", "judge": "judge", "keep_traces": True, "architectures": [str(tmp_path / "tiny-moa.yaml")],
+                                        "benchmarks": [{"name": "math500", "split": "dev", "n": 1}, {"name": "mt_bench", "n": 1}]})
+    asyncio.run(sw.run_sweep(spec, tmp_path / "sweep", registry=make_registry(ScriptedUpstream()), progress=False))
+    return tmp_path / "sweep"
 
 
 def test_compare_failures_and_an_unreachable_server(browser, upstream_factory, server_factory):
@@ -237,4 +252,5 @@ def test_compare_failures_and_an_unreachable_server(browser, upstream_factory, s
     by(drv, "#pg-send").click()
     wait_for(lambda: "unreachable" in by(drv, "#banner").text, 30, "the unreachable message")
     assert by(drv, "#conn-text").text == "unreachable"
+    assert drv.execute_script("const r = document.querySelector('#banner').getBoundingClientRect(); return r.top >= 0 && r.bottom <= innerHeight")
     drv.save_screenshot(str(SHOTS / "console-unreachable.png"))

@@ -63,6 +63,30 @@ def test_stop_strings_and_length(served):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
 
 
+def test_scoring_presets_in_the_default_server(served):
+    """The three scoring presets through the README's server with the SDK, one after another and again, mixed with
+    a plain request: scores in the trace, the answer is the top-scored sample, no verdict is ever generated."""
+    msgs = [{"role": "user", "content": "Give me one tip for learning a language."}]
+    short = {"architecture": {"defaults": {"max_tokens": 40}}, "return_trace": True}
+    for name, scorer_calls in (("best-of-n-cdr", 2), ("best-of-n-judge", 30), ("self-moa-rank", 2), ("best-of-n-cdr", 2)):
+        r = served.chat.completions.create(model=name, messages=msgs, max_tokens=40, seed=3, extra_body=short)
+        text = r.choices[0].message.content
+        assert english(text) and not any(t in text for t in TEMPLATE_TOKENS), (name, text)
+        trace = r.model_extra["trace"]
+        layer = next(lt for lt in trace["layers"] if any(c["type"] == "scorer" for c in lt["calls"]))
+        calls = [c for c in layer["calls"] if c["type"] == "scorer"]
+        assert len(calls) == scorer_calls and all(c["ok"] and c["completion_tokens"] == 0 for c in calls), (name, calls)
+        assert any("scores [1]" in n for n in layer["notes"]), layer["notes"]
+        kept = layer["candidates"]
+        assert kept and all(c["score"] is not None for c in kept)
+        if name != "self-moa-rank":  # the final answer is the best-scored sample (self-moa-rank fuses its top 3)
+            assert text == max(kept, key=lambda c: c["score"])["text"]
+        else:
+            assert len(kept) == 3
+    r = served.chat.completions.create(model="smollm2", messages=msgs, max_tokens=20)
+    assert english(r.choices[0].message.content)
+
+
 def test_responses_completions_and_structured_outputs_on_the_embedded_model(served):
     """The rest of the OpenAI API on the running default server, one request after another as a client would."""
     r = served.responses.create(model="smollm2", input="What is the capital of France? One sentence.", instructions="Answer briefly.",

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, require_component
 
 from archon_server.config import PRESET_ALIASES
 from archon_server.testing.upstream import FakeUpstream
-from conftest import ROOT
 
 KILLS = 3
 
@@ -53,7 +53,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 90) -> bool:  # t
 def math500_available() -> None:
     data = Path(os.environ.get("ARCHON_DATA_DIR", ROOT.parent / "shared" / "data"))
     if not (data / "math" / "math500_prm800k_test.jsonl").exists():
-        pytest.skip(f"MATH-500 data not under {data}")
+        require_component("MATH-500 data", f"MATH-500 data not under {data}")
 
 
 def test_sweep_killed_three_times_resumes_with_nothing_lost(tmp_path: Path, math500_available) -> None:
@@ -112,7 +112,10 @@ def test_sweep_killed_three_times_resumes_with_nothing_lost(tmp_path: Path, math
 
 
 def test_search_worker_killed_three_times_resumes_with_nothing_lost(tmp_path: Path) -> None:
-    optuna = pytest.importorskip("optuna")
+    try:
+        import optuna
+    except ImportError as e:  # a dependency: under CI its absence fails, never skips
+        require_component("optuna", str(e))
     from optuna.trial import TrialState
 
     from archon_server.search.objective import ATTR_SKIPPED, is_evaluated

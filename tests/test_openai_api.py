@@ -38,6 +38,8 @@ def test_responses_create_runs_the_architecture_with_usage_and_trace(upstream_fa
     assert fuse["messages"][0]["role"] == "system" and fuse["messages"][0]["content"].startswith("Be brief.")
     assert r.usage.input_tokens == 20 and r.usage.output_tokens == 35 and r.usage.total_tokens == 55
     assert r.model_extra["trace"]["calls"] == 2
+    lp = client(srv).responses.create(model="default", input="Hi?", top_logprobs=1).output[0].content[0].logprobs
+    assert [t.token for t in lp] == ["answer", "0", "from", "fake-model"] and lp[0].logprob == -0.5 and lp[0].top_logprobs[0].token == "answer"
 
 
 def test_responses_input_message_list_and_previous_response_id(upstream_factory, server_factory):
@@ -159,8 +161,9 @@ def test_responses_function_calls_non_streaming_and_streaming(upstream_factory, 
     srv = server_factory(fake_config(up.url))
     c = client(srv)
     tool = {"type": "function", "name": "get_weather", "description": "Weather of a city", "parameters": WEATHER["function"]["parameters"]}
-    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool])
+    r = c.responses.create(model="default", input="Weather in Paris?", tools=[tool], tool_choice={"type": "function", "name": "get_weather"})
     assert up.requests[0].body["tools"] == [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}]
+    assert up.requests[0].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}  # in chat's shape
     item = r.output[0]
     assert item.type == "function_call" and item.name == "get_weather" and item.call_id == "call_1" and json.loads(item.arguments) == {"city": "Paris"}
     with c.responses.stream(model="default", input="Weather?", tools=[tool]) as stream:
@@ -237,6 +240,19 @@ def test_invalid_structured_answer_is_retried_then_refused(upstream_factory, ser
     assert "response_format" in e.value.body["message"]
 
 
+def test_a_streamed_answer_that_is_not_the_json_asked_for_ends_in_an_error(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"text": "plain words"})
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30, json={
+            "model": "default", "stream": True, "messages": [{"role": "user", "content": "?"}], "response_format": {"type": "json_object"}}) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "invalid_structured_output"
+    events = list(c.responses.create(model="default", input="?", stream=True, text={"format": {"type": "json_object"}}))
+    assert events[-1].type == "response.failed" and events[-1].response.error.code == "invalid_structured_output"
+    assert len(up.requests) == 2  # streamed answers are checked, not asked for again
+
+
 # -- /v1/completions ------------------------------------------------------------------------
 
 def test_completions_on_a_backend_are_raw_pass_through(upstream_factory, server_factory):
@@ -266,6 +282,9 @@ def test_completions_on_an_architecture_run_the_prompt_as_one_user_message(upstr
     r = c.completions.create(model="self-moa", prompt="Tell me a joke", max_tokens=20, echo=True)
     assert r.choices[0].text == "Tell me a joke" + "fused answer from 6 responses"
     assert up.requests[0].body["messages"] == [{"role": "user", "content": "Tell me a joke"}] and up.requests[1].body["max_tokens"] == 20
+    lp = c.completions.create(model="self-moa", prompt="Tell me a joke", logprobs=1, echo=True).choices[0].logprobs  # the final stage's
+    assert lp.tokens == ["fused", "answer", "from", "6", "responses"] and lp.token_logprobs == [-0.5] * 5
+    assert lp.top_logprobs[0] == {"fused": -0.5} and lp.text_offset[0] == len("Tell me a joke")
     chunks = list(c.completions.create(model="self-moa", prompt=["a", "b"], stream=True))
     by_index: dict[int, str] = {}
     for ch in chunks:
@@ -284,6 +303,10 @@ def test_completions_bad_input(upstream_factory, server_factory):
         assert e.value.body["param"] == param
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="x")
+    bad = upstream_factory(lambda b: {"fault": "503"})
+    with pytest.raises(openai.APIStatusError) as e:
+        client(server_factory(fake_config(bad.url))).completions.create(model="default", prompt="x")
+    assert e.value.status_code == 502 and "503" in e.value.body["message"] and len(bad.requests) == 2  # retried once, then 502
 
 
 # -- /v1/embeddings ------------------------------------------------------------------------

@@ -162,3 +162,110 @@ def test_relative_file_names_only():
         sb.run_python("pass", files={"../x.py": ""})
     r = sb.run_python("import helper\nprint(helper.X)", files={"helper.py": "X = 42"})
     assert r.stdout.strip() == "42"
+
+
+# -- what the program can see of the host ----------------------------------------------------------------------------
+
+_LOOK = """
+import json, os, sys
+out = dict()
+for name, path in {paths!r}.items():
+    try:
+        if os.path.isdir(path) or name.startswith("list"):
+            out[name] = sorted(os.listdir(path))[:5]
+        else:
+            out[name] = open(path).read()[:20]
+    except OSError as e:
+        out[name] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def _host_paths() -> dict[str, str]:
+    return {"read /etc/passwd": "/etc/passwd", "read /etc/hostname": "/etc/hostname", "list project": str(REPO),
+            "read project file": str(REPO / "README.md"), "list project parent": str(REPO.parent),
+            "list home": str(Path.home()), "list /home": "/home", "list /etc": "/etc", "list /usr": "/usr",
+            "list /var": "/var", "read own launcher": str(Path(sb.__file__).with_name("_launcher.py"))}
+
+
+def test_the_host_is_invisible(mode):
+    import json
+
+    paths = _host_paths()
+    assert os.path.exists("/etc/passwd") and REPO.is_dir()  # they are there, on the host
+    r = sb.run_python(_LOOK.format(paths=paths))
+    assert r.status == "ok", r
+    seen = json.loads(r.stdout)
+    if mode == "namespaces":
+        # Every one fails: not there at all, or (directories on the way to the Python installation) not listable.
+        assert all(v in ("FileNotFoundError", "PermissionError") for v in seen.values()), seen
+        assert seen["read /etc/passwd"] == "FileNotFoundError" and seen["list project"] == "FileNotFoundError"
+    else:
+        # What the rlimits fallback documents it cannot hide: the host's files, read with the program's uid.
+        assert seen["read /etc/passwd"].startswith("root:"), seen
+
+
+def test_root_holds_only_the_sandbox(mode):
+    if mode != "namespaces":
+        pytest.skip("rlimits mode shows the host's root (documented)")
+    r = sb.run_python("import os\nprint(sorted(os.listdir('/')))\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/dev')))\n"
+                      "print(sorted(p for p in os.listdir('/proc') if p.isdigit()))")
+    assert r.status == "ok", r
+    top, rest, procs = r.stdout.strip().splitlines()
+    assert set(eval(top)) <= {"usr", "lib", "lib64", "lib32", "libx32", "bin", "etc", "dev", "proc", "tmp", "opt", "root", "home", "srv", "nix"}
+    assert "work" not in eval(top) and "var" not in eval(top)
+    assert rest.startswith("['work']")
+    assert eval(procs) == ["1", "2"]  # init and the program: no host process is visible
+
+
+def test_stdlib_and_the_interpreters_packages_still_work(mode):
+    """The stdlib (C extensions included), subprocesses of the interpreter, multiprocessing (needs /dev/shm), and
+    the packages installed for the sandbox's interpreter import as on the host."""
+    import json
+
+    python = sb._program_python(mode)
+    candidates = ["yaml", "numpy", "certifi", "attr", "six", "idna", "packaging", "setuptools", "pip"]
+    find = "import importlib.util, json, sys\nprint(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m)]))"
+    host = subprocess.run([python, "-I", "-c", find, *candidates], capture_output=True, text=True, check=True)
+    installed = json.loads(host.stdout)
+    code = (
+        "import json, sqlite3, decimal, ctypes, zlib, hashlib, ssl, lzma, bz2, unicodedata, subprocess, sys, multiprocessing\n"
+        "import importlib\n"
+        f"mods = {installed!r}\n"
+        "for m in mods:\n    importlib.import_module(m)\n"
+        "out = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout.strip()\n"
+        "with multiprocessing.Pool(2) as pool:\n    squares = pool.map(abs, [-3, -4])\n"
+        "con = sqlite3.connect(':memory:'); con.execute('create table t(x)')\n"
+        "print(out, squares, hashlib.sha256(b'x').hexdigest()[:8], len(mods))\n"
+    )
+    r = sb.run_python(code, limits=sb.SandboxLimits(timeout_s=30))
+    assert r.status == "ok", r
+    assert r.stdout.split() == ["42", "[3,", "4]", "2d711642", str(len(installed))], r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the probe as another user")
+def test_unprivileged_user_namespace_hides_the_host_too():
+    """Not root: the sandbox makes a user namespace of its own and hides the host just the same (where the kernel
+    allows unprivileged user namespaces; otherwise it falls back to rlimits and says so)."""
+    import json
+
+    script = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom archon_server.sandbox import core\n"
+              f"r = core.run_python({_LOOK.format(paths=_host_paths())!r})\n"
+              "print(json.dumps({'mode': core.isolation_mode(), 'status': r.status, 'stdout': r.stdout, 'stderr': r.stderr}))\n")
+    python = sb._program_python("namespaces")  # an interpreter "others" may run
+
+    def as_nobody() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    p = subprocess.run([python, "-I", "-c", script, str(REPO)], capture_output=True, text=True, cwd="/", timeout=120,
+                       preexec_fn=as_nobody, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if out["mode"] != "namespaces":
+        assert "cannot hide" in p.stderr  # the fallback is announced
+        pytest.skip(f"this kernel refuses unprivileged user namespaces: {p.stderr[-300:]}")
+    assert out["status"] == "ok", out
+    seen = json.loads(out["stdout"])
+    assert all(v in ("FileNotFoundError", "PermissionError") for v in seen.values()), seen

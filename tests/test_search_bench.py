@@ -7,7 +7,6 @@ predictable, and the call counts show what the cache saves.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import optuna

@@ -14,6 +14,7 @@ def test_presets_are_valid_and_cost_as_documented():
     calls = {p.stem: load_architecture(p).backend_calls_estimate() for p in (ROOT / "architectures").glob("*.yaml")}
     assert calls["moa"] == 13 and calls["moa-lite"] == 7 and calls["self-moa"] == 2
     assert calls["archon-rank-critic-fuse"] == 11  # Archon's 11-call recipe
+    assert calls["best-of-n-cdr"] == 3 and calls["self-moa-rank"] == 4 and calls["best-of-n-judge"] == 31  # scorer presets
 
 
 def test_error_names_the_offending_path():

@@ -94,6 +94,9 @@ def build_app(
         ready = app.state.ready = asyncio.ensure_future(asyncio.gather(*starting.values()))
         ready.add_done_callback(on_ready)
         chat: ChatService = app.state.chat
+        for name, spec in catalog.architectures.items():  # scorers on backends that cannot score: said now
+            for problem in await chat.runtime.scoring_problems(spec, probe=False):
+                log.warning("architecture %r will refuse requests: its scorer needs what %s", name, problem)
         trimmer = asyncio.ensure_future(trim_when_idle(lambda: chat.admitted, lambda: chat.inflight))
         try:
             yield

@@ -35,24 +35,30 @@ from .errors import error_body
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-# What a body can hold that the text check must look at: a NUL escape, a high surrogate escape not followed by a
-# low one, a low one not preceded by a high one, or raw UTF-8-encoded surrogate bytes (json.loads decodes bytes
-# with surrogatepass). Escaped pairs (how json.dumps writes emoji) do not match. A false alarm (`\\ud800`, an
-# escaped backslash) only costs the exact check below.
-_SUSPECT = re.compile(
-    rb"\\u0000"
-    rb"|\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-    rb"|\xed[\xa0-\xbf]"
-)
-_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
+# What makes a body worth the exact check: a NUL escape, any surrogate escape (pairs too: json.dumps writes emoji
+# as pairs, and telling a pair from a lone half is the exact check's job), or raw UTF-8-encoded surrogate bytes
+# (json.loads decodes bytes with surrogatepass). Both patterns start with a literal, so the regex engine skips ahead
+# with a fast search: ~1 ms for 4 MB of ASCII (an alternation with lookarounds, tried first, took 260 ms).
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_SUSPECT_RAW = re.compile(rb"\xed[\xa0-\xbf]")
+
+
+def _bad_char(s: str) -> int | None:
+    """Index of the first NUL or lone surrogate in ``s``, or None; at C speed (a regex over 4 MB took 45 ms)."""
+    first = s.find("\x00")
+    if not s.isascii():  # isascii is O(1) in CPython; only non-ASCII text can hold a surrogate
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            first = e.start if first < 0 else min(first, e.start)
+    return None if first < 0 else first
 
 
 def find_invalid_text(body: bytes) -> tuple[str, str] | None:
     """``(param, message)`` for the first string (value or key) in a JSON body holding a NUL or a lone surrogate.
 
     None when there is none, or when the body is not JSON at all (the route reports that)."""
-    if not _SUSPECT.search(body):
+    if not _SUSPECT_ESCAPE.search(body) and not _SUSPECT_RAW.search(body):
         return None
     try:
         doc = json.loads(body)
@@ -67,11 +73,12 @@ def _walk(obj: Any, loc: tuple[Any, ...]) -> tuple[str, str] | None:
     while stack:
         cur, where = stack.pop()
         if isinstance(cur, str):
-            m = _BAD_CHAR.search(cur)
-            if m:
-                what = "a NUL character" if m.group() == "\x00" else f"a lone UTF-16 surrogate (\\u{ord(m.group()):04x}), which is not valid Unicode"
+            at = _bad_char(cur)
+            if at is not None:
+                ch = cur[at]
+                what = "a NUL character" if ch == "\x00" else f"a lone UTF-16 surrogate (\\u{ord(ch):04x}), which is not valid Unicode"
                 param = format_loc(where)
-                return param, f"{param}: contains {what} at character {m.start()}"
+                return param, f"{param}: contains {what} at character {at}"
         elif isinstance(cur, dict):
             for k, v in reversed(list(cur.items())):
                 stack.append((v, (*where, k)))
@@ -192,7 +199,9 @@ class GuardMiddleware:
                 self.on_reject("invalid_text")
                 await send_error(send, 400, message, "invalid_value", param)
                 return
-            await self.app(scope, _replay(raw, receive), send)
+            replay = _replay(raw, receive)
+            del raw  # the app holds the body from here on, and lets go of it when it likes
+            await self.app(scope, replay, send)
         finally:
             if held and self.budget is not None:
                 self.budget.give(held)

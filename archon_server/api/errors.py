@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..exceptions import ArchonError
 from ..spec import format_loc
 
 _TYPES = {
@@ -27,7 +28,16 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
+# A failure's OpenAI error `code` by its HTTP status: the one map, for JSON answers and stream error events alike.
+FAILURE_CODES = {400: "invalid_value", 404: "model_not_found", 422: "invalid_value", 429: "rate_limit_exceeded",
+                 499: "client_disconnected", 502: "upstream_error", 503: "unavailable", 504: "timeout"}
+
+
+def failure_code(status: int) -> str | None:
+    return FAILURE_CODES.get(status)
+
+
+class APIError(ArchonError):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 
 from ..components.state import Candidate
+from ..exceptions import ArchonError
 
 # One more run of the graph when the answer is not the JSON asked for (the embedded engine's only safeguard).
 STRUCTURED_RETRIES = 1
@@ -23,7 +24,7 @@ STRUCTURED_RETRIES = 1
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
-class StructuredOutputInvalid(ValueError):
+class StructuredOutputInvalid(ArchonError, ValueError):
     """The final answer is not the JSON that `response_format` asked for."""
 
 
@@ -89,3 +90,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
         out.append({"type": "function", "function": fn})
     return out
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    """Responses API `tool_choice` ({"type": "function", "name": ...}) in Chat Completions' shape; strings as they are."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice and "function" not in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice

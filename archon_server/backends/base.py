@@ -7,6 +7,7 @@ here knows about the HTTP layer of our own server.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,6 +34,17 @@ class BackendTimeout(BackendError):
 
     def __init__(self, message: str, *, backend: str | None = None):
         super().__init__(message, status=504, retryable=True, backend=backend)
+
+
+def content_text(content: Any) -> str:
+    """The text of an OpenAI message ``content``: a string, or a list of parts of which the text parts count (a part
+    without a ``type`` is text); None and anything else are empty. The one flattener: the API layer, the components'
+    prompts and the local engine's chat template all read content through it."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return ""
 
 
 @dataclass
@@ -137,7 +149,138 @@ def accumulate_tool_calls(acc: dict[int, dict[str, Any]], deltas: list[dict[str,
             call["function"]["arguments"] += fn["arguments"]
 
 
-class Backend(abc.ABC):
+# ---------------------------------------------------------------------------- scoring (no generation)
+# Rankers that *score* candidates read log-probabilities instead of asking a model to write a verdict:
+# density ratio (log p_strong(y|x) - log p_weak(y|x)), AlpacaEval-style logprob preferences, reward models.
+
+
+class ScoringUnsupported(BackendError):
+    """This backend cannot compute what a scoring ranker needs (continuation log-probs, next-token
+    log-probs or rewards). Raised at start-up by :meth:`Backend.check_scoring` and at call time."""
+
+    def __init__(self, message: str, *, backend: str | None = None):
+        super().__init__(message, status=400, retryable=False, backend=backend)
+
+
+@dataclass
+class ScoreRequest:
+    """Log-probability of each ``continuations[i]`` as the assistant's reply after ``messages``.
+
+    If the last message is the assistant's, the continuation extends it. All continuations share the
+    prompt: backends that can (the embedded engine) run its prefill once.  Only the continuation's own
+    tokens are scored (no end-of-turn token), so two models with different tokenizers and chat templates
+    score the same string.
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    continuations: list[str]
+
+
+@dataclass
+class SequenceScore:
+    logprob: float  # sum over the continuation's tokens
+    token_logprobs: list[float]
+    tokens: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_logprobs)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(1, self.num_tokens)
+
+
+@dataclass
+class ScoreResult:
+    scores: list[SequenceScore]  # aligned with the request's continuations
+    usage: Usage = field(default_factory=Usage)  # prompt_tokens = tokens run through the model
+    latency_s: float = 0.0
+    requests: int = 1
+
+
+@dataclass
+class NextTokenRequest:
+    """Top-``top_k`` log-probabilities of the first token the model would write after ``messages``
+    (a final assistant message is continued: e.g. ``"Output ("`` so the next token is ``a`` or ``b``)."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    top_k: int = 20
+
+
+@dataclass
+class NextTokenResult:
+    top: list[tuple[str, float]]  # (token text, logprob), most likely first
+    usage: Usage = field(default_factory=Usage)
+    latency_s: float = 0.0
+    requests: int = 1
+
+    def prob_of(self, *labels: str) -> float:
+        """Total probability of the top tokens that read as one of ``labels`` (case/space-insensitive)."""
+        import math
+
+        want = {lab.strip().lower() for lab in labels}
+        return sum(math.exp(lp) for tok, lp in self.top if tok.strip().lower() in want)
+
+
+@dataclass
+class RewardRequest:
+    """Scalar rewards of ``responses`` to ``query`` from a sequence-classification (reward / cross-encoder)
+    model. ``protocol``: ``vllm_score`` (vLLM's Score API: POST /score {text_1, text_2}) or ``tei_rerank``
+    (text-embeddings-inference: POST /rerank {query, texts})."""
+
+    model: str
+    query: str
+    responses: list[str]
+    protocol: str = "vllm_score"
+
+
+@dataclass
+class RewardResult:
+    rewards: list[float]  # aligned with the request's responses
+    usage: Usage = field(default_factory=Usage)
+    latency_s: float = 0.0
+    requests: int = 1
+
+
+class ScoringMixin:
+    """Default scoring API of every :class:`Backend`: "cannot score", said clearly.
+
+    ``supports_scoring``: continuation log-probs (:meth:`score`) and next-token log-probs
+    (:meth:`next_token_logprobs`); ``supports_reward``: :meth:`reward`.  :meth:`check_scoring` is what
+    start-up calls for backends an architecture scores with: a backend whose capability is only known
+    by asking (an OpenAI-compatible URL that may or may not be vLLM) probes there, so a missing
+    capability shows when the server starts, not at the first request.
+    """
+
+    name: str
+    supports_scoring: bool = False
+    supports_reward: bool = False
+
+    def _cannot(self, what: str) -> ScoringUnsupported:
+        return ScoringUnsupported(f"backend {self.name!r} ({type(self).__name__}) cannot {what}", backend=self.name)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        raise self._cannot("score text (continuation log-probabilities)")
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        raise self._cannot("return next-token log-probabilities")
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        raise self._cannot("compute rewards (it is not a reward-model server)")
+
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
+        """Raise :class:`ScoringUnsupported` unless this backend can do ``need`` (score | next_token | reward;
+        ``model``: the upstream model name, ``protocol``: the reward protocol). ``probe=False``: answer from what
+        the backend knows without a network call (an upstream that must be asked then raises nothing)."""
+        ok = self.supports_reward if need == "reward" else self.supports_scoring
+        if not ok:
+            raise self._cannot({"score": "score text", "next_token": "return next-token log-probabilities", "reward": "compute rewards"}[need])
+
+
+class Backend(ScoringMixin, abc.ABC):
     """A source of chat completions.
 
     ``supports_n``: k samples of one prompt may go as one request with ``n=k``
@@ -224,6 +367,14 @@ class BackendWrapper(Backend):
     def supports_response_format(self) -> bool:
         return self.inner.supports_response_format
 
+    @property  # type: ignore[override]
+    def supports_scoring(self) -> bool:
+        return self.inner.supports_scoring
+
+    @property  # type: ignore[override]
+    def supports_reward(self) -> bool:
+        return self.inner.supports_reward
+
     def unwrap(self) -> Backend:
         """The backend at the bottom of a chain of wrappers."""
         b: Backend = self.inner
@@ -245,8 +396,9 @@ class BackendWrapper(Backend):
         return await self.inner.chat(request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async for ch in self.inner.stream(request):
-            yield ch
+        async with contextlib.aclosing(self.inner.stream(request)) as chunks:  # an early close reaches inner now
+            async for ch in chunks:
+                yield ch
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
         return await self.inner.complete(request)
@@ -254,6 +406,18 @@ class BackendWrapper(Backend):
     async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         async for ch in self.inner.stream_complete(request):
             yield ch
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:  # not cached by a cache: deterministic, cheap
+        return await self.inner.score(request)
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        return await self.inner.next_token_logprobs(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        return await self.inner.reward(request)
+
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
+        await self.inner.check_scoring(need, model, protocol, probe)
 
     async def models(self) -> list[str]:
         return await self.inner.models()

@@ -35,6 +35,7 @@ from .base import (
     TokenLogprob,
     Usage,
 )
+from .http_scoring import HTTPScoring
 from .pool import Replica, ReplicaPool
 
 T = TypeVar("T")
@@ -143,7 +144,7 @@ def parse_completion(data: Any, backend: str) -> ChatResult:
     return ChatResult(choices=choices, usage=_usage(data.get("usage")), model=str(data.get("model", "")), metrics=metrics)
 
 
-class OpenAIHTTPBackend(Backend):
+class OpenAIHTTPBackend(HTTPScoring, Backend):
     def __init__(
         self,
         name: str,

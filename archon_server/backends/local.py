@@ -21,35 +21,33 @@ from archon_server.backends.base import (
     ChatResult,
     Choice,
     CompletionRequest,
+    NextTokenRequest,
+    NextTokenResult,
     SamplingParams,
+    ScoreRequest,
+    ScoreResult,
+    SequenceScore,
     StreamChunk,
     TokenLogprob,
     Usage,
+    content_text,
 )
 from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
-
-
-def _content_text(content: Any) -> str:
-    """OpenAI message content: a string or a list of parts (only text parts are kept)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
-    return str(content)
 
 
 class LocalBackend(Backend):
     """In-process generation.  ``await start()`` loads (and on first use converts) the model.
 
     ``options``: ``progress`` (bool, print conversion progress; default True);
-    ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times).
+    ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times);
+    ``lazy`` (bool: load on first use rather than at server start; for a model only some architectures use,
+    like the default config's ``weak`` base model for density-ratio scoring).
     """
 
     supports_n = True
     supports_logprobs = True
+    supports_scoring = True
     supports_tools = False  # SmolLM2's template has no tool-calling format
     # response_format constrains decoding (engine/constrain.py, llguidance); without llguidance installed the
     # server prompts for JSON and validates instead.
@@ -75,6 +73,7 @@ class LocalBackend(Backend):
         # through `extra={"speculative": {...}}` (or disable it with `extra={"speculative": None}`).
         self.speculative: dict[str, Any] | None = options.pop("speculative", None)
         self.threads: int | str = options.pop("threads", "auto")
+        self.lazy = bool(options.pop("lazy", False))
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
@@ -90,6 +89,10 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if not self.lazy:
+            await self._load()
+
+    async def _load(self) -> None:
         async with self._start_lock:
             if self.engine is not None:
                 return
@@ -126,7 +129,9 @@ class LocalBackend(Backend):
         return [self.model]
 
     async def health(self) -> bool:
-        return self.engine is not None and self.engine.alive
+        if self.engine is None:
+            return self.lazy  # not loaded yet by design: healthy until a first use fails
+        return self.engine.alive
 
     @property
     def model_path(self) -> str:
@@ -143,12 +148,19 @@ class LocalBackend(Backend):
                 "cache_slots": cache.slots, "cache_capacity": cache.capacity, "cache_bytes": cache.nbytes()}
 
     # ------------------------------------------------------------------ helpers
-    def _prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None) -> list[int]:
         tok = self.loaded.tokenizer
-        msgs = [{"role": m.get("role", "user"), "content": _content_text(m.get("content"))} for m in messages]
+        msgs = [{"role": m.get("role", "user"), "content": content_text(m.get("content"))} for m in messages]
         if not msgs:
             raise BackendError("no messages", status=400, backend=self.name)
+        if continuation is not None:  # scoring: the continuation is (the rest of) the assistant's reply
+            if msgs[-1]["role"] == "assistant":
+                msgs[-1] = {"role": "assistant", "content": msgs[-1]["content"] + continuation}
+            else:
+                msgs.append({"role": "assistant", "content": continuation})
         if not getattr(tok, "chat_template", None):  # base model: plain completion of the concatenated text
+            if continuation is not None and len(msgs) > 1:  # the reply follows the prompt after a blank line
+                return tok("\n\n".join(m["content"] for m in msgs[:-1]) + "\n\n" + msgs[-1]["content"])["input_ids"]
             return tok("\n\n".join(m["content"] for m in msgs))["input_ids"]
         cont = msgs[-1]["role"] == "assistant"  # continue a partial assistant answer
         ids = tok.apply_chat_template(
@@ -193,7 +205,7 @@ class LocalBackend(Backend):
     async def _events(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Any]:
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
         if self.engine is None:
-            await self.start()
+            await self._load()
         from archon_server.engine.scheduler import DoneEvent, ErrorEvent
 
         if isinstance(request, CompletionRequest):  # raw text: no chat template
@@ -218,6 +230,60 @@ class LocalBackend(Backend):
                         return
         finally:
             handle.cancel()  # no-op once done; otherwise the worker drops the rows next step
+
+    async def _on_worker(self, fn: Any) -> Any:
+        """Run ``fn(runner)`` on the engine's worker thread (between decode steps) and await its result."""
+        if self.engine is None:
+            await self._load()
+        try:
+            return await asyncio.wrap_future(self.engine.run_job(fn))
+        except ValueError as e:  # too long for the context, empty prompt
+            raise BackendError(str(e), status=400, backend=self.name) from e
+        except RuntimeError as e:
+            raise BackendError(f"local engine: {e}", status=500, backend=self.name) from e
+
+    # ------------------------------------------------------------------ scoring
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """One teacher-forced pass: the prompt prefilled once, every continuation in one batch after it."""
+        from archon_server.engine.scoring import common_prefix, score_continuations
+
+        t0 = time.perf_counter()
+        if self.engine is None:
+            await self._load()
+        prompt = self._score_prompt(request.messages)
+        fulls = [self._prompt_ids(request.messages, c) for c in request.continuations]
+        cut = min([len(prompt)] + [common_prefix(prompt, f) for f in fulls])  # a boundary token may merge
+        conts = [f[cut:] for f in fulls]
+        forced = await self._on_worker(lambda runner: score_continuations(runner, prompt[:cut], conts))
+        scores = []
+        for f in forced:
+            # A token merging the prompt's last characters with the continuation's first counts as the
+            # continuation's (cut is the shortest common prefix), so every candidate is scored from one place.
+            toks = [self._token_str(t) for t in f.token_ids]
+            scores.append(SequenceScore(sum(f.logprobs), f.logprobs, toks))
+        usage = Usage(prompt_tokens=cut + sum(len(c) for c in conts))
+        return ScoreResult(scores, usage, time.perf_counter() - t0, requests=1)
+
+    def _score_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The tokens before a continuation: the prompt with the assistant turn opened (what generation sees),
+        or, on a base model, the prompt and the blank line the continuation follows."""
+        tok = self.loaded.tokenizer
+        if not getattr(tok, "chat_template", None):
+            return self._prompt_ids(messages, "")
+        return self._prompt_ids(messages)
+
+    def _token_str(self, tid: int) -> str:
+        return self.loaded.tokenizer.decode([tid], skip_special_tokens=False)
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        from archon_server.engine.scoring import next_token_top
+
+        t0 = time.perf_counter()
+        if self.engine is None:
+            await self._load()
+        prompt = self._prompt_ids(request.messages)
+        top = await self._on_worker(lambda runner: next_token_top(runner, prompt, request.top_k))
+        return NextTokenResult([(self._token_str(t), lp) for t, lp in top], Usage(prompt_tokens=len(prompt)), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ Backend API
     async def complete(self, request: CompletionRequest) -> ChatResult:

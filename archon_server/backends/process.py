@@ -79,10 +79,6 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def group_alive(pgid: int) -> bool:
-    return kill_group(pgid, 0)
-
-
 def kill_all_groups(sig: int = signal.SIGKILL) -> None:
     for pgid in list(_LIVE_GROUPS):
         kill_group(pgid, sig)

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
+from ..exceptions import ArchonError
 from ..spec import SpecError
-from .base import Backend, BackendWrapper, ChatRequest, ChatResult, CompletionRequest, StreamChunk
+from .base import (
+    Backend,
+    BackendWrapper,
+    ChatRequest,
+    ChatResult,
+    CompletionRequest,
+    NextTokenRequest,
+    NextTokenResult,
+    RewardRequest,
+    RewardResult,
+    ScoreRequest,
+    ScoreResult,
+    StreamChunk,
+)
 
 log = logging.getLogger("archon.backends")
 
 
-class UnknownModel(KeyError):
+class UnknownModel(ArchonError, KeyError):
     pass
 
 
@@ -37,8 +52,9 @@ class _Limited(BackendWrapper):
             return await self.inner.chat(request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async with self.sem:
-            async for ch in self.inner.stream(request):
+        # aclosing: a consumer that stops early (a judge at its verdict) ends the inner stream now, not at GC
+        async with self.sem, contextlib.aclosing(self.inner.stream(request)) as chunks:
+            async for ch in chunks:
                 yield ch
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
@@ -49,6 +65,18 @@ class _Limited(BackendWrapper):
         async with self.sem:
             async for ch in self.inner.stream_complete(request):
                 yield ch
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        async with self.sem:
+            return await self.inner.score(request)
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        async with self.sem:
+            return await self.inner.next_token_logprobs(request)
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        async with self.sem:
+            return await self.inner.reward(request)
 
 
 class BackendRegistry:

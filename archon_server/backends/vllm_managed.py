@@ -31,7 +31,20 @@ from typing import Any, TypeVar
 import aiohttp
 
 from ..config import VLLMBackendConfig, VLLMOptions
-from .base import Backend, BackendError, ChatRequest, ChatResult, CompletionRequest, StreamChunk
+from .base import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    ChatResult,
+    CompletionRequest,
+    NextTokenRequest,
+    NextTokenResult,
+    RewardRequest,
+    RewardResult,
+    ScoreRequest,
+    ScoreResult,
+    StreamChunk,
+)
 from .process import SupervisedProcess, free_port
 
 log = logging.getLogger("archon.backends.vllm")
@@ -393,6 +406,23 @@ class VLLMManagedBackend(Backend):
     async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         async for chunk in self._client().stream_complete(self._rename(request)):
             yield chunk
+
+    # Scoring goes to the same server (vLLM's prompt_logprobs, /tokenize, /score): see backends/http_scoring.py.
+    supports_scoring = True
+    supports_reward = True
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        return await self._client().score(replace(request, model=self.served_model_name))
+
+    async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
+        return await self._client().next_token_logprobs(replace(request, model=self.served_model_name))
+
+    async def reward(self, request: RewardRequest) -> RewardResult:
+        return await self._client().reward(replace(request, model=self.served_model_name))
+
+    async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
+        if probe:
+            await self._client().check_scoring(need, self.served_model_name, protocol)
 
     async def models(self) -> list[str]:
         return await self._client().models() if self._http is not None else []

@@ -19,6 +19,18 @@ by row position (upstream's position lookup misaligns short annotation files).
 
 The difficulties come from one joint fit over many systems (:func:`estimate_difficulty`)
 or from a file (:func:`load_difficulty`).
+
+Regularisation of the length slope (:class:`SlopePrior`).  Upstream always adds the judge's
+annotations of a deliberately verbose and a deliberately concise GPT-4-Turbo against GPT-4-Turbo
+(805 rows each, weight 0.1, no system intercept).  Those rows can only be explained by θ_len
+(and θ_diff), so they pull every system's slope toward the judge's *pure length bias*; without
+them a system whose outputs are all shorter (or longer) than the baseline has a badly identified
+slope, and its LC drifts by points.  The files are not available offline, so we add what they
+amount to: synthetic rows x = (±1, 0, 0) with soft label σ(±μ), whose own optimum is θ_len = μ.
+μ is the judge's length bias as upstream measured it — the mean θ_len of the
+``gpt4_1106_preview_verbose`` / ``_concise`` fits in the shipped ``glm_weights`` file (−1.613) —
+and the rows carry the same total weight as upstream's (2 × 805 × 0.1 = 161).  Neither number
+is tuned on leaderboard values.  Real gamed-baseline annotations, when given, replace the prior.
 """
 
 from __future__ import annotations
@@ -294,6 +306,45 @@ def save_difficulty(difficulty: Mapping[str, float], path: str | os.PathLike[str
 
 # --------------------------------------------------------------------------- length-controlled win rate
 
+GAMED_BASELINES = ("gpt4_1106_preview_verbose", "gpt4_1106_preview_concise")
+GLM_WEIGHTS = "alpaca_eval/glm_weights_length_controlled_v1_baseline_gpt4_1106_preview.csv"
+
+
+@dataclass(frozen=True)
+class SlopePrior:
+    """Synthetic regularisation rows pulling θ_len toward ``center`` with total weight ``weight`` (see module doc)."""
+
+    center: float = -1.6130065195429617  # mean θ_len of the verbose/concise baselines in the shipped glm_weights
+    weight: float = 161.0  # upstream: 2 gamed baselines × 805 rows × weight 0.1
+
+    def rows(self, n_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a = np.tile([1.0, -1.0], n_pairs)
+        X = np.column_stack([a, np.zeros_like(a), np.zeros_like(a)])
+        return X, 1.0 / (1.0 + np.exp(-self.center * a)), np.full(len(a), self.weight / len(a))
+
+
+def load_glm_weights(path: str | os.PathLike[str] | None = None) -> dict[str, tuple[float, float, float]]:
+    """Upstream's fitted (θ_len, θ_diff, θ_model) per system from the shipped ``glm_weights`` CSV."""
+    from .paths import data_file
+
+    out = {}
+    with open(path or data_file(GLM_WEIGHTS), encoding="utf-8", newline="") as f:
+        for r in csv.reader(f):
+            if r and r[0] and r[0] != "":
+                try:
+                    out[r[0]] = (float(r[1]), float(r[2]), float(r[3]))
+                except ValueError:
+                    continue
+    return out
+
+
+def slope_prior_from_weights(weights: Mapping[str, tuple[float, float, float]], weight: float = 161.0) -> SlopePrior:
+    """The judge's pure length bias as upstream fitted it: the mean slope of the gamed baselines."""
+    slopes = [weights[g][0] for g in GAMED_BASELINES if g in weights]
+    if not slopes:
+        raise ValueError(f"the weights have none of {GAMED_BASELINES}")
+    return SlopePrior(float(np.mean(slopes)), weight)
+
 
 @dataclass
 class LCResult:
@@ -326,6 +377,7 @@ def length_controlled_win_rate(
     *,
     gamed_baselines: Sequence[Sequence[Judged]] = (),
     gamed_weight: float = 0.1,
+    slope_prior: SlopePrior | None = SlopePrior(),
     Cs: Sequence[float] = DEFAULT_CS,
     n_splits: int = 5,
 ) -> LCResult:
@@ -334,7 +386,8 @@ def length_controlled_win_rate(
     ``gamed_baselines``: annotations of deliberately verbose/concise versions of the
     *baseline* against the baseline; their rows join the fit with weight ``gamed_weight``
     and no system intercept, which pulls the length slope towards the judge's pure
-    length bias ("regularise to baseline").  Without them the fit uses the system alone.
+    length bias ("regularise to baseline").  Without them ``slope_prior``'s synthetic rows
+    stand in for them (``None``: upstream's unregularised variant, the system alone).
     Instructions without a difficulty get d = 0 and are counted in ``n_missing_difficulty``.
     """
     if len(rows) < n_splits:
@@ -348,6 +401,12 @@ def length_controlled_win_rate(
         Xs.append(Xg)
         ys.append(np.array([r.preference - 1.0 for r in g]))
         ws.append(np.full(len(g), gamed_weight))
+    regularised = "gamed baselines" if gamed_baselines else ("slope prior" if slope_prior is not None else "none")
+    if not gamed_baselines and slope_prior is not None:
+        Xp, yp, wp = slope_prior.rows(len(rows))
+        Xs.append(Xp)
+        ys.append(yp)
+        ws.append(wp)
     coef, C = fit_soft_logistic_cv(np.vstack(Xs), np.concatenate(ys), np.concatenate(ws), Cs=Cs, n_splits=n_splits)
     X_test = X.copy()
     X_test[:, 0] = 0.0  # Δ = 0: both outputs equally long
@@ -364,6 +423,7 @@ def length_controlled_win_rate(
         C=C,
         n_total=len(rows),
         n_missing_difficulty=missing,
+        extra={"regularised": regularised, **({"slope_prior": asdict(slope_prior)} if regularised == "slope prior" else {})},
     )
 
 
@@ -373,13 +433,15 @@ def score_systems(
     *,
     reference_systems: Mapping[str, Sequence[Judged]] | None = None,
     gamed_baselines: Sequence[Sequence[Judged]] = (),
+    slope_prior: SlopePrior | None = SlopePrior(),
 ) -> dict[str, LCResult]:
     """Score several systems; difficulty is estimated jointly over ``systems`` ∪ ``reference_systems`` when not given."""
     if difficulty is None:
         pool = dict(reference_systems or {})
         pool.update(systems)
         difficulty = estimate_difficulty(pool)
-    return {s: length_controlled_win_rate(rows, difficulty, gamed_baselines=gamed_baselines) for s, rows in systems.items()}
+    return {s: length_controlled_win_rate(rows, difficulty, gamed_baselines=gamed_baselines, slope_prior=slope_prior)
+            for s, rows in systems.items()}
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

@@ -18,12 +18,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import Backend, BackendWrapper, ChatRequest, ChatResult, Choice, TokenLogprob, Usage
+from ..backends.base import Backend, BackendWrapper, ChatRequest, ChatResult, Choice, StreamChunk, TokenLogprob, Usage
 
 
 class CacheStore:
@@ -92,6 +92,11 @@ class _Scope:
             return i
 
 
+# Set by a consumer that closes a stream on purpose (a judge at its verdict, bench.judges.chat_until):
+# the cache then keeps what was read, since a replay cuts at the same place.  Any other early close
+# (an error, a cancellation) leaves nothing cached.
+STREAM_CUT: contextvars.ContextVar[bool] = contextvars.ContextVar("archon_stream_cut", default=False)
+
 _GLOBAL_SCOPE = _Scope("")
 _scope: contextvars.ContextVar[_Scope] = contextvars.ContextVar("archon_cache_scope", default=_GLOBAL_SCOPE)
 
@@ -136,4 +141,43 @@ class CachingBackend(BackendWrapper):
         self.store.put(key, result_to_json(res))
         return res
 
-    stream = Backend.stream  # through chat, so a replayed sweep streams from the cache as well
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        """A hit replays as chunks; a miss streams through and is stored when it ran to its end or was cut
+        on purpose (:data:`STREAM_CUT`)."""
+        key = self.key(request)
+        hit = self.store.get(key)
+        if hit is not None:
+            self.hits += 1
+            res = result_from_json(hit)
+            for ch in res.choices:
+                yield StreamChunk(index=ch.index, text=ch.text)
+            for ch in res.choices:
+                yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
+            yield StreamChunk(usage=res.usage, metrics={**res.metrics, "cache_hit": True})
+            return
+        self.misses += 1
+        texts: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        usage, metrics = Usage(), {}
+        async with contextlib.aclosing(self.inner.stream(request)) as chunks:
+            async for ch in chunks:
+                texts[ch.index] = texts.get(ch.index, "") + ch.text
+                if ch.finish_reason:
+                    reasons[ch.index] = ch.finish_reason
+                if ch.usage is not None:
+                    usage = ch.usage
+                if ch.metrics:
+                    metrics = dict(ch.metrics)
+                try:
+                    yield ch
+                except GeneratorExit:
+                    if STREAM_CUT.get():
+                        self._put_stream(key, request, texts, reasons, usage, {**metrics, "stopped_at_verdict": True})
+                    raise
+        self._put_stream(key, request, texts, reasons, usage, metrics)
+
+    def _put_stream(self, key: str, request: ChatRequest, texts: dict[int, str], reasons: dict[int, str],
+                    usage: Usage, metrics: dict[str, Any]) -> None:
+        choices = [Choice(texts[i], reasons.get(i, "stop"), i) for i in sorted(texts)]
+        self.store.put(key, result_to_json(ChatResult(choices, usage, request.model, metrics=metrics)))
+

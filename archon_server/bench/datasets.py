@@ -69,12 +69,6 @@ def load_alpaca_eval(root: Root = None) -> list[Item]:
     ]
 
 
-def load_alpaca_outputs(model: str, root: Root = None) -> list[str]:
-    """Shipped outputs of another system on the same 805 instructions (same order)."""
-    with open(data_file(f"alpaca_eval/model_outputs/{model}.json", root), encoding="utf-8") as f:
-        return [r["output"] for r in json.load(f)]
-
-
 def load_mt_bench(root: Root = None) -> list[Item]:
     """80 two-turn questions; ``reference`` holds GPT-4's reference turns where FastChat uses them."""
     refs = {r["question_id"]: r["choices"][0]["turns"] for r in _jsonl(data_file("mt_bench/reference_answer_gpt-4.jsonl", root))}
@@ -103,10 +97,6 @@ def load_arena_hard(root: Root = None, baseline: str = "gpt-4-0314") -> list[Ite
              meta={"cluster": q.get("cluster"), "category": q.get("category"), "baseline": baseline})
         for q in _jsonl(data_file("arena_hard/arena-hard-v0.1/question.jsonl", root))
     ]
-
-
-def load_arena_answers(model: str, root: Root = None) -> dict[str, str]:
-    return {r["uid"]: _arena_answer_text(r) for r in _jsonl(data_file(f"arena_hard/arena-hard-v0.1/model_answer/{model}.jsonl", root))}
 
 
 # --------------------------------------------------------------------------- automatically graded benchmarks

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,10 +31,48 @@ from ..backends.base import (
     BackendError,
     ChatRequest,
     ChatResult,
+    Choice,
     SamplingParams,
     Usage,
 )
+from .cache import STREAM_CUT
 from .datasets import Item, load_mt_bench_judge_prompts
+
+# --------------------------------------------------------------------------- early stop
+
+
+async def chat_until(backend: Backend, request: ChatRequest, done: Callable[[str], bool]) -> ChatResult:
+    """The judge's answer, streamed and cut as soon as ``done(text)`` says the verdict is complete.
+
+    Why: FastChat allows a judge 2048 tokens (Arena-Hard 4096) and a small judge rambles to the
+    limit after its verdict; the reference parsers read only the verdict, so the tokens after it
+    cannot change the score (see each ``done``).  The prompts are untouched.  When the stream is
+    cut, the engine drops the request; its usage is then the chunks received (prompt tokens
+    unknown, ``metrics['usage_partial']``).
+    """
+    text, finish, usage, chunks, cut = "", "length", None, 0, False
+    token = None
+    try:
+        async with contextlib.aclosing(backend.stream(request)) as stream:
+            async for ch in stream:
+                if ch.usage is not None:
+                    usage = ch.usage
+                if ch.index == 0:
+                    if ch.finish_reason:
+                        finish = ch.finish_reason
+                    if ch.text:
+                        text += ch.text
+                        chunks += 1
+                        if done(text):
+                            finish, cut = "stop", True
+                            token = STREAM_CUT.set(True)  # the sweep's cache keeps the cut answer
+                            break
+    finally:
+        if token is not None:
+            STREAM_CUT.reset(token)
+    metrics = {"stopped_at_verdict": True, "usage_partial": True} if cut and usage is None else {}
+    return ChatResult([Choice(text, finish)], usage or Usage(0, chunks), request.model, metrics=metrics)
+
 
 # --------------------------------------------------------------------------- AlpacaEval 2.0
 
@@ -175,6 +214,12 @@ def parse_rating(text: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
+def rating_complete(text: str) -> bool:
+    """FastChat reads the *first* ``[[x]]`` (the ``[x]`` backup only when no ``[[x]]`` exists at all), so
+    once one ``[[x]]`` is in the text no later token can change the rating; a ``[x]`` alone can."""
+    return _RATING.search(text) is not None
+
+
 @dataclass
 class MTBenchScore:
     question_id: str
@@ -213,7 +258,7 @@ class MTBenchJudge:
         name, msgs = self.build(item, answers, turn)
         params = SamplingParams(temperature=0.0, max_tokens=self.max_tokens)
         try:
-            res = await self.backend.chat(ChatRequest(self.model, msgs, params))
+            res = await chat_until(self.backend, ChatRequest(self.model, msgs, params), rating_complete)
         except BackendError as e:
             return MTBenchScore(item.id, turn, None, name, f"error: {e}")
         text = res.choices[0].text if res.choices else ""
@@ -284,6 +329,13 @@ def parse_verdict(text: str) -> str | None:
     return v if v in VERDICTS else None
 
 
+def verdict_complete(text: str) -> bool:
+    """A valid label is in the text.  The official prompt asks for the verdict last; upstream would void
+    the game if the judge wrote a *different* label afterwards, which a cut stream cannot see (documented
+    deviation, the price of not paying for up to 4096 tokens of rambling)."""
+    return any(m in VERDICTS for m in _VERDICT.findall(text[-4096:]))
+
+
 @dataclass
 class ArenaGame:
     question_id: str
@@ -313,7 +365,8 @@ class ArenaHardJudge:
         msgs = [{"role": "system", "content": ARENA_SYSTEM},
                 {"role": "user", "content": ARENA_TEMPLATE.format(question=item.prompt, answer_a=a, answer_b=b)}]
         try:
-            res = await self.backend.chat(ChatRequest(self.model, msgs, SamplingParams(temperature=0.0, max_tokens=self.max_tokens)))
+            res = await chat_until(self.backend, ChatRequest(self.model, msgs, SamplingParams(temperature=0.0, max_tokens=self.max_tokens)),
+                                   verdict_complete)
         except BackendError as e:
             return ArenaGame(item.id, model_first, None, f"error: {e}")
         text = res.choices[0].text if res.choices else ""

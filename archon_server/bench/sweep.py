@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..backends.base import Backend, SamplingParams, Usage
+from ..graph.runtime import GraphError
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
@@ -84,6 +85,7 @@ class SweepSpec(_Base):
     architectures: list[str] = Field(min_length=1)
     benchmarks: list[BenchmarkEntry] = Field(min_length=1)
     null_text: str = NULL_OUTPUT
+    keep_traces: bool = Field(default=False, description="Store each answer's trace in its result (`trace`, or `traces` per turn); the web console opens them.")
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -209,6 +211,13 @@ def resolve_architectures(names: Iterable[str], registry: Any, config: Any | Non
 # --------------------------------------------------------------------------- the run
 
 
+def _traces_field(traces: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A result's trace(s) when the sweep keeps them: `trace` for one turn, `traces` for several."""
+    if not traces:
+        return {}
+    return {"trace": traces[0]} if len(traces) == 1 else {"traces": traces}
+
+
 @dataclass
 class SweepRun:
     spec: SweepSpec
@@ -221,13 +230,22 @@ class SweepRun:
     pass_at: dict[tuple[str, str], PassAt] = field(default_factory=dict)  # (benchmark, id) -> its entry's pass_at
     results: Any = None  # a shared store's StoreResults (bench/store.py); default: <out>/results.jsonl
 
-    async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]], sample: int = 0) -> tuple[str, int, Usage]:
+    async def _generate(self, arch: str, spec: ArchitectureSpec | None, messages: list[dict[str, Any]], sample: int = 0,
+                        traces: list[dict[str, Any]] | None = None) -> tuple[str, int, Usage]:
+        """``traces``: with the sweep's keep_traces, the run's trace is appended there."""
         if spec is None:
             return self.spec.null_text, 0, Usage()
         params = SamplingParams(**self.spec.params) if self.spec.params else None
         if params is not None and sample and params.seed is not None:
             params.seed += sample  # pass@k samples must differ
-        res = await self.runtime.run(spec, messages, params)
+        try:
+            res = await self.runtime.run(spec, messages, params)
+        except GraphError as e:
+            if traces is not None and e.trace is not None:
+                traces.append(e.trace.to_dict())
+            raise
+        if traces is not None:
+            traces.append(res.trace.to_dict())
         return res.text, int(res.calls), res.usage
 
     def _judge_backend(self) -> tuple[Backend, str]:
@@ -241,23 +259,25 @@ class SweepRun:
         usage = Usage()
         calls = 0
         answers: list[str] = []
+        traces: list[dict[str, Any]] | None = [] if self.spec.keep_traces else None
         t0 = time.perf_counter()
         if (pk := self.pass_at.get((item.benchmark, item.id))) is not None:
             return await self._run_samples(rec, arch, spec, item, pk, t0)
         try:
             with cache_scope(f"gen\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
                 for turn in range(len(item.turns)):
-                    text, c, u = await self._generate(arch, spec, item.messages(turn, answers))
+                    text, c, u = await self._generate(arch, spec, item.messages(turn, answers), traces=traces)
                     answers.append(text)
                     calls += c
                     usage.add(u)
         except Exception as e:  # noqa: BLE001 - a failed question is recorded, the sweep goes on
-            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0)
+            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, **_traces_field(traces))
             rec.update(calls=calls, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                        seconds=time.perf_counter() - t0)
             self._count(calls, usage)
             return rec
         rec["seconds"] = time.perf_counter() - t0
+        rec.update(_traces_field(traces))
         rec.update(output=answers[0] if len(answers) == 1 else answers, calls=calls,
                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
         self._count(calls, usage)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -22,9 +21,11 @@ from ..backends.base import (
 from ..backends.registry import BackendRegistry, UnknownModel
 from ..spec import Sampling
 from .state import Candidate, State, Update
-from .trace import CallRecord, LayerTrace
+from .trace import LayerTrace
+from ..exceptions import ArchonError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # Built-in sampling when neither the component nor the architecture says otherwise.
 DEFAULT_SAMPLING = Sampling(temperature=0.7, top_p=1.0, max_tokens=512)
@@ -32,11 +33,11 @@ DEFAULT_SAMPLING = Sampling(temperature=0.7, top_p=1.0, max_tokens=512)
 JUDGE_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=512)
 
 
-class ParseError(ValueError):
+class ParseError(ArchonError, ValueError):
     """A model's output could not be parsed into the structure a component needs."""
 
 
-class ComponentFailed(Exception):
+class ComponentFailed(ArchonError):
     """Every call of a component failed; the layer decides (min_success) whether that is fatal."""
 
 
@@ -107,19 +108,13 @@ class ComponentContext:
             extra=dict(final.extra) if final else {},
         )
 
-    def _record(self, alias: str, n: int, t0: float, *, status: str = "ok", error: str | None = None,
-                result: ChatResult | None = None, purpose: str = "", ctype: str | None = None,
-                started: tuple[int, float] | None = None) -> None:
-        """The one place a call enters the trace; a failure (not a cancellation) also enters the layer's failures.
-        ``started``: what :meth:`LayerTrace.call_started` returned (the call's number and start, for live views)."""
-        u = result.usage if result is not None else Usage()
-        self.layer.record(CallRecord(
-            self.component, ctype or self.ctype, alias, n, status == "ok", time.perf_counter() - t0 if t0 else 0.0,
-            u.prompt_tokens, u.completion_tokens, result.requests if result is not None else 1,
-            error=error, purpose=purpose, status=status,
-        ), started)
-        if error is not None and status != "cancelled":
-            self.layer.failures.append(f"{self.component}: {error[:200]}")
+    def _record(self, alias: str, n: int, started: tuple[int, float], *, status: str = "ok", error: str | None = None,
+                result: Any = None, purpose: str = "", ctype: str | None = None) -> None:
+        """This component's call has ended: into the trace through the one builder (LayerTrace.finish_call)."""
+        self.layer.finish_call(self.component, ctype or self.ctype, alias, n, started,
+                               usage=result.usage if result is not None else None,
+                               requests=result.requests if result is not None else 1,
+                               error=error, status=status, purpose=purpose)
 
     async def call(
         self,
@@ -142,7 +137,7 @@ class ComponentContext:
             model = self.registry.model_name(alias)
         except UnknownModel:
             err = f"unknown model alias {alias!r}"
-            self._record(alias, n, 0.0, status="error", error=err, purpose=purpose, ctype=ctype, started=started)
+            self._record(alias, n, started, status="error", error=err, purpose=purpose, ctype=ctype)
             raise BackendError(err, status=400) from None
         limit = self.registry.limit(alias)
         if n == 1 or backend.supports_n:
@@ -153,30 +148,49 @@ class ComponentContext:
                 ChatRequest(model, messages, replace(params, n=1, seed=None if params.seed is None else params.seed + i))
                 for i in range(n)
             ]
-        t0 = time.perf_counter()
-        try:
-            if stream and self.sink is not None:
-                res = await self._streamed(backend, reqs, limit)
-            elif len(reqs) == 1:
-                res = await _limited(limit, backend.chat(reqs[0]))
-            else:
-                res = _merge_results(await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs)))
-        except asyncio.CancelledError:
-            self._record(alias, n, t0, status="cancelled", error="cancelled", purpose=purpose, ctype=ctype, started=started)
-            raise
-        except BackendError as e:
-            self._record(alias, n, t0, status=failure_status(e), error=str(e)[:300], purpose=purpose, ctype=ctype, started=started)
-            raise
-        except Exception as e:  # a backend bug must not become a 500: record it as a failed call
-            msg = f"{type(e).__name__}: {e}"[:300]
-            self._record(alias, n, t0, status="error", error=msg, purpose=purpose, ctype=ctype, started=started)
-            raise BackendError(msg, status=502) from e
-        self.usage.add(res.usage)
-        self.ok_calls += 1
+        if stream and self.sink is not None:
+            work = self._streamed(backend, reqs, limit)
+        elif len(reqs) == 1:
+            work = _limited(limit, backend.chat(reqs[0]))
+        else:
+            work = _gathered(limit, backend, reqs)
+        res = await self._traced(alias, n, purpose, ctype, started, work)
         for k, v in res.metrics.items():
             if isinstance(v, (int, float)):
                 self.metrics[k] = self.metrics.get(k, 0) + v if k.startswith("num_") else v
-        self._record(alias, n, t0, result=res, purpose=purpose, ctype=ctype, started=started)
+        return res
+
+    async def scored(self, alias: str, fn: Callable[[Any, str], Awaitable[R]], *, n: int = 1, purpose: str = "") -> R:
+        """One scoring call, traced, limited and counted like :meth:`call`: ``fn(backend, upstream_model)`` is
+        ``backend.score(...)``, ``backend.next_token_logprobs(...)`` or ``backend.reward(...)``; its result carries
+        ``usage`` and ``requests``. ``n``: how many candidates it scores (the trace's n)."""
+        started = self.layer.call_started(self.component, self.ctype, alias, n, purpose)
+        try:
+            backend = self.registry.get(alias)
+            model = self.registry.model_name(alias)
+        except UnknownModel:
+            err = f"unknown model alias {alias!r}"
+            self._record(alias, n, started, status="error", error=err, purpose=purpose)
+            raise BackendError(err, status=400) from None
+        return await self._traced(alias, n, purpose, None, started, _limited(self.registry.limit(alias), fn(backend, model)))
+
+    async def _traced(self, alias: str, n: int, purpose: str, ctype: str | None, started: tuple[int, float], work: Awaitable[Any]) -> Any:
+        """Await one backend call and record it (success, failure or cancellation): the one error path of every call."""
+        try:
+            res = await work
+        except asyncio.CancelledError:
+            self._record(alias, n, started, status="cancelled", error="cancelled", purpose=purpose, ctype=ctype)
+            raise
+        except BackendError as e:
+            self._record(alias, n, started, status=failure_status(e), error=str(e)[:300], purpose=purpose, ctype=ctype)
+            raise
+        except Exception as e:  # a backend bug must not become a 500: record it as a failed call
+            msg = f"{type(e).__name__}: {e}"[:300]
+            self._record(alias, n, started, status="error", error=msg, purpose=purpose, ctype=ctype)
+            raise BackendError(msg, status=502) from e
+        self.usage.add(res.usage)
+        self.ok_calls += 1
+        self._record(alias, n, started, result=res, purpose=purpose, ctype=ctype)
         return res
 
     async def _streamed(self, backend: Any, reqs: list[ChatRequest], limit: asyncio.Semaphore | None) -> ChatResult:
@@ -252,6 +266,10 @@ async def _limited(limit: asyncio.Semaphore | None, coro: Awaitable[T]) -> T:
         return await coro
     async with limit:
         return await coro
+
+
+async def _gathered(limit: asyncio.Semaphore | None, backend: Any, reqs: list[ChatRequest]) -> ChatResult:
+    return _merge_results(await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs)))
 
 
 def _merge_results(parts: list[ChatResult]) -> ChatResult:

@@ -95,3 +95,20 @@ CRITIC_JOINT = (
     "Instruction: {query}\n\nFor each of the {n} responses, in order, write its identifier followed by its "
     "strengths and weaknesses, in this exact format:\n[1]\nStrengths:\n- ...\nWeaknesses:\n- ...\n\n[2]\n..."
 )
+
+# Scorer (logprob judges): the verdict is read from the next token's log-probabilities, never parsed from text.
+# Pairwise wording after AlpacaEval's clf judge: the answer is "(a)" or "(b)"; the assistant turn is opened with
+# "Output (" so the very next token is the verdict.
+PAIRWISE_JUDGE = (
+    "Select the output (a) or (b) that best matches the given instruction. Choose your preferred output, which can be "
+    "subjective. Your answer should ONLY contain: Output (a) or Output (b).\n\n"
+    "# Instruction:\n{query}\n\n# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n"
+    "# Which is best, Output (a) or Output (b)?"
+)
+PAIRWISE_PREFIX = "Output ("
+POINTWISE_JUDGE = (
+    "Rate the response to the instruction below on a scale of 1 to 10, where 1 is useless and 10 is excellent "
+    "(helpful, correct, complete and clear). Answer with the number only.\n\n"
+    "# Instruction:\n{query}\n\n# Response:\n{response}\n\n# Rating (1-10):"
+)
+POINTWISE_PREFIX = "Rating: "

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends.base import content_text
+
 
 @dataclass
 class Candidate:
@@ -33,12 +35,7 @@ class State:
 
 
 def message_text(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: keep the text ones
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
+    return content_text(message.get("content"))
 
 
 def candidate_meta(choice: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from ..exceptions import ArchonError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -33,7 +34,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-class ModelStoreError(RuntimeError):
+class ModelStoreError(ArchonError, RuntimeError):
     """A model could not be obtained (unknown name, pip failure, hash mismatch...)."""
 
 

@@ -162,8 +162,11 @@ class KVCache:
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         """Duplicate a sequence's K/V (shared prefill: one prompt, n samples)."""
         n = self.lengths[src] if length is None else length
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        # inference_mode: the cache tensors are inference tensors, and this runs outside a model step too
+        # (compaction after a cancelled stream: an in-place write there used to fail the whole batch)
+        with torch.inference_mode():
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
     def move_slot(self, src: int, dst: int) -> None:

@@ -14,6 +14,7 @@ stays responsive.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import random
@@ -32,7 +33,7 @@ from .runner import ModelRunner, default_threads
 from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.engine.scheduler")
 
 
 @dataclass
@@ -174,6 +175,15 @@ class _SpecRun:
 
 
 @dataclass
+class _Job:
+    """Work other than generation that needs the model (teacher-forced scoring): ``fn(runner)`` runs on
+    the worker thread between steps, its result or exception goes to ``future``."""
+
+    fn: Callable[[ModelRunner], Any]
+    future: concurrent.futures.Future
+
+
+@dataclass
 class _Prefill:
     req: _Request
     slot: int
@@ -204,7 +214,8 @@ class Engine:
         # The cache starts small and grows on demand; after idle_poll_s with nothing to do it goes back to this size.
         self.initial_slots, self.initial_capacity = min(self.max_batch, 8), 512
         self.cache = runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
-        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._inbox: queue.Queue[_Request | _Job | None] = queue.Queue()
+        self._jobs: deque[_Job] = deque()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
         self._spec: list[_SpecRun] = []  # speculative requests: one round each per worker iteration
@@ -263,6 +274,16 @@ class Engine:
         self._inbox.put(req)
         return GenerationHandle(req)
 
+    def run_job(self, fn: Callable[[ModelRunner], Any]) -> concurrent.futures.Future:
+        """Run ``fn(runner)`` on the worker thread between decode steps (the runner is not thread-safe);
+        wrap the returned future with ``asyncio.wrap_future`` to await it."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError("engine shut down"))
+        else:
+            self._inbox.put(_Job(fn, fut))
+        return fut
+
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         # The engine's tensor rule (see KVCache): the worker creates and mutates tensors only in
@@ -274,17 +295,24 @@ class Engine:
                     self._iteration()
                 except Exception as e:  # the recovery itself failed: start the cache afresh, keep the queue
                     self._reset_cache(e)
-            self._fail(self._holders() + list(self._waiting) + self._drain_inbox(), RuntimeError("engine shut down"))
+            down = RuntimeError("engine shut down")
+            self._fail(self._holders() + list(self._waiting) + self._drain_inbox(), down)
+            while self._jobs:  # queued jobs fail only at shutdown
+                job = self._jobs.popleft()
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(down)
 
     def _iteration(self) -> None:
         """One pass: admit, drop cancelled, one prefill chunk, one decode step, one round per speculative
         request.  A phase that raises fails the requests *it* was working on, and only those; the
         engine then goes back to a known state (:meth:`_recover`) and the next pass serves the rest."""
         try:  # (a request that fails to start is failed inside _admit)
-            self._admit(block=not self._rows and self._prefilling is None and not self._spec)
+            self._admit(block=not self._rows and self._prefilling is None and not self._spec and not self._jobs)
             self._drop_cancelled()
         except Exception as e:  # dropping or compacting broke: no request was being computed
             self._recover(e, [])
+        if self._jobs:  # one job (e.g. teacher-forced scoring) per pass; a failed job fails its caller only
+            self._run_job(self._jobs.popleft())
         if self._prefilling is not None:
             staged = self._prefilling.req
             try:
@@ -316,13 +344,16 @@ class Engine:
         return list(reqs.values())
 
     def _drain_inbox(self) -> list[_Request]:
-        items = []
+        """Take everything queued: requests are returned, jobs join ``_jobs``."""
+        items: list[_Request] = []
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return items
-            if item is not None:
+            if isinstance(item, _Job):
+                self._jobs.append(item)
+            elif item is not None:
                 items.append(item)
 
     def _recover(self, err: BaseException, failed: list[_Request]) -> None:
@@ -354,7 +385,9 @@ class Engine:
         try:
             item = self._inbox.get(timeout=self.idle_poll_s) if block and not self._waiting else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, _Job):
+                    self._jobs.append(item)
+                elif item is not None:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -400,6 +433,16 @@ class Engine:
         """Idle for ``idle_poll_s`` after long or wide requests: give the grown KV cache back."""
         if not self._rows and self._prefilling is None and (self.cache.slots, self.cache.capacity) != (self.initial_slots, self.initial_capacity):
             self.cache = self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
+
+    def _run_job(self, job: _Job) -> None:
+        """One job per worker iteration, so a burst of scoring calls interleaves with decode steps."""
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.fn(self.runner))
+        except Exception as e:  # noqa: BLE001 - a failed job fails its caller only
+            self.stats.errors += 1
+            job.future.set_exception(e)
 
     def _prefill_chunk(self) -> None:
         """Run the next chunk of the staged prompt; when it is complete, its n rows join the batch.

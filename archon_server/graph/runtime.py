@@ -12,16 +12,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.base import SamplingParams, Usage
+from ..backends.base import BackendError, SamplingParams, Usage
 from ..backends.registry import BackendRegistry
 from ..components import COMPONENTS, ComponentContext, FinalOverrides
 from ..components.base import StreamSink
 from ..components.state import Candidate, State, Update
 from ..components.trace import LayerTrace, Trace, TraceObserver, candidate_dicts
 from ..spec import ArchitectureSpec
+from ..exceptions import ArchonError
 
 
-class GraphError(Exception):
+class GraphError(ArchonError):
     """The graph could not produce an answer. ``status``: 502 backends failed, 504 deadline/timeouts, 400 bad binding."""
 
     def __init__(self, message: str, status: int = 502, trace: Trace | None = None):
@@ -109,6 +110,31 @@ def final_choices(cands: list[Candidate], rule: str, n: int) -> list[Candidate]:
 class GraphRuntime:
     def __init__(self, registry: BackendRegistry):
         self.registry = registry
+        # (alias, capability, protocol) -> None (can) or why not: scorers' needs, asked of each backend once.
+        self._scoring: dict[tuple[str, str, str], str | None] = {}
+
+    async def scoring_problems(self, spec: ArchitectureSpec, *, probe: bool = True) -> list[str]:
+        """Why ``spec``'s scorers cannot run on the bound backends (empty: they can).
+
+        ``probe=False`` (start-up) uses only what a backend knows about itself (the embedded engine scores but
+        has no reward model; a backend without scoring says so); an HTTP upstream's answer is only known by asking,
+        which happens with ``probe=True`` once per alias and capability, before the first such architecture runs
+        (so its generators never run for a scorer that would then fail)."""
+        problems = []
+        for alias, need, protocol in spec.scoring_needs():
+            if alias not in self.registry:
+                continue  # reported by check_bindings
+            key = (alias, need, protocol)
+            if key not in self._scoring:
+                try:
+                    await self.registry.get(alias).check_scoring(need, self.registry.model_name(alias), protocol or "vllm_score", probe=probe)
+                    if probe:  # without a probe, "no objection" from an upstream is not yet an answer
+                        self._scoring[key] = None
+                except BackendError as e:
+                    self._scoring[key] = str(e)
+            if self._scoring.get(key):
+                problems.append(f"alias {alias!r}: {self._scoring[key]}")
+        return problems
 
     def check_bindings(self, spec: ArchitectureSpec) -> list[str]:
         return [m for m in spec.models_used() if m not in self.registry]
@@ -130,6 +156,9 @@ class GraphRuntime:
         missing = self.check_bindings(spec)
         if missing:
             raise GraphError(f"architecture {spec.name!r} uses unknown model alias(es): {', '.join(missing)}", status=400)
+        unable = await self.scoring_problems(spec)
+        if unable:
+            raise GraphError(f"architecture {spec.name!r} cannot run its scorer: {'; '.join(unable)}", status=400)
         final = final or overrides_from(params) or FinalOverrides()
         trace = Trace(spec.name, observer=observer)
         trace.emit({"type": "run_started", "architecture": spec.name, "graph": graph_outline(spec)})

@@ -9,7 +9,15 @@ from __future__ import annotations
 import asyncio
 import re
 
-from .core import SandboxLimits, SandboxResult, arun_python, isolation_mode, run_many, run_python, run_tests
+from .core import (
+    SandboxLimits,
+    SandboxResult,
+    arun_python,
+    isolation_mode,
+    run_many,
+    run_python,
+    run_tests,
+)
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -46,5 +54,15 @@ async def score_program(text: str, tests: list[str], timeout_s: float = 10.0) ->
 from .harness import GradedRun, run_graded
 
 __all__ = [
-    "GradedRun", "run_graded", "SandboxLimits", "SandboxResult", "arun_python", "extract_code", "isolation_mode", "run_many", "run_python", "run_tests", "score_program",
+    "GradedRun",
+    "SandboxLimits",
+    "SandboxResult",
+    "arun_python",
+    "extract_code",
+    "isolation_mode",
+    "run_graded",
+    "run_many",
+    "run_python",
+    "run_tests",
+    "score_program",
 ]

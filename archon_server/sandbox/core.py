@@ -3,25 +3,34 @@
 Two isolation modes, chosen once per process by :func:`isolation_mode` (override with
 ``ARCHON_SANDBOX_MODE=namespaces|rlimits``):
 
-``namespaces`` (we are root and the kernel allows unshare; the preferred mode)
+``namespaces`` (the preferred mode: as root, or in an unprivileged user namespace where the kernel allows one)
     * network: a fresh network namespace with only a downed loopback — no connection
       to anything, 127.0.0.1 included;
-    * filesystem: a private mount namespace where every existing mount is remounted
-      read-only and /tmp, /var/tmp, /dev/shm are fresh size-limited tmpfs; the working
-      directory (/tmp/work, also HOME and TMPDIR) lives there and vanishes with the run.
-      Writes to the repository, to the host's /tmp, anywhere, fail (EROFS/EACCES) or
-      land in the throwaway tmpfs;
+    * filesystem: the program sees none of the host's files. Its root is a small read-only
+      tmpfs holding only read-only bind mounts of what its Python needs (:func:`python_view`:
+      the interpreter, the standard library, the interpreter's own site-packages, the
+      shared libraries it loads, the dynamic loader), directories on the way to them are
+      traverse-only (listing /usr or /etc fails), plus a fresh size-limited /tmp with the
+      working directory /tmp/work (also HOME and TMPDIR) that vanishes with the run, a
+      minimal /dev (null, zero, full, random, urandom, a tmpfs /dev/shm) and the /proc of
+      the new PID namespace (its own processes only). No /etc/passwd, no project directory,
+      no home directory; the host's root is detached from the namespace (pivot_root);
     * processes: a fresh PID namespace (its init is killed with the run, taking every
-      descendant with it) and a fresh unprivileged uid per run, so RLIMIT_NPROC really
-      bounds forks (Linux never enforces it for root);
+      descendant with it); as root a fresh unprivileged uid per run, so RLIMIT_NPROC really
+      bounds forks (Linux never enforces it for root); in a user namespace the caller's own
+      uid without capabilities (RLIMIT_NPROC is then the caller's process count plus the
+      allowance); no_new_privs either way;
     * rlimits: CPU seconds, address space, file size, open files, no core dumps.
-``rlimits`` (fallback: not root, or namespaces refused)
+``rlimits`` (fallback: namespaces refused; a warning is logged)
     rlimits as above (as root the program still runs under a fresh uid so RLIMIT_NPROC
     holds; otherwise RLIMIT_NPROC counts the caller's own processes too and is set to
     the current count plus the allowance), a throwaway temp working directory, and an
     audit hook in the program's interpreter that refuses socket creation and
-    connection.  Weaker: a subprocess started by the program is not covered by the hook,
-    and files writable by the caller outside the working directory remain writable.
+    connection.  What it cannot hide or stop: the program can READ every file its uid
+    may read (/etc/passwd, world-readable files of the project and of home directories),
+    list every directory, and see every process in /proc; a subprocess started by the
+    program is not covered by the network hook; files writable by the caller outside the
+    working directory remain writable.
 
 Both: a new session/process group killed as a whole at the wall-clock deadline, output
 capped (the run is killed when a stream exceeds it), minimal environment, stdin from a
@@ -31,8 +40,11 @@ file.  Results are records, never exceptions.
 from __future__ import annotations
 
 import asyncio
+import functools
+import glob
 import itertools
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -50,6 +62,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 Status = Literal["ok", "failed", "timeout", "memory", "error"]
+
+log = logging.getLogger("archon.sandbox")
 
 _LAUNCHER = Path(__file__).with_name("_launcher.py")
 _UID_BASE = 1_600_000_000  # far above any uid a distribution hands out
@@ -118,6 +132,62 @@ def _program_python(mode: str) -> str:
     raise RuntimeError("no Python interpreter is executable by an unprivileged user")
 
 
+# Run by the program's interpreter (as the caller, outside any sandbox) to learn what it needs to start: its own
+# paths, and every shared library it maps once the stdlib's usual C extensions are loaded.
+_VIEW_PROBE = r"""
+import glob, importlib, json, os, sys, sysconfig
+for m in ("_ctypes", "_decimal", "_hashlib", "_ssl", "_sqlite3", "_bz2", "_lzma", "zlib", "_uuid", "readline", "_curses",
+          "pyexpat", "_multiprocessing", "_posixshmem", "mmap", "select", "_socket", "unicodedata", "_json", "math"):
+    try:
+        importlib.import_module(m)
+    except Exception:
+        pass
+libs = set()
+with open("/proc/self/maps") as f:
+    for line in f:
+        path = line.split(None, 5)[5].strip() if len(line.split(None, 5)) == 6 else ""
+        if path.startswith("/") and ".so" in os.path.basename(path):
+            libs.add(path)
+paths = sysconfig.get_paths()
+print(json.dumps({
+    "executable": sys.executable,
+    "prefixes": sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}),
+    "stdlib": [paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)],
+    "sys_path": [p for p in sys.path if p],
+    "libpython": glob.glob(os.path.join(sysconfig.get_config_var("LIBDIR") or "/nonexistent", "libpython*.so*")),
+    "libs": sorted(libs),
+}))
+"""
+
+
+@functools.lru_cache(maxsize=8)
+def python_view(python: str) -> tuple[str, ...]:
+    """The host paths a program run by ``python`` gets to see (read-only) in namespaces mode, nothing else: the
+    interpreter (and the symlinks to it), its standard library and site-packages (``sys.path`` entries inside its
+    installation prefixes: an editable install's checkout, added by a .pth file, stays out), libpython, the
+    directories of the shared libraries it loads, the dynamic loader and its cache."""
+    probe = subprocess.run([python, "-I", "-c", _VIEW_PROBE], capture_output=True, text=True, timeout=60, cwd="/", check=True,
+                           env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    info = json.loads(probe.stdout.strip().splitlines()[-1])
+    prefixes = [os.path.realpath(p) for p in info["prefixes"]]
+
+    def inside_prefix(path: str) -> bool:
+        real = os.path.realpath(path)
+        return any(real == p or real.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+    view = {python, info["executable"], *info["libpython"], *info["stdlib"], "/etc/ld.so.cache"}
+    view |= {p for p in info["sys_path"] if os.path.exists(p) and inside_prefix(p)}
+    view |= {os.path.dirname(lib) for lib in info["libs"]}
+    view |= set(glob.glob("/lib*/ld-linux*.so*")) | set(glob.glob("/lib*/ld-musl*.so*"))  # the ELF interpreter path
+    for venv_cfg in (Path(python).parent / "pyvenv.cfg", Path(python).parent.parent / "pyvenv.cfg"):
+        if venv_cfg.exists():
+            view.add(str(venv_cfg))
+    # One bind per tree: drop a path that another one's real location already contains.
+    real = {p: os.path.realpath(p) for p in view if os.path.lexists(p)}
+    keep = [p for p, r in real.items() if p != r or not any(o != r and r.startswith(o.rstrip("/") + "/") for o in real.values() if os.path.isdir(o))]
+    return tuple(sorted(keep))
+
+
 def isolation_mode() -> str:
     """``namespaces`` when a probe run inside fresh namespaces works, else ``rlimits`` (cached)."""
     global _mode
@@ -129,13 +199,20 @@ def isolation_mode() -> str:
             _mode = forced
             return _mode
         _mode = "rlimits"
-        if hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux"):
+        if sys.platform.startswith("linux"):
+            # As root: plain namespaces. Otherwise an unprivileged user namespace, where the kernel allows it.
+            why = ""
             try:
                 probe = _run("print('sandbox-ok')", "", None, SandboxLimits(timeout_s=20), "namespaces")
                 if probe.status == "ok" and probe.stdout.strip() == "sandbox-ok":
                     _mode = "namespaces"
-            except Exception:  # noqa: BLE001 - any failure means: fall back
-                pass
+                else:
+                    why = probe.reason or probe.stderr[-300:]
+            except Exception as e:  # noqa: BLE001 - any failure means: fall back
+                why = f"{type(e).__name__}: {e}"
+            if _mode == "rlimits":
+                log.warning("sandbox: namespaces unavailable (%s); falling back to rlimits, which cannot hide the host's "
+                            "files from the program", why)
         return _mode
 
 
@@ -179,9 +256,16 @@ def _run(code: str, stdin: str, files: dict[str, str] | None, limits: SandboxLim
         "tmpfs_mb": limits.tmpfs_mb,
     }
     workdir = None
+    root = None
     if mode == "namespaces":
-        job["uid"] = _next_uid()
-        job["nproc"] = limits.nproc
+        root = tempfile.mkdtemp(prefix="archon-sbx-root-")  # only a mount point: the tmpfs root lives in the namespace
+        job["root"] = root
+        job["view"] = list(python_view(job["python"]))
+        if os.geteuid() == 0:
+            job["uid"] = _next_uid()
+            job["nproc"] = limits.nproc
+        else:  # a user namespace of our own uid: RLIMIT_NPROC counts our other processes too
+            job["nproc"] = _processes_of_current_user() + limits.nproc
     else:
         workdir = tempfile.mkdtemp(prefix="archon-sbx-")
         job["workdir"] = workdir
@@ -206,6 +290,8 @@ def _run(code: str, stdin: str, files: dict[str, str] | None, limits: SandboxLim
     except OSError as e:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        if root:
+            os.rmdir(root)
         return SandboxResult(False, "error", None, "", "", 0.0, f"cannot start sandbox: {e}", mode)
     killed: str | None = None
     out = {"stdout": bytearray(), "stderr": bytearray()}
@@ -255,6 +341,11 @@ def _run(code: str, stdin: str, files: dict[str, str] | None, limits: SandboxLim
                 s.close()
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        if root:
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
     dur = time.monotonic() - t0
     stdout, stderr = _tail(bytes(out["stdout"]), limits.tail_chars), _tail(bytes(out["stderr"]), limits.tail_chars)
     status, reason = _classify(rc, stderr, killed, limits)

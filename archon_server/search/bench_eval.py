@@ -21,9 +21,10 @@ from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import EvalResult, StepCallback
 from archon_server.search.space import architecture_key
 from archon_server.spec import ArchitectureSpec
+from archon_server.exceptions import ArchonError
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(ArchonError, RuntimeError):
     """An evaluation produced no usable result."""
 
 

@@ -59,6 +59,7 @@ class ModelEntry(_Base):
 
 Family = Literal["moa", "self_moa", "self_moa_seq"]
 FinalLayer = Literal["none", "verifier", "unit_test", "vote"]
+ScorerMethod = Literal["none", "density_ratio", "logprob_judge", "pairwise"]
 
 
 class SpaceConfig(_Base):
@@ -82,6 +83,12 @@ class SpaceConfig(_Base):
     critic: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
     ranker: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
     ranker_top_k: IntAxis = Field(default_factory=lambda: IntAxis(low=5, high=5))
+    scorer: list[ScorerMethod] = Field(
+        default_factory=lambda: ["none"], min_length=1,
+        description="A scoring filter (no generation) before critic/ranker/fusion: none or a scorer method.",
+    )
+    scorer_top_k: IntAxis = Field(default_factory=lambda: IntAxis(low=3, high=3))
+    scorer_weak: str | None = Field(default=None, description="density_ratio: alias of the less-aligned model.")
     final: list[FinalLayer] = Field(default_factory=lambda: ["none"], min_length=1)
     vote_extractor: Literal["boxed", "choice", "number", "text"] = "boxed"
     self_moa_model_rank: IntAxis = Field(default_factory=lambda: IntAxis(low=0, high=0))
@@ -104,6 +111,8 @@ class SpaceConfig(_Base):
     def _windows(self) -> "SpaceConfig":
         if "self_moa_seq" in self.families and self.seq_window.low < 2:
             raise ValueError("seq_window.low must be >= 2")
+        if "density_ratio" in self.scorer and not self.scorer_weak:
+            raise ValueError("scorer density_ratio needs scorer_weak (the less-aligned model's alias)")
         return self
 
 
@@ -213,9 +222,6 @@ class SearchConfig(_Base):
         if self.study.sampler.type == "nsga2" and self.objective.mode != "pareto":
             raise ValueError("study.sampler.type: nsga2 needs objective.mode: pareto")
         return self
-
-    def sampler_is_multi(self) -> bool:
-        return self.objective.mode == "pareto"
 
     def storage_url(self) -> str:
         return self.study.storage or default_storage_url(self.study.name)

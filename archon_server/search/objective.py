@@ -29,8 +29,9 @@ from archon_server.search.space import (
 )
 from archon_server.search.storage import heartbeat_enabled
 from archon_server.spec import ArchitectureSpec, dump_architecture
+from archon_server.exceptions import ArchonError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("archon.search.objective")
 
 # User-attribute keys (stable: reports and tests read them from the database).
 ATTR_SPEC = "spec"
@@ -48,7 +49,7 @@ ATTR_WORKER = "worker"
 ATTR_EST_CALLS = "calls_estimate"
 
 
-class Rejected(Exception):
+class Rejected(ArchonError):
     """The sampled architecture breaks a validity rule or the budget; no backend call was made."""
 
 

@@ -27,6 +27,7 @@ from archon_server.spec import (
     FuserSpec,
     GeneratorSpec,
     RankerSpec,
+    ScorerSpec,
     SelfMoASeqSpec,
     UnitTestEvaluatorSpec,
     parse_architecture,
@@ -62,11 +63,18 @@ def _fusion_block(
     fusers = _int(trial, "fusers", space.fusers_per_layer) if n_fusion else 0
     ranker = bool(_cat(trial, "ranker", space.ranker))
     top_k = _int(trial, "ranker_top_k", space.ranker_top_k) if ranker else 0
+    scorer = _cat(trial, "scorer", space.scorer)
+    scorer_k = _int(trial, "scorer_top_k", space.scorer_top_k) if scorer != "none" else 0
     # A critic must feed a ranker or a fuser; without either there is nothing to ask.
     critic = bool(_cat(trial, "critic", space.critic)) if (n_fusion or ranker) else False
 
     def pre() -> list[list[dict[str, Any]]]:
         out: list[list[dict[str, Any]]] = []
+        if scorer != "none":  # scores filter first: critic and ranker then read fewer, better candidates
+            sc: dict[str, Any] = {"type": "scorer", "method": scorer, "model": fuser_models[0], "top_k": scorer_k}
+            if scorer == "density_ratio":
+                sc["weak"] = space.scorer_weak
+            out.append([sc])
         if critic:
             out.append([{"type": "critic", "model": fuser_models[0]}])
         if ranker:
@@ -81,7 +89,8 @@ def _fusion_block(
         layers.append(
             [{"type": "fuser", "model": fuser_models[j % len(fuser_models)], "temperature": temperature} for j in range(fusers)]
         )
-    return layers, {"fusion_layers": n_fusion, "fusers": fusers, "ranker": ranker, "ranker_top_k": top_k, "critic": critic}
+    return layers, {"fusion_layers": n_fusion, "fusers": fusers, "ranker": ranker, "ranker_top_k": top_k, "critic": critic,
+                    "scorer": scorer, "scorer_top_k": scorer_k}
 
 
 def _final_layers(trial: TrialLike, space: SpaceConfig, judge: str) -> list[list[dict[str, Any]]]:
@@ -150,7 +159,7 @@ def candidate_flow(spec: ArchitectureSpec) -> list[int]:
                 new += c.samples
             elif isinstance(c, SelfMoASeqSpec):
                 new += 1
-            elif isinstance(c, (RankerSpec, UnitTestEvaluatorSpec)):
+            elif isinstance(c, (RankerSpec, UnitTestEvaluatorSpec, ScorerSpec)):
                 keep = min(c.top_k, cands)
         cands = new if new else (keep if keep is not None else cands)
     return into

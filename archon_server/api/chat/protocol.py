@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ...backends.base import content_text
 from ..structured import check_response_format
 
 
@@ -36,9 +37,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = Field(default=None, max_length=256)  # a tool's result
 
     def to_dict(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(p.text for p in content)
+        content = content_text([p.model_dump() for p in self.content]) if isinstance(self.content, list) else self.content
         out: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls

@@ -25,7 +25,7 @@ from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..edge import remaining_s
-from ..errors import APIError, error_body
+from ..errors import APIError, error_body, failure_code
 from ..metrics import Metrics
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
 from ..traces.store import TraceStore, entry
@@ -164,7 +164,7 @@ class ChatService:
     def _gerr(self, e: GraphError | StructuredOutputInvalid) -> APIError:
         if isinstance(e, StructuredOutputInvalid):
             return APIError(422, f"response_format: {e}", param="response_format", code="invalid_structured_output")
-        return APIError(e.status, str(e), code={502: "upstream_error", 504: "timeout", 400: "invalid_value"}.get(e.status))
+        return APIError(e.status, str(e), code=failure_code(e.status))
 
     def _observe(self, model: str, status: int, t0: float, res: RunResult | None) -> None:
         self.metrics.requests.labels(model, str(status)).inc()
@@ -214,7 +214,7 @@ class ChatService:
         ``request_timeout_s``. Nothing left: 504 at once, before admission."""
         left = remaining_s(self.request_timeout_s)
         if left <= 0:
-            raise APIError(504, f"deadline of {self.request_timeout_s:g}s exceeded before the request could start", code="timeout")
+            raise APIError(504, f"deadline of {self.request_timeout_s:g}s exceeded before the request could start", code=failure_code(504))
         return left
 
     async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request, keep: Keep | None = None) -> RunResult:

@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -28,9 +29,9 @@ from ...backends.base import (
 )
 from ...backends.base import CompletionRequest as BackendCompletion
 from ...components import FinalOverrides
-from ...components.base import DEFAULT_SAMPLING, StreamSink
+from ...components.base import DEFAULT_SAMPLING, StreamSink, failure_status
 from ...components.state import Candidate
-from ...components.trace import CallRecord, LayerTrace, Trace
+from ...components.trace import Trace
 from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
 from ..chat.serving import ChatService
@@ -63,7 +64,7 @@ def _merge(results: list[RunResult], name: str) -> RunResult:
 
 def _shifted(sink: StreamSink, offset: int) -> StreamSink:
     async def put(ch: StreamChunk) -> None:
-        await sink(StreamChunk(index=offset + ch.index, text=ch.text, finish_reason=ch.finish_reason, tool_calls=ch.tool_calls))
+        await sink(replace(ch, index=offset + ch.index))
 
     return put
 
@@ -95,13 +96,17 @@ class CompletionsService:
         alias = req.model
         backend, model, limit = self.chat.registry.get(alias), self.chat.registry.model_name(alias), self.chat.registry.limit(alias)
         trace = Trace(alias)
-        layer = LayerTrace(0, ["completion"], candidates_in=0)
-        trace.layers.append(layer)
+        layer = trace.add_layer(0, ["completion"], candidates_in=0)
         params = self._params(req)
+
+        def record(i: int, started: tuple[int, float], usage: Usage | None = None, error: BaseException | None = None) -> None:
+            layer.finish_call("completion", "completion", alias, req.n, started, usage=usage,
+                              error=None if error is None else str(error)[:300],
+                              status="ok" if error is None else failure_status(error), purpose=f"prompt {i + 1}")
 
         async def one(i: int, prompt: str) -> list[Candidate]:
             breq = BackendCompletion(model, prompt, params, echo=req.echo)
-            t0 = time.perf_counter()
+            started = layer.call_started("completion", "completion", alias, req.n, f"prompt {i + 1}")
             try:
                 async with limit if limit is not None else contextlib.nullcontext():
                     if sink is None:
@@ -122,10 +127,13 @@ class CompletionsService:
                             await sink(StreamChunk(index=i * req.n + ch.index, text=ch.text, finish_reason=ch.finish_reason))
                         choices = [("".join(texts.get(j, [])), finish.get(j, "stop"), None) for j in range(req.n)]
             except BackendError as e:
-                layer.calls.append(CallRecord("completion", "completion", alias, req.n, False, time.perf_counter() - t0, error=str(e)[:300], purpose=f"prompt {i + 1}"))
+                record(i, started, error=e)
                 raise
-            layer.calls.append(CallRecord("completion", "completion", alias, req.n, True, time.perf_counter() - t0,
-                                          usage.prompt_tokens, usage.completion_tokens, purpose=f"prompt {i + 1}"))
+            except Exception as e:  # a backend bug must not become a 500 (as for graph calls: components/base.py)
+                err = BackendError(f"{type(e).__name__}: {e}"[:300], status=502, backend=alias)
+                record(i, started, error=err)
+                raise err from e
+            record(i, started, usage)
             trace.usage.add(usage)
             return [Candidate(text, source=alias, finish_reason=fr or "stop", meta={"logprobs": lp}) for text, fr, lp in choices]
 
@@ -138,6 +146,7 @@ class CompletionsService:
         layer.latency_s = trace.latency_s
         cands = [c for cs in per_prompt for c in cs]
         layer.candidates_out = len(cands)
+        trace.end_layer(layer)
         return RunResult(cands, trace.usage, trace, streamed=sink is not None)
 
     # -- an architecture: each prompt is one user message -------------------------------------

@@ -24,13 +24,13 @@ from typing import Any
 
 from fastapi import Request
 
-from ...backends.base import StreamChunk, accumulate_tool_calls
+from ...backends.base import StreamChunk, TokenLogprob, accumulate_tool_calls
 from ...components import FinalOverrides
 from ...components.state import Candidate
 from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
 from ..errors import APIError
-from ..structured import chat_tools
+from ..structured import chat_tool_choice, chat_tools
 from .protocol import ResponsesRequest, input_messages
 
 MAX_KEPT = 256  # responses kept for previous_response_id (each holds its conversation: bounded by count)
@@ -46,9 +46,18 @@ def _usage(res: RunResult) -> dict[str, Any]:
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": u.total_tokens}
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+def _logprobs(lps: list[TokenLogprob] | None) -> list[dict[str, Any]]:
+    """The final stage's token logprobs (asked for with `top_logprobs`) in output_text's shape."""
+    def b(t: str) -> list[int]:
+        return list(t.encode("utf-8", "replace"))
+
+    return [{"token": t.token, "bytes": b(t.token), "logprob": t.logprob,
+             "top_logprobs": [{"token": a, "bytes": b(a), "logprob": v} for a, v in t.top]} for t in lps or []]
+
+
+def _message_item(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}] if status != "in_progress" else []}
 
 
 def _call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any]:
@@ -90,7 +99,7 @@ class ResponsesService:
         final = FinalOverrides(
             n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
             logprobs=bool(req.top_logprobs), top_logprobs=req.top_logprobs or 0,
-            extra=final_extra(fmt, tools, req.tool_choice, req.parallel_tool_calls),
+            extra=final_extra(fmt, tools, chat_tool_choice(req.tool_choice), req.parallel_tool_calls),
         )
         self.chat.check_final(spec, final)
         return spec, messages, final, conversation
@@ -140,7 +149,7 @@ class ResponsesService:
     def _output(cand: Candidate, msg_id: str, call_ids: list[str]) -> list[dict[str, Any]]:
         status = "incomplete" if cand.finish_reason == "length" else "completed"
         calls = cand.meta.get("tool_calls") or []
-        items = [_message_item(msg_id, cand.text, status)] if cand.text or not calls else []
+        items = [_message_item(msg_id, cand.text, status, _logprobs(cand.meta.get("logprobs")))] if cand.text or not calls else []
         return items + [_call_item(call_ids[j] if j < len(call_ids) else _id("fc"), c, "completed") for j, c in enumerate(calls)]
 
     # -- non-streaming ------------------------------------------------------------------

@@ -292,19 +292,25 @@ async function send() {
 // ---------------------------------------------------------------- trace view
 let shownTrace = null, pickerItems = [];
 function normalise(obj) {
-  // Accepts what the server and CLI produce: a /v1/traces entry, a chat completion with `trace`, a bare trace.
-  if (!obj || typeof obj !== "object") return null;
-  if (obj.trace && obj.trace.layers) return { ...obj, trace: obj.trace };
-  if (obj.layers && obj.architecture !== undefined) return { id: null, model: obj.architecture, status: "ok", trace: obj };
-  return null;
+  // Accepts what the server and CLI produce: a /v1/traces entry, a chat completion with `trace`, a bare trace
+  // (`archon run --trace`), a sweep result with `trace` (or `traces`, one per turn; sweeps with keep_traces: true).
+  if (!obj || typeof obj !== "object") return [];
+  const label = obj.benchmark ? `${obj.arch} · ${obj.benchmark}/${obj.id}` : undefined;
+  const extra = { prompt: obj.prompt || label, status: obj.status || (obj.error ? "error" : "ok"), error: obj.error || null };
+  if (obj.trace && obj.trace.layers) return [{ ...obj, ...extra, trace: obj.trace }];
+  if (Array.isArray(obj.traces)) {
+    return obj.traces.filter((t) => t && t.layers).map((t, i) => ({ ...obj, ...extra, prompt: `${extra.prompt || ""} (turn ${i + 1})`, trace: t }));
+  }
+  if (obj.layers && obj.architecture !== undefined) return [{ id: null, model: obj.architecture, status: "ok", trace: obj }];
+  return [];
 }
 function parseTraceFile(text) {
   const out = [];
-  try { const j = JSON.parse(text); for (const x of Array.isArray(j) ? j : [j]) { const n = normalise(x); if (n) out.push(n); } return out; }
+  try { const j = JSON.parse(text); for (const x of Array.isArray(j) ? j : [j]) out.push(...normalise(x)); return out; }
   catch (_) { /* JSON lines, then */ }
   for (const line of text.split("\n")) {
     if (!line.trim()) continue;
-    try { const n = normalise(JSON.parse(line)); if (n) out.push(n); } catch (_) { /* skip a bad line */ }
+    try { out.push(...normalise(JSON.parse(line))); } catch (_) { /* skip a bad line */ }
   }
   return out;
 }
@@ -405,12 +411,16 @@ function drawLayers(box, tr) {
     const cands = layer.candidates || [];
     if (layer.kept && prev.length) {
       // A selecting layer: show every incoming candidate, kept (in the layer's order, with its score) or dropped.
+      // The verb says what the selection was: a verifier passes, a vote keeps the majority, a ranker keeps its top.
+      const types = new Set(layer.calls.map((c) => c.type));
+      const [yes, no] = types.has("verifier") ? ["passed", "did not pass"]
+        : layer.votes && Object.keys(layer.votes).length ? ["in the majority", "outvoted"] : ["kept", "dropped"];
       card.append(el("div", { class: "muted", text: "incoming candidates:" }));
       prev.forEach((c, i) => {
         const rank = layer.kept.indexOf(i);
         const tags = rank >= 0
-          ? [el("span", { class: "tag kept", text: `kept #${rank + 1}` + (cands[rank] && cands[rank].score !== null && cands[rank].score !== undefined ? ` · score ${cands[rank].score}` : "") })]
-          : [el("span", { class: "tag dropped", text: "dropped" })];
+          ? [el("span", { class: "tag kept", text: `${yes} #${rank + 1}` + (cands[rank] && cands[rank].score !== null && cands[rank].score !== undefined ? ` · score ${cands[rank].score}` : "") })]
+          : [el("span", { class: "tag dropped", text: no })];
         card.append(candidateItem(c, i, tags));
       });
     } else if (cands.length) {

@@ -1,0 +1,51 @@
+"""A judge cut at its verdict on the real embedded engine, next to requests that run on.
+
+The cut stream sits in slot 0 of the batch, so dropping it moves the other rows' KV cache down
+(engine compaction outside a model step): that path used to fail every request in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from archon_server.backends.base import ChatRequest, SamplingParams
+from archon_server.backends.local import LocalBackend
+from archon_server.bench import judges as jd
+from archon_server.engine.loader import load_engine
+
+STORY = [{"role": "user", "content": "Tell me a long story about a dragon who learns to bake bread."}]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    engine, loaded = load_engine(progress=False)
+    b = LocalBackend(progress=False)
+    b.engine, b.loaded = engine, loaded
+    yield b
+    engine.shutdown()
+
+
+async def test_cut_judge_streams_leave_the_rest_of_the_batch_running(backend):
+    def req(seed: int) -> ChatRequest:
+        return ChatRequest("smollm2-135m-instruct", STORY, SamplingParams(temperature=0.8, max_tokens=120, seed=seed))
+
+    long_prompt = [{"role": "user", "content": "Judge this answer. " + "The dragon kneads dough by the river. " * 150}]
+
+    async def cut_after(seed: int, chars: int):
+        return await jd.chat_until(backend, req(seed), lambda text: len(text) > chars)
+
+    async def long_one(seed: int):
+        await asyncio.sleep(0.05 * seed)  # arrive while the cut streams are decoding: their prompts are prefilled in pieces
+        return await backend.chat(ChatRequest("smollm2-135m-instruct", long_prompt, SamplingParams(temperature=0.8, max_tokens=40, seed=seed)))
+
+    # four streams are cut at different points (slots 0..3) while two long prompts are prefilled and decoded
+    results = await asyncio.gather(*(cut_after(i, c) for i, c in enumerate((10, 30, 60, 100))), long_one(1), long_one(2))
+    for cut in results[:4]:
+        assert cut.choices[0].finish_reason == "stop" and 10 < len(cut.choices[0].text) < 600
+    for full in results[4:]:
+        assert full.choices[0].finish_reason in ("length", "stop") and full.choices[0].text
+    # and the engine still serves
+    again = await backend.chat(req(5))
+    assert again.choices[0].text
