@@ -24,13 +24,14 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+from ..db import create_tables, normalize_url, sqlite_path, worker_id
 from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.bench.store")
@@ -68,8 +69,6 @@ class SweepMismatch(ArchonError, ValueError):
 
 
 def make_engine(url: str) -> Engine:
-    from ..search.storage import normalize_url, sqlite_path
-
     url = normalize_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     path = sqlite_path(url)
@@ -80,16 +79,7 @@ def make_engine(url: str) -> Engine:
     if path is not None:
         with engine.begin() as con:
             con.exec_driver_sql("PRAGMA journal_mode=WAL")
-    for attempt in range(5):  # workers starting together race to create the tables (see search.claims)
-        try:
-            _META.create_all(engine)
-            break
-        except sa.exc.SQLAlchemyError:
-            if all(sa.inspect(engine).has_table(t) for t in _META.tables):
-                break
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    create_tables(_META, engine)
     return engine
 
 
@@ -102,10 +92,6 @@ def _insert_ignore(engine: Engine, table: sa.Table) -> Any:
     else:
         raise ValueError(f"sweep store: unsupported database {engine.dialect.name!r} (use PostgreSQL or SQLite)")
     return insert(table).on_conflict_do_nothing()
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class SqlCallCache:
