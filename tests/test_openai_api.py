@@ -219,6 +219,17 @@ def test_json_schema_goes_to_the_final_stage_and_the_answer_is_validated(upstrea
     assert json.loads(r2.output_text)["name"] == "Ada"
     assert up.requests[-1].body["response_format"]["json_schema"]["schema"] == PERSON
 
+    # the SDK's parse helpers (a pydantic model as the schema) work unchanged
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    assert c.responses.parse(model="self-moa", input="A person?", text_format=Person).output_parsed == Person(name="Ada", age=36)
+    parsed = c.chat.completions.parse(model="self-moa", messages=[{"role": "user", "content": "A person?"}], response_format=Person)
+    assert parsed.choices[0].message.parsed == Person(name="Ada", age=36)
+
 
 def test_invalid_structured_answer_is_retried_then_refused(upstream_factory, server_factory):
     answers = iter(['{"name": "Ada"}', '```json\n{"name": "Ada", "age": 36}\n```'])
