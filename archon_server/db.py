@@ -54,3 +54,17 @@ def create_tables(metadata: sa.MetaData, engine: Engine) -> None:
 def worker_id() -> str:
     """Who holds a claim or lease, as recorded in the shared database: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def redacted(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL has no password field we could find
+        return url.split("@")[-1]
+
+
+def unreachable_message(url: str, e: sa.exc.OperationalError) -> str:
+    """One line for the CLI when the database cannot be opened (no traceback, no password)."""
+    reason = str(e.orig if e.orig is not None else e).strip().splitlines()
+    return f"error: cannot open the database {redacted(url)}: {reason[0] if reason else type(e).__name__}"

@@ -177,6 +177,17 @@ class ScoreRequest:
     continuations: list[str]
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists: where a continuation's own tokens start once the
+    prompt alone and the prompt with the continuation are tokenized (a boundary token may merge the two)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class SequenceScore:
     logprob: float  # sum over the continuation's tokens

@@ -30,6 +30,7 @@ from archon_server.backends.base import (
     StreamChunk,
     TokenLogprob,
     Usage,
+    common_prefix,
     content_text,
 )
 from archon_server.config import LocalBackendConfig
@@ -245,7 +246,7 @@ class LocalBackend(Backend):
     # ------------------------------------------------------------------ scoring
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """One teacher-forced pass: the prompt prefilled once, every continuation in one batch after it."""
-        from archon_server.engine.scoring import common_prefix, score_continuations
+        from archon_server.engine.scoring import score_continuations
 
         t0 = time.perf_counter()
         if self.engine is None:

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..db import create_tables, normalize_url, sqlite_path, worker_id
-from ..exceptions import ArchonError
+from ..spec import SpecError
 
 log = logging.getLogger("archon.bench.store")
 
@@ -64,8 +64,8 @@ CALLS = sa.Table(
 )
 
 
-class SweepMismatch(ArchonError, ValueError):
-    """The store already holds a sweep of this name with a different definition."""
+class SweepMismatch(SpecError):
+    """The store already holds a sweep of this name with a different definition (the CLI prints it, exit 2)."""
 
 
 def make_engine(url: str) -> Engine:
@@ -151,8 +151,8 @@ class StoreResults:
             con.execute(_insert_ignore(self.engine, SWEEPS).values(sweep=self.sweep, spec=text, created=time.time()))
             stored = con.execute(sa.select(SWEEPS.c.spec).where(SWEEPS.c.sweep == self.sweep)).scalar_one()
         if json.loads(stored) != json.loads(text):
-            raise SweepMismatch(f"sweep {self.sweep!r}: the store holds a different definition of this sweep "
-                                "(rename the sweep or use another store)")
+            raise SweepMismatch([f"the store holds a different definition of sweep {self.sweep!r} (workers must run the "
+                                 "same sweep file and --limit; rename the sweep or use another store)"], "sweep store")
 
     # -- claims --------------------------------------------------------------------------------------
     def _pk(self, arch: str, benchmark: str, item: str, sample: int) -> Any:

@@ -140,12 +140,7 @@ def _summary(study: optuna.Study) -> dict[str, Any]:
 
 # -- commands -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from archon_server.search.runner import (
-        finalize_study,
-        open_study,
-        progress,
-        run_search,
-    )
+    import sqlalchemy.exc
 
     _setup_logging(args.verbose)
     try:
@@ -154,6 +149,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     assert cfg is not None
+    try:
+        return _run(args, cfg, storage, study_name)
+    except sqlalchemy.exc.OperationalError as e:  # the storage URL points at a database that is down or unknown
+        from archon_server.db import unreachable_message
+
+        print(unreachable_message(storage, e), file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | None) -> int:
+    from archon_server.search.runner import finalize_study, open_study, progress, run_search
+
     if args.workers > 1:
         # Worker processes share nothing but the storage URL, exactly like workers on other machines.
         cmd = [sys.executable, "-m", "archon_server.search", "run", args.config, "--storage", storage,
