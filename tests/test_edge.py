@@ -83,6 +83,12 @@ def test_bad_text_in_every_field_is_400_naming_it(srv, up, patch, param):
     assert up.requests == []
 
 
+def test_bad_text_in_a_body_nested_too_deep_is_still_a_400(srv):
+    """The exact check parses the body: nested past the parser's depth it must not turn into a 500."""
+    body = b'{"model":"fake","messages":[{"role":"user","content":"\\u0000"}],"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_openai_error(_raw(srv, body), 400)
+
+
 def test_raw_utf8_surrogate_bytes_are_400(srv, up):
     # The bytes ED A0 80 (U+D800 "encoded" as UTF-8) are not UTF-8, yet json.loads(bytes) lets them through.
     body = b'{"model":"fake","messages":[{"role":"user","content":"x\xed\xa0\x80y"}]}'
