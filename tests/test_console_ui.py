@@ -1,13 +1,12 @@
 """The web console (/ui) in real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium).
 
 Skipped only off CI when Chromium is not installed; under CI (CI=true) a missing browser is a failure, since
-.ci/run installs it. Screenshots go to .pytest_cache/console-*.png (test 1's is the README's docs/console.png).
+.ci/run installs it. Screenshots go to .pytest_cache/console-*.png.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from archon_server.testing.server import serve_process
-from tests.conftest import fake_config
+from tests.conftest import fake_config, require_component
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / ".pytest_cache"
@@ -31,24 +30,14 @@ def _chromium() -> tuple[str, str] | None:
     return (binary, driver) if binary and driver else None
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 @pytest.fixture
 def browser() -> Iterator[Any]:
     found = _chromium()
-    if found is None:
-        if _under_ci():
-            pytest.fail("CI: chromium/chromedriver not installed (.ci/run installs them with apt-get)")
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        if _under_ci():
-            raise
-        pytest.skip("selenium is not installed (pip install -e '.[test]')")
+    require_component("Chromium", None if found else "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    assert found is not None
+    from selenium import webdriver  # the test extra; a missing one is an install error, not a skip
+    from selenium.webdriver.chrome.service import Service
+
     opts = webdriver.ChromeOptions()
     opts.binary_location = found[0]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,800",

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
+from ..exceptions import ArchonError
 from ..spec import SpecError
 from .base import (
     Backend,
@@ -25,7 +26,6 @@ from .base import (
     ScoreResult,
     StreamChunk,
 )
-from ..exceptions import ArchonError
 
 log = logging.getLogger("archon.backends")
 

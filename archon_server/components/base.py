@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ from ..backends.base import (
 from ..backends.registry import BackendRegistry, UnknownModel
 from ..spec import Sampling
 from .state import Candidate, State, Update
-from .trace import CallRecord, LayerTrace
+from .trace import LayerTrace
 from ..exceptions import ArchonError
 
 T = TypeVar("T")
@@ -109,19 +108,13 @@ class ComponentContext:
             extra=dict(final.extra) if final else {},
         )
 
-    def _record(self, alias: str, n: int, t0: float, *, status: str = "ok", error: str | None = None,
-                result: Any = None, purpose: str = "", ctype: str | None = None,
-                started: tuple[int, float] | None = None) -> None:
-        """The one place a call enters the trace; a failure (not a cancellation) also enters the layer's failures.
-        ``started``: what :meth:`LayerTrace.call_started` returned (the call's number and start, for live views)."""
-        u = result.usage if result is not None else Usage()
-        self.layer.record(CallRecord(
-            self.component, ctype or self.ctype, alias, n, status == "ok", time.perf_counter() - t0 if t0 else 0.0,
-            u.prompt_tokens, u.completion_tokens, result.requests if result is not None else 1,
-            error=error, purpose=purpose, status=status,
-        ), started)
-        if error is not None and status != "cancelled":
-            self.layer.failures.append(f"{self.component}: {error[:200]}")
+    def _record(self, alias: str, n: int, started: tuple[int, float], *, status: str = "ok", error: str | None = None,
+                result: Any = None, purpose: str = "", ctype: str | None = None) -> None:
+        """This component's call has ended: into the trace through the one builder (LayerTrace.finish_call)."""
+        self.layer.finish_call(self.component, ctype or self.ctype, alias, n, started,
+                               usage=result.usage if result is not None else None,
+                               requests=result.requests if result is not None else 1,
+                               error=error, status=status, purpose=purpose)
 
     async def call(
         self,
@@ -144,7 +137,7 @@ class ComponentContext:
             model = self.registry.model_name(alias)
         except UnknownModel:
             err = f"unknown model alias {alias!r}"
-            self._record(alias, n, 0.0, status="error", error=err, purpose=purpose, ctype=ctype, started=started)
+            self._record(alias, n, started, status="error", error=err, purpose=purpose, ctype=ctype)
             raise BackendError(err, status=400) from None
         limit = self.registry.limit(alias)
         if n == 1 or backend.supports_n:
@@ -177,28 +170,27 @@ class ComponentContext:
             model = self.registry.model_name(alias)
         except UnknownModel:
             err = f"unknown model alias {alias!r}"
-            self._record(alias, n, 0.0, status="error", error=err, purpose=purpose, started=started)
+            self._record(alias, n, started, status="error", error=err, purpose=purpose)
             raise BackendError(err, status=400) from None
         return await self._traced(alias, n, purpose, None, started, _limited(self.registry.limit(alias), fn(backend, model)))
 
     async def _traced(self, alias: str, n: int, purpose: str, ctype: str | None, started: tuple[int, float], work: Awaitable[Any]) -> Any:
         """Await one backend call and record it (success, failure or cancellation): the one error path of every call."""
-        t0 = time.perf_counter()
         try:
             res = await work
         except asyncio.CancelledError:
-            self._record(alias, n, t0, status="cancelled", error="cancelled", purpose=purpose, ctype=ctype, started=started)
+            self._record(alias, n, started, status="cancelled", error="cancelled", purpose=purpose, ctype=ctype)
             raise
         except BackendError as e:
-            self._record(alias, n, t0, status=failure_status(e), error=str(e)[:300], purpose=purpose, ctype=ctype, started=started)
+            self._record(alias, n, started, status=failure_status(e), error=str(e)[:300], purpose=purpose, ctype=ctype)
             raise
         except Exception as e:  # a backend bug must not become a 500: record it as a failed call
             msg = f"{type(e).__name__}: {e}"[:300]
-            self._record(alias, n, t0, status="error", error=msg, purpose=purpose, ctype=ctype, started=started)
+            self._record(alias, n, started, status="error", error=msg, purpose=purpose, ctype=ctype)
             raise BackendError(msg, status=502) from e
         self.usage.add(res.usage)
         self.ok_calls += 1
-        self._record(alias, n, t0, result=res, purpose=purpose, ctype=ctype, started=started)
+        self._record(alias, n, started, result=res, purpose=purpose, ctype=ctype)
         return res
 
     async def _streamed(self, backend: Any, reqs: list[ChatRequest], limit: asyncio.Semaphore | None) -> ChatResult:

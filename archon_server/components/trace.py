@@ -82,6 +82,19 @@ class LayerTrace:
             self._trace.emit({**rec.to_dict(), "type": "call_ended", "ctype": rec.type, "layer": self.index, "call": rec.id})
         return rec
 
+    def finish_call(self, component: str, ctype: str, model: str, n: int, started: tuple[int, float], *,
+                    usage: Usage | None = None, requests: int = 1, error: str | None = None, status: str = "ok",
+                    purpose: str = "") -> CallRecord:
+        """The one CallRecord builder: a call begun with :meth:`call_started` has ended (``status`` ok, or the
+        failure's: error | timeout | cancelled); a failure other than a cancellation also enters ``failures``."""
+        u = usage or Usage()
+        rec = self.record(CallRecord(component, ctype, model, n, status == "ok", time.perf_counter() - started[1],
+                                     u.prompt_tokens, u.completion_tokens, requests, error=error, purpose=purpose,
+                                     status=status), started)
+        if error is not None and status != "cancelled":
+            self.failures.append(f"{component}: {error[:200]}")
+        return rec
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_") and f.name != "calls"}
         out["latency_s"] = round(self.latency_s, 4)

@@ -31,7 +31,7 @@ from ...backends.base import CompletionRequest as BackendCompletion
 from ...components import FinalOverrides
 from ...components.base import DEFAULT_SAMPLING, StreamSink, failure_status
 from ...components.state import Candidate
-from ...components.trace import CallRecord, Trace
+from ...components.trace import Trace
 from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
 from ..chat.serving import ChatService
@@ -100,12 +100,9 @@ class CompletionsService:
         params = self._params(req)
 
         def record(i: int, started: tuple[int, float], usage: Usage | None = None, error: BaseException | None = None) -> None:
-            u = usage or Usage()
-            layer.record(CallRecord("completion", "completion", alias, req.n, error is None, time.perf_counter() - started[1],
-                                    u.prompt_tokens, u.completion_tokens, error=None if error is None else str(error)[:300],
-                                    purpose=f"prompt {i + 1}", status="ok" if error is None else failure_status(error)), started)
-            if error is not None:
-                layer.failures.append(f"completion: {str(error)[:200]}")
+            layer.finish_call("completion", "completion", alias, req.n, started, usage=usage,
+                              error=None if error is None else str(error)[:300],
+                              status="ok" if error is None else failure_status(error), purpose=f"prompt {i + 1}")
 
         async def one(i: int, prompt: str) -> list[Candidate]:
             breq = BackendCompletion(model, prompt, params, echo=req.echo)
