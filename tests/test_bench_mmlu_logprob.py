@@ -6,7 +6,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from archon_server.backends.base import Backend, ChatRequest, ChatResult, Choice, ScoreRequest, ScoreResult, SequenceScore, Usage
+from archon_server.backends.base import Backend, ChatRequest, ChatResult, ScoreRequest, ScoreResult, SequenceScore, Usage
 from archon_server.bench import datasets as ds
 from archon_server.bench import report as rp
 from archon_server.bench import sweep as sw
