@@ -93,6 +93,7 @@ class ChatService:
         self.max_inflight = max_inflight
         self.request_timeout_s = request_timeout_s
         self.max_messages = max_messages
+        self.keepalive_s = 5.0  # an SSE comment this often while a stream has nothing to say (inner layers running)
         self.metrics = metrics
         self.traces = traces or TraceStore(0)
         self.inflight = 0
@@ -345,7 +346,10 @@ class ChatService:
         async with contextlib.aclosing(events):
             for i in range(final.n):
                 yield chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            async for item in events:
+            async for item in with_keepalive(events, self.keepalive_s):
+                if item is KEEPALIVE:  # SSE comment: clients and proxies see a live stream, OpenAI SDKs skip it
+                    yield ": keep-alive\n\n"
+                    continue
                 if isinstance(item, APIError):
                     yield f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n"
                     yield "data: [DONE]\n\n"
@@ -370,6 +374,33 @@ class ChatService:
                         trace=res.trace.to_dict() if req.return_trace else None,
                     )
                 yield "data: [DONE]\n\n"
+
+
+KEEPALIVE = object()
+
+
+async def with_keepalive(events: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:
+    """``events``' items, and :data:`KEEPALIVE` after every ``interval_s`` without one (a Self-MoA stream
+    is silent while its inner samples run: tens of seconds on a CPU)."""
+    it = events.__aiter__()
+    pending: asyncio.Future[Any] = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not pending.done():  # let the source's own cleanup run before the caller closes it
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
 
 # What a finished request leaves behind: keep(status, result, graph error) (the trace store, for /v1/traces).
