@@ -51,9 +51,12 @@ def embedded_server() -> Iterator[tuple[openai.OpenAI, Any, str]]:
     from archon_server.testing.server import ServerThread
 
     app = build_app(default_config())
-    with ServerThread(app) as srv:
+    srv = ServerThread(app).start(timeout=600)  # (servers that load the model before binding the port need the time)
+    try:
         wait_ready(srv.url)
         yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=600), app.state.registry.get("smollm2"), srv.url
+    finally:
+        srv.stop()
 
 
 def wait_ready(url: str, timeout_s: float = 600) -> None:
