@@ -310,6 +310,11 @@ class Backend(ScoringMixin, abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
 
+    @property
+    def start_status(self) -> str:
+        """What :meth:`start` is doing while it runs (``/health`` shows it until the server is ready)."""
+        return "starting"
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; must be idempotent."""
 
@@ -390,6 +395,10 @@ class BackendWrapper(Backend):
 
     async def start(self) -> None:
         await self.inner.start()
+
+    @property
+    def start_status(self) -> str:
+        return self.inner.start_status
 
     async def close(self) -> None:
         await self.inner.close()
