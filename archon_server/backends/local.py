@@ -35,6 +35,7 @@ from archon_server.backends.base import (
 )
 from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
+from archon_server.engine.types import DoneEvent, ErrorEvent, FinishEvent, GenParams, TokenEvent
 
 
 class LocalBackend(Backend):
@@ -172,8 +173,6 @@ class LocalBackend(Backend):
         return list(ids)
 
     def _gen_params(self, p: SamplingParams) -> Any:
-        from archon_server.engine.scheduler import GenParams
-
         return GenParams(
             max_tokens=p.max_tokens,
             temperature=p.temperature,
@@ -207,8 +206,6 @@ class LocalBackend(Backend):
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
         if self.engine is None:
             await self._load()
-        from archon_server.engine.scheduler import DoneEvent, ErrorEvent
-
         if isinstance(request, CompletionRequest):  # raw text: no chat template
             prompt = list(self.loaded.tokenizer(request.prompt)["input_ids"])
             if not prompt:
@@ -302,8 +299,6 @@ class LocalBackend(Backend):
             yield ch
 
     async def chat(self, request: ChatRequest | CompletionRequest) -> ChatResult:
-        from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
-
         t0 = time.perf_counter()
         n = request.params.n
         texts: list[str] = [""] * n
@@ -327,8 +322,6 @@ class LocalBackend(Backend):
         return ChatResult(choices=choices, usage=usage, model=self.model, latency_s=time.perf_counter() - t0, requests=1, metrics=metrics)
 
     async def stream(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[StreamChunk]:
-        from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
-
         async with contextlib.aclosing(self._events(request)) as events:
             async for ev in events:
                 if isinstance(ev, TokenEvent):

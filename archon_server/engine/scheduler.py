@@ -22,95 +22,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .detokenize import IncrementalText
 from .constrain import Constraints
+from .detokenize import IncrementalText
 from .runner import ModelRunner, default_threads
-from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
+from .threads import ThreadTuner
+from .types import DoneEvent, EngineStats, ErrorEvent, FinishEvent, GenParams, LogprobEntry, Sink, TokenEvent
+
+__all__ = ["DoneEvent", "Engine", "EngineStats", "ErrorEvent", "FinishEvent", "GenParams", "GenerationHandle", "LogprobEntry",
+           "Sink", "TokenEvent"]
 
 log = logging.getLogger("archon.engine.scheduler")
-
-
-@dataclass
-class GenParams:
-    """What one generation asks for (the engine's own view of ``SamplingParams``)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int | None = None
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
-    speculative: dict[str, Any] | None = None
-    # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
-    grammar: str | None = None
-
-
-# ---- events handed to the sink (lists of these, one list per request per step)
-@dataclass
-class LogprobEntry:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass
-class TokenEvent:
-    index: int
-    text: str  # newly released text (may be "" while a stop string is undecided)
-    logprobs: list[LogprobEntry] | None = None
-
-
-@dataclass
-class FinishEvent:
-    index: int
-    reason: str  # "stop" | "length"
-    text: str  # the choice's full text
-    completion_tokens: int
-
-
-@dataclass
-class DoneEvent:
-    prompt_tokens: int
-    completion_tokens: int
-    metrics: dict[str, Any]
-
-
-@dataclass
-class ErrorEvent:
-    error: BaseException
-
-
-Sink = Callable[[list[Any]], None]
-
-
-@dataclass
-class EngineStats:
-    """Counters since start (read from any thread; written by the worker only)."""
-
-    requests: int = 0
-    prefills: int = 0  # one per request, whatever its n
-    prefill_tokens: int = 0
-    prefill_chunks_interleaved: int = 0  # prompt chunks run between decode steps of other sequences
-    decode_steps: int = 0
-    decode_tokens: int = 0
-    max_batch_seen: int = 0  # most sequences decoded together in one step
-    threads: int = 0  # intra-op threads the worker uses now
-    cancelled: int = 0
-    errors: int = 0
 
 
 class GenerationHandle:
@@ -397,8 +324,7 @@ class Engine:
             req = self._waiting[0]
             if req.cancelled:
                 self._waiting.popleft()
-                self.stats.cancelled += 1
-                req.done = True
+                self._dropped(req)
                 continue
             speculative = req.params.speculative and req.params.n == 1 and req.max_new > 0 and not req.params.grammar
             # A request bigger than max_batch runs alone rather than never.
@@ -528,7 +454,7 @@ class Engine:
             req.completion_tokens += 1
             reason = None
             lps = None
-            if tok in self.eos_ids and not req.params.ignore_eos:
+            if self._is_eos(req, tok):
                 reason = "stop"
             else:
                 if req.params.logprobs:
@@ -574,8 +500,7 @@ class Engine:
             if req.cancelled:
                 run.rounds.close()
                 self._spec.remove(run)
-                self.stats.cancelled += 1
-                req.done = True
+                self._dropped(req)
                 continue
             try:
                 tokens = run.rounds.send(run.halt)
@@ -590,7 +515,7 @@ class Engine:
             ended = False
             for tok in tokens:
                 run.n += 1
-                if (tok in self.eos_ids and not req.params.ignore_eos) or run.text.add(tok):
+                if self._is_eos(req, tok) or run.text.add(tok):
                     run.reason, ended = "stop", True
                     break
             delta = run.text.take()
@@ -627,17 +552,26 @@ class Engine:
         pf = self._prefilling
         if pf is not None and pf.req.cancelled:
             self._prefilling = None
-            pf.req.done = True
-            self.stats.cancelled += 1
-        dropped = set()
+            self._dropped(pf.req)
+        dropped = {}
         for s in self._rows:
             if s.req.cancelled and not s.finished:
                 s.finished = True
-                dropped.add(id(s.req))
-                s.req.done = True
+                dropped[id(s.req)] = s.req
+        for req in dropped.values():
+            self._dropped(req)
         if dropped:
-            self.stats.cancelled += len(dropped)
             self._compact()
+
+    def _dropped(self, req: _Request) -> None:
+        """The one place a cancelled request is let go (queued, staged, decoding or speculative)."""
+        if not req.done:
+            self.stats.cancelled += 1
+            req.done = True
+
+    def _is_eos(self, req: _Request, tok: int) -> bool:
+        """The one end-of-sequence rule for batched and speculative decoding (stop strings: IncrementalText)."""
+        return tok in self.eos_ids and not req.params.ignore_eos
 
     def _compact(self, force: bool = False) -> None:
         """Remove finished rows; move the rest down so they occupy slots 0..B-1 in order (``force``:
