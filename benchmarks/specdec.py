@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""SpecDec++ benchmark: see archon_server/engine/specdec/bench.py.
+"""SpecDec++ benchmark: see training/specdec/bench.py (also ``python -m training.specdec bench``).
 
     python benchmarks/specdec.py --n-alpaca 8 --n-ood 3 --max-new 64
 """
 
-from archon_server.engine.specdec.bench import main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's offline tooling (training/)
+
+from training.specdec.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

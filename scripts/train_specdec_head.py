@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from archon_server.engine.specdec.draft import EagleDraft
-from archon_server.engine.specdec.loading import ARTIFACTS
-from archon_server.engine.specdec.train import (DEFAULT_WORK, build_data, draft_eval, log, merge_data, split_by_group,
-                                                target_state_dict, train_draft, train_head)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's offline tooling (training/)
+
+from archon_server.engine.specdec.draft import EagleDraft  # noqa: E402
+from archon_server.engine.specdec.loading import ARTIFACTS  # noqa: E402
+from training.specdec.train import (  # noqa: E402
+    DEFAULT_WORK, build_data, draft_eval, log, merge_data, split_by_group, target_state_dict, train_draft, train_head)
 
 
 def main() -> None:

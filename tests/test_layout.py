@@ -69,9 +69,32 @@ def test_every_room_imports_only_what_the_layout_allows():
     assert not bad, bad
 
 
+# Top-level packages beside the serving package: they may import archon_server, never the other way round.
+OUTSIDE = ("training",)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+    return out
+
+
+def test_the_serving_package_never_imports_the_offline_tooling():
+    bad = [f"{f.relative_to(PKG)} imports {t}" for f in sorted(PKG.rglob("*.py")) for t in _top_level_imports(f) & set(OUTSIDE)]
+    assert not bad, bad
+    for name in OUTSIDE:
+        assert (PKG.parent / name / "__init__.py").is_file(), name
+
+
 def test_the_readme_layout_table_lists_every_room():
     readme = (PKG.parent / "README.md").read_text(encoding="utf-8")
     table = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
     for room in ALLOWED:
         if room != "__main__":
             assert f"`{room}" in table, room
+    for name in OUTSIDE:
+        assert f"`{name}/`" in table, name

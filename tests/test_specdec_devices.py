@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from archon_server.engine.runner import ModelRunner
-from archon_server.engine.specdec.bench import calibrate
+from training.specdec.bench import calibrate
 from archon_server.engine.specdec.draft import AcceptHead, DraftConfig, EagleDraft
 from archon_server.engine.specdec.generate import (EagleDrafter, NgramDrafter, TargetModel, autoregressive_generate,
                                                    speculative_generate)

@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from archon_server.engine.specdec.cli import add_cli
+from training.specdec.cli import add_cli
 from archon_server.engine.specdec.draft import AcceptHead, DraftConfig, DraftKV, EagleDraft, param_count, soft_bce
 from archon_server.engine.specdec.serve import SpeculativeConfig
 
@@ -81,8 +81,16 @@ def test_cli_registers_subcommands() -> None:
     assert args.tied and args.mode == "sampled"
 
 
+def test_archon_specdec_points_at_the_checkout_tooling(capsys: pytest.CaptureFixture[str]) -> None:
+    from archon_server.cli import main
+
+    # any arguments (the old ones included) get the pointer, not an argparse error about them
+    assert main(["specdec", "bench", "--n-alpaca", "2"]) == 2
+    assert "python -m training.specdec" in capsys.readouterr().err
+
+
 def test_bench_keeps_the_two_specdec_heads_apart() -> None:
-    from archon_server.engine.specdec.bench import parse_configs, summarize
+    from training.specdec.bench import parse_configs, summarize
 
     cs = parse_configs("fixed:1,specdec_pp:0.5:3:1,specdec_pp/proposer:0.5:3:1,cumprob:0.3:3:1")
     assert [c.label for c in cs] == ["fixed k=1", "specdec_pp 0.5 K>=1 K<=3", "specdec_pp/proposer 0.5 K>=1 K<=3",
@@ -297,7 +305,7 @@ def test_loads_the_authors_head_format(tmp_path) -> None:
 
 
 def test_auc_matches_pairwise_count() -> None:
-    from archon_server.engine.specdec.train import auc
+    from training.specdec.train import auc
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 6, (40,), generator=g).float()  # many ties

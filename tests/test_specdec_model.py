@@ -157,7 +157,7 @@ def test_training_pipeline_end_to_end(tmp_path) -> None:
     what they were trained on."""
     import json
 
-    from archon_server.engine.specdec.train import build_data, merge_data, train_draft, train_head
+    from training.specdec.train import build_data, merge_data, train_draft, train_head
 
     assert build_data(tmp_path, n_prompts=32, max_new=6, systems=1, name="corpus").name == "corpus.pt"
     build_data(tmp_path, n_prompts=16, max_new=6, source="target", name="target",

@@ -2,7 +2,8 @@
 
 Seams: :mod:`.verify` (pure verification rules), :mod:`.policies` (stop rules),
 :mod:`.draft` (EAGLE draft layer + acceptance head), :mod:`.generate` (the loop and its
-model wrappers), :mod:`.serve` (the LocalBackend hook), :mod:`.train` / :mod:`.bench`.
+model wrappers), :mod:`.serve` (the LocalBackend hook).  Training and the policy benchmark are
+offline tooling outside the package: ``training/specdec/`` in a checkout.
 
 Names are imported lazily: the `archon` CLI loads :mod:`.cli` at every start, and that must
 not pull in torch (an HTTP-only server would carry ~200 MB for nothing).

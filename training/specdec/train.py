@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .draft import AcceptHead, DraftConfig, EagleDraft, proposal_stats, soft_bce
-from .loading import (ARTIFACTS, DEFAULT_TARGET, chat_ids, load_runner, load_tokenizer, set_threads, stop_ids,
+from archon_server.engine.specdec.draft import AcceptHead, DraftConfig, EagleDraft, proposal_stats, soft_bce
+from archon_server.engine.specdec.loading import (ARTIFACTS, DEFAULT_TARGET, chat_ids, load_runner, load_tokenizer, set_threads, stop_ids,
                       target_state_dict)
 
 DEFAULT_WORK = Path.home() / ".cache" / "archon-server" / "specdec"

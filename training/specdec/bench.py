@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from . import loading
+from archon_server.engine.specdec import loading
 from .cli import add_bench_args  # noqa: F401 - the arguments live with the (torch-free) CLI
 from .data import alpaca_split, humaneval_prompts, math_prompts
-from .draft import HEAD_READS, AcceptHead
-from .generate import EagleDrafter, NgramDrafter, SpecStats, TargetModel, autoregressive_generate, speculative_generate
-from .policies import StopPolicy, make_policy
-from .sampling import SamplingConfig
+from archon_server.engine.specdec.draft import HEAD_READS, AcceptHead
+from archon_server.engine.specdec.generate import EagleDrafter, NgramDrafter, SpecStats, TargetModel, autoregressive_generate, speculative_generate
+from archon_server.engine.specdec.policies import StopPolicy, make_policy
+from archon_server.engine.specdec.sampling import SamplingConfig
 
 
 @dataclass

@@ -1,26 +1,25 @@
-"""Prompt sets: AlpacaEval instructions (split into train / held-out), HumanEval, MATH-500."""
+"""Prompt sets: AlpacaEval instructions (split into train / held-out), HumanEval, MATH-500.
+
+The rows come from :mod:`archon_server.bench.datasets` (one reader of the benchmark data);
+only the prompt wording is SpecDec's own, so the trained artifacts and the benchmark keep the
+prompts they were measured on.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+from archon_server.bench.datasets import _jsonl, load_alpaca_eval, load_humaneval, load_math500, load_mt_bench
+from archon_server.bench.paths import data_dir, data_file
+
+__all__ = ["SELF_DISTILL_SETS", "TEST_START", "TRAIN_END", "alpaca_instructions", "alpaca_split", "data_dir",
+           "humaneval_prompts", "math_prompts", "self_distill_prompts"]
 
 # AlpacaEval rows [0, TRAIN_END) train the draft and the head; rows >= TEST_START are held out.
 TRAIN_END = 640
 TEST_START = 640
 
 
-def data_dir() -> Path:
-    env = os.environ.get("ARCHON_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
-
-
 def alpaca_instructions() -> list[str]:
-    rows = json.loads((data_dir() / "alpaca_eval/model_outputs/gpt4_1106_preview.json").read_text())
-    return [r["instruction"] for r in rows]
+    return [it.prompt for it in load_alpaca_eval()]
 
 
 def alpaca_split(split: str) -> list[str]:
@@ -35,28 +34,24 @@ def alpaca_split(split: str) -> list[str]:
 SELF_DISTILL_SETS = {"alpaca_train": 0, "arena_hard": 1000, "mt_bench": 3000}
 
 
-def _jsonl(path: Path) -> list[dict]:
-    # split on "\n" only: str.splitlines also breaks at U+2028 inside JSON strings (arena-hard has some)
-    return [json.loads(ln) for ln in path.read_text().split("\n") if ln.strip()]
-
-
 def self_distill_prompts(name: str) -> list[str]:
     """``alpaca_train`` (rows 0..639), ``arena_hard`` (v0.1 and v2.0 prompts), ``mt_bench`` (first turns)."""
     if name == "alpaca_train":
         return alpaca_split("train")
     if name == "arena_hard":
+        # bench's load_arena_hard is v0.1 only (and joins a baseline's answers): read both versions' questions here
         out = []
         for version in ("arena-hard-v0.1", "arena-hard-v2.0"):
-            out += [r["prompt"] for r in _jsonl(data_dir() / "arena_hard" / version / "question.jsonl")]
+            out += [r["prompt"] for r in _jsonl(data_file(f"arena_hard/{version}/question.jsonl"))]
         return out
     if name == "mt_bench":
-        return [r["turns"][0] for r in _jsonl(data_dir() / "mt_bench/question.jsonl")]
+        return [it.turns[0] for it in load_mt_bench()]
     raise ValueError(f"unknown prompt set {name!r}; known: {', '.join(SELF_DISTILL_SETS)}")
 
 
 def humaneval_prompts() -> list[str]:
-    return ["Complete this Python function.\n\n" + r["prompt"] for r in _jsonl(data_dir() / "humaneval/HumanEval.jsonl")]
+    return ["Complete this Python function.\n\n" + it.reference["prompt"] for it in load_humaneval()]
 
 
 def math_prompts() -> list[str]:
-    return [r["problem"] + "\nPut the final answer in \\boxed{}." for r in _jsonl(data_dir() / "math/math500_prm800k_test.jsonl")]
+    return [it.meta["problem"] + "\nPut the final answer in \\boxed{}." for it in load_math500()]
