@@ -145,7 +145,7 @@ class Engine:
         self._jobs: deque[_Job] = deque()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
-        self._spec: list[_SpecRun] = []  # speculative requests: one round each per worker iteration
+        self._spec = SpeculativeLane(self)
         self._prefilling: _Prefill | None = None
         self.prefill_chunk = 256  # tokens per prefill chunk while other sequences decode
         self.prefill_chunk_idle = 512  # ... and when nobody waits on it
@@ -253,10 +253,10 @@ class Engine:
             except Exception as e:
                 self._recover(e, batch)
         if self._spec:
-            try:  # (a round that raises fails its own request inside _spec_rounds)
-                self._spec_rounds()
+            try:  # (a round that raises fails its own request inside the lane)
+                self._spec.step()
             except Exception as e:
-                self._recover(e, [run.req for run in self._spec])
+                self._recover(e, self._spec.requests())
 
     def _row_requests(self) -> list[_Request]:
         return list({id(s.req): s.req for s in self._rows}.values())
@@ -266,8 +266,8 @@ class Engine:
         reqs = {id(r): r for r in self._row_requests()}
         if self._prefilling is not None:
             reqs[id(self._prefilling.req)] = self._prefilling.req
-        for run in self._spec:
-            reqs[id(run.req)] = run.req
+        for r in self._spec.requests():
+            reqs[id(r)] = r
         return list(reqs.values())
 
     def _drain_inbox(self) -> list[_Request]:
@@ -343,7 +343,7 @@ class Engine:
         if speculative:
             # Speculative decoding verifies several tokens per target pass for ONE sequence: it has
             # its own one-slot cache and runs one round per worker iteration, between batched steps.
-            self._start_speculative(req)
+            self._spec.start(req)
         elif req.max_new == 0:
             for i in range(req.params.n):
                 req.outbox.append(FinishEvent(i, "length", "", 0))
@@ -480,61 +480,6 @@ class Engine:
         for req in touched.values():
             req.flush()
 
-    def _start_speculative(self, req: _Request) -> None:
-        from .specdec.serve import speculative_session
-
-        p = req.params
-        req.t_first = time.perf_counter()
-        rounds = speculative_session(
-            self.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
-            seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(self.eos_ids),
-        )
-        self._spec.append(_SpecRun(req, rounds, IncrementalText(self.tokenizer, p.stop)))
-
-    def _spec_rounds(self) -> None:
-        """One round of every speculative request: its tokens go through the same EOS /
-        stop-string / text handling as a normal step and are flushed to the sink; a cancel or
-        a matched stop string ends the request after the round in flight."""
-        for run in list(self._spec):
-            req = run.req
-            if req.cancelled:
-                run.rounds.close()
-                self._spec.remove(run)
-                self._dropped(req)
-                continue
-            try:
-                tokens = run.rounds.send(run.halt)
-            except StopIteration as done:
-                self._spec.remove(run)
-                self._finish_speculative(run, done.value[1])
-                continue
-            except Exception as e:  # a bad speculative config or a failed round fails its request only
-                log.warning("speculative generation failed: %s", e)
-                self._fail([req], e)
-                continue
-            ended = False
-            for tok in tokens:
-                run.n += 1
-                if self._is_eos(req, tok) or run.text.add(tok):
-                    run.reason, ended = "stop", True
-                    break
-            delta = run.text.take()
-            if delta:
-                req.outbox.append(TokenEvent(0, delta))
-                req.flush()
-            run.halt = ended
-
-    def _finish_speculative(self, run: _SpecRun, spec_metrics: dict[str, Any]) -> None:
-        req = run.req
-        run.text.flush()
-        delta = run.text.take(final=True)
-        if delta:
-            req.outbox.append(TokenEvent(0, delta))
-        req.completion_tokens = run.n
-        self.stats.decode_tokens += run.n
-        req.outbox.append(FinishEvent(0, run.reason, run.text.text, run.n))
-        self._finish_request(req, flush=True, extra=spec_metrics)
-
     def _finish_request(self, req: _Request, flush: bool = False, extra: dict[str, Any] | None = None) -> None:
         now = time.perf_counter()
         metrics = {
@@ -598,9 +543,7 @@ class Engine:
         for s in self._rows:
             if id(s.req) in ids:
                 s.finished = True
-        for run in [run for run in self._spec if id(run.req) in ids]:
-            self._spec.remove(run)
-            run.rounds.close()
+        self._spec.drop(ids)
         if self._prefilling is not None and id(self._prefilling.req) in ids:
             self._prefilling = None
         self._waiting = deque(r for r in self._waiting if id(r) not in ids)
@@ -612,3 +555,80 @@ class Engine:
                 r.done = True
                 r.outbox = [ErrorEvent(err)]
                 r.flush()
+
+
+class SpeculativeLane:
+    """Speculative requests (``n == 1`` with a ``speculative`` config): each verifies several tokens per
+    target pass for one sequence, in its own one-slot cache, as a round generator; the engine advances
+    every run by one round per worker iteration, between its batched steps.  Tokens go through the
+    engine's EOS rule and the stop-string/text handling of a normal step."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.runs: list[_SpecRun] = []
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def requests(self) -> list[_Request]:
+        return [run.req for run in self.runs]
+
+    def start(self, req: _Request) -> None:
+        from .specdec.serve import speculative_session
+
+        eng, p = self.engine, req.params
+        req.t_first = time.perf_counter()
+        rounds = speculative_session(
+            eng.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
+            seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(eng.eos_ids),
+        )
+        self.runs.append(_SpecRun(req, rounds, IncrementalText(eng.tokenizer, p.stop)))
+
+    def drop(self, ids: set[int]) -> None:
+        """Close and remove the runs of these requests (by ``id``)."""
+        for run in [run for run in self.runs if id(run.req) in ids]:
+            self.runs.remove(run)
+            run.rounds.close()
+
+    def step(self) -> None:
+        """One round of every run, flushed to its sink; a cancel or a matched stop string ends the
+        request after the round in flight; a failed round fails its request only."""
+        eng = self.engine
+        for run in list(self.runs):
+            req = run.req
+            if req.cancelled:
+                self.drop({id(req)})
+                eng._dropped(req)
+                continue
+            try:
+                tokens = run.rounds.send(run.halt)
+            except StopIteration as done:
+                self.runs.remove(run)
+                self._finish(run, done.value[1])
+                continue
+            except Exception as e:  # a bad speculative config or a failed round fails its request only
+                log.warning("speculative generation failed: %s", e)
+                eng._fail([req], e)
+                continue
+            ended = False
+            for tok in tokens:
+                run.n += 1
+                if eng._is_eos(req, tok) or run.text.add(tok):
+                    run.reason, ended = "stop", True
+                    break
+            delta = run.text.take()
+            if delta:
+                req.outbox.append(TokenEvent(0, delta))
+                req.flush()
+            run.halt = ended
+
+    def _finish(self, run: _SpecRun, spec_metrics: dict[str, Any]) -> None:
+        req = run.req
+        run.text.flush()
+        delta = run.text.take(final=True)
+        if delta:
+            req.outbox.append(TokenEvent(0, delta))
+        req.completion_tokens = run.n
+        self.engine.stats.decode_tokens += run.n
+        req.outbox.append(FinishEvent(0, run.reason, run.text.text, run.n))
+        self.engine._finish_request(req, flush=True, extra=spec_metrics)
