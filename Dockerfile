@@ -29,7 +29,7 @@ COPY architectures ./architectures
 # must never silently swap the torch/transformers build vLLM was compiled for; a real
 # conflict fails the build instead. `vllm` itself is the Python that managed backends run.
 RUN python3 -m pip freeze --exclude-editable > /tmp/image-constraints.txt \
- && python3 -m pip install -c /tmp/image-constraints.txt . \
+ && python3 -m pip install -c /tmp/image-constraints.txt '.[postgres,dashboard]' \
  && rm /tmp/image-constraints.txt \
  && python3 -c "import archon_server, vllm" \
  && useradd --create-home --uid 10001 --shell /usr/sbin/nologin archon \

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
+import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -41,15 +44,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.architectures_dirs = list(args.architectures)
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
-    app = build_app(cfg)
+    workers = args.workers
+    if workers < 1:
+        _die(f"--workers: must be >= 1, got {workers}")
+    if workers > 1:
+        # A worker is a whole server process with its own pools. Backends that live inside the server (the embedded
+        # engine, managed vLLM processes) would be loaded or launched once per worker: refused rather than duplicated.
+        inside = [f"{b.alias} (kind: {b.kind})" for b in cfg.backends if b.kind != "openai"]
+        if inside:
+            _die(f"--workers {workers}: backend(s) {', '.join(inside)} run inside the server process and would be loaded once "
+                 "per worker; use --workers 1, or serve them on their own (`archon serve`, vLLM) and point a `kind: openai` "
+                 "backend at them")
+    app = build_app(cfg)  # also in the parent with --workers: a bad config fails here, once, before any worker starts
     names = app.state.catalog.names()
     print(f"archon-server on http://{host}:{port}/v1", flush=True)
     print(f"  architectures: {', '.join(names)}", flush=True)
     print(f"  backends: {', '.join(f'{b.alias} ({b.kind}: {b.model})' for b in cfg.backends)}", flush=True)
     if cfg.server.default_architecture:
         print(f"  default model: {cfg.server.default_architecture}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # Everything built so far (modules, pydantic schemas, the catalog) lives as long as the server: freeze it out of
+    # the collector, so the full collections that request churn triggers do not walk it again and again.
+    gc.collect()
+    gc.freeze()
+    # uvloop and httptools (uvicorn[standard]) by name: "auto" would fall back to asyncio/h11 silently if they broke.
+    if workers > 1:
+        print(f"  workers: {workers} (each with its own pools, metrics and trace store)", flush=True)
+        os.environ[_WORKER_ENV] = json.dumps({"config": args.config, "architectures": args.architectures})
+        uvicorn.run("archon_server.cli:worker_app", factory=True, workers=workers, host=host, port=port,
+                    log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
+        return 0
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
     return 0
+
+
+_WORKER_ENV = "ARCHON_SERVE_WORKER"  # `archon serve --workers N` -> each worker process: what to build
+
+
+def worker_app() -> Any:
+    """One `--workers` process's app (uvicorn's factory): the same config the parent checked, built here."""
+    from .api.app import build_app
+
+    spec = json.loads(os.environ[_WORKER_ENV])
+    cfg = load_config(spec["config"])
+    if spec["architectures"]:
+        cfg.architectures_dirs = list(spec["architectures"])
+    app = build_app(cfg)
+    gc.collect()
+    gc.freeze()
+    return app
+
+
+def _fast_io() -> dict[str, str]:
+    out = {}
+    for key, mod in (("loop", "uvloop"), ("http", "httptools")):
+        if importlib.util.find_spec(mod) is not None:
+            out[key] = mod
+        else:
+            logging.getLogger("archon.api").warning("%s is not installed: serving on the slower pure-Python %s", mod, key)
+    return out
 
 
 def _resolve_arch(name: str, cfg: Any, registry: Any) -> "ArchitectureSpec":
@@ -149,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--architectures", action="append", help="folder of architecture files (repeatable)")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port (multi-core hosts); only with `kind: openai` backends")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("run", help="run one prompt through an architecture; prints the answer (and the trace)")

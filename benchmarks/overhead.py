@@ -5,7 +5,13 @@ Fake upstream (separate process, fixed latency) <- our server (separate process,
 latency / critical path (p50), requests/s, p50/p99 added latency (ms), server CPU ms per backend
 call, server peak RSS.  Goals (issue 2): ratio <= 1.05 with 1 client, <= 1.3 with 32; <= 1 ms CPU/call.
 
+``--stream``: every request streams (the final stage's answer is ``--tokens`` words, one SSE chunk each). Per
+architecture and client count it prints the server's CPU per forwarded token beside the fake upstream's own CPU per
+token sent when the same stream is fetched from it directly, in the same run (issue 20: <= 0.05 ms per token).
+``stream-probe`` is one streamed generator call (nothing but forwarding); self-moa adds its non-streamed sample call.
+
     python benchmarks/overhead.py [--latency 0.05] [--clients 1,8,32,200] [--seconds 5]
+    python benchmarks/overhead.py --stream [--tokens 256] [--clients 1,8,32] [--archs stream-probe,self-moa]
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +41,10 @@ from archon_server.testing.upstream import free_port  # noqa: E402
 UPSTREAM = """
 import sys, time
 from archon_server.testing.upstream import FakeUpstream
-up = FakeUpstream(latency=float(sys.argv[1]))
+words = int(sys.argv[3])
+text = " ".join(f"w{i}" for i in range(words))
+# --stream: every streamed answer is `words` tokens; non-streamed calls (the samples) keep the default answers
+up = FakeUpstream((lambda body: {"text": text} if body.get("stream") else None) if words else None, latency=float(sys.argv[1]))
 up.port = int(sys.argv[2])
 up.start()
 print("ready", flush=True)
@@ -100,6 +111,45 @@ async def load(url: str, arch: str, clients: int, seconds: float) -> tuple[list[
     return lat, crit
 
 
+PROBE = "name: stream-probe\ndescription: one streamed generator call (benchmarks/overhead.py --stream)\nlayers:\n  - - {type: generator, model: default}\n"
+
+
+async def read_stream(r: aiohttp.ClientResponse) -> int:
+    """Tokens (content deltas) in an SSE chat stream. A cheap byte count, not a JSON parse: the load generator shares
+    the cores with the server."""
+    tokens = 0
+    async for line in r.content:
+        if line.startswith(b"data: ") and (b'"content":"' in line or b'"content": "' in line) and b'"content":""' not in line and b'"content": ""' not in line:
+            tokens += 1
+    return tokens
+
+
+async def load_stream(url: str, model: str, clients: int, seconds: float) -> tuple[list[float], int]:
+    """Streamed requests from ``clients`` workers for ``seconds``: latencies and the tokens received."""
+    lat: list[float] = []
+    tokens = 0
+    stop = time.perf_counter() + seconds
+    conn = aiohttp.TCPConnector(limit=clients + 8)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+
+        async def worker(i: int) -> None:
+            nonlocal tokens
+            k = 0
+            while time.perf_counter() < stop:
+                body = {"model": model, "messages": [{"role": "user", "content": f"client {i} request {k}"}], "stream": True}
+                t0 = time.perf_counter()
+                async with s.post(url + "/v1/chat/completions", json=body) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"status {r.status}: {await r.text()}")
+                    got = await read_stream(r)  # not `tokens += await ...`: that reads `tokens` before the await
+                tokens += got
+                lat.append(time.perf_counter() - t0)
+                k += 1
+
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+    return lat, tokens
+
+
 def _run(coro):  # type: ignore[no-untyped-def]
     try:  # the load generator shares the cores with the server: keep its own cost low
         import uvloop
@@ -109,29 +159,66 @@ def _run(coro):  # type: ignore[no-untyped-def]
         return asyncio.run(coro)
 
 
+def stream_table(a: argparse.Namespace, url: str, up_url: str, server_pid: int, upstream_pid: int) -> None:
+    """Per architecture and client count: the server's CPU per forwarded token, and the upstream's CPU per token when
+    the same stream is fetched from it directly (same clients, same seconds, same run)."""
+    print(f"fake upstream latency {a.latency * 1000:.0f} ms; {a.tokens} tokens per streamed answer; {a.seconds:.0f} s per cell")
+    print("server ms/tok = server CPU / tokens forwarded (all of the request's CPU, non-streamed layers included);")
+    print("upstream ms/tok = the fake upstream's CPU / tokens sent when the client streams from it directly")
+    print(f"{'architecture':14} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'server ms/tok':>13} {'upstream ms/tok':>15} {'ratio':>6} {'direct tok/s':>12}")
+    for arch in a.archs.split(","):
+        for c in [int(x) for x in a.clients.split(",")]:
+            _run(load_stream(url, arch, min(c, 4), 0.5))  # warm-up
+            cpu0 = proc_cpu_s(server_pid)
+            t0 = time.perf_counter()
+            lat, toks = _run(load_stream(url, arch, c, a.seconds))
+            wall = time.perf_counter() - t0
+            cpu = proc_cpu_s(server_pid) - cpu0
+            _run(load_stream(up_url, "fake", min(c, 4), 0.5))
+            ucpu0 = proc_cpu_s(upstream_pid)
+            t1 = time.perf_counter()
+            _, dtoks = _run(load_stream(up_url, "fake", c, a.seconds))
+            dwall = time.perf_counter() - t1
+            ucpu = proc_cpu_s(upstream_pid) - ucpu0
+            per_tok = cpu / max(toks, 1) * 1000
+            up_tok = ucpu / max(dtoks, 1) * 1000
+            print(f"{arch:14} {c:7d} {len(lat) / wall:7.1f} {toks / wall:8.0f} {per_tok:13.4f} {up_tok:15.4f} {per_tok / max(up_tok, 1e-9):6.2f} {dtoks / dwall:12.0f}",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--clients", default="1,8,32,200")
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--archs", default="moa-lite,moa,archon-rank-critic-fuse")
+    ap.add_argument("--archs", default=None, help="default moa-lite,moa,archon-rank-critic-fuse; with --stream stream-probe,self-moa")
+    ap.add_argument("--stream", action="store_true", help="streamed requests: server CPU per forwarded token vs the upstream's")
+    ap.add_argument("--tokens", type=int, default=256, help="--stream: tokens in each streamed answer")
+    ap.add_argument("--profile", default=None, help="run the server under cProfile, stats to this file (pstats)")
     a = ap.parse_args()
+    a.archs = a.archs or ("stream-probe,self-moa" if a.stream else "moa-lite,moa,archon-rank-critic-fuse")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     up_port, srv_port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(a.latency), str(up_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(a.latency), str(up_port), str(a.tokens if a.stream else 0)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     assert upstream.stdout is not None
     upstream.stdout.readline()
+    probe_dir = tempfile.mkdtemp(prefix="archon-probe-")
+    Path(probe_dir, "stream-probe.yaml").write_text(PROBE)
     cfg = {
         "backends": [{"alias": "fake", "kind": "openai", "model": "fake", "urls": [f"http://127.0.0.1:{up_port}/v1"], "aliases": PRESET_ALIASES, "max_connections": 4096}],
-        "architectures_dirs": [str(ROOT / "architectures")],
+        "architectures_dirs": [str(ROOT / "architectures"), probe_dir],
         "server": {"max_concurrent_requests": 10_000},
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(cfg, f)
-    server = subprocess.Popen([sys.executable, "-m", "archon_server", "serve", "-c", f.name, "--port", str(srv_port), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL)
+    prof = ["-m", "cProfile", "-o", a.profile] if a.profile else []  # written when the server exits (SIGTERM)
+    server = subprocess.Popen([sys.executable, *prof, "-m", "archon_server", "serve", "-c", f.name, "--port", str(srv_port), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{srv_port}"
     try:
         asyncio.run(wait_http(url + "/health"))
+        if a.stream:
+            stream_table(a, url, f"http://127.0.0.1:{up_port}", server.pid, upstream.pid)
+            return
         print(f"fake upstream latency {a.latency * 1000:.0f} ms; {a.seconds:.0f} s per cell")
         print("ratio = end-to-end latency / critical path measured in the trace (sum of each layer's slowest call);")
         print("nominal = end-to-end latency / (layers x upstream latency); +ms = added over the traced critical path")
@@ -155,10 +242,13 @@ def main() -> None:
                     flush=True,
                 )
     finally:
-        server.terminate()
-        server.wait(10)
+        # uvicorn re-raises the signal it stopped on: SIGTERM kills the process before cProfile writes; SIGINT
+        # comes back as KeyboardInterrupt, which cProfile survives
+        server.send_signal(signal.SIGINT if a.profile else signal.SIGTERM)
+        server.wait(30)
         upstream.kill()
         os.unlink(f.name)
+        shutil.rmtree(probe_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -201,18 +201,20 @@ async def run(registry: BackendRegistry, args: argparse.Namespace) -> None:
         await pick(registry, name, warm, ["Hi!", "Hello."], random.Random(0))
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    alpaca = await part_alpaca(registry, args) if args.pairs else {}
-    math_res = await part_math(registry, args) if args.math else {}
-    load1 = os.getloadavg()
-    out = {"args": vars(args), "alpaca_eval_pairs": alpaca, "math500_best_of_n": math_res,
-           "loadavg_start": load0, "loadavg_end": load1, "wall_s": time.perf_counter() - t0}
+    out: dict[str, Any] = {"args": vars(args), "loadavg_start": load0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    if alpaca:
-        print(table(f"AlpacaEval pairs: agreement with the official judge ({args.pairs} pairs, draws within {args.min_margin} left out)", alpaca, "agree"))
-    if math_res:
+    if args.pairs:  # each part is printed and saved as it completes
+        out["alpaca_eval_pairs"] = await part_alpaca(registry, args)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(table(f"AlpacaEval pairs: agreement with the official judge ({args.pairs} pairs, draws within {args.min_margin} left out)",
+                    out["alpaca_eval_pairs"], "agree"), flush=True)
+    if args.math:
+        out["math500_best_of_n"] = await part_math(registry, args)
         print(table(f"\nMATH-500 (levels 1-2) best-of-{args.samples}: accuracy of the pick ({args.math} problems); calls/tokens are the ranker's",
-                    math_res, "acc"))
+                    out["math500_best_of_n"], "acc"), flush=True)
+    load1 = os.getloadavg()
+    out.update(loadavg_end=load1, wall_s=time.perf_counter() - t0)
+    Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nload average {load0[0]:.1f} at start, {load1[0]:.1f} at end; {out['wall_s']:.0f} s in all; written to {args.out}")
 
 

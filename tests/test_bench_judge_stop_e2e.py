@@ -49,3 +49,16 @@ async def test_cut_judge_streams_leave_the_rest_of_the_batch_running(backend):
     # and the engine still serves
     again = await backend.chat(req(5))
     assert again.choices[0].text
+
+
+async def test_mmlu_logprob_mode_on_the_embedded_model(backend):
+    import math
+
+    from archon_server.bench import datasets as ds
+    from archon_server.bench.grading import grade_mmlu_logprob
+
+    for it in ds.load_mmlu(subjects=["anatomy"])[:3]:
+        g = await grade_mmlu_logprob(backend, "smollm2-135m-instruct", it)
+        lps = g.detail["logprobs"]
+        assert g.extracted in "ABCD" and set(lps) == set("ABCD")
+        assert all(math.isfinite(v) and v < 0 for v in lps.values()) and lps[g.extracted] == max(lps.values())

@@ -83,6 +83,12 @@ def test_bad_text_in_every_field_is_400_naming_it(srv, up, patch, param):
     assert up.requests == []
 
 
+def test_bad_text_in_a_body_nested_too_deep_is_still_a_400(srv):
+    """The exact check parses the body: nested past the parser's depth it must not turn into a 500."""
+    body = b'{"model":"fake","messages":[{"role":"user","content":"\\u0000"}],"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_openai_error(_raw(srv, body), 400)
+
+
 def test_raw_utf8_surrogate_bytes_are_400(srv, up):
     # The bytes ED A0 80 (U+D800 "encoded" as UTF-8) are not UTF-8, yet json.loads(bytes) lets them through.
     body = b'{"model":"fake","messages":[{"role":"user","content":"x\xed\xa0\x80y"}]}'
@@ -173,3 +179,36 @@ def test_deadline_counts_from_arrival_not_from_the_graph(up, server_factory, str
     assert head.startswith("HTTP/1.1 504"), head[:300]
     assert '"timeout_error"' in head and took < 1.6 + 0.5 + 0.5, took
     assert up.requests == []
+
+
+def test_text_check_agrees_with_a_plain_reference_on_any_json():
+    """Property: for any JSON document (lone surrogates, pairs, NUL, escaped backslashes anywhere, keys included),
+    written either way json.dumps can write it, the check flags exactly the documents a plain walk finds bad."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from archon_server.api.edge import find_invalid_text
+
+    chars = st.one_of(st.characters(codec=None), st.sampled_from(["\ud800", "\udfff", "\ud83d\ude00", "\x00", "\\", "u", "d8", "\U0001f600"]))
+    text = st.lists(chars, max_size=12).map("".join)
+    doc = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), text),
+                       lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(text, inner, max_size=4)), max_leaves=12)
+
+    def bad(obj) -> bool:  # type: ignore[no-untyped-def]
+        if isinstance(obj, str):
+            return "\x00" in obj or any(0xD800 <= ord(c) <= 0xDFFF for c in obj)
+        if isinstance(obj, dict):
+            return any(bad(k) or bad(v) for k, v in obj.items())
+        if isinstance(obj, list):
+            return any(bad(v) for v in obj)
+        return False
+
+    @settings(max_examples=500, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(d=doc, ascii_only=st.booleans())
+    def check(d, ascii_only):  # type: ignore[no-untyped-def]
+        body = json.dumps(d, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+        # What the server receives is what the JSON decodes to: two surrogate halves written as a pair of escapes
+        # are one valid character there.
+        assert (find_invalid_text(body) is not None) == bad(json.loads(body)), body[:200]
+
+    check()

@@ -161,3 +161,40 @@ def test_cli_score_alpaca_json(capsys, leaderboard):
     for name, r in out.items():
         assert r["win_rate"] == pytest.approx(leaderboard[name]["win_rate"], abs=0.01)
         assert abs(r["length_controlled_winrate"] - leaderboard[name]["length_controlled_winrate"]) < 6
+
+
+def _dev_systems(names):
+    """The dev split of benchmarks/alpaca_lc_fidelity.py: the held-out 8 are never looked at by tests."""
+    import hashlib
+
+    held = sorted(names, key=lambda s: hashlib.sha256(s.encode()).hexdigest())[:8]
+    return [s for s in sorted(names) if s not in held]
+
+
+def test_slope_prior_comes_from_the_shipped_weights():
+    weights = ae.load_glm_weights()
+    prior = ae.slope_prior_from_weights(weights)
+    assert prior == ae.SlopePrior()  # the default is the file's gamed-baseline slope, upstream's total weight
+    assert prior.weight == pytest.approx(2 * 805 * 0.1)
+    X, y, w = prior.rows(805)
+    assert w.sum() == pytest.approx(161.0) and set(np.round(X[:, 0], 6)) == {1.0, -1.0} and not X[:, 1:].any()
+
+
+def test_slope_prior_holds_lc_against_length_gaming_on_dev_systems(compact, difficulty, leaderboard):
+    weights = ae.load_glm_weights()
+    dev = _dev_systems(compact)
+    before = {s: ae.length_controlled_win_rate(compact[s], difficulty, slope_prior=None) for s in dev}
+    after = {s: ae.length_controlled_win_rate(compact[s], difficulty) for s in dev}
+    ref = np.array([leaderboard[s]["length_controlled_winrate"] for s in dev])
+    err_before = np.abs(np.array([before[s].length_controlled_winrate for s in dev]) - ref)
+    err_after = np.abs(np.array([after[s].length_controlled_winrate for s in dev]) - ref)
+    assert err_after.mean() <= 1.0 < err_before.mean()
+    # every length-gamed variant among the dev systems lands within 3 points of the leaderboard
+    for s in dev:
+        if s.endswith(("_verbose", "_concise")):
+            assert abs(after[s].length_controlled_winrate - leaderboard[s]["length_controlled_winrate"]) <= 3.0, s
+    # term by term: the length slope moves toward upstream's fitted one
+    dth_before = np.mean([abs(before[s].theta_len - weights[s][0]) for s in dev])
+    dth_after = np.mean([abs(after[s].theta_len - weights[s][0]) for s in dev])
+    assert dth_after < dth_before and dth_after <= 0.25
+    assert all(after[s].extra["regularised"] == "slope prior" for s in dev)

@@ -1,5 +1,5 @@
-"""Model store: registry, cache location, atomic and locked conversion (conversion itself is faked here;
-tests/test_engine.py covers the real one)."""
+"""Model store: registry, cache location, atomic and locked conversion (faked in most tests here; the last
+one compares the two real converters, tests/test_engine.py serves the converted model)."""
 
 from __future__ import annotations
 
@@ -122,3 +122,36 @@ def test_cli_list_and_path(cache, capsys):
     assert "smollm2-135m-instruct" in capsys.readouterr().out
     args = parser.parse_args(["models", "pull", "nope"])
     assert args.func(args) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_fast_conversion_equals_transformers_conversion(tmp_path):
+    """The streaming llama converter (engine/gguf_fast.py) writes what transformers' GGUF loader writes:
+    every tensor bit for bit, the same config, a tokenizer that encodes, decodes and templates the same."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from archon_server.engine import gguf_fast
+
+    src = model_store.REGISTRY["smollm2-135m-instruct"]
+    gguf = model_store.locate_gguf(src.name, progress=False)
+    assert gguf_fast.supports(gguf)
+    fast, ref = tmp_path / "fast", tmp_path / "ref"
+    model_store._convert(src, gguf, fast, progress=False)
+    model_store._convert_with_transformers(src, gguf, ref, progress=False)
+    a, b = load_file(str(fast / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (fast, ref))
+    assert {k: v for k, v in ca.items() if k != "transformers_version"} == {k: v for k, v in cb.items() if k != "transformers_version"}
+    assert json.loads((fast / "generation_config.json").read_text())["eos_token_id"] == cb["eos_token_id"]
+    ta, tb = AutoTokenizer.from_pretrained(fast), AutoTokenizer.from_pretrained(ref)
+    texts = ["Hello  world, ça va? <|im_start|>user\n12345 ", "  lead\tand\n\ntabs", "日本語 🙂", "def f(x):\n    return x**2  # c"]
+    for t in texts:
+        assert ta(t)["input_ids"] == tb(t)["input_ids"] and ta.decode(ta(t)["input_ids"]) == tb.decode(tb(t)["input_ids"])
+    chat = [{"role": "user", "content": "hi"}]
+    assert ta.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tb.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert (ta.eos_token, ta.bos_token, ta.pad_token, ta.all_special_tokens) == (tb.eos_token, tb.bos_token, tb.pad_token, tb.all_special_tokens)

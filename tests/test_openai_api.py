@@ -4,6 +4,7 @@ through the official SDK against the real server (uvicorn) over scripted upstrea
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -218,6 +219,17 @@ def test_json_schema_goes_to_the_final_stage_and_the_answer_is_validated(upstrea
     assert json.loads(r2.output_text)["name"] == "Ada"
     assert up.requests[-1].body["response_format"]["json_schema"]["schema"] == PERSON
 
+    # the SDK's parse helpers (a pydantic model as the schema) work unchanged
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    assert c.responses.parse(model="self-moa", input="A person?", text_format=Person).output_parsed == Person(name="Ada", age=36)
+    parsed = c.chat.completions.parse(model="self-moa", messages=[{"role": "user", "content": "A person?"}], response_format=Person)
+    assert parsed.choices[0].message.parsed == Person(name="Ada", age=36)
+
 
 def test_invalid_structured_answer_is_retried_then_refused(upstream_factory, server_factory):
     answers = iter(['{"name": "Ada"}', '```json\n{"name": "Ada", "age": 36}\n```'])
@@ -365,3 +377,19 @@ async def test_one_server_many_shapes_at_once(upstream_factory, server_factory):
     async with httpx.AsyncClient() as h:
         assert "archon_requests_in_flight 0.0" in (await h.get(srv.url + "/metrics")).text
     await ac.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path,body", [("/v1/responses", {"model": "moa-lite", "input": "Q"}),
+                                       ("/v1/completions", {"model": "moa-lite", "prompt": "Q"}),
+                                       ("/v1/completions", {"model": "default", "prompt": "Q"})])
+def test_client_disconnect_cancels_upstream_calls(upstream_factory, server_factory, path, body, stream):
+    up = upstream_factory(lambda b: {"fault": "hang"})
+    srv = server_factory(fake_config(up.url))
+    with pytest.raises(httpx.TimeoutException), httpx.Client(timeout=1.0) as h:
+        h.post(srv.url + path, json={**body, "stream": stream})
+    want = 1 if body["model"] == "default" else 6
+    deadline = time.time() + 5
+    while time.time() < deadline and not (len(up.requests) == want and all(q.aborted for q in up.requests)):
+        time.sleep(0.05)
+    assert len(up.requests) == want and all(q.aborted for q in up.requests)

@@ -28,7 +28,12 @@ from archon_server.backends.base import (
 )
 from archon_server.backends.registry import BackendRegistry
 from archon_server.components import FinalOverrides
-from archon_server.components.scoring_math import bradley_terry, expected_rating, preference, swapped_preference
+from archon_server.components.scoring_math import (
+    bradley_terry,
+    expected_rating,
+    preference,
+    swapped_preference,
+)
 from archon_server.components.state import Candidate
 from archon_server.graph.runtime import GraphError, GraphRuntime
 from archon_server.spec import SpecError, parse_architecture

@@ -11,7 +11,13 @@ import asyncio
 
 import pytest
 
-from archon_server.backends.base import BackendError, ChatRequest, NextTokenRequest, SamplingParams, ScoreRequest
+from archon_server.backends.base import (
+    BackendError,
+    ChatRequest,
+    NextTokenRequest,
+    SamplingParams,
+    ScoreRequest,
+)
 from archon_server.backends.local import LocalBackend
 from archon_server.engine.loader import load_engine
 

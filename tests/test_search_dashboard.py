@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,12 @@ import yaml
 from archon_server.search.config import load_search_config
 from archon_server.search.runner import run_search
 from archon_server.spec import load_text, parse_architecture
+from archon_server.testing.upstream import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "search" / "tiny-scripted.yaml"
 
 pytest.importorskip("optuna_dashboard")  # in the test extra; a bare install has no dashboard
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dashboard_serves_the_postgresql_study_with_our_attributes(tmp_path: Path, postgres_url: str) -> None:
@@ -41,7 +35,7 @@ def test_dashboard_serves_the_postgresql_study_with_our_attributes(tmp_path: Pat
     res = asyncio.run(run_search(load_search_config(cfg_path), storage=postgres_url, n_trials=4, do_finalize=False))
     study = res.study
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "archon_server.search", "dashboard", "--storage", postgres_url,
                              "--study", "dash", "--port", str(port)], env=env, stdout=subprocess.PIPE,

@@ -299,3 +299,13 @@ def test_four_workers_on_postgresql_one_killed_mid_trial(tmp_path: Path, postgre
     assert len(retries) == 1 and retries[0].params == trials[killed].params
     workers = {t.user_attrs.get(ATTR_WORKER) for t in trials if is_evaluated(t)}
     assert len(workers) >= 3, workers  # the survivors shared the work
+
+
+@pytest.mark.parametrize("argv", [["search", "run", str(TINY), "--storage", "postgresql://u:secret@127.0.0.1:1/x"],
+                                  ["bench", "run", str(ROOT / "benchmarks" / "smoke.yaml"), "--store", "postgresql://u:secret@127.0.0.1:1/x"]])
+def test_an_unreachable_database_is_one_clear_line_without_the_password(argv: list[str], tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "archon_server", *argv], env=_env(), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: cannot open the database postgresql://u:***@127.0.0.1:1/x" in out.stderr
+    assert "secret" not in out.stderr and "Traceback" not in out.stderr

@@ -179,6 +179,9 @@ async def test_score_matches_the_embedded_engine(vllm: VLLMManagedBackend) -> No
     top_theirs = await vllm.next_token_logprobs(NextTokenRequest("any-alias", q, 5))
     assert top_theirs.top[0][0] == top_ours.top[0][0]
     assert top_theirs.top[0][1] == pytest.approx(top_ours.top[0][1], abs=0.15)
+    # A final assistant message is continued (vLLM's continue_final_message), as the pairwise judge's "Output (" is.
+    cont = await vllm.next_token_logprobs(NextTokenRequest("any-alias", q + [{"role": "assistant", "content": "The capital of France is"}], 3))
+    assert cont.top[0][0].strip() == "Paris" and cont.prob_of("Paris") > 0.5
 
 
 async def test_reward_on_a_generative_model_is_refused_clearly(vllm: VLLMManagedBackend) -> None:

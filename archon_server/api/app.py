@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..backends.registry import BackendRegistry, build_registry
 from ..config import ServerConfig
@@ -48,6 +50,21 @@ PUBLIC_PATHS = frozenset({"/health"})
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})  # admitted by ChatService
 
 
+class StartupGate:
+    """Requests wait until the backends have started (``/health`` and ``/metrics`` answer at once); after a
+    failed start they go on and meet the backend's own error."""
+
+    def __init__(self, app: ASGIApp, ready: Callable[[], asyncio.Future[Any] | None], open_paths: frozenset[str]):
+        self.app, self.ready, self.open_paths = app, ready, open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ready = self.ready()
+        if scope["type"] == "http" and ready is not None and not ready.done() and scope["path"] not in self.open_paths:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(ready)
+        await self.app(scope, receive, send)
+
+
 def build_app(
     config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None
 ) -> FastAPI:
@@ -60,11 +77,22 @@ def build_app(
     metrics = Metrics()
     s = config.server
 
+    def on_ready(task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("a backend failed to start (GET /health says which): %s", task.exception())
+        else:
+            log.info("ready: serving %d architecture(s) and %d backend alias(es)", len(catalog), len(registry.aliases()))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         redact_access_log()  # after the server configured logging, so the filter sits on its access logger
-        await registry.start()
-        log.info("serving %d architecture(s) and %d backend alias(es)", len(catalog), len(registry.aliases()))
+        # The port is bound before the backends are up: loading (on a first start, converting) a local model
+        # takes seconds, and meanwhile /health answers 503 with the reason instead of refusing connections.
+        starting = app.state.starting = {alias: asyncio.ensure_future(b.start()) for alias, b in registry.backends().items()}
+        ready = app.state.ready = asyncio.ensure_future(asyncio.gather(*starting.values()))
+        ready.add_done_callback(on_ready)
         chat: ChatService = app.state.chat
         for name, spec in catalog.architectures.items():  # scorers on backends that cannot score: said now
             for problem in await chat.runtime.scoring_problems(spec, probe=False):
@@ -74,6 +102,7 @@ def build_app(
             yield
         finally:
             trimmer.cancel()
+            ready.cancel()
             await registry.close()
 
     app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)
@@ -102,9 +131,18 @@ def build_app(
     app.include_router(architectures_router)
     mount_ui(app)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok"}
+    @app.get("/health", responses={503: {"description": "starting (the reason says what it waits for) or a backend failed to start"}})
+    async def health() -> Any:
+        starting: dict[str, asyncio.Future[None]] = getattr(app.state, "starting", {})
+        waiting = {a: t for a, t in starting.items() if not t.done() or t.cancelled() or t.exception() is not None}
+        if not waiting:
+            return {"status": "ok"}
+        failed = {a: t for a, t in waiting.items() if t.done()}
+        if failed:
+            reason = "; ".join(f"backend {a} failed to start: {t.exception() if not t.cancelled() else 'cancelled'}" for a, t in failed.items())
+            return JSONResponse({"status": "error", "reason": reason}, status_code=503)
+        reason = "; ".join(f"backend {a}: {registry.backends()[a].start_status}" for a in waiting)
+        return JSONResponse({"status": "starting", "reason": reason}, status_code=503)
 
     # Documented as text/plain (Prometheus' exposition format), so schema-driven clients and fuzzers agree with it.
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -119,6 +157,7 @@ def build_app(
             return True
         return False
 
+    app.add_middleware(StartupGate, ready=lambda: getattr(app.state, "ready", None), open_paths=PUBLIC_PATHS | {"/metrics"})
     app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes, busy=busy, busy_paths=GENERATION_PATHS,
                        public=lambda path: path in PUBLIC_PATHS or is_public(path), budget=BodyBudget(s.max_inflight_body_bytes),
                        on_reject=lambda reason: metrics.rejected.labels(reason).inc())

@@ -29,7 +29,6 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..spec import format_loc
 from .auth import check_key
 from .errors import error_body
 
@@ -62,7 +61,7 @@ def find_invalid_text(body: bytes) -> tuple[str, str] | None:
         return None
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: the route answers 400
         return None
     return _walk(doc, ())
 
@@ -77,7 +76,7 @@ def _walk(obj: Any, loc: tuple[Any, ...]) -> tuple[str, str] | None:
             if at is not None:
                 ch = cur[at]
                 what = "a NUL character" if ch == "\x00" else f"a lone UTF-16 surrogate (\\u{ord(ch):04x}), which is not valid Unicode"
-                param = format_loc(where)
+                param = _json_path(where)
                 return param, f"{param}: contains {what} at character {at}"
         elif isinstance(cur, dict):
             for k, v in reversed(list(cur.items())):
@@ -86,6 +85,13 @@ def _walk(obj: Any, loc: tuple[Any, ...]) -> tuple[str, str] | None:
         elif isinstance(cur, list):
             stack.extend((v, (*where, i)) for i, v in reversed(list(enumerate(cur))))
     return None
+
+
+def _json_path(loc: tuple[Any, ...]) -> str:
+    """``messages[1].content``: where a value sits in the body as sent (spec.format_loc drops component type
+    names, which are ordinary keys here)."""
+    out = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    return out or "<root>"
 
 
 _ARRIVED: ContextVar[float | None] = ContextVar("archon_request_arrived", default=None)

@@ -177,6 +177,17 @@ class ScoreRequest:
     continuations: list[str]
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists: where a continuation's own tokens start once the
+    prompt alone and the prompt with the continuation are tokenized (a boundary token may merge the two)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class SequenceScore:
     logprob: float  # sum over the continuation's tokens
@@ -299,6 +310,11 @@ class Backend(ScoringMixin, abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
 
+    @property
+    def start_status(self) -> str:
+        """What :meth:`start` is doing while it runs (``/health`` shows it until the server is ready)."""
+        return "starting"
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; must be idempotent."""
 
@@ -379,6 +395,10 @@ class BackendWrapper(Backend):
 
     async def start(self) -> None:
         await self.inner.start()
+
+    @property
+    def start_status(self) -> str:
+        return self.inner.start_status
 
     async def close(self) -> None:
         await self.inner.close()

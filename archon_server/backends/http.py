@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import aiohttp
+import orjson
 
 from ..config import BackendConfigBase, OpenAIBackendConfig
 from .base import (
@@ -302,17 +303,17 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
 
     async def _post_completion(self, path: str, body: dict[str, Any], n: int) -> ChatResult:
         """POST a (chat) completion body to the least-loaded replica, with retries; validate the answer."""
+        payload = dumps(body)
 
         async def once(replica: Replica) -> AsyncGenerator[ChatResult, None]:
             s = await self.session()
             t0 = time.perf_counter()
-            async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
+            async with s.post(f"{replica.url}{path}", data=payload, headers=self._headers()) as resp:
                 if resp.status != 200:
                     raise await self._error_from(resp)
-                try:
-                    data = await resp.json(content_type=None)
-                except (ValueError, aiohttp.ContentTypeError):
-                    raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name) from None
+                data = loads(await resp.read())
+                if data is _INVALID:
+                    raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name)
             res = parse_completion(data, self.name)
             if len(res.choices) != n:
                 raise BackendError(
@@ -352,9 +353,11 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
             yield ch
 
     async def _stream_completion(self, path: str, body: dict[str, Any], n: int) -> AsyncIterator[StreamChunk]:
+        payload = dumps(body)
+
         async def once(replica: Replica) -> AsyncGenerator[StreamChunk, None]:
             s = await self.session()
-            async with s.post(f"{replica.url}{path}", json=body, headers=self._headers()) as resp:
+            async with s.post(f"{replica.url}{path}", data=payload, headers=self._headers()) as resp:
                 if resp.status != 200:
                     raise await self._error_from(resp)
                 finished: set[int] = set()
@@ -436,21 +439,49 @@ def _retry_after(value: str | None) -> float | None:
 
 
 async def _sse_events(resp: aiohttp.ClientResponse, backend: str) -> AsyncIterator[dict[str, Any]]:
-    """Yield JSON payloads of `data:` lines until `[DONE]`; malformed JSON is an error, not silently skipped."""
+    """Yield JSON payloads of `data:` lines until `[DONE]`; malformed JSON is an error, not silently skipped.
+    Reads what has arrived (iter_any), not line by line: one read for the many events a busy upstream sends in one
+    packet."""
     buf = b""
-    async for raw in resp.content:
-        buf += raw
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            line = line.strip()
-            if not line or line.startswith(b":") or not line.startswith(b"data:"):
-                continue
+    async for raw in resp.content.iter_any():
+        buf = buf + raw if buf else raw
+        if b"\n" not in raw:
+            continue
+        lines = buf.split(b"\n")
+        buf = lines.pop()  # an incomplete last line waits for the next read
+        for line in lines:
+            if not line.startswith(b"data:"):
+                line = line.strip()
+                if not line.startswith(b"data:"):  # blank separators, `:` comments, `event:`/`id:` fields
+                    continue
             payload = line[5:].strip()
             if payload == b"[DONE]":
                 return
-            try:
-                data = json.loads(payload)
-            except ValueError:
-                raise BackendError(f"upstream {backend} sent invalid JSON in its stream", status=502, retryable=True, backend=backend) from None
+            data = loads(payload)
+            if data is _INVALID:
+                raise BackendError(f"upstream {backend} sent invalid JSON in its stream", status=502, retryable=True, backend=backend)
             if isinstance(data, dict):
                 yield data
+
+
+_INVALID = object()
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    """A request body as JSON bytes: orjson, or json for what orjson refuses (lone surrogates, big ints)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
+
+
+def loads(payload: bytes | str) -> Any:
+    """JSON from an upstream, or _INVALID. orjson (several times faster than json) first; what it refuses but json
+    reads (lone surrogates, NaN) still goes through json, so nothing an upstream sends is read differently."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return _INVALID

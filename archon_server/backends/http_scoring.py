@@ -36,6 +36,7 @@ from .base import (
     ScoringUnsupported,
     SequenceScore,
     Usage,
+    common_prefix,
 )
 
 MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs (and OpenAI's cap)
@@ -55,15 +56,6 @@ def continues(messages: list[dict[str, Any]]) -> dict[str, bool]:
     """vLLM's template flags: continue a final assistant message, else open the assistant turn."""
     cont = bool(messages) and messages[-1].get("role") == "assistant"
     return {"add_generation_prompt": not cont, "continue_final_message": cont}
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def forced_logprobs(data: Any, start: int, backend: str) -> tuple[list[int], list[float], list[str]]:

@@ -30,10 +30,12 @@ from archon_server.backends.base import (
     StreamChunk,
     TokenLogprob,
     Usage,
+    common_prefix,
     content_text,
 )
 from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
+from archon_server.engine.types import DoneEvent, ErrorEvent, FinishEvent, GenParams, TokenEvent
 
 
 class LocalBackend(Backend):
@@ -96,14 +98,29 @@ class LocalBackend(Backend):
         async with self._start_lock:
             if self.engine is not None:
                 return
-            from archon_server.engine.loader import load_engine
+            def load() -> Any:
+                # Imported in the worker thread: torch and transformers take seconds to import, and the event
+                # loop must go on answering (/health says 503 "loading" meanwhile).
+                from archon_server.engine.loader import load_engine
+
+                return load_engine(self.model, self.device, self.dtype, self.max_batch, self.progress, self.threads)
 
             try:
-                self.engine, self.loaded = await asyncio.to_thread(
-                    load_engine, self.model, self.device, self.dtype, self.max_batch, self.progress, self.threads
-                )
+                self.engine, self.loaded = await asyncio.to_thread(load)
             except (model_store.ModelStoreError, NotImplementedError, OSError) as e:
                 raise BackendError(f"local model {self.model!r} failed to load: {e}", backend=self.name) from e
+
+    @property
+    def start_status(self) -> str:
+        if self.engine is not None:
+            return "ready"
+        try:
+            converted = model_store.is_converted(self.model)
+        except model_store.ModelStoreError:
+            return f"loading {self.model}"
+        if converted:
+            return f"loading {self.model}"
+        return f"converting {self.model} from its GGUF (first start only; progress in the server log)"
 
     async def close(self) -> None:
         engine, self.engine = self.engine, None
@@ -128,7 +145,9 @@ class LocalBackend(Backend):
             return {}
         from dataclasses import asdict
 
-        return {**asdict(self.engine.stats), "active_sequences": self.engine.active_sequences, "queued": self.engine.queued_requests}
+        cache = self.engine.cache
+        return {**asdict(self.engine.stats), "active_sequences": self.engine.active_sequences, "queued": self.engine.queued_requests,
+                "cache_slots": cache.slots, "cache_capacity": cache.capacity, "cache_bytes": cache.nbytes()}
 
     # ------------------------------------------------------------------ helpers
     def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None) -> list[int]:
@@ -154,8 +173,6 @@ class LocalBackend(Backend):
         return list(ids)
 
     def _gen_params(self, p: SamplingParams) -> Any:
-        from archon_server.engine.scheduler import GenParams
-
         return GenParams(
             max_tokens=p.max_tokens,
             temperature=p.temperature,
@@ -189,8 +206,6 @@ class LocalBackend(Backend):
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
         if self.engine is None:
             await self._load()
-        from archon_server.engine.scheduler import DoneEvent, ErrorEvent
-
         if isinstance(request, CompletionRequest):  # raw text: no chat template
             prompt = list(self.loaded.tokenizer(request.prompt)["input_ids"])
             if not prompt:
@@ -228,7 +243,7 @@ class LocalBackend(Backend):
     # ------------------------------------------------------------------ scoring
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """One teacher-forced pass: the prompt prefilled once, every continuation in one batch after it."""
-        from archon_server.engine.scoring import common_prefix, score_continuations
+        from archon_server.engine.scoring import score_continuations
 
         t0 = time.perf_counter()
         if self.engine is None:
@@ -284,8 +299,6 @@ class LocalBackend(Backend):
             yield ch
 
     async def chat(self, request: ChatRequest | CompletionRequest) -> ChatResult:
-        from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
-
         t0 = time.perf_counter()
         n = request.params.n
         texts: list[str] = [""] * n
@@ -309,8 +322,6 @@ class LocalBackend(Backend):
         return ChatResult(choices=choices, usage=usage, model=self.model, latency_s=time.perf_counter() - t0, requests=1, metrics=metrics)
 
     async def stream(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[StreamChunk]:
-        from archon_server.engine.scheduler import DoneEvent, FinishEvent, TokenEvent
-
         async with contextlib.aclosing(self._events(request)) as events:
             async for ev in events:
                 if isinstance(ev, TokenEvent):

@@ -444,6 +444,58 @@ def score_systems(
             for s, rows in systems.items()}
 
 
+# --------------------------------------------------------------------------- what a sound harness should not believe
+
+
+def get_is_extreme_changes(prev_winrate: float, new_winrate: float, abs_diff: float = 10, rel_diff: float = 4,
+                           min_warn: bool = True, max_warn: bool = True) -> bool:
+    """Upstream's warning rule (``glm_winrate.get_is_extreme_changes``): the new (LC) win rate moved more than
+    ``abs_diff`` points *and* more than the ``1/rel_diff`` share of the room left in that direction."""
+    too_small = new_winrate < min(prev_winrate - (prev_winrate / rel_diff), prev_winrate - abs_diff)
+    too_large = new_winrate > max(prev_winrate + ((100 - prev_winrate) / rel_diff), prev_winrate + abs_diff)
+    return (too_small and min_warn) or (too_large and max_warn)
+
+
+NEAR_CONSTANT_DISTINCT = 0.9  # distinct outputs / outputs below this: the system repeats itself
+NEAR_CONSTANT_LENGTH_CV = 0.05  # std/mean of output lengths below this: every answer is about as long
+
+
+def output_flags(outputs: Sequence[str]) -> dict[str, Any]:
+    """Distinct-answer ratio and length spread of a system's outputs; flags a near-constant system (a null model
+    gets ~85 LC from the leaderboard's own judge, so the score alone cannot be trusted to catch it)."""
+    texts = [" ".join((o or "").split()) for o in outputs]
+    if not texts:
+        return {}
+    lens = np.array([len(t) for t in texts], dtype=float)
+    distinct = len(set(texts)) / len(texts)
+    cv = float(lens.std() / lens.mean()) if lens.mean() > 0 else 0.0
+    flags = []
+    if len(texts) >= 2 and distinct < NEAR_CONSTANT_DISTINCT:
+        flags.append(f"near-constant outputs: {distinct:.0%} distinct")
+    if len(texts) >= 2 and cv < NEAR_CONSTANT_LENGTH_CV:
+        flags.append(f"near-constant output length: spread {cv:.1%} of {lens.mean():.0f} chars")
+    return {"distinct_ratio": round(distinct, 4), "length_cv": round(cv, 4), "flags": flags}
+
+
+def position_bias(preferences: Sequence[float], swapped: Sequence[bool]) -> dict[str, Any]:
+    """The judge's position bias from the seeded swaps: mean win (points) of the system when shown first minus
+    when shown second, with its standard error.  Flagged when larger than 10 points and 2 s.e."""
+    y = np.array([normalize_preference(p) - 1.0 for p in preferences])
+    sw = np.array(swapped, dtype=bool)
+    first, second = y[sw], y[~sw]
+    if len(first) < 2 or len(second) < 2:
+        return {"flags": []}
+    bias = float(first.mean() - second.mean()) * 100
+    se = float(math.sqrt(first.var(ddof=1) / len(first) + second.var(ddof=1) / len(second))) * 100
+    flags = [f"judge position bias: {bias:+.1f} ± {se:.1f} points for the output shown first"] if abs(bias) > max(10.0, 2 * se) else []
+    return {"position_bias": round(bias, 2), "position_bias_se": round(se, 2), "n_first": int(len(first)),
+            "n_second": int(len(second)), "flags": flags}
+
+
+def lc_change_flags(raw: float, lc: float) -> list[str]:
+    return [f"extreme LC change: raw {raw:.1f} -> LC {lc:.1f} (upstream's get_is_extreme_changes)"] if get_is_extreme_changes(raw, lc) else []
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     from scipy.stats import spearmanr
 

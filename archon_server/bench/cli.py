@@ -13,6 +13,18 @@ from typing import Any
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import sqlalchemy.exc
+
+    try:
+        return _run(args)
+    except sqlalchemy.exc.OperationalError as e:  # --store points at a database that is down or unknown
+        from ..db import unreachable_message
+
+        print(unreachable_message(args.store or "", e), file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from .report import write_report
     from .sweep import load_sweep, run_sweep
 

@@ -119,6 +119,21 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     return marks.pop() if len(marks) == 1 else None
 
 
+async def grade_mmlu_logprob(backend: Any, model: str, item: Item, letters: str = "ABCD") -> Grade:
+    """MMLU as lm-evaluation-harness scores it: no generation; the answer is the letter with the highest
+    log-probability as the continuation of ``Answer:`` after the prompt (here the assistant's turn, so
+    chat models see their own template).  Uses the backend's scoring call (``Backend.score``); a backend
+    without one raises ``ScoringUnsupported``.  Reported separately from the generative mode."""
+    from ..backends.base import ScoreRequest
+
+    msgs = [*item.messages(0, []), {"role": "assistant", "content": "Answer:"}]
+    res = await backend.score(ScoreRequest(model, msgs, [f" {c}" for c in letters]))
+    lps = [sc.logprob for sc in res.scores]
+    got = letters[int(np.argmax(lps))]
+    return _grade(got == item.reference, got, logprobs=dict(zip(letters, (round(x, 4) for x in lps))),
+                  prompt_tokens=res.usage.prompt_tokens)
+
+
 def grade_mmlu(response: str, answer: str) -> Grade:
     got = extract_choice(response)
     return _grade(got == answer, got)

@@ -43,6 +43,7 @@ class Row:
     errors: int
     judge_calls: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)  # what a sound harness should not believe (see alpaca_eval flags)
 
 
 def _sem(x: Sequence[float]) -> float | None:
@@ -83,6 +84,12 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
             judge_calls=int(sum(r.get("judge_calls", 0) for r in recs)),
         )
         notes: dict[str, Any] = {}
+        flags: list[str] = []
+        if bench in ("alpaca_eval", "mt_bench", "arena_hard"):  # judged: a constant output must not pass unnoticed
+            texts = [o for r in ok for o in ((r.get("output"),) if isinstance(r.get("output"), str) else (r.get("output") or ()))]
+            of = ae.output_flags(texts)
+            flags += of.pop("flags", [])
+            notes.update(of)
         if bench == "alpaca_eval":
             prefs = [r.get("preference", 1.5) if not r.get("error") else 1.0 for r in recs]
             wr = ae.win_rate(prefs)
@@ -96,6 +103,11 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
                 lc = ae.length_controlled_win_rate(rows_j, diff)
                 notes["lc_win_rate"] = round(lc.length_controlled_winrate, 2)
                 notes["lc_se"] = round(lc.lc_standard_error, 2)
+                flags += ae.lc_change_flags(wr.win_rate, lc.length_controlled_winrate)
+            pb = ae.position_bias([r["preference"] for r in ok if "swapped" in r], [r["swapped"] for r in ok if "swapped" in r])
+            flags += pb.pop("flags", [])
+            if "position_bias" in pb:
+                notes.update(position_bias=pb["position_bias"], position_bias_se=pb["position_bias_se"])
         elif bench == "mt_bench":
             # FastChat: the mean over every valid turn score (a question with one unparsed turn counts once)
             t1 = [r["turn_scores"][0] for r in ok if r.get("turn_scores") and r["turn_scores"][0] is not None]
@@ -121,7 +133,7 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
                     notes[f"pass@{k}"] = round(100 * float(np.mean([r.get("pass_at", {}).get(k, 0.0) for r in recs])), 2)
                 notes["samples"] = max(int(r.get("n_samples", 1)) for r in recs)
                 unit = "pass@1 %"
-        rows.append(Row(score=score, se=se, unit=unit, notes=notes, **common))
+        rows.append(Row(score=score, se=se, unit=unit, notes=notes, flags=flags, **common))
     return rows
 
 
@@ -137,8 +149,10 @@ def markdown(rows: Sequence[Row], title: str = "Sweep results") -> str:
         notes = ", ".join(f"{k}={v}" for k, v in r.notes.items() if v is not None)
         lines.append(f"| {r.arch} | {r.benchmark} | {r.n} | {_fmt(r.score)} | {_fmt(r.se)} | {r.unit} | {r.calls_per_q:.1f} | "
                      f"{r.prompt_tokens} | {r.completion_tokens} | {r.sec_per_q:.2f} | {r.errors} | {notes} |")
-    if any(r.arch == "null-model" for r in rows):
-        lines += ["", "`null-model` is a constant-output system (sanity line): a sound harness scores it near the floor."]
+    flagged = [r for r in rows if r.flags]
+    if flagged:
+        lines += ["", "## Flags", ""]
+        lines += [f"- **{r.arch} / {r.benchmark}**: {'; '.join(r.flags)}" for r in flagged]
     return "\n".join(lines) + "\n"
 
 

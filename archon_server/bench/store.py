@@ -24,14 +24,15 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from ..exceptions import ArchonError
+
+from ..db import create_tables, normalize_url, sqlite_path, worker_id
+from ..spec import SpecError
 
 log = logging.getLogger("archon.bench.store")
 
@@ -63,13 +64,11 @@ CALLS = sa.Table(
 )
 
 
-class SweepMismatch(ArchonError, ValueError):
-    """The store already holds a sweep of this name with a different definition."""
+class SweepMismatch(SpecError):
+    """The store already holds a sweep of this name with a different definition (the CLI prints it, exit 2)."""
 
 
 def make_engine(url: str) -> Engine:
-    from ..search.storage import normalize_url, sqlite_path
-
     url = normalize_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     path = sqlite_path(url)
@@ -80,16 +79,7 @@ def make_engine(url: str) -> Engine:
     if path is not None:
         with engine.begin() as con:
             con.exec_driver_sql("PRAGMA journal_mode=WAL")
-    for attempt in range(5):  # workers starting together race to create the tables (see search.claims)
-        try:
-            _META.create_all(engine)
-            break
-        except sa.exc.SQLAlchemyError:
-            if all(sa.inspect(engine).has_table(t) for t in _META.tables):
-                break
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    create_tables(_META, engine)
     return engine
 
 
@@ -102,10 +92,6 @@ def _insert_ignore(engine: Engine, table: sa.Table) -> Any:
     else:
         raise ValueError(f"sweep store: unsupported database {engine.dialect.name!r} (use PostgreSQL or SQLite)")
     return insert(table).on_conflict_do_nothing()
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class SqlCallCache:
@@ -165,8 +151,8 @@ class StoreResults:
             con.execute(_insert_ignore(self.engine, SWEEPS).values(sweep=self.sweep, spec=text, created=time.time()))
             stored = con.execute(sa.select(SWEEPS.c.spec).where(SWEEPS.c.sweep == self.sweep)).scalar_one()
         if json.loads(stored) != json.loads(text):
-            raise SweepMismatch(f"sweep {self.sweep!r}: the store holds a different definition of this sweep "
-                                "(rename the sweep or use another store)")
+            raise SweepMismatch([f"the store holds a different definition of sweep {self.sweep!r} (workers must run the "
+                                 "same sweep file and --limit; rename the sweep or use another store)"], "sweep store")
 
     # -- claims --------------------------------------------------------------------------------------
     def _pk(self, arch: str, benchmark: str, item: str, sample: int) -> Any:

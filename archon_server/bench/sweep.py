@@ -28,9 +28,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,7 +40,7 @@ from ..graph.runtime import GraphError
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
-from .grading import AUTO_GRADED, grade, pass_at_k
+from .grading import AUTO_GRADED, grade, grade_mmlu_logprob, pass_at_k
 from .judges import NULL_OUTPUT, AlpacaJudge, ArenaHardJudge, MTBenchJudge
 
 JUDGED = ("alpaca_eval", "mt_bench", "arena_hard")
@@ -71,6 +71,8 @@ class BenchmarkEntry(_Base):
     ids: list[str] | None = None
     seed: int | None = None
     pass_at: PassAt | None = Field(default=None, description="Auto-graded benchmarks: n samples per problem, pass@k.")
+    mode: Literal["generate", "logprob"] = Field(
+        default="generate", description="MMLU only: `logprob` scores the four letters (lm-evaluation-harness), reported as <name>_logprob.")
 
 
 class SweepSpec(_Base):
@@ -263,6 +265,8 @@ class SweepRun:
         t0 = time.perf_counter()
         if (pk := self.pass_at.get((item.benchmark, item.id))) is not None:
             return await self._run_samples(rec, arch, spec, item, pk, t0)
+        if item.benchmark.endswith("_logprob"):
+            return await self._run_logprob(rec, spec, item, t0)
         try:
             with cache_scope(f"gen\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
                 for turn in range(len(item.turns)):
@@ -283,6 +287,21 @@ class SweepRun:
         self._count(calls, usage)
         with cache_scope(f"judge\x1f{arch}\x1f{item.benchmark}\x1f{item.id}"):
             rec.update(await self._score(item, answers))
+        return rec
+
+    async def _run_logprob(self, rec: dict[str, Any], spec: ArchitectureSpec | None, item: ds.Item, t0: float) -> dict[str, Any]:
+        """MMLU logprob mode: the architecture must be one model (an ensemble has no log-probabilities)."""
+        models = sorted(set(spec.models_used())) if spec is not None else []
+        try:
+            if len(models) != 1:
+                raise SpecError([f"architectures: logprob mode needs a single-model architecture, {rec['arch']!r} uses {models}"])
+            g = await grade_mmlu_logprob(self.registry.limited(models[0]), self.registry.model_name(models[0]), item)
+        except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
+            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, seconds=time.perf_counter() - t0)
+            return rec
+        rec.update(output=g.extracted, score=g.score, correct=g.correct, extracted=g.extracted, grade=g.detail, calls=1,
+                   prompt_tokens=int(g.detail.get("prompt_tokens", 0)), completion_tokens=0, seconds=time.perf_counter() - t0)
+        self._count(1, Usage(int(g.detail.get("prompt_tokens", 0)), 0))
         return rec
 
     async def _run_samples(self, rec: dict[str, Any], arch: str, spec: ArchitectureSpec | None, item: ds.Item,
@@ -359,6 +378,10 @@ class SweepRun:
         for entry in self.spec.benchmarks:
             items = ds.select(entry.name, split_name=entry.split, n=entry.n, ids=entry.ids,
                               seed=self.spec.seed if entry.seed is None else entry.seed, root=self.data_root)
+            if entry.mode == "logprob":
+                if not entry.name.startswith("mmlu"):
+                    raise SpecError([f"benchmarks: mode logprob is for MMLU, not {entry.name!r}"])
+                items = [replace(it, benchmark=f"{it.benchmark}_logprob") for it in items]
             out += [(entry.name, it) for it in items]
             if entry.pass_at is not None:
                 if entry.name in JUDGED:

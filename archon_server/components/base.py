@@ -219,7 +219,7 @@ class ComponentContext:
                     finish[idx] = ch.finish_reason
                 if ch.tool_calls:
                     accumulate_tool_calls(calls.setdefault(idx, {}), ch.tool_calls)
-                await sink(replace(ch, index=idx))
+                await sink(ch if ch.index == idx else replace(ch, index=idx))  # no copy per token when unchanged
 
         await asyncio.gather(*(_limited(limit, one(i, r)) for i, r in enumerate(reqs)))
         idx = sorted(set(texts) | set(finish) | set(calls)) or [0]

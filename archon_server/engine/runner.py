@@ -109,8 +109,17 @@ class KVCache:
     Storage is ``[layers, slots, kv_heads, capacity, head_dim]``; both dimensions grow
     geometrically on demand (rare copies) so an idle engine holds little memory.
     ``lengths[s]`` is how many positions of slot ``s`` are valid.
+
+    The rule for its tensors: they are *inference tensors*, allocated and written only inside
+    ``torch.inference_mode()``, and every method that allocates or writes enters it itself.  So a
+    cache is the same kind of tensor however it was grown (by the forward pass, by an admission's
+    ``reserve``, by a copy) and whoever calls it (the engine's worker, which also runs its whole loop
+    in inference mode; a test; the speculative-decoding tools).  Mixing kinds was issue #14: the
+    forward grew the cache into inference tensors, and a later ``copy_slot`` outside inference mode
+    failed on them for every ``n>1`` request until restart.
     """
 
+    @torch.inference_mode()
     def __init__(self, dims: LlamaDims, dtype: torch.dtype, device: torch.device, slots: int = 1, capacity: int = 256):
         self.dims = dims
         self.dtype = dtype
@@ -128,6 +137,7 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    @torch.inference_mode()
     def reserve(self, slots: int, capacity: int) -> None:
         """Grow to at least ``slots`` x ``capacity`` (keeps contents)."""
         capacity = min(capacity, self.dims.max_positions)
@@ -139,13 +149,16 @@ class KVCache:
             new_cap = min(max(capacity, 2 * new_cap), self.dims.max_positions)
             new_cap = min(-(-new_cap // 64) * 64, self.dims.max_positions)
         shape = (self.dims.layers, new_slots, self.dims.kv_heads, new_cap, self.dims.head_dim)
-        for name in ("k", "v"):
-            old = getattr(self, name)
+        # Both new tensors are filled before either replaces the old: a failed allocation leaves the cache as it was.
+        grown = []
+        for old in (self.k, self.v):
             new = torch.zeros(shape, dtype=self.dtype, device=self.device)
             new[:, : old.shape[1], :, : old.shape[3]] = old
-            setattr(self, name, new)
+            grown.append(new)
+        self.k, self.v = grown
         self.lengths += [0] * (new_slots - len(self.lengths))
 
+    @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         """Duplicate a sequence's K/V (shared prefill: one prompt, n samples)."""
         n = self.lengths[src] if length is None else length
@@ -157,16 +170,21 @@ class KVCache:
         self.lengths[dst] = n
 
     def move_slot(self, src: int, dst: int) -> None:
-        """Move a sequence to another slot (keeps active rows contiguous: views, not gathers)."""
+        """Move a sequence to another slot (keeps active rows contiguous: views, not gathers; a copy)."""
         if src != dst:
             self.copy_slot(src, dst)
             self.lengths[src] = 0
 
     def crop(self, slot: int, length: int) -> None:
-        """Roll a sequence back to ``length`` tokens (rejected speculative tokens)."""
+        """Roll a sequence back to ``length`` tokens (rejected speculative tokens): bookkeeping only,
+        no tensor is touched (stale entries past the length are masked, then overwritten)."""
         if length > self.lengths[slot]:
             raise ValueError("crop can only shorten a sequence")
         self.lengths[slot] = length
+
+    def consistent(self) -> bool:
+        """K and V agree in shape and every slot's length fits (checked after an engine failure)."""
+        return self.k.shape == self.v.shape and len(self.lengths) == self.slots and all(0 <= n <= self.capacity for n in self.lengths)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

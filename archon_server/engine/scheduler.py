@@ -22,95 +22,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .detokenize import IncrementalText
 from .constrain import Constraints
+from .detokenize import IncrementalText
 from .runner import ModelRunner, default_threads
-from .threads import ThreadTuner
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
+from .threads import ThreadTuner
+from .types import DoneEvent, EngineStats, ErrorEvent, FinishEvent, GenParams, LogprobEntry, Sink, TokenEvent
+
+__all__ = ["DoneEvent", "Engine", "EngineStats", "ErrorEvent", "FinishEvent", "GenParams", "GenerationHandle", "LogprobEntry",
+           "Sink", "TokenEvent"]
 
 log = logging.getLogger("archon.engine.scheduler")
-
-
-@dataclass
-class GenParams:
-    """What one generation asks for (the engine's own view of ``SamplingParams``)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int | None = None
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
-    speculative: dict[str, Any] | None = None
-    # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
-    grammar: str | None = None
-
-
-# ---- events handed to the sink (lists of these, one list per request per step)
-@dataclass
-class LogprobEntry:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass
-class TokenEvent:
-    index: int
-    text: str  # newly released text (may be "" while a stop string is undecided)
-    logprobs: list[LogprobEntry] | None = None
-
-
-@dataclass
-class FinishEvent:
-    index: int
-    reason: str  # "stop" | "length"
-    text: str  # the choice's full text
-    completion_tokens: int
-
-
-@dataclass
-class DoneEvent:
-    prompt_tokens: int
-    completion_tokens: int
-    metrics: dict[str, Any]
-
-
-@dataclass
-class ErrorEvent:
-    error: BaseException
-
-
-Sink = Callable[[list[Any]], None]
-
-
-@dataclass
-class EngineStats:
-    """Counters since start (read from any thread; written by the worker only)."""
-
-    requests: int = 0
-    prefills: int = 0  # one per request, whatever its n
-    prefill_tokens: int = 0
-    prefill_chunks_interleaved: int = 0  # prompt chunks run between decode steps of other sequences
-    decode_steps: int = 0
-    decode_tokens: int = 0
-    max_batch_seen: int = 0  # most sequences decoded together in one step
-    threads: int = 0  # intra-op threads the worker uses now
-    cancelled: int = 0
-    errors: int = 0
 
 
 class GenerationHandle:
@@ -210,14 +137,15 @@ class Engine:
         self._constraints = Constraints(tokenizer)
         self.max_batch = max(1, max_batch)
         self.idle_poll_s = idle_poll_s
-        self.idle_cache_bytes = 512 << 20
         self.stats = EngineStats()
-        self.cache = runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
+        # The cache starts small and grows on demand; after idle_poll_s with nothing to do it goes back to this size.
+        self.initial_slots, self.initial_capacity = min(self.max_batch, 8), 512
+        self.cache = runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
         self._inbox: queue.Queue[_Request | _Job | None] = queue.Queue()
         self._jobs: deque[_Job] = deque()
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
-        self._spec: list[_SpecRun] = []  # speculative requests: one round each per worker iteration
+        self._spec = SpeculativeLane(self)
         self._prefilling: _Prefill | None = None
         self.prefill_chunk = 256  # tokens per prefill chunk while other sequences decode
         self.prefill_chunk_idle = 512  # ... and when nobody waits on it
@@ -285,26 +213,99 @@ class Engine:
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
-        self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
-        while not self._stop.is_set():
+        # The engine's tensor rule (see KVCache): the worker creates and mutates tensors only in
+        # inference mode, so the cache, sampling state and every intermediate are one kind of tensor.
+        with torch.inference_mode():
+            self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
+            while not self._stop.is_set():
+                try:
+                    self._iteration()
+                except Exception as e:  # the recovery itself failed: start the cache afresh, keep the queue
+                    self._reset_cache(e)
+            down = RuntimeError("engine shut down")
+            self._fail(self._holders() + list(self._waiting) + self._drain_inbox(), down)
+            while self._jobs:  # queued jobs fail only at shutdown
+                job = self._jobs.popleft()
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(down)
+
+    def _iteration(self) -> None:
+        """One pass: admit, drop cancelled, one prefill chunk, one decode step, one round per speculative
+        request.  A phase that raises fails the requests *it* was working on, and only those; the
+        engine then goes back to a known state (:meth:`_recover`) and the next pass serves the rest."""
+        try:  # (a request that fails to start is failed inside _admit)
+            self._admit(block=not self._rows and self._prefilling is None and not self._spec and not self._jobs)
+            self._drop_cancelled()
+        except Exception as e:  # dropping or compacting broke: no request was being computed
+            self._recover(e, [])
+        if self._jobs:  # one job (e.g. teacher-forced scoring) per pass; a failed job fails its caller only
+            self._run_job(self._jobs.popleft())
+        if self._prefilling is not None:
+            staged = self._prefilling.req
             try:
-                if not self._rows and self._prefilling is None and self.cache.nbytes() > self.idle_cache_bytes:
-                    # Idle after long/wide requests: give the grown KV cache back.
-                    self.cache = self.runner.new_cache(slots=min(self.max_batch, 8), capacity=512)
-                self._admit(block=not self._rows and self._prefilling is None and not self._spec and not self._jobs)
-                self._drop_cancelled()
-                if self._jobs:
-                    self._run_job(self._jobs.popleft())
-                if self._prefilling is not None:
-                    self._prefill_chunk()
-                if self._rows:
-                    self._step()
-                if self._spec:
-                    self._spec_rounds()
-            except Exception as e:  # a failed step fails its requests, never the worker
-                log.exception("local engine step failed")
-                self._fail_all(e)
-        self._fail_all(RuntimeError("engine shut down"))
+                self._prefill_chunk()
+            except Exception as e:
+                self._recover(e, [staged])
+        if self._rows:
+            batch = self._row_requests()
+            try:
+                self._step()
+            except Exception as e:
+                self._recover(e, batch)
+        if self._spec:
+            try:  # (a round that raises fails its own request inside the lane)
+                self._spec.step()
+            except Exception as e:
+                self._recover(e, self._spec.requests())
+
+    def _row_requests(self) -> list[_Request]:
+        return list({id(s.req): s.req for s in self._rows}.values())
+
+    def _holders(self) -> list[_Request]:
+        """Requests holding engine state: decode rows, the staged prompt, speculative runs."""
+        reqs = {id(r): r for r in self._row_requests()}
+        if self._prefilling is not None:
+            reqs[id(self._prefilling.req)] = self._prefilling.req
+        for r in self._spec.requests():
+            reqs[id(r)] = r
+        return list(reqs.values())
+
+    def _drain_inbox(self) -> list[_Request]:
+        """Take everything queued: requests are returned, jobs join ``_jobs``."""
+        items: list[_Request] = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return items
+            if isinstance(item, _Job):
+                self._jobs.append(item)
+            elif item is not None:
+                items.append(item)
+
+    def _recover(self, err: BaseException, failed: list[_Request]) -> None:
+        """After a failed phase: fail ``failed`` (they leave the batch and free their slots), then make
+        sure what is left is consistent: survivors' rows compact at slots 0..B-1, the staged prompt
+        right after them, the cache's tensors and lengths agreeing.  Queued requests are never failed."""
+        log.error("local engine step failed: failing %d request(s); %d other(s) in the engine go on", len(failed),
+                  len(self._holders()) + self.queued_requests - len(failed), exc_info=err)
+        self._fail(failed, err)
+        try:
+            self._compact(force=True)
+            if not self.cache.consistent():
+                raise RuntimeError("KV cache left inconsistent")
+        except Exception as e:
+            self._reset_cache(e)
+
+    def _reset_cache(self, err: BaseException) -> None:
+        """Last resort when the cache itself is broken: the requests whose K/V lived in it (decode rows,
+        the staged prompt) fail and the cache starts afresh.  Speculative runs keep their own caches
+        and queued requests have none: both go on."""
+        log.error("local engine: resetting the KV cache", exc_info=err)
+        in_cache = self._row_requests() + ([self._prefilling.req] if self._prefilling is not None else [])
+        self._fail(in_cache, err)
+        self._rows, self._prefilling = [], None
+        self.cache = self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
 
     def _admit(self, block: bool) -> None:
         # Pull everything queued; block only when idle (nothing to decode or prefill).
@@ -317,38 +318,47 @@ class Engine:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
-            pass
+            if block and not self._waiting:
+                self._shrink_idle_cache()
         while self._prefilling is None and self._waiting:
             req = self._waiting[0]
             if req.cancelled:
                 self._waiting.popleft()
-                self.stats.cancelled += 1
-                req.done = True
+                self._dropped(req)
                 continue
-            if req.params.speculative and req.params.n == 1 and req.max_new > 0 and not req.params.grammar:
-                # Speculative decoding verifies several tokens per target pass for ONE sequence: it has
-                # its own one-slot cache and runs one round per worker iteration, between batched steps.
-                if len(self._rows) + len(self._spec) >= self.max_batch:
-                    break
-                self._waiting.popleft()
-                self.stats.requests += 1
-                self._start_speculative(req)
-                continue
+            speculative = req.params.speculative and req.params.n == 1 and req.max_new > 0 and not req.params.grammar
             # A request bigger than max_batch runs alone rather than never.
-            if self._rows and len(self._rows) + req.params.n > self.max_batch:
+            if speculative and len(self._rows) + len(self._spec) >= self.max_batch:
+                break
+            if not speculative and self._rows and len(self._rows) + req.params.n > self.max_batch:
                 break
             self._waiting.popleft()
             self.stats.requests += 1
-            if req.max_new == 0:
-                for i in range(req.params.n):
-                    req.outbox.append(FinishEvent(i, "length", "", 0))
-                self._finish_request(req, flush=True)
-                continue
+            try:
+                self._start(req, speculative)
+            except Exception as e:  # e.g. the cache could not grow: this request fails, the queue goes on
+                self._recover(e, [req])
+
+    def _start(self, req: _Request, speculative: bool) -> None:
+        if speculative:
+            # Speculative decoding verifies several tokens per target pass for ONE sequence: it has
+            # its own one-slot cache and runs one round per worker iteration, between batched steps.
+            self._spec.start(req)
+        elif req.max_new == 0:
+            for i in range(req.params.n):
+                req.outbox.append(FinishEvent(i, "length", "", 0))
+            self._finish_request(req, flush=True)
+        else:
             # The prompt goes into the staging slot just past the decode rows; compaction keeps it there.
             slot = len(self._rows)
             self.cache.reserve(slot + req.params.n, len(req.prompt) + 1)
             self.cache.lengths[slot] = 0
             self._prefilling = _Prefill(req, slot)
+
+    def _shrink_idle_cache(self) -> None:
+        """Idle for ``idle_poll_s`` after long or wide requests: give the grown KV cache back."""
+        if not self._rows and self._prefilling is None and (self.cache.slots, self.cache.capacity) != (self.initial_slots, self.initial_capacity):
+            self.cache = self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
 
     def _run_job(self, job: _Job) -> None:
         """One job per worker iteration, so a burst of scoring calls interleaves with decode steps."""
@@ -369,25 +379,16 @@ class Engine:
         pf = self._prefilling
         assert pf is not None
         req = pf.req
-        try:
-            chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
-            if self._rows:
-                self.stats.prefill_chunks_interleaved += 1
-            ids = req.prompt[pf.done : pf.done + chunk]
-            out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done], logits="last")
-            pf.done += len(ids)
-            if pf.done < len(req.prompt):
-                return
-            self._prefilling = None
-            self._start_sequences(req, pf.slot, out.logits[:, -1])
-        except Exception as e:
-            log.exception("local engine prefill failed")
-            self._prefilling = None
-            self._rows = [s for s in self._rows if s.req is not req]  # its rows were the last ones
-            self.stats.errors += 1
-            req.done = True
-            req.outbox = [ErrorEvent(e)]
-            req.flush()
+        chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
+        if self._rows:
+            self.stats.prefill_chunks_interleaved += 1
+        ids = req.prompt[pf.done : pf.done + chunk]
+        out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done], logits="last")
+        pf.done += len(ids)
+        if pf.done < len(req.prompt):
+            return
+        self._prefilling = None
+        self._start_sequences(req, pf.slot, out.logits[:, -1])
 
     def _start_sequences(self, req: _Request, slot: int, last_logits: torch.Tensor) -> None:
         p = req.params
@@ -453,7 +454,7 @@ class Engine:
             req.completion_tokens += 1
             reason = None
             lps = None
-            if tok in self.eos_ids and not req.params.ignore_eos:
+            if self._is_eos(req, tok):
                 reason = "stop"
             else:
                 if req.params.logprobs:
@@ -479,66 +480,6 @@ class Engine:
         for req in touched.values():
             req.flush()
 
-    def _start_speculative(self, req: _Request) -> None:
-        from .specdec.serve import speculative_session
-
-        p = req.params
-        req.t_first = time.perf_counter()
-        rounds = speculative_session(
-            self.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
-            seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(self.eos_ids),
-        )
-        self._spec.append(_SpecRun(req, rounds, IncrementalText(self.tokenizer, p.stop)))
-
-    def _spec_rounds(self) -> None:
-        """One round of every speculative request: its tokens go through the same EOS /
-        stop-string / text handling as a normal step and are flushed to the sink; a cancel or
-        a matched stop string ends the request after the round in flight."""
-        for run in list(self._spec):
-            req = run.req
-            if req.cancelled:
-                run.rounds.close()
-                self._spec.remove(run)
-                self.stats.cancelled += 1
-                req.done = True
-                continue
-            try:
-                tokens = run.rounds.send(run.halt)
-            except StopIteration as done:
-                self._spec.remove(run)
-                self._finish_speculative(run, done.value[1])
-                continue
-            except Exception as e:  # a bad speculative config or a failed round fails its request only
-                log.warning("speculative generation failed: %s", e)
-                self._spec.remove(run)
-                self.stats.errors += 1
-                req.outbox = [ErrorEvent(e)]
-                req.done = True
-                req.flush()
-                continue
-            ended = False
-            for tok in tokens:
-                run.n += 1
-                if (tok in self.eos_ids and not req.params.ignore_eos) or run.text.add(tok):
-                    run.reason, ended = "stop", True
-                    break
-            delta = run.text.take()
-            if delta:
-                req.outbox.append(TokenEvent(0, delta))
-                req.flush()
-            run.halt = ended
-
-    def _finish_speculative(self, run: _SpecRun, spec_metrics: dict[str, Any]) -> None:
-        req = run.req
-        run.text.flush()
-        delta = run.text.take(final=True)
-        if delta:
-            req.outbox.append(TokenEvent(0, delta))
-        req.completion_tokens = run.n
-        self.stats.decode_tokens += run.n
-        req.outbox.append(FinishEvent(0, run.reason, run.text.text, run.n))
-        self._finish_request(req, flush=True, extra=spec_metrics)
-
     def _finish_request(self, req: _Request, flush: bool = False, extra: dict[str, Any] | None = None) -> None:
         now = time.perf_counter()
         metrics = {
@@ -556,21 +497,31 @@ class Engine:
         pf = self._prefilling
         if pf is not None and pf.req.cancelled:
             self._prefilling = None
-            pf.req.done = True
-            self.stats.cancelled += 1
-        dropped = set()
+            self._dropped(pf.req)
+        dropped = {}
         for s in self._rows:
             if s.req.cancelled and not s.finished:
                 s.finished = True
-                dropped.add(id(s.req))
-                s.req.done = True
+                dropped[id(s.req)] = s.req
+        for req in dropped.values():
+            self._dropped(req)
         if dropped:
-            self.stats.cancelled += len(dropped)
             self._compact()
 
-    def _compact(self) -> None:
-        """Remove finished rows; move the rest down so they occupy slots 0..B-1 in order."""
-        if not any(s.finished for s in self._rows):
+    def _dropped(self, req: _Request) -> None:
+        """The one place a cancelled request is let go (queued, staged, decoding or speculative)."""
+        if not req.done:
+            self.stats.cancelled += 1
+            req.done = True
+
+    def _is_eos(self, req: _Request, tok: int) -> bool:
+        """The one end-of-sequence rule for batched and speculative decoding (stop strings: IncrementalText)."""
+        return tok in self.eos_ids and not req.params.ignore_eos
+
+    def _compact(self, force: bool = False) -> None:
+        """Remove finished rows; move the rest down so they occupy slots 0..B-1 in order (``force``:
+        check the layout even when no row finished, after a failure)."""
+        if not force and not any(s.finished for s in self._rows):
             return
         keep = [s for s in self._rows if not s.finished]
         for i, s in enumerate(keep):
@@ -583,36 +534,101 @@ class Engine:
             self.cache.move_slot(pf.slot, len(keep))
             pf.slot = len(keep)
 
-    def _fail_all(self, err: BaseException) -> None:
-        reqs = {id(s.req): s.req for s in self._rows}
-        for run in self._spec:
-            reqs[id(run.req)] = run.req
-            run.rounds.close()
-        self._spec = []
-        if self._prefilling is not None:
-            reqs[id(self._prefilling.req)] = self._prefilling.req
+    def _fail(self, reqs: list[_Request], err: BaseException) -> None:
+        """Fail exactly ``reqs``: an error event each; their rows, staged prompt, speculative runs
+        and queue places are dropped (rows are compacted away by the caller)."""
+        ids = {id(r) for r in reqs}
+        if not ids:
+            return
+        for s in self._rows:
+            if id(s.req) in ids:
+                s.finished = True
+        self._spec.drop(ids)
+        if self._prefilling is not None and id(self._prefilling.req) in ids:
             self._prefilling = None
-        for r in self._waiting:
-            reqs[id(r)] = r
-        if self._stop.is_set():  # shutting down: nobody will serve the queue either
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Job):
-                    self._jobs.append(item)
-                elif item is not None:
-                    reqs[id(item)] = item
-            while self._jobs:  # queued jobs were not touched by a failed step: they fail only at shutdown
-                job = self._jobs.popleft()
-                if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(err)
-        self._rows = []
-        self._waiting.clear()
-        for r in reqs.values():
-            if not r.done:
+        self._waiting = deque(r for r in self._waiting if id(r) not in ids)
+        for r in reqs:
+            if r.done:  # finished (or cancelled) before the failure: deliver what it has
+                r.flush()
+            else:
                 self.stats.errors += 1
                 r.done = True
                 r.outbox = [ErrorEvent(err)]
                 r.flush()
+
+
+class SpeculativeLane:
+    """Speculative requests (``n == 1`` with a ``speculative`` config): each verifies several tokens per
+    target pass for one sequence, in its own one-slot cache, as a round generator; the engine advances
+    every run by one round per worker iteration, between its batched steps.  Tokens go through the
+    engine's EOS rule and the stop-string/text handling of a normal step."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.runs: list[_SpecRun] = []
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def requests(self) -> list[_Request]:
+        return [run.req for run in self.runs]
+
+    def start(self, req: _Request) -> None:
+        from .specdec.serve import speculative_session
+
+        eng, p = self.engine, req.params
+        req.t_first = time.perf_counter()
+        rounds = speculative_session(
+            eng.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
+            seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(eng.eos_ids),
+        )
+        self.runs.append(_SpecRun(req, rounds, IncrementalText(eng.tokenizer, p.stop)))
+
+    def drop(self, ids: set[int]) -> None:
+        """Close and remove the runs of these requests (by ``id``)."""
+        for run in [run for run in self.runs if id(run.req) in ids]:
+            self.runs.remove(run)
+            run.rounds.close()
+
+    def step(self) -> None:
+        """One round of every run, flushed to its sink; a cancel or a matched stop string ends the
+        request after the round in flight; a failed round fails its request only."""
+        eng = self.engine
+        for run in list(self.runs):
+            req = run.req
+            if req.cancelled:
+                self.drop({id(req)})
+                eng._dropped(req)
+                continue
+            try:
+                tokens = run.rounds.send(run.halt)
+            except StopIteration as done:
+                self.runs.remove(run)
+                self._finish(run, done.value[1])
+                continue
+            except Exception as e:  # a bad speculative config or a failed round fails its request only
+                log.warning("speculative generation failed: %s", e)
+                eng._fail([req], e)
+                continue
+            ended = False
+            for tok in tokens:
+                run.n += 1
+                if eng._is_eos(req, tok) or run.text.add(tok):
+                    run.reason, ended = "stop", True
+                    break
+            delta = run.text.take()
+            if delta:
+                req.outbox.append(TokenEvent(0, delta))
+                req.flush()
+            run.halt = ended
+
+    def _finish(self, run: _SpecRun, spec_metrics: dict[str, Any]) -> None:
+        req = run.req
+        run.text.flush()
+        delta = run.text.take(final=True)
+        if delta:
+            req.outbox.append(TokenEvent(0, delta))
+        req.completion_tokens = run.n
+        self.engine.stats.decode_tokens += run.n
+        req.outbox.append(FinishEvent(0, run.reason, run.text.text, run.n))
+        self.engine._finish_request(req, flush=True, extra=spec_metrics)

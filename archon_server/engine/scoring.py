@@ -30,16 +30,6 @@ class ForcedScore:
     logprobs: list[float]  # one per token of the continuation
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix: where a continuation's own tokens start."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _head_logprobs(runner: ModelRunner, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(lm_head(hidden))[targets] for hidden [T, H], targets [T] (float32, chunked)."""
     out = []

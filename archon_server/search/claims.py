@@ -19,6 +19,8 @@ import optuna
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from archon_server.db import create_tables
+
 _META = sa.MetaData()
 CLAIMS = sa.Table(
     "archon_graph_claims",
@@ -38,21 +40,10 @@ def storage_engine(storage: optuna.storages.BaseStorage) -> Engine | None:
 
 
 def ensure_table(engine: Engine) -> Engine:
-    """Create the claims table once per engine.  Workers starting together may race to create it: on
-    PostgreSQL the loser's CREATE fails (a unique violation in the catalogue), which is fine if it now exists."""
-    if id(engine) in _READY:
-        return engine
-    for attempt in range(5):
-        try:
-            _META.create_all(engine)
-            break
-        except sa.exc.SQLAlchemyError:
-            if sa.inspect(engine).has_table(CLAIMS.name):
-                break
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    _READY.add(id(engine))
+    """Create the claims table once per engine (racing workers are fine)."""
+    if id(engine) not in _READY:
+        create_tables(_META, engine)
+        _READY.add(id(engine))
     return engine
 
 

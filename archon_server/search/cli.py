@@ -35,7 +35,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--n-trials", type=int, help="target of new architectures evaluated in the whole study (all workers, "
                    "all runs); stored in the study. Default: the stored target, else the config's study.n_trials")
     r.add_argument("--workers", type=int, default=1, help="worker processes to start on this machine (default 1)")
-    r.add_argument("--worker-index", type=int, default=0, help="offsets the sampler seed so workers propose different points")
+    r.add_argument("--worker-index", type=_worker_index, default=0, help="offsets the sampler seed so workers propose "
+                   "different points; `auto`: derived from host name and pid (for replicas started alike, e.g. by compose)")
     r.add_argument("--no-finalize", action="store_true", help="skip test-split scoring of the best trials and baselines")
     r.add_argument("--no-export", action="store_true", help="do not write the architecture YAML and report")
     r.add_argument("--out", help="architecture output folder (default: config export.dir)")
@@ -70,6 +71,19 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _worker_index(value: str) -> int:
+    if value == "auto":
+        import zlib
+
+        from archon_server.db import worker_id
+
+        return zlib.crc32(worker_id().encode()) % 100_000
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--worker-index: an integer or 'auto', not {value!r}") from None
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
@@ -126,12 +140,7 @@ def _summary(study: optuna.Study) -> dict[str, Any]:
 
 # -- commands -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from archon_server.search.runner import (
-        finalize_study,
-        open_study,
-        progress,
-        run_search,
-    )
+    import sqlalchemy.exc
 
     _setup_logging(args.verbose)
     try:
@@ -140,6 +149,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     assert cfg is not None
+    try:
+        return _run(args, cfg, storage, study_name)
+    except sqlalchemy.exc.OperationalError as e:  # the storage URL points at a database that is down or unknown
+        from archon_server.db import unreachable_message
+
+        print(unreachable_message(storage, e), file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | None) -> int:
+    from archon_server.search.runner import finalize_study, open_study, progress, run_search
+
     if args.workers > 1:
         # Worker processes share nothing but the storage URL, exactly like workers on other machines.
         cmd = [sys.executable, "-m", "archon_server.search", "run", args.config, "--storage", storage,

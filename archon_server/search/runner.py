@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
+from archon_server.db import worker_id
 from archon_server.search import claims
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
@@ -197,10 +196,6 @@ class WorkerStats:
     surplus: int = 0
     converged: bool = False
     numbers: list[int] = field(default_factory=list)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def run_worker(

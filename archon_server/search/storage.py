@@ -19,17 +19,9 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 
+from archon_server.db import normalize_url, sqlite_path
+
 log = logging.getLogger("archon.search.storage")
-
-
-def sqlite_path(url: str) -> Path | None:
-    """File path of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL (None for other URLs / memory)."""
-    if not url.startswith("sqlite:///"):
-        return None
-    rest = url[len("sqlite:///"):]
-    if not rest or rest == ":memory:":
-        return None
-    return Path(rest.split("?", 1)[0])
 
 
 def _prepare_sqlite(path: Path) -> None:
@@ -53,16 +45,6 @@ def _sqlite_creator(path: Path) -> Any:
         return con
 
     return connect
-
-
-def normalize_url(url: str) -> str:
-    """``postgresql://`` means psycopg2 to SQLAlchemy; use psycopg v3 (the ``postgres`` extra) when that is what is installed."""
-    if url.startswith(("postgresql://", "postgres://")):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
-            return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
 
 
 def retry_callback(max_retry: int | None) -> Any:

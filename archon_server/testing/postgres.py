@@ -21,12 +21,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
+
+from archon_server.testing.upstream import free_port
 
 URL_ENV = "ARCHON_TEST_POSTGRES_URL"
 SUPERUSER = "archon"
@@ -56,12 +57,6 @@ def bin_dir() -> Path:
     raise PostgresUnavailable("PostgreSQL server binaries not found: apt-get install postgresql (or set PG_BIN)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_as() -> list[str]:
     """Prefix that drops root to the ``postgres`` user (PostgreSQL will not run as root)."""
     if os.geteuid() != 0:
@@ -86,7 +81,7 @@ class TempPostgres:
         self._own_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="archon-pg-"))
         self.data = self.root / "data"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.bin = bin_dir()
         self.url = f"{DRIVER}://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
 

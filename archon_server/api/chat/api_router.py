@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -29,7 +30,16 @@ async def answer(service: Any, body: Any, request: Request) -> Response:
     if body.stream:
         gen = await service.create_stream(body)
         return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await service.create(body, request))
+    return json_response(await service.create(body, request))
+
+
+def json_response(obj: Any) -> Response:
+    """The JSON body orjson writes (a fraction of json.dumps' CPU per answer; same compact separators, UTF-8 as is);
+    what orjson refuses (a lone surrogate, an int past 64 bits) goes through Starlette's JSONResponse as before."""
+    try:
+        return Response(orjson.dumps(obj), media_type="application/json")
+    except TypeError:
+        return JSONResponse(obj)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_STREAM, **_ERRORS})

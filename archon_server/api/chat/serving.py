@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+import orjson
 from fastapi import Request
 
 from ...backends.base import StreamChunk, TokenLogprob, Usage
@@ -93,6 +94,7 @@ class ChatService:
         self.max_inflight = max_inflight
         self.request_timeout_s = request_timeout_s
         self.max_messages = max_messages
+        self.keepalive_s = 5.0  # an SSE comment this often while a stream has nothing to say (inner layers running)
         self.metrics = metrics
         self.traces = traces or TraceStore(0)
         self.inflight = 0
@@ -254,43 +256,79 @@ class ChatService:
                 keep(status, res, gerr)
 
     def open_stream(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None = None,
-                    trace_events: bool = False) -> AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]:
+                    trace_events: bool = False, *, batched: bool = False, keepalive_s: float | None = None) -> AsyncIterator[Any]:
         """Admit now (a refusal is a plain HTTP error), then: the final stage's chunks as they come (with
         ``trace_events``, the trace's events too, as dicts), and last the result, or the APIError it failed with.
-        Closing the iterator early (client gone) cancels the run."""
+        With ``keepalive_s``, :data:`KEEPALIVE` after every ``keepalive_s`` without an item. ``batched``: lists of
+        every item ready at once instead of single items, so a consumer slower than the upstream writes them in one
+        go (one socket write instead of one per token). Closing the iterator early (client gone) cancels the run."""
         self._time_left()
         self._admit()
-        return self._events(name, run, keep, trace_events)
+        return self._events(name, run, keep, trace_events, batched, keepalive_s)
 
     async def _events(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None,
-                      trace_events: bool) -> AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]:
+                      trace_events: bool, batched: bool = False, keepalive_s: float | None = None) -> AsyncIterator[Any]:
         t0 = time.perf_counter()
         # Backend tokens, and trace events (dicts) as they happen; None: the graph ended.
-        queue: asyncio.Queue[StreamChunk | dict[str, Any] | None] = asyncio.Queue()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        put = queue.put_nowait  # unbounded: never waits
 
         async def sink(ch: StreamChunk) -> None:
-            await queue.put(ch)
+            put(ch)
 
-        task = asyncio.ensure_future(run(sink, queue.put_nowait if trace_events else None))
-        task.add_done_callback(lambda _t: queue.put_nowait(None))
+        task = asyncio.ensure_future(run(sink, put if trace_events else None))
+        task.add_done_callback(lambda _t: put(None))
+        loop = asyncio.get_running_loop()
+        last = loop.time()  # when the consumer last got something (keep-alives count)
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            # One timer per stream, re-armed from the last item, instead of a wait with a timeout per token.
+            nonlocal timer, last
+            now = loop.time()
+            if now - last >= keepalive_s * 0.999 and queue.empty():  # type: ignore[operator]
+                put(KEEPALIVE)
+                last = now
+            timer = loop.call_at(last + keepalive_s, tick)  # type: ignore[operator]
+
+        if keepalive_s:
+            timer = loop.call_at(last + keepalive_s, tick)
         status, res, gerr = 500, None, None
         try:
-            while True:
+            ended = False
+            while not ended:
                 item = await queue.get()
+                if keepalive_s:
+                    last = loop.time()
                 if item is None:
                     break
-                yield item
+                if not batched:
+                    yield item
+                    continue
+                items = [item]
+                while not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt is None:
+                        ended = True
+                        break
+                    items.append(nxt)
+                yield items
+            if timer is not None:
+                timer.cancel()
+                timer = None
             try:
                 res = task.result()
             except (GraphError, StructuredOutputInvalid) as e:
                 err = self._gerr(e)
                 status, gerr = err.status, e if isinstance(e, GraphError) else None
                 log.warning("%s stream failed (%d): %s", name, err.status, e)
-                yield err
+                yield [err] if batched else err
                 return
             status = 200
-            yield res
+            yield [res] if batched else res
         finally:
+            if timer is not None:
+                timer.cancel()
             if not task.done():  # client went away: cancel every in-flight backend call
                 task.cancel()
                 status = 499
@@ -331,45 +369,71 @@ class ChatService:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         events = self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
                                   keep=lambda status, r, e: self._keep(cid, req.model, messages, True, status, r, e),
-                                  trace_events=req.stream_trace)
+                                  trace_events=req.stream_trace, batched=True, keepalive_s=self.keepalive_s)
         return self._stream(req, final, cid, events)
 
-    async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str,
-                      events: AsyncIterator[StreamChunk | dict[str, Any] | RunResult | APIError]) -> AsyncIterator[str]:
+    async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str, events: AsyncIterator[list[Any]]) -> AsyncIterator[str]:
+        """The SSE body. ``events`` come in batches (everything ready at once): each batch is one write. A plain
+        token is spliced into a chunk template made once per request (what pydantic writes for it, byte for byte)
+        rather than built and serialised as a model per token."""
         created = int(time.time())
 
         def chunk(choices: list[StreamChoice], **kw: Any) -> str:
             c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
+        head = chunk([StreamChoice(index=0, delta=DeltaMessage(content="\0"))]).split('"index":0', 1)[0] + '"index":'
+
+        def token(idx: int, text: str) -> str:
+            return f'{head}{idx},"delta":{{"content":{json_str(text)}}}}}]}}\n\n'
+
         async with contextlib.aclosing(events):
-            for i in range(final.n):
-                yield chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            async for item in events:
-                if isinstance(item, APIError):
-                    yield f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                if isinstance(item, dict):  # a trace event: a chunk with no choices, ignored by OpenAI clients
-                    yield chunk([], trace_event=item)
-                    continue
-                if isinstance(item, StreamChunk):
-                    if item.text or item.tool_calls:
-                        yield chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text or None, tool_calls=item.tool_calls))])
-                    continue
-                res = item
-                if not res.streamed:  # the final stage was not streamable (ranker, vote, several components...)
-                    for i, c in enumerate(res.candidates):
-                        yield chunk([StreamChoice(index=i, delta=DeltaMessage(content=c.text or None, tool_calls=_indexed(c.meta.get("tool_calls"))))])
-                for i, c in enumerate(res.candidates):
-                    yield chunk([StreamChoice(index=i, delta=DeltaMessage(), finish_reason=finish_reason(c))])
-                if req.stream_options and req.stream_options.include_usage or req.return_trace:
-                    yield chunk(
-                        [],
-                        usage=_usage(res.usage) if (req.stream_options and req.stream_options.include_usage) else None,
-                        trace=res.trace.to_dict() if req.return_trace else None,
-                    )
-                yield "data: [DONE]\n\n"
+            yield "".join(chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(final.n))
+            async for batch in events:
+                out: list[str] = []
+                for item in batch:
+                    if isinstance(item, StreamChunk):
+                        if item.tool_calls:
+                            out.append(chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text or None, tool_calls=item.tool_calls))]))
+                        elif item.text:
+                            out.append(token(item.index, item.text))
+                    elif item is KEEPALIVE:  # SSE comment: clients and proxies see a live stream, OpenAI SDKs skip it
+                        out.append(": keep-alive\n\n")
+                    elif isinstance(item, APIError):
+                        out.append(f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n")
+                        out.append("data: [DONE]\n\n")
+                        yield "".join(out)
+                        return
+                    elif isinstance(item, dict):  # a trace event: a chunk with no choices, ignored by OpenAI clients
+                        out.append(chunk([], trace_event=item))
+                    else:  # the result: the graph ended
+                        res: RunResult = item
+                        if not res.streamed:  # the final stage was not streamable (ranker, vote, several components...)
+                            for i, c in enumerate(res.candidates):
+                                out.append(chunk([StreamChoice(index=i, delta=DeltaMessage(content=c.text or None, tool_calls=_indexed(c.meta.get("tool_calls"))))]))
+                        for i, c in enumerate(res.candidates):
+                            out.append(chunk([StreamChoice(index=i, delta=DeltaMessage(), finish_reason=finish_reason(c))]))
+                        if req.stream_options and req.stream_options.include_usage or req.return_trace:
+                            out.append(chunk(
+                                [],
+                                usage=_usage(res.usage) if (req.stream_options and req.stream_options.include_usage) else None,
+                                trace=res.trace.to_dict() if req.return_trace else None,
+                            ))
+                        out.append("data: [DONE]\n\n")
+                if out:
+                    yield "".join(out)
+
+
+KEEPALIVE = object()  # open_stream's item for "nothing happened for keepalive_s"
+
+
+def json_str(text: str) -> str:
+    """A string as JSON, as pydantic writes it (UTF-8, not \\u-escaped); orjson is ~10x faster than json.dumps.
+    A lone surrogate (orjson refuses it) falls back to json's escape."""
+    try:
+        return orjson.dumps(text).decode()
+    except TypeError:
+        return json.dumps(text)
 
 
 # What a finished request leaves behind: keep(status, result, graph error) (the trace store, for /v1/traces).

@@ -85,7 +85,7 @@ function askKey(reason) {
       keyPrompt = null;
       resolve();
       if (dlg.returnValue === "ok" || dlg.returnValue === "clear") boot();
-      else banner("This server needs an API key: enter it with the key button (top right).");
+      else if (reason) banner("This server needs an API key: enter it with the key button (top right).");
     }, { once: true });
     dlg.returnValue = "";
     if (!dlg.open) dlg.showModal();

@@ -1,0 +1,87 @@
+"""What the engine takes and gives: generation parameters, the events a request's sink receives, counters.
+
+A leaf module (no torch): the local backend and the scoring code import it without loading the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenParams:
+    """What one generation asks for (the engine's own view of ``SamplingParams``)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
+    speculative: dict[str, Any] | None = None
+    # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
+    grammar: str | None = None
+
+
+# ---- events handed to the sink (lists of these, one list per request per step)
+@dataclass
+class LogprobEntry:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class TokenEvent:
+    index: int
+    text: str  # newly released text (may be "" while a stop string is undecided)
+    logprobs: list[LogprobEntry] | None = None
+
+
+@dataclass
+class FinishEvent:
+    index: int
+    reason: str  # "stop" | "length"
+    text: str  # the choice's full text
+    completion_tokens: int
+
+
+@dataclass
+class DoneEvent:
+    prompt_tokens: int
+    completion_tokens: int
+    metrics: dict[str, Any]
+
+
+@dataclass
+class ErrorEvent:
+    error: BaseException
+
+
+Sink = Callable[[list[Any]], None]
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (read from any thread; written by the worker only)."""
+
+    requests: int = 0
+    prefills: int = 0  # one per request, whatever its n
+    prefill_tokens: int = 0
+    prefill_chunks_interleaved: int = 0  # prompt chunks run between decode steps of other sequences
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    max_batch_seen: int = 0  # most sequences decoded together in one step
+    threads: int = 0  # intra-op threads the worker uses now
+    cancelled: int = 0
+    errors: int = 0

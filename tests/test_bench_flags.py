@@ -1,0 +1,60 @@
+"""Per-system flags a sound harness prints instead of believing a score (issue #17 item 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from archon_server.bench import alpaca_eval as ae
+from archon_server.bench import report as rp
+
+
+def test_extreme_change_rule_is_upstreams():
+    # upstream's docstring examples (rel_diff=4, abs_diff=10): from 20, below 10 or above 40; from 50, outside [37.5, 62.5]
+    assert ae.get_is_extreme_changes(20, 9.9) and not ae.get_is_extreme_changes(20, 10.1)
+    assert ae.get_is_extreme_changes(20, 40.1) and not ae.get_is_extreme_changes(20, 39.9)
+    assert ae.get_is_extreme_changes(50, 37.4) and ae.get_is_extreme_changes(50, 62.6) and not ae.get_is_extreme_changes(50, 60)
+    assert ae.lc_change_flags(9.18, 24.2) == [] and ae.lc_change_flags(2.0, 40.0)
+
+
+def test_output_flags_catch_a_null_model_not_a_real_one():
+    null = ae.output_flags(["I'm sorry, but I can't help with that."] * 50)
+    assert null["distinct_ratio"] == 0.02 and len(null["flags"]) == 2
+    real = ae.output_flags([f"answer {i} " + "word " * (i % 17) for i in range(50)])
+    assert real["flags"] == [] and real["distinct_ratio"] == 1.0
+
+
+def test_position_bias_from_swapped_pairs():
+    # a judge that always prefers whatever it saw first: the system wins exactly when it was shown first
+    swapped = [i % 2 == 0 for i in range(100)]
+    prefs = [2.0 if s else 1.0 for s in swapped]
+    pb = ae.position_bias(prefs, swapped)
+    assert pb["position_bias"] == pytest.approx(100.0) and pb["flags"]
+    fair = ae.position_bias([1.7 if i % 3 else 1.2 for i in range(100)], swapped)
+    assert not fair["flags"] and abs(fair["position_bias"]) < 10
+
+
+def _alpaca_recs(arch: str, outputs: list[str], prefs: list[float], swapped: list[bool]) -> list[dict]:
+    return [{"arch": arch, "benchmark": "alpaca_eval", "id": str(i), "output": o, "preference": p, "swapped": s,
+             "score": p - 1, "instruction": f"q{i}", "len_baseline": 100, "len_model": len(o)}
+            for i, (o, p, s) in enumerate(zip(outputs, prefs, swapped))]
+
+
+def test_flags_reach_report_md_and_summary_json(tmp_path):
+    n = 40
+    swapped = [i % 2 == 0 for i in range(n)]
+    recs = _alpaca_recs("null-model", ["Sure."] * n, [2.0 if s else 1.0 for s in swapped], swapped)
+    recs += _alpaca_recs("honest", [f"a distinct answer {i} " + "x" * (i * 7) for i in range(n)], [1.4 + 0.01 * i for i in range(n)], swapped)
+    with open(tmp_path / "results.jsonl", "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    rp.write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Flags" in md
+    flag_lines = [ln for ln in md.splitlines() if ln.startswith("- **")]
+    assert len(flag_lines) == 1 and "null-model / alpaca_eval" in flag_lines[0]
+    assert "near-constant outputs: 2% distinct" in flag_lines[0] and "judge position bias: +100.0" in flag_lines[0]
+    summary = {r["arch"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert summary["honest"]["flags"] == [] and len(summary["null-model"]["flags"]) == 3
+    assert summary["null-model"]["notes"]["distinct_ratio"] == 0.025

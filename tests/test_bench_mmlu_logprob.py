@@ -1,0 +1,56 @@
+"""MMLU logprob mode (lm-evaluation-harness style): the highest-log-probability letter, no generation."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from archon_server.backends.base import Backend, ChatRequest, ChatResult, ScoreRequest, ScoreResult, SequenceScore, Usage
+from archon_server.bench import datasets as ds
+from archon_server.bench import report as rp
+from archon_server.bench import sweep as sw
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_fakes import make_registry  # noqa: E402
+
+
+class Scorer(Backend):
+    """Knows the answers of the even-numbered questions; for the others it prefers 'A'. Never generates."""
+
+    name = "scorer"
+    supports_scoring = True
+
+    def __init__(self):
+        self.answers = {it.turns[0]: (k, it.reference) for k, it in enumerate(ds.load_mmlu(subjects=["anatomy"]))}
+        self.requests: list[ScoreRequest] = []
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        raise AssertionError("logprob mode must not generate")
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        self.requests.append(request)
+        k, ref = self.answers[request.messages[0]["content"]]
+        best = ref if k % 2 == 0 else "A"
+        return ScoreResult([SequenceScore(-0.1 if c.strip() == best else -3.0, [], []) for c in request.continuations], Usage(50, 0))
+
+
+def test_logprob_mode_scores_letters_and_reports_separately(tmp_path):
+    up = Scorer()
+    spec = sw.SweepSpec.model_validate({
+        "name": "lp", "architectures": ["scripted", "null-model"],
+        "benchmarks": [{"name": "mmlu", "n": 6, "ids": [f"anatomy/{k}" for k in range(6)], "mode": "logprob"}]})
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "o", registry=make_registry(up), progress=False))
+    recs = {(r["arch"], r["id"]): r for r in log.records}
+    assert {r["benchmark"] for r in log.records} == {"mmlu_logprob"}
+    items = {it.id: it for it in ds.load_mmlu(subjects=["anatomy"])}
+    for k in range(6):
+        r = recs[("scripted", f"anatomy/{k}")]
+        want = items[f"anatomy/{k}"].reference if k % 2 == 0 else "A"
+        assert r["extracted"] == want and r["correct"] == (want == items[f"anatomy/{k}"].reference)
+        assert set(r["grade"]["logprobs"]) == set("ABCD")
+    # the letters continue an assistant turn that says "Answer:", as lm-eval's " A".." continuations
+    assert up.requests[0].messages[-1] == {"role": "assistant", "content": "Answer:"} and up.requests[0].continuations == [" A", " B", " C", " D"]
+    assert all("error" in recs[("null-model", f"anatomy/{k}")] for k in range(6))  # no model, no log-probabilities
+    rows = {r.arch: r for r in rp.aggregate(log.records)}
+    assert rows["scripted"].benchmark == "mmlu_logprob" and rows["scripted"].score >= 50.0

@@ -1,0 +1,174 @@
+"""The scheduler on a tiny random Llama (seconds, no model download): the inference-mode rule for the
+KV cache, and fault injection - a failure inside the engine fails the requests of the failing step and
+nothing else, and the engine is back in a known state for the next request of any shape (issue #14)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from archon_server.engine.runner import KVCache, ModelRunner
+from archon_server.engine.scheduler import DoneEvent, Engine, ErrorEvent, FinishEvent, GenParams, TokenEvent
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+class LetterTokenizer:
+    """Token i decodes to one letter: every token is text, none is special."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+class Collector:
+    """A request's sink: gathers events; ``wait()`` returns once the request is done or failed."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.finished = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, events: list[Any]) -> None:
+        self.events += events
+        if any(isinstance(e, TokenEvent) for e in events):
+            self.started.set()
+        if any(isinstance(e, (DoneEvent, ErrorEvent)) for e in events):
+            self.finished.set()
+
+    def wait(self, timeout: float = 120) -> "Collector":
+        assert self.finished.wait(timeout), "request never finished"
+        return self
+
+    @property
+    def error(self) -> BaseException | None:
+        return next((e.error for e in self.events if isinstance(e, ErrorEvent)), None)
+
+    def texts(self, n: int = 1) -> list[str]:
+        assert self.error is None, self.error
+        out = {e.index: e for e in self.events if isinstance(e, FinishEvent)}
+        assert sorted(out) == list(range(n)), out
+        return [out[i].text for i in range(n)]
+
+
+@pytest.fixture
+def engine(tiny_folder: Path):
+    eng = Engine(ModelRunner(tiny_folder, device="cpu", dtype="float32"), LetterTokenizer(), eos_ids=set(), max_batch=4,
+                 idle_poll_s=0.05, threads=1)
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+def run(engine: Engine, prompt_len: int, **params: Any) -> Collector:
+    sink = Collector()
+    engine.submit([(7 * i + 3) % VOCAB for i in range(prompt_len)], GenParams(**{"temperature": 0.0, **params}), sink)
+    return sink
+
+
+def idle(engine: Engine, timeout: float = 10) -> None:
+    """Wait until the engine holds nothing and its cache is back to the start size."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        cache = engine.cache
+        if not engine.active_sequences and not engine.queued_requests and (cache.slots, cache.capacity) == (engine.initial_slots, engine.initial_capacity):
+            assert cache.consistent() and cache.k.is_inference()
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: {engine.active_sequences} active, {engine.queued_requests} queued, cache {engine.cache.slots}x{engine.cache.capacity}")
+
+
+def test_a_cache_grown_by_the_forward_pass_can_be_copied_anywhere(tiny_folder: Path):
+    runner = ModelRunner(tiny_folder, device="cpu", dtype="float32")
+    cache = runner.new_cache(slots=3, capacity=8)
+    runner.forward(torch.arange(40)[None], cache, 0, [0])  # grows inside the forward (inference mode)
+    assert cache.capacity >= 40 and cache.k.is_inference()
+    cache.copy_slot(0, 2)  # outside inference mode: issue #14's failure
+    cache.move_slot(2, 1)
+    assert cache.lengths[:3] == [40, 40, 0]
+    assert torch.equal(cache.k[:, 1, :, :40], cache.k[:, 0, :, :40])
+
+
+def test_n_samples_after_the_cache_grew_while_decoding(engine: Engine):
+    assert engine.cache.capacity == 512
+    long = run(engine, 500, max_tokens=40).wait()  # 540 positions: the cache grows during decode steps
+    assert len(long.texts()[0]) == 40
+    three = run(engine, 20, max_tokens=10, n=3, temperature=1.0, seed=1).wait()
+    assert [len(t) for t in three.texts(3)] == [10] * 3
+    assert engine.stats.errors == 0
+    idle(engine)  # ... and the grown cache is given back once idle
+
+
+def test_a_failed_decode_step_fails_its_batch_only(engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    alone = run(engine, 30, max_tokens=20).wait().texts()[0]
+    calls = {"n": 0}
+    decode = engine.runner.decode
+
+    def flaky(*a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected decode failure")
+        return decode(*a, **kw)
+
+    monkeypatch.setattr(engine.runner, "decode", flaky)
+    wide = run(engine, 30, max_tokens=20, n=4)  # fills max_batch: the next request waits in the queue
+    queued = run(engine, 30, max_tokens=20)
+    assert "injected" in str(wide.wait().error)
+    assert queued.wait().texts() == [alone]  # queued behind the failure, served as if nothing happened
+    # The next request of any shape works: wider than max_batch, past the cache's capacity, sampled.
+    big = run(engine, 600, max_tokens=8, n=6, temperature=1.0, seed=2).wait()
+    assert [len(t) for t in big.texts(6)] == [8] * 6
+    assert engine.stats.errors == 1
+    idle(engine)
+
+
+def test_a_failed_prefill_fails_that_request_while_the_batch_streams_on(engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    alone = run(engine, 25, max_tokens=60).wait().texts()[0]
+    streaming = run(engine, 25, max_tokens=60)
+    assert streaming.started.wait(60)
+    forward = engine.runner.forward
+
+    def no_prefill(tokens: torch.Tensor, *a: Any, **kw: Any) -> Any:
+        if tokens.shape[1] > 1:
+            raise RuntimeError("injected prefill failure")
+        return forward(tokens, *a, **kw)
+
+    monkeypatch.setattr(engine.runner, "forward", no_prefill)
+    doomed = run(engine, 40, max_tokens=5, n=2)
+    assert "injected" in str(doomed.wait().error)
+    assert streaming.wait().texts() == [alone]
+    monkeypatch.setattr(engine.runner, "forward", forward)
+    assert len(run(engine, 40, max_tokens=5, n=2).wait().texts(2)) == 2
+    idle(engine)
+
+
+def test_a_cache_that_cannot_grow_fails_that_request_only(engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    reserve = KVCache.reserve
+
+    def capped(self: KVCache, slots: int, capacity: int) -> None:
+        if capacity > 1000:
+            raise MemoryError("injected: no memory for a bigger cache")
+        reserve(self, slots, capacity)
+
+    monkeypatch.setattr(KVCache, "reserve", capped)
+    too_big = run(engine, 1200, max_tokens=4)
+    small = run(engine, 30, max_tokens=4, n=2)
+    assert "injected" in str(too_big.wait().error)
+    assert len(small.wait().texts(2)) == 2
+    idle(engine)
