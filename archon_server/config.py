@@ -37,7 +37,7 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _BackendBase(_Base):
+class BackendConfigBase(_Base):
     """What every kind of backend has: its names and how many calls it takes at once."""
 
     alias: str = Field(min_length=1, description="Name architectures use for this backend.")
@@ -46,7 +46,7 @@ class _BackendBase(_Base):
     max_concurrency: int = Field(default=256, ge=1, description="Backend calls in flight at once (excess waits).")
 
 
-class OpenAIBackendConfig(_BackendBase):
+class OpenAIBackendConfig(BackendConfigBase):
     """``kind: openai`` (the default): any OpenAI-compatible HTTP server, several replicas balanced."""
 
     kind: Literal["openai"] = "openai"
@@ -112,7 +112,7 @@ class LocalOptions(_Base):
     lazy: bool = Field(default=False, description="Load on first use, not at start (a model only some architectures use).")
 
 
-class LocalBackendConfig(_BackendBase):
+class LocalBackendConfig(BackendConfigBase):
     """``kind: local``: the in-process engine."""
 
     kind: Literal["local"]
@@ -156,7 +156,7 @@ class VLLMOptions(_Base):
         return self
 
 
-class VLLMBackendConfig(_BackendBase):
+class VLLMBackendConfig(BackendConfigBase):
     """``kind: vllm``: vLLM processes the server launches and supervises; ``model`` is the launch model too."""
 
     kind: Literal["vllm"]

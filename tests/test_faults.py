@@ -213,12 +213,15 @@ def test_faults_off_everything_answers(rig):
 
 
 def test_circuit_breaker_skips_a_failing_replica_then_lets_it_back(upstream_factory, server_factory):
+    # The cool-down must outlast each phase of sequential requests, also on a loaded machine (at 1 s, the 12
+    # requests of the first phase outlived it under load and the breaker let a probe through early).
+    COOLDOWN = 5.0
     state = {"bad_fails": True}
     bad = upstream_factory(lambda b: {"fault": "500"} if state["bad_fails"] else None)
     good = upstream_factory()
     cfg = ServerConfig.model_validate({
         "backends": [{"alias": "fake", "kind": "openai", "model": "m", "urls": [bad.url, good.url],  # bad first: picked on ties
-                      "max_retries": 1, "breaker_failures": 3, "breaker_cooldown_s": 1.0, "read_timeout_s": 5}],
+                      "max_retries": 1, "breaker_failures": 3, "breaker_cooldown_s": COOLDOWN, "read_timeout_s": 5}],
         "architectures_dirs": [],
         "server": {"request_timeout_s": 10},
     })
@@ -236,12 +239,12 @@ def test_circuit_breaker_skips_a_failing_replica_then_lets_it_back(upstream_fact
     assert len(good.requests) == 11
 
     # Cool-down over, replica still failing: one probe, re-opened at once (no 3 more failures).
-    time.sleep(1.3)
+    time.sleep(COOLDOWN + 0.3)
     assert [ask() for _ in range(5)] == [200] * 5
     assert len(bad.requests) == 4
 
     # Cool-down over and the replica recovered: the probe succeeds, the breaker closes, traffic comes back to it.
     state["bad_fails"] = False
-    time.sleep(1.3)
+    time.sleep(COOLDOWN + 0.3)
     assert [ask() for _ in range(6)] == [200] * 6
     assert len(bad.requests) == 10  # ties go to the first replica again: all 6 went there

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
-from ..config import OpenAIBackendConfig
+from ..config import BackendConfigBase, OpenAIBackendConfig
 from .base import (
     Backend,
     BackendError,
@@ -182,7 +182,8 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
     @classmethod
     def from_config(cls, cfg: OpenAIBackendConfig) -> "OpenAIHTTPBackend":
         """Every field of the config's kind reaches the backend (none copied by hand in the registry)."""
-        fields = cfg.model_dump(exclude={"alias", "kind", "model", "urls", "aliases", "max_concurrency"})
+        common = set(BackendConfigBase.model_fields) | {"kind", "urls"}  # the registry's (names, limit) and ours
+        fields = cfg.model_dump(exclude=common)
         return cls(cfg.alias, cfg.urls, cfg.model, **fields)
 
     # -- plumbing -------------------------------------------------------------
