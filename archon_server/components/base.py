@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -264,8 +265,18 @@ def failure_status(e: BaseException) -> str:
 async def _limited(limit: asyncio.Semaphore | None, coro: Awaitable[T]) -> T:
     if limit is None:
         return await coro
-    async with limit:
+    try:
+        await limit.acquire()
+    except BaseException:
+        # Cancelled while queued for a slot (a client went away): the call never started, so close it quietly
+        # rather than leave a "coroutine was never awaited" warning behind.
+        if inspect.iscoroutine(coro):
+            coro.close()
+        raise
+    try:
         return await coro
+    finally:
+        limit.release()
 
 
 async def _gathered(limit: asyncio.Semaphore | None, backend: Any, reqs: list[ChatRequest]) -> ChatResult:
