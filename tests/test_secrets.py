@@ -7,9 +7,6 @@ prints is captured; the upstream refuses and fails in ways that echo the key bac
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,8 @@ import pytest
 from conftest import ROOT
 
 from archon_server.config import PRESET_ALIASES
-from archon_server.testing.upstream import FakeUpstream, free_port
+from archon_server.testing.server import serve_process
+from archon_server.testing.upstream import FakeUpstream
 
 CLIENT_KEY = "ck-client-9f8e7d6c5b4a-SECRET"
 CLIENT_KEY_2 = "ck-second-0a1b2c3d4e5f-SECRET"
@@ -47,7 +45,6 @@ def upstream_script(body: dict) -> dict | None:
 @pytest.fixture
 def served(tmp_path: Path):
     up = FakeUpstream(upstream_script).start()
-    port = free_port()
     keyfile = tmp_path / "keys.txt"
     keyfile.write_text(f"# client keys\n{CLIENT_KEY_2}\n")
     cfg = {
@@ -55,36 +52,16 @@ def served(tmp_path: Path):
                       "api_key_env": "ARCHON_TEST_UPSTREAM_KEY", "max_retries": 0, "read_timeout_s": 5,
                       "breaker_failures": 1000}],
         "architectures_dirs": [str(ROOT / "architectures")],
-        "server": {"port": port, "api_keys_env": "ARCHON_TEST_CLIENT_KEYS", "api_keys_file": str(keyfile), "request_timeout_s": 10},
+        "server": {"api_keys_env": "ARCHON_TEST_CLIENT_KEYS", "api_keys_file": str(keyfile), "request_timeout_s": 10},
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "ARCHON_TEST_CLIENT_KEYS": CLIENT_KEY, "ARCHON_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "PYTHONUNBUFFERED": "1"}
+    env = {"ARCHON_TEST_CLIENT_KEYS": CLIENT_KEY, "ARCHON_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "archon_server", "-v", "serve", "-c", str(tmp_path / "config.json"), "--log-level", "debug"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.1)
-        yield {"url": url, "log": log, "upstream": up, "proc": proc}
+        with serve_process(["-v", "serve", "-c", str(tmp_path / "config.json"), "--log-level", "debug"],
+                           env=env, log=log, cwd=str(ROOT), timeout=60) as (proc, url):
+            yield {"url": url, "log": log, "upstream": up, "proc": proc}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
         up.stop()
 
 
