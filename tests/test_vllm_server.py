@@ -7,21 +7,17 @@ checks that stopping the server (SIGTERM) leaves no vLLM process behind.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import jsonschema
 import openai
 import pytest
 import yaml
 
-from archon_server.backends.process import free_port
 from archon_server.config import PRESET_ALIASES
+from archon_server.testing.server import serve_process
 
 from archon_server.backends.vllm_managed import vllm_missing
 from conftest import needs
@@ -76,34 +72,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     }
     d = tmp_path_factory.mktemp("vllm-server")
     (d / "archon.yaml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    log = open(d / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "archon_server", "serve", "--config", str(d / "archon.yaml"), "--port", str(port), "--architectures", str(ROOT / "architectures")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=str(ROOT),
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"archon serve exited with {proc.returncode}:\n{(d / 'serve.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("archon serve did not become ready")
-        time.sleep(0.5)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    yield proc, client
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    args = ["serve", "--config", str(d / "archon.yaml"), "--architectures", str(ROOT / "architectures")]
+    with serve_process(args, log=d / "serve.log", cwd=str(ROOT), timeout=900) as (proc, url):
+        yield proc, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
 
 def test_self_moa_over_vllm(server) -> None:  # type: ignore[no-untyped-def]
