@@ -135,3 +135,24 @@ def test_disconnect_cancels_generation():
         while time.time() < deadline and backend.engine.active_sequences:
             time.sleep(0.1)
         assert backend.engine.active_sequences == 0
+
+
+def metric(text: str, name: str) -> float:
+    """The value of a ``name{backend="smollm2"}`` sample (the embedded backend) in a Prometheus exposition."""
+    m = re.search(rf'^{name}{{backend="smollm2"}} (\S+)$', text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_prefix_cache_hits_show_in_metrics(served):
+    """Requests that repeat a long system prompt reuse its K/V: /metrics says how much."""
+    url = served.base_url.join("/metrics")
+    before = metric(httpx.get(url).text, "archon_backend_prefix_hit_tokens")
+    system = "You are a patient tutor who explains each step and checks the learner understood it. " * 8
+    for q in ("What is 2 + 2?", "What is 3 + 5?"):
+        served.chat.completions.create(model="smollm2", messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                       max_tokens=4, temperature=0)
+    text = httpx.get(url).text
+    assert metric(text, "archon_backend_prefix_hit_tokens") - before >= 128  # the second reused the system prompt
+    assert 0 < metric(text, "archon_backend_prefix_hit_rate") <= 1
+    assert metric(text, "archon_backend_prefix_bytes") > 0

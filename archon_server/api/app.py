@@ -74,7 +74,7 @@ def build_app(
         catalog = Catalog(config.architectures_dirs, registry)
     elif not isinstance(catalog, Catalog):
         catalog = Catalog(registry=registry, specs=catalog)
-    metrics = Metrics()
+    metrics = Metrics(registry.backends)
     s = config.server
 
     def on_ready(task: asyncio.Future[Any]) -> None:

@@ -44,7 +44,8 @@ class LocalBackend(Backend):
     ``options``: ``progress`` (bool, print conversion progress; default True);
     ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times);
     ``lazy`` (bool: load on first use rather than at server start; for a model only some architectures use,
-    like the default config's ``weak`` base model for density-ratio scoring).
+    like the default config's ``weak`` base model for density-ratio scoring);
+    ``prefix_cache_mb`` (memory for prompt-prefix K/V reused across requests, engine/prefix_cache.py; 0: off).
     """
 
     supports_n = True
@@ -76,6 +77,7 @@ class LocalBackend(Backend):
         self.speculative: dict[str, Any] | None = options.pop("speculative", None)
         self.threads: int | str = options.pop("threads", "auto")
         self.lazy = bool(options.pop("lazy", False))
+        self.prefix_cache_mb = float(options.pop("prefix_cache_mb", 256))
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
@@ -103,7 +105,8 @@ class LocalBackend(Backend):
                 # loop must go on answering (/health says 503 "loading" meanwhile).
                 from archon_server.engine.loader import load_engine
 
-                return load_engine(self.model, self.device, self.dtype, self.max_batch, self.progress, self.threads)
+                return load_engine(self.model, self.device, self.dtype, self.max_batch, self.progress, self.threads,
+                                   self.prefix_cache_mb)
 
             try:
                 self.engine, self.loaded = await asyncio.to_thread(load)
@@ -145,9 +148,10 @@ class LocalBackend(Backend):
             return {}
         from dataclasses import asdict
 
-        cache = self.engine.cache
+        cache, prefix = self.engine.cache, self.engine.prefix.stats
         return {**asdict(self.engine.stats), "active_sequences": self.engine.active_sequences, "queued": self.engine.queued_requests,
-                "cache_slots": cache.slots, "cache_capacity": cache.capacity, "cache_bytes": cache.nbytes()}
+                "cache_slots": cache.slots, "cache_capacity": cache.capacity, "cache_bytes": cache.nbytes(),
+                **{f"prefix_{k}": v for k, v in asdict(prefix).items()}, "prefix_hit_rate": prefix.hit_rate}
 
     # ------------------------------------------------------------------ helpers
     def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None) -> list[int]:

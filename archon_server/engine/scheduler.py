@@ -29,6 +29,7 @@ import torch
 
 from .constrain import Constraints
 from .detokenize import IncrementalText
+from .prefix_cache import PrefixCache
 from .runner import ModelRunner, default_threads
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 from .threads import ThreadTuner
@@ -128,9 +129,11 @@ class Engine:
         max_batch: int = 16,
         idle_poll_s: float = 0.5,
         threads: int | str = "auto",
+        prefix_cache_mb: float = 256,
     ):
         """``threads``: an int fixes torch's intra-op threads; ``"auto"`` tunes between 1 and all cores
-        from measured step times (see :mod:`.threads`); ignored on CUDA."""
+        from measured step times (see :mod:`.threads`); ignored on CUDA.  ``prefix_cache_mb``: memory for
+        prompt-prefix K/V kept across requests (:mod:`.prefix_cache`; 0 turns it off)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
@@ -146,6 +149,7 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Sequence] = []
         self._spec = SpeculativeLane(self)
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20))
         self._prefilling: _Prefill | None = None
         self.prefill_chunk = 256  # tokens per prefill chunk while other sequences decode
         self.prefill_chunk_idle = 512  # ... and when nobody waits on it
@@ -305,6 +309,7 @@ class Engine:
         in_cache = self._row_requests() + ([self._prefilling.req] if self._prefilling is not None else [])
         self._fail(in_cache, err)
         self._rows, self._prefilling = [], None
+        self.prefix.clear()  # its blocks are copies and stay right, but a broken cache may mean memory is short
         self.cache = self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
 
     def _admit(self, block: bool) -> None:
@@ -353,7 +358,8 @@ class Engine:
             slot = len(self._rows)
             self.cache.reserve(slot + req.params.n, len(req.prompt) + 1)
             self.cache.lengths[slot] = 0
-            self._prefilling = _Prefill(req, slot)
+            # A prefix another request computed is copied in; the prefill starts after it.
+            self._prefilling = _Prefill(req, slot, self.prefix.load(req.prompt, self.cache, slot))
 
     def _shrink_idle_cache(self) -> None:
         """Idle for ``idle_poll_s`` after long or wide requests: give the grown KV cache back."""
@@ -383,17 +389,20 @@ class Engine:
         if self._rows:
             self.stats.prefill_chunks_interleaved += 1
         ids = req.prompt[pf.done : pf.done + chunk]
-        out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done], logits="last")
+        # int8=False: a prompt's K/V must not depend on how it was chunked (a cached prefix leaves a short tail)
+        out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done],
+                                  logits="last", int8=False)
         pf.done += len(ids)
         if pf.done < len(req.prompt):
             return
         self._prefilling = None
+        self.prefix.store(req.prompt, self.cache, pf.slot)  # only a completed prefill is kept
         self._start_sequences(req, pf.slot, out.logits[:, -1])
 
     def _start_sequences(self, req: _Request, slot: int, last_logits: torch.Tensor) -> None:
         p = req.params
         self.stats.prefills += 1
-        self.stats.prefill_tokens += len(req.prompt)
+        self.stats.prefill_tokens += len(req.prompt)  # (cached prefix tokens included: see prefix.stats)
         # Shared prefill: the n samples start from copies of one prompt KV.
         for i in range(1, p.n):
             self.cache.copy_slot(slot, slot + i)

@@ -1,0 +1,154 @@
+"""Prefix caching across requests: K/V of prompt blocks kept after a prefill, reused by later prompts.
+
+Why: the prompts an ensemble sends repeat long prefixes — every judge prompt of a benchmark opens
+with the same system prompt and template, a multi-turn question's second turn repeats the first,
+and the fuser's prompt repeats the question its samples answered.  K/V at position ``p`` depends
+only on tokens ``0..p``, so a prefix computed once can be copied into a new request's slot and the
+prefill starts after it.
+
+Design (vLLM's automatic prefix caching, on this engine's slot cache):
+
+* A prompt is cut into blocks of ``block`` tokens; block ``i`` is keyed by *(its parent block's
+  id, its tokens)*.  The dict compares keys exactly, so two prompts share a block only when every
+  token up to its end is equal — no digest collision can hand one request another's K/V.
+* Blocks are **copies** owned by this cache, never views of a slot: a slot that is compacted,
+  reused or reset (a cancelled or failed request) cannot change a cached block.  Only a prefill
+  that completed inserts blocks, so a request cancelled or failed mid-prompt leaves nothing here.
+* Eviction is LRU by bytes.  A lookup or insert touches a chain from its deepest block up to the
+  root, so a parent is always more recent than its children and the least recent block is always
+  a leaf: eviction never strands a reachable child behind a missing parent.
+
+Everything runs on the engine's worker thread (no locks); the counters are read from any thread.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .runner import KVCache
+
+__all__ = ["PrefixCache", "PrefixStats"]
+
+
+@dataclass
+class PrefixStats:
+    """Counters since start: ``hit_tokens / query_tokens`` is the hit rate."""
+
+    queries: int = 0  # prompts looked up
+    query_tokens: int = 0  # tokens those prompts could have reused (each prompt's length - 1)
+    hit_tokens: int = 0  # tokens whose K/V came from the cache
+    inserted_blocks: int = 0
+    evicted_blocks: int = 0
+    blocks: int = 0  # held now
+    bytes: int = 0  # held now
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
+@dataclass
+class _Block:
+    id: int
+    key: tuple[int, tuple[int, ...]]
+    k: torch.Tensor  # [layers, kv_heads, block, head_dim]
+    v: torch.Tensor
+
+
+class PrefixCache:
+    """Exact-match prompt-prefix K/V blocks with an LRU byte budget (``budget_bytes`` 0 disables it)."""
+
+    def __init__(self, budget_bytes: int, block: int = 32):
+        if block < 1:
+            raise ValueError("block must be >= 1")
+        self.budget_bytes = max(0, int(budget_bytes))
+        self.block = block
+        self.stats = PrefixStats()
+        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()
+        self._next_id = 1  # 0 is the root (the empty prefix)
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def _chain(self, prompt: list[int], limit: int) -> list[_Block]:
+        """The cached blocks that cover ``prompt[:n]`` for the largest ``n <= limit`` (whole blocks)."""
+        out: list[_Block] = []
+        parent, b = 0, self.block
+        for i in range(limit // b):
+            blk = self._blocks.get((parent, tuple(prompt[i * b : (i + 1) * b])))
+            if blk is None:
+                break
+            out.append(blk)
+            parent = blk.id
+        return out
+
+    def _touch(self, chain: list[_Block]) -> None:
+        for blk in reversed(chain):  # deepest first, root last: parents stay more recent than children
+            self._blocks.move_to_end(blk.key)
+
+    @torch.inference_mode()
+    def load(self, prompt: list[int], cache: KVCache, slot: int) -> int:
+        """Copy the longest cached prefix of ``prompt`` into ``slot`` (from position 0); returns its length.
+
+        At least the prompt's last token is left to compute: its logits start the generation.
+        """
+        if not self.enabled:
+            return 0
+        limit = len(prompt) - 1
+        self.stats.queries += 1
+        self.stats.query_tokens += max(0, limit)
+        chain = self._chain(prompt, limit)
+        if not chain:
+            return 0
+        n = len(chain) * self.block
+        cache.reserve(slot + 1, len(prompt) + 1)
+        cache.k[:, slot, :, :n] = torch.cat([blk.k for blk in chain], dim=2)
+        cache.v[:, slot, :, :n] = torch.cat([blk.v for blk in chain], dim=2)
+        cache.lengths[slot] = n
+        self._touch(chain)
+        self.stats.hit_tokens += n
+        return n
+
+    @torch.inference_mode()
+    def store(self, prompt: list[int], cache: KVCache, slot: int) -> None:
+        """Keep the whole blocks of ``prompt``, whose K/V ``slot`` now holds (a completed prefill)."""
+        if not self.enabled:
+            return
+        b = self.block
+        full = min(len(prompt), cache.lengths[slot]) // b
+        chain = self._chain(prompt, full * b)
+        parent = chain[-1].id if chain else 0
+        for i in range(len(chain), full):
+            key = (parent, tuple(prompt[i * b : (i + 1) * b]))
+            blk = _Block(self._next_id, key, cache.k[:, slot, :, i * b : (i + 1) * b].clone(),
+                         cache.v[:, slot, :, i * b : (i + 1) * b].clone())
+            self._next_id += 1
+            self._blocks[key] = blk
+            self.stats.inserted_blocks += 1
+            self.stats.bytes += self._nbytes(blk)
+            chain.append(blk)
+            parent = blk.id
+        self._touch(chain)
+        self._evict()
+
+    @staticmethod
+    def _nbytes(blk: _Block) -> int:
+        return blk.k.numel() * blk.k.element_size() + blk.v.numel() * blk.v.element_size()
+
+    def _evict(self) -> None:
+        while self._blocks and self.stats.bytes > self.budget_bytes:
+            _, blk = self._blocks.popitem(last=False)  # the least recent: always a leaf (see module doc)
+            self.stats.bytes -= self._nbytes(blk)
+            self.stats.evicted_blocks += 1
+        self.stats.blocks = len(self._blocks)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self.stats.bytes = self.stats.blocks = 0
