@@ -80,6 +80,9 @@ class SweepSpec(_Base):
     description: str = ""
     config: str | None = Field(default=None, description="Server config file (backends); the CLI's --config wins.")
     judge: str | None = Field(default=None, description="Backend alias of the judge for judged benchmarks.")
+    judge_max_tokens: int | None = Field(
+        default=None, ge=1, description="Cap on a generating judge's tokens (MT-Bench, Arena-Hard); default the reference "
+        "harnesses' 2048 / 4096.  A verdict not given within the cap counts as unparsed, as a rating FastChat cannot parse.")
     concurrency: int = Field(default=8, ge=1, description="Questions in flight at once.")
     backend_concurrency: dict[str, int] = Field(default_factory=dict, description="Calls in flight per backend alias; key `default` for the rest.")
     seed: int = 0
@@ -334,6 +337,9 @@ class SweepRun:
         self.meter.calls += calls
         self.meter.usage.add(usage)
 
+    def _judge_cap(self) -> dict[str, int]:
+        return {} if self.spec.judge_max_tokens is None else {"max_tokens": self.spec.judge_max_tokens}
+
     def _count_judge(self, usage: Usage, calls: int) -> dict[str, int]:
         self.meter.judge_calls += calls
         self.meter.judge_usage.add(usage)
@@ -355,7 +361,7 @@ class SweepRun:
                     "len_baseline": len(item.reference), "len_model": len(answers[0]), "instruction": item.prompt,
                     **self._count_judge(j.usage, 1)}
         if b == "mt_bench":
-            scores = await MTBenchJudge(backend, model).score_both(item, answers)
+            scores = await MTBenchJudge(backend, model, **self._judge_cap()).score_both(item, answers)
             u = Usage()
             for s in scores:
                 u.add(s.usage)
@@ -363,7 +369,7 @@ class SweepRun:
             return {"score": sum(vals) / len(vals) if vals else None, "turn_scores": [s.score for s in scores],
                     "category": item.meta.get("category"), **self._count_judge(u, len(scores))}
         if b == "arena_hard":
-            games = await ArenaHardJudge(backend, model).both_orders(item, answers[0])
+            games = await ArenaHardJudge(backend, model, **self._judge_cap()).both_orders(item, answers[0])
             u = Usage()
             for g in games:
                 u.add(g.usage)
