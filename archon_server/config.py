@@ -105,7 +105,7 @@ class LocalOptions(_Base):
 
     device: str = "auto"
     dtype: str = "auto"
-    max_batch: int = Field(default=16, ge=1)
+    max_batch: int = Field(default=32, ge=1, description="Most sequences decoded together (one step reads the weights once for all).")
     progress: bool = Field(default=True, description="Print the first start's model conversion progress.")
     threads: int | Literal["auto"] = Field(default="auto", description="Torch threads, or auto: tuned from step times.")
     speculative: SpeculativeOptions | None = None

@@ -120,6 +120,12 @@ async def bench(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         single = one.usage.completion_tokens / (time.perf_counter() - t)
+        # 6 concurrent n=1 requests (6 callers at once, not one n=6 request): the batch a scheduler must form itself
+        t = time.perf_counter()
+        many = await asyncio.gather(*(b.chat(ChatRequest(
+            model="smol", messages=[{"role": "user", "content": f"{QUESTION} ({i})"}],
+            params=SamplingParams(temperature=0.7, max_tokens=128, seed=i, extra={"ignore_eos": True}))) for i in range(6)))
+        concurrent = sum(r.usage.completion_tokens for r in many) / (time.perf_counter() - t)
         before = await vllm_http_requests(b)
         runs = [await self_moa(b, args.max_tokens, not args.keep_eos, seed=i) for i in range(args.repeats)]
         after = await vllm_http_requests(b)
@@ -130,6 +136,7 @@ async def bench(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "backend": kind,
         "startup_s": startup,
         "single_stream_tokens_per_s": single,
+        "concurrent6_tokens_per_s": concurrent,
         "self_moa_median": med,
         "backend_requests_per_answer": runs[0]["backend_requests"],
         "upstream_http_requests_per_answer": None if before is None else (after - before) / args.repeats,  # type: ignore[operator]
@@ -159,6 +166,7 @@ def main() -> None:
         m = r["self_moa_median"]
         print(
             f"{r['backend']:6s} start {r['startup_s']:6.1f}s | single-stream {r['single_stream_tokens_per_s']:6.1f} tok/s | "
+            f"6 concurrent n=1 {r['concurrent6_tokens_per_s']:6.1f} tok/s | "
             f"Self-MoA (n=6 + 1 aggregation, {args.max_tokens} tok): {m['wall_s']:6.2f}s "
             f"(samples {m['samples_s']:.2f}s + aggregate {m['aggregate_s']:.2f}s), "
             f"{m['completion_tokens']:.0f} tok, {m['tokens_per_s']:6.1f} tok/s, "
@@ -169,6 +177,16 @@ def main() -> None:
         results.append(r)
         if args.json:  # after each backend, so a later failure keeps earlier numbers
             Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    ok = {r["backend"]: r for r in results if "error" not in r}
+    if "local" in ok and "vllm" in ok:  # engine / vLLM, higher is better for the engine
+        loc, vl = ok["local"], ok["vllm"]
+        ratios = {
+            "single stream": loc["single_stream_tokens_per_s"] / vl["single_stream_tokens_per_s"],
+            "6 concurrent n=1": loc["concurrent6_tokens_per_s"] / vl["concurrent6_tokens_per_s"],
+            "n=6 samples": vl["self_moa_median"]["samples_s"] / loc["self_moa_median"]["samples_s"],
+            "Self-MoA answer": vl["self_moa_median"]["wall_s"] / loc["self_moa_median"]["wall_s"],
+        }
+        print("engine vs vLLM (speed ratio, >1 = engine faster): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 

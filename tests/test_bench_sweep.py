@@ -193,3 +193,27 @@ async def test_sweep_keeps_traces_when_asked(tmp_path):
                                      benchmarks=[{"name": "math500", "split": "dev", "n": 1}]),
                                tmp_path / "out2", registry=make_registry(ScriptedUpstream()), progress=False)
     assert "trace" not in plain.records[0]  # off by default: results stay small
+
+
+class _RecordingJudge(ScriptedUpstream):
+    """Records the max_tokens of every generating judge call (MT-Bench, Arena-Hard prompts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.judge_caps: list[int] = []
+
+    async def chat(self, request):  # type: ignore[no-untyped-def]
+        text = " ".join(m["content"] for m in request.messages)
+        if "[[rating]]" in text or "<|User Prompt|>" in text:
+            self.judge_caps.append(request.params.max_tokens)
+        return await super().chat(request)
+
+
+@pytest.mark.parametrize("cap, expected", [(None, {2048, 4096}), (77, {77})])
+async def test_judge_max_tokens_caps_the_generating_judges(tmp_path, cap, expected):
+    up = _RecordingJudge()
+    spec = _spec(tmp_path, architectures=["scripted"], judge_max_tokens=cap,
+                 benchmarks=[{"name": "mt_bench", "n": 1}, {"name": "arena_hard", "n": 1}])
+    log = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False)
+    assert len(up.judge_caps) == 2 + 2 and set(up.judge_caps) == expected  # two turns, two game orders
+    assert all(r["score"] is not None for r in log.records)

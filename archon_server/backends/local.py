@@ -63,7 +63,7 @@ class LocalBackend(Backend):
         name: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        max_batch: int = 16,
+        max_batch: int = 32,
         **options: Any,
     ):
         self.model = model

@@ -522,6 +522,20 @@ def _cache_counts(registry: Any) -> tuple[int, int]:
     return hits, misses
 
 
+def _engine_stats(registry: Any) -> dict[str, dict[str, Any]]:
+    """Each backend's own numeric counters at the end of the run (the embedded engine's batch sizes and
+    prefix-cache hits: where a sweep's time went), unwrapping the sweep's caching layer."""
+    out = {}
+    for alias, b in registry.backends().items():
+        while b is not None and not callable(getattr(b, "stats", None)):
+            b = getattr(b, "inner", None)
+        stats = b.stats() if b is not None else {}
+        nums = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if nums:
+            out[alias] = nums
+    return out
+
+
 def _append_run_stats(out: Path, run: SweepRun, registry: Any, started: float, before: int) -> None:
     """One line per invocation in ``runs.jsonl``: what this (possibly resumed) run cost and re-used."""
     hits, misses = _cache_counts(registry)
@@ -529,6 +543,6 @@ def _append_run_stats(out: Path, run: SweepRun, registry: Any, started: float, b
     m = run.meter
     stats = {"started": started, "seconds": round(time.time() - started, 2), "records_before": before, "records_after": after,
              "calls": m.calls, "prompt_tokens": m.usage.prompt_tokens, "completion_tokens": m.usage.completion_tokens,
-             "judge_calls": m.judge_calls, "cache_hits": hits, "cache_misses": misses}
+             "judge_calls": m.judge_calls, "cache_hits": hits, "cache_misses": misses, "backends": _engine_stats(registry)}
     with open(out / "runs.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(stats) + "\n")

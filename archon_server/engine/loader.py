@@ -58,7 +58,7 @@ def load_engine(
     model: str = model_store.DEFAULT_MODEL,
     device: str = "auto",
     dtype: str = "auto",
-    max_batch: int = 16,
+    max_batch: int = 32,
     progress: bool = True,
     threads: int | str = "auto",
     prefix_cache_mb: float = 256,

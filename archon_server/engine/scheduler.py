@@ -126,7 +126,7 @@ class Engine:
         runner: ModelRunner,
         tokenizer: Any,
         eos_ids: set[int],
-        max_batch: int = 16,
+        max_batch: int = 32,
         idle_poll_s: float = 0.5,
         threads: int | str = "auto",
         prefix_cache_mb: float = 256,
