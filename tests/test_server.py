@@ -302,3 +302,25 @@ def test_streamed_n_on_a_backend_without_n_sends_one_request_per_sample(upstream
     assert texts == {0: "sample seeded 10", 1: "sample seeded 11", 2: "sample seeded 12"}
     assert finish == {0: "stop", 1: "stop", 2: "stop"}
     assert usage is not None and usage.completion_tokens > 0
+
+
+def test_backend_counters_are_exported_at_scrape_time():
+    """Each backend's numeric ``stats()`` becomes ``archon_backend_<name>{backend=alias}``; other values are left out."""
+    from prometheus_client import generate_latest
+
+    from archon_server.api.metrics import Metrics
+
+    class Counting:
+        def __init__(self) -> None:
+            self.hits = 0
+
+        def stats(self) -> dict:
+            return {"prefix_hit_tokens": self.hits, "prefix_hit_rate": 0.5, "replicas": [{"state": "up"}], "alive": True}
+
+    b = Counting()
+    metrics = Metrics(lambda: {"smollm2": b, "plain": object()})
+    b.hits = 96
+    text = generate_latest(metrics.registry).decode()
+    assert 'archon_backend_prefix_hit_tokens{backend="smollm2"} 96.0' in text
+    assert 'archon_backend_prefix_hit_rate{backend="smollm2"} 0.5' in text
+    assert "replicas" not in text and "alive" not in text and 'backend="plain"' not in text

@@ -61,7 +61,7 @@ def load_engine(
     max_batch: int = 32,
     progress: bool = True,
     threads: int | str = "auto",
-    prefix_cache_mb: float = 256,
+    prefix_cache_mb: float = 1024,
 ) -> tuple[Engine, LoadedModel]:
     loaded = load_model(model, device, dtype, progress)
     engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads,
