@@ -90,6 +90,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 # -- storage: SQLite and real PostgreSQL ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedded_backend() -> Iterator[object]:
+    """A LocalBackend on an engine of its own (the default SmolLM2), shared by one test module: loading takes
+    seconds, and a module may retune its engine (prefix budget, chunk sizes) without touching another's."""
+    from archon_server.backends.local import LocalBackend
+    from archon_server.engine.loader import load_engine
+
+    engine, loaded = load_engine(progress=False)
+    b = LocalBackend(progress=False)
+    b.engine, b.loaded = engine, loaded
+    yield b
+    engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[str]:
     """URL of a real PostgreSQL cluster: the one ``.ci/run`` started (``ARCHON_TEST_POSTGRES_URL``), else a

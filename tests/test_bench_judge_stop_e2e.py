@@ -11,20 +11,14 @@ import asyncio
 import pytest
 
 from archon_server.backends.base import ChatRequest, SamplingParams
-from archon_server.backends.local import LocalBackend
 from archon_server.bench import judges as jd
-from archon_server.engine.loader import load_engine
 
 STORY = [{"role": "user", "content": "Tell me a long story about a dragon who learns to bake bread."}]
 
 
 @pytest.fixture(scope="module")
-def backend():
-    engine, loaded = load_engine(progress=False)
-    b = LocalBackend(progress=False)
-    b.engine, b.loaded = engine, loaded
-    yield b
-    engine.shutdown()
+def backend(embedded_backend):
+    return embedded_backend
 
 
 async def test_cut_judge_streams_leave_the_rest_of_the_batch_running(backend):

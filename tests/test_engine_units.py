@@ -29,6 +29,26 @@ def feed(text: str, stops: list[str]) -> tuple[IncrementalText, list[str]]:
     return it, pieces
 
 
+class ByteTokenizer:
+    """Token i = byte i (UTF-8), decoded with replacement characters as a byte-level BPE tokenizer does."""
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_a_character_cut_by_the_length_limit_is_dropped_not_replaced():
+    it = IncrementalText(ByteTokenizer())
+    for b in "ok 🌍".encode()[:-1]:  # the emoji's last byte never comes
+        it.add(b)
+    it.flush()
+    assert it.text == "ok " and it.take(final=True) == "ok "
+    whole = IncrementalText(ByteTokenizer())
+    for b in "ok 🌍!".encode():
+        whole.add(b)
+    whole.flush()
+    assert whole.text == "ok 🌍!"
+
+
 def test_stop_holdback_and_find():
     assert stop_holdback("hello wor", ["world"]) == 3
     assert stop_holdback("hello", ["world"]) == 0

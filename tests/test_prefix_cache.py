@@ -12,7 +12,6 @@ import torch
 
 from archon_server.backends.base import ChatRequest, SamplingParams
 from archon_server.backends.local import LocalBackend
-from archon_server.engine.loader import load_engine
 from archon_server.engine.prefix_cache import PrefixCache
 from archon_server.engine.runner import KVCache, LlamaDims
 from archon_server.engine.types import GenParams
@@ -94,12 +93,8 @@ SYSTEM = "You are a careful assistant who answers in plain words. " * 24  # ~300
 
 
 @pytest.fixture(scope="module")
-def backend():
-    engine, loaded = load_engine(progress=False)
-    b = LocalBackend(progress=False)
-    b.engine, b.loaded = engine, loaded
-    yield b
-    engine.shutdown()
+def backend(embedded_backend):
+    return embedded_backend
 
 
 def ask(b: LocalBackend, question: str, **params) -> list[str]:

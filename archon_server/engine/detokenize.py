@@ -69,14 +69,16 @@ class IncrementalText:
         return False
 
     def flush(self) -> None:
-        """At the end: keep the text of tokens still held for an incomplete character."""
+        """At the end: keep the text of tokens still held back, but not a character cut in the middle
+        (a length limit reached inside a multi-byte character): its U+FFFD is dropped, as vLLM never
+        releases an incomplete character either."""
         if self.stopped or self._read == len(self.ids):
             return
         prefix_text = self._decode(self.ids[self._prefix : self._read])
         new_text = self._decode(self.ids[self._prefix :])
         before = len(self.text)
         if len(new_text) > len(prefix_text):
-            self.text += new_text[len(prefix_text) :]
+            self.text += new_text[len(prefix_text) :].rstrip("\ufffd")
         self._prefix = self._read = len(self.ids)
         i = find_stop(self.text, self.stops, max(0, before - self.max_stop + 1)) if self.stops else -1
         if i != -1:
