@@ -105,12 +105,12 @@ class LocalOptions(_Base):
 
     device: str = "auto"
     dtype: str = "auto"
-    max_batch: int = Field(default=32, ge=1, description="Most sequences decoded together (one step reads the weights once for all).")
+    max_batch: int = Field(default=16, ge=1, description="Most sequences decoded together (one step reads the weights once for all).")
     progress: bool = Field(default=True, description="Print the first start's model conversion progress.")
     threads: int | Literal["auto"] = Field(default="auto", description="Torch threads, or auto: tuned from step times.")
     speculative: SpeculativeOptions | None = None
     lazy: bool = Field(default=False, description="Load on first use, not at start (a model only some architectures use).")
-    prefix_cache_mb: float = Field(default=1024, ge=0, description="Memory for prompt-prefix K/V reused across requests (0: off).")
+    prefix_cache_mb: float = Field(default=256, ge=0, description="Memory for prompt-prefix K/V reused across requests (0: off).")
 
 
 class LocalBackendConfig(BackendConfigBase):

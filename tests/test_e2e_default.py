@@ -146,7 +146,7 @@ def metric(text: str, name: str) -> float:
 
 def test_prefix_cache_hits_show_in_metrics(served):
     """Requests that repeat a long system prompt reuse its K/V: /metrics says how much."""
-    url = served.base_url.join("/metrics")
+    url = str(served.base_url.join("/metrics"))
     before = metric(httpx.get(url).text, "archon_backend_prefix_hit_tokens")
     system = "You are a patient tutor who explains each step and checks the learner understood it. " * 8
     for q in ("What is 2 + 2?", "What is 3 + 5?"):

@@ -63,7 +63,7 @@ class LocalBackend(Backend):
         name: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        max_batch: int = 32,
+        max_batch: int = 16,
         **options: Any,
     ):
         self.model = model
@@ -77,7 +77,7 @@ class LocalBackend(Backend):
         self.speculative: dict[str, Any] | None = options.pop("speculative", None)
         self.threads: int | str = options.pop("threads", "auto")
         self.lazy = bool(options.pop("lazy", False))
-        self.prefix_cache_mb = float(options.pop("prefix_cache_mb", 1024))
+        self.prefix_cache_mb = float(options.pop("prefix_cache_mb", 256))
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started

@@ -58,10 +58,10 @@ def load_engine(
     model: str = model_store.DEFAULT_MODEL,
     device: str = "auto",
     dtype: str = "auto",
-    max_batch: int = 32,
+    max_batch: int = 16,
     progress: bool = True,
     threads: int | str = "auto",
-    prefix_cache_mb: float = 1024,
+    prefix_cache_mb: float = 256,
 ) -> tuple[Engine, LoadedModel]:
     loaded = load_model(model, device, dtype, progress)
     engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads,
