@@ -110,7 +110,7 @@ class LocalOptions(_Base):
     threads: int | Literal["auto"] = Field(default="auto", description="Torch threads, or auto: tuned from step times.")
     speculative: SpeculativeOptions | None = None
     lazy: bool = Field(default=False, description="Load on first use, not at start (a model only some architectures use).")
-    prefix_cache_mb: float = Field(default=256, ge=0, description="Memory for prompt-prefix K/V reused across requests (0: off).")
+    prefix_cache_mb: float = Field(default=0, ge=0, description="Memory for prompt-prefix K/V reused across requests (0, the default: off).")
 
 
 class LocalBackendConfig(BackendConfigBase):

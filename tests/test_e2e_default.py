@@ -144,15 +144,11 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
-def test_prefix_cache_hits_show_in_metrics(served):
-    """Requests that repeat a long system prompt reuse its K/V: /metrics says how much."""
+def test_engine_counters_show_in_metrics(served):
+    """The embedded engine's counters are in /metrics (the prefix cache is off by default: its hit rate is 0)."""
     url = str(served.base_url.join("/metrics"))
-    before = metric(httpx.get(url).text, "archon_backend_prefix_hit_tokens")
-    system = "You are a patient tutor who explains each step and checks the learner understood it. " * 8
-    for q in ("What is 2 + 2?", "What is 3 + 5?"):
-        served.chat.completions.create(model="smollm2", messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
-                                       max_tokens=4, temperature=0)
+    before = metric(httpx.get(url).text, "archon_backend_prefill_tokens")
+    served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=4, temperature=0)
     text = httpx.get(url).text
-    assert metric(text, "archon_backend_prefix_hit_tokens") - before >= 128  # the second reused the system prompt
-    assert 0 < metric(text, "archon_backend_prefix_hit_rate") <= 1
-    assert metric(text, "archon_backend_prefix_bytes") > 0
+    assert metric(text, "archon_backend_prefill_tokens") > before
+    assert metric(text, "archon_backend_prefix_hit_rate") == 0

@@ -77,7 +77,7 @@ class LocalBackend(Backend):
         self.speculative: dict[str, Any] | None = options.pop("speculative", None)
         self.threads: int | str = options.pop("threads", "auto")
         self.lazy = bool(options.pop("lazy", False))
-        self.prefix_cache_mb = float(options.pop("prefix_cache_mb", 256))
+        self.prefix_cache_mb = float(options.pop("prefix_cache_mb", 0))
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started

@@ -61,7 +61,7 @@ def load_engine(
     max_batch: int = 16,
     progress: bool = True,
     threads: int | str = "auto",
-    prefix_cache_mb: float = 256,
+    prefix_cache_mb: float = 0,
 ) -> tuple[Engine, LoadedModel]:
     loaded = load_model(model, device, dtype, progress)
     engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads,

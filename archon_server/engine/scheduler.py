@@ -129,7 +129,7 @@ class Engine:
         max_batch: int = 16,
         idle_poll_s: float = 0.5,
         threads: int | str = "auto",
-        prefix_cache_mb: float = 256,
+        prefix_cache_mb: float = 0,
     ):
         """``threads``: an int fixes torch's intra-op threads; ``"auto"`` tunes between 1 and all cores
         from measured step times (see :mod:`.threads`); ignored on CUDA.  ``prefix_cache_mb``: memory for
