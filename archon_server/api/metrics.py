@@ -8,6 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from ..backends.base import numeric_stats
+
 
 class BackendStats:
     """Each backend's own numeric counters (``backend.stats()``) as ``archon_backend_<name>{backend=alias}``,
@@ -20,10 +22,7 @@ class BackendStats:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families: dict[str, GaugeMetricFamily] = {}
         for alias, backend in self.backends().items():
-            stats = getattr(backend, "stats", None)
-            for key, value in (stats() if callable(stats) else {}).items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
+            for key, value in numeric_stats(backend).items():
                 fam = families.get(key)
                 if fam is None:
                     fam = families[key] = GaugeMetricFamily(f"archon_backend_{key}", f"backend stat {key}", labels=["backend"])

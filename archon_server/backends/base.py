@@ -177,6 +177,16 @@ class ScoreRequest:
     continuations: list[str]
 
 
+def numeric_stats(backend: Any) -> dict[str, int | float]:
+    """A backend's own numeric counters (``stats()``: the embedded engine's batch, KV and prefix-cache figures),
+    looking through wrappers that hold the real backend as ``inner``; {} for a backend without any.  The one
+    reader of ``stats()`` for /metrics and a sweep's ``runs.jsonl``."""
+    while backend is not None and not callable(getattr(backend, "stats", None)):
+        backend = getattr(backend, "inner", None)
+    stats = backend.stats() if backend is not None else {}
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists: where a continuation's own tokens start once the
     prompt alone and the prompt with the continuation are tokenized (a boundary token may merge the two)."""

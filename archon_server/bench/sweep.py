@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..backends.base import Backend, SamplingParams, Usage
+from ..backends.base import Backend, SamplingParams, Usage, numeric_stats
 from ..graph.runtime import GraphError
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
@@ -525,15 +525,8 @@ def _cache_counts(registry: Any) -> tuple[int, int]:
 def _engine_stats(registry: Any) -> dict[str, dict[str, Any]]:
     """Each backend's own numeric counters at the end of the run (the embedded engine's batch sizes and
     prefix-cache hits: where a sweep's time went), unwrapping the sweep's caching layer."""
-    out = {}
-    for alias, b in registry.backends().items():
-        while b is not None and not callable(getattr(b, "stats", None)):
-            b = getattr(b, "inner", None)
-        stats = b.stats() if b is not None else {}
-        nums = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if nums:
-            out[alias] = nums
-    return out
+    stats = {alias: numeric_stats(b) for alias, b in registry.backends().items()}
+    return {alias: nums for alias, nums in stats.items() if nums}
 
 
 def _append_run_stats(out: Path, run: SweepRun, registry: Any, started: float, before: int) -> None:
