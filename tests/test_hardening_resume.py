@@ -124,7 +124,10 @@ def test_search_worker_killed_three_times_resumes_with_nothing_lost(tmp_path: Pa
     n = 8
     data = yaml.safe_load((ROOT / "search" / "tiny-scripted.yaml").read_text())
     # A short heartbeat grace: a restarted lone worker reaps the trial its killed predecessor left RUNNING.
-    data["study"].update({"name": "killme", "heartbeat_interval": 1, "grace_period": 2, "sampler": {"type": "random", "seed": 0}})
+    # max_retry = KILLS: even if every kill lands on the same parameters (a fast-starting worker runs a fresh trial
+    # before the killed one goes stale, then its retry, and is killed in that), they are never given up.
+    data["study"].update({"name": "killme", "heartbeat_interval": 1, "grace_period": 2, "max_retry": KILLS,
+                          "sampler": {"type": "random", "seed": 0}})
     data["evaluation"].update({"stages": [], "test_top": 1, "baselines": False})
     data["evaluation"]["scripted"].update({"n_dev": 10, "step_sleep_s": 0.08})  # ~0.8 s per trial
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(data))
@@ -172,7 +175,7 @@ def test_search_worker_killed_three_times_resumes_with_nothing_lost(tmp_path: Pa
         # ...and every failure is a surplus skip, was re-run with the same parameters, or was killed before it had
         # sampled any (nothing to redo: a later trial samples afresh)
         assert (ATTR_SKIPPED in t.user_attrs or not t.params
-                or any(retried_from(r) == t.number and r.params == t.params for r in trials)), (t.number, t.params)
+                or any(retried_from(r) == t.number and r.params == t.params for r in trials)), (t.number, t.params, t.system_attrs)
     st = subprocess.run([sys.executable, "-m", "archon_server.search", "status", "--storage", url], env=_env(),
                         capture_output=True, text=True, timeout=120)
     status = json.loads(st.stdout.strip().splitlines()[-1])
