@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from .engine.types import DEFAULT_PREFIX_CACHE_MB
 from .spec import SpecError, load_text, validation_messages
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -110,7 +111,7 @@ class LocalOptions(_Base):
     threads: int | Literal["auto"] = Field(default="auto", description="Torch threads, or auto: tuned from step times.")
     speculative: SpeculativeOptions | None = None
     lazy: bool = Field(default=False, description="Load on first use, not at start (a model only some architectures use).")
-    prefix_cache_mb: float = Field(default=0, ge=0, description="Memory for prompt-prefix K/V reused across requests (0, the default: off).")
+    prefix_cache_mb: float = Field(default=DEFAULT_PREFIX_CACHE_MB, ge=0, description="Memory (MB) for prompt-prefix K/V reused across requests; 0 turns it off.")
 
 
 class LocalBackendConfig(BackendConfigBase):

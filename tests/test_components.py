@@ -168,23 +168,34 @@ async def test_failures_are_classified_by_exception_type_not_text(upstream_facto
     assert [(c.ok, c.status, c.component, c.type) for c in calls] == [(False, "error", "generator0", "generator")]
 
 
-async def test_a_call_cancelled_while_queued_for_a_slot_is_closed_not_left_unawaited():
-    """A client that goes away while its call waits for a backend slot: the call never starts and is closed
-    (it used to be left 'created', which Python reports as 'coroutine ... was never awaited', seen in the soak)."""
+async def test_a_call_cancelled_while_queued_for_a_slot_is_never_created():
+    """A client that goes away while its call waits for a backend slot, or before the call's task first ran
+    (gather's tasks, cancelled at once): no call coroutine is ever created, so none is left unawaited
+    (Python's 'coroutine ... was never awaited', seen in the soak for both cases)."""
     import asyncio
-    import inspect
 
     from archon_server.components.base import _limited
+
+    made = []
 
     async def call() -> int:
         return 1
 
+    def start():  # type: ignore[no-untyped-def]
+        made.append(1)
+        return call()
+
     limit = asyncio.Semaphore(0)  # no slot free: the call queues
-    coro = call()
-    task = asyncio.ensure_future(_limited(limit, coro))
+    task = asyncio.ensure_future(_limited(limit, start))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
     assert limit._value == 0  # nothing released that was never acquired
+    free = asyncio.Semaphore(4)
+    outer = asyncio.ensure_future(asyncio.gather(*(_limited(free, start) for _ in range(3))))
+    outer.cancel()  # before any of gather's tasks ran
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    assert made == [] and free._value == 4
+    assert await _limited(free, start) == 1 and made == [1]

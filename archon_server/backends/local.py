@@ -35,7 +35,7 @@ from archon_server.backends.base import (
 )
 from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
-from archon_server.engine.types import DoneEvent, ErrorEvent, FinishEvent, GenParams, TokenEvent
+from archon_server.engine.types import DEFAULT_PREFIX_CACHE_MB, DoneEvent, ErrorEvent, FinishEvent, GenParams, TokenEvent
 
 
 class LocalBackend(Backend):
@@ -45,7 +45,7 @@ class LocalBackend(Backend):
     ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times);
     ``lazy`` (bool: load on first use rather than at server start; for a model only some architectures use,
     like the default config's ``weak`` base model for density-ratio scoring);
-    ``prefix_cache_mb`` (memory for prompt-prefix K/V reused across requests, engine/prefix_cache.py; 0: off).
+    ``prefix_cache_mb`` (MB for prompt-prefix K/V reused across requests, engine/prefix_cache.py; 0: off).
     """
 
     supports_n = True
@@ -77,7 +77,7 @@ class LocalBackend(Backend):
         self.speculative: dict[str, Any] | None = options.pop("speculative", None)
         self.threads: int | str = options.pop("threads", "auto")
         self.lazy = bool(options.pop("lazy", False))
-        self.prefix_cache_mb = float(options.pop("prefix_cache_mb", 0))
+        self.prefix_cache_mb = float(options.pop("prefix_cache_mb", DEFAULT_PREFIX_CACHE_MB))
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
+from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -152,7 +152,7 @@ class ComponentContext:
         if stream and self.sink is not None:
             work = self._streamed(backend, reqs, limit)
         elif len(reqs) == 1:
-            work = _limited(limit, backend.chat(reqs[0]))
+            work = _limited(limit, lambda: backend.chat(reqs[0]))
         else:
             work = _gathered(limit, backend, reqs)
         res = await self._traced(alias, n, purpose, ctype, started, work)
@@ -173,7 +173,7 @@ class ComponentContext:
             err = f"unknown model alias {alias!r}"
             self._record(alias, n, started, status="error", error=err, purpose=purpose)
             raise BackendError(err, status=400) from None
-        return await self._traced(alias, n, purpose, None, started, _limited(self.registry.limit(alias), fn(backend, model)))
+        return await self._traced(alias, n, purpose, None, started, _limited(self.registry.limit(alias), lambda: fn(backend, model)))
 
     async def _traced(self, alias: str, n: int, purpose: str, ctype: str | None, started: tuple[int, float], work: Awaitable[Any]) -> Any:
         """Await one backend call and record it (success, failure or cancellation): the one error path of every call."""
@@ -222,7 +222,7 @@ class ComponentContext:
                     accumulate_tool_calls(calls.setdefault(idx, {}), ch.tool_calls)
                 await sink(ch if ch.index == idx else replace(ch, index=idx))  # no copy per token when unchanged
 
-        await asyncio.gather(*(_limited(limit, one(i, r)) for i, r in enumerate(reqs)))
+        await asyncio.gather(*(_limited(limit, partial(one, i, r)) for i, r in enumerate(reqs)))
         idx = sorted(set(texts) | set(finish) | set(calls)) or [0]
         return ChatResult(
             choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i,
@@ -262,25 +262,21 @@ def failure_status(e: BaseException) -> str:
     return "timeout" if isinstance(e, BackendTimeout) else "error"
 
 
-async def _limited(limit: asyncio.Semaphore | None, coro: Awaitable[T]) -> T:
+async def _limited(limit: asyncio.Semaphore | None, start: Callable[[], Awaitable[T]]) -> T:
+    """``start()`` once a slot of ``limit`` is held.  A factory, not a coroutine: a call cancelled while queued
+    for a slot, or before its task first ran (a client that went away), never creates one, so none is left
+    behind unawaited ("coroutine ... was never awaited", seen in the soak)."""
     if limit is None:
-        return await coro
+        return await start()
+    await limit.acquire()
     try:
-        await limit.acquire()
-    except BaseException:
-        # Cancelled while queued for a slot (a client went away): the call never started, so close it quietly
-        # rather than leave a "coroutine was never awaited" warning behind.
-        if inspect.iscoroutine(coro):
-            coro.close()
-        raise
-    try:
-        return await coro
+        return await start()
     finally:
         limit.release()
 
 
 async def _gathered(limit: asyncio.Semaphore | None, backend: Any, reqs: list[ChatRequest]) -> ChatResult:
-    return _merge_results(await asyncio.gather(*(_limited(limit, backend.chat(r)) for r in reqs)))
+    return _merge_results(await asyncio.gather(*(_limited(limit, partial(backend.chat, r)) for r in reqs)))
 
 
 def _merge_results(parts: list[ChatResult]) -> ChatResult:

@@ -14,6 +14,7 @@ import torch
 from . import model_store
 from .runner import ModelRunner, default_threads
 from .scheduler import Engine
+from .types import DEFAULT_PREFIX_CACHE_MB
 
 
 @dataclass
@@ -61,7 +62,7 @@ def load_engine(
     max_batch: int = 16,
     progress: bool = True,
     threads: int | str = "auto",
-    prefix_cache_mb: float = 0,
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
 ) -> tuple[Engine, LoadedModel]:
     loaded = load_model(model, device, dtype, progress)
     engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads,

@@ -17,6 +17,11 @@ Design (vLLM's automatic prefix caching, on this engine's slot cache):
 * Eviction is LRU by bytes.  A lookup or insert touches a chain from its deepest block up to the
   root, so a parent is always more recent than its children and the least recent block is always
   a leaf: eviction never strands a reachable child behind a missing parent.
+* The blocks live in **one pool** of ``budget / block bytes`` rows, allocated (untouched, so not yet
+  resident) at the first store, with a free list; a block is a row index.  Why not one tensor per
+  block: thousands of ~1 MB allocations freed in LRU order fragmented the allocator, and the process
+  kept ~1.7 GB for a 256 MB budget after a soak of long prompts; a pool holds exactly the budget.
+  A hit is copied into the slot block by block (no concatenated temporary either).
 
 Everything runs on the engine's worker thread (no locks); the counters are read from any thread.
 """
@@ -54,8 +59,7 @@ class PrefixStats:
 class _Block:
     id: int
     key: tuple[int, tuple[int, ...]]
-    k: torch.Tensor  # [layers, kv_heads, block, head_dim]
-    v: torch.Tensor
+    row: int  # index into the pool's block dimension
 
 
 class PrefixCache:
@@ -68,7 +72,11 @@ class PrefixCache:
         self.block = block
         self.stats = PrefixStats()
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()
-        self._next_id = 1  # 0 is the root (the empty prefix)
+        self._next_id = 1  # 0 is the root (the empty prefix); ids are never reused
+        self._k: torch.Tensor | None = None  # the pool: [layers, rows, kv_heads, block, head_dim]
+        self._v: torch.Tensor | None = None
+        self._free: list[int] = []  # pool rows not holding a block
+        self._block_bytes = 0
 
     @property
     def enabled(self) -> bool:
@@ -109,8 +117,11 @@ class PrefixCache:
             return 0
         n = len(chain) * self.block
         cache.reserve(slot + 1, len(prompt) + 1)
-        cache.k[:, slot, :, :n] = torch.cat([blk.k for blk in chain], dim=2)
-        cache.v[:, slot, :, :n] = torch.cat([blk.v for blk in chain], dim=2)
+        assert self._k is not None and self._v is not None  # a chain exists only after a store made the pool
+        b = self.block
+        for i, blk in enumerate(chain):
+            cache.k[:, slot, :, i * b : (i + 1) * b] = self._k[:, blk.row]
+            cache.v[:, slot, :, i * b : (i + 1) * b] = self._v[:, blk.row]
         cache.lengths[slot] = n
         self._touch(chain)
         self.stats.hit_tokens += n
@@ -119,36 +130,68 @@ class PrefixCache:
     @torch.inference_mode()
     def store(self, prompt: list[int], cache: KVCache, slot: int) -> None:
         """Keep the whole blocks of ``prompt``, whose K/V ``slot`` now holds (a completed prefill)."""
-        if not self.enabled:
+        if not self.enabled or not self._pool_for(cache):
             return
+        assert self._k is not None and self._v is not None
         b = self.block
         full = min(len(prompt), cache.lengths[slot]) // b
         chain = self._chain(prompt, full * b)
+        self._touch(chain)  # the prefix this prompt extends is the most recent: not what an insert evicts
         parent = chain[-1].id if chain else 0
+        mine = {blk.id for blk in chain}
         for i in range(len(chain), full):
+            row = self._take_row(mine)
+            if row is None:  # the budget is this prompt's own prefix: keep what fits
+                break
+            self._k[:, row] = cache.k[:, slot, :, i * b : (i + 1) * b]
+            self._v[:, row] = cache.v[:, slot, :, i * b : (i + 1) * b]
             key = (parent, tuple(prompt[i * b : (i + 1) * b]))
-            blk = _Block(self._next_id, key, cache.k[:, slot, :, i * b : (i + 1) * b].clone(),
-                         cache.v[:, slot, :, i * b : (i + 1) * b].clone())
+            blk = _Block(self._next_id, key, row)
             self._next_id += 1
             self._blocks[key] = blk
             self.stats.inserted_blocks += 1
-            self.stats.bytes += self._nbytes(blk)
             chain.append(blk)
+            mine.add(blk.id)
             parent = blk.id
         self._touch(chain)
-        self._evict()
-
-    @staticmethod
-    def _nbytes(blk: _Block) -> int:
-        return blk.k.numel() * blk.k.element_size() + blk.v.numel() * blk.v.element_size()
-
-    def _evict(self) -> None:
-        while self._blocks and self.stats.bytes > self.budget_bytes:
-            _, blk = self._blocks.popitem(last=False)  # the least recent: always a leaf (see module doc)
-            self.stats.bytes -= self._nbytes(blk)
-            self.stats.evicted_blocks += 1
         self.stats.blocks = len(self._blocks)
+        self.stats.bytes = self.stats.blocks * self._block_bytes
+
+    def _pool_for(self, cache: KVCache) -> bool:
+        """Allocate the pool for ``cache``'s layout (once); False when the budget holds no block."""
+        d = cache.dims
+        shape = (d.layers, d.kv_heads, self.block, d.head_dim)
+        if self._k is not None and self._k.dtype == cache.dtype and self._k.device == cache.device \
+                and (self._k.shape[0], *self._k.shape[2:]) == shape:
+            return True
+        self.clear()
+        self._block_bytes = 2 * d.layers * d.kv_heads * self.block * d.head_dim * cache.k.element_size()
+        rows = self.budget_bytes // self._block_bytes
+        if rows < 1:
+            return False
+        pool = (d.layers, rows, d.kv_heads, self.block, d.head_dim)
+        # empty, not zeros: pages become resident only as blocks are written, up to the budget
+        self._k = torch.empty(pool, dtype=cache.dtype, device=cache.device)
+        self._v = torch.empty(pool, dtype=cache.dtype, device=cache.device)
+        self._free = list(range(rows - 1, -1, -1))
+        return True
+
+    def _take_row(self, keep: set[int]) -> int | None:
+        """A free pool row, evicting the least recent block (a leaf) if none is free; None if that is in ``keep``."""
+        if self._free:
+            return self._free.pop()
+        if not self._blocks:
+            return None
+        key, blk = next(iter(self._blocks.items()))
+        if blk.id in keep:
+            return None
+        del self._blocks[key]
+        self.stats.evicted_blocks += 1
+        return blk.row
 
     def clear(self) -> None:
+        """Drop every block and the pool's memory (after an engine failure memory may be short)."""
         self._blocks.clear()
+        self._k = self._v = None
+        self._free = []
         self.stats.bytes = self.stats.blocks = 0

@@ -461,6 +461,7 @@ class ModelRunner:
         start: list[int],
         logits: str = "last",
         int8: bool = True,
+        kv_grid: int = 0,
     ) -> ForwardOutput:
         """Run ``tokens`` [B, T] for cache slots ``first_slot .. first_slot+B-1``.
 
@@ -469,6 +470,9 @@ class ModelRunner:
         ``start[b]+T``.  ``logits``: ``"last"`` (next-token logits only) or ``"all"``
         (every position, for speculative verification).  ``int8=False``: never the int8 weights (the
         engine's prefill, so a prompt's K/V does not depend on how it was cut into chunks).
+        ``kv_grid``: for one row, attend in query blocks of ``kv_grid`` positions aligned at 0, each over
+        keys ``0 .. its block's end`` (see :meth:`_attend_on_grid`): the engine's prefill, with the prefix
+        cache's block size.
         """
         d = self.dims
         B, T = tokens.shape
@@ -481,7 +485,8 @@ class ModelRunner:
         ropes = {theta: (c[pos].unsqueeze(1), s_[pos].unsqueeze(1)) for theta, (c, s_) in self.rope.items()}  # [B, 1, T, D]
         rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
         groups = d.heads // d.kv_heads
-        masks = {w: self._mask(pos, start, total, groups, w) for w in set(d.windows)}
+        on_grid = bool(kv_grid) and B == 1 and T > 1
+        masks = {} if on_grid else {w: self._mask(pos, start, total, groups, w) for w in set(d.windows)}
 
         small = int8 and B * T <= self.int8_max_rows
         x = self.embed[tokens]  # [B, T, H]
@@ -506,8 +511,12 @@ class ModelRunner:
             vc[rows, :, pos] = v.transpose(1, 2).to(self.kv_dtype)
             keys = kc[first_slot : first_slot + B, :, :total]
             vals = vc[first_slot : first_slot + B, :, :total]
-            qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
-            a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=masks[d.windows[li]], scale=self.scale)
+            if on_grid:
+                a = self._attend_on_grid(q, kc[first_slot : first_slot + 1], vc[first_slot : first_slot + 1],
+                                         pos, start[0], kv_grid, d.windows[li])
+            else:
+                qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
+                a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=masks[d.windows[li]], scale=self.scale)
             a = a.reshape(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)
             a = self._linear(a, L["o"], small)
             if d.sandwich_norms:
@@ -527,6 +536,37 @@ class ModelRunner:
         head_in = hidden[:, -1:] if logits == "last" else hidden
         out = self._linear(head_in, self.lm_head, small and head_in.shape[0] * head_in.shape[1] <= self.int8_max_rows).float()
         return ForwardOutput(logits=out, hidden=hidden)
+
+    def _attend_on_grid(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, start: int,
+                        grid: int, window: int | None) -> torch.Tensor:
+        """Causal attention of one row's queries ``q`` [1, heads, T, D] in blocks of ``grid`` positions.
+
+        Why: SDPA's sums run in an order that depends on how many (masked) keys it is given, so a query
+        attending to ``0..start+T`` of a longer prompt gets other last bits than the same query in a
+        shorter one.  Here the key range of a position is a function of its block alone (``0 .. block
+        end``), so the K/V of a position depend only on the tokens up to its block's end -- not on the
+        prompt's length, nor on how the prefill was chunked (the chunk size changes with load).  That
+        makes a prefix-cache hit (whole blocks, :mod:`.prefix_cache`) bit-identical to computing it.
+        Chunks must start on the grid (the engine's chunk sizes are whole blocks): a block cut by a chunk
+        boundary would run with fewer queries, and SDPA rounds differently for a different query count.
+        It also skips the fully masked key blocks of a long chunk.  Returns [1, heads, T, D].
+        """
+        d = self.dims
+        T = q.shape[2]
+        groups = d.heads // d.kv_heads
+        qv = q.view(1, d.kv_heads, groups, T, d.head_dim)
+        out = torch.empty(1, d.kv_heads, groups, T, d.head_dim, dtype=self.kv_dtype, device=q.device)
+        t = 0
+        while t < T:
+            p = start + t
+            end = min((p // grid + 1) * grid, kc.shape[2])  # this block's end: its keys are 0..end
+            tb = min(end - p, T - t)
+            qb = qv[:, :, :, t : t + tb].reshape(1, d.kv_heads, groups * tb, d.head_dim).to(self.kv_dtype)
+            mask = self._mask(pos[:, t : t + tb], [p], end, groups, window)
+            a = F.scaled_dot_product_attention(qb, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, scale=self.scale)
+            out[:, :, :, t : t + tb] = a.view(1, d.kv_heads, groups, tb, d.head_dim)
+            t += tb
+        return out.view(1, d.heads, T, d.head_dim)
 
     def prefill(self, ids: list[int], cache: KVCache, slot: int, chunk: int = 512) -> ForwardOutput:
         """Run a prompt into ``slot`` (from position 0); returns next-token logits [1, 1, V].

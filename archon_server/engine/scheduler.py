@@ -33,7 +33,7 @@ from .prefix_cache import PrefixCache
 from .runner import ModelRunner, default_threads
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 from .threads import ThreadTuner
-from .types import DoneEvent, EngineStats, ErrorEvent, FinishEvent, GenParams, LogprobEntry, Sink, TokenEvent
+from .types import DEFAULT_PREFIX_CACHE_MB, DoneEvent, EngineStats, ErrorEvent, FinishEvent, GenParams, LogprobEntry, Sink, TokenEvent
 
 __all__ = ["DoneEvent", "Engine", "EngineStats", "ErrorEvent", "FinishEvent", "GenParams", "GenerationHandle", "LogprobEntry",
            "Sink", "TokenEvent"]
@@ -129,7 +129,7 @@ class Engine:
         max_batch: int = 16,
         idle_poll_s: float = 0.5,
         threads: int | str = "auto",
-        prefix_cache_mb: float = 0,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ):
         """``threads``: an int fixes torch's intra-op threads; ``"auto"`` tunes between 1 and all cores
         from measured step times (see :mod:`.threads`); ignored on CUDA.  ``prefix_cache_mb``: memory for
@@ -386,12 +386,15 @@ class Engine:
         assert pf is not None
         req = pf.req
         chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
+        grid = self.prefix.block
+        chunk = max(grid, chunk // grid * grid)  # whole blocks: every chunk starts on the attention grid
         if self._rows:
             self.stats.prefill_chunks_interleaved += 1
         ids = req.prompt[pf.done : pf.done + chunk]
-        # int8=False: a prompt's K/V must not depend on how it was chunked (a cached prefix leaves a short tail)
+        # A prompt's K/V must not depend on how it was chunked (the chunk size changes with load; a cached
+        # prefix leaves a short tail): never the int8 weights, and attention on the prefix cache's block grid.
         out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done],
-                                  logits="last", int8=False)
+                                  logits="last", int8=False, kv_grid=self.prefix.block)
         pf.done += len(ids)
         if pf.done < len(req.prompt):
             return
