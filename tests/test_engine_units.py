@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from archon_server.engine.detokenize import IncrementalText, find_stop, stop_holdback
@@ -179,3 +180,17 @@ def test_a_constraint_masks_every_draw_and_hears_each_token():
         toks = sample_rows(logits, rows)
         assert all(t % 2 == 0 for t in toks)
     assert len(c0.seen) == len(c1.seen) == 20 and logits[0, 3] == 9.0  # the shared logits are left as they were
+
+
+def test_the_loading_thread_ends_and_hands_back_result_or_error():
+    """load_engine's torch work runs in a thread that ends (its OpenMP pool with it: engine/threads.py)."""
+    import threading
+
+    from archon_server.engine.threads import in_fresh_thread
+
+    seen = []
+    assert in_fresh_thread(lambda: seen.append(threading.current_thread()) or 7) == 7
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(KeyError, match="boom"):
+        in_fresh_thread(lambda: {}["boom"])
+    assert not [t for t in threading.enumerate() if t.name == "archon-engine-loader"]

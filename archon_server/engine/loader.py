@@ -13,6 +13,7 @@ import torch
 
 from . import model_store
 from .runner import ModelRunner, default_threads
+from .threads import in_fresh_thread
 from .scheduler import Engine
 from .types import DEFAULT_PREFIX_CACHE_MB
 
@@ -64,8 +65,14 @@ def load_engine(
     threads: int | str = "auto",
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
 ) -> tuple[Engine, LoadedModel]:
-    loaded = load_model(model, device, dtype, progress)
-    engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads,
-                    prefix_cache_mb=prefix_cache_mb)
+    """Load ``model`` and start its engine.  The loading's torch work runs in a thread that then ends, so the
+    engine's worker is the only long-lived thread with an OpenMP pool (see :func:`.threads.in_fresh_thread`)."""
+    def build() -> tuple[Engine, LoadedModel]:
+        loaded = load_model(model, device, dtype, progress)
+        engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads,
+                        prefix_cache_mb=prefix_cache_mb)
+        return engine, loaded
+
+    engine, loaded = in_fresh_thread(build)
     engine.start()
     return engine, loaded

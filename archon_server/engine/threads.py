@@ -11,10 +11,40 @@ periodically runs a few steps with the other setting and keeps the faster one.
 from __future__ import annotations
 
 import statistics
+import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+
+def in_fresh_thread(fn: Callable[[], T], name: str = "archon-engine-loader") -> T:
+    """``fn()`` in a thread of its own that ends when it returns (its result or exception comes back).
+
+    Why: every thread that runs a parallel torch op keeps an OpenMP thread pool for as long as it lives,
+    and libgomp counts the threads of all pools; once they outnumber the cores, every pool's barriers stop
+    spinning and sleep instead.  A decode step synchronises hundreds of times, so loading the model in a
+    long-lived thread (asyncio's executor, the main thread) and decoding in the engine's worker made each
+    step ~2x slower on 2 cores (SmolLM2 bf16: 20 ms against 9.7 ms; 9.2 ms when the loader's thread had
+    exited, measured with /tmp scripts of the same loop).  A loader thread that exits takes its pool along.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread as is
+            box["error"] = e
+
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class ThreadTuner:
