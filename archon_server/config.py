@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from .engine.types import DEFAULT_PREFIX_CACHE_MB
 from .spec import SpecError, load_text, validation_messages
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -32,6 +31,12 @@ PRESET_ALIASES = ["default", "aggregator", "judge"] + [f"proposer-{i}" for i in 
 # The less-aligned model density-ratio scorers divide by (best-of-n-cdr, self-moa-rank); the default config binds
 # it to the gemma3-270m base model, loaded on first use.
 WEAK_ALIAS = "weak"
+
+
+# Memory for prompt-prefix K/V kept across requests (engine/prefix_cache.py) unless a backend sets
+# ``prefix_cache_mb``: a pool of this size (untouched until used), about 180 blocks of 32 tokens of SmolLM2 in
+# float32, 360 in bf16 -- the system prompts and templates a sweep or an ensemble repeats.
+DEFAULT_PREFIX_CACHE_MB = 256.0
 
 
 class _Base(BaseModel):

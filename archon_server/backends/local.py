@@ -35,7 +35,8 @@ from archon_server.backends.base import (
 )
 from archon_server.config import LocalBackendConfig
 from archon_server.engine import model_store
-from archon_server.engine.types import DEFAULT_PREFIX_CACHE_MB, DoneEvent, ErrorEvent, FinishEvent, GenParams, TokenEvent
+from archon_server.config import DEFAULT_PREFIX_CACHE_MB
+from archon_server.engine.types import DoneEvent, ErrorEvent, FinishEvent, GenParams, TokenEvent
 
 
 class LocalBackend(Backend):

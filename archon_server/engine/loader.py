@@ -15,7 +15,7 @@ from . import model_store
 from .runner import ModelRunner, default_threads
 from .threads import in_fresh_thread
 from .scheduler import Engine
-from .types import DEFAULT_PREFIX_CACHE_MB
+from ..config import DEFAULT_PREFIX_CACHE_MB
 
 
 @dataclass

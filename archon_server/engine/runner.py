@@ -509,12 +509,12 @@ class ModelRunner:
             # advanced indices (rows, pos) around a slice -> value shape [B, T, KVH, D]
             kc[rows, :, pos] = k.transpose(1, 2).to(self.kv_dtype)
             vc[rows, :, pos] = v.transpose(1, 2).to(self.kv_dtype)
-            keys = kc[first_slot : first_slot + B, :, :total]
-            vals = vc[first_slot : first_slot + B, :, :total]
             if on_grid:
                 a = self._attend_on_grid(q, kc[first_slot : first_slot + 1], vc[first_slot : first_slot + 1],
                                          pos, start[0], kv_grid, d.windows[li])
             else:
+                keys = kc[first_slot : first_slot + B, :, :total]
+                vals = vc[first_slot : first_slot + B, :, :total]
                 qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
                 a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=masks[d.windows[li]], scale=self.scale)
             a = a.reshape(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)

@@ -33,7 +33,8 @@ from .prefix_cache import PrefixCache
 from .runner import ModelRunner, default_threads
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 from .threads import ThreadTuner
-from .types import DEFAULT_PREFIX_CACHE_MB, DoneEvent, EngineStats, ErrorEvent, FinishEvent, GenParams, LogprobEntry, Sink, TokenEvent
+from ..config import DEFAULT_PREFIX_CACHE_MB
+from .types import DoneEvent, EngineStats, ErrorEvent, FinishEvent, GenParams, LogprobEntry, Sink, TokenEvent
 
 __all__ = ["DoneEvent", "Engine", "EngineStats", "ErrorEvent", "FinishEvent", "GenParams", "GenerationHandle", "LogprobEntry",
            "Sink", "TokenEvent"]

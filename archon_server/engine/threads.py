@@ -29,7 +29,7 @@ def in_fresh_thread(fn: Callable[[], T], name: str = "archon-engine-loader") -> 
     spinning and sleep instead.  A decode step synchronises hundreds of times, so loading the model in a
     long-lived thread (asyncio's executor, the main thread) and decoding in the engine's worker made each
     step ~2x slower on 2 cores (SmolLM2 bf16: 20 ms against 9.7 ms; 9.2 ms when the loader's thread had
-    exited, measured with /tmp scripts of the same loop).  A loader thread that exits takes its pool along.
+    exited: ``python benchmarks/omp_pools.py``).  A loader thread that exits takes its pool along.
     """
     box: dict[str, Any] = {}
 

@@ -10,12 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-# Memory for prompt-prefix K/V kept across requests (engine/prefix_cache.py) unless a backend sets
-# ``prefix_cache_mb``: a pool of this size (untouched until used), about 180 blocks of 32 tokens of SmolLM2 in
-# float32, 360 in bf16 -- the system prompts and templates a sweep or an ensemble repeats.
-DEFAULT_PREFIX_CACHE_MB = 256.0
-
-
 @dataclass
 class GenParams:
     """What one generation asks for (the engine's own view of ``SamplingParams``)."""
