@@ -349,3 +349,31 @@ async def test_speculative_backend_config_is_lossless_greedy_and_reports_vllm_me
     finally:
         await spec.close()
         await plain.close()
+
+
+def test_an_idle_worker_parks_and_the_next_request_wakes_it(backend):
+    """Idle for park_after_s, the worker thread ends (its OpenMP pool with it: a second engine's pool slowed the
+    first ~1.7x); requests and scoring jobs sent to a parked engine start a new worker and are served, the same
+    greedy answer as before, and a parked engine counts as alive (health)."""
+    import random
+    import threading
+
+    engine = backend.engine
+    before = asyncio.run(backend.chat(req(max_tokens=12, temperature=0.0))).choices[0].text
+    old, engine.park_after_s = engine.park_after_s, 0.2
+    try:
+        deadline = time.monotonic() + 30
+        while not engine.parked and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.parked and engine.alive
+        assert not [t for t in threading.enumerate() if t.name == "archon-local-engine" and t.is_alive()]
+        assert asyncio.run(backend.chat(req(max_tokens=12, temperature=0.0))).choices[0].text == before
+        assert engine.run_job(lambda runner: runner.dims.layers).result(timeout=60) == engine.runner.dims.layers
+        # Requests that arrive around the moment the worker parks: none is left without a worker.
+        rng = random.Random(3)
+        for _ in range(12):
+            time.sleep(rng.uniform(0.0, 0.9))
+            assert asyncio.run(asyncio.wait_for(backend.chat(req(max_tokens=2, temperature=0.0)), 60)).choices
+    finally:
+        engine.park_after_s = old
+    assert engine.alive

@@ -156,6 +156,14 @@ class Engine:
         self.prefill_chunk_idle = 512  # ... and when nobody waits on it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Idle this long, the worker thread ends and the next submission starts a new one ("parked"). Why: a
+        # thread that ran torch ops keeps an OpenMP pool while it lives, and once a process holds more pool
+        # threads than cores every pool's barriers sleep (engine/threads.py::in_fresh_thread): a second engine
+        # that served one request (the lazily loaded `weak` model) took SmolLM2 from 97 to 57 tok/s on 2 cores.
+        self.park_after_s = 2.0
+        self._started = False
+        self._parked = False
+        self._worker_lock = threading.Lock()  # parking and waking agree on whether a worker runs
         self._token_text: dict[int, str] = {}
         cores = default_threads()
         if runner.device.type != "cpu":
@@ -168,20 +176,53 @@ class Engine:
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="archon-local-engine", daemon=True)
-            self._thread.start()
+        with self._worker_lock:
+            self._started = True
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        """(Under ``_worker_lock``.)  A worker thread, unless one runs or the engine is shut down."""
+        if self._thread is None and not self._stop.is_set():
+            thread = threading.Thread(target=self._run, name="archon-local-engine", daemon=True)
+            self._thread = thread  # (before _parked goes False: `alive` never sees neither)
+            self._parked = False
+            thread.start()
+
+    def _wake(self) -> None:
+        """After queueing work: a parked engine starts a worker.  The queue is written first and the
+        parking worker checks it under the same lock, so no work is left without a worker."""
+        if self._parked:
+            with self._worker_lock:
+                if self._parked:
+                    self._start_worker()
+
+    def _try_park(self) -> bool:
+        """(Worker.)  End this thread if nothing at all is queued; True if it should return now."""
+        with self._worker_lock:
+            if not self._inbox.empty() or self._stop.is_set():
+                return False
+            self._parked = True  # (before _thread goes: `alive` never sees neither)
+            self._thread = None
+            return True
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._inbox.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        with self._worker_lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        self._thread = None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Started, not shut down, and its worker running or parked (a parked engine wakes on the next request)."""
+        thread = self._thread
+        return self._started and not self._stop.is_set() and (self._parked or (thread is not None and thread.is_alive()))
+
+    @property
+    def parked(self) -> bool:
+        return self._parked
 
     @property
     def active_sequences(self) -> int:
@@ -204,6 +245,7 @@ class Engine:
         max_new = max(0, min(params.max_tokens, limit - len(prompt)))
         req = _Request(list(prompt), params, sink, max_new)
         self._inbox.put(req)
+        self._wake()
         return GenerationHandle(req)
 
     def run_job(self, fn: Callable[[ModelRunner], Any]) -> concurrent.futures.Future:
@@ -214,6 +256,7 @@ class Engine:
             fut.set_exception(RuntimeError("engine shut down"))
         else:
             self._inbox.put(_Job(fn, fut))
+            self._wake()
         return fut
 
     # ------------------------------------------------------------------ worker
@@ -221,12 +264,20 @@ class Engine:
         # The engine's tensor rule (see KVCache): the worker creates and mutates tensors only in
         # inference mode, so the cache, sampling state and every intermediate are one kind of tensor.
         with torch.inference_mode():
-            self.tuner.before_step()  # thread settings are per OS thread: apply them in the worker
+            self.tuner.new_thread()  # thread settings are per OS thread: apply them in this worker
+            self.tuner.before_step()
+            idle_since: float | None = None
             while not self._stop.is_set():
                 try:
                     self._iteration()
                 except Exception as e:  # the recovery itself failed: start the cache afresh, keep the queue
                     self._reset_cache(e)
+                if self._rows or self._prefilling is not None or len(self._spec) or self._waiting or self._jobs:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= self.park_after_s and self._try_park():
+                    return  # parked: nothing held, nothing queued (the idle cache was already given back)
             down = RuntimeError("engine shut down")
             self._fail(self._holders() + list(self._waiting) + self._drain_inbox(), down)
             while self._jobs:  # queued jobs fail only at shutdown

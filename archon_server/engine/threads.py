@@ -86,6 +86,10 @@ class ThreadTuner:
     def active(self) -> int:
         return self._probing if self._probing is not None else self.current
 
+    def new_thread(self) -> None:
+        """A new worker thread: its thread setting is applied afresh at the next step."""
+        self._applied = None
+
     def before_step(self) -> None:
         want = self.active
         if want != self._applied:
