@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP backend (vLLM, llama.cpp server, Ollama, any provider).
 
-One pooled aiohttp session per backend; connect/read timeouts; retries with
+One keep-alive connection pool per backend (.transport); connect/read timeouts; retries with
 exponential backoff and full jitter on 429/5xx/connection errors (never once a
 stream has started emitting, so no text is duplicated); SSE parsing; several
 replicas per backend with least-outstanding-requests routing and a circuit
@@ -20,8 +20,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
-import aiohttp
-import orjson
 
 from ..config import BackendConfigBase, OpenAIBackendConfig
 from .base import (
@@ -37,7 +35,9 @@ from .base import (
     Usage,
 )
 from .http_scoring import HTTPScoring
+from .jsonbody import INVALID, dumps, loads
 from .pool import Replica, ReplicaPool
+from .transport import ConnectionPool, Response, header_block
 
 T = TypeVar("T")
 
@@ -177,7 +177,9 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
         self.max_connections = max_connections
         self.supports_n = supports_n
         self.extra_headers = dict(extra_headers or {})
-        self._session: aiohttp.ClientSession | None = None
+        header_block(self.extra_headers)  # a header with a line break fails here, at start-up, not on the first call
+        self._conns: ConnectionPool | None = None
+        self._head: tuple[str | None, bytes] | None = None  # (API key it was made with, header block)
 
     @classmethod
     def from_config(cls, cfg: OpenAIBackendConfig) -> "OpenAIHTTPBackend":
@@ -187,13 +189,15 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
         return cls(cfg.alias, cfg.urls, cfg.model, **fields)
 
     # -- plumbing -------------------------------------------------------------
-    def _headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/json", **self.extra_headers}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
+    def _headers(self) -> bytes:
+        """The request's header block; made again only when the API key in the environment changed."""
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if self._head is None or self._head[0] != key:
+            h = {"Content-Type": "application/json", **self.extra_headers}
             if key:
                 h["Authorization"] = f"Bearer {key}"
-        return h
+            self._head = (key, header_block(h))
+        return self._head[1]
 
     def _redact(self, text: str) -> str:
         """Upstreams may echo the key they refused ("Incorrect API key provided: sk-..."); their error text goes into
@@ -203,30 +207,31 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
             text = text.replace(key, "***")
         return text
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            # A bounded pool per backend: back-pressure instead of unbounded sockets.
-            conn = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
-            # sock_connect, not connect: aiohttp's `connect` also counts the wait for a free pooled connection, so
-            # under load a full pool turned into timeouts (and opened the breaker of a healthy replica). Waiting
-            # for the pool is bounded by the request's deadline instead.
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s, sock_read=self.read_timeout_s)
-            self._session = aiohttp.ClientSession(connector=conn, timeout=timeout)
-        return self._session
+    def connections(self) -> ConnectionPool:
+        if self._conns is None or self._conns.closed:
+            # A bounded pool per backend: back-pressure instead of unbounded sockets. Waiting for a free connection
+            # is not counted in the connect timeout (under load that turned into timeouts and opened the breaker of a
+            # healthy replica); it is bounded by the request's deadline instead.
+            self._conns = ConnectionPool(limit=self.max_connections, connect_timeout_s=self.connect_timeout_s,
+                                         read_timeout_s=self.read_timeout_s)
+        return self._conns
+
+    async def _post(self, url: str, path: str, payload: bytes) -> Response:
+        return await self.connections().request("POST", url, path, headers=self._headers(), body=payload)
 
     async def start(self) -> None:
-        await self.session()
+        self.connections()
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        if self._conns is not None:
+            await self._conns.close()
+        self._conns = None
 
     @property
     def replicas(self) -> list[Replica]:
         return self.pool.replicas
 
-    async def _error_from(self, resp: aiohttp.ClientResponse) -> BackendError:
+    async def _error_from(self, resp: Response) -> BackendError:
         try:
             # Read well past what we keep, so that a key straddling the cut is still redacted whole (see _redact).
             text = (await resp.text())[:4000]
@@ -244,7 +249,7 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
             status=resp.status,
             retryable=resp.status in RETRY_STATUSES,
             backend=self.name,
-            retry_after=_retry_after(resp.headers.get("Retry-After")),
+            retry_after=_retry_after(resp.headers.get("retry-after")),
         )
 
     def _failure(self, e: Exception) -> BackendError:
@@ -253,7 +258,7 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
             return e
         if isinstance(e, asyncio.TimeoutError):
             return BackendTimeout(f"upstream {self.name} timed out", backend=self.name)
-        if isinstance(e, (aiohttp.ClientError, ConnectionError, OSError)):
+        if isinstance(e, (ConnectionError, OSError)):
             return BackendError(f"upstream {self.name} connection failed: {type(e).__name__}", status=502, retryable=True, backend=self.name)
         raise e
 
@@ -306,13 +311,12 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
         payload = dumps(body)
 
         async def once(replica: Replica) -> AsyncGenerator[ChatResult, None]:
-            s = await self.session()
             t0 = time.perf_counter()
-            async with s.post(f"{replica.url}{path}", data=payload, headers=self._headers()) as resp:
+            async with await self._post(replica.url, path, payload) as resp:
                 if resp.status != 200:
                     raise await self._error_from(resp)
                 data = loads(await resp.read())
-                if data is _INVALID:
+                if data is INVALID:
                     raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name)
             res = parse_completion(data, self.name)
             if len(res.choices) != n:
@@ -356,8 +360,7 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
         payload = dumps(body)
 
         async def once(replica: Replica) -> AsyncGenerator[StreamChunk, None]:
-            s = await self.session()
-            async with s.post(f"{replica.url}{path}", data=payload, headers=self._headers()) as resp:
+            async with await self._post(replica.url, path, payload) as resp:
                 if resp.status != 200:
                     raise await self._error_from(resp)
                 finished: set[int] = set()
@@ -398,27 +401,33 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
         async for ch in self._attempts(once):
             yield ch
 
+    async def _get_json(self, base: str, path: str) -> Any:
+        """GET a small JSON document (5 s in all); None when it is not there or not JSON."""
+        async with asyncio.timeout(5):
+            async with await self.connections().request("GET", base, path, headers=self._headers(), timeout_s=5) as resp:
+                body = await resp.read()
+                return None if resp.status != 200 else loads(body)
+
     async def models(self) -> list[str]:
-        s = await self.session()
         for replica in self.replicas:
             try:
-                async with s.get(f"{replica.url}/models", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    if resp.status == 200:
-                        data = await resp.json(content_type=None)
-                        return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+                data = await self._get_json(replica.url, "/models")
+            except (ConnectionError, OSError):  # TimeoutError is an OSError
                 continue
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                return [m["id"] for m in data["data"] if isinstance(m, dict) and "id" in m]
         return []
 
     async def health(self) -> bool:
-        s = await self.session()
         for replica in self.replicas:
             root = replica.url[: -len("/v1")] if replica.url.endswith("/v1") else replica.url
             try:
-                async with s.get(f"{root}/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    if resp.status == 200:
-                        return True
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                async with asyncio.timeout(5):
+                    async with await self.connections().request("GET", root, "/health", timeout_s=5) as resp:
+                        await resp.read()
+                        if resp.status == 200:
+                            return True
+            except (ConnectionError, OSError):
                 continue
         return False
 
@@ -438,12 +447,11 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-async def _sse_events(resp: aiohttp.ClientResponse, backend: str) -> AsyncIterator[dict[str, Any]]:
+async def _sse_events(resp: Response, backend: str) -> AsyncIterator[dict[str, Any]]:
     """Yield JSON payloads of `data:` lines until `[DONE]`; malformed JSON is an error, not silently skipped.
-    Reads what has arrived (iter_any), not line by line: one read for the many events a busy upstream sends in one
-    packet."""
+    Reads what has arrived, not line by line: one read for the many events a busy upstream sends in one packet."""
     buf = b""
-    async for raw in resp.content.iter_any():
+    async for raw in resp.chunks():
         buf = buf + raw if buf else raw
         if b"\n" not in raw:
             continue
@@ -458,30 +466,7 @@ async def _sse_events(resp: aiohttp.ClientResponse, backend: str) -> AsyncIterat
             if payload == b"[DONE]":
                 return
             data = loads(payload)
-            if data is _INVALID:
+            if data is INVALID:
                 raise BackendError(f"upstream {backend} sent invalid JSON in its stream", status=502, retryable=True, backend=backend)
             if isinstance(data, dict):
                 yield data
-
-
-_INVALID = object()
-
-
-def dumps(body: dict[str, Any]) -> bytes:
-    """A request body as JSON bytes: orjson, or json for what orjson refuses (lone surrogates, big ints)."""
-    try:
-        return orjson.dumps(body)
-    except TypeError:
-        return json.dumps(body).encode()
-
-
-def loads(payload: bytes | str) -> Any:
-    """JSON from an upstream, or _INVALID. orjson (several times faster than json) first; what it refuses but json
-    reads (lone surrogates, NaN) still goes through json, so nothing an upstream sends is read differently."""
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(payload)
-        except ValueError:
-            return _INVALID

@@ -21,8 +21,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import aiohttp
-
+from .jsonbody import INVALID, dumps, loads
 from .base import (
     BackendError,
     ChatRequest,
@@ -107,20 +106,20 @@ class HTTPScoring:
     supports_scoring = True  # may: check_scoring asks the upstream
     supports_reward = True
 
-    async def _post_json(self, url: str, body: dict[str, Any]) -> Any:
-        """POST ``body`` to ``url`` (``{v1}``: the replica's base URL, ``{root}``: without ``/v1``) through the
+    async def _post_json(self, path: str, body: dict[str, Any], *, root: bool = False) -> Any:
+        """POST ``body`` to the replica's base URL + ``path`` (``root``: to its URL without ``/v1``) through the
         backend's one retry loop and replica pool; the decoded JSON answer."""
 
+        payload = dumps(body)
+
         async def once(replica: Any) -> AsyncGenerator[Any, None]:
-            s = await self.session()  # type: ignore[attr-defined]
-            target = url.format(v1=replica.url, root=replica.url.removesuffix("/v1"))
-            async with s.post(target, json=body, headers=self._headers()) as resp:  # type: ignore[attr-defined]
+            base = replica.url.removesuffix("/v1") if root else replica.url
+            async with await self._post(base, path, payload) as resp:  # type: ignore[attr-defined]
                 if resp.status != 200:
                     raise await self._error_from(resp)  # type: ignore[attr-defined]
-                try:
-                    data = await resp.json(content_type=None)
-                except (ValueError, aiohttp.ContentTypeError):
-                    raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name) from None  # type: ignore[attr-defined]
+                data = loads(await resp.read())
+                if data is INVALID:
+                    raise BackendError(f"upstream {self.name} returned invalid JSON", status=502, retryable=True, backend=self.name)  # type: ignore[attr-defined]
             yield data
 
         return [d async for d in self._attempts(once)][0]  # type: ignore[attr-defined]
@@ -128,7 +127,7 @@ class HTTPScoring:
     async def score(self, request: ScoreRequest) -> ScoreResult:
         t0 = time.perf_counter()
         name = self.name  # type: ignore[attr-defined]
-        tok = await self._post_json("{root}/tokenize", {"model": request.model, "messages": request.messages, **continues(request.messages)})
+        tok = await self._post_json("/tokenize", {"model": request.model, "messages": request.messages, **continues(request.messages)}, root=True)
         prompt = tok.get("tokens") if isinstance(tok, dict) else None
         if not isinstance(prompt, list):
             raise ScoringUnsupported(f"upstream {name}: /tokenize gave no tokens (not a vLLM server?)", backend=name)
@@ -140,7 +139,7 @@ class HTTPScoring:
                 "add_generation_prompt": False, "continue_final_message": True,
                 "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "return_token_ids": True,
             }
-            return await self._post_json("{v1}/chat/completions", body)
+            return await self._post_json("/chat/completions", body)
 
         answers = await asyncio.gather(*(one(request.continuations[i]) for i in todo))
         fulls = []
@@ -175,9 +174,9 @@ class HTTPScoring:
     async def reward(self, request: RewardRequest) -> RewardResult:
         t0 = time.perf_counter()
         if request.protocol == "vllm_score":
-            data = await self._post_json("{root}/score", {"model": request.model, "text_1": request.query, "text_2": list(request.responses)})
+            data = await self._post_json("/score", {"model": request.model, "text_1": request.query, "text_2": list(request.responses)}, root=True)
         elif request.protocol == "tei_rerank":
-            data = await self._post_json("{root}/rerank", {"query": request.query, "texts": list(request.responses), "raw_scores": True})
+            data = await self._post_json("/rerank", {"query": request.query, "texts": list(request.responses), "raw_scores": True}, root=True)
         else:
             raise ScoringUnsupported(f"unknown reward protocol {request.protocol!r} (vllm_score | tei_rerank)", backend=self.name)  # type: ignore[attr-defined]
         u = data.get("usage") if isinstance(data, dict) else None
