@@ -1,4 +1,4 @@
-"""The upstream HTTP client (backends/transport.py) against real sockets: keep-alive, a stale keep-alive retried once,
+"""The upstream HTTP client (backends/transport.py) against real sockets: keep-alive, a stale keep-alive retried once (idempotent requests only),
 the read timeout, chunked bodies, a slow reader, the pool's limit with cancelled waiters, TLS, header injection.
 
 The raw servers here are asyncio stream servers that write HTTP by hand, so that each test controls exactly what
@@ -67,8 +67,8 @@ async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return True
 
 
-async def get(pool: ConnectionPool, url: str, body: bytes = b"{}") -> tuple[int, bytes]:
-    async with await pool.request("POST", url, "/chat/completions", body=body) as resp:
+async def get(pool: ConnectionPool, url: str, body: bytes = b"{}", method: str = "POST") -> tuple[int, bytes]:
+    async with await pool.request(method, url, "/chat/completions", body=body) as resp:
         return resp.status, await resp.read()
 
 
@@ -105,9 +105,30 @@ async def test_a_reused_connection_dropped_unanswered_is_retried_once_on_a_new_o
 
     async with RawServer(drop_second) as srv:
         pool = ConnectionPool()
-        assert (await get(pool, srv.url))[0] == 200
-        assert (await get(pool, srv.url))[0] == 200  # dropped on the reused connection, answered on a new one
+        assert (await get(pool, srv.url, method="GET"))[0] == 200
+        assert (await get(pool, srv.url, method="GET"))[0] == 200  # dropped on the reused connection, answered on a new one
         assert (srv.connections, srv.requests) == (2, 3)
+        await pool.close()
+
+
+async def test_a_post_dropped_on_a_reused_connection_is_not_resent_by_the_transport():
+    """The server read the POST before dropping it (it may have started a paid generation): whether to send it
+    again is the backend's retry loop's call, counted against max_retries, not a hidden second try here."""
+    async def drop_second(reader, writer, n):
+        if n == 2:
+            return False
+        writer.write(ok())
+        await writer.drain()
+        return True
+
+    async with RawServer(drop_second) as srv:
+        pool = ConnectionPool()
+        assert (await get(pool, srv.url))[0] == 200
+        with pytest.raises(UpstreamDisconnected):
+            await get(pool, srv.url)
+        assert (srv.connections, srv.requests) == (1, 2)
+        assert pool._busy == 0
+        assert (await get(pool, srv.url))[0] == 200  # and the pool goes on, on a new connection
         await pool.close()
 
 

@@ -32,6 +32,7 @@ _HIGH_WATER = 256 * 1024
 # An idle keep-alive connection older than this is closed rather than reused: uvicorn drops idle ones after 5 s, and a
 # request written into a connection the server is closing fails (see the stale-connection retry in request()).
 _KEEPALIVE_S = 4.0
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class UpstreamDisconnected(ConnectionError):
@@ -84,7 +85,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
-        self.headers: dict[str, str] = {}
+        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.head_done = False
@@ -122,7 +123,7 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.raw_headers.append((name, value))  # decoded only if asked for (Response.headers): most never are
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -223,7 +224,14 @@ class Response:
         self._key = key
         self._conn: _Connection | None = conn
         self.status = conn.status
-        self.headers = conn.headers
+        self._raw = conn.raw_headers
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._raw}
+        return self._headers
 
     async def read(self) -> bytes:
         conn = self._conn
@@ -283,6 +291,7 @@ class ConnectionPool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[str, Origin] = {}
+        self._lines: dict[tuple[str, str, str], bytes] = {}
         self.closed = False
 
     def origin(self, base_url: str) -> Origin:
@@ -299,9 +308,11 @@ class ConnectionPool:
             raise UpstreamDisconnected("the connection pool is closed")
         o = self.origin(base_url)
         key = (o.scheme, o.host, o.port)
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (
-            method.encode(), (o.prefix + path).encode("utf-8") or b"/", o.host_header.encode("idna"), self._agent, headers)
-        data = head + (b"Content-Length: %d\r\n\r\n%s" % (len(body), body) if body is not None else b"\r\n")
+        line = self._lines.get((method, base_url, path))
+        if line is None:  # the request line, Host and User-Agent of each endpoint, encoded once
+            line = self._lines[(method, base_url, path)] = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
+                method.encode(), (o.prefix + path).encode("utf-8") or b"/", o.host_header.encode("idna"), self._agent)
+        data = line + headers + (b"Content-Length: %d\r\n\r\n%s" % (len(body), body) if body is not None else b"\r\n")
         await self._acquire()
         try:
             for fresh in (False, True):
@@ -312,9 +323,11 @@ class ConnectionPool:
                         await conn.wait()
                 except UpstreamDisconnected:
                     conn.abort()
-                    # A reused keep-alive connection the server closed as we wrote to it: no answer came, so the
-                    # request never reached it; one more try on a new connection (as urllib3 and aiohttp do).
-                    if conn.requests > 1 and not conn.answered and not fresh:
+                    # A reused keep-alive connection that failed before any answer: most likely the server closed
+                    # it as we wrote, but it may have read the request first. Only an idempotent request gets one
+                    # more try on a new connection here; a POST (a generation, paid for) goes back to the one retry
+                    # loop (backends/http.py), which counts it against max_retries.
+                    if conn.requests > 1 and not conn.answered and not fresh and method in _IDEMPOTENT:
                         continue
                     raise
                 except BaseException:
