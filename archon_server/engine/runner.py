@@ -307,6 +307,29 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return y + bias if bias is not None else y
 
 
+# Fewest rows for which a GEMM's per-row sums run in the same order as in any larger one (see row_exact_linear).
+EXACT_MIN_ROWS = 16
+
+
+def row_exact_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose every row has the same bits however many rows are in ``x``.
+
+    Why: a GEMM library picks its kernel by the row count, and the kernels sum in other orders. Measured on the
+    2-core AMD EPYC (AVX2, float32, MKL through ``F.linear``): 1-3, 5-7 and 9-11 rows give other last bits than the
+    same rows inside 512; from 12 rows on every count agrees, at 1 and 2 threads (oneDNN differs at 1 row, and
+    from MKL at any count). The engine's prefill cuts a prompt into chunks whose size changes with load and with
+    prefix-cache hits (a short tail after a hit), so a short chunk is padded with zero rows to
+    :data:`EXACT_MIN_ROWS` and always goes through the same library: a cached prefix is then bit-identical to one
+    computed in place. The padding costs at most 15 rows of a GEMM, once per chunk.
+    """
+    rows = x.numel() // x.shape[-1]
+    if rows >= EXACT_MIN_ROWS:
+        return F.linear(x, w, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(EXACT_MIN_ROWS - rows, x.shape[-1])])
+    return F.linear(padded, w, bias)[:rows].view(*x.shape[:-1], w.shape[0])
+
+
 class ModelRunner:
     """Weights + forward pass of one model.  Not thread-safe: one worker owns it."""
 
@@ -412,7 +435,11 @@ class ModelRunner:
         if table:
             self.int8 = table  # type: ignore[assignment]
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, small: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, small: bool, bias: torch.Tensor | None = None,
+                exact: bool = False) -> torch.Tensor:
+        """``exact``: a row's result must not depend on how many rows come with it (:func:`row_exact_linear`)."""
+        if exact:
+            return row_exact_linear(x, w, bias)
         if small and self.int8:
             return int8_linear(x, *self.int8[id(w)], bias)  # type: ignore[misc]
         if x.numel() <= self.onednn_max_rows * x.shape[-1]:
@@ -479,16 +506,19 @@ class ModelRunner:
         dev = self.device
         self.forward_calls += 1
         total = max(start) + T
-        cache.reserve(first_slot + B, total)
+        on_grid = bool(kv_grid) and B == 1
+        # On the grid the last block's queries see keys up to the block's end (the later ones masked): the cache
+        # holds that many, so the key count, and with it SDPA's order of sums, never depends on its capacity.
+        cache.reserve(first_slot + B, -(-total // kv_grid) * kv_grid if on_grid else total)
         starts = torch.tensor(start, device=dev, dtype=torch.long)
         pos = starts[:, None] + torch.arange(T, device=dev)  # [B, T]
         ropes = {theta: (c[pos].unsqueeze(1), s_[pos].unsqueeze(1)) for theta, (c, s_) in self.rope.items()}  # [B, 1, T, D]
         rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
         groups = d.heads // d.kv_heads
-        on_grid = bool(kv_grid) and B == 1 and T > 1
         masks = {} if on_grid else {w: self._mask(pos, start, total, groups, w) for w in set(d.windows)}
 
         small = int8 and B * T <= self.int8_max_rows
+        exact = bool(kv_grid)  # the engine's prefill: every row's bits independent of the chunk (row_exact_linear)
         x = self.embed[tokens]  # [B, T, H]
         if d.embed_scale != 1.0:
             x = x * torch.tensor(d.embed_scale, dtype=self.dtype, device=dev)
@@ -496,7 +526,7 @@ class ModelRunner:
         for li, L in enumerate(self.layers):
             cos, sin = ropes[d.layer_rope_theta[li]]
             h = self._rms(x, L["attn_norm"])
-            qkv = self._linear(h, L["qkv"], small, L.get("qkv_bias"))
+            qkv = self._linear(h, L["qkv"], small, L.get("qkv_bias"), exact)
             q = qkv[..., :nq].view(B, T, d.heads, d.head_dim).transpose(1, 2)
             k = qkv[..., nq : nq + nkv].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
             v = qkv[..., nq + nkv :].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
@@ -518,15 +548,15 @@ class ModelRunner:
                 qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
                 a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=masks[d.windows[li]], scale=self.scale)
             a = a.reshape(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)
-            a = self._linear(a, L["o"], small)
+            a = self._linear(a, L["o"], small, exact=exact)
             if d.sandwich_norms:
                 a = self._rms(a, L["post_attn_norm"])
             x = x + a
             h = self._rms(x, L["mlp_norm"])
-            gu = self._linear(h, L["gate_up"], small)
+            gu = self._linear(h, L["gate_up"], small, exact=exact)
             g, u = gu.chunk(2, dim=-1)
             act = F.silu(g) if d.activation == "silu" else F.gelu(g, approximate="tanh")
-            m = self._linear(act * u, L["down"], small)
+            m = self._linear(act * u, L["down"], small, exact=exact)
             if d.sandwich_norms:
                 m = self._rms(m, L["post_mlp_norm"])
             x = x + m
@@ -534,7 +564,8 @@ class ModelRunner:
         for b, s in enumerate(start):
             cache.lengths[first_slot + b] = s + T
         head_in = hidden[:, -1:] if logits == "last" else hidden
-        out = self._linear(head_in, self.lm_head, small and head_in.shape[0] * head_in.shape[1] <= self.int8_max_rows).float()
+        out = self._linear(head_in, self.lm_head, small and head_in.shape[0] * head_in.shape[1] <= self.int8_max_rows,
+                           exact=exact).float()
         return ForwardOutput(logits=out, hidden=hidden)
 
     def _attend_on_grid(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, start: int,
