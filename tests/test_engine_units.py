@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from archon_server.engine.detokenize import IncrementalText, find_stop, stop_holdback
+from archon_server.engine.runner import row_exact_linear
 from archon_server.engine.sampling import RowSampling, choice_seed, draw, filter_logits, make_generator, sample_rows
 
 
@@ -194,3 +195,26 @@ def test_the_loading_thread_ends_and_hands_back_result_or_error():
     with pytest.raises(KeyError, match="boom"):
         in_fresh_thread(lambda: {}["boom"])
     assert not [t for t in threading.enumerate() if t.name == "archon-engine-loader"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_exact_linear_gives_a_row_the_same_bits_whatever_rows_come_with_it(dtype):
+    """The prefill's linears: a chunk of any size (a short tail after a prefix-cache hit included) computes each
+    row exactly as the row inside a long chunk, with and without bias, at 1 and 2 threads (plain F.linear does not
+    on AVX2 float32: MKL's kernels for 1-3, 5-7, 9-11 rows sum in another order)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1728, 576, generator=g).to(dtype)
+    bias = torch.randn(1728, generator=g).to(dtype)
+    x = torch.randn(1, 300, 576, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            for b in (None, bias):
+                whole = row_exact_linear(x, w, b)
+                for start, rows in ((0, 1), (5, 2), (17, 3), (40, 7), (64, 11), (100, 12), (200, 16), (250, 50)):
+                    part = row_exact_linear(x[:, start : start + rows], w, b)
+                    assert part.shape == (1, rows, 1728)
+                    assert torch.equal(part, whole[:, start : start + rows])
+    finally:
+        torch.set_num_threads(threads)
