@@ -95,14 +95,15 @@ async def test_connection_close_and_http_1_0_are_not_reused():
         await pool.close()
 
 
-async def test_a_reused_connection_dropped_unanswered_is_retried_once_on_a_new_one():
-    async def drop_second(reader, writer, n):
-        if n == 2:  # the keep-alive race: the server closes the idle connection just as the request arrives
-            return False
-        writer.write(ok())
-        await writer.drain()
-        return True
+async def drop_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+    if n == 2:  # the keep-alive race: the server closes the idle connection just as the request arrives
+        return False
+    writer.write(ok())
+    await writer.drain()
+    return True
 
+
+async def test_a_reused_connection_dropped_unanswered_is_retried_once_on_a_new_one():
     async with RawServer(drop_second) as srv:
         pool = ConnectionPool()
         assert (await get(pool, srv.url, method="GET"))[0] == 200
@@ -114,13 +115,6 @@ async def test_a_reused_connection_dropped_unanswered_is_retried_once_on_a_new_o
 async def test_a_post_dropped_on_a_reused_connection_is_not_resent_by_the_transport():
     """The server read the POST before dropping it (it may have started a paid generation): whether to send it
     again is the backend's retry loop's call, counted against max_retries, not a hidden second try here."""
-    async def drop_second(reader, writer, n):
-        if n == 2:
-            return False
-        writer.write(ok())
-        await writer.drain()
-        return True
-
     async with RawServer(drop_second) as srv:
         pool = ConnectionPool()
         assert (await get(pool, srv.url))[0] == 200
