@@ -498,8 +498,8 @@ class ModelRunner:
         (every position, for speculative verification).  ``int8=False``: never the int8 weights (the
         engine's prefill, so a prompt's K/V does not depend on how it was cut into chunks).
         ``kv_grid``: for one row, attend in query blocks of ``kv_grid`` positions aligned at 0, each over
-        keys ``0 .. its block's end`` (see :meth:`_attend_on_grid`): the engine's prefill, with the prefix
-        cache's block size.
+        keys ``0 .. its block's end`` (see :meth:`_attend_on_grid`), and every linear through
+        :func:`row_exact_linear` (neither int8 nor oneDNN): the engine's prefill, with the prefix cache's block size.
         """
         d = self.dims
         B, T = tokens.shape
