@@ -68,6 +68,25 @@ def _check_bookkeeping(study: optuna.Study, n: int) -> None:
                 retried_from(r) == t.number for r in trials), t
 
 
+def test_retried_from_names_the_direct_predecessor_in_a_retry_chain() -> None:
+    """A retry of a retry re-runs the retry, not the original (Optuna's ``failed_trial`` names the original)."""
+    callback = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+    first = study.ask(dist)
+    study.tell(first, state=TrialState.FAIL)
+    callback(study, study.trials[first.number])
+    retry = study.trials[-1]
+    assert retried_from(retry) == first.number
+    second = study.ask()  # takes the WAITING retry
+    assert second.number == retry.number and second.params == first.params
+    study.tell(second, state=TrialState.FAIL)
+    callback(study, study.trials[second.number])
+    assert retried_from(study.trials[-1]) == second.number
+    assert retried_from(study.trials[-1]) != optuna.storages.RetryFailedTrialCallback.retried_trial_number(study.trials[-1])
+    assert retried_from(study.trials[first.number]) is None
+
+
 def test_two_workers_share_one_study_then_export(tmp_path: Path, storage_url: str) -> None:
     cfg = _config(tmp_path, step_sleep_s=0.08)  # ~1 s per trial: the second process starts before the first is done
     url = storage_url

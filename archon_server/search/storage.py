@@ -56,7 +56,15 @@ def retry_callback(max_retry: int | None) -> Any:
 
 
 def retried_from(trial: optuna.trial.FrozenTrial) -> int | None:
-    """Number of the dead trial this one re-runs (set by the retry callback), else None."""
+    """Number of the dead trial this one re-runs (set by the retry callback), else None.
+
+    Optuna's retry callback keeps ``failed_trial`` at the *first* trial of a chain (a retry of a retry still names
+    the original), and appends every dead predecessor to ``retry_history``; the trial this one directly re-runs is
+    the last of that history.
+    """
+    history = trial.system_attrs.get("retry_history")
+    if history:
+        return int(history[-1])
     n = trial.system_attrs.get("failed_trial")
     return int(n) if n is not None else None
 
