@@ -111,6 +111,30 @@ async def load(url: str, arch: str, clients: int, seconds: float) -> tuple[list[
     return lat, crit
 
 
+async def load_direct(up_url: str, clients: int, seconds: float) -> int:
+    """Requests answered when ``clients`` workers call the fake upstream directly (one plain chat call each): the
+    upstream's own throughput at this client count, the ceiling the server's calls share."""
+    done = 0
+    stop = time.perf_counter() + seconds
+    conn = aiohttp.TCPConnector(limit=clients + 8)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+
+        async def worker(i: int) -> None:
+            nonlocal done
+            k = 0
+            while time.perf_counter() < stop:
+                body = {"model": "fake", "messages": [{"role": "user", "content": f"client {i} request {k}"}]}
+                async with s.post(up_url + "/v1/chat/completions", json=body) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"status {r.status}")
+                done += 1
+                k += 1
+
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+    return done
+
+
 PROBE = "name: stream-probe\ndescription: one streamed generator call (benchmarks/overhead.py --stream)\nlayers:\n  - - {type: generator, model: default}\n"
 
 
@@ -191,12 +215,12 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--clients", default="1,8,32,200")
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--archs", default=None, help="default moa-lite,moa,archon-rank-critic-fuse; with --stream stream-probe,self-moa")
+    ap.add_argument("--archs", default=None, help="default moa-lite,moa,archon-rank-critic-fuse,self-moa; with --stream stream-probe,self-moa")
     ap.add_argument("--stream", action="store_true", help="streamed requests: server CPU per forwarded token vs the upstream's")
     ap.add_argument("--tokens", type=int, default=256, help="--stream: tokens in each streamed answer")
     ap.add_argument("--profile", default=None, help="run the server under cProfile, stats to this file (pstats)")
     a = ap.parse_args()
-    a.archs = a.archs or ("stream-probe,self-moa" if a.stream else "moa-lite,moa,archon-rank-critic-fuse")
+    a.archs = a.archs or ("stream-probe,self-moa" if a.stream else "moa-lite,moa,archon-rank-critic-fuse,self-moa")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     up_port, srv_port = free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(a.latency), str(up_port), str(a.tokens if a.stream else 0)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -216,13 +240,16 @@ def main() -> None:
     url = f"http://127.0.0.1:{srv_port}"
     try:
         asyncio.run(wait_http(url + "/health"))
+        up = f"http://127.0.0.1:{up_port}"
         if a.stream:
-            stream_table(a, url, f"http://127.0.0.1:{up_port}", server.pid, upstream.pid)
+            stream_table(a, url, up, server.pid, upstream.pid)
             return
         print(f"fake upstream latency {a.latency * 1000:.0f} ms; {a.seconds:.0f} s per cell")
         print("ratio = end-to-end latency / critical path measured in the trace (sum of each layer's slowest call);")
         print("nominal = end-to-end latency / (layers x upstream latency); +ms = added over the traced critical path")
-        print(f"{'architecture':26} {'clients':>7} {'ratio p50':>9} {'nominal':>8} {'req/s':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/call':>11} {'peak RSS MB':>11}")
+        print("vs direct = req/s / (direct upstream req/s at the same client count / layers): 1.0 when the server costs")
+        print("nothing (issue 20: self-moa >= 0.8); direct = the same clients calling the fake upstream themselves, same run")
+        print(f"{'architecture':26} {'clients':>7} {'ratio p50':>9} {'nominal':>8} {'req/s':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/call':>11} {'peak RSS MB':>11} {'direct req/s':>12} {'vs direct':>9}")
         for arch in a.archs.split(","):
             nominal = depth(arch) * a.latency
             for c in [int(x) for x in a.clients.split(",")]:
@@ -236,9 +263,13 @@ def main() -> None:
                 ratio = statistics.median(x / y for x, y in zip(lat, crit))
                 p50 = statistics.median(lat)
                 per_call = cpu / (len(lat) * calls(arch)) * 1000
+                _run(load_direct(up, min(c, 4), 0.5))
+                t1 = time.perf_counter()
+                direct = _run(load_direct(up, c, a.seconds)) / (time.perf_counter() - t1)
                 print(
                     f"{arch:26} {c:7d} {ratio:9.3f} {p50 / nominal:8.3f} {len(lat) / wall:8.1f} {statistics.median(added) * 1000:8.1f} "
-                    f"{added[min(len(added) - 1, int(0.99 * len(added)))] * 1000:8.1f} {per_call:11.3f} {peak_rss_mb(server.pid):11.1f}",
+                    f"{added[min(len(added) - 1, int(0.99 * len(added)))] * 1000:8.1f} {per_call:11.3f} {peak_rss_mb(server.pid):11.1f} "
+                    f"{direct:12.1f} {len(lat) / wall / (direct / depth(arch)):9.2f}",
                     flush=True,
                 )
     finally:

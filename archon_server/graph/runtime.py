@@ -107,6 +107,19 @@ def final_choices(cands: list[Candidate], rule: str, n: int) -> list[Candidate]:
     return cands[: max(n, 1)]
 
 
+async def _run_all(comps: list[Any], ctxs: list[ComponentContext], state: State) -> list[Any]:
+    """Every component of a layer concurrently, each one's Update or exception in its place. A layer of one
+    component (most final stages) is awaited in this task: a task per layer was a visible cost per request."""
+    if len(comps) == 1:
+        try:
+            return [await comps[0].run(ctxs[0], state)]
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded as the layer's failure, as gather(return_exceptions) would
+            return [e]
+    return await asyncio.gather(*(c.run(x, state) for c, x in zip(comps, ctxs)), return_exceptions=True)
+
+
 class GraphRuntime:
     def __init__(self, registry: BackendRegistry):
         self.registry = registry
@@ -161,7 +174,8 @@ class GraphRuntime:
             raise GraphError(f"architecture {spec.name!r} cannot run its scorer: {'; '.join(unable)}", status=400)
         final = final or overrides_from(params) or FinalOverrides()
         trace = Trace(spec.name, observer=observer)
-        trace.emit({"type": "run_started", "architecture": spec.name, "graph": graph_outline(spec)})
+        if observer is not None:  # the outline is built only for a live view
+            trace.emit({"type": "run_started", "architecture": spec.name, "graph": graph_outline(spec)})
         deadline = deadline_s if deadline_s is not None else spec.deadline_s
         if spec.deadline_s is not None and deadline is not None:
             deadline = min(deadline, spec.deadline_s)
@@ -200,7 +214,7 @@ class GraphRuntime:
                 for j, comp in enumerate(comps)
             ]
             t0 = time.perf_counter()
-            results = await asyncio.gather(*(c.run(x, state) for c, x in zip(comps, ctxs)), return_exceptions=True)
+            results = await _run_all(comps, ctxs, state)
             lt.latency_s = time.perf_counter() - t0
             updates: list[Update] = []
             for comp, r in zip(comps, results):

@@ -184,7 +184,7 @@ class ChatService:
             return
         trace = res.trace if res is not None else err.trace  # type: ignore[union-attr]
         self.traces.add(entry(cid, model, messages, status=status, stream=stream,
-                              trace=trace.to_dict() if trace else None, answers=res.choices if res else None,
+                              trace=trace, answers=res.choices if res else None,
                               error=str(err) if err else None))
 
     # -- the one run path (chat, responses and completions all come through here) ---------------

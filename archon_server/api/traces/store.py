@@ -1,6 +1,11 @@
 """The last N requests' traces, in memory (``server.keep_traces``; 0 keeps none), for the console and /v1/traces.
 
 Bounded by count, oldest dropped first. Only this process's requests; nothing is written to disk.
+
+A request's :class:`Trace` is kept as the object and made into JSON-ready dicts only when someone reads it (the
+console, ``GET /v1/traces``): serializing every request's trace up front was a visible share of the server's CPU per
+request, for traces that are mostly never read. A finished trace is not changed afterwards, so reading it later gives
+what it would have given then.
 """
 
 from __future__ import annotations
@@ -8,6 +13,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from typing import Any
+
+from ...components.trace import Trace
 
 # A kept request's messages are for showing what was asked, not for replay: cut long ones.
 MAX_MESSAGE_CHARS = 20_000
@@ -33,13 +40,16 @@ class TraceStore:
             self._items.popitem(last=False)
 
     def get(self, trace_id: str) -> dict[str, Any] | None:
-        return self._items.get(trace_id)
+        e = self._items.get(trace_id)
+        if e is not None:
+            _materialize(e)
+        return e
 
     def summaries(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Newest first, without the bulky parts (trace, messages): what a list shows."""
         out = []
         for e in reversed(self._items.values()):
-            tr = e.get("trace") or {}
+            tr = _materialize(e).get("trace") or {}
             out.append({
                 "id": e["id"], "created": e["created"], "model": e["model"], "status": e["status"],
                 "http_status": e.get("http_status"), "stream": e.get("stream", False), "prompt": e.get("prompt", "")[:200],
@@ -51,9 +61,17 @@ class TraceStore:
         return out
 
 
+def _materialize(e: dict[str, Any]) -> dict[str, Any]:
+    """The entry with its trace as JSON-ready dicts (made once, on the first read)."""
+    if isinstance(e.get("trace"), Trace):
+        e["trace"] = e["trace"].to_dict()
+    return e
+
+
 def entry(trace_id: str, model: str, messages: list[dict[str, Any]], *, status: int, stream: bool,
-          trace: dict[str, Any] | None, answers: list[str] | None = None, error: str | None = None) -> dict[str, Any]:
-    """The record the store keeps for one request (JSON-ready: the console downloads it as is)."""
+          trace: Trace | dict[str, Any] | None, answers: list[str] | None = None, error: str | None = None) -> dict[str, Any]:
+    """The record the store keeps for one request (JSON-ready once read from the store: the console downloads it as
+    is). ``trace``: the finished request's Trace (made into dicts when first read), or its dicts."""
     msgs = [{"role": m.get("role", ""), "content": str(m.get("content") or "")[:MAX_MESSAGE_CHARS]} for m in messages]
     prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"] if msgs else "")
     return {"id": trace_id, "object": "trace", "created": int(time.time()), "model": model,
