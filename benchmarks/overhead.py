@@ -72,6 +72,14 @@ def calls(arch: str) -> int:
     return load_architecture(ROOT / "architectures" / f"{arch}.yaml").backend_calls_estimate()
 
 
+def vs_direct(rps: float, direct: float, arch: str) -> str:
+    """req/s ÷ (direct upstream req/s ÷ layers), for an architecture of one call per layer (self-moa: issue 20's
+    measure). With more calls than layers the upstream's capacity, not its latency, caps the ideal: not comparable."""
+    if calls(arch) != depth(arch):
+        return f"{'-':>9}"
+    return f"{rps / (direct / depth(arch)):9.2f}"
+
+
 async def wait_http(url: str, timeout: float = 60) -> None:
     t0 = time.time()
     async with aiohttp.ClientSession() as s:
@@ -247,8 +255,8 @@ def main() -> None:
         print(f"fake upstream latency {a.latency * 1000:.0f} ms; {a.seconds:.0f} s per cell")
         print("ratio = end-to-end latency / critical path measured in the trace (sum of each layer's slowest call);")
         print("nominal = end-to-end latency / (layers x upstream latency); +ms = added over the traced critical path")
-        print("vs direct = req/s / (direct upstream req/s at the same client count / layers): 1.0 when the server costs")
-        print("nothing (issue 20: self-moa >= 0.8); direct = the same clients calling the fake upstream themselves, same run")
+        print("vs direct = req/s / (direct upstream req/s at the same client count / layers), for one call per layer: 1.0")
+        print("when the server costs nothing (issue 20: self-moa >= 0.8); direct = the same clients calling the fake upstream")
         print(f"{'architecture':26} {'clients':>7} {'ratio p50':>9} {'nominal':>8} {'req/s':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/call':>11} {'peak RSS MB':>11} {'direct req/s':>12} {'vs direct':>9}")
         for arch in a.archs.split(","):
             nominal = depth(arch) * a.latency
@@ -269,7 +277,7 @@ def main() -> None:
                 print(
                     f"{arch:26} {c:7d} {ratio:9.3f} {p50 / nominal:8.3f} {len(lat) / wall:8.1f} {statistics.median(added) * 1000:8.1f} "
                     f"{added[min(len(added) - 1, int(0.99 * len(added)))] * 1000:8.1f} {per_call:11.3f} {peak_rss_mb(server.pid):11.1f} "
-                    f"{direct:12.1f} {len(lat) / wall / (direct / depth(arch)):9.2f}",
+                    f"{direct:12.1f} {vs_direct(len(lat) / wall, direct, arch)}",
                     flush=True,
                 )
     finally:
