@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -94,10 +96,10 @@ async def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def load(url: str, arch: str, clients: int, seconds: float) -> tuple[list[float], list[float]]:
-    """Latencies and, per request, its critical path from the trace (sum over layers of the slowest call)."""
-    lat: list[float] = []
-    crit: list[float] = []
+async def drive(url: str, clients: int, seconds: float, body: Callable[[int, int], dict[str, Any]],
+                on_response: Callable[[aiohttp.ClientResponse, float], Awaitable[None]]) -> None:
+    """The closed loop every table uses: ``clients`` workers, each POSTing ``body(worker, k)`` to ``url``'s chat
+    completions until ``seconds`` have passed; ``on_response(response, start)`` reads each answer (not 200: an error)."""
     stop = time.perf_counter() + seconds
     conn = aiohttp.TCPConnector(limit=clients + 8)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
@@ -105,17 +107,32 @@ async def load(url: str, arch: str, clients: int, seconds: float) -> tuple[list[
         async def worker(i: int) -> None:
             k = 0
             while time.perf_counter() < stop:
-                body = {"model": arch, "messages": [{"role": "user", "content": f"client {i} request {k}"}], "return_trace": True}
                 t0 = time.perf_counter()
-                async with s.post(url + "/v1/chat/completions", json=body) as r:
-                    data = await r.json()
+                async with s.post(url + "/v1/chat/completions", json=body(i, k)) as r:
                     if r.status != 200:
-                        raise RuntimeError(f"status {r.status}")
-                lat.append(time.perf_counter() - t0)
-                crit.append(sum(max(c["latency_s"] for c in layer["calls"]) for layer in data["trace"]["layers"] if layer["calls"]))
+                        raise RuntimeError(f"status {r.status}: {await r.text()}")
+                    await on_response(r, t0)
                 k += 1
 
         await asyncio.gather(*(worker(i) for i in range(clients)))
+
+
+def ask(model: str, **extra: Any) -> Callable[[int, int], dict[str, Any]]:
+    """Request k of worker i: a user message unique to it (no cache anywhere answers it)."""
+    return lambda i, k: {"model": model, "messages": [{"role": "user", "content": f"client {i} request {k}"}], **extra}
+
+
+async def load(url: str, arch: str, clients: int, seconds: float) -> tuple[list[float], list[float]]:
+    """Latencies and, per request, its critical path from the trace (sum over layers of the slowest call)."""
+    lat: list[float] = []
+    crit: list[float] = []
+
+    async def got(r: aiohttp.ClientResponse, t0: float) -> None:
+        data = await r.json()
+        lat.append(time.perf_counter() - t0)
+        crit.append(sum(max(c["latency_s"] for c in layer["calls"]) for layer in data["trace"]["layers"] if layer["calls"]))
+
+    await drive(url, clients, seconds, ask(arch, return_trace=True), got)
     return lat, crit
 
 
@@ -123,23 +140,13 @@ async def load_direct(up_url: str, clients: int, seconds: float) -> int:
     """Requests answered when ``clients`` workers call the fake upstream directly (one plain chat call each): the
     upstream's own throughput at this client count, the ceiling the server's calls share."""
     done = 0
-    stop = time.perf_counter() + seconds
-    conn = aiohttp.TCPConnector(limit=clients + 8)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
 
-        async def worker(i: int) -> None:
-            nonlocal done
-            k = 0
-            while time.perf_counter() < stop:
-                body = {"model": "fake", "messages": [{"role": "user", "content": f"client {i} request {k}"}]}
-                async with s.post(up_url + "/v1/chat/completions", json=body) as r:
-                    await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"status {r.status}")
-                done += 1
-                k += 1
+    async def got(r: aiohttp.ClientResponse, t0: float) -> None:
+        nonlocal done
+        await r.read()
+        done += 1
 
-        await asyncio.gather(*(worker(i) for i in range(clients)))
+    await drive(up_url, clients, seconds, ask("fake"), got)
     return done
 
 
@@ -160,25 +167,14 @@ async def load_stream(url: str, model: str, clients: int, seconds: float) -> tup
     """Streamed requests from ``clients`` workers for ``seconds``: latencies and the tokens received."""
     lat: list[float] = []
     tokens = 0
-    stop = time.perf_counter() + seconds
-    conn = aiohttp.TCPConnector(limit=clients + 8)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
 
-        async def worker(i: int) -> None:
-            nonlocal tokens
-            k = 0
-            while time.perf_counter() < stop:
-                body = {"model": model, "messages": [{"role": "user", "content": f"client {i} request {k}"}], "stream": True}
-                t0 = time.perf_counter()
-                async with s.post(url + "/v1/chat/completions", json=body) as r:
-                    if r.status != 200:
-                        raise RuntimeError(f"status {r.status}: {await r.text()}")
-                    got = await read_stream(r)  # not `tokens += await ...`: that reads `tokens` before the await
-                tokens += got
-                lat.append(time.perf_counter() - t0)
-                k += 1
+    async def got(r: aiohttp.ClientResponse, t0: float) -> None:
+        nonlocal tokens
+        n = await read_stream(r)  # not `tokens += await ...`: that reads `tokens` before the await
+        tokens += n
+        lat.append(time.perf_counter() - t0)
 
-        await asyncio.gather(*(worker(i) for i in range(clients)))
+    await drive(url, clients, seconds, ask(model, stream=True), got)
     return lat, tokens
 
 
