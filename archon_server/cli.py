@@ -10,7 +10,9 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -47,30 +49,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers
     if workers < 1:
         _die(f"--workers: must be >= 1, got {workers}")
-    if workers > 1:
-        # A worker is a whole server process with its own pools. Backends that live inside the server (the embedded
-        # engine, managed vLLM processes) would be loaded or launched once per worker: refused rather than duplicated.
-        inside = [f"{b.alias} (kind: {b.kind})" for b in cfg.backends if b.kind != "openai"]
-        if inside:
-            _die(f"--workers {workers}: backend(s) {', '.join(inside)} run inside the server process and would be loaded once "
-                 "per worker; use --workers 1, or serve them on their own (`archon serve`, vLLM) and point a `kind: openai` "
-                 "backend at them")
-    app = build_app(cfg)  # also in the parent with --workers: a bad config fails here, once, before any worker starts
-    names = app.state.catalog.names()
+    if workers == 1:
+        app = build_app(cfg)
+        _announce(app, cfg, host, port)
+        _settle_gc()
+        uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
+        return 0
+    return _serve_workers(args, cfg, host, port)
+
+
+def _announce(app: Any, cfg: Any, host: str, port: int) -> None:
     print(f"archon-server on http://{host}:{port}/v1", flush=True)
-    print(f"  architectures: {', '.join(names)}", flush=True)
+    print(f"  architectures: {', '.join(app.state.catalog.names())}", flush=True)
     print(f"  backends: {', '.join(f'{b.alias} ({b.kind}: {b.model})' for b in cfg.backends)}", flush=True)
     if cfg.server.default_architecture:
         print(f"  default model: {cfg.server.default_architecture}", flush=True)
-    _settle_gc()
-    # uvloop and httptools (uvicorn[standard]) by name: "auto" would fall back to asyncio/h11 silently if they broke.
-    if workers > 1:
-        print(f"  workers: {workers} (each with its own pools, metrics and trace store)", flush=True)
-        os.environ[_WORKER_ENV] = json.dumps({"config": args.config, "architectures": args.architectures})
-        uvicorn.run("archon_server.cli:worker_app", factory=True, workers=workers, host=host, port=port,
+
+
+def _serve_workers(args: argparse.Namespace, cfg: Any, host: str, port: int) -> int:
+    """``--workers N``: N uvicorn worker processes on one port, each with its own pools. ``/metrics`` sums all workers
+    (prometheus_client's multiprocess mode, api/metrics.py); each keeps its requests' traces and answers the others
+    for them, so /v1/traces and the console show all (api/traces/peers.py).
+    Backends that live inside a server process (the embedded engine, managed vLLM) are not loaded N times: one
+    backend host process runs them and every worker calls it (backends/shared.py), so requests of all workers
+    meet in one engine and batch together."""
+    import uvicorn
+
+    from .api.app import build_app
+    from .api.metrics import MULTIPROC_ENV
+    from .backends.host import BackendHostFailed, BackendHostProcess
+    from .backends.registry import IN_PROCESS_KINDS, build_registry
+
+    hosted = [b.alias for b in cfg.backends if b.kind in IN_PROCESS_KINDS]
+    # The workers' metrics directory is theirs: a managed vLLM under the host would write its own metrics into it.
+    host_env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
+    backend_host = BackendHostProcess(args.config, env=host_env) if hosted else None
+    socket = backend_host.socket if backend_host else None
+    peers = tempfile.mkdtemp(prefix="archon-traces-")  # 0700: where the workers answer each other for their traces
+    # The workers' metrics in one place (api/metrics.py); a directory the user set is theirs to keep and wipe.
+    own_metrics_dir = None if os.environ.get(MULTIPROC_ENV) else tempfile.mkdtemp(prefix="archon-metrics-")
+    if own_metrics_dir is not None:
+        os.environ[MULTIPROC_ENV] = own_metrics_dir
+    try:
+        # A bad config fails here, once, before anything starts (the hosted backends' own options: in the host, below).
+        app = build_app(cfg, build_registry(cfg, shared=socket))
+        _announce(app, cfg, host, port)
+        print(f"  workers: {args.workers} (each with its own pools; /metrics and /v1/traces: of all workers)", flush=True)
+        if backend_host is not None:
+            try:
+                backend_host.start()
+            except BackendHostFailed as e:
+                _die(f"--workers {args.workers}: {e}")
+            print(f"  backend host: pid {backend_host.proc.pid if backend_host.proc else '?'} runs {', '.join(hosted)} "
+                  f"once for all workers", flush=True)
+        os.environ[_WORKER_ENV] = json.dumps({"config": args.config, "architectures": args.architectures, "shared": socket,
+                                              "trace_peers": peers})
+        _settle_gc()
+        uvicorn.run("archon_server.cli:worker_app", factory=True, workers=args.workers, host=host, port=port,
                     log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
-        return 0
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
+    finally:
+        if backend_host is not None:
+            backend_host.stop()
+        shutil.rmtree(peers, ignore_errors=True)
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -80,12 +122,13 @@ _WORKER_ENV = "ARCHON_SERVE_WORKER"  # `archon serve --workers N` -> each worker
 def worker_app() -> Any:
     """One `--workers` process's app (uvicorn's factory): the same config the parent checked, built here."""
     from .api.app import build_app
+    from .backends.registry import build_registry
 
     spec = json.loads(os.environ[_WORKER_ENV])
     cfg = load_config(spec["config"])
     if spec["architectures"]:
         cfg.architectures_dirs = list(spec["architectures"])
-    app = build_app(cfg)
+    app = build_app(cfg, build_registry(cfg, shared=spec["shared"]), trace_peers=spec["trace_peers"])
     _settle_gc()
     return app
 
@@ -108,6 +151,7 @@ def _settle_gc() -> None:
 
 
 def _fast_io() -> dict[str, str]:
+    """uvloop and httptools (uvicorn[standard]) by name: "auto" would fall back to asyncio/h11 silently if they broke."""
     out = {}
     for key, mod in (("loop", "uvloop"), ("http", "httptools")):
         if importlib.util.find_spec(mod) is not None:
@@ -215,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--architectures", action="append", help="folder of architecture files (repeatable)")
     s.add_argument("--log-level", default="info")
     s.add_argument("--workers", type=int, default=1,
-                   help="server processes sharing the port (multi-core hosts); only with `kind: openai` backends")
+                   help="server processes sharing the port (multi-core hosts); the embedded engine and managed vLLM run once, "
+                        "in one backend host process all of them call")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("run", help="run one prompt through an architecture; prints the answer (and the trace)")

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from archon_server.config import PRESET_ALIASES  # noqa: E402
 from archon_server.spec import load_architecture  # noqa: E402
+from archon_server.testing.procs import descendants  # noqa: E402
 from archon_server.testing.upstream import free_port  # noqa: E402
 
 UPSTREAM = """
@@ -54,16 +55,33 @@ sys.stdin.read()
 """
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (``--workers``: uvicorn's supervisor and its worker processes)."""
+    return [pid, *descendants(pid)]
+
+
 def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the server: the process and its workers."""
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak resident memory of the server, summed over its processes."""
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(ln.split()[1]) / 1024 for ln in status.splitlines() if ln.startswith("VmHWM:")), 0.0)
+    return total
 
 
 def depth(arch: str) -> int:
@@ -223,6 +241,7 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="streamed requests: server CPU per forwarded token vs the upstream's")
     ap.add_argument("--tokens", type=int, default=256, help="--stream: tokens in each streamed answer")
     ap.add_argument("--profile", default=None, help="run the server under cProfile, stats to this file (pstats)")
+    ap.add_argument("--workers", type=int, default=1, help="`archon serve --workers N` (CPU and RSS: all its processes)")
     a = ap.parse_args()
     a.archs = a.archs or ("stream-probe,self-moa" if a.stream else "moa-lite,moa,archon-rank-critic-fuse,self-moa")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -240,7 +259,8 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(cfg, f)
     prof = ["-m", "cProfile", "-o", a.profile] if a.profile else []  # written when the server exits (SIGTERM)
-    server = subprocess.Popen([sys.executable, *prof, "-m", "archon_server", "serve", "-c", f.name, "--port", str(srv_port), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, *prof, "-m", "archon_server", "serve", "-c", f.name, "--port", str(srv_port), "--log-level", "warning",
+                               "--workers", str(a.workers)], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{srv_port}"
     try:
         asyncio.run(wait_http(url + "/health"))
@@ -248,7 +268,8 @@ def main() -> None:
         if a.stream:
             stream_table(a, url, up, server.pid, upstream.pid)
             return
-        print(f"fake upstream latency {a.latency * 1000:.0f} ms; {a.seconds:.0f} s per cell")
+        print(f"fake upstream latency {a.latency * 1000:.0f} ms; {a.seconds:.0f} s per cell; server workers {a.workers}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print("ratio = end-to-end latency / critical path measured in the trace (sum of each layer's slowest call);")
         print("nominal = end-to-end latency / (layers x upstream latency); +ms = added over the traced critical path")
         print("vs direct = req/s / (direct upstream req/s at the same client count / layers), for one call per layer: 1.0")

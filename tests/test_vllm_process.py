@@ -19,18 +19,10 @@ import pytest
 
 from archon_server.backends.base import BackendError, ChatRequest, SamplingParams
 from archon_server.backends.vllm_managed import VLLMManagedBackend, VLLMOptions, build_command
+from archon_server.testing.procs import alive
 
 FAKE = str(Path(__file__).with_name("_vllm_fake_server.py"))
 FAKE_CMD = [sys.executable, FAKE, "{args}"]
-
-
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (PID 1 in a container may never reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 async def wait_until(cond, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ import yaml
 
 from archon_server.config import PRESET_ALIASES
 from archon_server.testing.server import serve_process
+from archon_server.testing.procs import alive, descendants
 
 from archon_server.backends.vllm_managed import vllm_missing
 from conftest import needs
@@ -25,35 +26,6 @@ from conftest import needs
 ROOT = Path(__file__).resolve().parent.parent
 _missing = vllm_missing()
 pytestmark = [pytest.mark.vllm, needs("vLLM", _missing), pytest.mark.timeout(1200)]
-
-
-def descendants(pid: int) -> set[int]:
-    """All live descendants of ``pid`` (from /proc; zombies excluded)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -41,6 +41,7 @@ from .models.api_router import router as models_router
 from .responses.api_router import router as responses_router
 from .responses.serving import ResponsesService
 from .traces.api_router import router as traces_router
+from .traces.peers import TracePeers
 from .traces.store import TraceStore
 from .ui.api_router import is_public, mount_ui
 
@@ -66,9 +67,11 @@ class StartupGate:
 
 
 def build_app(
-    config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None
+    config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None,
+    trace_peers: str | None = None,
 ) -> FastAPI:
-    """``catalog``: default, the config's architecture folders; a mapping is a fixed set of architectures."""
+    """``catalog``: default, the config's architecture folders; a mapping is a fixed set of architectures.
+    ``trace_peers``: with ``--workers N``, the directory where the workers answer each other for their traces."""
     registry = registry or build_registry(config)
     if catalog is None:
         catalog = Catalog(config.architectures_dirs, registry)
@@ -98,9 +101,14 @@ def build_app(
             for problem in await chat.runtime.scoring_problems(spec, probe=False):
                 log.warning("architecture %r will refuse requests: its scorer needs what %s", name, problem)
         trimmer = asyncio.ensure_future(trim_when_idle(lambda: chat.admitted, lambda: chat.inflight))
+        peers: TracePeers | None = app.state.trace_peers
+        if peers is not None:
+            await peers.start()
         try:
             yield
         finally:
+            if peers is not None:
+                await peers.close()
             trimmer.cancel()
             ready.cancel()
             await registry.close()
@@ -118,6 +126,7 @@ def build_app(
     app.state.responses = ResponsesService(app.state.chat)
     app.state.completions = CompletionsService(app.state.chat)
     app.state.traces = app.state.chat.traces
+    app.state.trace_peers = TracePeers(trace_peers, app.state.traces) if trace_peers else None
     app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
@@ -147,7 +156,7 @@ def build_app(
     # Documented as text/plain (Prometheus' exposition format), so schema-driven clients and fuzzers agree with it.
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prom(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     chat: ChatService = app.state.chat
 

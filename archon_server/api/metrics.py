@@ -1,14 +1,23 @@
-"""Prometheus metrics (one registry per app, so several apps can live in one process)."""
+"""Prometheus metrics (one registry per app, so several apps can live in one process).
+
+With ``archon serve --workers N`` the workers count together: the parent points ``PROMETHEUS_MULTIPROC_DIR`` at a
+fresh directory, prometheus_client keeps every worker's values in files there (its multiprocess mode), and whichever
+worker answers ``/metrics`` reports the sums, so a counter does not jump between scrapes that different workers
+answer.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from ..backends.base import numeric_stats
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode: read when it is first imported
 
 
 class BackendStats:
@@ -30,17 +39,53 @@ class BackendStats:
         yield from families.values()
 
 
+def _forget_dead_workers(path: str) -> None:
+    """Drop the live-only gauges (in-flight requests) of worker processes that died: uvicorn restarts a crashed
+    worker under a new pid, and the old one's files would keep its last in-flight count in the sum for good
+    (prometheus_client leaves calling ``mark_process_dead`` to the server)."""
+    from prometheus_client import multiprocess
+
+    for name in os.listdir(path):
+        if not name.startswith("gauge_live"):
+            continue
+        try:
+            pid = int(name.rsplit("_", 1)[1].split(".")[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, path)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 class Metrics:
     def __init__(self, backends: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry()
-        if backends is not None:
-            self.registry.register(BackendStats(backends))
+        self.backend_stats = BackendStats(backends) if backends is not None else None
+        if self.backend_stats is not None:
+            self.registry.register(self.backend_stats)
         self.requests = Counter("archon_requests_total", "Chat completion requests", ["model", "status"], registry=self.registry)
         self.latency = Histogram(
             "archon_request_latency_seconds", "End-to-end request latency", ["model"], registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
-        self.inflight = Gauge("archon_requests_in_flight", "Requests being served", registry=self.registry)
+        self.inflight = Gauge("archon_requests_in_flight", "Requests being served", registry=self.registry,
+                              multiprocess_mode="livesum")
         self.backend_calls = Counter("archon_backend_calls_total", "Backend calls", ["model", "outcome"], registry=self.registry)
         self.tokens = Counter("archon_tokens_total", "Tokens over all sub-calls", ["kind"], registry=self.registry)
         self.rejected = Counter("archon_rejected_total", "Requests rejected before running", ["reason"], registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """What ``/metrics`` answers: this app's registry, or in multiprocess mode (``--workers``) every worker's
+        values summed, plus the backends' own counters (the same in every worker: the one backend host's)."""
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        _forget_dead_workers(os.environ[MULTIPROC_ENV])
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        if self.backend_stats is not None:
+            registry.register(self.backend_stats)
+        return generate_latest(registry)

@@ -27,10 +27,12 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("archon.backends.process")
 
@@ -103,6 +105,21 @@ def install_exit_hooks() -> None:
         with contextlib.suppress(ValueError, OSError):
             if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
                 signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def spawn(argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as a supervised child from synchronous code: its own session (one group to signal), SIGTERM
+    when the forking thread dies, and killed by the exit hooks; :func:`reap` when it is gone."""
+    install_exit_hooks()
+    proc = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=_child_preexec, **popen)  # noqa: S603
+    _LIVE_GROUPS.add(proc.pid)
+    return proc
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """After ``proc`` (from :func:`spawn`) exited: kill what is left of its group and forget it."""
+    kill_group(proc.pid)
+    _LIVE_GROUPS.discard(proc.pid)
 
 
 class SupervisedProcess:

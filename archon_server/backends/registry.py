@@ -167,13 +167,39 @@ def make_backend(cfg: BackendConfig) -> Backend:
     return getattr(importlib.import_module(module), cls).from_config(cfg)  # type: ignore[no-any-return]
 
 
-def build_registry(config: ServerConfig) -> BackendRegistry:
-    """Every backend of the config, built now: a backend that cannot be built is a start-up error naming its entry."""
+# Kinds whose backend lives inside the server process (a model loaded, processes launched): with ``--workers N`` they
+# run once, in the backend host (backends/host.py), and each worker calls them there.
+IN_PROCESS_KINDS = frozenset(BACKEND_FACTORIES) - {"openai"}
+
+
+def _built(i: int, b: BackendConfig) -> Backend:
+    try:
+        return make_backend(b)
+    except (ValueError, TypeError) as e:
+        raise SpecError([f"backends[{i}] ({b.alias}): {e}"]) from None
+
+
+def build_registry(config: ServerConfig, shared: str | None = None) -> BackendRegistry:
+    """Every backend of the config, built now: a backend that cannot be built is a start-up error naming its entry.
+    ``shared``: the socket of a backend host serving the in-process kinds to several server processes; those
+    backends are then :class:`~.shared.SharedBackend` s calling it, built and validated in the host."""
+    conn = None
+    if shared is not None:
+        from .shared import HostConnection
+
+        conn = HostConnection(shared)
     reg = BackendRegistry()
     for i, b in enumerate(config.backends):
-        try:
-            backend = make_backend(b)
-        except (ValueError, TypeError) as e:
-            raise SpecError([f"backends[{i}] ({b.alias}): {e}"]) from None
+        if conn is not None and b.kind in IN_PROCESS_KINDS:
+            from .shared import SharedBackend
+
+            backend: Backend = SharedBackend(b.alias, conn)
+        else:
+            backend = _built(i, b)
         reg.register(b.alias, backend, b.model or b.alias, aliases=b.aliases, max_concurrency=b.max_concurrency)
     return reg
+
+
+def hosted_backends(config: ServerConfig) -> dict[str, Backend]:
+    """The config's in-process backends by alias, built and not started: what a backend host serves."""
+    return {b.alias: _built(i, b) for i, b in enumerate(config.backends) if b.kind in IN_PROCESS_KINDS}
