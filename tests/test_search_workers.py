@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -54,7 +55,11 @@ def _env() -> dict[str, str]:
 
 
 def _load(url: str) -> optuna.Study:
-    return optuna.load_study(study_name="shared", storage=make_storage(url, heartbeat_interval=None))
+    return _load_named(url, "shared")
+
+
+def _load_named(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=make_storage(url, heartbeat_interval=None))
 
 
 def _check_bookkeeping(study: optuna.Study, n: int) -> None:
@@ -160,6 +165,82 @@ def test_killed_worker_trial_is_failed_by_heartbeat_retried_and_study_completes(
     assert not str(r.user_attrs[ATTR_WORKER]).endswith(f":{a.pid}")
 
 
+def test_a_worker_killed_before_its_first_heartbeat_does_not_hang_the_next(tmp_path: Path) -> None:
+    """Killed between ``ask`` and its first heartbeat, a worker leaves a RUNNING trial with no heartbeat row, which
+    Optuna never deems stale: the restarted worker waited for it forever (a CI run hung 240 s this way)."""
+    from archon_server.search.config import load_search_config
+    from archon_server.search.runner import open_study
+
+    cfg = _config(tmp_path, step_sleep_s=0.01)
+    url = f"sqlite:///{tmp_path}/shared.db"
+    dead = open_study(load_search_config(cfg), storage=url).ask()  # its worker died right here
+    done = subprocess.run(_cmd("run", str(cfg), "--storage", url, "--n-trials", "3", "--no-finalize", "--no-export"),
+                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = _load(url)
+    assert study.trials[dead.number].state == TrialState.FAIL
+    _check_bookkeeping(study, 3)
+
+
+def test_a_trial_failed_by_a_reaper_that_died_before_its_retry_is_requeued_once(tmp_path: Path) -> None:
+    """Optuna fails a stale trial, then calls the retry callback: a worker killed between the two left a FAIL trial
+    with parameters and no retry (seen in CI: its parameters were never re-run). The next reaper enqueues it, once
+    over all workers; a claim whose holder died before enqueuing is taken over once it is stale."""
+    from archon_server.search import claims
+    from archon_server.search.objective import failed_on_purpose
+    from archon_server.search.storage import reap_stale_trials, retry_callback
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+
+    def failed(x: int, **user_attrs: str) -> optuna.trial.FrozenTrial:
+        return optuna.create_trial(state=TrialState.FAIL, params={"x": x}, distributions=dist, user_attrs=user_attrs)
+
+    def waiting_retries_of(study: optuna.Study) -> dict[int, dict]:
+        return {retried_from(t): t.params for t in study.get_trials() if t.state == TrialState.WAITING}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.create_study(study_name="s", storage=make_storage(url, heartbeat_interval=1, max_retry=3))
+        study.add_trial(failed(1))  # 0: the orphan, its reaper died before the retry
+        study.add_trial(failed(2, skipped="surplus"))  # 1: a surplus release: nothing to redo
+        study.add_trial(failed(3, error="ValueError: boom"))  # 2: broken, not killed: its error stays, no retry
+        study.add_trial(failed(4))  # 3: killed and already retried (just below)
+        study.add_trial(failed(5))  # 4: another worker claimed its retry a moment ago and is enqueuing it
+        study.add_trial(failed(6))  # 5: its claimant died between claiming and enqueuing, a minute ago
+        study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={"x": 7}, distributions=dist,
+                                            system_attrs={"retry_history": [0, 1, 2]}))  # 6: retries used up
+        retry_callback(3, stale_s=2)(study, study.trials[3])
+        engine = claims.storage_engine(study._storage)  # noqa: SLF001
+        assert claims.claim_retry(engine, study._study_id, 4, stale_s=2)  # noqa: SLF001
+        assert claims.claim_retry(engine, study._study_id, 5, stale_s=2)  # noqa: SLF001
+        with engine.begin() as con:
+            con.execute(claims.RETRIES.update().where(claims.RETRIES.c.trial_number == 5).values(claimed_at=time.time() - 60))
+        one, other = (optuna.load_study(study_name="s", storage=make_storage(url, heartbeat_interval=1, max_retry=3))
+                      for _ in range(2))
+        reap_stale_trials(one, final=failed_on_purpose)
+        assert waiting_retries_of(one) == {0: {"x": 1}, 3: {"x": 4}, 5: {"x": 6}}
+        reap_stale_trials(other, final=failed_on_purpose)  # another worker: claims taken, nothing enqueued twice
+        reap_stale_trials(one, final=failed_on_purpose)
+    assert waiting_retries_of(_load_named(url, "s")) == {0: {"x": 1}, 3: {"x": 4}, 5: {"x": 6}}
+    assert len([t for t in _load_named(url, "s").trials if t.state == TrialState.WAITING]) == 3
+
+
+def test_a_retry_enqueued_after_the_target_was_reached_is_released_not_left_waiting(tmp_path: Path) -> None:
+    from archon_server.search.config import load_search_config
+    from archon_server.search.runner import open_study, run_search
+
+    cfg = load_search_config(_config(tmp_path, step_sleep_s=0.0))
+    url = f"sqlite:///{tmp_path}/shared.db"
+    asyncio.run(run_search(cfg, storage=url, n_trials=2, do_finalize=False))
+    study = open_study(cfg, storage=url)
+    done = [t for t in study.trials if is_evaluated(t)]
+    study.enqueue_trial(done[0].params)  # a late retry: its original's worker died after the study was complete
+    res = asyncio.run(run_search(cfg, storage=url, n_trials=2, do_finalize=False))
+    assert res.stats.trials == 0 and res.stats.surplus == 1
+    _check_bookkeeping(_load(url), 2)
+
+
 @pytest.mark.parametrize("argv", [["search", "run", "c.yaml", "--workers", "3", "--n-trials", "7"], ["search", "export", "--storage", "sqlite:///x.db"]])
 def test_add_cli_registers_on_any_parser(argv: list[str]) -> None:
     import argparse
@@ -205,7 +286,15 @@ async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_pa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             second = study.ask()
-        task = asyncio.create_task(obj.run(second))
+        beat = Heartbeat(study._storage, second._trial_id)  # as run_worker does: its worker is alive
+
+        async def run_beating() -> Any:
+            try:
+                return await obj.run(second)
+            finally:
+                beat.stop()
+
+        task = asyncio.create_task(run_beating())
         await asyncio.sleep(1.0)
         assert not task.done(), "the twin must wait while the first trial runs"
         if finish:

@@ -7,8 +7,9 @@ graph key), so the decision is made by the database instead: the first ``INSERT`
 who holds it and wait for that trial's result.  If the holder's trial failed (its worker
 died and the heartbeat check marked it FAIL), a waiter takes the claim over with a
 compare-and-swap ``UPDATE ... WHERE trial_number = <old holder>``, so exactly one
-re-evaluates.  The table lives in the study's own database (SQLite or PostgreSQL): the
-storage URL stays the only thing workers share.
+re-evaluates.  ``archon_retry_claims`` does the same for enqueuing the retry of a failed trial.
+The tables live in the study's own database (SQLite or PostgreSQL): the storage URL stays the
+only thing workers share.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ CLAIMS = sa.Table(
     sa.Column("study_id", sa.Integer, primary_key=True),
     sa.Column("arch_key", sa.String(128), primary_key=True),
     sa.Column("trial_number", sa.Integer, nullable=False),
+    sa.Column("claimed_at", sa.Float, nullable=False),
+)
+# The retry of a failed trial: which worker enqueues it (see claim_retry).
+RETRIES = sa.Table(
+    "archon_retry_claims",
+    _META,
+    sa.Column("study_id", sa.Integer, primary_key=True),
+    sa.Column("trial_number", sa.Integer, primary_key=True),  # the failed trial
     sa.Column("claimed_at", sa.Float, nullable=False),
 )
 _READY: set[int] = set()  # engines whose table exists (id() of the engine), to skip create_all per call
@@ -70,6 +79,29 @@ def take_over(engine: Engine, study_id: int, key: str, old_holder: int, trial_nu
         res = con.execute(CLAIMS.update().where(
             CLAIMS.c.study_id == study_id, CLAIMS.c.arch_key == key, CLAIMS.c.trial_number == old_holder,
         ).values(trial_number=trial_number, claimed_at=time.time()))
+    return res.rowcount == 1
+
+
+def claim_retry(engine: Engine, study_id: int, trial_number: int, stale_s: float) -> bool:
+    """True for the one worker that is to enqueue the retry of failed trial ``trial_number``.
+
+    Every path that enqueues a retry claims first, so two workers that both see a trial fail (one reaping it, one
+    finding it failed without a retry) enqueue it once.  A claim older than ``stale_s`` is taken over (compare and
+    swap on its time): its holder died between claiming and enqueuing, which only the finder of a retry-less
+    failure asks about.
+    """
+    ensure_table(engine)
+    now = time.time()
+    try:
+        with engine.begin() as con:
+            con.execute(RETRIES.insert().values(study_id=study_id, trial_number=trial_number, claimed_at=now))
+        return True
+    except sa.exc.IntegrityError:
+        pass
+    with engine.begin() as con:
+        res = con.execute(RETRIES.update().where(
+            RETRIES.c.study_id == study_id, RETRIES.c.trial_number == trial_number, RETRIES.c.claimed_at < now - stale_s,
+        ).values(claimed_at=now))
     return res.rowcount == 1
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from archon_server.search.space import (
     check_rules,
     sample_architecture,
 )
-from archon_server.search.storage import heartbeat_enabled
+from archon_server.search.storage import heartbeat_enabled, reap_stale_trials
 from archon_server.spec import ArchitectureSpec, dump_architecture
 from archon_server.exceptions import ArchonError
 
@@ -45,6 +44,7 @@ ATTR_CALLS = "calls_per_query"
 ATTR_TOKENS = "tokens_per_query"
 ATTR_N_DEV = "n_dev"
 ATTR_SKIPPED = "skipped"
+ATTR_ERROR = "error"
 ATTR_WORKER = "worker"
 ATTR_EST_CALLS = "calls_estimate"
 
@@ -70,6 +70,11 @@ def is_evaluated(t: optuna.trial.FrozenTrial) -> bool:
     if ATTR_DUPLICATE in t.user_attrs:
         return False
     return t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and not is_rejected(t))
+
+
+def failed_on_purpose(t: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL that is final: the trial raised (its error is kept), or was released as surplus; not to be retried."""
+    return ATTR_SKIPPED in t.user_attrs or ATTR_ERROR in t.user_attrs
 
 
 def is_duplicate(t: optuna.trial.FrozenTrial) -> bool:
@@ -167,9 +172,7 @@ class ArchitectureObjective:
                     continue  # another waiter took it: wait for that one
                 if not can_wait:
                     return None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(trial.study)
+            reap_stale_trials(trial.study, final=failed_on_purpose)
             await asyncio.sleep(self.poll_s)
 
     # -- the trial -----------------------------------------------------------------------------------

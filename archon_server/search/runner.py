@@ -33,10 +33,12 @@ from archon_server.search import claims
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
 from archon_server.search.objective import (
+    ATTR_ERROR,
     ATTR_SKIPPED,
     ATTR_SPEC,
     ATTR_WORKER,
     ArchitectureObjective,
+    failed_on_purpose,
     is_duplicate,
     is_evaluated,
     is_rejected,
@@ -46,7 +48,9 @@ from archon_server.search.storage import (
     Heartbeat,
     heartbeat_enabled,
     make_storage,
+    reap_stale_trials,
     retry_callback,
+    storage_retry,
 )
 from archon_server.spec import ArchitectureSpec, dump_architecture, parse_architecture
 
@@ -150,6 +154,19 @@ def _live_before(study: optuna.Study, number: int) -> int:
     return n
 
 
+def _ask(study: optuna.Study) -> optuna.Trial:
+    with warnings.catch_warnings():
+        # Optuna warns that heartbeats are meant for study.optimize; we run our own Heartbeat thread.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask()
+
+
+def _release(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
+    """Fail a trial that is not to run, and say why (a final FAIL: never retried)."""
+    trial.set_user_attr(ATTR_SKIPPED, why)
+    study.tell(trial, state=TrialState.FAIL)
+
+
 # -- model ranking ----------------------------------------------------------------------------------
 def single_model_spec(model: str, name: str | None = None) -> ArchitectureSpec:
     return parse_architecture({"name": name or f"single-{model}".replace(" ", "-"), "layers": [[{"type": "generator", "model": model}]]})
@@ -213,17 +230,21 @@ async def run_worker(
     interval = storage.get_heartbeat_interval() if hb else None  # type: ignore[attr-defined]
     poll = poll_s if poll_s is not None else (max(0.5, interval / 2) if interval else 1.0)
     max_attempts = max_attempts or n_trials * objective.config.study.max_attempts_factor
-    retry = retry_callback(objective.config.study.max_retry)
+    retry = storage_retry(storage) or retry_callback(objective.config.study.max_retry)
     me = worker_id()
     free_streak = 0  # consecutive trials that evaluated nothing new
     while True:
         if hb:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            reap_stale_trials(study, final=failed_on_purpose)
         p = progress(study)
         if p.evaluated >= n_trials:
-            break
+            if not p.waiting:
+                break
+            # A retry enqueued after the target was reached (its trial's worker died late): nothing left to run it
+            # for; release it rather than leave it WAITING in a finished study.
+            _release(study, _ask(study), "surplus: the target was reached before this retry ran")
+            stats.surplus += 1
+            continue
         if free_streak >= objective.config.study.converged_after:
             log.warning("stopping: %d consecutive duplicate/rejected proposals (converged) at %d evaluated trials",
                         free_streak, p.evaluated)
@@ -237,14 +258,10 @@ async def run_worker(
                 await asyncio.sleep(poll)  # the rest runs elsewhere; stay to retry it if its worker dies
                 continue
             break
-        with warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for study.optimize; we run our own Heartbeat thread.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = study.ask()
+        trial = _ask(study)
         with Heartbeat(storage, trial._trial_id):  # noqa: SLF001
             if _live_before(study, trial.number) >= n_trials:
-                trial.set_user_attr(ATTR_SKIPPED, "surplus: the target was reached by earlier trials")
-                study.tell(trial, state=TrialState.FAIL)
+                _release(study, trial, "surplus: the target was reached by earlier trials")
                 stats.surplus += 1
                 continue
             stats.trials += 1
@@ -259,7 +276,7 @@ async def run_worker(
                 raise
             except Exception as e:  # a broken trial must not stop the search; the reason stays in the DB
                 log.exception("trial %d failed", trial.number)
-                trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+                trial.set_user_attr(ATTR_ERROR, f"{type(e).__name__}: {e}")
                 study.tell(trial, state=TrialState.FAIL)
                 stats.failed += 1
                 continue

@@ -8,18 +8,22 @@ enqueues a copy (same parameters) that the next free worker picks up.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import sqlite3
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
+import sqlalchemy as sa
 from optuna.storages import RDBStorage
+from optuna.trial import TrialState
 
 from archon_server.db import normalize_url, sqlite_path
+from archon_server.search import claims
 
 log = logging.getLogger("archon.search.storage")
 
@@ -47,12 +51,39 @@ def _sqlite_creator(path: Path) -> Any:
     return connect
 
 
-def retry_callback(max_retry: int | None) -> Any:
-    """Re-enqueue a dead worker's trial with the same parameters (``retried_trial_number`` finds the original)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # experimental/deprecation notices, not actionable for users
-        cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-        return cls(max_retry=max_retry)
+class ClaimedRetry:
+    """Optuna's retry callback (same parameters, ``retry_history``), enqueuing each failed trial's retry once.
+
+    Optuna's callback enqueues whenever it is called; :func:`reap_stale_trials` may call it for a trial another
+    worker is reaping at the same moment, so a claim row (:func:`claims.claim_retry`) decides who enqueues.
+    """
+
+    def __init__(self, max_retry: int | None, stale_s: float):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental/deprecation notices, not actionable for users
+            cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+            self._enqueue = cls(max_retry=max_retry)
+        self.max_retry = max_retry
+        self.stale_s = stale_s
+
+    def exhausted(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Retried ``max_retry`` times already (Optuna's rule): no more retries."""
+        return self.max_retry is not None and len(trial.system_attrs.get("retry_history", [])) >= self.max_retry
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        """Enqueue the retry unless retries are used up or another worker has claimed it; whether it did."""
+        if self.exhausted(trial):
+            return False
+        engine = claims.storage_engine(study._storage)  # noqa: SLF001 - the study's own database
+        if engine is not None and not claims.claim_retry(engine, study._study_id, trial.number, self.stale_s):  # noqa: SLF001
+            return False
+        self._enqueue(study, trial)
+        return True
+
+
+def retry_callback(max_retry: int | None, stale_s: float = 60.0) -> ClaimedRetry:
+    """Re-enqueue a dead worker's trial with the same parameters (``retried_from`` finds the original)."""
+    return ClaimedRetry(max_retry, stale_s)
 
 
 def retried_from(trial: optuna.trial.FrozenTrial) -> int | None:
@@ -93,7 +124,7 @@ def make_storage(
     if heartbeat_interval:
         kwargs["heartbeat_interval"] = heartbeat_interval
         kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
-        retry = retry_callback(max_retry)
+        retry = retry_callback(max_retry, kwargs["grace_period"])
         # Optuna 4.x renamed failed_trial_callback; accept both so optuna>=3.6 works.
         params = inspect.signature(RDBStorage.__init__).parameters
         key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
@@ -107,6 +138,59 @@ def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     # Duck-typed: a study wraps the RDBStorage in Optuna's (private) caching storage, which delegates heartbeats.
     get = getattr(storage, "get_heartbeat_interval", None)
     return hasattr(storage, "record_heartbeat") and get is not None and get() is not None
+
+
+def storage_retry(storage: optuna.storages.BaseStorage) -> ClaimedRetry | None:
+    """The retry callback :func:`make_storage` gave this storage (None for a storage built elsewhere)."""
+    get = getattr(storage, "get_heartbeat_stale_trial_callback", None) or getattr(storage, "get_failed_trial_callback", None)
+    retry = get() if get is not None else None  # (the second: Optuna 3.x's name)
+    return retry if isinstance(retry, ClaimedRetry) else None
+
+
+# Optuna's schema (its tables, not its private ORM classes): RUNNING trials and their heartbeat rows.
+_TRIALS = sa.table("trials", sa.column("trial_id"), sa.column("study_id"), sa.column("state"))
+_BEATS = sa.table("trial_heartbeats", sa.column("trial_id"))
+
+
+def reap_stale_trials(study: optuna.Study, *, final: Callable[[optuna.trial.FrozenTrial], bool]) -> None:
+    """Fail dead workers' trials and enqueue their retries: Optuna's ``fail_stale_trials``, and the two cases it misses.
+
+    1. A worker killed between ``ask`` and its first heartbeat leaves a RUNNING trial with no heartbeat row, which
+       Optuna never deems stale: every later worker waited for it forever (a CI run hung this way).  We record a
+       heartbeat on its behalf: a live worker beats on over it, a dead one goes stale after the grace period.
+    2. Optuna marks a stale trial FAIL and only then calls the retry callback: a reaper killed between the two left a
+       FAIL trial with parameters and no retry, whose parameters were never evaluated.  Any FAIL trial with
+       parameters and no retry gets one here, unless ``final(trial)`` says it failed on purpose (an error of its
+       own, a surplus release) or its retries are used up; the retry claim makes it exactly once over all workers.
+    """
+    storage = study._storage  # noqa: SLF001 - Optuna exposes no public accessor
+    if not heartbeat_enabled(storage):
+        return
+    engine = claims.storage_engine(storage)
+    if engine is not None:
+        with engine.connect() as con:
+            unbeaten = con.execute(sa.select(_TRIALS.c.trial_id).where(
+                _TRIALS.c.study_id == study._study_id,  # noqa: SLF001
+                # Cast: PostgreSQL stores the state as an enum type, which a text parameter does not compare with.
+                sa.cast(_TRIALS.c.state, sa.String) == TrialState.RUNNING.name,
+                ~sa.exists().where(_BEATS.c.trial_id == _TRIALS.c.trial_id))).scalars().all()
+        for trial_id in unbeaten:
+            try:
+                storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+            except Exception as e:  # noqa: BLE001 - its own worker beat first (unique row): it is alive, fine
+                log.debug("heartbeat for unbeaten trial %s not recorded: %s", trial_id, e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    retry = storage_retry(storage)
+    if retry is None:
+        return  # a storage built elsewhere: without the claim, two workers could both enqueue
+    trials = study.get_trials(deepcopy=False)
+    retried = {retried_from(t) for t in trials}
+    for t in trials:
+        if (t.state == TrialState.FAIL and t.params and t.number not in retried and not final(t)
+                and retry(study, copy.deepcopy(t))):
+            log.warning("trial %d had failed without a retry (its reaper died): its parameters are enqueued again", t.number)
 
 
 class Heartbeat:
