@@ -82,6 +82,17 @@ def click_tab(drv, name: str) -> None:  # type: ignore[no-untyped-def]
     by(drv, f'#tabs button[data-tab="{name}"]').click()
 
 
+def click_when(drv, css: str, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Find and click in one attempt, retried: a list redrawn between the two (the recent list refreshes when a
+    request ends and again when its tab opens) leaves a found element stale (a CI failure)."""
+
+    def attempt() -> bool:
+        by(drv, css).click()
+        return True
+
+    wait_for(attempt, timeout, what)
+
+
 def enter_key(drv, key: str) -> None:  # type: ignore[no-untyped-def]
     wait_for(lambda: by(drv, "#key-dialog").get_attribute("open") is not None, 30, "the key dialog")
     by(drv, "#key-input").send_keys(key)
@@ -157,8 +168,8 @@ def test_playground_streams_self_moa_on_the_embedded_model_with_a_key(browser, e
     drv.save_screenshot(str(SHOTS / "console-trace.png"))
     # the recent list shows it, and opening it from there gives the same view
     click_tab(drv, "recent")
-    row = wait_for(lambda: by(drv, f'#rc-table tr[data-id="{trace["id"]}"]'), 30, "the request in the recent list")
-    row.click()
+    click_when(drv, f'#rc-table tr[data-id="{trace["id"]}"]', 30, "the request in the recent list")
+    wait_for(lambda: "active" in by(drv, '#tabs button[data-tab="trace"]').get_attribute("class"), 30, "the row to open its trace")
     waterfall_matches(drv, trace["trace"])
     # the key lives in the tab's session storage only
     assert drv.execute_script("return sessionStorage.getItem('archon-console-key')") == KEY

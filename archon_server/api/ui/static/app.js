@@ -476,10 +476,14 @@ async function loadFile(file) {
 }
 
 // ---------------------------------------------------------------- recent requests
+// Refreshes overlap (a finished request and a tab switch each start one); only the latest may draw, so an older
+// answer that arrives last never replaces a newer list.
+let recentSeq = 0;
 async function refreshRecent() {
-  const st = $("#rc-status"), body = $("#rc-table tbody");
+  const st = $("#rc-status"), body = $("#rc-table tbody"), seq = ++recentSeq;
   try {
     const r = await getJSON("/v1/traces");
+    if (seq !== recentSeq) return;
     body.textContent = "";
     st.className = "status";
     st.textContent = r.keep_traces === 0 ? "The server keeps no traces (server.keep_traces: 0)." : `${r.data.length} request(s), the server keeps the last ${r.keep_traces}`;
@@ -491,7 +495,7 @@ async function refreshRecent() {
         el("td", { class: "prompt", text: t.prompt, title: t.error || t.prompt }));
       body.append(tr);
     }
-  } catch (e) { st.className = "status bad"; st.textContent = e.message; }
+  } catch (e) { if (seq === recentSeq) { st.className = "status bad"; st.textContent = e.message; } }
 }
 async function openStored(id) {
   try { showTrace(await getJSON("/v1/traces/" + encodeURIComponent(id))); }
