@@ -23,6 +23,7 @@ import threading
 import time
 
 from ..config import load_config
+from ..exceptions import ArchonError
 from ..spec import SpecError
 from .process import reap, spawn
 from .registry import hosted_backends
@@ -31,7 +32,7 @@ from .shared import BackendHost
 log = logging.getLogger("archon.backends.host")
 
 
-class BackendHostFailed(RuntimeError):
+class BackendHostFailed(ArchonError):
     """The backend host exited before it listened (its own error is on stderr already)."""
 
 
