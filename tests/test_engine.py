@@ -81,6 +81,37 @@ def test_runner_matches_transformers_forward(shared):
     assert (again - step[0]).abs().max().item() < 1e-4
 
 
+def test_packed_decode_weights_give_the_plain_weights_result(shared):
+    """Decode steps through the weights packed at load (runner.pack_for_decode) compute what the plain weights
+    do, at the row counts decoding meets; int8 keeps only the row counts where it was measured faster."""
+    engine, loaded = shared
+    runner = loaded.runner
+    assert runner.packed, "this CPU build of torch has oneDNN's packed linears; the engine should use them"
+    assert 0 <= runner.int8_max_rows <= 12
+    ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    int8_rows, packed = runner.int8_max_rows, runner.packed
+
+    def step(rows: int, use_packed: bool) -> torch.Tensor:
+        runner.packed = packed if use_packed else {}
+        runner.int8_max_rows = 0  # neither run takes the int8 weights
+        try:
+            cache = runner.new_cache(slots=rows, capacity=64)
+            for s in range(rows):
+                runner.prefill(ids, cache, s)
+            return runner.decode(list(range(11, 11 + rows)), cache, 0).logits[:, -1].float()
+        finally:
+            runner.packed, runner.int8_max_rows = packed, int8_rows
+
+    def run() -> None:
+        for rows in (1, 6, 16):
+            with_packed, plain = step(rows, True), step(rows, False)
+            assert with_packed.shape == plain.shape
+            assert (with_packed - plain).abs().max().item() <= 2e-2 * plain.abs().max().item()
+            assert torch.equal(with_packed.argmax(-1), plain.argmax(-1))
+
+    engine.run_job(lambda _runner: run()).result(timeout=120)  # on the engine's worker: the runner is not thread-safe
+
+
 async def test_chat_answers_a_simple_question(backend):
     res = await backend.chat(req(temperature=0.0, max_tokens=40))
     text = res.choices[0].text
