@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -144,6 +146,48 @@ def test_thread_tuner_moves_to_the_faster_setting_and_back():
     assert tuner.current == 2 and tuner.switches == 2
     run(100)  # stays while 2 is faster
     assert tuner.current == 2 and tuner.switches == 2
+
+
+def test_thread_tuner_probes_at_once_when_load_arrives_after_probes_grew_rare():
+    """Quiet for long, the tuner checks rarely; load that arrives then (2 threads 10x slower) must move it to 1
+    thread within a few steps (it used to wait out the grown period: ~100 steps of 2 threads at up to 860 ms each on
+    a loaded 2-core box), step costs that swing from step to step must not set off a probe each, and the cores
+    freeing up must bring it back."""
+    from archon_server.engine.threads import ThreadTuner
+
+    applied: list[int] = []
+    tuner = ThreadTuner([1, 2], period=48, probe=4, set_threads=applied.append)
+    speed = {1: 0.023, 2: 0.015}  # quiet: 2 threads faster
+    used: list[int] = []  # threads of each step
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            tuner.before_step()
+            used.append(applied[-1])
+            cost = speed[applied[-1]]
+            tuner.after_step(cost() if callable(cost) else cost)
+
+    run(3000)
+    assert tuner.current == 2 and tuner._period_now >= 1536  # probes grew rare
+    probes, before = tuner.probes, len(used)
+    speed = {1: 0.05, 2: 0.2}  # two busy jobs arrived
+    run(10)
+    assert tuner.current == 1 and used[before:].count(2) <= 3
+    run(500)  # steady load: the slow setting's probes stay rare
+    assert tuner.current == 1 and tuner.probes <= probes + 7
+    rng = random.Random(0)  # busy cores: a step's cost swings 2-2.5x from one step to the next
+    speed = {1: lambda: rng.uniform(0.04, 0.1), 2: lambda: rng.uniform(0.2, 0.5)}
+    probes, before = tuner.probes, len(used)
+    run(1000)
+    assert tuner.current == 1 and tuner.probes - probes <= 8 and used[before:].count(2) <= 8
+    speed = {1: 0.023, 2: 0.015}  # they ended: back within the early probes' spacing (grown by the noisy phase)
+    gap = tuner._shift_gap
+    assert gap <= 1024
+    run(gap + 10)
+    assert tuner.current == 2
+    switches = tuner.switches
+    run(1000)  # steady again: the noise-free costs never look shifted
+    assert tuner.current == 2 and tuner.switches == switches
 
 
 def test_penalties_follow_vllm_semantics():

@@ -5,7 +5,15 @@ threads several hundred times per decode step.  With the cores free that is fine
 and 2 threads beat 1; when other processes share the cores, each barrier waits for
 a descheduled thread and 2 threads were measured ~10x *slower* than 1 (2-core box
 at load 8: 590 ms vs 55 ms per step).  Load changes over time, so the worker
-periodically runs a few steps with the other setting and keeps the faster one.
+periodically runs a few steps with the other setting and keeps the faster one.  It
+also probes early when the current setting's cost moves far from what it was when last
+judged, towards the setting such a move favours: dearer steps (other jobs started) try
+fewer threads, cheaper steps (they ended) try more.  With probes grown rare on a quiet
+machine, load that arrived later had left the engine on 2 threads at 50-860 ms a step
+for ~100 steps where 1 thread took 25-95 ms.  Such early probes are spaced out, more
+so after each one that changed nothing: on busy cores step costs swing 2x from one
+step to the next, and a first version that probed on every swing spent 29 probes (9 of
+20 s) in one 256-token answer.
 """
 
 from __future__ import annotations
@@ -62,8 +70,11 @@ class ThreadTuner:
         probe: int = 4,
         margin: float = 0.9,
         max_period: int = 3072,
+        shift: float = 1.6,
         set_threads: Callable[[int], None] = torch.set_num_threads,
     ):
+        """``shift``: the median of the latest ``probe`` steps this many times above (or below 1/shift of) the cost
+        the current setting was judged at calls for an early probe (at most one per ``_shift_gap`` steps)."""
         self.options = sorted(set(max(1, o) for o in options))
         self.current = self.options[-1]
         self.period = period
@@ -71,6 +82,11 @@ class ThreadTuner:
         self._period_now = period
         self.probe = probe
         self.margin = margin
+        self.shift = shift
+        self._judged: float | None = None  # the current setting's median cost when it was last judged
+        self._shift_gap = period  # fewest steps between early probes; doubles after one that changed nothing
+        self._since_early = period
+        self._early = False  # the running probe was an early one
         self._set = set_threads
         self._applied: int | None = None
         self._recent: deque[float] = deque(maxlen=probe)  # current setting, latest steps
@@ -103,11 +119,16 @@ class ThreadTuner:
         if self._probing is None:
             self._recent.append(cost)
             self._since_probe += 1
-            if self._since_probe >= self._period_now and len(self._recent) == self.probe:
+            self._since_early += 1
+            if len(self._recent) < self.probe:
+                return
+            if self._since_probe >= self._period_now:
                 others = [o for o in self.options if o != self.current]
-                self._probing = others[self._next_probe_idx % len(others)]
+                self._start_probe(others[self._next_probe_idx % len(others)], early=False)
                 self._next_probe_idx += 1
-                self._probe_times = []
+            elif (target := self._shift_target()) is not None and self._since_early >= self._shift_gap:
+                self._start_probe(target, early=True)
+                self._since_early = 0
             return
         self._probe_times.append(cost)
         base = statistics.median(self._recent)
@@ -123,7 +144,34 @@ class ThreadTuner:
             self.switches += 1
             self._recent = deque(self._probe_times, maxlen=self.probe)
             self._period_now = self.period
+            self._shift_gap = self.period
         else:  # the current setting holds: check less and less often (load rarely flips fast)
             self._period_now = min(2 * self._period_now, self.max_period)
+            if self._early:
+                self._shift_gap = min(2 * self._shift_gap, self.max_period)
+        self._judged = statistics.median(self._recent)
         self._probing = None
         self._since_probe = 0
+
+    def _start_probe(self, threads: int, early: bool) -> None:
+        self._probing = threads
+        self._early = early
+        self._probe_times = []
+
+    def _shift_target(self) -> int | None:
+        """After a far move of the current setting's cost: the next setting that move favours (fewer threads
+        when steps got dearer, more when cheaper), or None.  A far move with nowhere to go becomes the new
+        reference, so that the opposite move later (the load leaving again) is seen."""
+        if self._judged is None:
+            return None
+        now = statistics.median(self._recent)
+        i = self.options.index(self.current)
+        if now > self.shift * self._judged:
+            if i > 0:
+                return self.options[i - 1]
+            self._judged = now
+        elif now * self.shift < self._judged:
+            if i + 1 < len(self.options):
+                return self.options[i + 1]
+            self._judged = now
+        return None
