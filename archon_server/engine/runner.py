@@ -435,14 +435,16 @@ class ModelRunner:
                 layer["qkv_bias"] = torch.cat(biases).to(device=self.device, dtype=self.dtype)  # type: ignore[arg-type]
             self.layers.append(layer)
         del sd
-        # One RoPE table per distinct base (Gemma 3 alternates local and global layers).
+        # One RoPE table per distinct base (Gemma 3 alternates local and global layers): cos, and sin with the
+        # rotation's sign folded into its first half (see :meth:`_rope`).
         self.rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        half = d.head_dim // 2
         for theta in sorted(set(d.layer_rope_theta)):
             inv_freq = 1.0 / (theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
             freqs = torch.outer(torch.arange(d.max_positions, dtype=torch.float32), inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
-            self.rope[theta] = (emb.cos().to(self.device, self.dtype), emb.sin().to(self.device, self.dtype))
-        self.rope_cos, self.rope_sin = self.rope[d.layer_rope_theta[0]]
+            sin = emb.sin().to(self.device, self.dtype)
+            self.rope[theta] = (emb.cos().to(self.device, self.dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1))
         self.scale = d.attn_scale if d.attn_scale is not None else 1.0 / math.sqrt(d.head_dim)
         self.forward_calls = 0
         self.int8_max_rows = 12  # measured crossover with plain bf16 GEMMs: ~14-16 rows (1 core); see _make_packed
@@ -550,14 +552,18 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ forward
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.dims.rms_eps)
-        return (xf * w).to(self.dtype)
+        # Statistics in float32, as HF computes them; one fused op (bit-identical to the pow/mean/rsqrt
+        # chain it replaced, three fewer dispatches: a decode step runs 61 of these on tensors of a few KB).
+        return F.rms_norm(x.float(), (x.shape[-1],), w, self.dims.rms_eps).to(self.dtype)
 
     @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1] // 2
-        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of ``x`` [..., D]: ``x*cos + rotate_half(x)*sin``, rotate_half(x) = (-x2, x1).
+
+        Why this form: the sign lives in the table (``signed_sin``) and the halves swap with one ``roll``, so a
+        call is 4 ops instead of 7 -- bit-identical, since negation is exact -- and it runs once over q and k
+        together (3x faster per layer on a decode step, where these ops cost their dispatch, not their math)."""
+        return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
 
     @staticmethod
     def _mask(pos: torch.Tensor, start: list[int], total: int, groups: int, window: int | None) -> torch.Tensor | None:
@@ -610,7 +616,8 @@ class ModelRunner:
         cache.reserve(first_slot + B, -(-total // kv_grid) * kv_grid if on_grid else total)
         starts = torch.tensor(start, device=dev, dtype=torch.long)
         pos = starts[:, None] + torch.arange(T, device=dev)  # [B, T]
-        ropes = {theta: (c[pos].unsqueeze(1), s_[pos].unsqueeze(1)) for theta, (c, s_) in self.rope.items()}  # [B, 1, T, D]
+        ropes = {theta: (c[pos].unsqueeze(2), s_[pos].unsqueeze(2)) for theta, (c, s_) in self.rope.items()}  # [B, T, 1, D]
+        same_start = len(set(start)) == 1
         rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
         groups = d.heads // d.kv_heads
         masks = {} if on_grid else {w: self._mask(pos, start, total, groups, w) for w in set(d.windows)}
@@ -628,18 +635,20 @@ class ModelRunner:
             cos, sin = ropes[d.layer_rope_theta[li]]
             h = self._rms(x, L["attn_norm"])
             qkv = self._linear(h, L["qkv"], small, L.get("qkv_bias"), exact)
-            q = qkv[..., :nq].view(B, T, d.heads, d.head_dim).transpose(1, 2)
-            k = qkv[..., nq : nq + nkv].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
-            v = qkv[..., nq + nkv :].view(B, T, d.kv_heads, d.head_dim).transpose(1, 2)
+            qk = qkv[..., : nq + nkv].view(B, T, d.heads + d.kv_heads, d.head_dim)
+            v = qkv[..., nq + nkv :].view(B, T, d.kv_heads, d.head_dim)
             if d.qk_norm:
-                q = self._rms(q, L["q_norm"])
-                k = self._rms(k, L["k_norm"])
-            q = q * cos + self._rotate_half(q) * sin
-            k = k * cos + self._rotate_half(k) * sin
+                qk = torch.cat([self._rms(qk[:, :, : d.heads], L["q_norm"]), self._rms(qk[:, :, d.heads :], L["k_norm"])], 2)
+            qk = self._rope(qk, cos, sin)  # [B, T, heads + KVH, D]
+            q = qk[:, :, : d.heads].transpose(1, 2)  # [B, heads, T, D]
+            k = qk[:, :, d.heads :]  # [B, T, KVH, D]
             kc, vc = cache.k[li], cache.v[li]  # [S, KVH, C, D]
-            # advanced indices (rows, pos) around a slice -> value shape [B, T, KVH, D]
-            kc[rows, :, pos] = k.transpose(1, 2).to(self.kv_dtype)
-            vc[rows, :, pos] = v.transpose(1, 2).to(self.kv_dtype)
+            if same_start:  # every row at one length (the n samples of a prompt; a prefill): plain slices
+                kc[first_slot : first_slot + B, :, start[0] : start[0] + T] = k.transpose(1, 2).to(self.kv_dtype)
+                vc[first_slot : first_slot + B, :, start[0] : start[0] + T] = v.transpose(1, 2).to(self.kv_dtype)
+            else:  # advanced indices (rows, pos) around a slice -> value shape [B, T, KVH, D]
+                kc[rows, :, pos] = k.to(self.kv_dtype)
+                vc[rows, :, pos] = v.to(self.kv_dtype)
             if on_grid:
                 a = self._attend_on_grid(q, kc[first_slot : first_slot + 1], vc[first_slot : first_slot + 1],
                                          pos, start[0], kv_grid, d.windows[li])
