@@ -356,6 +356,75 @@ async def test_speculative_requests_interleave_with_batched_ones(shared):
     assert engine.active_sequences == 0
 
 
+async def test_a_long_speculative_prompt_prefills_in_chunks_between_batched_steps(shared):
+    """A speculative request's prompt goes in the engine's chunks, one per worker iteration, so a stream already
+    decoding keeps getting tokens through it (it used to be one forward: ~2.5 s of silence for a 1.7k-token
+    aggregation prompt), and the chunking changes no bit: the same tokens whatever the chunk size."""
+    from archon_server.engine.specdec.serve import speculative_session
+
+    engine, _ = shared
+    spec = LocalBackend(progress=False, speculative={"method": "fixed", "k": 3, "draft": "ngram"})
+    plain = LocalBackend(progress=False)
+    for b in (spec, plain):
+        b.engine, b.loaded = shared
+    facts = " ".join(f"Fact {i}: the {i}th dragon baked {i * 7 % 13} loaves." for i in range(60))
+    long_msgs = [{"role": "user", "content": f"{facts}\nWhich dragon baked the most loaves?"}]
+    ids = spec._prompt_ids(long_msgs)
+    chunk = engine.prefill_chunk
+    assert len(ids) > 4 * chunk
+
+    def tokens_and_quiet_rounds(prefill_chunk: int) -> tuple[list[int], int]:
+        rounds = speculative_session(engine.runner, ids, {"method": "fixed", "k": 3, "draft": "ngram"},
+                                     max_tokens=10, prefill_chunk=prefill_chunk)
+        got, quiet = [], 0
+        try:
+            new = next(rounds)
+            while True:
+                quiet += not new and not got
+                got += new
+                new = rounds.send(False)
+        except StopIteration as done:
+            assert done.value[0] == got
+        return got, quiet
+
+    # (the engine's worker is idle between tests, so the runner may be used from here)
+    in_chunks, quiet = tokens_and_quiet_rounds(chunk)
+    assert quiet == -(-len(ids) // chunk) - 1
+    assert tokens_and_quiet_rounds(8192) == (in_chunks, 0)
+
+    events: list[str] = []
+    first_spec = asyncio.Event()
+
+    async def stream_plain():
+        async for c in plain.stream(req(STORY, temperature=0.0, max_tokens=400, extra={"ignore_eos": True})):
+            if c.text:
+                events.append("plain")
+                if first_spec.is_set():
+                    return
+
+    async def stream_spec():
+        async for c in spec.stream(req(long_msgs, temperature=0.0, max_tokens=8)):
+            if c.text and not first_spec.is_set():
+                events.append("spec")
+                first_spec.set()
+
+    task = asyncio.create_task(stream_plain())
+    while "plain" not in events:
+        await asyncio.sleep(0.005)
+    events.append("submitted")
+    await asyncio.gather(stream_spec(), task)
+    between = events[events.index("submitted") : events.index("spec")]
+    assert between.count("plain") >= 3, events  # one batched step per prompt chunk (here > 4 chunks)
+
+    # That prefill went into the prefix cache (the n-gram drafter reads no features of the prompt): the same
+    # prompt again is a hit, and the same greedy tokens as computing it (the runs above had no prefix cache).
+    hits = engine.prefix.stats.hit_tokens
+    again = await spec.chat(req(long_msgs, temperature=0.0, max_tokens=10))
+    assert engine.prefix.stats.hit_tokens - hits == (len(ids) - 1) // 32 * 32
+    assert again.choices[0].text == engine.tokenizer.decode(in_chunks, skip_special_tokens=True)
+    assert engine.active_sequences == 0
+
+
 async def test_speculative_backend_config_is_lossless_greedy_and_reports_vllm_metrics():
     """`speculative:` on the local backend (n-gram drafter, fixed K): greedy output equals plain greedy decoding,
     and the result carries vLLM's acceptance metrics; n > 1 requests keep the batched path."""

@@ -168,6 +168,10 @@ class _ScriptedTarget:
         self.forward_passes += 1
         return self._out(toks)[0][-1:], self._out(toks)[1]
 
+    def prefill_steps(self, toks: list[int]):
+        return self.prefill(toks)
+        yield  # a generator (one chunk): the loop's interface to a chunked prefill
+
     def forward(self, toks: list[int], all_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         self.tokens += toks
         self.forward_passes += 1

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .runner import KVCache
+from .runner import PREFILL_GRID, KVCache
 
 __all__ = ["PrefixCache", "PrefixStats"]
 
@@ -65,7 +65,7 @@ class _Block:
 class PrefixCache:
     """Exact-match prompt-prefix K/V blocks with an LRU byte budget (``budget_bytes`` 0 disables it)."""
 
-    def __init__(self, budget_bytes: int, block: int = 32):
+    def __init__(self, budget_bytes: int, block: int = PREFILL_GRID):
         if block < 1:
             raise ValueError("block must be >= 1")
         self.budget_bytes = max(0, int(budget_bytes))

@@ -647,6 +647,8 @@ class SpeculativeLane:
         rounds = speculative_session(
             eng.runner, req.prompt, p.speculative, temperature=p.temperature, top_p=p.top_p, max_tokens=req.max_new,
             seed=p.seed, stop_ids=frozenset() if p.ignore_eos else frozenset(eng.eos_ids),
+            prefill_chunk=eng.prefill_chunk,  # a chunk per round: the batched rows keep stepping through a long prompt
+            prefix=eng.prefix,  # same numerics as the engine's prefill: a hit is bit-identical to computing it
         )
         self.runs.append(_SpecRun(req, rounds, IncrementalText(eng.tokenizer, p.stop)))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..runner import run_steps
 from .draft import AcceptHead, DraftKV, EagleDraft, proposal_stats
 from .policies import DraftState, StopPolicy
 from .sampling import SamplingConfig, entropy, probs_from_logits, sample
@@ -30,10 +31,12 @@ from .verify import VerifyMode, verify
 class TargetModel:
     """One sequence on the engine's runner: forward appends, crop rolls back."""
 
-    def __init__(self, runner: Any, slot: int = 0, cache: Any = None):
+    def __init__(self, runner: Any, slot: int = 0, cache: Any = None, prefill_chunk: int = 512, prefix: Any = None):
         self.runner = runner
         self.slot = slot
         self.cache = cache if cache is not None else runner.new_cache(slot + 1, 512)
+        self.prefill_chunk = prefill_chunk
+        self.prefix = prefix  # the engine's PrefixCache, or None; see prefill_steps
         self.forward_passes = 0
 
     @property
@@ -52,8 +55,20 @@ class TargetModel:
         return out.logits[0], out.hidden[0].float()
 
     def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_steps(self.prefill_steps(tokens))
+
+    def prefill_steps(self, tokens: list[int]) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
+        """The prompt from position 0, one ``prefill_chunk`` per ``next`` (the runner's prefill: the engine's
+        numerics) -> (last-position logits [1, V], hidden [T', H]).  With a ``prefix`` cache the longest cached
+        prefix is copied in first and hidden covers only the T' positions computed (drafters that read the
+        target's features must not be given one), and the completed prompt is stored for later requests."""
         self.reset()
-        return self.forward(tokens, all_logits=False)
+        self.forward_passes += 1
+        start = self.prefix.load(tokens, self.cache, self.slot) if self.prefix is not None else 0
+        out = yield from self.runner.prefill_steps(tokens, self.cache, self.slot, self.prefill_chunk, start)
+        if self.prefix is not None:
+            self.prefix.store(tokens, self.cache, self.slot)
+        return out.logits[0], out.hidden[0].float()
 
     def crop(self, length: int) -> None:
         self.cache.crop(self.slot, length)
@@ -382,7 +397,7 @@ def drive(rounds: Rounds, on_tokens: Callable[[list[int]], bool] | None = None) 
     try:
         tokens = next(rounds)
         while True:
-            tokens = rounds.send(bool(on_tokens(tokens)) if on_tokens is not None else False)
+            tokens = rounds.send(bool(on_tokens(tokens)) if on_tokens is not None and tokens else False)
     except StopIteration as done:
         return done.value
 
@@ -413,10 +428,10 @@ def speculative_rounds(
     seed: int | None = 0,
     stop_ids: set[int] | frozenset[int] = frozenset(),
 ) -> Generator[list[int], "bool | None", tuple[list[int], SpecStats]]:
-    """The speculative loop one round at a time: yields the tokens each round commits and
-    receives True to stop there (``send``); returns ``(tokens, stats)``.  A server interleaves
-    the rounds of several requests with its batched decode steps this way; see
-    :func:`speculative_generate` for the guarantees."""
+    """The speculative loop one round at a time: yields the tokens each round commits (``[]`` after
+    each prompt chunk but the last) and receives True to stop there (``send``); returns ``(tokens,
+    stats)``.  A server interleaves the rounds of several requests with its batched decode steps
+    this way; see :func:`speculative_generate` for the guarantees."""
     mode = VerifyMode(verify_mode)
     if mode is VerifyMode.GREEDY and not sampling.greedy:
         raise ValueError("greedy verification needs temperature 0")
@@ -430,7 +445,14 @@ def speculative_rounds(
     # a "candidate" head (the authors') reads the step after a candidate; a "proposer" head does not
     lookahead = policy.needs_head and getattr(drafter.head, "reads", "candidate") == "candidate"
 
-    logits, hidden = target.prefill(prompt_ids)
+    prefill = target.prefill_steps(prompt_ids)
+    while True:  # a long prompt goes in chunks, each a round without tokens: a server's other sequences step between
+        try:
+            next(prefill)
+        except StopIteration as done:
+            logits, hidden = done.value
+            break
+        yield []
     first, _ = _draw(logits[-1], sampling, g)
     out = [first]
     halted = yield [first]

@@ -9,7 +9,9 @@ backend's config carries::
                   threshold: <float>, k: <int>, min_k: 2, max_k: 20}
 
 and gets the tokens plus counters under vLLM's metric names.  Temperature 0 uses greedy
-verification (output identical to plain greedy decoding); otherwise standard speculative
+verification (greedy decoding of the same model; in bf16 a verification pass over k + 1 tokens
+rounds differently from k + 1 one-token steps, so a near-tie can flip and a long answer then
+differ from the batched path's: specdec README, "Greedy outputs"); otherwise standard speculative
 sampling, which keeps the target's sampling distribution (temperature and top-p applied
 to both sides).
 """
@@ -120,15 +122,18 @@ def speculative_session(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     cache: Any = None,
     slot: int = 0,
+    prefill_chunk: int = 512,
+    prefix: Any = None,
 ) -> Generator[list[int], "bool | None", tuple[list[int], dict[str, Any]]]:
     """One speculative generation, one round at a time (see :func:`~.generate.speculative_rounds`):
     the engine's worker advances several of these between its batched decode steps.  Generates
-    in ``cache`` slot ``slot`` (a fresh one-slot cache if None).  A bad config raises at the
+    in ``cache`` slot ``slot`` (a fresh one-slot cache if None); the prompt goes in ``prefill_chunk``-token
+    rounds that commit nothing, after what ``prefix`` (the engine's prefix cache) holds of it when the drafter
+    does not read the target's features of the prompt (n-gram, a separate LM).  A bad config raises at the
     first ``next``."""
     cfg = spec if isinstance(spec, SpeculativeConfig) else SpeculativeConfig.from_dict(spec)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
     policy = make_policy(cfg.method, cfg.threshold, cfg.k, cfg.min_k, cfg.max_k)
-    target = TargetModel(runner, slot=slot, cache=cache)
     mode = "greedy" if sampling.greedy else "sampled"
     drafter: Any
     if cfg.draft == "ngram":  # prompt lookup: point-mass drafts, no head
@@ -140,6 +145,9 @@ def speculative_session(
         draft = _draft_for(runner, cfg.draft)
         head = _head_for(runner, cfg.head, sampling.greedy) if policy.needs_head else None
         drafter = EagleDrafter(draft, head) if isinstance(draft, EagleDraft) else LMDrafter(draft, head)
+    needs_features = isinstance(drafter, EagleDrafter)  # it reads the target's hidden state at every prompt position
+    target = TargetModel(runner, slot=slot, cache=cache, prefill_chunk=prefill_chunk,
+                         prefix=None if needs_features else prefix)
     tokens, stats = yield from speculative_rounds(prompt_ids, target, drafter, policy, mode, sampling,
                                                   max_tokens, seed, stop_ids)
     metrics: dict[str, Any] = stats.metrics()
