@@ -572,11 +572,15 @@ class ModelRunner:
         return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
 
     @staticmethod
-    def _mask(pos: torch.Tensor, start: list[int], total: int, groups: int, window: int | None) -> torch.Tensor | None:
-        """Boolean attention mask [B, 1, groups*T, total] (None when every query sees every key).
+    def _mask(pos: torch.Tensor, start: list[int], total: int, groups: int, window: int | None,
+              dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive attention mask [B, 1, groups*T, total] in ``dtype``, 0 or -inf (None when every query sees
+        every key).
 
         Key j is visible to query t of row b iff j <= start[b] + t (causal + the row's own
-        length) and, on sliding-window layers, j > start[b] + t - window.
+        length) and, on sliding-window layers, j > start[b] + t - window.  Additive, not boolean: SDPA turns a
+        boolean mask into this (logical_not + where) on every call, i.e. in every layer -- the same values, so
+        the same bits, built once per forward instead.
         """
         B, T = pos.shape
         if T == 1 and all(s + 1 == total for s in start) and (window is None or total <= window):
@@ -587,7 +591,8 @@ class ModelRunner:
             mask &= key_pos[None, None, :] > pos[:, :, None] - window
         # GQA without copying K/V: the query heads sharing one KV head are folded into the
         # query-length axis, so attention runs on [B, kv_heads, groups*T, D].
-        return mask[:, None, None].expand(B, 1, groups, T, total).reshape(B, 1, groups * T, total)
+        mask = mask[:, None, None].expand(B, 1, groups, T, total).reshape(B, 1, groups * T, total)
+        return torch.zeros(mask.shape, dtype=dtype, device=pos.device).masked_fill_(~mask, float("-inf"))
 
     @torch.inference_mode()
     def forward(
@@ -626,7 +631,7 @@ class ModelRunner:
         same_start = len(set(start)) == 1
         rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
         groups = d.heads // d.kv_heads
-        masks = {} if on_grid else {w: self._mask(pos, start, total, groups, w) for w in set(d.windows)}
+        masks: dict = {} if on_grid else {w: self._mask(pos, start, total, groups, w, self.kv_dtype) for w in set(d.windows)}
 
         # int8 or not goes by sequences, not token rows: a speculative verification of one sequence (T = k+1 rows)
         # then multiplies by the same weights as that sequence's plain steps, so greedy output stays the same.
@@ -657,7 +662,7 @@ class ModelRunner:
                 vc[rows, :, pos] = v.to(self.kv_dtype)
             if on_grid:
                 a = self._attend_on_grid(q, kc[first_slot : first_slot + 1], vc[first_slot : first_slot + 1],
-                                         pos, start[0], kv_grid, d.windows[li])
+                                         pos, start[0], kv_grid, d.windows[li], masks)
             else:
                 keys = kc[first_slot : first_slot + B, :, :total]
                 vals = vc[first_slot : first_slot + B, :, :total]
@@ -684,7 +689,7 @@ class ModelRunner:
         return ForwardOutput(logits=out, hidden=hidden)
 
     def _attend_on_grid(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, start: int,
-                        grid: int, window: int | None) -> torch.Tensor:
+                        grid: int, window: int | None, masks: dict) -> torch.Tensor:
         """Causal attention of one row's queries ``q`` [1, heads, T, D] in blocks of ``grid`` positions.
 
         Why: SDPA's sums run in an order that depends on how many (masked) keys it is given, so a query
@@ -695,7 +700,8 @@ class ModelRunner:
         makes a prefix-cache hit (whole blocks, :mod:`.prefix_cache`) bit-identical to computing it.
         Chunks must start on the grid (the engine's chunk sizes are whole blocks): a block cut by a chunk
         boundary would run with fewer queries, and SDPA rounds differently for a different query count.
-        It also skips the fully masked key blocks of a long chunk.  Returns [1, heads, T, D].
+        It also skips the fully masked key blocks of a long chunk.  ``masks``: the forward's, filled here with
+        each block's mask on the first layer and read by the others.  Returns [1, heads, T, D].
         """
         d = self.dims
         T = q.shape[2]
@@ -708,7 +714,9 @@ class ModelRunner:
             end = min((p // grid + 1) * grid, kc.shape[2])  # this block's end: its keys are 0..end
             tb = min(end - p, T - t)
             qb = qv[:, :, :, t : t + tb].reshape(1, d.kv_heads, groups * tb, d.head_dim).to(self.kv_dtype)
-            mask = self._mask(pos[:, t : t + tb], [p], end, groups, window)
+            mask = masks.get((t, window), False)
+            if mask is False:
+                mask = masks[(t, window)] = self._mask(pos[:, t : t + tb], [p], end, groups, window, self.kv_dtype)
             a = F.scaled_dot_product_attention(qb, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, scale=self.scale)
             out[:, :, :, t : t + tb] = a.view(1, d.kv_heads, groups, tb, d.head_dim)
             t += tb
