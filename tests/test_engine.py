@@ -433,8 +433,11 @@ async def test_speculative_backend_config_is_lossless_greedy_and_reports_vllm_me
 
     spec = LocalBackend(speculative={"method": "fixed", "k": 4, "draft": "ngram"})
     plain = LocalBackend()
-    await spec.start()
     await plain.start()
+    # One engine for both: an engine picks its decode weights (int8 / packed bf16 per row count) by timing them at
+    # load, so under load two engines can decode the same request with different weights (seen in CI: 12 / 1 / 2
+    # int8 rows on three loads beside two busy processes).
+    spec.engine, spec.loaded = plain.engine, plain.loaded
     try:
         msgs = [{"role": "user", "content": "List the days of the week, one per line."}]
         p = SamplingParams(temperature=0.0, max_tokens=40)
@@ -447,7 +450,6 @@ async def test_speculative_backend_config_is_lossless_greedy_and_reports_vllm_me
         many = await spec.chat(ChatRequest("smollm2-135m-instruct", msgs, SamplingParams(temperature=0.7, max_tokens=8, n=2, seed=1)))
         assert len(many.choices) == 2 and "num_draft_tokens" not in many.metrics
     finally:
-        await spec.close()
         await plain.close()
 
 
