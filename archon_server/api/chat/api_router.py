@@ -9,9 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import error_body
+from ..json_route import JSONBodyRoute
 from .protocol import ChatCompletionRequest, ChatCompletionResponse
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 _ERRORS = {s: {"description": d, "content": {"application/json": {"example": error_body(s, d)}}} for s, d in [
     (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"), (413, "request too large"),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from ..json_route import JSONBodyRoute
 from ..chat.api_router import _ERRORS, answer
 from .protocol import CompletionRequest, CompletionResponse
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 _STREAM = {200: {"content": {"text/event-stream": {"schema": {
     "type": "object", "description": "one event: `data:` a text_completion chunk as JSON (or an error), last `data: [DONE]`",

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..json_route import JSONBodyRoute
 from ..chat.api_router import _ERRORS, answer
 from .protocol import ResponsesRequest
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 # 200 is a Response object as JSON, or Server-Sent Events with `stream: true`: both documented.
 _STREAM = {200: {"content": {
