@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import gc
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import build_app
+    from .api.wire import uvicorn_io
 
     cfg = load_config(args.config)
     if args.architectures:
@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = build_app(cfg)
         _announce(app, cfg, host, port)
         _settle_gc()
-        uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
+        uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5, **uvicorn_io())
         return 0
     return _serve_workers(args, cfg, host, port)
 
@@ -77,6 +77,7 @@ def _serve_workers(args: argparse.Namespace, cfg: Any, host: str, port: int) -> 
 
     from .api.app import build_app
     from .api.metrics import MULTIPROC_ENV
+    from .api.wire import uvicorn_io
     from .backends.host import BackendHostFailed, BackendHostProcess
     from .backends.registry import IN_PROCESS_KINDS, build_registry
 
@@ -106,7 +107,7 @@ def _serve_workers(args: argparse.Namespace, cfg: Any, host: str, port: int) -> 
                                               "trace_peers": peers})
         _settle_gc()
         uvicorn.run("archon_server.cli:worker_app", factory=True, workers=args.workers, host=host, port=port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5, **_fast_io())
+                    log_level=args.log_level, timeout_graceful_shutdown=5, **uvicorn_io())
     finally:
         if backend_host is not None:
             backend_host.stop()
@@ -148,17 +149,6 @@ def _settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
-
-
-def _fast_io() -> dict[str, str]:
-    """uvloop and httptools (uvicorn[standard]) by name: "auto" would fall back to asyncio/h11 silently if they broke."""
-    out = {}
-    for key, mod in (("loop", "uvloop"), ("http", "httptools")):
-        if importlib.util.find_spec(mod) is not None:
-            out[key] = mod
-        else:
-            logging.getLogger("archon.api").warning("%s is not installed: serving on the slower pure-Python %s", mod, key)
-    return out
 
 
 def _resolve_arch(name: str, cfg: Any, registry: Any) -> "ArchitectureSpec":

@@ -15,13 +15,16 @@ from typing import Any
 import httpx
 import uvicorn
 
+from ..api.wire import uvicorn_io
 from .upstream import free_port
 
 
 class ServerThread:
     def __init__(self, app: Any, port: int | None = None):
         self.port = port or free_port()
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, backlog=4096)
+        # The loop and protocol `archon serve` runs with (api/wire.py), so tests walk the wire users get.
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
+                                     backlog=4096, **uvicorn_io())
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
 
