@@ -8,6 +8,7 @@ here, so a live view (the web console, ``stream_trace``) needs no second bookkee
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -65,12 +66,18 @@ class LayerTrace:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     kept: list[int] | None = None
     votes: dict[str, int] = field(default_factory=dict)
-    _trace: Trace | None = field(default=None, repr=False, compare=False)
+    # The trace this layer belongs to, by weak reference: a strong one made every request's Trace, its layers, calls
+    # and their lists a reference cycle (17 objects per self-moa request) that only the cyclic collector frees, and
+    # that garbage was what triggered its collections while serving (each walking every request in flight).
+    _trace: weakref.ReferenceType[Trace] | None = field(default=None, repr=False, compare=False)
+
+    def _owner(self) -> Trace | None:
+        return self._trace() if self._trace is not None else None
 
     def call_started(self, component: str, ctype: str, model: str, n: int, purpose: str = "") -> tuple[int, float]:
         """Number a call and note its start; returns (id, perf_counter at start) for :meth:`record`."""
         t0 = time.perf_counter()
-        tr = self._trace
+        tr = self._owner()
         if tr is None:
             return 0, t0
         tr._next_call += 1
@@ -81,13 +88,14 @@ class LayerTrace:
 
     def record(self, rec: CallRecord, started: tuple[int, float] | None = None) -> CallRecord:
         """Append a finished call (the one path every call record takes) and tell the observer."""
+        tr = self._owner()
         if started is not None:
             rec.id = started[0]
-            if self._trace is not None:
-                rec.start_s = started[1] - self._trace.started
+            if tr is not None:
+                rec.start_s = started[1] - tr.started
         self.calls.append(rec)
-        if self._trace is not None and self._trace.observer is not None:  # no event built when nobody listens
-            self._trace.emit({**rec.to_dict(), "type": "call_ended", "ctype": rec.type, "layer": self.index, "call": rec.id})
+        if tr is not None and tr.observer is not None:  # no event built when nobody listens
+            tr.emit({**rec.to_dict(), "type": "call_ended", "ctype": rec.type, "layer": self.index, "call": rec.id})
         return rec
 
     def finish_call(self, component: str, ctype: str, model: str, n: int, started: tuple[int, float], *,
@@ -139,7 +147,7 @@ class Trace:
                 self.observer = None
 
     def add_layer(self, index: int, components: list[str], candidates_in: int) -> LayerTrace:
-        lt = LayerTrace(index, components, candidates_in=candidates_in, start_s=time.perf_counter() - self.started, _trace=self)
+        lt = LayerTrace(index, components, candidates_in=candidates_in, start_s=time.perf_counter() - self.started, _trace=weakref.ref(self))
         self.layers.append(lt)
         if self.observer is not None:  # no event built when nobody listens
             self.emit({"type": "layer_started", "layer": index, "components": components, "candidates_in": candidates_in,

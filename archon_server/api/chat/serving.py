@@ -84,6 +84,33 @@ async def _disconnected(raw: Request) -> None:
         await asyncio.sleep(0.25)
 
 
+class _Keepalive:
+    """Puts :data:`KEEPALIVE` on a stream's queue when nothing came for ``every`` seconds: one timer per stream,
+    re-armed from the last item (``last``, set by the consumer), instead of a wait with a timeout per token.
+
+    An object, not a closure: a closure that re-arms itself holds its own cell, a reference cycle per stream that
+    only the cyclic collector frees (with the Queue, its deques and futures behind it)."""
+
+    def __init__(self, queue: asyncio.Queue[Any], every: float):
+        self.queue = queue
+        self.every = every
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()  # when the consumer last got something (keep-alives count)
+        self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.last + every, self._tick)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        if now - self.last >= self.every * 0.999 and self.queue.empty():
+            self.queue.put_nowait(KEEPALIVE)
+            self.last = now
+        self.timer = self.loop.call_at(self.last + self.every, self._tick)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()  # drops the handle's reference back to this object
+            self.timer = None
+
+
 class ChatService:
     def __init__(self, registry: BackendRegistry, catalog: Catalog, *, max_n: int, max_inflight: int,
                  request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None):
@@ -278,28 +305,14 @@ class ChatService:
 
         task = asyncio.ensure_future(run(sink, put if trace_events else None))
         task.add_done_callback(lambda _t: put(None))
-        loop = asyncio.get_running_loop()
-        last = loop.time()  # when the consumer last got something (keep-alives count)
-        timer: asyncio.TimerHandle | None = None
-
-        def tick() -> None:
-            # One timer per stream, re-armed from the last item, instead of a wait with a timeout per token.
-            nonlocal timer, last
-            now = loop.time()
-            if now - last >= keepalive_s * 0.999 and queue.empty():  # type: ignore[operator]
-                put(KEEPALIVE)
-                last = now
-            timer = loop.call_at(last + keepalive_s, tick)  # type: ignore[operator]
-
-        if keepalive_s:
-            timer = loop.call_at(last + keepalive_s, tick)
+        keepalive = _Keepalive(queue, keepalive_s) if keepalive_s else None
         status, res, gerr = 500, None, None
         try:
             ended = False
             while not ended:
                 item = await queue.get()
-                if keepalive_s:
-                    last = loop.time()
+                if keepalive is not None:
+                    keepalive.last = keepalive.loop.time()
                 if item is None:
                     break
                 if not batched:
@@ -313,9 +326,8 @@ class ChatService:
                         break
                     items.append(nxt)
                 yield items
-            if timer is not None:
-                timer.cancel()
-                timer = None
+            if keepalive is not None:
+                keepalive.cancel()
             try:
                 res = task.result()
             except (GraphError, StructuredOutputInvalid) as e:
@@ -327,8 +339,8 @@ class ChatService:
             status = 200
             yield [res] if batched else res
         finally:
-            if timer is not None:
-                timer.cancel()
+            if keepalive is not None:
+                keepalive.cancel()
             if not task.done():  # client went away: cancel every in-flight backend call
                 task.cancel()
                 status = 499
