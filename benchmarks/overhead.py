@@ -245,8 +245,11 @@ def main() -> None:
     a = ap.parse_args()
     a.archs = a.archs or ("stream-probe,self-moa" if a.stream else "moa-lite,moa,archon-rank-critic-fuse,self-moa")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Both children run in this checkout: `python -m`/`-c` put the working directory first on sys.path, so run from
+    # another checkout they measured that one's package (an A/B of two trees from one directory compared nothing).
+    run_here = {"env": env, "cwd": str(ROOT)}
     up_port, srv_port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(a.latency), str(up_port), str(a.tokens if a.stream else 0)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(a.latency), str(up_port), str(a.tokens if a.stream else 0)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, **run_here)
     assert upstream.stdout is not None
     upstream.stdout.readline()
     probe_dir = tempfile.mkdtemp(prefix="archon-probe-")
@@ -258,9 +261,9 @@ def main() -> None:
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(cfg, f)
-    prof = ["-m", "cProfile", "-o", a.profile] if a.profile else []  # written when the server exits (SIGTERM)
+    prof = ["-m", "cProfile", "-o", str(Path(a.profile).resolve())] if a.profile else []  # written when the server exits (SIGTERM)
     server = subprocess.Popen([sys.executable, *prof, "-m", "archon_server", "serve", "-c", f.name, "--port", str(srv_port), "--log-level", "warning",
-                               "--workers", str(a.workers)], env=env, stdout=subprocess.DEVNULL)
+                               "--workers", str(a.workers)], stdout=subprocess.DEVNULL, **run_here)
     url = f"http://127.0.0.1:{srv_port}"
     try:
         asyncio.run(wait_http(url + "/health"))
