@@ -2,8 +2,9 @@
 
 FastAPI's request handler is general: per request it parses the Content-Type with ``email.message``, decodes the
 body with ``json.loads``, validates the resulting dict, solves the dependency graph and builds error context for
-its messages. For ``POST /v1/chat/completions`` at 200 clients that general path was a tenth of the server's CPU
-(the issue 20 profile). :class:`JSONBodyRoute` takes the common case itself: a non-empty ``application/json`` body
+its messages. Measured with ``benchmarks/http_edge.py``: FastAPI's whole app took 56 us of CPU per chat-completion
+request with that handler and 34 us with this one, ~4 % of a self-moa request's server CPU at 200 clients.
+:class:`JSONBodyRoute` takes the common case itself: a non-empty ``application/json`` body
 goes to ``Model.model_validate_json`` (pydantic-core parses and validates in one pass), and the endpoint is called
 with the model and the request. Everything else (another content type, an empty body, an endpoint with other
 parameters) goes to FastAPI's own handler, so behaviour and the OpenAPI schema stay FastAPI's; validation errors

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..json_route import JSONBodyRoute
 from ..chat.api_router import _ERRORS, answer
+from ..json_route import JSONBodyRoute
 from .protocol import CompletionRequest, CompletionResponse
 
 router = APIRouter(route_class=JSONBodyRoute)

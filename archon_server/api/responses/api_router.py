@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..json_route import JSONBodyRoute
 from ..chat.api_router import _ERRORS, answer
+from ..json_route import JSONBodyRoute
 from .protocol import ResponsesRequest
 
 router = APIRouter(route_class=JSONBodyRoute)
