@@ -114,18 +114,29 @@ def test_two_workers_share_one_study_then_export(tmp_path: Path, storage_url: st
     assert status["evaluated"] == 8 and status["target"] == 8 and status["best"]["trial"] is not None
 
 
-def _wait_running_trial_of(url: str, pid: int, timeout: float) -> int:
+def _wait_running_trial_of(url: str, pid: int, timeout: float, proc: subprocess.Popen[str] | None = None) -> int:
+    """The number of a trial that worker ``pid`` is evaluating now. A worker that exits first, or a wait that ends,
+    fails with what is known: the worker's output, the last error of reading the study."""
     deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
     while time.monotonic() < deadline:
         try:
             for t in _load(url).get_trials(states=(TrialState.RUNNING,)):
                 # Sampled (the spec is stored) and now evaluating: a kill here is truly mid-trial.
                 if str(t.user_attrs.get(ATTR_WORKER, "")).endswith(f":{pid}") and ATTR_KEY in t.user_attrs:
                     return t.number
-        except Exception:  # the study may not exist yet
-            pass
+        except Exception as e:  # the study may not exist yet
+            last_error = e
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"worker {pid} exited ({proc.returncode}) before a trial was seen running:\n{err[-3000:]}\n{out[-1000:]}")
         time.sleep(0.1)
-    raise AssertionError(f"worker {pid} never ran a trial")
+    states = "?"
+    try:
+        states = str([(t.number, t.state.name, t.user_attrs.get(ATTR_WORKER)) for t in _load(url).get_trials()])
+    except Exception as e:  # noqa: BLE001 - only for the message
+        states = f"unreadable: {e!r}"
+    raise AssertionError(f"worker {pid} never ran a trial in {timeout:g}s; last read error: {last_error!r}; trials: {states}")
 
 
 def test_killed_worker_trial_is_failed_by_heartbeat_retried_and_study_completes(tmp_path: Path) -> None:
@@ -138,7 +149,7 @@ def test_killed_worker_trial_is_failed_by_heartbeat_retried_and_study_completes(
     a = run(0)
     procs = [a]
     try:
-        killed = _wait_running_trial_of(url, a.pid, timeout=60)
+        killed = _wait_running_trial_of(url, a.pid, timeout=60, proc=a)
         b = run(1)
         procs.append(b)
         a.send_signal(signal.SIGKILL)
@@ -386,7 +397,7 @@ def test_four_workers_on_postgresql_one_killed_mid_trial(tmp_path: Path, postgre
     victim = run(0)
     procs = [victim]
     try:
-        killed = _wait_running_trial_of(postgres_url, victim.pid, timeout=90)
+        killed = _wait_running_trial_of(postgres_url, victim.pid, timeout=90, proc=victim)
         procs += [run(i) for i in (1, 2, 3)]
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
