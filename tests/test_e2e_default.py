@@ -92,7 +92,9 @@ def test_responses_completions_and_structured_outputs_on_the_embedded_model(serv
     r = served.responses.create(model="smollm2", input="What is the capital of France? One sentence.", instructions="Answer briefly.",
                                 max_output_tokens=40, temperature=0)
     assert r.status in ("completed", "incomplete") and english(r.output_text) and r.usage.output_tokens > 0
-    with served.responses.stream(model="self-moa", input="Name a fruit.", max_output_tokens=24) as stream:
+    # A sentence, not one word: "Name a fruit." got "Alef." once, too short to tell English by (english() wants 6 letters).
+    with served.responses.stream(model="self-moa", input="Name a fruit and its colour in one short sentence.", max_output_tokens=32,
+                                 temperature=0) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_response()
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
