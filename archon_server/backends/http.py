@@ -10,7 +10,6 @@ breaker that skips a replica that keeps failing for a cool-down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import email.utils
 import json
@@ -124,17 +123,21 @@ def parse_completion(data: Any, backend: str) -> ChatResult:
     for i, c in enumerate(data["choices"]):
         if not isinstance(c, dict):
             raise BackendError("malformed choice from upstream", status=502, retryable=True, backend=backend)
-        msg = c.get("message") or {}
         # chat.completion: message.content (and message.tool_calls); text_completion: text
-        text = msg.get("content") if isinstance(msg, dict) and "message" in c else c.get("text")
-        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        msg = c.get("message")
+        if isinstance(msg, dict):
+            text, calls = msg.get("content"), msg.get("tool_calls")
+        else:
+            text, calls = c.get("text"), None
+        index = c.get("index", i)
+        lp = c.get("logprobs")
         choices.append(
             Choice(
-                text=text if isinstance(text, str) else "",
-                finish_reason=c.get("finish_reason") or "stop",
-                index=int(c.get("index", i)) if isinstance(c.get("index", i), int) else i,
-                logprobs=_parse_logprobs(c.get("logprobs")),
-                tool_calls=[t for t in calls if isinstance(t, dict)] or None if isinstance(calls, list) else None,
+                text if isinstance(text, str) else "",
+                c.get("finish_reason") or "stop",
+                int(index) if isinstance(index, int) else i,
+                _parse_logprobs(lp) if lp else None,
+                ([t for t in calls if isinstance(t, dict)] or None) if isinstance(calls, list) else None,
             )
         )
     choices.sort(key=lambda c: c.index)
@@ -269,12 +272,16 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
         for attempt in range(self.max_retries + 1):
             emitted = False
             with self.pool.attempt() as replica:
+                items = attempt_on(replica)
                 try:
-                    # aclosing: a consumer that stops early (client gone) closes the attempt, and its connection, now
-                    async with contextlib.aclosing(attempt_on(replica)) as items:
+                    try:
                         async for item in items:
                             emitted = True
                             yield item
+                    finally:
+                        # a consumer that stops early (client gone) closes the attempt, and its connection, now
+                        # (contextlib.aclosing, written out: its object and coroutines were a cost on every call)
+                        await items.aclose()
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 - classified by _failure (unknown ones re-raised there)

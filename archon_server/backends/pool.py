@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger("archon.backends.pool")
@@ -50,15 +48,9 @@ class ReplicaPool:
             return min(self.replicas, key=lambda r: r.open_until)
         return min(live, key=lambda r: r.outstanding)
 
-    @contextmanager
-    def attempt(self) -> Iterator[Replica]:
-        """A picked replica, counted as outstanding while the attempt runs."""
-        replica = self.pick()
-        replica.outstanding += 1
-        try:
-            yield replica
-        finally:
-            replica.outstanding -= 1
+    def attempt(self) -> "_Attempt":
+        """A picked replica, counted as outstanding while the attempt runs (``with pool.attempt() as replica``)."""
+        return _Attempt(self.pick())
 
     def record(self, replica: Replica, ok: bool, error: BaseException | None = None) -> None:
         """A success closes the replica's breaker; ``breaker_failures`` failures in a row open it for the cool-down."""
@@ -80,3 +72,20 @@ class ReplicaPool:
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.backoff_max_s)
         return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
+
+
+class _Attempt:
+    """The context manager of :meth:`ReplicaPool.attempt`: a class, not ``@contextmanager``, whose generator and
+    wrapper objects cost more than the counting they do, on every backend call."""
+
+    __slots__ = ("replica",)
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+
+    def __enter__(self) -> Replica:
+        self.replica.outstanding += 1
+        return self.replica
+
+    def __exit__(self, *exc: object) -> None:
+        self.replica.outstanding -= 1
