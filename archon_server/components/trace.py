@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import Usage
@@ -40,14 +40,13 @@ class CallRecord:
     start_s: float = 0.0  # when the call began, seconds after the request started (the waterfall's x)
 
     def to_dict(self) -> dict[str, Any]:
-        # Every field is a scalar: a flat copy, not dataclasses.asdict (recursive deepcopy, ~10x the cost per call).
-        out = {name: getattr(self, name) for name in _CALL_FIELDS}
+        # Every field is a scalar: a flat copy of the instance's dict (its fields, in their order), not
+        # dataclasses.asdict (a recursive deepcopy, ~10x the cost per call) nor a getattr per field (~5x).
+        out = self.__dict__.copy()
         out["latency_s"] = round(self.latency_s, 4)
         out["start_s"] = round(self.start_s, 4)
         return out
 
-
-_CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
 
 
 @dataclass
@@ -112,15 +111,11 @@ class LayerTrace:
         return rec
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in _LAYER_FIELDS}
+        out = {k: v for k, v in self.__dict__.items() if k[0] != "_" and k != "calls"}  # the fields, in their order
         out["latency_s"] = round(self.latency_s, 4)
         out["start_s"] = round(self.start_s, 4)
         out["calls"] = [c.to_dict() for c in self.calls]
         return out
-
-
-# What a layer's dict holds besides its calls (read once: dataclasses.fields per to_dict was a visible cost per request).
-_LAYER_FIELDS = tuple(f.name for f in fields(LayerTrace) if not f.name.startswith("_") and f.name != "calls")
 
 
 @dataclass

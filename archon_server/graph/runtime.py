@@ -15,7 +15,7 @@ from typing import Any
 from ..backends.base import BackendError, SamplingParams, Usage
 from ..backends.registry import BackendRegistry
 from ..components import COMPONENTS, ComponentContext, FinalOverrides
-from ..components.base import StreamSink
+from ..components.base import StreamSink, gather_tolerant
 from ..components.state import Candidate, State, Update
 from ..components.trace import LayerTrace, Trace, TraceObserver, candidate_dicts
 from ..spec import ArchitectureSpec
@@ -108,16 +108,9 @@ def final_choices(cands: list[Candidate], rule: str, n: int) -> list[Candidate]:
 
 
 async def _run_all(comps: list[Any], ctxs: list[ComponentContext], state: State) -> list[Any]:
-    """Every component of a layer concurrently, each one's Update or exception in its place. A layer of one
-    component (most final stages) is awaited in this task: a task per layer was a visible cost per request."""
-    if len(comps) == 1:
-        try:
-            return [await comps[0].run(ctxs[0], state)]
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - recorded as the layer's failure, as gather(return_exceptions) would
-            return [e]
-    return await asyncio.gather(*(c.run(x, state) for c, x in zip(comps, ctxs)), return_exceptions=True)
+    """Every component of a layer concurrently, each one's Update or exception in its place (a layer of one
+    component, most final stages, runs in this task: see gather_tolerant)."""
+    return await gather_tolerant([c.run(x, state) for c, x in zip(comps, ctxs)])
 
 
 class GraphRuntime:
