@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -66,6 +68,32 @@ class StartupGate:
         await self.app(scope, receive, send)
 
 
+def add_routes_first(app: FastAPI, routers: list[APIRouter]) -> None:
+    """The endpoint folders' routes go into the app's own route list, ahead of the documentation routes FastAPI
+    puts first, instead of ``app.include_router``: FastAPI 0.165 keeps an included router nested and works out again
+    on every request which of its routes apply (a walk over its routes for their version, a context variable, scope
+    bookkeeping). That, and matching the four documentation routes first, was ~70K of the ~1.5M instructions a
+    self-moa request costs in the app (issue 20; counted under valgrind). Include-time settings are what nesting
+    would combine, so a router with a prefix, dependencies or tags is refused here rather than served without them."""
+    routes = []
+    for router in routers:
+        if router.prefix or router.dependencies or router.tags:
+            raise ValueError(f"add_routes_first: a router with a prefix, dependencies or tags needs include_router ({router.routes})")
+        routes.extend(router.routes)
+    app.router.routes[0:0] = routes
+
+
+def native_telemetry() -> dict[str, Any]:
+    """FastAPI's native OpenTelemetry, on when OpenTelemetry is set up at start: an ``OTEL_*`` or
+    ``FASTAPI_OTEL_*`` variable is set, or the OpenTelemetry SDK is already loaded (as ``opentelemetry-instrument``
+    loads it). Otherwise off: with it on, FastAPI asks the global providers on every request whether someone
+    configured them since (~3 us of each request's CPU), and in ``archon serve`` nothing configures them later. A
+    program that builds the app itself and sets providers afterwards sets an ``OTEL_...`` variable."""
+    if any(k.startswith(("OTEL_", "FASTAPI_OTEL_")) for k in os.environ) or "opentelemetry.sdk" in sys.modules:
+        return {}  # FastAPI's defaults
+    return {"tracing": False, "metrics": False, "logs": False}
+
+
 def build_app(
     config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None,
     trace_peers: str | None = None,
@@ -113,7 +141,7 @@ def build_app(
             ready.cancel()
             await registry.close()
 
-    app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="archon-server", version="0.1.0", lifespan=lifespan, telemetry=native_telemetry())
     app.state.registry = registry
     app.state.catalog = catalog  # every endpoint resolves model names here
     app.state.config = config
@@ -131,13 +159,8 @@ def build_app(
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unhandled_handler)
-    app.include_router(chat_router)
-    app.include_router(models_router)
-    app.include_router(responses_router)
-    app.include_router(completions_router)
-    app.include_router(embeddings_router)
-    app.include_router(traces_router)
-    app.include_router(architectures_router)
+    add_routes_first(app, [chat_router, completions_router, responses_router, models_router, embeddings_router,
+                           traces_router, architectures_router])
     mount_ui(app)
 
     @app.get("/health", responses={503: {"description": "starting (the reason says what it waits for) or a backend failed to start"}})

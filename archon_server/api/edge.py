@@ -153,9 +153,16 @@ class GuardMiddleware:
             _ARRIVED.reset(arrived)
 
     async def _guard(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        # The two headers read here, picked from the list as sent: ASGI servers give header names lowercased (the
+        # spec's rule), so no dict of every header decoded is built per request.
+        auth = length = None
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                length = v.decode("latin-1")
+            elif k == b"authorization":
+                auth = v.decode("latin-1")
         path = scope.get("path", "")
-        if self.keys and not self.public(path) and not check_key(headers.get("authorization"), self.keys):
+        if self.keys and not self.public(path) and not check_key(auth, self.keys):
             await send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
             return
         if self.busy is not None and scope.get("method") == "POST" and path in self.busy_paths and self.busy():
@@ -163,7 +170,6 @@ class GuardMiddleware:
             # rejected clients' retries eat the CPU the admitted requests need (ChatService re-checks on admission).
             await send_error(send, 429, "server busy: too many requests in flight; retry later", "rate_limit_exceeded")
             return
-        length = headers.get("content-length")
         declared = int(length) if length is not None and length.isdigit() else None
         if declared is not None and declared > self.max_body:
             await send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
