@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -27,16 +26,14 @@ from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..edge import remaining_s
 from ..errors import APIError, error_body, failure_code
+from ..ids import new_id
 from ..metrics import Metrics
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
 from ..traces.store import TraceStore, entry
 from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    Choice,
     DeltaMessage,
-    ResponseMessage,
     StreamChoice,
     UsageInfo,
 )
@@ -82,6 +79,22 @@ async def _disconnected(raw: Request) -> None:
     disconnect (uvicorn sends it as soon as the socket closes); anything else, wait a little and ask again."""
     while (await raw.receive())["type"] != "http.disconnect":
         await asyncio.sleep(0.25)
+
+
+class _Hangup:
+    """The disconnect watcher's done-callback: cancels the request's task when the client went away (the watcher
+    returned), once; after the request ended (``task`` None), or when the watcher was cancelled, it does nothing."""
+
+    __slots__ = ("task", "fired")
+
+    def __init__(self, task: asyncio.Task[Any] | None):
+        self.task = task
+        self.fired = False
+
+    def __call__(self, gone: asyncio.Future[None]) -> None:
+        if self.task is not None and not gone.cancelled() and gone.exception() is None:
+            self.fired = True
+            self.task.cancel()
 
 
 class _Keepalive:
@@ -195,14 +208,13 @@ class ChatService:
         return APIError(e.status, str(e), code=failure_code(e.status))
 
     def _observe(self, model: str, status: int, t0: float, res: RunResult | None) -> None:
-        self.metrics.requests.labels(model, str(status)).inc()
-        self.metrics.latency.labels(model).observe(time.perf_counter() - t0)
-        if res is not None:
-            self.metrics.tokens.labels("prompt").inc(res.usage.prompt_tokens)
-            self.metrics.tokens.labels("completion").inc(res.usage.completion_tokens)
-            for layer in res.trace.layers:
-                for c in layer.calls:
-                    self.metrics.backend_calls.labels(c.model, "ok" if c.ok else "error").inc(c.requests)
+        if res is None:
+            self.metrics.request_done(model, status, time.perf_counter() - t0)
+            return
+        self.metrics.request_done(model, status, time.perf_counter() - t0, res.usage.prompt_tokens, res.usage.completion_tokens)
+        for layer in res.trace.layers:
+            for c in layer.calls:
+                self.metrics.backend_call(c.model, c.ok, c.requests)
 
     def _keep(self, cid: str, model: str, messages: list[dict[str, Any]], stream: bool, status: int, res: RunResult | None,
               err: GraphError | None) -> None:
@@ -252,22 +264,25 @@ class ChatService:
         self._admit()
         t0 = time.perf_counter()
         status, res, gerr = 500, None, None
+        # Starlette does not cancel a non-streaming handler when the client goes away: a task waits for the
+        # disconnect itself (4 polls a second per request cost real CPU at 1000 in flight) and cancels this one.
+        # The graph runs in this task, not a task of its own raced against the watcher with asyncio.wait: that
+        # task and the wait were ~12 us of a self-moa request's server CPU (issue 20).
+        me = asyncio.current_task()
+        hangup = _Hangup(me)
+        gone = asyncio.ensure_future(_disconnected(raw))
+        gone.add_done_callback(hangup)
         try:
-            task = asyncio.ensure_future(run())
-            # Starlette does not cancel a non-streaming handler when the client goes away: wait for the disconnect
-            # itself rather than polling for it (4 polls a second per request cost real CPU at 1000 in flight).
-            gone = asyncio.ensure_future(_disconnected(raw))
             try:
-                await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-            if not task.done():
-                task.cancel()
+                res = await run()
+            except asyncio.CancelledError:
+                if not hangup.fired:
+                    raise  # cancelled from outside (shutdown): not ours to answer
+                if me is not None:
+                    me.uncancel()  # answered here: the task goes on (and a timeout around it reads its count right)
                 status = 499
                 log.info("client disconnected; cancelled %s", name)
-                raise APIError(499, "client disconnected")
-            try:
-                res = task.result()
+                raise APIError(499, "client disconnected") from None
             except (GraphError, StructuredOutputInvalid) as e:
                 err = self._gerr(e)
                 status, gerr = err.status, e if isinstance(e, GraphError) else None
@@ -277,6 +292,8 @@ class ChatService:
             status = 200
             return res
         finally:
+            hangup.task = None  # done: a disconnect from now on cancels nothing
+            gone.cancel()
             self._release()
             self._observe(name, status, t0, res)
             if keep is not None:
@@ -355,21 +372,36 @@ class ChatService:
         final = self.final_overrides(req)
         self.check_final(spec, final)
         messages = [m.to_dict() for m in req.messages]
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        cid = new_id("chatcmpl-")
         res = await self.execute(spec.name, lambda: self.run_graph(spec, messages, final), raw,
                                  keep=lambda status, r, e: self._keep(cid, req.model, messages, False, status, r, e))
-        return self._response(req, spec, res, cid).model_dump(exclude_none=True)
+        return self._answer(req, res, cid)
 
-    def _response(self, req: ChatCompletionRequest, spec: ArchitectureSpec, res: RunResult, cid: str) -> ChatCompletionResponse:
-        choices = [
-            Choice(index=i, message=ResponseMessage(content=c.text or (None if c.meta.get("tool_calls") else ""), tool_calls=c.meta.get("tool_calls")),
-                   finish_reason=finish_reason(c), logprobs=_logprobs_json(c.meta.get("logprobs")) if req.logprobs else None)
-            for i, c in enumerate(res.candidates)
-        ]
-        return ChatCompletionResponse(
-            id=cid, created=int(time.time()), model=req.model, choices=choices,
-            usage=_usage(res.usage), trace=res.trace.to_dict() if req.return_trace else None,
-        )
+    @staticmethod
+    def _answer(req: ChatCompletionRequest, res: RunResult, cid: str) -> dict[str, Any]:
+        """The chat.completion as ``ChatCompletionResponse(...).model_dump(exclude_none=True)`` gives it (but for
+        ``content: null`` beside tool calls, which that dump left out), built as dicts: constructing and dumping the
+        models was ~12 us of a self-moa request's ~550 us of server CPU (issue 20), with nothing to validate in what
+        this code just made. The model stays the schema (OpenAPI); tests/test_chat_answer.py holds the two equal."""
+        choices = []
+        for i, c in enumerate(res.candidates):
+            calls = c.meta.get("tool_calls")
+            # content null beside tool calls, as OpenAI sends it (the model's dump without None fields dropped it)
+            message: dict[str, Any] = {"role": "assistant", "content": c.text or (None if calls else "")}
+            if calls is not None:
+                message["tool_calls"] = calls
+            choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish_reason(c)}
+            if req.logprobs:
+                lps = _logprobs_json(c.meta.get("logprobs"))
+                if lps is not None:
+                    choice["logprobs"] = lps
+            choices.append(choice)
+        u = res.usage
+        out = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": req.model, "choices": choices,
+               "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}}
+        if req.return_trace:
+            out["trace"] = res.trace.to_dict()
+        return out
 
     # -- streaming ----------------------------------------------------------------
     async def create_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
@@ -378,7 +410,7 @@ class ChatService:
         final = self.final_overrides(req)
         self.check_final(spec, final)
         messages = [m.to_dict() for m in req.messages]
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        cid = new_id("chatcmpl-")
         events = self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
                                   keep=lambda status, r, e: self._keep(cid, req.model, messages, True, status, r, e),
                                   trace_events=req.stream_trace, batched=True, keepalive_s=self.keepalive_s)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -36,6 +35,7 @@ from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
 from ..chat.serving import ChatService
 from ..errors import APIError, error_body
+from ..ids import new_id
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
 
 
@@ -189,7 +189,7 @@ class CompletionsService:
 
     async def create(self, req: CompletionRequest, raw: Request) -> dict[str, Any]:
         name, run = self._plan(req)
-        cid = f"cmpl-{uuid.uuid4().hex}"
+        cid = new_id("cmpl-")
         res = await self.chat.execute(name, lambda: run(None), raw, keep=self._keeper(req, cid, stream=False))
         choices = []
         for i, c in enumerate(res.candidates):
@@ -205,7 +205,7 @@ class CompletionsService:
 
     async def create_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         name, run = self._plan(req)
-        cid = f"cmpl-{uuid.uuid4().hex}"
+        cid = new_id("cmpl-")
         events = self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True))
         return self._stream(req, cid, run, events)
 

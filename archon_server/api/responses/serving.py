@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +29,7 @@ from ...components.state import Candidate
 from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
 from ..errors import APIError
+from ..ids import new_id
 from ..structured import chat_tool_choice, chat_tools
 from .protocol import ResponsesRequest, input_messages
 
@@ -37,7 +37,7 @@ MAX_KEPT = 256  # responses kept for previous_response_id (each holds its conver
 
 
 def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return new_id(prefix + "_")
 
 
 def _usage(res: RunResult) -> dict[str, Any]:
