@@ -6,7 +6,8 @@ without many alternating runs. This script runs ``archon serve`` under ``valgrin
 instructions only: the kernel's share, ~10% of the server's CPU here, is not counted), with the fake upstream and the
 clients running natively, twice: once with a warm-up only and once with ``--requests`` more per client; the
 difference divided by the extra requests is the server's instructions per request, start-up excluded. Repeated runs
-of one tree agree within ~1%.
+of one tree on a quiet machine agree within ~1-2%; other jobs on the cores shift the count by up to ~6% (the server
+then handles more requests per event-loop turn), so compare trees in one run, as this script does.
 
     python benchmarks/instructions.py [--arch self-moa] [--clients 100] [--requests 10] [CHECKOUT ...]
 
