@@ -48,7 +48,6 @@ class CallRecord:
         return out
 
 
-
 @dataclass
 class LayerTrace:
     index: int
