@@ -16,7 +16,9 @@ sessions first and between a session's threads second, and the managed vLLM star
 (``backends/process.py``), so load started in the benchmark's own session would have competed with the
 embedded engine only (a process in a new session got 3.9 CPU-s in 4 s beside three busy ones in the
 first).  The load average over each backend's run is printed beside its figures, and the CPU cores that the
-backend and the load processes got over its requests (CPU-seconds per second).
+backend and the load processes got over its requests (CPU-seconds per second).  Beside it, the tokens each backend
+generated per CPU-second its processes used: speed is that efficiency times the share of the cores the scheduler
+grants, and under load the two part (the closing line gives both ratios).
 """
 
 from __future__ import annotations
@@ -157,7 +159,9 @@ async def bench(kind: str, args: argparse.Namespace, load: list[int]) -> dict[st
         after = await vllm_http_requests(b)
         load_avg = os.getloadavg()[0]
         wall = time.perf_counter() - t_all
-        cores = {"backend": (cpu_seconds(pids) - cpu_b) / wall, "load": (cpu_seconds(load) - cpu_l) / wall}
+        cpu_used = cpu_seconds(pids) - cpu_b
+        cores = {"backend": cpu_used / wall, "load": (cpu_seconds(load) - cpu_l) / wall}
+        generated = one.usage.completion_tokens + sum(r.usage.completion_tokens for r in many) + sum(r["completion_tokens"] for r in runs)
     finally:
         await b.close()
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "samples_s", "aggregate_s", "tokens_per_s", "completion_tokens")}
@@ -165,6 +169,9 @@ async def bench(kind: str, args: argparse.Namespace, load: list[int]) -> dict[st
         "backend": kind,
         "load_avg_1min": load_avg,
         "cpu_cores": cores,  # CPU-seconds per second over the measured requests: the backend's, the --load processes'
+        # tokens generated over the measured requests per CPU-second the backend's processes used: what the backend
+        # makes of the CPU it gets, apart from how much of it the scheduler gives it (cpu_cores)
+        "tokens_per_cpu_s": generated / cpu_used if cpu_used > 0 else None,
         "startup_s": startup,
         "single_stream_tokens_per_s": single,
         "concurrent6_tokens_per_s": concurrent,
@@ -179,7 +186,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     m = r["self_moa_median"]
     print(
         f"{r['backend']:6s} load {r['load_avg_1min']:.1f}, CPU cores: backend {r['cpu_cores']['backend']:.2f}"
-        f" / --load {r['cpu_cores']['load']:.2f} | start {r['startup_s']:6.1f}s | single-stream {r['single_stream_tokens_per_s']:6.1f} tok/s | "
+        f" / --load {r['cpu_cores']['load']:.2f}, {r['tokens_per_cpu_s'] or 0:.1f} tok per CPU-s | start {r['startup_s']:6.1f}s | single-stream {r['single_stream_tokens_per_s']:6.1f} tok/s | "
         f"6 concurrent n=1 {r['concurrent6_tokens_per_s']:6.1f} tok/s | "
         f"Self-MoA (n=6 + 1 aggregation, {args.max_tokens} tok): {m['wall_s']:6.2f}s "
         f"(samples {m['samples_s']:.2f}s + aggregate {m['aggregate_s']:.2f}s), "
@@ -201,6 +208,10 @@ def compare(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             "Self-MoA answer": vl["self_moa_median"]["wall_s"] / loc["self_moa_median"]["wall_s"],
         }
         print("engine vs vLLM (speed ratio, >1 = engine faster): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+        if loc.get("tokens_per_cpu_s") and vl.get("tokens_per_cpu_s"):
+            # Under --load the two ratios part: speed is efficiency times the CPU share the scheduler grants
+            print(f"  of which: tokens per CPU-second {loc['tokens_per_cpu_s'] / vl['tokens_per_cpu_s']:.2f}x, CPU cores granted "
+                  f"{loc['cpu_cores']['backend']:.2f} against {vl['cpu_cores']['backend']:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
