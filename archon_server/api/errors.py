@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import Request
@@ -48,6 +49,11 @@ class APIError(ArchonError):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def sse_error(err: APIError) -> str:
+    """How a chat or completions stream ends on an error: the error in this schema as a `data:` event, then [DONE]."""
+    return f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\ndata: [DONE]\n\n"
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -6,10 +6,11 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..errors import error_body
 from ..json_route import JSONBodyRoute
+from ..streaming import EventStreamResponse
 from .protocol import ChatCompletionRequest, ChatCompletionResponse
 
 router = APIRouter(route_class=JSONBodyRoute)
@@ -29,8 +30,7 @@ _STREAM = {200: {"content": {"text/event-stream": {"schema": {
 async def answer(service: Any, body: Any, request: Request) -> Response:
     """JSON, or with `stream: true` Server-Sent Events (chat, responses and completions answer alike)."""
     if body.stream:
-        gen = await service.create_stream(body)
-        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStreamResponse(await service.create_stream(body))
     return json_response(await service.create(body, request))
 
 

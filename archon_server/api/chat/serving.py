@@ -25,9 +25,10 @@ from ...graph.catalog import Catalog
 from ...graph.runtime import GraphError, GraphRuntime, RunResult
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..edge import remaining_s
-from ..errors import APIError, error_body, failure_code
+from ..errors import APIError, failure_code, sse_error
 from ..ids import new_id
 from ..metrics import Metrics
+from ..streaming import EventStream, shutdown_error
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
 from ..traces.store import TraceStore, entry
 from .protocol import (
@@ -276,10 +277,15 @@ class ChatService:
             try:
                 res = await run()
             except asyncio.CancelledError:
-                if not hangup.fired:
-                    raise  # cancelled from outside (shutdown): not ours to answer
                 if me is not None:
                     me.uncancel()  # answered here: the task goes on (and a timeout around it reads its count right)
+                if not hangup.fired:
+                    # Cancelled from outside: the server is shutting down and the requests still running when its
+                    # grace period ended (uvicorn's timeout_graceful_shutdown) are cancelled. Answered as a 503 in
+                    # OpenAI's schema, which the SDKs retry, instead of uvicorn's plain-text 500 and a traceback each.
+                    status = 503
+                    log.warning("server shutting down: %s cancelled before it finished", name)
+                    raise shutdown_error() from None
                 status = 499
                 log.info("client disconnected; cancelled %s", name)
                 raise APIError(499, "client disconnected") from None
@@ -404,7 +410,7 @@ class ChatService:
         return out
 
     # -- streaming ----------------------------------------------------------------
-    async def create_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def create_stream(self, req: ChatCompletionRequest) -> EventStream:
         """Validate and admit first (errors become normal HTTP errors), then return the SSE generator."""
         spec = self.resolve(req)
         final = self.final_overrides(req)
@@ -414,7 +420,7 @@ class ChatService:
         events = self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
                                   keep=lambda status, r, e: self._keep(cid, req.model, messages, True, status, r, e),
                                   trace_events=req.stream_trace, batched=True, keepalive_s=self.keepalive_s)
-        return self._stream(req, final, cid, events)
+        return EventStream(sse_error).of(self._stream(req, final, cid, events))
 
     async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str, events: AsyncIterator[list[Any]]) -> AsyncIterator[str]:
         """The SSE body. ``events`` come in batches (everything ready at once): each batch is one write. A plain
@@ -444,8 +450,7 @@ class ChatService:
                     elif item is KEEPALIVE:  # SSE comment: clients and proxies see a live stream, OpenAI SDKs skip it
                         out.append(": keep-alive\n\n")
                     elif isinstance(item, APIError):
-                        out.append(f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n")
-                        out.append("data: [DONE]\n\n")
+                        out.append(sse_error(item))
                         yield "".join(out)
                         return
                     elif isinstance(item, dict):  # a trace event: a chunk with no choices, ignored by OpenAI clients

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -34,8 +33,9 @@ from ...components.trace import Trace
 from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
 from ..chat.serving import ChatService
-from ..errors import APIError, error_body
+from ..errors import APIError, sse_error
 from ..ids import new_id
+from ..streaming import EventStream
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
 
 
@@ -203,11 +203,11 @@ class CompletionsService:
             trace=self._trace(req, run, res),
         ).model_dump(exclude_none=True)
 
-    async def create_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+    async def create_stream(self, req: CompletionRequest) -> EventStream:
         name, run = self._plan(req)
         cid = new_id("cmpl-")
         events = self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True))
-        return self._stream(req, cid, run, events)
+        return EventStream(sse_error).of(self._stream(req, cid, run, events))
 
     def _keeper(self, req: CompletionRequest, cid: str, stream: bool) -> Any:
         """For the trace store (/v1/traces): the prompts as the user messages they become."""
@@ -228,8 +228,7 @@ class CompletionsService:
                     yield chunk([CompletionChoice(index=i, text=self._echo(req, i))])
             async for item in events:
                 if isinstance(item, APIError):
-                    yield f"data: {json.dumps(error_body(item.status, item.message, item.param, item.code))}\n\n"
-                    yield "data: [DONE]\n\n"
+                    yield sse_error(item)
                     return
                 if isinstance(item, StreamChunk):
                     if item.text:

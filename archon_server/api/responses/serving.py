@@ -30,6 +30,7 @@ from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
 from ..errors import APIError
 from ..ids import new_id
+from ..streaming import EventStream
 from ..structured import chat_tool_choice, chat_tools
 from .protocol import ResponsesRequest, input_messages
 
@@ -163,14 +164,16 @@ class ResponsesService:
         return body
 
     # -- streaming ----------------------------------------------------------------------
-    async def create_stream(self, req: ResponsesRequest) -> AsyncIterator[str]:
+    async def create_stream(self, req: ResponsesRequest) -> EventStream:
         spec, messages, final, conversation = self._prepare(req)
         rid = _id("resp")
         events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
                                        keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e))
-        return self._stream(req, rid, conversation, events)
+        stream = EventStream()  # the body sets the ending: response.failed, numbered after what it sent
+        return stream.of(self._stream(req, rid, conversation, events, stream))
 
-    async def _stream(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    async def _stream(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], events: AsyncIterator[Any],
+                      stream: EventStream) -> AsyncIterator[str]:
         created = time.time()
         shell = self._shell(req, rid, created, "in_progress")
         seq = 0
@@ -217,13 +220,16 @@ class ResponsesService:
                     out.append(ev("response.function_call_arguments.delta", item_id=call_ids[k], output_index=order.index(("call", k)), delta=piece))
             return out
 
+        def failed(err: APIError) -> str:
+            return ev("response.failed", response={**shell, "status": "failed", "error": {"code": err.code or "server_error", "message": err.message}})
+
+        stream.ending = failed  # a stream cut by shutdown ends this way too, numbered after what was sent
         async with contextlib.aclosing(events):
             yield ev("response.created", response=shell)
             yield ev("response.in_progress", response=shell)
             async for item in events:
                 if isinstance(item, APIError):
-                    failed = {**shell, "status": "failed", "error": {"code": item.code or "server_error", "message": item.message}}
-                    yield ev("response.failed", response=failed)
+                    yield failed(item)
                     return
                 if isinstance(item, StreamChunk):
                     if item.index != 0:

@@ -1,0 +1,67 @@
+"""Server-Sent Event answers that end properly when the server shuts down mid-stream.
+
+On shutdown uvicorn gives in-flight requests a grace period (``timeout_graceful_shutdown``), then cancels their
+tasks. A stream cut that way used to end with a dropped connection (the SDKs: "Connection error") and a traceback in
+the log. The cancellation cannot be answered from inside the stream: Starlette runs the body in an anyio task group
+whose cancelled scope cancels every later await in it. So the response object answers after the group has ended:
+it sends the endpoint's own error ending (chat and completions: an error ``data:`` event and ``[DONE]``; responses:
+``response.failed`` with the next sequence number) and closes the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from starlette.responses import StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
+
+from .errors import APIError, failure_code
+
+log = logging.getLogger("archon.api")
+
+
+def shutdown_error() -> APIError:
+    """What a request cut by the server's shutdown answers (a 503: the OpenAI SDKs retry it)."""
+    return APIError(503, "the server is shutting down and this request did not finish; retry it", code=failure_code(503))
+
+
+class EventStream:
+    """An SSE body and how it ends on an error: ``ending(err)`` is the endpoint's last events for ``err``. A body whose
+    ending depends on what it has sent so far (a sequence number) is given its stream and sets ``ending`` itself."""
+
+    def __init__(self, ending: Callable[[APIError], str] = lambda _err: "") -> None:
+        self.ending = ending
+        self.body: AsyncIterator[str] | None = None
+
+    def of(self, body: AsyncIterator[str]) -> EventStream:
+        self.body = body
+        return self
+
+
+class EventStreamResponse(StreamingResponse):
+    def __init__(self, stream: EventStream) -> None:
+        assert stream.body is not None
+        super().__init__(stream.body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def send_seen(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, send_seen)
+        except asyncio.CancelledError:
+            # A client that went away ends Starlette's task group without cancelling this task: a cancellation
+            # reaching here came from outside, the server's shutdown.
+            task = asyncio.current_task()
+            if not started or task is None:
+                raise
+            task.uncancel()
+            log.warning("server shutting down: a stream was cut before it finished")
+            await send({"type": "http.response.body", "body": self.stream.ending(shutdown_error()).encode(), "more_body": False})
