@@ -109,4 +109,33 @@ def test_requests_still_running_at_shutdown_end_with_a_503_in_each_endpoints_for
     assert events[-1]["response"]["error"] == {"code": "unavailable", "message": message}
 
     assert backend.cancelled == backend.waiting  # every backend call under them was cancelled
+    counted = _requests_counted(srv)
+    assert counted == {("stuck", "200"): 1, ("stuck", "503"): 3, ("self-moa", "503"): 1}, counted  # none as 499 (client gone)
     assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
+
+
+def _requests_counted(srv: ServerThread) -> dict[tuple[str, str], float]:
+    return {(m.labels["model"], m.labels["status"]): m.value for f in srv.config.app.state.chat.metrics.registry.collect()
+            if f.name == "archon_requests" for m in f.samples if m.name == "archon_requests_total"}
+
+
+def test_a_client_leaving_a_stream_still_counts_as_499_not_as_shutdown():
+    backend = Stuck()
+    registry = BackendRegistry()
+    registry.register("stuck", backend, "stuck", aliases=PRESET_ALIASES)
+    srv = ServerThread(build_app(ServerConfig.model_validate({"architectures_dirs": [str(ROOT / "architectures")]}), registry=registry)).start()
+    try:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "stuck", "messages": [{"role": "user", "content": "slow"}], "stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # the role chunk: the stream is open
+            deadline = time.monotonic() + 10
+            while backend.waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        # the client has gone
+        deadline = time.monotonic() + 10
+        while not _requests_counted(srv) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _requests_counted(srv) == {("stuck", "499"): 1}
+        assert backend.cancelled == 1
+    finally:
+        srv.stop()

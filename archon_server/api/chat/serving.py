@@ -286,7 +286,7 @@ class ChatService:
                     status = 503
                     log.warning("server shutting down: %s cancelled before it finished", name)
                     raise shutdown_error() from None
-                status = 499
+                status = 503 if request_task is not None and request_task.cancelling() else 499
                 log.info("client disconnected; cancelled %s", name)
                 raise APIError(499, "client disconnected") from None
             except (GraphError, StructuredOutputInvalid) as e:
@@ -314,10 +314,13 @@ class ChatService:
         go (one socket write instead of one per token). Closing the iterator early (client gone) cancels the run."""
         self._time_left()
         self._admit()
-        return self._events(name, run, keep, trace_events, batched, keepalive_s)
+        # The request's task: cancelled itself only by the server's shutdown (a client that leaves cancels the body's
+        # task, or ends it by a failed send), so the stream's status tells the two apart (503 / 499).
+        return self._events(name, run, keep, trace_events, batched, keepalive_s, asyncio.current_task())
 
     async def _events(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None,
-                      trace_events: bool, batched: bool = False, keepalive_s: float | None = None) -> AsyncIterator[Any]:
+                      trace_events: bool, batched: bool = False, keepalive_s: float | None = None,
+                      request_task: asyncio.Task[Any] | None = None) -> AsyncIterator[Any]:
         t0 = time.perf_counter()
         # Backend tokens, and trace events (dicts) as they happen; None: the graph ended.
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -364,9 +367,9 @@ class ChatService:
         finally:
             if keepalive is not None:
                 keepalive.cancel()
-            if not task.done():  # client went away: cancel every in-flight backend call
+            if not task.done():  # client went away (or the server shuts down): cancel every in-flight backend call
                 task.cancel()
-                status = 499
+                status = 503 if request_task is not None and request_task.cancelling() else 499
             self._release()
             self._observe(name, status, t0, res)
             if keep is not None:
