@@ -119,23 +119,28 @@ def _requests_counted(srv: ServerThread) -> dict[tuple[str, str], float]:
             if f.name == "archon_requests" for m in f.samples if m.name == "archon_requests_total"}
 
 
-def test_a_client_leaving_a_stream_still_counts_as_499_not_as_shutdown():
+def test_a_client_leaving_counts_as_499_not_as_shutdown():
+    """A client that leaves, streamed or not: its backend call is cancelled and it is counted as 499."""
     backend = Stuck()
     registry = BackendRegistry()
     registry.register("stuck", backend, "stuck", aliases=PRESET_ALIASES)
     srv = ServerThread(build_app(ServerConfig.model_validate({"architectures_dirs": [str(ROOT / "architectures")]}), registry=registry)).start()
-    try:
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30,
-                          json={"model": "stuck", "messages": [{"role": "user", "content": "slow"}], "stream": True}) as r:
-            assert next(r.iter_lines()).startswith("data: ")  # the role chunk: the stream is open
-            deadline = time.monotonic() + 10
-            while backend.waiting < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-        # the client has gone
+
+    def wait_for(cond: Any) -> None:
         deadline = time.monotonic() + 10
-        while not _requests_counted(srv) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _requests_counted(srv) == {("stuck", "499"): 1}
-        assert backend.cancelled == 1
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    try:
+        slow = {"model": "stuck", "messages": [{"role": "user", "content": "slow"}]}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30, json={**slow, "stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # the role chunk: the stream is open
+            wait_for(lambda: backend.waiting == 1)
+        # that client has gone; the next one gives up waiting for a plain answer
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", json=slow, timeout=1.0)
+        wait_for(lambda: backend.cancelled == 2 and sum(_requests_counted(srv).values()) == 2)
+        assert backend.waiting == 2 and backend.cancelled == 2
+        assert _requests_counted(srv) == {("stuck", "499"): 2}
     finally:
         srv.stop()

@@ -286,7 +286,7 @@ class ChatService:
                     status = 503
                     log.warning("server shutting down: %s cancelled before it finished", name)
                     raise shutdown_error() from None
-                status = 503 if request_task is not None and request_task.cancelling() else 499
+                status = 499
                 log.info("client disconnected; cancelled %s", name)
                 raise APIError(499, "client disconnected") from None
             except (GraphError, StructuredOutputInvalid) as e:
