@@ -159,13 +159,33 @@ async def test_executed_unit_test_evaluator_runs_code_in_the_sandbox(upstream_fa
 
 
 async def test_failures_are_classified_by_exception_type_not_text(upstream_factory):
-    """A 400 whose message says "timeout" is a failed call (502), not a timeout (504); the record carries the status."""
+    """A 400 whose message says "timeout" is a refused call (400), not a timeout (504); a 500 saying so is a failed call
+    (502); the record carries the status."""
     up = upstream_factory(lambda b: {"fault": "400", "message": "invalid value for `timeout`: request timed out"})
     with pytest.raises(GraphError) as e:
         await run(up, [[{"type": "generator", "model": "default"}]])
-    assert e.value.status == 502
+    assert e.value.status == 400
     calls = e.value.trace.layers[0].calls
-    assert [(c.ok, c.status, c.component, c.type) for c in calls] == [(False, "error", "generator0", "generator")]
+    assert [(c.ok, c.status, c.component, c.type) for c in calls] == [(False, "invalid", "generator0", "generator")]
+    up = upstream_factory(lambda b: {"fault": "500", "message": "request timed out"})
+    with pytest.raises(GraphError) as e:
+        await run(up, [[{"type": "generator", "model": "default"}]])
+    assert e.value.status == 502
+    assert [c.status for c in e.value.trace.layers[0].calls] == ["error"]
+
+
+async def test_a_layer_whose_calls_were_all_refused_is_a_400_unless_another_failed_otherwise(upstream_factory):
+    """Every call refused as invalid (a prompt past the context): 400, which clients do not retry; one of them failing
+    some other way makes it the layer's 502."""
+    up = upstream_factory(lambda b: {"fault": "400", "message": "prompt is longer than the model's context"})
+    with pytest.raises(GraphError) as e:
+        await run(up, [[{"type": "generator", "model": "default"}, {"type": "generator", "model": "default"}]])
+    assert e.value.status == 400 and "longer than the model's context" in str(e.value)
+    mixed = iter([{"fault": "400"}, {"fault": "500"}, {"fault": "500"}, {"fault": "500"}])
+    up = upstream_factory(lambda b: next(mixed))
+    with pytest.raises(GraphError) as e:
+        await run(up, [[{"type": "generator", "model": "default"}, {"type": "generator", "model": "default"}]])
+    assert e.value.status == 502
 
 
 async def test_a_call_cancelled_while_queued_for_a_slot_is_never_created():

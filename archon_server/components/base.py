@@ -258,8 +258,12 @@ class ComponentContext:
 
 
 def failure_status(e: BaseException) -> str:
-    """A failed call's CallRecord status, from the exception's type: the runtime answers 504 when all are timeouts."""
-    return "timeout" if isinstance(e, BackendTimeout) else "error"
+    """A failed call's CallRecord status, from the exception: ``timeout``; ``invalid`` when the backend refused the
+    request itself (400: a prompt longer than the model's context, a parameter it does not take); else ``error``. The
+    runtime answers 504 when a failed layer's failures are all timeouts, 400 when they are all refusals."""
+    if isinstance(e, BackendTimeout):
+        return "timeout"
+    return "invalid" if isinstance(e, BackendError) and e.status == 400 else "error"
 
 
 async def _limited(limit: asyncio.Semaphore | None, start: Callable[[], Awaitable[T]]) -> T:

@@ -35,7 +35,7 @@ class CallRecord:
     requests: int = 1
     error: str | None = None
     purpose: str = ""  # e.g. "candidate 3", "retry: parse failure"
-    status: str = "ok"  # ok | error | timeout | cancelled: set from the exception's type (components.base.failure_status)
+    status: str = "ok"  # ok | error | timeout | invalid | cancelled: set from the exception (components.base.failure_status)
     id: int = 0  # call number within the request (matches call_started / call_ended events)
     start_s: float = 0.0  # when the call began, seconds after the request started (the waterfall's x)
 
@@ -100,7 +100,7 @@ class LayerTrace:
                     usage: Usage | None = None, requests: int = 1, error: str | None = None, status: str = "ok",
                     purpose: str = "") -> CallRecord:
         """The one CallRecord builder: a call begun with :meth:`call_started` has ended (``status`` ok, or the
-        failure's: error | timeout | cancelled); a failure other than a cancellation also enters ``failures``."""
+        failure's: error | timeout | invalid | cancelled); a failure other than a cancellation also enters ``failures``."""
         u = usage or Usage()
         rec = self.record(CallRecord(component, ctype, model, n, status == "ok", time.perf_counter() - started[1],
                                      u.prompt_tokens, u.completion_tokens, requests, error=error, purpose=purpose,

@@ -237,9 +237,12 @@ class GraphRuntime:
 
     @staticmethod
     def _status(lt: LayerTrace) -> int:
-        """504 when every failed call timed out (classified by exception type when it was recorded), else 502."""
+        """504 when every failed call timed out, 400 when the backends refused every one as invalid (a prompt past the
+        model's context: the client's to fix, and a 502 would have the SDKs send it again), else 502."""
         failed = [c.status for c in lt.calls if not c.ok]
-        return 504 if failed and all(s == "timeout" for s in failed) else 502
+        if failed and all(s == "timeout" for s in failed):
+            return 504
+        return 400 if failed and all(s == "invalid" for s in failed) else 502
 
     @staticmethod
     def _merge(state: State, updates: list[Update]) -> None:
