@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import StreamingResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, failure_code
 
@@ -46,21 +46,21 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(stream.body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.stream = stream
 
+    async def stream_response(self, send: Send) -> None:
+        # Starlette's first await here sends the response's start (which does not wait on the socket), so from
+        # here on an ending may follow; a flag set once per stream, not a wrapper around every message's send.
+        self.started = True
+        await super().stream_response(send)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def send_seen(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        self.started = False
         try:
-            await super().__call__(scope, receive, send_seen)
+            await super().__call__(scope, receive, send)
         except asyncio.CancelledError:
             # A client that went away ends Starlette's task group without cancelling this task: a cancellation
             # reaching here came from outside, the server's shutdown.
             task = asyncio.current_task()
-            if not started or task is None:
+            if not self.started or task is None:
                 raise
             task.uncancel()
             log.warning("server shutting down: a stream was cut before it finished")
