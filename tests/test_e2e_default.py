@@ -159,3 +159,28 @@ def test_engine_counters_show_in_metrics(served):
     assert metric(text, "archon_backend_prefill_tokens") > before
     assert metric(text, "archon_backend_prefix_hit_tokens") - hits >= 96  # the system prompt's whole blocks
     assert 0 < metric(text, "archon_backend_prefix_hit_rate") <= 1
+
+
+def test_sampling_extras_reach_the_embedded_engine(served):
+    """vLLM's extra sampling params through the SDK's extra_body, one request after another into the running server: each
+    changes what the engine generates (they had been dropped silently), and one it lacks is refused before any work."""
+    hi = [{"role": "user", "content": "Say hi."}]
+    plain = served.chat.completions.create(model="smollm2", messages=hi, max_tokens=48, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 48  # the model stops by itself...
+    full = served.chat.completions.create(model="smollm2", messages=hi, max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 48  # ...unless told to go on
+    hot = [served.chat.completions.create(model="smollm2", messages=hi, max_tokens=16, temperature=1.5, seed=s, extra_body={"top_k": 1})
+           .choices[0].message.content for s in (1, 2)]
+    assert hot[0] == hot[1]  # top_k 1 is greedy whatever the seed and temperature
+    count = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
+    greedy = served.chat.completions.create(model="smollm2", messages=count, max_tokens=40, temperature=0).choices[0].message.content
+    penalized = served.chat.completions.create(model="smollm2", messages=count, max_tokens=40, temperature=0,
+                                               extra_body={"repetition_penalty": 1.8}).choices[0].message.content
+    assert penalized != greedy
+    with pytest.raises(openai.BadRequestError) as e:
+        served.chat.completions.create(model="self-moa", messages=hi, max_tokens=16, extra_body={"min_tokens": 4})
+    assert e.value.body["param"] == "min_tokens" and "'default'" in e.value.body["message"]
+    cut = served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "A JSON object with a key colour."}],
+                                         max_tokens=4, response_format={"type": "json_object"})
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content.startswith("{")
+    assert served.models.retrieve("self-moa").id == "self-moa"

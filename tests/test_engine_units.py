@@ -89,6 +89,27 @@ def test_top_k_and_top_p_filters():
     assert (~torch.isinf(filter_logits(logits, 1.0, 0.01, None))).sum() == 1
 
 
+def test_min_p_keeps_tokens_within_its_share_of_the_best_after_temperature():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])  # probabilities ~0.64, 0.24, 0.09, 0.03
+    kept = lambda t, m: (~torch.isinf(filter_logits(logits, t, 1.0, None, m))).tolist()  # noqa: E731
+    assert kept(1.0, 0.3) == [True, True, False, False]  # 0.24 / 0.64 = 0.37 >= 0.3; 0.09 / 0.64 = 0.14 < 0.3
+    assert kept(1.0, 0.1) == [True, True, True, False]
+    # temperature first, as vLLM: at 3 the ratios to the best are e^-1/3, e^-2/3, e^-1 (0.72, 0.51, 0.37)
+    assert kept(1.0, 0.4) == [True, False, False, False] and kept(3.0, 0.4) == [True, True, True, False]
+    assert kept(1.0, 1.0) == [True, False, False, False] and kept(1.0, 0.0) == [True] * 4
+
+
+def test_only_plain_sampling_goes_speculative():
+    """Speculative rounds sample by temperature and top_p alone: anything else they would silently drop."""
+    from archon_server.engine.types import GenParams
+
+    spec = {"method": "fixed", "k": 3, "draft": "ngram"}
+    assert GenParams(speculative=spec).speculable and not GenParams().speculable
+    for extra in ({"n": 2}, {"grammar": "start: /x/"}, {"top_k": 5}, {"min_p": 0.1}, {"repetition_penalty": 1.2},
+                  {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}):
+        assert not GenParams(speculative=spec, **extra).speculable, extra
+
+
 def test_seeded_sampling_is_reproducible_and_greedy_is_argmax():
     logits = torch.randn(3, 100)
     dev = torch.device("cpu")

@@ -265,6 +265,90 @@ def test_a_streamed_answer_that_is_not_the_json_asked_for_ends_in_an_error(upstr
     assert len(up.requests) == 2  # streamed answers are checked, not asked for again
 
 
+def test_a_structured_answer_cut_at_max_tokens_is_returned_as_it_is(upstream_factory, server_factory):
+    """JSON cut by the client's own max_tokens is not the model's fault: returned with finish_reason length, as OpenAI
+    and vLLM do, not run again and refused with a 422."""
+    up = upstream_factory(lambda b: {"text": '{"name": "Ad', "finish_reason": "length"} if b.get("response_format") else None)
+    srv = server_factory(fake_config(up.url))
+    for model, calls in (("default", 1), ("self-moa", 2)):
+        r = client(srv).chat.completions.create(model=model, messages=[{"role": "user", "content": "A person?"}], max_tokens=4,
+                                                response_format={"type": "json_object"}, extra_body={"return_trace": True})
+        assert r.choices[0].message.content == '{"name": "Ad' and r.choices[0].finish_reason == "length"
+        assert r.model_extra["trace"]["calls"] == calls  # not run again
+    assert len(up.requests) == 3
+
+
+# -- sampling extras: OpenAI's penalties and vLLM's extra sampling params -------------------
+
+EXTRAS = {"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "presence_penalty": 0.3, "frequency_penalty": -0.1,
+          "min_tokens": 4, "ignore_eos": True}
+
+
+def test_sampling_extras_reach_the_final_stage_only(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], extra_body=EXTRAS)
+    gen, fuse = up.requests[0].body, up.requests[1].body
+    assert not set(EXTRAS) & set(gen)  # inner layers keep their own sampling
+    assert {k: fuse.get(k) for k in EXTRAS} == EXTRAS
+    # the same on /v1/completions, straight to a backend and through an architecture
+    c.completions.create(model="default", prompt="x", extra_body=EXTRAS)
+    assert {k: up.requests[2].body.get(k) for k in EXTRAS} == EXTRAS
+    c.completions.create(model="self-moa", prompt="x", presence_penalty=0.3, extra_body={"top_k": 5})
+    assert not {"top_k", "presence_penalty"} & set(up.requests[3].body)
+    assert up.requests[4].body["top_k"] == 5 and up.requests[4].body["presence_penalty"] == 0.3
+    # vLLM's neutral values change nothing and are not sent: top_k 0 or -1 (off), ignore_eos false
+    c.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": -1, "ignore_eos": False, "min_p": 0})
+    assert not {"top_k", "ignore_eos", "min_p"} & set(up.requests[5].body)
+    for bad, param in (({"top_k": -2}, "top_k"), ({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                       ({"min_p": 1.5}, "min_p"), ({"ignore_eos": "maybe"}, "ignore_eos")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], extra_body=bad)
+        assert param in e.value.body["message"]
+    assert len(up.requests) == 6
+
+
+def test_a_sampling_extra_the_final_backend_cannot_honour_is_refused_before_any_call(upstream_factory, server_factory):
+    from archon_server.api.app import build_app
+    from archon_server.backends.registry import build_registry
+    from archon_server.testing.server import ServerThread
+
+    up = upstream_factory()
+    config = fake_config(up.url)
+    registry = build_registry(config)
+    registry.get("default").sampling_extras = frozenset({"top_k", "ignore_eos"})
+    with ServerThread(build_app(config, registry=registry)) as srv:
+        c = client(srv)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 3, "min_p": 0.1})
+        body = e.value.body
+        assert body["param"] == "min_p" and "model 'default'" in body["message"] and "top_k, ignore_eos" in body["message"]
+        with pytest.raises(openai.BadRequestError) as e:  # a stream is refused before it starts: a 400, not an error event
+            c.completions.create(model="default", prompt="x", stream=True, extra_body={"min_tokens": 2})
+        assert e.value.body["param"] == "min_tokens"
+        assert not up.requests
+        # what it honours goes through; best-of-n's final stage is a ranker (judge sampling): nothing to refuse
+        c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 3})
+        c.chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "x"}], extra_body={"min_p": 0.1})
+        assert up.requests[1].body["top_k"] == 3 and not any("min_p" in q.body for q in up.requests)
+
+
+# -- /v1/models/{id} --------------------------------------------------------------------------
+
+def test_models_retrieve(upstream_factory, server_factory):
+    up = upstream_factory()
+    c = client(server_factory(fake_config(up.url)))
+    m = c.models.retrieve("self-moa")
+    listed = {x.id: x for x in c.models.list().data}
+    assert m.id == "self-moa" and m.object == "model" and m.model_extra["kind"] == "architecture"
+    assert m.model_extra["description"] == listed["self-moa"].model_extra["description"]
+    assert c.models.retrieve("fake").model_extra["kind"] == "backend"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("org/none")
+    assert e.value.body["code"] == "model_not_found" and "org/none" in e.value.body["message"]
+
+
 # -- /v1/completions ------------------------------------------------------------------------
 
 def test_completions_on_a_backend_are_raw_pass_through(upstream_factory, server_factory):

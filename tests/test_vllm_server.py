@@ -83,6 +83,10 @@ def test_structured_outputs_completions_and_responses_over_vllm(server) -> None:
     assert c.choices[0].text.startswith("The capital of France is") and c.choices[0].logprobs.tokens
     resp = client.responses.create(model="smollm2", input="Say hello.", max_output_tokens=16)
     assert resp.status in ("completed", "incomplete") and resp.output_text.strip()
+    # vLLM's extra sampling params, as a client sends them with extra_body, reach vLLM: min_tokens holds EOS back
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Reply with just: ok"}], max_tokens=12,
+                                       temperature=0, extra_body={"min_tokens": 12, "top_k": 5, "repetition_penalty": 1.1})
+    assert r.usage.completion_tokens == 12
 
 
 def test_sigterm_leaves_no_vllm_process(server) -> None:  # type: ignore[no-untyped-def]

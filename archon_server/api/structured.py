@@ -2,9 +2,10 @@
 check that the answer is what was asked for.
 
 The final stage's backend gets `response_format` as is: vLLM (and OpenAI-compatible providers) constrain their
-decoding to it. The embedded engine cannot yet, so its final stage is told in its prompt, and here every answer is
-validated against the schema (the `jsonschema` library) before it is returned; an answer that fails is asked for
-once more (the whole graph runs again), then the request fails with a 422 naming what did not validate.
+decoding to it, and so does the embedded engine (llguidance, engine/constrain.py; without it its final stage is told
+in its prompt). Here every answer is validated against the schema (the `jsonschema` library) before it is returned;
+an answer that fails is asked for once more (the whole graph runs again), then the request fails with a 422 naming
+what did not validate. An answer cut by ``max_tokens`` is returned as it is (see :func:`conform_all`).
 """
 
 from __future__ import annotations
@@ -69,11 +70,15 @@ def conform(text: str, fmt: dict[str, Any]) -> str:
 
 
 def conform_all(cands: list[Candidate], fmt: dict[str, Any] | None) -> None:
-    """Check (and clean) every final candidate in place; tool calls are answers of their own and pass as they are."""
+    """Check (and clean) every final candidate in place; tool calls are answers of their own and pass as they are.
+
+    An answer cut at ``max_tokens`` (finish_reason ``length``) passes as it is: its JSON is incomplete by the
+    client's own limit, which running the graph again cannot change. OpenAI and vLLM return it so, and the
+    finish reason tells the client (it had been refused with a 422 after a second full run)."""
     if fmt is None:
         return
     for c in cands:
-        if c.meta.get("tool_calls"):
+        if c.meta.get("tool_calls") or c.finish_reason == "length":
             continue
         c.text = conform(c.text, fmt)
 

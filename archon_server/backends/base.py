@@ -47,6 +47,12 @@ def content_text(content: Any) -> str:
     return ""
 
 
+# Sampling parameters a client may send beyond temperature / top_p (OpenAI's penalties and vLLM's extra sampling
+# params, by vLLM's names and meanings). They apply to the final stage; a backend call carries them in
+# ``SamplingParams.extra`` (``top_k`` in its own field), and a backend says which it honours (``sampling_extras``).
+SAMPLING_EXTRAS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens", "ignore_eos")
+
+
 @dataclass
 class SamplingParams:
     """What one backend call asks for. ``extra`` is passed through (vLLM's extra sampling params)."""
@@ -326,6 +332,9 @@ class Backend(ScoringMixin, abc.ABC):
     # `response_format` json_object / json_schema constrains decoding (vLLM's structured outputs); without it the
     # server prompts for JSON and validates (see api/structured.py).
     supports_response_format: bool = True
+    # The client's vLLM-style sampling extras (SAMPLING_EXTRAS) this backend honours; None: it passes every one on
+    # (an OpenAI-compatible upstream decides). A final stage asked for one it lacks is refused up front (a 400).
+    sampling_extras: frozenset[str] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
@@ -401,6 +410,10 @@ class BackendWrapper(Backend):
     @property  # type: ignore[override]
     def supports_scoring(self) -> bool:
         return self.inner.supports_scoring
+
+    @property  # type: ignore[override]
+    def sampling_extras(self) -> frozenset[str] | None:
+        return self.inner.sampling_extras
 
     @property  # type: ignore[override]
     def supports_reward(self) -> bool:

@@ -56,7 +56,8 @@ UNARY = frozenset({"chat", "complete", "score", "next_token_logprobs", "reward",
                    "stats"})
 STREAMS = frozenset({"stream", "stream_complete"})
 # What ``info`` reports of a hosted backend: the capability flags components read synchronously.
-FLAGS = ("supports_n", "supports_logprobs", "supports_tools", "supports_response_format", "supports_scoring", "supports_reward")
+FLAGS = ("supports_n", "supports_logprobs", "supports_tools", "supports_response_format", "supports_scoring", "supports_reward",
+         "sampling_extras")
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:

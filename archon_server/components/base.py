@@ -54,7 +54,8 @@ class FinalOverrides:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
-    # Passed to the final stage's backend calls as they are: `response_format`, `tools`, `tool_choice` (OpenAI's shapes).
+    # Passed to the final stage's backend calls as they are: `response_format`, `tools`, `tool_choice` (OpenAI's shapes)
+    # and the client's SAMPLING_EXTRAS (`top_k` goes to SamplingParams.top_k).
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,15 +99,17 @@ class ComponentContext:
                 fv = getattr(final, k)
                 if fv is not None:
                     val[k] = fv
+        extra = dict(final.extra) if final else {}
         return SamplingParams(
             temperature=float(val["temperature"]),
             top_p=float(val["top_p"]),
+            top_k=extra.pop("top_k", None),
             max_tokens=int(val["max_tokens"]),
             seed=val["seed"],
             stop=val["stop"],
             logprobs=bool(final.logprobs) if final else False,
             top_logprobs=int(final.top_logprobs) if final else 0,
-            extra=dict(final.extra) if final else {},
+            extra=extra,
         )
 
     def _record(self, alias: str, n: int, started: tuple[int, float], *, status: str = "ok", error: str | None = None,

@@ -7,6 +7,7 @@ themselves may still differ in the last bits with the batch's shape, as in vLLM)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ class RowSampling:
     top_p: float = 1.0
     top_k: int | None = None
     generator: torch.Generator | None = None
+    min_p: float = 0.0  # vLLM: tokens below min_p x the most likely token's probability are dropped
     # vLLM-compatible penalties (``extra`` params); small models repeat themselves a lot.
     repetition_penalty: float = 1.0  # HF/vLLM: tokens seen in prompt or output get logit /p (>0) or *p (<0)
     presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
@@ -50,9 +52,11 @@ def choice_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7919 + 0x9E3779B9) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None) -> torch.Tensor:
-    """Temperature-scaled logits of one row [V] with tokens outside top-k / top-p set to -inf."""
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None, min_p: float = 0.0) -> torch.Tensor:
+    """Temperature-scaled logits of one row [V] with tokens outside min-p / top-k / top-p set to -inf."""
     x = logits / max(temperature, _GREEDY_T)
+    if min_p > 0.0:  # p < min_p * p_max  <=>  logit < max logit + log(min_p): no softmax needed (after temperature, as vLLM)
+        x = x.masked_fill(x < x.max() + math.log(min_p), float("-inf"))
     if top_k is not None and 0 < top_k < x.shape[-1]:
         kth = torch.topk(x, top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -104,7 +108,7 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
             row = apply_penalties(logits[b], r) if r.penalized else logits[b]
             if r.constraint is not None:
                 row = r.constraint.mask(row)
-            tok = int(row.argmax()) if r.greedy else draw(filter_logits(row, r.temperature, r.top_p, r.top_k).softmax(-1), r.generator)
+            tok = int(row.argmax()) if r.greedy else draw(filter_logits(row, r.temperature, r.top_p, r.top_k, r.min_p).softmax(-1), r.generator)
             if r.constraint is not None:
                 r.constraint.accept(tok)
             out.append(tok)
@@ -114,7 +118,7 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
                 greedy_ids = logits.argmax(-1).tolist()
             out.append(int(greedy_ids[b]))
             continue
-        out.append(draw(filter_logits(logits[b], r.temperature, r.top_p, r.top_k).softmax(-1), r.generator))
+        out.append(draw(filter_logits(logits[b], r.temperature, r.top_p, r.top_k, r.min_p).softmax(-1), r.generator))
     return out
 
 

@@ -383,7 +383,7 @@ class Engine:
                 self._waiting.popleft()
                 self._dropped(req)
                 continue
-            speculative = req.params.speculative and req.params.n == 1 and req.max_new > 0 and not req.params.grammar
+            speculative = req.params.speculable and req.max_new > 0
             # A request bigger than max_batch runs alone rather than never.
             if speculative and len(self._rows) + len(self._spec) >= self.max_batch:
                 break
@@ -472,6 +472,7 @@ class Engine:
                 repetition_penalty=p.repetition_penalty,
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
+                min_p=p.min_p,
                 prompt_ids=req.prompt,
                 constraint=self._constraints.matcher(p.grammar) if p.grammar else None,
             )

@@ -27,10 +27,18 @@ class GenParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_p: float = 0.0
     # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
     speculative: dict[str, Any] | None = None
     # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
     grammar: str | None = None
+
+    @property
+    def speculable(self) -> bool:
+        """Speculative decoding applies: a config is set, one sample, and nothing its rounds do not apply (they sample
+        by temperature and top_p only; a grammar, top_k, min_p or a penalty sends the request through the batch)."""
+        return bool(self.speculative) and self.n == 1 and not self.grammar and not self.top_k and not self.min_p \
+            and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)

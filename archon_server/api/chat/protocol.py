@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...backends.base import content_text
+from ...backends.base import SAMPLING_EXTRAS, content_text
 from ..structured import check_response_format
 
 
@@ -51,7 +51,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingExtras(BaseModel):
+    """OpenAI's penalties and vLLM's extra sampling params (``extra_body=`` in the SDK), for the final stage.
+
+    vLLM's names, ranges and meanings (``top_k`` 0 or -1: off). Chat and completions take the same set
+    (``backends.base.SAMPLING_EXTRAS``); a final-stage backend that cannot honour one is refused with a 400 naming it.
+    """
+
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(default=None, ge=0, le=131072)
+    ignore_eos: bool | None = None
+
+    def sampling_extra(self) -> dict[str, Any]:
+        """The ones the client set and that change something (vLLM's neutral values dropped)."""
+        out = {k: getattr(self, k) for k in SAMPLING_EXTRAS if getattr(self, k) is not None}
+        if out.get("top_k", 1) <= 0:
+            del out["top_k"]
+        for k in ("min_p", "min_tokens"):
+            if out.get(k) == 0:
+                del out[k]
+        if out.get("ignore_eos") is False:
+            del out["ignore_eos"]
+        return out
+
+
+class ChatCompletionRequest(SamplingExtras):
     # Unknown OpenAI fields are ignored (as vLLM does) rather than rejected, so SDK upgrades do not break clients.
     model_config = ConfigDict(extra="ignore")
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from ...backends.base import StreamChunk, TokenLogprob, Usage
+from ...backends.base import SAMPLING_EXTRAS, StreamChunk, TokenLogprob, Usage
 from ...backends.registry import BackendRegistry
 from ...components import FinalOverrides, prompts
 from ...components.base import StreamSink
@@ -174,11 +174,17 @@ class ChatService:
             n=req.n, temperature=req.temperature, top_p=req.top_p,
             max_tokens=req.max_completion_tokens or req.max_tokens, stop=req.stop, seed=req.seed,
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
-            extra=final_extra(req.response_format, req.tools, req.tool_choice, req.parallel_tool_calls),
+            extra=final_extra(req.response_format, req.tools, req.tool_choice, req.parallel_tool_calls, req.sampling_extra()),
         )
 
     def check_final(self, spec: ArchitectureSpec, final: FinalOverrides) -> None:
-        """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them."""
+        """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them.
+        Sampling extras need final-stage backends that honour them (checked before any call runs)."""
+        if final.extra:
+            for comp in spec.layers[-1]:
+                if comp.type in ("generator", "fuser"):
+                    for alias in comp.models_used():
+                        self.check_sampling(alias, final.extra, f"the final stage of {spec.name!r}")
         if not final.extra.get("tools"):
             return
         for comp in spec.layers[-1]:
@@ -189,6 +195,17 @@ class ChatService:
                 if not self.registry.get(alias).supports_tools:
                     raise APIError(400, f"tools: model {alias!r} (the final stage of {spec.name!r}) cannot call tools",
                                    param="tools", code="invalid_value")
+
+    def check_sampling(self, alias: str, extra: dict[str, Any], where: str) -> None:
+        """A 400 naming the first of the client's SAMPLING_EXTRAS in ``extra`` that ``alias``'s backend does not honour."""
+        honoured = self.registry.get(alias).sampling_extras
+        if honoured is None:
+            return
+        for name in SAMPLING_EXTRAS:
+            if name in extra and name not in honoured:
+                raise APIError(400, f"{name}: model {alias!r} ({where}) does not support it; it supports "
+                               f"{', '.join(k for k in SAMPLING_EXTRAS if k in honoured) or 'none of them'}",
+                               param=name, code="invalid_value")
 
     def _admit(self) -> None:
         """Take an in-flight slot or refuse at once (429); every admitted request calls :meth:`_release` once."""
@@ -492,9 +509,11 @@ def json_str(text: str) -> str:
 Keep = Callable[[int, RunResult | None, GraphError | None], None]
 
 
-def final_extra(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> dict[str, Any]:
-    """The OpenAI fields the final stage's backend gets as they are (FinalOverrides.extra)."""
-    extra: dict[str, Any] = {}
+def final_extra(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None, tool_choice: Any,
+                parallel_tool_calls: bool | None, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAI fields the final stage's backend gets as they are (FinalOverrides.extra), with the client's
+    sampling extras (``SamplingExtras.sampling_extra()``)."""
+    extra: dict[str, Any] = dict(sampling) if sampling else {}
     if response_format:
         extra["response_format"] = response_format
     if tools:

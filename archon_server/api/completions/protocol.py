@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..chat.protocol import StreamOptions, UsageInfo, stop_list
+from ..chat.protocol import SamplingExtras, StreamOptions, UsageInfo, stop_list
 
 MAX_PROMPTS = 64  # prompts in one request (each runs the whole architecture)
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingExtras):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=256)
@@ -27,8 +27,6 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     suffix: str | None = None
     user: str | None = None
     # archon-server extensions (the openai SDK sends them with `extra_body=`)

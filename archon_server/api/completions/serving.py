@@ -84,10 +84,11 @@ class CompletionsService:
 
     # -- a backend alias: raw completion ----------------------------------------------------
     def _params(self, req: CompletionRequest) -> SamplingParams:
-        extra = {k: v for k, v in (("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty)) if v is not None}
+        extra = req.sampling_extra()
         return SamplingParams(
             temperature=DEFAULT_SAMPLING.temperature if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, max_tokens=req.max_tokens or 16, stop=req.stop, seed=req.seed,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=extra.pop("top_k", None),
+            max_tokens=req.max_tokens or 16, stop=req.stop, seed=req.seed,
             n=req.n, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0, extra=extra,
         )
 
@@ -153,13 +154,16 @@ class CompletionsService:
     def _graph(self, req: CompletionRequest) -> tuple[Any, FinalOverrides]:
         spec = self.chat.resolve(req)
         final = FinalOverrides(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens, stop=req.stop,
-                               seed=req.seed, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
+                               seed=req.seed, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
+                               extra=req.sampling_extra())
+        self.chat.check_final(spec, final)
         return spec, final
 
     def _plan(self, req: CompletionRequest) -> tuple[str, Any]:
         """(name, run(sink)) for this request: the raw path for a backend alias, the graph for an architecture."""
         self._check(req)
         if self._is_backend(req):
+            self.chat.check_sampling(req.model, req.sampling_extra(), "called directly")
             return req.model, lambda sink, _observer=None: self._raw(req, sink)
         spec, final = self._graph(req)
         traces: list[dict[str, Any]] = []
