@@ -249,3 +249,26 @@ def test_circuit_breaker_skips_a_failing_replica_then_lets_it_back(upstream_fact
     time.sleep(COOLDOWN + 0.3)
     assert [ask() for _ in range(6)] == [200] * 6
     assert len(bad.requests) == 10  # ties go to the first replica again: all 6 went there
+
+
+def test_client_errors_do_not_open_the_breaker(upstream_factory, server_factory):
+    """A 400 (a prompt past the context, a parameter the model refuses) is the replica answering: three in a row had
+    opened the breaker of a healthy replica, and its traffic went elsewhere for the cool-down."""
+    script = lambda b: {"fault": "400"} if "too long" in json.dumps(b) else None  # noqa: E731
+    first, second = upstream_factory(script), upstream_factory(script)
+    cfg = ServerConfig.model_validate({
+        "backends": [{"alias": "fake", "kind": "openai", "model": "m", "urls": [first.url, second.url], "max_retries": 1,
+                      "breaker_failures": 3, "breaker_cooldown_s": 60, "read_timeout_s": 5}],
+        "architectures_dirs": [],
+        "server": {"request_timeout_s": 10},
+    })
+    srv = server_factory(cfg)
+
+    def ask(text: str) -> int:
+        return httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "fake", "messages": [{"role": "user", "content": text}]}).status_code
+
+    assert [ask("too long") for _ in range(5)] == [400] * 5  # each sent once: a 400 is not retried
+    assert [ask("fine") for _ in range(3)] == [200] * 3
+    # Sequential requests tie on outstanding=0 and ties go to the first replica: it was never taken out.
+    assert len(first.requests) == 8 and not second.requests

@@ -286,7 +286,10 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
                     raise
                 except Exception as e:  # noqa: BLE001 - classified by _failure (unknown ones re-raised there)
                     err = self._failure(e)
-                    self.pool.record(replica, False, err)
+                    # A client error (400 prompt too long, 404 no such route) is an answer: the replica is healthy, and
+                    # five of them in a row must not open its breaker against every other request.
+                    answered = 400 <= err.status < 500 and not err.retryable
+                    self.pool.record(replica, answered, None if answered else err)
                     if emitted or not err.retryable or attempt >= self.max_retries:
                         if err is e:
                             raise
