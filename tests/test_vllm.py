@@ -128,6 +128,31 @@ async def test_extra_sampling_params(vllm: VLLMManagedBackend) -> None:
     assert any(t.logprob < max(lp for _, lp in t.top) - 1e-4 for c in res.choices for t in c.logprobs or [])
 
 
+async def test_candidates_are_cut_to_the_context_vllm_reports(vllm: VLLMManagedBackend) -> None:
+    """/tokenize gives the prompt's length and the model's context (max_model_len 2048 here): a fuser's prompt over it
+    is cut to fit and vLLM then answers it; sent whole, vLLM refuses it."""
+    from types import SimpleNamespace
+
+    from archon_server.backends.base import BackendError
+    from archon_server.backends.registry import BackendRegistry
+    from archon_server.components.fit import fit_texts
+
+    assert await vllm.context_window() == 2048
+    hi = [{"role": "user", "content": "Hello there"}]
+    assert 3 < await vllm.prompt_tokens(ChatRequest("any-alias", hi)) < 64
+    reg = BackendRegistry()
+    reg.register("v", vllm, SERVED)
+    texts = [f"Answer {i}: " + "the quick brown fox jumps over the lazy dog " * 60 for i in range(4)]  # ~600 tokens each
+    build = lambda ts: [{"role": "system", "content": "Synthesize these:\n" + "\n\n".join(ts)}, {"role": "user", "content": "Q?"}]  # noqa: E731
+    msgs, note = await fit_texts(SimpleNamespace(registry=reg), "v", texts, build, reply_tokens=64)
+    assert note == "cut to fit 2048 tokens" and 1500 < await vllm.prompt_tokens(ChatRequest("any-alias", msgs)) <= 2048 - 64
+    res = await vllm.chat(ChatRequest("any-alias", msgs, SamplingParams(max_tokens=64, temperature=0.0)))
+    assert res.usage.prompt_tokens <= 2048 - 64 and res.choices[0].text
+    with pytest.raises(BackendError) as e:
+        await vllm.chat(ChatRequest("any-alias", build(texts), SamplingParams(max_tokens=64, temperature=0.0)))
+    assert e.value.status == 400
+
+
 async def test_greedy_n_is_answered(vllm: VLLMManagedBackend) -> None:
     # vLLM rejects n>1 at temperature 0 (400); the backend asks once and copies.
     res = await vllm.chat(ask("Name a color.", n=3, temperature=0.0, max_tokens=16))

@@ -375,6 +375,15 @@ class Backend(ScoringMixin, abc.ABC):
             yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
         yield StreamChunk(usage=res.usage, metrics=res.metrics)
 
+    async def context_window(self) -> int | None:
+        """The model's context in tokens (prompt and answer together); None: unknown. With it and :meth:`prompt_tokens`
+        a fuser's or judge's candidates are cut to fit it (components/fit.py) instead of the call being refused."""
+        return None
+
+    async def prompt_tokens(self, request: ChatRequest) -> int | None:
+        """The tokens ``request.messages`` take as this backend's prompt (chat template included); None: it cannot tell."""
+        return None
+
     async def models(self) -> list[str]:
         return []
 
@@ -408,12 +417,12 @@ class BackendWrapper(Backend):
         return self.inner.supports_response_format
 
     @property  # type: ignore[override]
-    def supports_scoring(self) -> bool:
-        return self.inner.supports_scoring
-
-    @property  # type: ignore[override]
     def sampling_extras(self) -> frozenset[str] | None:
         return self.inner.sampling_extras
+
+    @property  # type: ignore[override]
+    def supports_scoring(self) -> bool:
+        return self.inner.supports_scoring
 
     @property  # type: ignore[override]
     def supports_reward(self) -> bool:
@@ -462,6 +471,12 @@ class BackendWrapper(Backend):
 
     async def check_scoring(self, need: str = "score", model: str = "", protocol: str = "vllm_score", probe: bool = True) -> None:
         await self.inner.check_scoring(need, model, protocol, probe)
+
+    async def context_window(self) -> int | None:
+        return await self.inner.context_window()
+
+    async def prompt_tokens(self, request: ChatRequest) -> int | None:
+        return await self.inner.prompt_tokens(request)
 
     async def models(self) -> list[str]:
         return await self.inner.models()

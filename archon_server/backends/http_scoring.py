@@ -12,6 +12,10 @@
 
 Whether an upstream speaks these is only known by asking: :meth:`HTTPScoring.check_scoring` probes once at
 start-up (a two-token request), so a plain OpenAI-compatible server without them is reported then.
+
+- Prompt length and context (:meth:`HTTPScoring.prompt_tokens`, :meth:`HTTPScoring.context_window`): vLLM's
+  ``POST /tokenize`` answers a prompt's ``count`` and the model's ``max_model_len``, which components/fit.py uses to
+  cut a fuser's candidates to the context. Asked once at the first fit; an upstream without it is not asked again.
 """
 
 from __future__ import annotations
@@ -105,6 +109,44 @@ class HTTPScoring:
 
     supports_scoring = True  # may: check_scoring asks the upstream
     supports_reward = True
+    # What /tokenize told: the model's context; whether the upstream has it (None: not asked yet, False: it has not).
+    _window: int | None = None
+    _tokenize_ok: bool | None = None
+    _probe: asyncio.Lock | None = None
+
+    async def prompt_tokens(self, request: ChatRequest) -> int | None:
+        """vLLM's ``POST /tokenize`` with the messages and the assistant turn opened: its ``count``; its
+        ``max_model_len`` is kept as the context window. An upstream without it (404, no count) is asked once."""
+        if self._tokenize_ok is False:
+            return None
+        body: dict[str, Any] = {"messages": request.messages, "add_generation_prompt": True}
+        if request.model:
+            body["model"] = request.model
+        try:
+            data = await self._post_json("/tokenize", body, root=True)
+        except BackendError as e:
+            if e.status in (404, 405, 501):
+                self._tokenize_ok = False
+            return None
+        count = data.get("count") if isinstance(data, dict) else None
+        if not isinstance(count, int):
+            self._tokenize_ok = False
+            return None
+        window = data.get("max_model_len")
+        if isinstance(window, int) and window > 0:
+            self._window = window
+        self._tokenize_ok = True
+        return count
+
+    async def context_window(self) -> int | None:
+        """``max_model_len`` from /tokenize: asked once (one probe however many calls wait for it), then kept."""
+        if self._window is None and self._tokenize_ok is None:
+            if self._probe is None:
+                self._probe = asyncio.Lock()
+            async with self._probe:
+                if self._window is None and self._tokenize_ok is None:
+                    await self.prompt_tokens(ChatRequest(self.model, [{"role": "user", "content": "x"}]))  # type: ignore[attr-defined]
+        return self._window
 
     async def _post_json(self, path: str, body: dict[str, Any], *, root: bool = False) -> Any:
         """POST ``body`` to the replica's base URL + ``path`` (``root``: to its URL without ``/v1``) through the

@@ -157,6 +157,16 @@ class LocalBackend(Backend):
                 **{f"prefix_{k}": v for k, v in asdict(prefix).items()}, "prefix_hit_rate": prefix.hit_rate}
 
     # ------------------------------------------------------------------ helpers
+    async def context_window(self) -> int | None:
+        """Known once the model is loaded (a lazy backend's before its first call: None, nothing is fitted)."""
+        return self.engine.runner.dims.max_positions if self.engine is not None else None
+
+    async def prompt_tokens(self, request: ChatRequest) -> int | None:
+        if self.engine is None:
+            return None
+        # A thread: an 8K-token prompt takes 13-50 ms to template and tokenize, and a fit counts a few times.
+        return len(await asyncio.to_thread(self._prompt_ids, request.messages))
+
     def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None) -> list[int]:
         tok = self.loaded.tokenizer
         msgs = [{"role": m.get("role", "user"), "content": content_text(m.get("content"))} for m in messages]

@@ -53,7 +53,7 @@ _LEN = struct.Struct("!I")
 
 # Calls that return one value, and calls that stream chunks: the Backend methods a worker forwards.
 UNARY = frozenset({"chat", "complete", "score", "next_token_logprobs", "reward", "check_scoring", "health", "models", "info",
-                   "stats"})
+                   "stats", "prompt_tokens", "context_window"})
 STREAMS = frozenset({"stream", "stream_complete"})
 # What ``info`` reports of a hosted backend: the capability flags components read synchronously.
 FLAGS = ("supports_n", "supports_logprobs", "supports_tools", "supports_response_format", "supports_scoring", "supports_reward",
@@ -191,6 +191,7 @@ class SharedBackend(Backend):
         self.poll_s = poll_s
         self.stats_s = stats_s
         self._status = "waiting for the shared backend process"
+        self._window: int | None = None  # the hosted model's context, once the host has told it
         self._stats: dict[str, Any] = {}
         self._refresher: asyncio.Task[None] | None = None
 
@@ -281,6 +282,14 @@ class SharedBackend(Backend):
     async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         async for ch in self._stream("stream_complete", request):
             yield ch
+
+    async def context_window(self) -> int | None:
+        if self._window is None:  # asked until known (a lazy backend learns it at its first call), then kept
+            self._window = await self._unary("context_window")
+        return self._window
+
+    async def prompt_tokens(self, request: ChatRequest) -> int | None:
+        return await self._unary("prompt_tokens", request)  # type: ignore[no-any-return]
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         return await self._unary("score", request)  # type: ignore[no-any-return]
@@ -388,7 +397,7 @@ class BackendHost:
                 raise BackendError(f"unknown call {op!r}", status=500)
             if op == "check_scoring":
                 value = await backend.check_scoring(*payload)
-            elif op in ("health", "models"):
+            elif op in ("health", "models", "context_window"):
                 value = await getattr(backend, op)()
             elif op == "stats":
                 value = None  # the answer's stats are the value

@@ -424,6 +424,12 @@ class VLLMManagedBackend(Backend):
         if probe:
             await self._client().check_scoring(need, self.served_model_name, protocol)
 
+    async def context_window(self) -> int | None:
+        return await self._http.context_window() if self._http is not None else None
+
+    async def prompt_tokens(self, request: ChatRequest) -> int | None:
+        return await self._http.prompt_tokens(self._rename(request)) if self._http is not None else None
+
     async def models(self) -> list[str]:
         return await self._client().models() if self._http is not None else []
 

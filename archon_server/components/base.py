@@ -21,7 +21,7 @@ from ..backends.base import (
 )
 from ..backends.registry import BackendRegistry, UnknownModel
 from ..spec import Sampling
-from .state import Candidate, State, Update
+from .state import State, Update
 from .trace import LayerTrace
 from ..exceptions import ArchonError
 
@@ -326,9 +326,9 @@ class Component:
         raise NotImplementedError
 
 
-def numbered(cands: list[Candidate], limit: int | None = None) -> str:
-    items = cands if limit is None else cands[:limit]
-    return "\n\n".join(f"[{i + 1}] {c.text}" for i, c in enumerate(items))
+def numbered_texts(texts: list[str]) -> str:
+    """Candidates as a judge reads them: ``[1] text``, a blank line between."""
+    return "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
 
 
 def user_prompt(text: str) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from . import prompts
-from .base import Component, ComponentContext, numbered, user_prompt
+from .base import Component, ComponentContext, numbered_texts, user_prompt
+from .fit import fit_texts
 from .parsers import parse_critique, parse_joint_critiques
 from .state import State, Update
 
@@ -20,10 +21,13 @@ class Critic(Component):
                 [prompts.CRITIC.format(query=state.query, response=c.text) for c in state.candidates], params, parse_critique,
             )
         else:
-            prompt = prompts.CRITIC_JOINT.format(n=n, query=state.query, responses=numbered(state.candidates))
+            msgs, note = await fit_texts(
+                ctx, self.spec.model, [c.text for c in state.candidates],
+                lambda texts: user_prompt(prompts.CRITIC_JOINT.format(n=n, query=state.query, responses=numbered_texts(texts))),
+                params.max_tokens,
+            )
             parsed = await ctx.call_parsed(
-                self.spec.model, user_prompt(prompt), params,
-                lambda t: parse_joint_critiques(t, n), purpose=f"critique {n}",
+                self.spec.model, msgs, params, lambda t: parse_joint_critiques(t, n), purpose=f"critique {n}" + (f", {note}" if note else ""),
             )
             critiques = parsed or [None] * n
         # Backend failures raised above; unparseable output degrades (README): the next stage goes on without.

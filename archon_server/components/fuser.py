@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from . import prompts
 from .base import Component, ComponentContext, ComponentFailed
+from .fit import fit_texts
 from .state import Candidate, State, Update, candidate_meta, message_text
 
 
@@ -42,7 +44,13 @@ class Fuser(Component):
         header = self.spec.system_prompt or prompts.FUSER_SYSTEM
         if ctx.final is not None and ctx.final.extra.get("response_format"):  # the synthesis must be the JSON asked for
             header = prompts.json_instruction(ctx.final.extra["response_format"]) + "\n\n" + header
-        msgs = fusion_messages(state, cands, header, crit, self.spec.length_control)
+        params = ctx.sampling(self.spec)
+        msgs, note = await fit_texts(
+            ctx, self.spec.model, [c.text for c in cands],
+            lambda texts: fusion_messages(state, [replace(c, text=t) for c, t in zip(cands, texts)], header, crit, self.spec.length_control),
+            params.max_tokens,
+        )
         n = ctx.final.n if ctx.final is not None else self.spec.samples
-        res = await ctx.call(self.spec.model, msgs, ctx.sampling(self.spec), n=n, purpose=f"fuse {len(cands)}", stream=True)
+        purpose = f"fuse {len(cands)}" + (f", {note}" if note else "")
+        res = await ctx.call(self.spec.model, msgs, params, n=n, purpose=purpose, stream=True)
         return Update(candidates=[Candidate(c.text, source=self.spec.model, finish_reason=c.finish_reason, meta=candidate_meta(c)) for c in res.choices])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import prompts
-from .base import Component, ComponentContext, numbered, user_prompt
+from .base import Component, ComponentContext, numbered_texts, user_prompt
+from .fit import fit_texts
 from .parsers import parse_ranking
 from .state import State, Update
 
@@ -19,10 +20,13 @@ class Ranker(Component):
         if n <= 1:
             ctx.layer.notes.append(f"{self.id}: {n} candidate(s), nothing to rank")
             return Update(selected=[replace(c, score=1.0) for c in cands])
-        prompt = prompts.RANKER.format(n=n, query=state.query, responses=numbered(cands))
+        params = ctx.sampling(self.spec, judge=True)
+        msgs, note = await fit_texts(
+            ctx, self.spec.model, [c.text for c in cands],
+            lambda texts: user_prompt(prompts.RANKER.format(n=n, query=state.query, responses=numbered_texts(texts))), params.max_tokens,
+        )
         order = await ctx.call_parsed(
-            self.spec.model, user_prompt(prompt), ctx.sampling(self.spec, judge=True),
-            lambda t: parse_ranking(t, n), purpose=f"rank {n}",
+            self.spec.model, msgs, params, lambda t: parse_ranking(t, n), purpose=f"rank {n}" + (f", {note}" if note else ""),
         )
         if order is None:
             ctx.layer.notes.append(f"{self.id}: ranking unparseable; kept the incoming order")
