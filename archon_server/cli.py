@@ -49,11 +49,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers
     if workers < 1:
         _die(f"--workers: must be >= 1, got {workers}")
+    if args.shutdown_grace is not None:
+        if args.shutdown_grace < 0:
+            _die(f"--shutdown-grace: must be >= 0, got {args.shutdown_grace}")
+        cfg.server.shutdown_grace_s = args.shutdown_grace
     if workers == 1:
         app = build_app(cfg)
         _announce(app, cfg, host, port)
         _settle_gc()
-        uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5, **uvicorn_io())
+        uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=cfg.server.shutdown_grace_s,
+                    **uvicorn_io())
         return 0
     return _serve_workers(args, cfg, host, port)
 
@@ -107,7 +112,7 @@ def _serve_workers(args: argparse.Namespace, cfg: Any, host: str, port: int) -> 
                                               "trace_peers": peers})
         _settle_gc()
         uvicorn.run("archon_server.cli:worker_app", factory=True, workers=args.workers, host=host, port=port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5, **uvicorn_io())
+                    log_level=args.log_level, timeout_graceful_shutdown=cfg.server.shutdown_grace_s, **uvicorn_io())
     finally:
         if backend_host is not None:
             backend_host.stop()
@@ -251,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port (multi-core hosts); the embedded engine and managed vLLM run once, "
                         "in one backend host process all of them call")
+    s.add_argument("--shutdown-grace", type=float, metavar="S",
+                   help="on SIGTERM, seconds the requests in flight may go on before they are answered 503 "
+                        "(default: the config's server.shutdown_grace_s, 5)")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("run", help="run one prompt through an architecture; prints the answer (and the trace)")

@@ -208,6 +208,8 @@ class ServerSettings(_Base):
     max_n: int = Field(default=16, ge=1)
     max_messages: int = Field(default=512, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of one request (whole graph).")
+    shutdown_grace_s: float = Field(default=5.0, ge=0, description="On SIGTERM, how long requests in flight may go on; "
+                                    "then they are cancelled and answered 503 (a stream: its error ending).")
     api_keys_env: str | None = Field(default="ARCHON_API_KEYS", description="Comma-separated client keys in this env var.")
     api_keys_file: str | None = Field(default=None, description="File with one client key per line.")
     default_architecture: str | None = None

@@ -144,3 +144,35 @@ def test_a_client_leaving_counts_as_499_not_as_shutdown():
         assert _requests_counted(srv) == {("stuck", "499"): 2}
     finally:
         srv.stop()
+
+
+def test_archon_serve_shutdown_grace_from_the_flag_over_the_config(upstream_factory, tmp_path: Path):
+    """``archon serve --shutdown-grace S`` (over the config's ``server.shutdown_grace_s``, here 60 s): a request still
+    waiting on its upstream S seconds after SIGTERM is answered 503 and the server exits, not after a minute."""
+    import signal
+
+    import yaml
+
+    from archon_server.testing.server import serve_process
+
+    up = upstream_factory(lambda b: {"fault": "hang"})
+    cfg = {"backends": [{"alias": "fake", "kind": "openai", "model": "m", "urls": [up.url], "aliases": PRESET_ALIASES}],
+           "server": {"shutdown_grace_s": 60}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    got: dict[str, Any] = {}
+    with serve_process(["serve", "-c", str(tmp_path / "c.yaml"), "--shutdown-grace", "0.3"], log=tmp_path / "serve.log") as (proc, url):
+        def ask() -> None:
+            got["r"] = httpx.post(url + "/v1/chat/completions", timeout=90, json={"model": "fake", "messages": [{"role": "user", "content": "x"}]})
+
+        t = threading.Thread(target=ask)
+        t.start()
+        deadline = time.time() + 30
+        while not up.requests and time.time() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(45)
+        took = time.monotonic() - t0
+        t.join(10)
+    assert got["r"].status_code == 503 and got["r"].json()["error"]["code"] == "unavailable"
+    assert took < 30, took  # 0.3 s of grace, not the config's 60
