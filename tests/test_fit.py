@@ -86,6 +86,22 @@ async def test_a_fuser_over_long_candidates_gets_them_cut_to_its_context(upstrea
     assert not counts and res.trace.layers[1].calls[0].purpose == "fuse 2"
 
 
+async def test_sequential_self_moa_windows_are_fitted(upstream_factory):
+    long = ["alpha " * 400, "gamma " * 800, "delta " * 600]
+    up = upstream_factory(lambda b: {"text": long[: b["n"]]} if b.get("n", 1) > 1 else None)
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    try:
+        counting(reg.get("aggregator"), window=1200)
+        spec = parse_architecture({"name": "t", "layers": [[{"type": "generator", "model": "default", "samples": 3}],
+                                                           [{"type": "self_moa_seq", "model": "aggregator", "window": 3, "max_tokens": 200}]]})
+        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Which is best?"}])
+    finally:
+        await reg.close()
+    assert sum(len(m["content"].encode()) // 4 + 5 for m in up.requests[-1].body["messages"]) <= 1200 - 200
+    assert res.trace.layers[1].calls[0].purpose == "window 1, cut to fit 1200 tokens"
+
+
 async def test_judges_are_fitted_too_and_a_question_that_leaves_no_room_goes_as_it_is(upstream_factory):
     up = upstream_factory()
     reg = build_registry(fake_config(up.url))

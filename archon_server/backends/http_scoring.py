@@ -116,7 +116,7 @@ class HTTPScoring:
 
     async def prompt_tokens(self, request: ChatRequest) -> int | None:
         """vLLM's ``POST /tokenize`` with the messages and the assistant turn opened: its ``count``; its
-        ``max_model_len`` is kept as the context window. An upstream without it (404, no count) is asked once."""
+        ``max_model_len`` is kept as the context window. An upstream without it (a 4xx, no count) is asked once."""
         if self._tokenize_ok is False:
             return None
         body: dict[str, Any] = {"messages": request.messages, "add_generation_prompt": True}
@@ -125,8 +125,8 @@ class HTTPScoring:
         try:
             data = await self._post_json("/tokenize", body, root=True)
         except BackendError as e:
-            if e.status in (404, 405, 501):
-                self._tokenize_ok = False
+            if not e.retryable and self._tokenize_ok is None:  # it answered, and never with a count: no /tokenize to use
+                self._tokenize_ok = False  # (a 404, or a 401/403 of a provider): not asked on every fuse from now on
             return None
         count = data.get("count") if isinstance(data, dict) else None
         if not isinstance(count, int):

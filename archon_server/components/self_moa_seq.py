@@ -15,9 +15,11 @@ arrive.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from . import prompts
 from .base import Component, ComponentContext, ComponentFailed
+from .fit import fit_texts
 from .fuser import fusion_messages
 from .state import Candidate, State, Update
 
@@ -96,9 +98,14 @@ class SelfMoASeq(Component):
                 if len(shown) == 1:
                     best = shown[0]
                     continue
-                msgs = fusion_messages(state, shown, spec.system_prompt or prompts.SELF_MOA_SEQ_SYSTEM)
+                header = spec.system_prompt or prompts.SELF_MOA_SEQ_SYSTEM
+                msgs, note = await fit_texts(
+                    ctx, spec.model, [c.text for c in shown],
+                    lambda texts, shown=shown, header=header: fusion_messages(state, [replace(c, text=t) for c, t in zip(shown, texts)], header),
+                    agg_params.max_tokens,
+                )
                 try:
-                    res = await ctx.call(spec.model, msgs, agg_params, purpose=f"window {rounds + 1}")
+                    res = await ctx.call(spec.model, msgs, agg_params, purpose=f"window {rounds + 1}" + (f", {note}" if note else ""))
                     best = Candidate(res.choices[0].text, source=spec.model, finish_reason=res.choices[0].finish_reason)
                 except Exception:  # noqa: BLE001 - keep the previous synthesis, recorded in the trace
                     best = best or window[0]
