@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from . import prompts
@@ -12,12 +11,13 @@ from .state import Candidate, State, Update, candidate_meta, message_text
 
 
 def fusion_messages(
-    state: State, cands: list[Candidate], header: str, critiques: list[str | None] | None = None, words: int | None = None
+    state: State, texts: list[str], header: str, critiques: list[str | None] | None = None, words: int | None = None
 ) -> list[dict[str, Any]]:
-    """The client's conversation with the aggregation instructions and numbered responses as the system message."""
+    """The client's conversation with the aggregation instructions and numbered responses (the candidates' texts, as
+    components/fit.py may have cut them) as the system message."""
     parts = []
-    for i, c in enumerate(cands):
-        s = f"{i + 1}. {c.text}"
+    for i, text in enumerate(texts):
+        s = f"{i + 1}. {text}"
         if critiques and i < len(critiques) and critiques[i]:
             s += prompts.FUSER_CRITIQUE.format(critique=critiques[i])
         parts.append(s)
@@ -47,7 +47,7 @@ class Fuser(Component):
         params = ctx.sampling(self.spec)
         msgs, note = await fit_texts(
             ctx, self.spec.model, [c.text for c in cands],
-            lambda texts: fusion_messages(state, [replace(c, text=t) for c, t in zip(cands, texts)], header, crit, self.spec.length_control),
+            lambda texts: fusion_messages(state, texts, header, crit, self.spec.length_control),
             params.max_tokens,
         )
         n = ctx.final.n if ctx.final is not None else self.spec.samples

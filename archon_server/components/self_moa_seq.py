@@ -15,7 +15,6 @@ arrive.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from . import prompts
 from .base import Component, ComponentContext, ComponentFailed
@@ -101,7 +100,7 @@ class SelfMoASeq(Component):
                 header = spec.system_prompt or prompts.SELF_MOA_SEQ_SYSTEM
                 msgs, note = await fit_texts(
                     ctx, spec.model, [c.text for c in shown],
-                    lambda texts, shown=shown, header=header: fusion_messages(state, [replace(c, text=t) for c, t in zip(shown, texts)], header),
+                    lambda texts, header=header: fusion_messages(state, texts, header),
                     agg_params.max_tokens,
                 )
                 try:

@@ -68,6 +68,8 @@ class SamplingExtras(BaseModel):
 
     def sampling_extra(self) -> dict[str, Any]:
         """The ones the client set and that change something (vLLM's neutral values dropped)."""
+        if self.model_fields_set.isdisjoint(SAMPLING_EXTRAS):  # the usual request: nothing to look at
+            return {}
         out = {k: getattr(self, k) for k in SAMPLING_EXTRAS if getattr(self, k) is not None}
         if out.get("top_k", 1) <= 0:
             del out["top_k"]

@@ -182,9 +182,8 @@ class ChatService:
         Sampling extras need final-stage backends that honour them (checked before any call runs)."""
         if final.extra:
             for comp in spec.layers[-1]:
-                if comp.type in ("generator", "fuser"):
-                    for alias in comp.models_used():
-                        self.check_sampling(alias, final.extra, f"the final stage of {spec.name!r}")
+                if comp.type in ("generator", "fuser", "self_moa_seq") and comp.model:  # the writers; judges sample their own way
+                    self.check_sampling(comp.model, final.extra, f"the final stage of {spec.name!r}")
         if not final.extra.get("tools"):
             return
         for comp in spec.layers[-1]:
