@@ -1,7 +1,7 @@
 """Fit the candidates a fuser or judge reads into its model's context: cut the longest ones, not fail after the work.
 
 Why: a fuser's prompt is the client's conversation plus every candidate. With a long question (7,000 words to the
-default self-moa), six 512-token samples took 73 s and then the fuser's prompt (8,673 tokens) did not fit SmolLM2's
+default self-moa), its six samples took 73 s and then the fuser's prompt (8,673 tokens) did not fit SmolLM2's
 8,192: the request failed with a 400 and the samples were lost. Now, when the backend knows its context
 (``Backend.context_window()``) and can count a prompt (``Backend.prompt_tokens()``), the candidate texts are cut to what
 fits, the longest first (water-filling: a text shorter than its share stays whole), leaving the call's ``max_tokens``
@@ -10,7 +10,8 @@ alone leaves too little room, or the backend cannot count, the prompt goes as it
 
 Cheap when it fits, which is nearly always: a token covers at least one UTF-8 byte (byte-level BPE, and SentencePiece
 with byte fallback), so a prompt whose bytes plus an allowance for the chat template fit is sent without counting.
-Counting (the engine's chat template and tokenizer: 13-50 ms for 8K tokens, off the event loop) happens only near the limit.
+Counting (the engine's chat template and tokenizer: 10-50 ms for 8K tokens, off the event loop) happens only near
+the limit.
 """
 
 from __future__ import annotations
