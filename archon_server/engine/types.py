@@ -87,6 +87,7 @@ class EngineStats:
     prefills: int = 0  # one per request, whatever its n
     prefill_tokens: int = 0
     prefill_chunks_interleaved: int = 0  # prompt chunks run between decode steps of other sequences
+    overtakes: int = 0  # short prompts prefilled ahead of a long staged one (Engine._overtake)
     decode_steps: int = 0
     decode_tokens: int = 0
     max_batch_seen: int = 0  # most sequences decoded together in one step
