@@ -174,6 +174,12 @@ def test_a_cache_that_cannot_grow_fails_that_request_only(engine: Engine, monkey
     idle(engine)
 
 
+def logprobs(c: Collector) -> list[float]:
+    """The chosen tokens' log-probabilities: they move with any change of the K/V a row reads (a tiny random model's
+    greedy text often does not)."""
+    return [lp.logprob for e in c.events if isinstance(e, TokenEvent) and e.logprobs for lp in e.logprobs]
+
+
 def test_a_short_prompt_is_prefilled_ahead_of_a_long_staged_one(tiny_folder: Path):
     """One staged prompt at a time made every request wait for a long prompt's whole prefill (on the default server
     a 16-token answer took 22.5 s behind a 6,800-token prompt, 0.4 s alone). A prompt that fits in one chunk now goes
@@ -190,16 +196,46 @@ def test_a_short_prompt_is_prefilled_ahead_of_a_long_staged_one(tiny_folder: Pat
 
 
 def _overtaken(engine: Engine) -> None:
-    alone_long = run(engine, 1800, max_tokens=6).wait().texts()[0]
+    alone = run(engine, 1800, max_tokens=6, logprobs=True).wait()
+    alone_long = alone.texts()[0]
     alone_short = run(engine, 20, max_tokens=6, n=2).wait().texts(2)
     alone_busy = run(engine, 40, max_tokens=3).wait().texts()[0]
     before = engine.stats.overtakes
     busy = run(engine, 40, max_tokens=3)  # decodes while the long prompt prefills, ends while it is set aside or after
     assert busy.started.wait(30)
-    long = run(engine, 1800, max_tokens=6)
+    long = run(engine, 1800, max_tokens=6, logprobs=True)
     short = run(engine, 20, max_tokens=6, n=2)
     short.wait()
     assert not long.started.is_set()  # the short one did not wait for the long prefill
     assert short.texts(2) == alone_short and long.wait().texts() == [alone_long] and busy.wait().texts() == [alone_busy]
+    assert logprobs(long) == pytest.approx(logprobs(alone), abs=1e-3) and len(logprobs(long)) == 6
     assert engine.stats.overtakes == before + 1 and engine.stats.errors == 0
     idle(engine)
+
+
+def test_a_short_prompt_cancelled_while_ahead_of_a_long_one_leaves_it_whole(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch):
+    """The short prompt is cancelled while staged ahead (its client left): the long one set aside is staged again
+    just past the rows and finishes as it would alone."""
+    engine = Engine(ModelRunner(tiny_folder, device="cpu", dtype="float32"), LetterTokenizer(), eos_ids=set(), max_batch=4,
+                    idle_poll_s=0.05, threads=1, prefix_cache_mb=0)
+    engine.start()
+    try:
+        alone = run(engine, 1800, max_tokens=6, logprobs=True).wait()
+        start = engine._start
+
+        def start_then_cancel(req: Any, speculative: bool) -> None:
+            start(req, speculative)
+            if len(req.prompt) == 20:  # the short one: cancelled before its prefill runs
+                req.cancelled = True
+
+        monkeypatch.setattr(engine, "_start", start_then_cancel)
+        busy = run(engine, 40, max_tokens=200)  # rows below: the set-aside prompt must come back to len(rows), not stay up
+        assert busy.started.wait(30)
+        long = run(engine, 1800, max_tokens=6, logprobs=True)
+        run(engine, 20, max_tokens=6)
+        assert long.wait().texts() == alone.texts() and engine.stats.overtakes == 1 and engine.stats.cancelled == 1
+        assert logprobs(long) == pytest.approx(logprobs(alone), abs=1e-3) and len(logprobs(long)) == 6
+        busy.wait()
+        idle(engine)
+    finally:
+        engine.shutdown()

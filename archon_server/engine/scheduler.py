@@ -381,8 +381,7 @@ class Engine:
         except queue.Empty:
             if block and not self._waiting:
                 self._shrink_idle_cache()
-        if self._prefilling is None and self._aside is not None:  # the short prompt that went first is in the batch
-            self._prefilling, self._aside = self._aside, None
+        self._resume_aside()
         self._overtake()
         while self._prefilling is None and self._aside is None and self._waiting:
             req = self._waiting[0]
@@ -435,8 +434,19 @@ class Engine:
             self._start(req, False)  # staged at len(rows), just below the one set aside
         except Exception as e:  # this request fails; the one set aside (put back just past the rows) goes on
             self._recover(e, [req])
-            if self._prefilling is None and self._aside is not None:
-                self._prefilling, self._aside = self._aside, None
+            self._resume_aside()
+
+    def _resume_aside(self) -> None:
+        """The short prompt that went first has joined the batch (or failed, or was cancelled): the prompt set aside
+        is staged again, just past the rows (a cancelled short prompt leaves a gap that compaction does not see)."""
+        pf = self._aside
+        if self._prefilling is not None or pf is None:
+            return
+        self._aside = None
+        if pf.slot != len(self._rows):
+            self.cache.move_slot(pf.slot, len(self._rows))
+            pf.slot = len(self._rows)
+        self._prefilling = pf
 
     def _start(self, req: _Request, speculative: bool) -> None:
         if speculative:
