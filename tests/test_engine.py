@@ -272,6 +272,34 @@ async def test_long_prompt_prefill_interleaves_with_streaming():
     assert "".join(pieces) == alone.choices[0].text  # the streaming sequence was not disturbed
 
 
+async def test_a_stream_beside_a_long_prefill_takes_turns_with_it(backend):
+    """A long prompt's prefill and the rows decoding beside it take turns in equal time. With one chunk per decode
+    step, a row made one token per 256-token chunk (~1.2 s deep in a long prompt): a 40-token answer under way when a
+    ~2,800-token prompt arrived had made ~12 tokens by that prompt's first token. Now it is done first."""
+    engine = backend.engine
+    done: dict[str, float] = {}
+    started = asyncio.Event()
+
+    async def busy():
+        async for c in backend.stream(req(STORY, temperature=0.0, max_tokens=40, extra={"ignore_eos": True})):
+            if c.text:
+                started.set()
+        done["busy"] = time.perf_counter()
+
+    async def long():
+        await started.wait()
+        res = await backend.chat(req([{"role": "user", "content": "Summarize: " + "The cat sat on the mat. " * 400}],
+                                     temperature=0.0, max_tokens=1))
+        done["long"] = time.perf_counter()
+        return res
+
+    before = engine.stats.prefill_chunks_interleaved
+    _, res = await asyncio.gather(busy(), long())
+    assert res.usage.prompt_tokens > 2500
+    assert engine.stats.prefill_chunks_interleaved - before >= 2  # the prompt was prefilled while the row decoded
+    assert done["busy"] < done["long"]
+
+
 def test_chunked_prefill_equals_one_pass(shared):
     from archon_server.engine.runner import ModelRunner
 

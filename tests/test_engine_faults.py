@@ -239,3 +239,26 @@ def test_a_short_prompt_cancelled_while_ahead_of_a_long_one_leaves_it_whole(tiny
         idle(engine)
     finally:
         engine.shutdown()
+
+
+def test_a_short_prompt_queued_behind_a_second_long_one_goes_ahead_of_both(tiny_folder: Path):
+    """Only the head of the queue could overtake: a short request queued behind a second long prompt waited for both
+    prefills. Now the first short one in the queue goes ahead of the staged prompt (and so of the queued one too);
+    both long prompts then come out as they do alone."""
+    engine = Engine(ModelRunner(tiny_folder, device="cpu", dtype="float32"), LetterTokenizer(), eos_ids=set(), max_batch=4,
+                    idle_poll_s=0.05, threads=1, prefix_cache_mb=0)
+    engine.start()
+    try:
+        alone = [run(engine, n, max_tokens=6, logprobs=True).wait() for n in (1800, 1700)]
+        alone_short = run(engine, 20, max_tokens=6, n=2).wait().texts(2)
+        first, second = (run(engine, n, max_tokens=6, logprobs=True) for n in (1800, 1700))
+        short = run(engine, 20, max_tokens=6, n=2)
+        assert short.wait().texts(2) == alone_short
+        assert not first.started.is_set() and not second.started.is_set()
+        for got, want in zip((first, second), alone):
+            assert got.wait().texts() == want.texts()
+            assert logprobs(got) == pytest.approx(logprobs(want), abs=1e-3) and len(logprobs(got)) == 6
+        assert engine.stats.overtakes == 1 and engine.stats.errors == 0
+        idle(engine)
+    finally:
+        engine.shutdown()

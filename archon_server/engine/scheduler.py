@@ -15,6 +15,7 @@ stays responsive.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import queue
 import random
@@ -118,6 +119,7 @@ class _Prefill:
     slot: int
     done: int = 0  # prompt tokens already in the cache
     overtaken_at: int = -1  # ``done`` when a short prompt last went ahead of this one (Engine._overtake)
+    token_s: float = 0.0  # its last chunk's seconds per token (a token deep in a long prompt costs several times more)
 
 
 class Engine:
@@ -155,8 +157,16 @@ class Engine:
         self._prefilling: _Prefill | None = None
         # A long staged prompt set aside while a short one is prefilled ahead of it (see _overtake); at most one.
         self._aside: _Prefill | None = None
-        self.prefill_chunk = 256  # tokens per prefill chunk while other sequences decode
+        self.prefill_chunk = 256  # most tokens per prefill chunk while other sequences decode
         self.prefill_chunk_idle = 512  # ... and when nobody waits on it
+        # A chunk is also cut to about this long, from its prompt's last chunk's cost per token (deep in a long
+        # prompt a token costs 6x what it does at its start: attention). Why: a request that arrives waits for the
+        # chunk in flight (512 tokens at position 6,000: 2.3 s), and rows decoding beside a long prompt take turns
+        # with it (_prefill_due); past ~100 tokens a chunk's cost per token hardly falls (SmolLM2, 2 cores, at
+        # position 6,000: 4.9 ms at 64, 4.6 at 128, 4.5 at 256 and 512).
+        self.prefill_slice_s = 0.5
+        self._owed = 0.0  # decode time still owed to the rows for the last interleaved chunk (_prefill_due)
+        self._token_s = 0.0  # the last chunk's seconds per token, any prompt's: a new prompt's first estimate
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Idle this long, the worker thread ends and the next submission starts a new one ("parked"). Why: a
@@ -299,7 +309,7 @@ class Engine:
             self._recover(e, [])
         if self._jobs:  # one job (e.g. teacher-forced scoring) per pass; a failed job fails its caller only
             self._run_job(self._jobs.popleft())
-        if self._prefilling is not None:
+        if self._prefilling is not None and self._prefill_due():
             staged = self._prefilling.req
             try:
                 self._prefill_chunk()
@@ -414,21 +424,26 @@ class Engine:
         short requests slows it (a chunk each, and a copy of its K/V so far) but cannot stop it.
         """
         pf = self._prefilling
-        if pf is None or self._aside is not None or not self._waiting or pf.done == pf.overtaken_at:
+        if (pf is None or self._aside is not None or not self._waiting or pf.done == pf.overtaken_at
+                or len(pf.req.prompt) - pf.done <= self.prefill_chunk):
             return
-        req = self._waiting[0]
+        room = self.max_batch - len(self._rows) - pf.req.params.n
+        # Not only the head: a short request queued behind a second long prompt would wait for both prefills.
+        # (The first few dozen only: this runs every pass while a long prompt is staged.)
+        for i, req in enumerate(itertools.islice(self._waiting, 64)):
+            if (not req.cancelled and not req.params.speculable and req.max_new > 0 and req.params.n <= room
+                    and len(req.prompt) <= self.prefill_chunk):
+                break
+        else:
+            return
         n = req.params.n
-        if (req.cancelled or req.params.speculable or req.max_new == 0 or len(req.prompt) > self.prefill_chunk
-                or len(pf.req.prompt) - pf.done <= self.prefill_chunk
-                or len(self._rows) + n + pf.req.params.n > self.max_batch):
-            return
         up = pf.slot + n
         self.cache.reserve(up + pf.req.params.n, len(pf.req.prompt) + 1)
         self.cache.move_slot(pf.slot, up)
         pf.slot, pf.overtaken_at = up, pf.done
         self._aside, self._prefilling = pf, None
         self.stats.overtakes += 1
-        self._waiting.popleft()
+        del self._waiting[i]
         self.stats.requests += 1
         try:
             self._start(req, False)  # staged at len(rows), just below the one set aside
@@ -490,21 +505,46 @@ class Engine:
         assert pf is not None
         req = pf.req
         chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
+        if token_s := pf.token_s or self._token_s:
+            chunk = min(chunk, int(self.prefill_slice_s / token_s))
         grid = self.prefix.block
         chunk = max(grid, chunk // grid * grid)  # whole blocks: every chunk starts on the attention grid
-        if self._rows:
-            self.stats.prefill_chunks_interleaved += 1
         ids = req.prompt[pf.done : pf.done + chunk]
-        # A prompt's K/V must not depend on how it was chunked (the chunk size changes with load; a cached
-        # prefix leaves a short tail): never the int8 weights, and attention on the prefix cache's block grid.
+        # A prompt's K/V must not depend on how it was chunked (the chunk size changes with load and with the
+        # time each chunk took; a cached prefix leaves a short tail): never the int8 weights, and attention on the
+        # prefix cache's block grid.
+        t0 = time.perf_counter()
         out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done],
                                   logits="last", int8=False, kv_grid=self.prefix.block)
+        spent = time.perf_counter() - t0
+        pf.token_s = self._token_s = spent / len(ids)
+        if self._rows:
+            self.stats.prefill_chunks_interleaved += 1
+            if len(req.prompt) > self.prefill_chunk:
+                self._owed = spent
         pf.done += len(ids)
         if pf.done < len(req.prompt):
             return
         self._prefilling = None
         self.prefix.store(req.prompt, self.cache, pf.slot)  # only a completed prefill is kept
         self._start_sequences(req, pf.slot, out.logits[:, -1])
+
+    def _prefill_due(self) -> bool:
+        """Whether the staged prompt's next chunk runs in this pass.
+
+        Why turns in equal time: a chunk of 256 tokens late in a long prompt takes ~1.2 s (SmolLM2, 2 cores, at
+        position 6,000: attention over every earlier key), a decode step 15-30 ms, so with one chunk per step
+        the rows decoded beside a 6,800-token prompt crawled at a token a second: a 16-token answer took 11-16 s
+        instead of 0.4 s, and a stream stalled for the whole prefill. Taking turns, each side goes at least half
+        speed while both have work: the long prompt waits at most as long again as it would alone, the rows are
+        never held up for longer than one slice. A prompt that fits in one chunk goes at once (it joins the
+        batch, as an overtaking one does).
+        """
+        pf = self._prefilling
+        if not self._rows:
+            self._owed = 0.0
+            return True
+        return pf is None or len(pf.req.prompt) <= self.prefill_chunk or self._owed <= 0
 
     def _start_sequences(self, req: _Request, slot: int, last_logits: torch.Tensor) -> None:
         p = req.params
@@ -547,7 +587,9 @@ class Engine:
         # read once per step, each row adds ~10% (packed bf16, AVX512 EPYC: 15.7 ms at 1 row, 25 at 6, 38 at 16),
         # attention grows with B x length.
         work = 1.0 + 0.1 * (len(rows) - 1) + sum(self.cache.lengths[s.slot] for s in rows) / 6000
-        self.tuner.after_step(time.perf_counter() - t0, work)
+        spent = time.perf_counter() - t0
+        self.tuner.after_step(spent, work)
+        self._owed -= spent
         tokens = sample_rows(logits, [s.sampling for s in rows])
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(rows)
