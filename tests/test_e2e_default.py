@@ -163,7 +163,8 @@ def test_engine_counters_show_in_metrics(served):
 
 def test_sampling_extras_reach_the_embedded_engine(served):
     """vLLM's extra sampling params through the SDK's extra_body, one request after another into the running server: each
-    changes what the engine generates (they had been dropped silently), and one it lacks is refused before any work."""
+    changes what the engine generates (they had been dropped silently); min_tokens above max_tokens is refused before any
+    work, as vLLM refuses it."""
     hi = [{"role": "user", "content": "Say hi."}]
     plain = served.chat.completions.create(model="smollm2", messages=hi, max_tokens=48, temperature=0)
     assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 48  # the model stops by itself...
@@ -177,9 +178,14 @@ def test_sampling_extras_reach_the_embedded_engine(served):
     penalized = served.chat.completions.create(model="smollm2", messages=count, max_tokens=40, temperature=0,
                                                extra_body={"repetition_penalty": 1.8}).choices[0].message.content
     assert penalized != greedy
-    with pytest.raises(openai.BadRequestError) as e:
-        served.chat.completions.create(model="self-moa", messages=hi, max_tokens=16, extra_body={"min_tokens": 4})
-    assert e.value.body["param"] == "min_tokens" and "'default'" in e.value.body["message"]
+    capital = [{"role": "user", "content": "What is the capital of France?"}]
+    short = served.chat.completions.create(model="smollm2", messages=capital, max_tokens=40, temperature=0)
+    held = served.chat.completions.create(model="smollm2", messages=capital, max_tokens=40, temperature=0, extra_body={"min_tokens": 20})
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20  # (8 tokens: "...is Paris.")
+    assert held.usage.completion_tokens >= 20 and held.choices[0].message.content.startswith(short.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM's rule
+        served.chat.completions.create(model="self-moa", messages=hi, max_tokens=16, extra_body={"min_tokens": 40})
+    assert e.value.body["param"] == "min_tokens"
     cut = served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "A JSON object with a key colour."}],
                                          max_tokens=4, response_format={"type": "json_object"})
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content.startswith("{")

@@ -99,6 +99,32 @@ def test_min_p_keeps_tokens_within_its_share_of_the_best_after_temperature():
     assert kept(1.0, 1.0) == [True, False, False, False] and kept(1.0, 0.0) == [True] * 4
 
 
+def test_min_tokens_holds_eos_back_until_the_count_then_lets_it_be_drawn():
+    """vLLM's min_tokens: while a row has fewer tokens than that, its EOS ids are not drawn, greedy or sampled."""
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0]] * 2)  # token 1 (EOS here) is by far the most likely
+    out: list[int] = []
+    rows = [RowSampling(temperature=0.0, output_ids=out, min_tokens=2, held_ids=torch.tensor([1])),
+            RowSampling(temperature=1.0, generator=make_generator(1, torch.device("cpu")), output_ids=out, min_tokens=2,
+                        held_ids=torch.tensor([1]))]
+    for _ in range(20):
+        assert 1 not in sample_rows(logits, rows)
+    out += [2, 2]
+    assert sample_rows(logits, rows)[0] == 1
+
+
+def test_min_tokens_counts_stop_strings_only_past_it():
+    """vLLM's rule: a stop string wholly inside the first min_tokens tokens' text does not end the sequence; the
+    first one after it does (and the stream still never shows it)."""
+    it = IncrementalText(CharTokenizer(), [","], min_tokens=4)
+    pieces = []
+    for ch in "a,b,c,d":
+        stopped = it.add(ord(ch))
+        pieces.append(it.take(final=stopped))
+        if stopped:
+            break
+    assert it.stopped and it.text == "a,b,c" and "".join(pieces) == "a,b,c"  # the commas in tokens 2 and 4 did not count
+
+
 def test_only_plain_sampling_goes_speculative():
     """Speculative rounds sample by temperature and top_p alone: anything else they would silently drop."""
     from archon_server.engine.types import GenParams
@@ -106,7 +132,7 @@ def test_only_plain_sampling_goes_speculative():
     spec = {"method": "fixed", "k": 3, "draft": "ngram"}
     assert GenParams(speculative=spec).speculable and not GenParams().speculable
     for extra in ({"n": 2}, {"grammar": "start: /x/"}, {"top_k": 5}, {"min_p": 0.1}, {"repetition_penalty": 1.2},
-                  {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}):
+                  {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}, {"min_tokens": 4}):
         assert not GenParams(speculative=spec, **extra).speculable, extra
 
 

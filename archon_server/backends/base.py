@@ -332,8 +332,9 @@ class Backend(ScoringMixin, abc.ABC):
     # `response_format` json_object / json_schema constrains decoding (vLLM's structured outputs); without it the
     # server prompts for JSON and validates (see api/structured.py).
     supports_response_format: bool = True
-    # The client's vLLM-style sampling extras (SAMPLING_EXTRAS) this backend honours; None: it passes every one on
-    # (an OpenAI-compatible upstream decides). A final stage asked for one it lacks is refused up front (a 400).
+    # The client's vLLM-style sampling extras (SAMPLING_EXTRAS) this backend honours; None: every one (the embedded
+    # engine honours them all; an OpenAI-compatible upstream gets them passed on and decides). A final stage asked
+    # for one it lacks is refused up front (a 400).
     sampling_extras: frozenset[str] | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook

@@ -56,8 +56,6 @@ class LocalBackend(Backend):
     # response_format constrains decoding (engine/constrain.py, llguidance); without llguidance installed the
     # server prompts for JSON and validates instead.
     supports_response_format = importlib.util.find_spec("llguidance") is not None
-    # Of SAMPLING_EXTRAS, all but min_tokens (it would need EOS and stop strings held back until the count is reached).
-    sampling_extras = frozenset({"presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "ignore_eos"})
 
     def __init__(
         self,
@@ -190,8 +188,6 @@ class LocalBackend(Backend):
         return list(ids)
 
     def _gen_params(self, p: SamplingParams) -> Any:
-        if "min_tokens" in p.extra:  # refused up front by the API (sampling_extras); here for callers that skip it
-            raise BackendError("min_tokens: the embedded engine does not support it", status=400, backend=self.name)
         return GenParams(
             max_tokens=p.max_tokens,
             temperature=p.temperature,
@@ -208,6 +204,7 @@ class LocalBackend(Backend):
             presence_penalty=float(p.extra.get("presence_penalty", 0.0)),
             frequency_penalty=float(p.extra.get("frequency_penalty", 0.0)),
             min_p=float(p.extra.get("min_p", 0.0)),
+            min_tokens=min(int(p.extra.get("min_tokens", 0) or 0), p.max_tokens),
             speculative=p.extra.get("speculative", self.speculative),
             grammar=self._grammar(p.extra.get("response_format")),
         )

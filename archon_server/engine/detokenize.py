@@ -36,8 +36,11 @@ def find_stop(text: str, stops: list[str], search_from: int = 0) -> int:
 class IncrementalText:
     """Text of a growing token sequence with stop-string cutting and safe streaming."""
 
-    def __init__(self, tokenizer: Any, stops: list[str] | None = None):
+    def __init__(self, tokenizer: Any, stops: list[str] | None = None, min_tokens: int = 0):
+        """``min_tokens``: stop strings count only in text that came with a token past this many (vLLM's rule:
+        a stop string wholly inside the first ``min_tokens`` tokens' text never ends the sequence)."""
         self.tok = tokenizer
+        self.min_tokens = min_tokens
         self.stops = [s for s in (stops or []) if s]
         self.max_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
@@ -60,7 +63,7 @@ class IncrementalText:
         before = len(self.text)
         self.text += new_text[len(prefix_text) :]
         self._prefix, self._read = self._read, len(self.ids)
-        if self.stops:
+        if self.stops and len(self.ids) > self.min_tokens:
             i = find_stop(self.text, self.stops, max(0, before - self.max_stop + 1))
             if i != -1:
                 self.text = self.text[:i]
@@ -80,7 +83,7 @@ class IncrementalText:
         if len(new_text) > len(prefix_text):
             self.text += new_text[len(prefix_text) :].rstrip("\ufffd")
         self._prefix = self._read = len(self.ids)
-        i = find_stop(self.text, self.stops, max(0, before - self.max_stop + 1)) if self.stops else -1
+        i = find_stop(self.text, self.stops, max(0, before - self.max_stop + 1)) if self.stops and len(self.ids) > self.min_tokens else -1
         if i != -1:
             self.text = self.text[:i]
             self.stopped = True

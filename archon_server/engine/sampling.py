@@ -30,11 +30,19 @@ class RowSampling:
     prompt_ids: list[int] | None = None  # for repetition_penalty
     output_ids: list[int] | None = None  # the row's generated tokens so far (shared list, appended by the engine)
     constraint: Any = None  # a grammar (engine/constrain.py): mask(logits) before the draw, accept(token) after
+    # vLLM's min_tokens: these tokens (the model's EOS) are not drawn while ``output_ids`` is shorter than min_tokens.
+    min_tokens: int = 0
+    held_ids: torch.Tensor | None = None
 
 
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def holding(self) -> bool:
+        """EOS is held back for this draw (min_tokens not reached yet)."""
+        return self.held_ids is not None and len(self.output_ids or ()) < self.min_tokens
 
     @property
     def greedy(self) -> bool:
@@ -104,8 +112,10 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     out: list[int] = []
     greedy_ids = None
     for b, r in enumerate(rows):
-        if r.penalized or r.constraint is not None:
+        if r.penalized or r.constraint is not None or r.holding:
             row = apply_penalties(logits[b], r) if r.penalized else logits[b]
+            if r.holding:
+                row = row.index_fill(0, r.held_ids, float("-inf"))
             if r.constraint is not None:
                 row = r.constraint.mask(row)
             tok = int(row.argmax()) if r.greedy else draw(filter_logits(row, r.temperature, r.top_p, r.top_k, r.min_p).softmax(-1), r.generator)

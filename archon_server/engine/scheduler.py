@@ -141,6 +141,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
+        self._eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=runner.device)
         self._constraints = Constraints(tokenizer)
         self.max_batch = max(1, max_batch)
         self.idle_poll_s = idle_poll_s
@@ -567,8 +568,10 @@ class Engine:
                 min_p=p.min_p,
                 prompt_ids=req.prompt,
                 constraint=self._constraints.matcher(p.grammar) if p.grammar else None,
+                min_tokens=p.min_tokens,
+                held_ids=self._eos_tensor if p.min_tokens and not p.ignore_eos else None,
             )
-            text = IncrementalText(self.tokenizer, p.stop)
+            text = IncrementalText(self.tokenizer, p.stop, p.min_tokens)
             sampling.output_ids = text.ids  # penalties read the generated tokens as they grow
             seqs.append(_Sequence(req, i, slot + i, text, sampling))
         logits = last_logits.expand(p.n, -1)

@@ -28,6 +28,8 @@ class GenParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_p: float = 0.0
+    # vLLM's min_tokens: no EOS is drawn and no stop string ends a sample before it has this many tokens.
+    min_tokens: int = 0
     # Speculative decoding config (engine/specdec/serve.py); used for n == 1 requests, which then run alone.
     speculative: dict[str, Any] | None = None
     # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
@@ -36,9 +38,10 @@ class GenParams:
     @property
     def speculable(self) -> bool:
         """Speculative decoding applies: a config is set, one sample, and nothing its rounds do not apply (they sample
-        by temperature and top_p only; a grammar, top_k, min_p or a penalty sends the request through the batch)."""
+        by temperature and top_p only; a grammar, top_k, min_p, min_tokens or a penalty sends the request through the
+        batch)."""
         return bool(self.speculative) and self.n == 1 and not self.grammar and not self.top_k and not self.min_p \
-            and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
+            and not self.min_tokens and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)

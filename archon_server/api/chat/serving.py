@@ -179,7 +179,12 @@ class ChatService:
 
     def check_final(self, spec: ArchitectureSpec, final: FinalOverrides) -> None:
         """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them.
-        Sampling extras need final-stage backends that honour them (checked before any call runs)."""
+        Sampling extras need final-stage backends that honour them (checked before any call runs), and min_tokens
+        a max_tokens at least as large (vLLM's rule; against an architecture's own max_tokens the engine clamps it)."""
+        least = final.extra.get("min_tokens")
+        if least and final.max_tokens is not None and least > final.max_tokens:
+            raise APIError(400, f"min_tokens ({least}) must not exceed max_tokens ({final.max_tokens})",
+                           param="min_tokens", code="invalid_value")
         if final.extra:
             for comp in spec.layers[-1]:
                 if comp.type in ("generator", "fuser", "self_moa_seq") and comp.model:  # the writers; judges sample their own way
