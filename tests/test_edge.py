@@ -83,6 +83,19 @@ def test_bad_text_in_every_field_is_400_naming_it(srv, up, patch, param):
     assert up.requests == []
 
 
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                                  {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
+def test_a_content_part_other_than_text_is_400_naming_it(srv, up, part):
+    """The prompts are built from text: an image or audio part would have been dropped without a word, and the 400
+    pydantic gave instead named a union branch ("content.str: Input should be a valid string")."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"}, part]}])
+    err = ei.value.body
+    assert err["param"] == "messages[0].content" and f"part 1 is of type {part['type']!r}" in err["message"], err
+    assert up.requests == []
+
+
 def test_bad_text_in_a_body_nested_too_deep_is_still_a_400(srv):
     """The exact check parses the body: nested past the parser's depth it must not turn into a 500."""
     body = b'{"model":"fake","messages":[{"role":"user","content":"\\u0000"}],"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from ...backends.base import SAMPLING_EXTRAS, content_text
 from ..structured import check_response_format
@@ -35,6 +36,20 @@ class ChatMessage(BaseModel):
     name: str | None = Field(default=None, max_length=256)
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = Field(default=None, max_length=256)  # a tool's result
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        """An image, audio or file part gets a 400 saying so: the prompts are built from text (one content flattener,
+        ``content_text``), so such a part would be dropped without a word; pydantic's own error for it named a
+        union branch (``content.str: Input should be a valid string``)."""
+        if isinstance(v, list):
+            for j, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise PydanticCustomError("unsupported_part", "part {j} is of type {kind}, which is not served (text parts only)",
+                                              {"j": j, "kind": repr(kind)})
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         content = content_text([p.model_dump() for p in self.content]) if isinstance(self.content, list) else self.content
