@@ -111,6 +111,16 @@ def test_min_tokens_holds_eos_back_until_the_count_then_lets_it_be_drawn():
     out += [2, 2]
     assert sample_rows(logits, rows)[0] == 1
 
+    class OnlyEnd:  # a grammar whose answer is complete: nothing but EOS may follow
+        def mask(self, row: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(row, float("-inf")).index_fill(0, torch.tensor([1]), 0.0)
+
+        def accept(self, token: int) -> None:
+            pass
+
+    ended = RowSampling(temperature=0.0, output_ids=[], min_tokens=5, held_ids=torch.tensor([1]), constraint=OnlyEnd())
+    assert sample_rows(logits[:1], [ended]) == [1]  # the grammar wins over min_tokens
+
 
 def test_min_tokens_counts_stop_strings_only_past_it():
     """vLLM's rule: a stop string wholly inside the first min_tokens tokens' text does not end the sequence; the

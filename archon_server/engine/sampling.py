@@ -114,10 +114,13 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     for b, r in enumerate(rows):
         if r.penalized or r.constraint is not None or r.holding:
             row = apply_penalties(logits[b], r) if r.penalized else logits[b]
-            if r.holding:
-                row = row.index_fill(0, r.held_ids, float("-inf"))
             if r.constraint is not None:
                 row = r.constraint.mask(row)
+            if r.holding:
+                held = row.index_fill(0, r.held_ids, float("-inf"))
+                # A grammar that allows nothing but the end now (a complete JSON answer) wins over min_tokens.
+                if r.constraint is None or bool(torch.isfinite(held).any()):
+                    row = held
             tok = int(row.argmax()) if r.greedy else draw(filter_logits(row, r.temperature, r.top_p, r.top_k, r.min_p).softmax(-1), r.generator)
             if r.constraint is not None:
                 r.constraint.accept(tok)

@@ -536,10 +536,9 @@ class Engine:
         Why turns in equal time: a chunk of 256 tokens late in a long prompt takes ~1.2 s (SmolLM2, 2 cores, at
         position 6,000: attention over every earlier key), a decode step 15-30 ms, so with one chunk per step
         the rows decoded beside a 6,800-token prompt crawled at a token a second: a 16-token answer took 11-16 s
-        instead of 0.4 s. Taking turns, each side goes at least half
-        speed while both have work: the long prompt waits at most as long again as it would alone, the rows
-        are held up for about one slice at a time. A prompt that fits in one chunk goes at once (it joins the
-        batch, as an overtaking one does).
+        instead of 0.4 s. Taking turns, each side goes at least half speed while both have work: the long prompt
+        waits at most as long again as it would alone, the rows are held up for about one slice at a time. A
+        prompt that fits in one chunk goes at once (it joins the batch, as an overtaking one does).
         """
         pf = self._prefilling
         if not self._rows:
