@@ -5,7 +5,8 @@ Between decode steps the worker admits new requests (prefill once, then copy the
 prompt's KV to the ``n`` sample rows), drops cancelled ones, and runs one batched
 decode step over every active sequence.  Active sequences always occupy cache slots
 ``0..B-1`` (finished ones are compacted away), so a step reads cache views, never
-gathers.
+gathers.  A long prompt is prefilled in chunks that take turns with the decode steps
+(``_prefill_due``), and a short one may be prefilled ahead of it (``_overtake``).
 
 Why a thread and not the event loop: a step is ~20-60 ms of blocking torch work;
 torch releases the GIL inside kernels, so the event loop (HTTP, other backends)
