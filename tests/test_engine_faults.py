@@ -262,3 +262,55 @@ def test_a_short_prompt_queued_behind_a_second_long_one_goes_ahead_of_both(tiny_
         idle(engine)
     finally:
         engine.shutdown()
+
+
+def test_rows_sharing_a_prompt_read_it_once_and_get_the_same_logits(tiny_folder: Path):
+    """A decode step where groups of rows share their prompt's K/V (the n samples of one prompt) attends to each
+    group's prompt once and merges with each row's own tail by log-sum-exp: in float32 the logits equal the plain
+    path's, with rows of other requests between and after the groups and rows at different lengths."""
+    runner = ModelRunner(tiny_folder, device="cpu", dtype="float32")
+    cache = runner.new_cache(slots=6, capacity=64)
+    prompts = {0: list(range(3, 43)), 3: list(range(50, 67)), 4: list(range(100, 130))}  # slot -> prompt
+    for slot, ids in prompts.items():
+        runner.forward(torch.tensor([ids]), cache, slot, [0], int8=False)
+    for src, dst in ((0, 1), (0, 2), (4, 5)):
+        cache.copy_slot(src, dst)
+    runner.decode([7], cache, first_slot=1)  # one row of a group a token ahead of the others
+    groups = [(0, 3, 40), (4, 2, 30)]
+    calls = []
+    attend = runner._attend_shared
+    runner._attend_shared = lambda *a: calls.append(1) or attend(*a)  # type: ignore[method-assign]
+    for step in range(3):
+        lengths = list(cache.lengths[:6])
+        tokens = [11 + step, 12, 13, 14, 15 + step, 16]
+        plain = runner.decode(tokens, cache, 0).logits
+        cache.lengths[:6] = lengths  # the same step again (it writes the same K/V)
+        together = runner.decode(tokens, cache, 0, shared=groups).logits
+        assert (plain - together).abs().max().item() < 1e-4, step
+    assert len(calls) == 3 * runner.dims.layers  # (the plain steps did not take it)
+
+
+def test_samples_of_a_long_prompt_decode_as_one_does_alone(tiny_folder: Path):
+    """Through the engine: the n rows of a request over a long prompt read its K/V once a step (shared_prompt_min
+    lowered for the tiny model); greedy samples equal the same prompt decoded alone, token log-probs included."""
+    engine = Engine(ModelRunner(tiny_folder, device="cpu", dtype="float32"), LetterTokenizer(), eos_ids=set(), max_batch=6,
+                    idle_poll_s=0.05, threads=1, prefix_cache_mb=0)
+    engine.shared_prompt_min = 64
+    seen: list[Any] = []
+    decode = engine.runner.decode
+    engine.runner.decode = lambda tokens, cache, first=0, shared=None: seen.append(shared) or decode(tokens, cache, first, shared)  # type: ignore[method-assign]
+    engine.start()
+    try:
+        alone = run(engine, 700, max_tokens=8, logprobs=True).wait()
+        other = run(engine, 90, max_tokens=12)  # another request's row in the same steps
+        three = run(engine, 700, max_tokens=8, n=3, logprobs=True).wait()
+        assert three.texts(3) == alone.texts() * 3 and other.wait().error is None
+        per_row = {i: [lp.logprob for e in three.events if isinstance(e, TokenEvent) and e.index == i and e.logprobs
+                       for lp in e.logprobs] for i in range(3)}
+        for i in range(3):
+            assert per_row[i] == pytest.approx(logprobs(alone), abs=1e-3)
+        # the three rows did read their prompt once a step, as one group wherever the other request's row was
+        assert [(0, 3, 700)] in seen or [(1, 3, 700)] in seen, seen
+        idle(engine)
+    finally:
+        engine.shutdown()

@@ -604,6 +604,7 @@ class ModelRunner:
         logits: str = "last",
         int8: bool = True,
         kv_grid: int = 0,
+        shared: list[tuple[int, int, int]] | None = None,
     ) -> ForwardOutput:
         """Run ``tokens`` [B, T] for cache slots ``first_slot .. first_slot+B-1``.
 
@@ -615,6 +616,8 @@ class ModelRunner:
         ``kv_grid``: for one row, attend in query blocks of ``kv_grid`` positions aligned at 0, each over
         keys ``0 .. its block's end`` (see :meth:`_attend_on_grid`), and every linear through
         :func:`row_exact_linear` (neither int8 nor oneDNN): the engine's prefill, with the prefix cache's block size.
+        ``shared``: for a decode step (T = 1), groups ``(row, count, prefix)`` of consecutive rows whose slots hold
+        the same K/V for positions ``0..prefix-1`` (the n samples of one prompt): see :meth:`_attend_shared`.
         """
         d = self.dims
         B, T = tokens.shape
@@ -632,6 +635,7 @@ class ModelRunner:
         rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
         groups = d.heads // d.kv_heads
         masks: dict = {} if on_grid else {w: self._mask(pos, start, total, groups, w, self.kv_dtype) for w in set(d.windows)}
+        share = [g for g in shared or () if g[1] > 1] if T == 1 and dev.type == "cpu" and not on_grid else []
 
         # int8 or not goes by sequences, not token rows: a speculative verification of one sequence (T = k+1 rows)
         # then multiplies by the same weights as that sequence's plain steps, so greedy output stays the same.
@@ -663,6 +667,9 @@ class ModelRunner:
             if on_grid:
                 a = self._attend_on_grid(q, kc[first_slot : first_slot + 1], vc[first_slot : first_slot + 1],
                                          pos, start[0], kv_grid, d.windows[li], masks)
+            elif share and d.windows[li] is None:
+                qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
+                a = self._attend_shared(qg, kc, vc, first_slot, total, masks[None], share)
             else:
                 keys = kc[first_slot : first_slot + B, :, :total]
                 vals = vc[first_slot : first_slot + B, :, :total]
@@ -722,6 +729,47 @@ class ModelRunner:
             t += tb
         return out.view(1, d.heads, T, d.head_dim)
 
+    def _attend_shared(self, qg: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, first: int, total: int,
+                       mask: torch.Tensor | None, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Decode attention of ``qg`` [B, kv_heads, G, D] where groups of rows share a prompt's K/V: the prompt's keys
+        are read once per group, not once per row.
+
+        Why: the n samples of a prompt each hold a copy of its K/V, and a decode step read every copy: 6 rows over
+        a 7,000-token prompt took 155 ms a step against 41 ms for one row (SmolLM2, 2 cores), nearly all of it
+        attention.  Here each group's queries attend to the first row's copy of the prompt in one call, each row to
+        its own tail in another, and the two are merged by their log-sum-exp (exact softmax algebra, in float32:
+        against a float32 reference it errs as much as the plain path, 2e-4).  One layer: 1.4 ms against 5.5 ms.
+        Rows in no group take the plain path.  ``mask``: the forward's [B, 1, G, total] (None: all keys visible)."""
+        B, H, G, D = qg.shape
+        out = torch.empty_like(qg)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        rest = torch.ones(B, dtype=torch.bool)
+        for r, n, plen in groups:
+            rows = slice(r, r + n)
+            rest[rows] = False
+            qs = qg[rows].transpose(0, 1).reshape(1, H, n * G, D)
+            o1, l1 = flash(qs, kc[first + r : first + r + 1, :, :plen], vc[first + r : first + r + 1, :, :plen], scale=self.scale)[:2]
+            tail_mask = None if mask is None else mask[rows, :, :, plen:total]
+            o2, l2 = flash(qg[rows], kc[first + r : first + r + n, :, plen:total], vc[first + r : first + r + n, :, plen:total],
+                           attn_mask=tail_mask, scale=self.scale)[:2]
+            o1 = o1.view(H, n, G, D).transpose(0, 1).float()
+            l1 = l1.view(H, n, G).transpose(0, 1)
+            top = torch.maximum(l1, l2)
+            w1, w2 = (l1 - top).exp_(), (l2 - top).exp_()
+            out[rows] = ((o1 * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]).to(qg.dtype)
+        i = 0
+        while i < B:  # the rows in no group, in runs of consecutive rows: the plain path
+            if not rest[i]:
+                i += 1
+                continue
+            j = i
+            while j < B and rest[j]:
+                j += 1
+            out[i:j] = F.scaled_dot_product_attention(qg[i:j], kc[first + i : first + j, :, :total], vc[first + i : first + j, :, :total],
+                                                      attn_mask=None if mask is None else mask[i:j], scale=self.scale)
+            i = j
+        return out
+
     def prefill(self, ids: list[int], cache: KVCache, slot: int, chunk: int = 512) -> ForwardOutput:
         """Run a prompt into ``slot`` (from position 0); returns next-token logits [1, 1, V] and the
         hidden states of every position [1, T, H].  See :meth:`prefill_steps`."""
@@ -751,11 +799,13 @@ class ModelRunner:
             hiddens.append(out.hidden)
         return ForwardOutput(logits=out.logits, hidden=torch.cat(hiddens, dim=1))
 
-    def decode(self, tokens: list[int], cache: KVCache, first_slot: int = 0) -> ForwardOutput:
-        """One step for rows ``first_slot..first_slot+len(tokens)-1``, each at its own length."""
+    def decode(self, tokens: list[int], cache: KVCache, first_slot: int = 0,
+               shared: list[tuple[int, int, int]] | None = None) -> ForwardOutput:
+        """One step for rows ``first_slot..first_slot+len(tokens)-1``, each at its own length (``shared``: see
+        :meth:`forward`)."""
         start = [cache.lengths[first_slot + b] for b in range(len(tokens))]
         t = torch.tensor(tokens, device=self.device)[:, None]
-        return self.forward(t, cache, first_slot, start, logits="last")
+        return self.forward(t, cache, first_slot, start, logits="last", shared=shared)
 
 
 def run_steps(steps: Generator[Any, Any, R]) -> R:

@@ -167,6 +167,7 @@ class Engine:
         # with it (_prefill_due); past ~100 tokens a chunk's cost per token hardly falls (SmolLM2, 2 cores, at
         # position 6,000: 4.9 ms at 64, 4.6 at 128, 4.5 at 256 and 512).
         self.prefill_slice_s = 0.5
+        self.shared_prompt_min = 1024  # prompt tokens from which a request's rows read its K/V once a step (_shared_prompts)
         self._owed = 0.0  # decode time still owed to the rows for the last interleaved chunk (_prefill_due)
         self._token_s = 0.0  # the last chunk's seconds per token, any prompt's: a new prompt's first estimate
         self._stop = threading.Event()
@@ -584,7 +585,7 @@ class Engine:
         rows = self._rows
         self.tuner.before_step()
         t0 = time.perf_counter()
-        out = self.runner.decode([s.last for s in rows], self.cache, 0)
+        out = self.runner.decode([s.last for s in rows], self.cache, 0, self._shared_prompts(rows))
         logits = out.logits[:, -1]
         # Cost model for comparing steps (the tuner also reads a far move of it as a change of load): weights are
         # read once per step, each row adds ~10% (packed bf16, AVX512 EPYC: 15.7 ms at 1 row, 25 at 6, 38 at 16),
@@ -599,6 +600,21 @@ class Engine:
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
         self.stats.threads = self.tuner.current
         self._advance(list(rows), tokens, logits)
+
+    def _shared_prompts(self, rows: list[_Sequence]) -> list[tuple[int, int, int]]:
+        """The decode step's groups ``(row, count, prompt length)``: the rows of one request (consecutive, each slot
+        a copy of the prompt's K/V) whose prompt is long enough that reading it once per group pays
+        (``runner._attend_shared``; below ~1,000 tokens two more calls per layer cost about what they save)."""
+        groups: list[tuple[int, int, int]] = []
+        i = 0
+        while i < len(rows):
+            req, j = rows[i].req, i + 1
+            while j < len(rows) and rows[j].req is req:
+                j += 1
+            if j - i > 1 and len(req.prompt) >= self.shared_prompt_min:
+                groups.append((i, j - i, len(req.prompt)))
+            i = j
+        return groups
 
     def _token_str(self, tid: int) -> str:
         s = self._token_text.get(tid)
