@@ -453,6 +453,7 @@ class ModelRunner:
             self.rope[theta] = (emb.cos().to(self.device, self.dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1))
         self.scale = d.attn_scale if d.attn_scale is not None else 1.0 / math.sqrt(d.head_dim)
         self.forward_calls = 0
+        self.shared_attention = self.device.type == "cpu" and _flash_with_lse_works()
         self.int8_max_rows = 12  # measured crossover with plain bf16 GEMMs: ~14-16 rows (1 core); see _make_packed
         self.int8: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         want = int8_small_batch
@@ -635,7 +636,7 @@ class ModelRunner:
         rows = torch.arange(first_slot, first_slot + B, device=dev)[:, None].expand(B, T)
         groups = d.heads // d.kv_heads
         masks: dict = {} if on_grid else {w: self._mask(pos, start, total, groups, w, self.kv_dtype) for w in set(d.windows)}
-        share = [g for g in shared or () if g[1] > 1] if T == 1 and dev.type == "cpu" and not on_grid else []
+        share = [g for g in shared or () if g[1] > 1] if T == 1 and self.shared_attention and not on_grid else []
 
         # int8 or not goes by sequences, not token rows: a speculative verification of one sequence (T = k+1 rows)
         # then multiplies by the same weights as that sequence's plain steps, so greedy output stays the same.
@@ -743,10 +744,10 @@ class ModelRunner:
         B, H, G, D = qg.shape
         out = torch.empty_like(qg)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        rest = torch.ones(B, dtype=torch.bool)
+        rest = [True] * B
         for r, n, plen in groups:
             rows = slice(r, r + n)
-            rest[rows] = False
+            rest[rows] = [False] * n
             qs = qg[rows].transpose(0, 1).reshape(1, H, n * G, D)
             o1, l1 = flash(qs, kc[first + r : first + r + 1, :, :plen], vc[first + r : first + r + 1, :, :plen], scale=self.scale)[:2]
             tail_mask = None if mask is None else mask[rows, :, :, plen:total]
@@ -806,6 +807,18 @@ class ModelRunner:
         start = [cache.lengths[first_slot + b] for b in range(len(tokens))]
         t = torch.tensor(tokens, device=self.device)[:, None]
         return self.forward(t, cache, first_slot, start, logits="last", shared=shared)
+
+
+def _flash_with_lse_works() -> bool:
+    """Whether this torch has the CPU flash-attention op that also returns the log-sum-exp, with a mask and a scale
+    (:meth:`ModelRunner._attend_shared` merges two attentions by it; the public SDPA does not return it). A private
+    op: checked once at load, and without it decoding takes the plain path."""
+    try:
+        q = torch.zeros(1, 1, 2, 8)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, attn_mask=torch.zeros(1, 1, 2, 2), scale=0.5)[:2]
+        return out.shape == q.shape and lse.shape == (1, 1, 2)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def run_steps(steps: Generator[Any, Any, R]) -> R:
