@@ -288,6 +288,9 @@ def test_rows_sharing_a_prompt_read_it_once_and_get_the_same_logits(tiny_folder:
         together = runner.decode(tokens, cache, 0, shared=groups).logits
         assert (plain - together).abs().max().item() < 1e-4, step
     assert len(calls) == 3 * runner.dims.layers  # (the plain steps did not take it)
+    runner.shared_attention = False  # a torch without the flash op that returns the log-sum-exp: the plain path
+    runner.decode([1, 2, 3, 4, 5, 6], cache, 0, shared=groups)
+    assert len(calls) == 3 * runner.dims.layers
 
 
 def test_samples_of_a_long_prompt_decode_as_one_does_alone(tiny_folder: Path):
