@@ -96,6 +96,15 @@ def test_a_content_part_other_than_text_is_400_naming_it(srv, up, part):
     assert up.requests == []
 
 
+@pytest.mark.parametrize("part,kind", [("What is it?", "string"), (None, "null"), (3, "number")])
+def test_a_content_part_that_is_not_an_object_is_400_naming_it(srv, up, part, kind):
+    """A bare string in the parts list is a common slip (a list of strings, not of parts): the 400 says what it is."""
+    body = {"model": "self-moa", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    err = assert_openai_error(httpx.post(srv.url + URL, content=json.dumps(body), headers={"content-type": "application/json"}), 400)
+    assert err["param"] == "messages[0].content" and f'part 1 is a JSON {kind}, not an object with a "type"' in err["message"], err
+    assert up.requests == []
+
+
 def test_bad_text_in_a_body_nested_too_deep_is_still_a_400(srv):
     """The exact check parses the body: nested past the parser's depth it must not turn into a 500."""
     body = b'{"model":"fake","messages":[{"role":"user","content":"\\u0000"}],"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"

@@ -29,6 +29,9 @@ class TextPart(BaseModel):
     text: str
 
 
+_JSON_KIND = {str: "string", int: "number", float: "number", bool: "boolean", list: "array", type(None): "null"}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -45,7 +48,10 @@ class ChatMessage(BaseModel):
         union branch (``content.str: Input should be a valid string``)."""
         if isinstance(v, list):
             for j, part in enumerate(v):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if not isinstance(part, dict):
+                    raise PydanticCustomError("invalid_part", "part {j} is a JSON {kind}, not an object with a \"type\" (text parts only)",
+                                              {"j": j, "kind": _JSON_KIND.get(type(part), type(part).__name__)})
+                kind = part.get("type")
                 if kind != "text":
                     raise PydanticCustomError("unsupported_part", "part {j} is of type {kind}, which is not served (text parts only)",
                                               {"j": j, "kind": repr(kind)})
