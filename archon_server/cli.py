@@ -109,7 +109,7 @@ def _serve_workers(args: argparse.Namespace, cfg: Any, host: str, port: int) -> 
             print(f"  backend host: pid {backend_host.proc.pid if backend_host.proc else '?'} runs {', '.join(hosted)} "
                   f"once for all workers", flush=True)
         os.environ[_WORKER_ENV] = json.dumps({"config": args.config, "architectures": args.architectures, "shared": socket,
-                                              "trace_peers": peers})
+                                              "trace_peers": peers, "parent": os.getpid()})
         _settle_gc()
         uvicorn.run("archon_server.cli:worker_app", factory=True, workers=args.workers, host=host, port=port,
                     log_level=args.log_level, timeout_graceful_shutdown=cfg.server.shutdown_grace_s, **uvicorn_io())
@@ -128,9 +128,13 @@ _WORKER_ENV = "ARCHON_SERVE_WORKER"  # `archon serve --workers N` -> each worker
 def worker_app() -> Any:
     """One `--workers` process's app (uvicorn's factory): the same config the parent checked, built here."""
     from .api.app import build_app
+    from .backends.process import die_with_parent
     from .backends.registry import build_registry
 
     spec = json.loads(os.environ[_WORKER_ENV])
+    # A worker outlives a parent killed with SIGKILL otherwise: it keeps the port, says /health ok, and its requests
+    # hang on the backend host that died with the parent.
+    die_with_parent(spec["parent"])
     cfg = load_config(spec["config"])
     if spec["architectures"]:
         cfg.architectures_dirs = list(spec["architectures"])

@@ -119,6 +119,17 @@ def test_workers_share_one_port_and_answer_like_one_server(upstream_factory, tmp
             time.sleep(0.3)
         assert _in_flight(url) == 0
         assert client.chat.completions.create(model="moa-lite", messages=[{"role": "user", "content": "again"}]).choices[0].message.content
+        # The server killed with SIGKILL (it runs no code): its workers go with it, instead of holding the port.
+        workers = _workers(proc.pid)
+        assert workers
+        proc.kill()
+        proc.wait(10)
+        deadline = time.time() + 20
+        while any(alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in workers), [p for p in workers if alive(p)]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

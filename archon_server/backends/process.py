@@ -63,6 +63,16 @@ def _child_preexec() -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def die_with_parent(parent: int) -> None:
+    """In a child we did not start with :func:`spawn` (uvicorn's ``--workers`` processes): SIGTERM when the process
+    that started it dies, SIGKILL included, as :func:`_child_preexec` gives spawned children. A parent already gone
+    before this ran (the child was re-parented) ends the child now."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS calls free right now (another process may still take it before the child binds)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
