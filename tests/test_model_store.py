@@ -115,8 +115,14 @@ def test_cli_list_and_path(cache, capsys):
     parser = argparse.ArgumentParser()
     cli.add_cli(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["models", "path", "smollm2-135m-instruct"])
+    assert args.func(args) == 1  # not converted: no folder to print (a script would load from nothing)
+    assert "archon models pull smollm2-135m-instruct" in capsys.readouterr().err
+    folder = cache / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    for f in [*model_store._REQUIRED_FILES, ".complete"]:
+        (folder / f).write_text("{}")
     assert args.func(args) == 0
-    assert capsys.readouterr().out.strip() == str(cache / "smollm2-135m-instruct")
+    assert capsys.readouterr().out.strip() == str(folder)
     args = parser.parse_args(["models", "list"])
     assert args.func(args) == 0
     assert "smollm2-135m-instruct" in capsys.readouterr().out

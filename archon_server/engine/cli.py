@@ -30,8 +30,12 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_path(args: argparse.Namespace) -> int:
     try:
         path = model_store.model_path(args.name)
+        ready = model_store.is_converted(args.name)
     except model_store.ModelStoreError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not ready:  # a script would go on to load from a folder that is not there
+        print(f"error: {args.name} is not converted yet (it would be at {path}); run `archon models pull {args.name}`", file=sys.stderr)
         return 1
     print(path)
     return 0
