@@ -421,6 +421,8 @@ def test_four_workers_on_postgresql_one_killed_mid_trial(tmp_path: Path, postgre
 
 
 @pytest.mark.parametrize("argv", [["search", "run", str(TINY), "--storage", "postgresql://u:secret@127.0.0.1:1/x"],
+                                  ["search", "status", "--storage", "postgresql://u:secret@127.0.0.1:1/x"],
+                                  ["search", "export", str(TINY), "--storage", "postgresql://u:secret@127.0.0.1:1/x"],
                                   ["bench", "run", str(ROOT / "benchmarks" / "smoke.yaml"), "--store", "postgresql://u:secret@127.0.0.1:1/x"]])
 def test_an_unreachable_database_is_one_clear_line_without_the_password(argv: list[str], tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "archon_server", *argv], env=_env(), cwd=tmp_path, capture_output=True,

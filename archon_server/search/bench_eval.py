@@ -20,7 +20,7 @@ from typing import Any
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import EvalResult, StepCallback
 from archon_server.search.space import architecture_key
-from archon_server.spec import ArchitectureSpec
+from archon_server.spec import ArchitectureSpec, SpecError
 from archon_server.exceptions import ArchonError
 
 
@@ -114,18 +114,52 @@ class BenchEvaluator:
             self.store = None
 
 
-def make_bench_evaluator(config: SearchConfig) -> BenchEvaluator:
-    """From a search config: ``evaluation.backends`` is a server config file (None = the embedded default)."""
-    from archon_server.backends.registry import build_registry
+def _pool(config: SearchConfig) -> tuple[Path | None, Any]:
+    """Check what ``evaluator: bench`` needs from the config (dataset, backends file, aliases) before anything is built
+    or created; a problem is a :class:`SpecError` naming the config file and the field. (resolved backends path,
+    its server config)."""
+    from archon_server.bench.datasets import LOADERS
     from archon_server.config import load_config
 
     ev = config.evaluation
+    errors: list[str] = []
     if not ev.dataset:
-        raise ValueError("evaluation.dataset is required with evaluator: bench")
-    registry = build_registry(load_config(ev.backends))
-    missing = [m.name for m in config.models if m.name not in registry]
-    if missing:
-        raise ValueError(f"models {missing} are not backend aliases of {ev.backends or 'the default config'}")
+        errors.append("evaluation.dataset: required with evaluator: bench")
+    elif ev.dataset not in LOADERS:
+        errors.append(f"evaluation.dataset: unknown dataset {ev.dataset!r}; known: {', '.join(sorted(LOADERS))}")
+    path = config.resolve_path(ev.backends) if ev.backends else None
+    if path is not None and not path.is_file():
+        where = f" (nor {path})" if str(path) != ev.backends else ""
+        errors.append(f"evaluation.backends: no file {ev.backends!r}{where}; a relative path is read from the working "
+                      "directory, else from the search config's folder")
+    if errors:
+        raise SpecError(errors, config.source)
+    server = load_config(path)  # an invalid backends file names itself and its own fields
+    aliases = {a for b in server.backends for a in (b.alias, *b.aliases)}
+    pool = f"not a backend alias of {path or 'the embedded default config'} (aliases: {', '.join(sorted(aliases))})"
+    errors = [f"models[{i}].name: {m.name!r} is {pool}" for i, m in enumerate(config.models) if m.name not in aliases]
+    if ev.judge and ev.judge not in aliases:
+        errors.append(f"evaluation.judge: {ev.judge!r} is {pool}")
+    if config.space.scorer_weak and config.space.scorer_weak not in aliases:
+        errors.append(f"space.scorer_weak: {config.space.scorer_weak!r} is {pool}")
+    if errors:
+        raise SpecError(errors, config.source)
+    return path, server
+
+
+def check_bench_config(config: SearchConfig) -> Path | None:
+    """Validate the bench evaluation settings (see :func:`_pool`); the backends file it will read (None: the default)."""
+    return _pool(config)[0]
+
+
+def make_bench_evaluator(config: SearchConfig) -> BenchEvaluator:
+    """From a search config: ``evaluation.backends`` is a server config file (None = the embedded default)."""
+    from archon_server.backends.registry import build_registry
+
+    _, server = _pool(config)
+    ev = config.evaluation
+    assert ev.dataset is not None  # checked by _pool
+    registry = build_registry(server)
     cache = Path(config.export.report_dir) / config.study.name / "cache.sqlite"
     return BenchEvaluator(ev.dataset, registry, cache_path=cache, judge=ev.judge, concurrency=ev.concurrency,
                           seed=ev.seed, own_registry=True)

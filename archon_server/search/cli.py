@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
@@ -42,7 +43,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--out", help="architecture output folder (default: config export.dir)")
     r.add_argument("--report-dir", help="report folder (default: <export.report_dir>/<study>)")
     r.add_argument("-v", "--verbose", action="store_true")
-    r.set_defaults(func=cmd_run)
+    r.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # a --workers child: its parent reports Ctrl-C
+    r.set_defaults(func=_cli_errors(cmd_run))
 
     e = sub.add_parser("export", help="write the best architecture YAML and the markdown report of a study")
     e.add_argument("config", nargs="?", help="search config YAML (gives storage/study defaults; needed for --finalize)")
@@ -52,13 +54,13 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="architecture output folder (default: architectures)")
     e.add_argument("--report-dir", default=None, help="report folder (default: runs/search/<study>)")
     e.add_argument("--finalize", action="store_true", help="score best trials + baselines on the test split first (needs CONFIG)")
-    e.set_defaults(func=cmd_export)
+    e.set_defaults(func=_cli_errors(cmd_export))
 
     s = sub.add_parser("status", help="progress of a study (counts, best trial) as JSON")
     s.add_argument("config", nargs="?")
     s.add_argument("--storage")
     s.add_argument("--study")
-    s.set_defaults(func=cmd_status)
+    s.set_defaults(func=_cli_errors(cmd_status))
 
     d = sub.add_parser("dashboard", help="browse a study in optuna-dashboard (pip install 'archon-server[dashboard]')")
     d.add_argument("config", nargs="?", help="search config YAML (gives the storage/study defaults)")
@@ -66,7 +68,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--study", help="study to print the link of (the dashboard lists every study in the storage)")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
-    d.set_defaults(func=cmd_dashboard)
+    d.set_defaults(func=_cli_errors(cmd_dashboard))
     return p
 
 
@@ -84,6 +86,48 @@ def _worker_index(value: str) -> int:
         raise argparse.ArgumentTypeError(f"--worker-index: an integer or 'auto', not {value!r}") from None
 
 
+def _cli_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Every command's expected failures as one line on stderr, no traceback: a bad config or a refused study
+    (:class:`SpecError`: the file and field, exit 2), a database that cannot be opened (exit 2), Ctrl-C (exit 130)."""
+
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        import sqlalchemy.exc
+
+        try:
+            return cmd(args)
+        except SpecError as e:
+            for line in e.errors:
+                print(f"{e.source + ': ' if e.source else ''}{line}", file=sys.stderr)
+            return 2
+        except sqlalchemy.exc.OperationalError as e:  # the storage URL points at a database that is down or unknown
+            from archon_server.db import unreachable_message
+
+            print(unreachable_message(getattr(args, "resolved_storage", None) or args.storage or "", e), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if not getattr(args, "spawned", False):
+                print(_interrupted_message(args), file=sys.stderr)
+            return 130
+
+    return run
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    from archon_server.db import redacted
+
+    study, url = getattr(args, "resolved_study", None), getattr(args, "resolved_storage", None)
+    if args.search_command != "run" or url is None:
+        return "interrupted"
+    again = ["archon search run", args.config, "--storage", redacted(url)]
+    if args.study:
+        again += ["--study", args.study]
+    if args.workers > 1:
+        again += ["--workers", str(args.workers)]
+    return (f"interrupted: study {study!r} is saved in {redacted(url)} (a running trial is re-run on resume); "
+            f"to resume: {' '.join(again)}")
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
@@ -98,19 +142,14 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, str, str | None]:
     if storage is None:
         raise SystemExit("error: give CONFIG or --storage")
     study = args.study or (cfg.study.name if cfg else None)
+    args.resolved_storage, args.resolved_study = storage, study  # for the error and interrupt messages
     return cfg, storage, study
 
 
 def _load_study(storage_url: str, study_name: str | None) -> optuna.Study:
-    from archon_server.search.storage import make_storage
+    from archon_server.search.storage import open_existing_study
 
-    st = make_storage(storage_url, heartbeat_interval=None)  # a reader: no stale-trial handling
-    if study_name is None:
-        names = optuna.get_all_study_names(storage=st)
-        if len(names) != 1:
-            raise SystemExit(f"error: storage holds studies {names}; pass --study")
-        study_name = names[0]
-    return optuna.load_study(study_name=study_name, storage=st)
+    return open_existing_study(storage_url, study_name)  # creates nothing; a missing study is a one-line error
 
 
 def _export(study: optuna.Study, storage_url: str, cfg: Any, out: str | None, report_dir: str | None, name: str | None) -> dict[str, Any]:
@@ -140,26 +179,14 @@ def _summary(study: optuna.Study) -> dict[str, Any]:
 
 # -- commands -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    import sqlalchemy.exc
-
     _setup_logging(args.verbose)
-    try:
-        cfg, storage, study_name = _resolve(args)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, storage, study_name = _resolve(args)
     assert cfg is not None
-    try:
-        return _run(args, cfg, storage, study_name)
-    except sqlalchemy.exc.OperationalError as e:  # the storage URL points at a database that is down or unknown
-        from archon_server.db import unreachable_message
-
-        print(unreachable_message(storage, e), file=sys.stderr)
-        return 2
+    return _run(args, cfg, storage, study_name)
 
 
 def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | None) -> int:
-    from archon_server.search.runner import finalize_study, open_study, progress, run_search
+    from archon_server.search.runner import check_evaluation, finalize_study, open_study, progress, run_search
 
     if args.workers > 1:
         # Worker processes share nothing but the storage URL, exactly like workers on other machines.
@@ -169,10 +196,18 @@ def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | Non
             cmd += ["--n-trials", str(args.n_trials)]
         if args.verbose:
             cmd.append("-v")
-        # Create the study (and its target) once, before the workers race to do it.
+        cmd.append("--spawned")
+        # A config the workers would refuse is refused here, before the study exists; then the study (and its
+        # target) is created once, before the workers race to do it.
+        check_evaluation(cfg)
         open_study(cfg, storage=storage, study_name=study_name)
         procs = [subprocess.Popen(cmd + ["--worker-index", str(args.worker_index + i)]) for i in range(args.workers)]
-        codes = [p.wait() for p in procs]
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them hand back their trials, then report
+            for p in procs:
+                p.wait()
+            raise
         if any(codes):
             print(f"error: worker exit codes {codes}", file=sys.stderr)
             return 1
@@ -199,8 +234,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         if cfg is None:
             print("error: --finalize needs CONFIG (it evaluates on the test split)", file=sys.stderr)
             return 2
-        from archon_server.search.runner import finalize_study
+        from archon_server.search.runner import check_same_search, finalize_study
 
+        check_same_search(cfg, study, storage)  # the test split is scored as the study's own config says
         asyncio.run(finalize_study(cfg, study))
     try:
         out = _export(study, storage, cfg, args.out, args.report_dir, args.name)

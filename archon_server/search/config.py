@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from archon_server.spec import SpecError, load_text, validation_messages
 
@@ -204,6 +204,20 @@ class SearchConfig(_Base):
     models: list[ModelEntry] = Field(min_length=1)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    _source: str | None = PrivateAttr(default=None)  # the file it was loaded from (messages, relative paths)
+
+    @property
+    def source(self) -> str | None:
+        """The config file's path as given (None for a config built in code)."""
+        return self._source
+
+    def resolve_path(self, value: str) -> Path:
+        """A path written in the config, the way sweeps resolve theirs: as given when it exists (relative to the
+        working directory), else relative to the config file's folder."""
+        p = Path(value)
+        if p.is_absolute() or p.exists() or self._source is None:
+            return p
+        return Path(self._source).parent / p
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchConfig":
@@ -246,4 +260,6 @@ def load_search_config(path: str | Path) -> SearchConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([f"<root>: cannot read: {e.strerror}"], str(p)) from None
-    return parse_search_config(load_text(text, str(p)), str(p))
+    config = parse_search_config(load_text(text, str(p)), str(p))
+    config._source = str(p)
+    return config

@@ -18,6 +18,8 @@ a restart) re-runs with the same parameters.
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import logging
 import time
 import warnings
@@ -27,8 +29,9 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
+from pydantic import ValidationError
 
-from archon_server.db import worker_id
+from archon_server.db import redacted, worker_id
 from archon_server.search import claims
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
@@ -52,7 +55,7 @@ from archon_server.search.storage import (
     retry_callback,
     storage_retry,
 )
-from archon_server.spec import ArchitectureSpec, dump_architecture, parse_architecture
+from archon_server.spec import ArchitectureSpec, SpecError, dump_architecture, parse_architecture
 
 log = logging.getLogger("archon.search.runner")
 
@@ -73,7 +76,10 @@ def open_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
-    """Create or load (``load_if_exists``) the study; the config is stored in it so ``export`` needs only the URL."""
+    """Create or load (``load_if_exists``) the study; the config is stored in it so ``export`` needs only the URL.
+
+    A study that exists was created by some config: a different one is refused (:class:`StudyMismatch`) before any
+    trial runs, since its trials' values would not mean the same (see :func:`check_same_search`)."""
     url_or_storage = storage or config.storage_url()
     st = url_or_storage
     if isinstance(url_or_storage, str):
@@ -104,13 +110,81 @@ def open_study(
     engine = claims.storage_engine(study._storage)  # noqa: SLF001
     if engine is not None:
         claims.ensure_table(engine)  # before the workers race to
-    if STUDY_CONFIG not in study.user_attrs:
+    if STUDY_CONFIG in study.user_attrs:
+        check_same_search(config, study, url_or_storage)
+    else:
         study.set_user_attr(STUDY_CONFIG, config.model_dump(mode="json", by_alias=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # What optuna-dashboard labels the objective axes with.
             study.set_metric_names(["dev score", "cost per query"] if multi else ["dev score - lambda x cost"])
     return study
+
+
+class StudyMismatch(SpecError):
+    """The study was created with a different search config (the CLI prints it, exit 2)."""
+
+
+# Settings of a run or a worker, free to differ between runs and hosts: they change neither a trial's value nor
+# which graphs the study proposes. Everything else in the config defines the search and must stay the same.
+RUN_SETTINGS = (
+    ("study", "name"),  # the study is named by --study or this; either way it is the study being opened
+    ("study", "storage"),
+    ("study", "n_trials"),  # the target is stored in the study (--n-trials changes it)
+    ("study", "heartbeat_interval"), ("study", "grace_period"), ("study", "max_retry"),
+    ("study", "max_attempts_factor"), ("study", "converged_after"),
+    ("evaluation", "backends"),  # each host has its own server config for the same aliases
+    ("evaluation", "concurrency"),
+    ("export",),
+)
+
+
+def _definition(dumped: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dumped)
+    for path in RUN_SETTINGS:
+        node = out
+        for k in path[:-1]:
+            node = node.get(k, {})
+        node.pop(path[-1], None)
+    return out
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in [*old, *(k for k in new if k not in old)]:
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in new:
+                out.append(f"{sub}: stored {json.dumps(old[k])}, not given")
+            elif k not in old:
+                out.append(f"{sub}: not stored, given {json.dumps(new[k])}")
+            else:
+                out += _differences(old[k], new[k], sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (o, n) in enumerate(zip(old, new)) for d in _differences(o, n, f"{path}[{i}]")]
+    if old != new:
+        return [f"{path}: stored {json.dumps(old)}, given {json.dumps(new)}"]
+    return []
+
+
+def check_same_search(config: SearchConfig, study: optuna.Study, storage: Any) -> None:
+    """Refuse to run ``config`` on a study created with a different search definition (objective, budget, pool,
+    space, evaluation, sampler, pruner): new trials would be scored differently from the stored ones, duplicates
+    would copy the old values and the best would be picked across both. Run settings (``RUN_SETTINGS``) may differ."""
+    stored = study.user_attrs[STUDY_CONFIG]
+    try:  # through the model, so a config stored before a field existed compares with that field's default
+        stored = SearchConfig.model_validate(stored).model_dump(mode="json", by_alias=True)
+    except ValidationError:
+        pass  # compare as stored: whatever no longer validates shows up as a difference
+    diffs = _differences(_definition(stored), _definition(config.model_dump(mode="json", by_alias=True)))
+    if diffs:
+        where = redacted(storage) if isinstance(storage, str) else "its storage"
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise StudyMismatch([f"study {study.study_name!r} in {where} was created with a different search config "
+                             f"({shown}); resuming would mix trials scored differently: run the config it was created "
+                             "with, or use a new study name (--study or study.name) or another --storage"],
+                            config.source or "search config")
 
 
 @dataclass
@@ -189,6 +263,15 @@ async def rank_models(config: SearchConfig, study: optuna.Study, evaluator: Eval
 
 
 # -- evaluators -------------------------------------------------------------------------------------
+def check_evaluation(config: SearchConfig) -> None:
+    """Raise the :class:`SpecError` :func:`make_evaluator` would, without building anything (a ``--workers`` parent
+    checks this before it creates the study its workers would then refuse to run)."""
+    if config.evaluation.evaluator == "bench":
+        from archon_server.search.bench_eval import check_bench_config
+
+        check_bench_config(config)
+
+
 def make_evaluator(config: SearchConfig) -> Evaluator:
     ev = config.evaluation
     if ev.evaluator == "scripted":

@@ -13,6 +13,7 @@ import inspect
 import logging
 import sqlite3
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +23,9 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from archon_server.db import normalize_url, sqlite_path
+from archon_server.db import normalize_url, redacted, sqlite_path
 from archon_server.search import claims
+from archon_server.spec import SpecError
 
 log = logging.getLogger("archon.search.storage")
 
@@ -100,14 +102,25 @@ def retried_from(trial: optuna.trial.FrozenTrial) -> int | None:
     return int(n) if n is not None else None
 
 
+class StudyNotFound(SpecError, LookupError):
+    """The storage holds no study of that name (the CLI prints it, exit 2)."""
+
+
 def make_storage(
     url: str,
     *,
     heartbeat_interval: int | None = 10,
     grace_period: int | None = None,
     max_retry: int | None = 2,
+    create: bool = True,
 ) -> RDBStorage:
-    """Open (creating tables if needed) an RDB storage with heartbeat-based retry of dead workers' trials."""
+    """Open an RDB storage with heartbeat-based retry of dead workers' trials, creating Optuna's schema if needed.
+
+    ``create=False`` (readers: ``status``, ``export``) creates nothing: no SQLite file, no tables; a storage without
+    Optuna's schema raises :class:`StudyNotFound`.
+    Workers started together on a fresh database race to create the schema; PostgreSQL fails the losers (a unique
+    violation on a type or table), which then open it again, once it exists (as :func:`archon_server.db.create_tables`).
+    """
     engine_kwargs: dict[str, Any] = {}
     url = normalize_url(url)
     path = sqlite_path(url)
@@ -115,7 +128,10 @@ def make_storage(
         # Several processes write one file: wait for the lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 60}
         if path is not None:
-            _prepare_sqlite(path)
+            if not create and not path.is_file():
+                raise StudyNotFound([f"no study here: the file {path} does not exist"], redacted(url))
+            if create:
+                _prepare_sqlite(path)
             engine_kwargs.pop("connect_args")
             engine_kwargs["creator"] = _sqlite_creator(path)
     else:
@@ -129,9 +145,50 @@ def make_storage(
         params = inspect.signature(RDBStorage.__init__).parameters
         key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
         kwargs[key] = retry
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, **kwargs)
+    if not create:
+        probe = sa.create_engine(url, **engine_kwargs)
+        try:
+            if not sa.inspect(probe).has_table("studies"):
+                raise StudyNotFound(["no study in this database (no Optuna tables)"], redacted(url))
+        finally:
+            probe.dispose()
+        if "skip_table_creation" in inspect.signature(RDBStorage.__init__).parameters:  # (optuna >= 3.5)
+            kwargs["skip_table_creation"] = True
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, **kwargs)
+        except sa.exc.SQLAlchemyError:
+            if attempt == 4:
+                raise
+            # Lost the race to create the schema -- unless the database cannot be reached at all: then this raises
+            # the connection error at once (the CLI's one-line "cannot open the database").
+            probe = sa.create_engine(url, **engine_kwargs)
+            try:
+                with probe.connect():
+                    pass
+            finally:
+                probe.dispose()
+            attempt += 1
+            log.debug("creating the study schema raced another worker; opening it again (try %d)", attempt + 1)
+            time.sleep(0.2 * attempt)
+
+
+def open_existing_study(url: str, study_name: str | None) -> optuna.Study:
+    """Load a study for reading (``status``, ``export``) without creating anything; ``study_name`` None: the only one.
+    A missing study is a :class:`StudyNotFound` that names the studies the storage holds."""
+    st = make_storage(url, heartbeat_interval=None, create=False)  # a reader: no stale-trial handling
+    names = optuna.get_all_study_names(storage=st)
+    if study_name is None and len(names) == 1:
+        study_name = names[0]
+    if study_name not in names:
+        held = f"it holds {', '.join(repr(n) for n in names)}" if names else "it holds no study"
+        what = f"no study {study_name!r}" if study_name else "several studies"
+        raise StudyNotFound([f"{what} in this storage ({held}); pass --study, or the --storage the search ran on"],
+                            redacted(url))
+    return optuna.load_study(study_name=study_name, storage=st)
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:

@@ -1,0 +1,184 @@
+"""What a researcher meets at the command line: a resumed study refuses a changed config, bad input is one line
+naming the config file and field (exit 2, nothing created), Ctrl-C says how to resume, and workers started together on
+a fresh PostgreSQL database all open the study."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from archon_server.search.config import load_search_config
+from archon_server.search.runner import StudyMismatch, open_study
+from archon_server.spec import SpecError
+
+from test_search_workers import _cmd, _config, _env, _load, _wait_running_trial_of
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_cmd(*args), env=_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert out.returncode == code, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def _edit(path: Path, fn) -> Path:
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    new = path.with_name("changed-" + path.name)
+    new.write_text(yaml.safe_dump(data))
+    return new
+
+
+# -- 1. a resumed study refuses a different config -------------------------------------------------------------------
+def test_resuming_with_a_changed_objective_is_refused_naming_what_differs(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    url = f"sqlite:///{tmp_path}/study.db"
+    assert _cli("run", str(cfg), "--storage", url, "--n-trials", "3", "--no-finalize", "--no-export", cwd=tmp_path).returncode == 0
+    before = len(_load(url).trials)
+
+    changed = _edit(cfg, lambda d: d["objective"].update({"lambda": 0.5}))
+    line = _one_line_error(_cli("run", str(changed), "--storage", url, "--n-trials", "6", "--no-finalize", "--no-export",
+                                cwd=tmp_path))
+    assert str(changed) in line and "objective.lambda" in line and "0.004" in line and "0.5" in line, line
+    assert "study name" in line and "storage" in line, line  # how to get out of it
+    assert len(_load(url).trials) == before  # nothing ran under the other objective
+    assert _load(url).user_attrs["config"]["objective"]["lambda"] == 0.004
+
+
+def test_run_settings_may_change_on_resume_but_the_search_definition_may_not(tmp_path: Path) -> None:
+    cfg = load_search_config(_config(tmp_path))
+    url = f"sqlite:///{tmp_path}/study.db"
+    open_study(cfg, storage=url)
+    # Worker and run settings (target, heartbeats, concurrency, where to export) do not change what a trial's value means.
+    same = cfg.model_copy(deep=True)
+    same.study.n_trials = 99
+    same.study.heartbeat_interval = 5
+    same.evaluation.concurrency = 16
+    same.export.dir = "elsewhere"
+    open_study(same, storage=url)
+    for field, edit in [("space.top_k_models.high", lambda c: setattr(c.space.top_k_models, "high", 2)),
+                        ("models[0].score", lambda c: setattr(c.models[0], "score", 0.1)),
+                        ("evaluation.scripted.n_dev", lambda c: setattr(c.evaluation.scripted, "n_dev", 11))]:
+        other = cfg.model_copy(deep=True)
+        edit(other)
+        with pytest.raises(StudyMismatch) as e:
+            open_study(other, storage=url)
+        assert field in str(e.value), (field, str(e.value))
+
+
+# -- 2. workers started together on a fresh PostgreSQL database ------------------------------------------------------
+def test_workers_opening_a_fresh_postgresql_study_together_all_succeed(tmp_path: Path, postgres_url: str) -> None:
+    cfg = load_search_config(_config(tmp_path))
+    n = 4
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        start.wait()
+        try:
+            open_study(cfg, storage=postgres_url)
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, [repr(e) for e in errors]
+    assert optuna.get_all_study_names(postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)) == ["shared"]
+
+
+# -- 3. bad input: one line naming the file and the field, exit 2, nothing created ------------------------------------
+def _bench_config(tmp_path: Path, **evaluation) -> Path:
+    (tmp_path / "cfg").mkdir(exist_ok=True)
+    (tmp_path / "cfg" / "pool.yaml").write_text(yaml.safe_dump({"backends": [
+        {"alias": "default", "kind": "openai", "model": "m", "urls": ["http://127.0.0.1:18599/v1"],
+         "aliases": ["proposer-1", "proposer-2"]}]}))
+    data = {"study": {"name": "badin", "n_trials": 2},
+            "evaluation": {"evaluator": "bench", "dataset": "math500", "backends": "pool.yaml", **evaluation},
+            "models": [{"name": "proposer-1"}, {"name": "proposer-2"}],
+            "space": {"top_k_models": [1, 2]}}
+    path = tmp_path / "cfg" / "search.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_evaluation_backends_is_resolved_against_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from archon_server.search.bench_eval import check_bench_config
+
+    cfg = load_search_config(_bench_config(tmp_path))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    assert check_bench_config(cfg) == tmp_path / "cfg" / "pool.yaml"
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d["evaluation"].update({"dataset": "math5000"}), "evaluation.dataset"),
+    (lambda d: d["models"].__setitem__(0, {"name": "propser-1"}), "models[0].name"),
+    (lambda d: d["evaluation"].update({"backends": "missing.yaml"}), "evaluation.backends"),
+    (lambda d: d["evaluation"].update({"judge": "jduge"}), "evaluation.judge"),
+])
+def test_a_bad_bench_config_is_one_line_naming_file_and_field(tmp_path: Path, edit, field: str) -> None:
+    cfg = _edit(_bench_config(tmp_path), edit)
+    line = _one_line_error(_cli("run", str(cfg), cwd=tmp_path))
+    assert str(cfg) in line and field in line, line
+    assert not (tmp_path / "runs").exists()  # no study, no cache
+
+
+@pytest.mark.parametrize("command", ["status", "export"])
+def test_status_or_export_of_a_missing_study_is_one_line_and_creates_nothing(tmp_path: Path, command: str) -> None:
+    cfg = _config(tmp_path)  # study "shared", default storage runs/search/shared.db (relative to the cwd)
+    line = _one_line_error(_cli(command, str(cfg), cwd=tmp_path))
+    assert "shared" in line, line
+    assert not (tmp_path / "runs").exists()
+    url = f"sqlite:///{tmp_path}/study.db"
+    open_study(load_search_config(cfg), storage=url)
+    line = _one_line_error(_cli(command, "--storage", url, "--study", "other", cwd=tmp_path))
+    assert "other" in line and "shared" in line, line  # names the studies there are
+
+
+def test_a_spec_error_from_the_standalone_entry_point_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: {name: x}\nmodels: []\n")
+    line = _one_line_error(_cli("status", str(bad), cwd=tmp_path))
+    assert str(bad) in line and "models" in line, line
+    with pytest.raises(SpecError):
+        load_search_config(bad)
+
+
+# -- 4. Ctrl-C ------------------------------------------------------------------------------------------------------------
+def test_ctrl_c_during_run_is_one_line_saying_how_to_resume(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, step_sleep_s=0.3)
+    url = f"sqlite:///{tmp_path}/shared.db"
+    proc = subprocess.Popen(_cmd("run", str(cfg), "--storage", url, "--n-trials", "5", "--no-finalize", "--no-export"),
+                            env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        interrupted = _wait_running_trial_of(url, proc.pid, timeout=90, proc=proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    line = _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), code=130)
+    assert "shared" in line and "resume" in line and str(cfg) in line, line
+    trials = _load(url).trials
+    assert trials[interrupted].state == optuna.trial.TrialState.FAIL
+    assert any(t.state == optuna.trial.TrialState.WAITING and t.params == trials[interrupted].params for t in trials)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
