@@ -104,6 +104,13 @@ def remaining_s(timeout_s: float) -> float:
     return timeout_s if arrived is None else timeout_s - (time.monotonic() - arrived)
 
 
+def deadline_s(timeout_s: float) -> float:
+    """The time a request's run may take: what is left of its ``timeout_s`` (at least 1 ms, so that a timeout scope
+    around the run answers 504 rather than never starting). Graph runs (ChatService.run_graph) and the raw
+    completions of a backend alias (api/completions) both run under it."""
+    return max(remaining_s(timeout_s), 1e-3)
+
+
 async def send_error(send: Send, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
     body = json.dumps(error_body(status, message, param=param, code=code)).encode()
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -88,7 +88,9 @@ class ChatRequest:
 
 @dataclass
 class CompletionRequest:
-    """A raw text completion (no chat template). ``echo``: the prompt is prepended to each choice's text."""
+    """A raw text completion (no chat template). ``echo``: the prompt is prepended to each choice's text and, with
+    logprobs, its tokens' log-probabilities come first in each choice's logprobs (the first token's None: nothing
+    predicts it), as vLLM returns them; ``params.max_tokens`` 0 with ``echo``: the prompt alone, nothing generated."""
 
     model: str
     prompt: str
@@ -98,9 +100,12 @@ class CompletionRequest:
 
 @dataclass
 class TokenLogprob:
+    """One token's log-probability and its ``top`` alternatives. ``logprob`` and ``top`` are None only for the first
+    token of an echoed prompt (legacy completions), which nothing before it predicts."""
+
     token: str
-    logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+    logprob: float | None
+    top: list[tuple[str, float]] | None = field(default_factory=list)
 
 
 @dataclass
@@ -138,7 +143,9 @@ class ChatResult:
 
 @dataclass
 class StreamChunk:
-    """One streamed piece: text delta of choice ``index``; the last chunk carries finish_reason and usage."""
+    """One streamed piece: text delta of choice ``index``; the last chunk carries finish_reason and usage.
+    ``logprobs``: the log-probabilities of the tokens this piece adds (when the request asked for them); a piece may
+    carry them with no text yet (the engine holds text back while a stop string is undecided)."""
 
     index: int = 0
     text: str = ""
@@ -146,6 +153,7 @@ class StreamChunk:
     usage: Usage | None = None
     metrics: dict[str, Any] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI's streamed tool_calls deltas (index, id, function pieces)
+    logprobs: list[TokenLogprob] | None = None
 
 
 def accumulate_tool_calls(acc: dict[int, dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
@@ -357,7 +365,7 @@ class Backend(ScoringMixin, abc.ABC):
         t0 = time.perf_counter()
         res = await self.chat(request)
         for ch in res.choices:
-            yield StreamChunk(index=ch.index, text=ch.text)
+            yield StreamChunk(index=ch.index, text=ch.text, logprobs=ch.logprobs)
         for ch in res.choices:
             yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
         res.latency_s = res.latency_s or time.perf_counter() - t0
@@ -371,7 +379,7 @@ class Backend(ScoringMixin, abc.ABC):
         """Streaming raw completion. Default: one chunk from :meth:`complete`."""
         res = await self.complete(request)
         for ch in res.choices:
-            yield StreamChunk(index=ch.index, text=ch.text)
+            yield StreamChunk(index=ch.index, text=ch.text, logprobs=ch.logprobs)
         for ch in res.choices:
             yield StreamChunk(index=ch.index, finish_reason=ch.finish_reason)
         yield StreamChunk(usage=res.usage, metrics=res.metrics)

@@ -94,10 +94,14 @@ def _completion_body(request: CompletionRequest, stream: bool) -> dict[str, Any]
 
 
 def _parse_logprobs(lp: Any) -> list[TokenLogprob] | None:
+    """An upstream's logprobs, chat's shape (``content``) or text_completion's legacy one (``tokens``...); in the
+    legacy shape an echoed prompt's first token has a null logprob and null top_logprobs, and keeps them."""
     if isinstance(lp, dict) and isinstance(lp.get("tokens"), list):  # text_completion's legacy shape
         tops = lp.get("top_logprobs") or []
         return [
-            TokenLogprob(str(t), float(v or 0.0), [(str(a), float(b)) for a, b in (tops[j] or {}).items()] if j < len(tops) and isinstance(tops[j], dict) else [])
+            TokenLogprob(str(t), None if v is None else float(v),
+                         [(str(a), float(b)) for a, b in tops[j].items()] if j < len(tops) and isinstance(tops[j], dict)
+                         else None if j < len(tops) and tops[j] is None and v is None else [])
             for j, (t, v) in enumerate(zip(lp["tokens"], lp.get("token_logprobs") or []))
         ]
     if not isinstance(lp, dict) or not isinstance(lp.get("content"), list):
@@ -391,9 +395,10 @@ class OpenAIHTTPBackend(HTTPScoring, Backend):
                         # chat: delta.content (and delta.tool_calls); raw completions: text
                         text = delta.get("content") if isinstance(delta, dict) and delta else c.get("text")
                         calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-                        if text or calls:
+                        lps = _parse_logprobs(c["logprobs"]) if c.get("logprobs") else None  # forwarded as they come
+                        if text or calls or lps:
                             yield StreamChunk(index=idx, text=text if isinstance(text, str) else "",
-                                              tool_calls=calls if isinstance(calls, list) else None)
+                                              tool_calls=calls if isinstance(calls, list) else None, logprobs=lps or None)
                         if c.get("finish_reason"):
                             finished.add(idx)
                             yield StreamChunk(index=idx, finish_reason=c["finish_reason"])

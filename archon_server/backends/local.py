@@ -207,6 +207,8 @@ class LocalBackend(Backend):
             min_tokens=min(int(p.extra.get("min_tokens", 0) or 0), p.max_tokens),
             speculative=p.extra.get("speculative", self.speculative),
             grammar=self._grammar(p.extra.get("response_format")),
+            # JSON keys are strings; the engine checks the ids against the vocabulary (a ValueError: a 400)
+            logit_bias={int(k): float(v) for k, v in p.extra["logit_bias"].items()} if p.extra.get("logit_bias") else None,
         )
 
     def _grammar(self, response_format: dict[str, Any] | None) -> str | None:
@@ -219,14 +221,19 @@ class LocalBackend(Backend):
         except ValueError as e:
             raise BackendError(f"response_format: cannot constrain decoding to it: {e}", status=400, backend=self.name) from e
 
+    def _raw_prompt_ids(self, text: str) -> list[int]:
+        """A raw completion's prompt tokens (no chat template)."""
+        prompt = list(self.loaded.tokenizer(text)["input_ids"])
+        if not prompt:
+            raise BackendError("empty prompt", status=400, backend=self.name)
+        return prompt
+
     async def _events(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Any]:
         """Engine events of one request; leaving early (cancel, break) drops it from the batch."""
         if self.engine is None:
             await self._load()
         if isinstance(request, CompletionRequest):  # raw text: no chat template
-            prompt = list(self.loaded.tokenizer(request.prompt)["input_ids"])
-            if not prompt:
-                raise BackendError("empty prompt", status=400, backend=self.name)
+            prompt = self._raw_prompt_ids(request.prompt)
         else:
             prompt = self._prompt_ids(request.messages)
         loop = asyncio.get_running_loop()
@@ -300,18 +307,57 @@ class LocalBackend(Backend):
         top = await self._on_worker(lambda runner: next_token_top(runner, prompt, request.top_k))
         return NextTokenResult([(self._token_str(t), lp) for t, lp in top], Usage(prompt_tokens=len(prompt)), time.perf_counter() - t0)
 
-    # ------------------------------------------------------------------ Backend API
+    async def _echoed(self, request: CompletionRequest) -> tuple[int, list[TokenLogprob] | None]:
+        """An echoed prompt's token count and, when logprobs are asked for, its tokens' log-probabilities as vLLM
+        returns them: the first token's None (nothing predicts it), then ``log p(t_i | t_<i)`` with the
+        ``top_logprobs`` best at each position - the scoring pass (engine/scoring.py) with the first token as its
+        prompt, so it is one teacher-forced forward on the worker thread, not a second implementation."""
+        from archon_server.engine.scoring import score_continuations
+
+        if self.engine is None:
+            await self._load()
+        prompt = await asyncio.to_thread(self._raw_prompt_ids, request.prompt)
+        p = request.params
+        if not (p.logprobs or p.top_logprobs > 0):
+            return len(prompt), None
+        k = p.top_logprobs
+        (forced,) = await self._on_worker(lambda runner: score_continuations(runner, prompt[:1], [prompt[1:]], top=k))
+        lps = [TokenLogprob(self._token_str(prompt[0]), None, None)]
+        for j, (tid, lp) in enumerate(zip(forced.token_ids, forced.logprobs)):
+            top = [(self._token_str(t), v) for t, v in forced.top[j]] if forced.top else []
+            lps.append(TokenLogprob(self._token_str(tid), lp, top))
+        return len(prompt), lps
+
     async def complete(self, request: CompletionRequest) -> ChatResult:
-        res = await self.chat(request)
-        if request.echo:
-            for c in res.choices:
-                c.text = request.prompt + c.text
+        """A raw completion; with ``echo`` the prompt comes first in each choice's text and logprobs (see
+        :class:`CompletionRequest`), and with ``max_tokens`` 0 it is all there is (finish_reason ``length``)."""
+        if not request.echo:
+            return await self.chat(request)
+        t0 = time.perf_counter()
+        n = request.params.n
+        count, echoed = await self._echoed(request)
+        if request.params.max_tokens > 0:
+            res = await self.chat(request)
+        else:
+            want_lp = request.params.logprobs or request.params.top_logprobs > 0
+            res = ChatResult([Choice("", "length", i, [] if want_lp else None) for i in range(n)], Usage(count, 0), self.model)
+        for c in res.choices:
+            c.text = request.prompt + c.text
+            if echoed is not None:
+                c.logprobs = echoed + (c.logprobs or [])
+        res.latency_s = time.perf_counter() - t0
         return res
 
     async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         if request.echo:
+            count, echoed = await self._echoed(request)
             for i in range(request.params.n):
-                yield StreamChunk(index=i, text=request.prompt)
+                yield StreamChunk(index=i, text=request.prompt, logprobs=echoed)
+            if request.params.max_tokens <= 0:
+                for i in range(request.params.n):
+                    yield StreamChunk(index=i, finish_reason="length")
+                yield StreamChunk(usage=Usage(count, 0))
+                return
         async for ch in self.stream(request):
             yield ch
 
@@ -342,8 +388,9 @@ class LocalBackend(Backend):
         async with contextlib.aclosing(self._events(request)) as events:
             async for ev in events:
                 if isinstance(ev, TokenEvent):
-                    if ev.text:
-                        yield StreamChunk(index=ev.index, text=ev.text)
+                    if ev.text or ev.logprobs:
+                        lps = [TokenLogprob(e.token, e.logprob, e.top) for e in ev.logprobs] if ev.logprobs else None
+                        yield StreamChunk(index=ev.index, text=ev.text, logprobs=lps)
                 elif isinstance(ev, FinishEvent):
                     yield StreamChunk(index=ev.index, finish_reason=ev.reason)
                 elif isinstance(ev, DoneEvent):

@@ -33,7 +33,8 @@ class RowSampling:
     # vLLM's min_tokens: these tokens (the model's EOS) are not drawn while ``output_ids`` is shorter than min_tokens.
     min_tokens: int = 0
     held_ids: torch.Tensor | None = None
-
+    # logit_bias as (token ids [K], biases [K]) on the logits' device: added to the row's logits before anything else.
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def penalized(self) -> bool:
@@ -112,8 +113,9 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     out: list[int] = []
     greedy_ids = None
     for b, r in enumerate(rows):
-        if r.penalized or r.constraint is not None or r.holding:
-            row = apply_penalties(logits[b], r) if r.penalized else logits[b]
+        if r.penalized or r.constraint is not None or r.holding or r.bias is not None:
+            row = logits[b] if r.bias is None else logits[b].index_add(0, r.bias[0], r.bias[1])  # a copy: logprobs read the raw row
+            row = apply_penalties(row, r) if r.penalized else row
             if r.constraint is not None:
                 row = r.constraint.mask(row)
             if r.holding:

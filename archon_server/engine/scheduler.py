@@ -258,6 +258,10 @@ class Engine:
             raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {limit}")
         if params.n < 1:
             raise ValueError("n must be >= 1")
+        vocab = self.runner.dims.vocab
+        bad = sorted(t for t in params.logit_bias or () if not 0 <= t < vocab)
+        if bad:
+            raise ValueError(f"logit_bias: token id(s) {bad[:5]} out of the vocabulary (0 to {vocab - 1})")
         max_new = max(0, min(params.max_tokens, limit - len(prompt)))
         req = _Request(list(prompt), params, sink, max_new)
         self._inbox.put(req)
@@ -556,6 +560,11 @@ class Engine:
         for i in range(1, p.n):
             self.cache.copy_slot(slot, slot + i)
         base_seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(62)
+        bias = None
+        if p.logit_bias:  # one pair of tensors for the request's rows (the ids were checked against the vocabulary at submit)
+            dev = self.runner.device
+            bias = (torch.tensor(list(p.logit_bias), dtype=torch.long, device=dev),
+                    torch.tensor(list(p.logit_bias.values()), dtype=last_logits.dtype, device=dev))
         seqs = []
         for i in range(p.n):
             sampling = RowSampling(
@@ -571,6 +580,7 @@ class Engine:
                 constraint=self._constraints.matcher(p.grammar) if p.grammar else None,
                 min_tokens=p.min_tokens,
                 held_ids=self._eos_tensor if p.min_tokens and not p.ignore_eos else None,
+                bias=bias,
             )
             text = IncrementalText(self.tokenizer, p.stop, p.min_tokens)
             sampling.output_ids = text.ids  # penalties read the generated tokens as they grow

@@ -28,21 +28,30 @@ MAX_BATCH_TOKENS = 4096
 class ForcedScore:
     token_ids: list[int]
     logprobs: list[float]  # one per token of the continuation
+    # With ``top`` > 0: the ``top`` most likely tokens (id, logprob) at each of those positions, best first.
+    top: list[list[tuple[int, float]]] | None = None
 
 
-def _head_logprobs(runner: ModelRunner, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(lm_head(hidden))[targets] for hidden [T, H], targets [T] (float32, chunked)."""
-    out = []
+def _head_logprobs(runner: ModelRunner, hidden: torch.Tensor, targets: torch.Tensor, top: int = 0) -> tuple[torch.Tensor, list[list[tuple[int, float]]]]:
+    """log softmax(lm_head(hidden))[targets] for hidden [T, H], targets [T] (float32, chunked), and with ``top`` > 0
+    the ``top`` best (id, logprob) of each position."""
+    out, best = [], []
     for i in range(0, hidden.shape[0], HEAD_CHUNK):
         logits = F.linear(hidden[i : i + HEAD_CHUNK], runner.lm_head).float()
         lse = torch.logsumexp(logits, dim=-1)
         out.append(logits.gather(-1, targets[i : i + HEAD_CHUNK, None])[:, 0] - lse)
-    return torch.cat(out) if out else torch.zeros(0)
+        if top > 0:
+            vals, ids = torch.topk(logits, min(top, logits.shape[-1]), dim=-1)
+            best.extend(list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), (vals - lse[:, None]).tolist()))
+    return (torch.cat(out) if out else torch.zeros(0)), best
 
 
 @torch.inference_mode()
-def score_continuations(runner: ModelRunner, prompt: list[int], continuations: list[list[int]], chunk: int = 512) -> list[ForcedScore]:
-    """``log p(c_t | prompt, c_<t)`` for every token of every continuation.
+def score_continuations(runner: ModelRunner, prompt: list[int], continuations: list[list[int]], chunk: int = 512,
+                        top: int = 0) -> list[ForcedScore]:
+    """``log p(c_t | prompt, c_<t)`` for every token of every continuation (``top`` > 0: with the ``top`` most likely
+    tokens at each position: an echoed prompt's log-probs in legacy completions are this with the prompt's first token
+    as ``prompt``).
 
     The first token of each continuation is predicted by the prompt's last position, token ``t`` by
     the continuation's position ``t-1``.  Rows are right-padded to the longest in their group; causal
@@ -58,7 +67,7 @@ def score_continuations(runner: ModelRunner, prompt: list[int], continuations: l
     todo = [i for i, c in enumerate(continuations) if c]
     for i, c in enumerate(continuations):
         if not c:
-            results[i] = ForcedScore([], [])
+            results[i] = ForcedScore([], [], [] if top > 0 else None)
     if not todo:
         return [r for r in results if r is not None]
     dev = runner.device
@@ -85,8 +94,8 @@ def score_continuations(runner: ModelRunner, prompt: list[int], continuations: l
         for b, i in enumerate(group):
             c = rows[b]
             hidden = torch.cat([last_hidden, out.hidden[b, : len(c) - 1]])  # position t-1 predicts token t
-            lps = _head_logprobs(runner, hidden, torch.tensor(c, device=dev))
-            results[i] = ForcedScore(list(c), lps.tolist())
+            lps, best = _head_logprobs(runner, hidden, torch.tensor(c, device=dev), top)
+            results[i] = ForcedScore(list(c), lps.tolist(), best if top > 0 else None)
         cache.lengths[0] = len(prompt)  # slot 0 is the prompt again for the next group
     return [r for r in results if r is not None]
 

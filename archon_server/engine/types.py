@@ -34,14 +34,18 @@ class GenParams:
     speculative: dict[str, Any] | None = None
     # An llguidance grammar (engine/constrain.py) every sample's tokens must follow: structured outputs.
     grammar: str | None = None
+    # OpenAI's / vLLM's logit_bias: {token id: bias} added to the logits before sampling (reported logprobs stay the
+    # model's own, as vLLM reports them by default).
+    logit_bias: dict[int, float] | None = None
 
     @property
     def speculable(self) -> bool:
         """Speculative decoding applies: a config is set, one sample, and nothing its rounds do not apply (they sample
-        by temperature and top_p only; a grammar, top_k, min_p, min_tokens or a penalty sends the request through the
-        batch)."""
+        by temperature and top_p only; a grammar, top_k, min_p, min_tokens, a penalty, a logit bias or logprobs send the
+        request through the batch)."""
         return bool(self.speculative) and self.n == 1 and not self.grammar and not self.top_k and not self.min_p \
-            and not self.min_tokens and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
+            and not self.min_tokens and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty \
+            and not self.logit_bias and not self.logprobs
 
 
 # ---- events handed to the sink (lists of these, one list per request per step)

@@ -11,6 +11,8 @@ verdicts, generators get a text that names the model and sample index.  A
 
 ``tool_calls`` makes every choice call those tools (finish_reason "tool_calls"; streamed as tool_calls deltas,
 the arguments in two pieces). POST /v1/completions answers raw text completions (``text``, ``echo``, ``logprobs``).
+Streamed pieces carry logprobs when asked (logprob -0.25 each, the piece as its own top alternative; an echoed prompt
+first, as one token with null logprob and top_logprobs, as vLLM sends a prompt's first token).
 
 Every request is recorded (body, start, end, aborted) so tests can assert that k
 samples went as one ``n=k`` request or that a disconnect aborted the upstream call.
@@ -236,8 +238,21 @@ class FakeUpstream:
                         await send({**base, "choices": [{"index": i, "delta": {"tool_calls": [d]}, "finish_reason": None}]})
                 await send({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "tool_calls"}]})
                 continue
+            want_lp = body.get("logprobs") is not None if raw else bool(body.get("logprobs"))
+            sent = 0  # characters of this choice sent: a raw piece's text_offset
+
+            def lp(piece: str, first: bool = False) -> dict[str, Any]:
+                if not want_lp:
+                    return {}
+                if raw:
+                    return {"logprobs": {"tokens": [piece], "token_logprobs": [None if first else -0.25],
+                                         "top_logprobs": [None if first else {piece: -0.25}], "text_offset": [sent]}}
+                return {"logprobs": {"content": [{"token": piece, "logprob": -0.25, "bytes": list(piece.encode()),
+                                                  "top_logprobs": [{"token": piece, "logprob": -0.25, "bytes": list(piece.encode())}]}]}}
+
             if raw and body.get("echo"):
-                await send({**base, "choices": [{"index": i, "text": str(body["prompt"]), "finish_reason": None}]})
+                await send({**base, "choices": [{"index": i, "text": str(body["prompt"]), "finish_reason": None, **lp(str(body["prompt"]), True)}]})
+                sent += len(str(body["prompt"]))
             words = t.split(" ")
             for j, w in enumerate(words):
                 if fault == "truncated" and j >= len(words) // 2:
@@ -252,7 +267,8 @@ class FakeUpstream:
                     await resp.write_eof()
                     return resp
                 piece = w if j == 0 else " " + w
-                await send({**base, "choices": [{"index": i, **({"text": piece} if raw else {"delta": {"content": piece}}), "finish_reason": None}]})
+                await send({**base, "choices": [{"index": i, **({"text": piece} if raw else {"delta": {"content": piece}}), "finish_reason": None, **lp(piece)}]})
+                sent += len(piece)
                 if drip:
                     await asyncio.sleep(drip)
             await send({**base, "choices": [{"index": i, **({"text": ""} if raw else {"delta": {}}), "finish_reason": act.get("finish_reason", "stop")}]})

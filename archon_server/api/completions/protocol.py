@@ -16,7 +16,7 @@ class CompletionRequest(SamplingExtras):
 
     model: str = Field(min_length=1, max_length=256)
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1, le=131072)  # OpenAI's and vLLM's default
+    max_tokens: int | None = Field(default=16, ge=0, le=131072)  # OpenAI's and vLLM's default; 0 only with echo (the service says)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)

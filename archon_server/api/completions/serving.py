@@ -33,22 +33,12 @@ from ...components.trace import Trace
 from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
 from ..chat.serving import ChatService
+from ..edge import deadline_s
 from ..errors import APIError, sse_error
 from ..ids import new_id
+from ..logprobs import legacy_logprobs
 from ..streaming import EventStream
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
-
-
-def _legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
-    """Token logprobs in text_completion's shape (tokens, token_logprobs, top_logprobs, text_offset)."""
-    if not lps:
-        return None
-    offsets, pos = [], offset
-    for t in lps:
-        offsets.append(pos)
-        pos += len(t.token)
-    return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [dict(t.top) for t in lps], "text_offset": offsets}
 
 
 def _merge(results: list[RunResult], name: str) -> RunResult:
@@ -78,6 +68,13 @@ class CompletionsService:
             raise APIError(400, f"n: must be <= {self.chat.max_n}", param="n", code="invalid_value")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of: only best_of == n is served (use an architecture to choose among samples)", param="best_of", code="invalid_value")
+        if req.max_tokens == 0:  # vLLM's rule: 0 means "the prompt alone", which only echo returns
+            if not req.echo:
+                raise APIError(400, "max_tokens: must be at least 1 (0 is served with echo: the prompt and its logprobs, nothing generated)",
+                               param="max_tokens", code="invalid_value")
+            if not self._is_backend(req):
+                raise APIError(400, f"max_tokens: 0 (echo without generation) is served on a backend alias, not on the architecture {req.model!r}, "
+                               "which writes an answer", param="max_tokens", code="invalid_value")
 
     def _is_backend(self, req: CompletionRequest) -> bool:
         return req.model not in self.chat.catalog.architectures and req.model in self.chat.registry and not req.architecture
@@ -88,12 +85,13 @@ class CompletionsService:
         return SamplingParams(
             temperature=DEFAULT_SAMPLING.temperature if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=extra.pop("top_k", None),
-            max_tokens=req.max_tokens or 16, stop=req.stop, seed=req.seed,
+            max_tokens=16 if req.max_tokens is None else req.max_tokens, stop=req.stop, seed=req.seed,
             n=req.n, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0, extra=extra,
         )
 
     async def _raw(self, req: CompletionRequest, sink: StreamSink | None) -> RunResult:
-        """Every prompt as one raw completion request to the backend, concurrently; traced as one layer."""
+        """Every prompt as one raw completion request to the backend, concurrently; traced as one layer. Under the
+        request's deadline (server.request_timeout_s from arrival), as a graph run is: past it, a 504."""
         alias = req.model
         backend, model, limit = self.chat.registry.get(alias), self.chat.registry.model_name(alias), self.chat.registry.limit(alias)
         trace = Trace(alias)
@@ -125,7 +123,7 @@ class CompletionsService:
                             texts.setdefault(ch.index, []).append(ch.text)
                             if ch.finish_reason:
                                 finish[ch.index] = ch.finish_reason
-                            await sink(StreamChunk(index=i * req.n + ch.index, text=ch.text, finish_reason=ch.finish_reason))
+                            await sink(StreamChunk(index=i * req.n + ch.index, text=ch.text, finish_reason=ch.finish_reason, logprobs=ch.logprobs))
                         choices = [("".join(texts.get(j, [])), finish.get(j, "stop"), None) for j in range(req.n)]
             except BackendError as e:
                 record(i, started, error=e)
@@ -139,7 +137,11 @@ class CompletionsService:
             return [Candidate(text, source=alias, finish_reason=fr or "stop", meta={"logprobs": lp}) for text, fr, lp in choices]
 
         try:
-            per_prompt = await asyncio.gather(*(one(i, p) for i, p in enumerate(req.prompt)))
+            async with asyncio.timeout(deadline_s(self.chat.request_timeout_s)):
+                per_prompt = await asyncio.gather(*(one(i, p) for i, p in enumerate(req.prompt)))
+        except TimeoutError:
+            trace.latency_s = time.perf_counter() - trace.started
+            raise GraphError(f"deadline of {self.chat.request_timeout_s:g}s exceeded", status=504, trace=trace) from None
         except BackendError as e:
             status = 504 if e.status == 504 else 400 if e.status == 400 else 502
             raise GraphError(str(e), status=status, trace=trace) from None
@@ -199,7 +201,7 @@ class CompletionsService:
         for i, c in enumerate(res.candidates):
             pre = self._echo(req, i)
             choices.append(CompletionChoice(index=i, text=pre + c.text, finish_reason=c.finish_reason or "stop",
-                                            logprobs=_legacy_logprobs(c.meta.get("logprobs"), len(pre)) if req.logprobs is not None else None))
+                                            logprobs=legacy_logprobs(c.meta.get("logprobs"), len(pre)) if req.logprobs is not None else None))
         u = res.usage
         return CompletionResponse(
             id=cid, created=int(time.time()), model=req.model, choices=choices,
@@ -226,22 +228,31 @@ class CompletionsService:
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
         total = len(req.prompt) * req.n
+        want_lp = req.logprobs is not None
+        sent = [0] * total  # characters of each choice's text sent so far: where a piece's text_offset starts (vLLM's count)
+
+        def piece(i: int, text: str, lps: list[TokenLogprob] | None) -> str:
+            lp = legacy_logprobs(lps, sent[i]) if want_lp and 0 <= i < total else None
+            if 0 <= i < total:
+                sent[i] += len(text)
+            return chunk([CompletionChoice(index=i, text=text, logprobs=lp)])
+
         async with contextlib.aclosing(events):
             for i in range(total):
                 if self._echo(req, i):
-                    yield chunk([CompletionChoice(index=i, text=self._echo(req, i))])
+                    yield piece(i, self._echo(req, i), None)
             async for item in events:
                 if isinstance(item, APIError):
                     yield sse_error(item)
                     return
                 if isinstance(item, StreamChunk):
-                    if item.text:
-                        yield chunk([CompletionChoice(index=item.index, text=item.text)])
+                    if item.text or (want_lp and item.logprobs):
+                        yield piece(item.index, item.text, item.logprobs)
                     continue
                 res: RunResult = item
                 if not res.streamed:
                     for i, c in enumerate(res.candidates):
-                        yield chunk([CompletionChoice(index=i, text=c.text)])
+                        yield piece(i, c.text, c.meta.get("logprobs"))
                 for i, c in enumerate(res.candidates):
                     yield chunk([CompletionChoice(index=i, text="", finish_reason=c.finish_reason or "stop")])
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
