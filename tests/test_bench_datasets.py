@@ -124,3 +124,14 @@ def test_humaneval_block_with_only_the_entry_point_keeps_prompt_helpers():
     body = "def make_palindrome(string: str) -> str:\n" + it.reference["canonical_solution"]
     assert gr.grade(it, f"Here you go:\n```python\n{body}```").correct
     assert not gr.grade(it, "```python\ndef make_palindrome(string: str) -> str:\n    return string\n```").correct
+
+
+def test_dev_and_test_do_not_depend_on_the_sampling_seed():
+    """A sweep's or a search's seed picks the subset, never the split: no seed's test question is another seed's dev."""
+    dev0 = {it.id for it in ds.select("math500", split_name="dev", seed=0)}
+    for seed in (1, 2, 7):
+        assert {it.id for it in ds.select("math500", split_name="dev", seed=seed)} == dev0
+        assert dev0.isdisjoint({it.id for it in ds.select("math500", split_name="test", seed=seed)})
+    assert dev0 == {it.id for it in ds.split(ds.load("math500"))[0]}  # the fixed split: SPLIT_SEED
+    assert {it.id for it in ds.select("math500", split_name="dev", n=10, seed=1)} <= dev0
+    assert ds.select("math500", split_name="dev", n=10, seed=1) != ds.select("math500", split_name="dev", n=10, seed=2)

@@ -241,8 +241,14 @@ def _rank(seed: int | str, key: str) -> str:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
 
 
-def split(items: Sequence[Item], dev_frac: float = 0.2, seed: int = 0, stratify: str | None = "auto") -> tuple[list[Item], list[Item]]:
+SPLIT_SEED = 0  # the one dev/test split of every benchmark: never a sweep's or a search's sampling seed
+
+
+def split(items: Sequence[Item], dev_frac: float = 0.2, seed: int = SPLIT_SEED, stratify: str | None = "auto") -> tuple[list[Item], list[Item]]:
     """Deterministic stratified dev/test split (Archon uses 20% dev / 80% test).
+
+    :func:`select` always uses :data:`SPLIT_SEED`, so a question is dev or test whatever seed a sweep or a search
+    samples with: tuning on dev can never see a test question.
 
     ``stratify='auto'`` uses the benchmark's natural category (subject, category, ...).
     Allocation is proportional with an exact total of ``round(dev_frac · n)``: items are
@@ -281,10 +287,12 @@ def subset(items: Sequence[Item], n: int | None = None, seed: int = 0, ids: Iter
 
 def select(name: str, *, split_name: str | None = None, n: int | None = None, seed: int = 0,
            dev_frac: float = 0.2, ids: Iterable[str] | None = None, root: Root = None) -> list[Item]:
-    """Load ``name``, optionally take the ``dev``/``test`` split, then a subset."""
+    """Load ``name``, optionally take the ``dev``/``test`` split, then a subset.
+
+    ``seed`` picks the subset only: the split is the fixed one (:data:`SPLIT_SEED`), the same for every seed."""
     items = load(name, root)
     if split_name:
-        dev, test = split(items, dev_frac=dev_frac, seed=seed)
+        dev, test = split(items, dev_frac=dev_frac, seed=SPLIT_SEED)
         items = {"dev": dev, "test": test}[split_name]
     return subset(items, n=n, seed=seed, ids=ids)
 
