@@ -58,3 +58,33 @@ def test_flags_reach_report_md_and_summary_json(tmp_path):
     summary = {r["arch"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
     assert summary["honest"]["flags"] == [] and len(summary["null-model"]["flags"]) == 3
     assert summary["null-model"]["notes"]["distinct_ratio"] == 0.025
+
+
+def test_unparsed_verdicts_are_left_out_and_flagged_alike():
+    """An AlpacaEval verdict the judge did not give is no draw: left out of the win rate and flagged, as MT-Bench's
+    unparsed ratings and Arena-Hard's games without a verdict (all of them flagged in the report's Flags)."""
+    recs = _alpaca_recs("s", [f"answer {i}" for i in range(6)], [2.0, 2.0, 1.0, 1.5, 1.5, 1.5], [False] * 6)
+    for r in recs[3:]:
+        r["judge_method"] = "unparsed"
+    for r in recs[:3]:
+        r["judge_method"] = "logprobs"
+    [row] = rp.aggregate(recs)
+    assert row.score == pytest.approx(100 * 2 / 3) and row.n == 6
+    assert any("3 of 6 judge verdicts unparsed" in f for f in row.flags)
+    [none] = rp.aggregate([{**r, "judge_method": "unparsed"} for r in recs])
+    assert none.score is None and any("6 of 6" in f for f in none.flags)
+    mt = [{"arch": "s", "benchmark": "mt_bench", "id": str(i), "output": [f"a{i}", f"b{i}"], "turn_scores": [7.0, None]}
+          for i in range(2)]
+    [mrow] = rp.aggregate(mt)
+    assert mrow.score == 7.0 and any("2 of 4 turn ratings unparsed" in f for f in mrow.flags)
+    ah = [{"arch": "s", "benchmark": "arena_hard", "id": "q", "output": "x",
+           "games": [{"model_first": False, "verdict": None}, {"model_first": True, "verdict": "A>B"}]}]
+    [arow] = rp.aggregate(ah)
+    assert arow.score == 100.0 and any("1 of 2 games without a verdict" in f for f in arow.flags)
+
+
+def test_the_report_says_why_lc_is_missing():
+    recs = _alpaca_recs("s", [f"answer {i}" for i in range(5)], [1.7] * 5, [False] * 5)
+    [row] = rp.aggregate(recs)
+    assert "lc_win_rate" not in row.notes and row.notes["lc_missing"] == f"needs >= {rp.LC_MIN_ROWS} judged instructions, has 5"
+    assert "lc_missing=needs >= 100 judged instructions, has 5" in rp.markdown([row])

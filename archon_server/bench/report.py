@@ -4,7 +4,9 @@ Scores per benchmark kind:
 * auto-graded (MATH, MMLU, CRUXEval, HumanEval): accuracy in %, s.e. of the mean;
 * AlpacaEval: raw win rate (s.e.), plus the length-controlled win rate when at least
   ``LC_MIN_ROWS`` instructions were judged (difficulties estimated from the shipped
-  official annotations: an approximation when the judge is not GPT-4-Turbo);
+  official annotations: an approximation when the judge is not GPT-4-Turbo; below that the
+  row's ``lc_missing`` note says why); verdicts the judge gave none of (unparsed, failed call)
+  are left out, as MT-Bench's and Arena-Hard's, and flagged;
 * MT-Bench: mean 1–10 rating over both turns (s.e.), turn 1 / turn 2 in the notes;
 * Arena-Hard: weighted win rate vs the baseline with a 95% bootstrap interval.
 """
@@ -50,23 +52,29 @@ def _sem(x: Sequence[float]) -> float | None:
     return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
 
 
-_difficulty_cache: dict[str, float] | None = None
+_difficulty_cache: dict[str, dict[str, float]] = {}  # data folder -> difficulties
 
 
-def _official_difficulty() -> dict[str, float] | None:
-    global _difficulty_cache
-    if _difficulty_cache is None:
-        try:
-            from .paths import data_file
+def _official_difficulty(data_root: str | None = None) -> dict[str, float] | None:
+    """Instruction difficulties estimated from the shipped compact annotations of ``data_root`` (the --data folder,
+    else the default); None without them."""
+    from .paths import data_dir, data_file
 
-            ins = ae.load_eval_instructions()
-            _difficulty_cache = ae.estimate_difficulty(ae.load_compact(data_file("alpaca_eval/annotations_compact_dev.csv.gz"), ins))
-        except Exception:  # noqa: BLE001 - no data: no LC
-            return None
-    return _difficulty_cache
+    try:
+        key = str(data_dir(data_root).resolve())
+        if key not in _difficulty_cache:
+            ins = ae.load_eval_instructions(data_root)
+            _difficulty_cache[key] = ae.estimate_difficulty(
+                ae.load_compact(data_file("alpaca_eval/annotations_compact_dev.csv.gz", data_root), ins))
+    except Exception:  # noqa: BLE001 - no data: no LC
+        return None
+    return _difficulty_cache[key]
 
 
-def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS) -> list[Row]:
+NO_VERDICT = ("unparsed", "error")  # AlpacaJudge methods that carry no verdict (a 1.5 placeholder, not a draw)
+
+
+def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS, data_root: str | None = None) -> list[Row]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["arch"], r["benchmark"])].append(r)
@@ -91,20 +99,32 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
             flags += of.pop("flags", [])
             notes.update(of)
         if bench == "alpaca_eval":
-            prefs = [r.get("preference", 1.5) if not r.get("error") else 1.0 for r in recs]
-            wr = ae.win_rate(prefs)
-            score, se, unit = wr.win_rate, wr.standard_error, "win %"
             methods = defaultdict(int)
             for r in ok:
                 methods[r.get("judge_method", "?")] += 1
             notes["judge_methods"] = dict(methods)
-            if len(ok) >= lc_min_rows and (diff := _official_difficulty()) is not None:
-                rows_j = [ae.Judged(r["instruction"], r["preference"], r["len_baseline"], r["len_model"]) for r in ok]
+            # A verdict the judge did not give is no draw: left out (as MT-Bench's unparsed ratings), and flagged.
+            judged = [r for r in ok if r.get("judge_method") not in NO_VERDICT]
+            if len(judged) < len(ok):
+                flags.append(f"{len(ok) - len(judged)} of {len(ok)} judge verdicts unparsed or failed: left out of the win rate")
+            prefs = [r.get("preference", 1.5) for r in judged] + [1.0 for r in recs if r.get("error")]  # a failed answer loses
+            score = se = None
+            unit = "win %"
+            if prefs:
+                wr = ae.win_rate(prefs)
+                score, se = wr.win_rate, wr.standard_error
+            diff = _official_difficulty(data_root) if len(judged) >= lc_min_rows else None
+            if diff is not None and score is not None:
+                rows_j = [ae.Judged(r["instruction"], r["preference"], r["len_baseline"], r["len_model"]) for r in judged]
                 lc = ae.length_controlled_win_rate(rows_j, diff)
                 notes["lc_win_rate"] = round(lc.length_controlled_winrate, 2)
                 notes["lc_se"] = round(lc.lc_standard_error, 2)
-                flags += ae.lc_change_flags(wr.win_rate, lc.length_controlled_winrate)
-            pb = ae.position_bias([r["preference"] for r in ok if "swapped" in r], [r["swapped"] for r in ok if "swapped" in r])
+                flags += ae.lc_change_flags(score, lc.length_controlled_winrate)
+            elif len(judged) < lc_min_rows:
+                notes["lc_missing"] = f"needs >= {lc_min_rows} judged instructions, has {len(judged)}"
+            else:
+                notes["lc_missing"] = "no instruction difficulties (alpaca_eval/annotations_compact_dev.csv.gz in the data folder)"
+            pb = ae.position_bias([r["preference"] for r in judged if "swapped" in r], [r["swapped"] for r in judged if "swapped" in r])
             flags += pb.pop("flags", [])
             if "position_bias" in pb:
                 notes.update(position_bias=pb["position_bias"], position_bias_se=pb["position_bias_se"])
@@ -113,10 +133,15 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS)
             t1 = [r["turn_scores"][0] for r in ok if r.get("turn_scores") and r["turn_scores"][0] is not None]
             t2 = [r["turn_scores"][1] for r in ok if len(r.get("turn_scores") or ()) > 1 and r["turn_scores"][1] is not None]
             vals = t1 + t2
+            n_turns = sum(len(r.get("turn_scores") or ()) for r in ok)
+            if len(vals) < n_turns:
+                flags.append(f"{n_turns - len(vals)} of {n_turns} turn ratings unparsed: left out (as FastChat)")
             score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "1-10"
             notes.update(turn1=round(float(np.mean(t1)), 3) if t1 else None, turn2=round(float(np.mean(t2)), 3) if t2 else None)
         elif bench == "arena_hard":
             games = [ArenaGame(r["id"], g["model_first"], g["verdict"]) for r in ok for g in r.get("games", [])]
+            if (unparsed := sum(g.verdict is None for g in games)):
+                flags.append(f"{unparsed} of {len(games)} games without a verdict: left out (as upstream)")
             # a failed question counts as two lost games
             games += [ArenaGame(r["id"], f, "B>>A" if f else "A>>B") for r in recs if r.get("error") for f in (False, True)]
             w = arena_win_rate(games)
@@ -183,11 +208,13 @@ def plot(rows: Sequence[Row], path: str | Path) -> Path:
     return p
 
 
-def export_alpaca_outputs(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+def export_alpaca_outputs(records: Sequence[dict[str, Any]], out_dir: str | Path, data_root: str | None = None) -> list[Path]:
     """``<out>/alpaca_eval/<arch>/model_outputs.json`` in AlpacaEval's format (instruction order)."""
     from . import datasets as ds
 
-    by_id = {it.id: it for it in ds.load_alpaca_eval()}
+    if not any(r["benchmark"] == "alpaca_eval" for r in records):
+        return []
+    by_id = {it.id: it for it in ds.load_alpaca_eval(data_root)}
     paths = []
     archs = sorted({r["arch"] for r in records if r["benchmark"] == "alpaca_eval"})
     for a in archs:
@@ -227,12 +254,13 @@ def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
     return ResultsLog(Path(out_dir) / "results.jsonl").records
 
 
-def write_report(out_dir: str | Path, title: str | None = None) -> dict[str, Path | list[Path]]:
+def write_report(out_dir: str | Path, title: str | None = None, data_root: str | None = None) -> dict[str, Path | list[Path]]:
+    """``data_root``: the benchmark data folder (--data) the AlpacaEval export and difficulties are read from."""
     out = Path(out_dir)
     records = load_records(out)
-    rows = aggregate(records)
+    rows = aggregate(records, data_root=data_root)
     md = out / "report.md"
     md.write_text(markdown(rows, title or f"Sweep results: {out.name}"), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str), encoding="utf-8")
     png = plot(rows, out / "score_vs_calls.png")
-    return {"markdown": md, "plot": png, "alpaca": export_alpaca_outputs(records, out), "fastchat": export_fastchat_answers(records, out)}
+    return {"markdown": md, "plot": png, "alpaca": export_alpaca_outputs(records, out, data_root), "fastchat": export_fastchat_answers(records, out)}
