@@ -57,13 +57,13 @@ def test_sweep_samples_n_answers_and_reports_pass_at_k(tmp_path):
     up = HalfRight(correct)
     spec = sw.SweepSpec.model_validate({
         "name": "pk", "concurrency": 3, "architectures": ["scripted"], "params": {"temperature": 0.8, "seed": 1},
-        "benchmarks": [{"name": "humaneval", "n": 3, "pass_at": {"n": 5, "k": [1, 2, 10]}}]})
+        "benchmarks": [{"name": "humaneval", "n": 3, "pass_at": {"n": 5, "k": [1, 2]}}]})
     log = asyncio.run(sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False))
     assert dict(up.seen) == {i: 5 for i in correct}  # five samples per problem, none served from one cache entry
     recs = {r["id"]: r for r in log.records}
     for qid, c in correct.items():
         assert recs[qid]["n_correct"] == c and len(recs[qid]["samples"]) == 5
-        assert set(recs[qid]["pass_at"]) == {"1", "2"}  # k=10 > n is not estimated
+        assert set(recs[qid]["pass_at"]) == {"1", "2"}
     row = rp.aggregate(log.records)[0]
     want1 = 100 * sum(pass_at_k(5, c, 1) for c in correct.values()) / 3
     want2 = 100 * sum(pass_at_k(5, c, 2) for c in correct.values()) / 3
@@ -72,9 +72,26 @@ def test_sweep_samples_n_answers_and_reports_pass_at_k(tmp_path):
 
 
 def test_pass_at_validation(tmp_path):
-    with pytest.raises(Exception, match="at least one k"):
-        sw.SweepSpec.model_validate({"architectures": ["a"], "benchmarks": [{"name": "humaneval", "pass_at": {"n": 5, "k": [10]}}]})
-    spec = sw.SweepSpec.model_validate({"architectures": ["scripted"], "judge": "judge",
-                                            "benchmarks": [{"name": "mt_bench", "n": 1, "pass_at": {"n": 2}}]})
-    with pytest.raises(SpecError, match="pass_at"):
-        asyncio.run(sw.run_sweep(spec, tmp_path / "o", registry=make_registry(HalfRight({})), progress=False))
+    # a k beyond n has no estimate: refused naming the field, not dropped from the report
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("architectures: [a]\nbenchmarks: [{name: humaneval, pass_at: {n: 3, k: [1, 2, 5]}}]\n")
+    with pytest.raises(SpecError) as e:
+        sw.load_sweep(bad)
+    assert e.value.source == str(bad) and any("benchmarks[0].pass_at" in m and "[5]" in m for m in e.value.errors)
+    # k left out: those of 1, 10, 100 within n
+    ok = sw.SweepSpec.model_validate({"architectures": ["a"], "benchmarks": [{"name": "humaneval", "pass_at": {"n": 20}}]})
+    assert ok.benchmarks[0].pass_at.k == [1, 10]
+    bad.write_text("architectures: [a]\njudge: judge\nbenchmarks: [{name: mt_bench, n: 1, pass_at: {n: 2}}]\n")
+    with pytest.raises(SpecError) as e:
+        sw.load_sweep(bad)
+    assert any("benchmarks[0]" in m and "pass_at" in m for m in e.value.errors)
+
+
+def test_pass_at_keeps_one_trace_per_sample(tmp_path):
+    items = ds.subset(ds.load("humaneval"), n=1, seed=0)
+    spec = sw.SweepSpec.model_validate({
+        "name": "pkt", "architectures": ["scripted"], "keep_traces": True, "params": {"temperature": 0.8, "seed": 1},
+        "benchmarks": [{"name": "humaneval", "ids": [items[0].id], "pass_at": {"n": 3, "k": [1]}}]})
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "out", registry=make_registry(HalfRight({items[0].id: 1})), progress=False))
+    [rec] = log.records
+    assert len(rec["traces"]) == 3 and all(t["calls"] == 1 for t in rec["traces"])

@@ -143,3 +143,31 @@ def test_workers_on_postgresql_split_one_sweep_one_killed_then_report(tmp_path: 
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert "| scripted | math500 | 12 |" in rep.stdout
     assert len((tmp_path / "w0" / "results.jsonl").read_text().splitlines()) == 36
+
+
+async def test_waiting_for_leased_questions_is_reported(tmp_path: Path) -> None:
+    """A worker done with its own questions says it waits for those other workers hold (the progress bar shows it)."""
+    a = SweepStore(f"sqlite:///{tmp_path / 's.db'}", "w", lease_s=3)
+    b = StoreResults(a.engine, "w", lease_s=3, worker="host-b:2")
+    assert a.results.claim_sync("m", "math500", "q1") and not b.claim_sync("m", "math500", "q1")
+    told: list[int] = []
+
+    def on_wait(n: int) -> None:
+        told.append(n)
+        a.results.append_sync(_rec("m", "q1"))  # the other worker finishes while this one waits
+
+    assert await b.wait_for_others(on_wait=on_wait) == set()
+    assert told == [1]
+    a.close()
+
+
+def test_store_names_what_changed(storage_url: str) -> None:
+    s = SweepStore(storage_url, "c")
+    try:
+        s.results.register({"name": "c", "params": {"max_tokens": 32}, "concurrency": 8})
+        StoreResults(s.engine, "c").register({"name": "c", "params": {"max_tokens": 32}, "concurrency": 2})  # per worker
+        with pytest.raises(SweepMismatch, match=r"params.max_tokens: 32 -> 8"):
+            StoreResults(s.engine, "c").register({"name": "c", "params": {"max_tokens": 8}, "concurrency": 8})
+        assert "c" in s.sweeps()
+    finally:
+        s.close()

@@ -217,3 +217,114 @@ async def test_judge_max_tokens_caps_the_generating_judges(tmp_path, cap, expect
     log = await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False)
     assert len(up.judge_caps) == 2 + 2 and set(up.judge_caps) == expected  # two turns, two game orders
     assert all(r["score"] is not None for r in log.records)
+
+
+async def test_resume_with_a_changed_sweep_is_refused_naming_the_change(tmp_path):
+    spec = _spec(tmp_path, params={"max_tokens": 32}, benchmarks=[{"name": "math500", "split": "dev", "n": 2}])
+    out = tmp_path / "out"
+    await sw.run_sweep(spec, out, registry=make_registry(ScriptedUpstream()), progress=False)
+    saved = (out / "sweep.json").read_text()
+    changed = _spec(tmp_path, params={"max_tokens": 8}, architectures=["scripted", "null-model"],
+                    benchmarks=[{"name": "math500", "split": "dev", "n": 2}])
+    up = ScriptedUpstream()
+    with pytest.raises(sw.SweepMismatch) as e:
+        await sw.run_sweep(changed, out, registry=make_registry(up), progress=False)
+    msg = " ".join(e.value.errors)
+    assert "params.max_tokens: 32 -> 8" in msg and "6 results" in msg
+    assert f"architectures: dropped [{str(tmp_path / 'tiny-moa.yaml')!r}]" in msg
+    assert up.calls == 0 and (out / "sweep.json").read_text() == saved  # nothing run, the old definition kept
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 1
+    # what does not change a result may: concurrency, caps, traces
+    same = _spec(tmp_path, params={"max_tokens": 32}, concurrency=1, backend_concurrency={}, keep_traces=True,
+                 benchmarks=[{"name": "math500", "split": "dev", "n": 2}])
+    log = await sw.run_sweep(same, out, registry=make_registry(up), progress=False)
+    assert up.calls == 0 and len(log.records) == 6
+
+
+async def test_judge_and_logprob_architectures_are_checked_before_any_call(tmp_path):
+    from archon_server.spec import SpecError
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("judge: jduge\narchitectures: [scripted]\nbenchmarks: [{name: math500, n: 2}, {name: alpaca_eval, n: 2}]\n")
+    up = ScriptedUpstream()
+    with pytest.raises(SpecError) as e:
+        await sw.run_sweep(sw.load_sweep(sweep), tmp_path / "out", registry=make_registry(up), progress=False)
+    assert e.value.source == str(sweep) and e.value.errors[0].startswith("judge: 'jduge'")
+    sweep.write_text("architectures: [scripted]\nbenchmarks: [{name: math500, n: 2}, {name: mt_bench, n: 1}]\n")
+    with pytest.raises(SpecError) as e:
+        await sw.run_sweep(sw.load_sweep(sweep), tmp_path / "out", registry=make_registry(up), progress=False)
+    assert e.value.source == str(sweep) and e.value.errors[0].startswith("judge:") and "mt_bench" in e.value.errors[0]
+    # MMLU logprob scores one model: an ensemble is refused by name, not scored as its first model
+    (tmp_path / "tiny-moa.yaml").write_text(ARCH)
+    sweep.write_text(f"architectures: [scripted, {tmp_path / 'tiny-moa.yaml'}, null-model]\n"
+                     "benchmarks: [{name: mmlu, n: 2, mode: logprob}]\n")
+    with pytest.raises(SpecError) as e:
+        await sw.run_sweep(sw.load_sweep(sweep), tmp_path / "out", registry=make_registry(up), progress=False)
+    assert "'tiny-moa'" in e.value.errors[0] and "'scripted'" not in e.value.errors[0]
+    assert up.calls == 0 and not (tmp_path / "out").exists()
+
+
+async def test_an_unexpected_failure_cancels_the_other_questions_before_closing(tmp_path, monkeypatch):
+    """A question that raises past run_item stops the sweep; the questions still in flight are cancelled before the
+    cache closes, so none of them writes a bogus record ("Cannot operate on a closed database") or runs on."""
+    spec = _spec(tmp_path, architectures=["scripted"], concurrency=4, benchmarks=[{"name": "math500", "n": 8}])
+    real = sw.SweepRun.run_item
+
+    async def run_item(self, arch, s, item):  # type: ignore[no-untyped-def]
+        if item.id == self.items()[1][1].id:
+            raise RuntimeError("boom")
+        return await real(self, arch, s, item)
+
+    monkeypatch.setattr(sw.SweepRun, "run_item", run_item)
+    up = ScriptedUpstream(delay_s=0.05)
+    with pytest.raises(RuntimeError, match="boom"):
+        await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()] == []
+    recs = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()] \
+        if (tmp_path / "out" / "results.jsonl").exists() else []
+    assert not [r for r in recs if r.get("error")]
+
+
+def _data_copy(tmp_path: Path) -> Path:
+    """A data folder beside the default: links to the shipped files, with the MT-Bench judge prompts and the AlpacaEval
+    eval set marked, so a file read from the default folder instead shows."""
+    from archon_server.bench.paths import data_dir
+
+    src = data_dir()
+    root = tmp_path / "data"
+    for top in src.iterdir():
+        if top.name not in ("mt_bench", "alpaca_eval"):
+            (root / top.name).parent.mkdir(parents=True, exist_ok=True)
+            (root / top.name).symlink_to(top)
+    for d in ("mt_bench", "alpaca_eval", "alpaca_eval/model_outputs"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+        for f in (src / d).iterdir():
+            if not (root / d / f.name).exists() and f.name not in ("judge_prompts.jsonl", "gpt4_1106_preview.json", "model_outputs"):
+                (root / d / f.name).symlink_to(f)
+    prompts = [json.loads(line) for line in (src / "mt_bench" / "judge_prompts.jsonl").read_text().splitlines() if line.strip()]
+    (root / "mt_bench" / "judge_prompts.jsonl").write_text(
+        "".join(json.dumps({**p, "system_prompt": "MARKED-DATA " + p["system_prompt"]}) + "\n" for p in prompts))
+    rows = json.loads((src / "alpaca_eval" / "model_outputs" / "gpt4_1106_preview.json").read_text())
+    (root / "alpaca_eval" / "model_outputs" / "gpt4_1106_preview.json").write_text(
+        json.dumps([{**r, "dataset": "MARKED-DATA"} for r in rows]))
+    return root
+
+
+async def test_data_folder_is_used_for_judge_prompts_and_exports(tmp_path):
+    data = _data_copy(tmp_path)
+    up = _RecordingJudge()
+    seen: list[str] = []
+    real = up.chat
+
+    async def chat(request):  # type: ignore[no-untyped-def]
+        seen.append(request.messages[0]["content"])
+        return await real(request)
+
+    up.chat = chat  # type: ignore[method-assign]
+    spec = _spec(tmp_path, architectures=["scripted"], benchmarks=[{"name": "mt_bench", "n": 1}, {"name": "alpaca_eval", "n": 2}])
+    await sw.run_sweep(spec, tmp_path / "out", registry=make_registry(up), progress=False, data_root=str(data))
+    judge_systems = [s for s in seen if "[[rating]]" in s or "impartial judge" in s]
+    assert judge_systems and all(s.startswith("MARKED-DATA ") for s in judge_systems)
+    rp.write_report(tmp_path / "out", data_root=str(data))
+    outs = json.loads((tmp_path / "out" / "alpaca_eval" / "scripted" / "model_outputs.json").read_text())
+    assert {o["dataset"] for o in outs} == {"MARKED-DATA"}

@@ -83,10 +83,26 @@ def normalize_preference(value: Any) -> float:
     return p
 
 
+ANNOTATION_FIELDS = ("instruction", "output_1", "output_2", "preference")
+
+
 def load_annotations(path: str | os.PathLike[str]) -> dict[str, list[Judged]]:
-    """Read an official annotations JSON (``output_1`` = baseline, ``output_2`` = system), grouped by ``generator_2``."""
+    """Read an official annotations JSON (``output_1`` = baseline, ``output_2`` = system), grouped by ``generator_2``.
+
+    Every row must carry ``instruction``, ``output_1``, ``output_2`` and ``preference`` (null allowed: a draw, as
+    upstream): anything else, a ``model_outputs.json`` above all, is refused with a :class:`ValueError` naming the
+    file and the missing fields, instead of being scored as all draws of empty outputs."""
     with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON annotations file ({e})") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: an annotations file is a non-empty JSON list of rows")
+    missing = sorted({k for r in rows for k in ANNOTATION_FIELDS if k not in r})
+    if missing:
+        hint = " (this looks like a model_outputs file: score its annotations, not its outputs)" if "output" in rows[0] else ""
+        raise ValueError(f"{path}: not AlpacaEval annotations: rows lack {', '.join(missing)}{hint}")
     out: dict[str, list[Judged]] = defaultdict(list)
     for r in rows:
         out[str(r.get("generator_2") or Path(path).stem)].append(

@@ -12,50 +12,104 @@ from pathlib import Path
 from typing import Any
 
 
+def _fail(msg: str) -> int:
+    print(msg, file=sys.stderr)
+    return 2
+
+
+def _data_dir_error(data: str | None) -> str | None:
+    """The one-line error for a benchmark data folder that is not there (--data, $ARCHON_DATA_DIR, the default)."""
+    from .paths import DataNotFound, data_dir
+
+    try:
+        data_dir(data)
+    except DataNotFound as e:
+        return f"--data: {e}" if data else str(e)
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import sqlalchemy.exc
+
+    from .paths import DataNotFound
 
     try:
         return _run(args)
     except sqlalchemy.exc.OperationalError as e:  # --store points at a database that is down or unknown
         from ..db import unreachable_message
 
-        print(unreachable_message(args.store or "", e), file=sys.stderr)
-        return 2
+        return _fail(unreachable_message(args.store or "", e))
+    except DataNotFound as e:  # a benchmark's file is missing from the data folder
+        return _fail(f"{args.sweep}: {e}")
 
 
 def _run(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .sweep import load_sweep, run_sweep
+    from .sweep import ResultsLog, load_sweep, run_sweep
 
     sweep_path = Path(args.sweep)
     spec = load_sweep(sweep_path)
+    if (err := _data_dir_error(args.data)) is not None:
+        return _fail(err)
     out = Path(args.out or Path("runs") / "bench" / spec.name)
     if args.limit:
         for b in spec.benchmarks:
             b.n = min(b.n or args.limit, args.limit)
-    log = asyncio.run(run_sweep(spec, out, config_path=args.config, base_dir=sweep_path.parent.parent if sweep_path.parent.name == "benchmarks" else sweep_path.parent,
-                                cache=not args.no_cache, progress=not args.no_progress, data_root=args.data,
-                                store_url=args.store))
-    paths = write_report(out, title=f"Sweep {spec.name}")
+    try:
+        log = asyncio.run(run_sweep(spec, out, config_path=args.config,
+                                    base_dir=sweep_path.parent.parent if sweep_path.parent.name == "benchmarks" else sweep_path.parent,
+                                    cache=not args.no_cache, progress=not args.no_progress, data_root=args.data,
+                                    store_url=args.store))
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the sweep: every finished question is on disk (or in the store), none half-written.
+        where = f"the store {args.store}" if args.store else str(out)
+        n = "" if args.store else f"{len(ResultsLog(out / 'results.jsonl', create=False).records)} "
+        print(f"\ninterrupted: {n}results saved in {where}; run the same command to resume", file=sys.stderr)
+        return 130
+    paths = write_report(out, title=f"Sweep {spec.name}", data_root=args.data)
     print(Path(paths["markdown"]).read_text(encoding="utf-8"))
     print(f"{len(log.records)} results in {out / 'results.jsonl'}; report {paths['markdown']}, plot {paths['plot']}", file=sys.stderr)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import sqlalchemy.exc
+
+    try:
+        return _report(args)
+    except sqlalchemy.exc.OperationalError as e:
+        from ..db import unreachable_message
+
+        return _fail(unreachable_message(args.store or "", e))
+
+
+def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    out = Path(args.out)
+    if (err := _data_dir_error(args.data)) is not None:
+        return _fail(err)
     if args.store:  # a shared sweep: results.jsonl from the store first (all workers' rows)
         from .store import SweepStore
 
-        name = args.sweep or json.loads((Path(args.out) / "sweep.json").read_text(encoding="utf-8"))["name"]
+        name = args.sweep
+        if name is None:
+            saved = out / "sweep.json"
+            if not saved.exists():
+                return _fail(f"{out}: no sweep.json to name the sweep in the store; pass --sweep NAME")
+            name = json.loads(saved.read_text(encoding="utf-8"))["name"]
         store = SweepStore(args.store, name)
         try:
-            store.results.export_jsonl(Path(args.out) / "results.jsonl")
+            known = store.sweeps()
+            if name not in known:
+                return _fail(f"--sweep: the store holds no sweep {name!r} (it holds: {', '.join(known) or 'none'})")
+            store.results.export_jsonl(out / "results.jsonl")
         finally:
             store.close()
-    paths = write_report(args.out)
+    elif not (out / "results.jsonl").exists():
+        what = "no such folder" if not out.is_dir() else "no results.jsonl (run `archon bench run` first, or pass --store)"
+        return _fail(f"{out}: {what}")
+    paths = write_report(out, data_root=args.data)
     print(Path(paths["markdown"]).read_text(encoding="utf-8"))
     return 0
 
@@ -65,9 +119,12 @@ def cmd_score_alpaca(args: argparse.Namespace) -> int:
     from .paths import data_file
 
     systems: dict[str, list[ae.Judged]] = {}
-    for f in args.annotations:
-        for name, rows in ae.load_annotations(f).items():
-            systems.setdefault(name, []).extend(rows)
+    try:
+        for f in args.annotations:
+            for name, rows in ae.load_annotations(f).items():
+                systems.setdefault(name, []).extend(rows)
+    except (OSError, ValueError) as e:  # a missing file, or one that is not annotations (model_outputs.json)
+        return _fail(str(e))
     instructions = ae.load_eval_instructions(args.data)
     if args.difficulty:
         difficulty = ae.load_difficulty(args.difficulty, instructions)
@@ -80,8 +137,11 @@ def cmd_score_alpaca(args: argparse.Namespace) -> int:
         if args.save_difficulty:
             ae.save_difficulty(difficulty, args.save_difficulty)
     gamed = []
-    for f in args.gamed or []:
-        gamed += list(ae.load_annotations(f).values())
+    try:
+        for f in args.gamed or []:
+            gamed += list(ae.load_annotations(f).values())
+    except (OSError, ValueError) as e:
+        return _fail(f"--gamed: {e}")
     lb = {}
     if args.leaderboard:
         lb = ae.load_leaderboard(data_file("alpaca_eval/leaderboard_alpaca_eval2_weighted_alpaca_eval_gpt4_turbo.csv", args.data))
@@ -153,6 +213,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     rp.add_argument("out")
     rp.add_argument("--store", help="shared sweep store URL: write results.jsonl from it first")
     rp.add_argument("--sweep", help="sweep name in the store (default: OUT/sweep.json's)")
+    rp.add_argument("--data", help="benchmark data folder (default $ARCHON_DATA_DIR or ../shared/data)")
     rp.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("score-alpaca", help="raw and length-controlled win rates of AlpacaEval annotation files")

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..db import create_tables, normalize_url, sqlite_path, worker_id
-from ..spec import SpecError
+from .sweep import SweepMismatch as SweepMismatch  # raised by register(); importable from here as before
+from .sweep import sweep_changes
 
 log = logging.getLogger("archon.bench.store")
 
@@ -63,9 +65,6 @@ CALLS = sa.Table(
     sa.Column("created", sa.Float, nullable=False),
 )
 
-
-class SweepMismatch(SpecError):
-    """The store already holds a sweep of this name with a different definition (the CLI prints it, exit 2)."""
 
 
 def make_engine(url: str) -> Engine:
@@ -144,15 +143,17 @@ class StoreResults:
             self.done: set[str] = {result_key(a, b, i) for a, b, i in rows}
 
     # -- the sweep's definition ----------------------------------------------------------------------
-    def register(self, spec: dict[str, Any]) -> None:
-        """Record the sweep's definition once; a worker started with a different one is refused (it would mix results)."""
+    def register(self, spec: dict[str, Any], source: str = "sweep store") -> None:
+        """Record the sweep's definition once; a worker started with a different one is refused (it would mix results),
+        naming what changed (:func:`~archon_server.bench.sweep.sweep_changes`: concurrency may differ per worker)."""
         text = json.dumps(spec, sort_keys=True)
         with self.engine.begin() as con:
             con.execute(_insert_ignore(self.engine, SWEEPS).values(sweep=self.sweep, spec=text, created=time.time()))
             stored = con.execute(sa.select(SWEEPS.c.spec).where(SWEEPS.c.sweep == self.sweep)).scalar_one()
-        if json.loads(stored) != json.loads(text):
-            raise SweepMismatch([f"the store holds a different definition of sweep {self.sweep!r} (workers must run the "
-                                 "same sweep file and --limit; rename the sweep or use another store)"], "sweep store")
+        changes = sweep_changes(json.loads(stored), json.loads(text))
+        if changes:
+            raise SweepMismatch([f"the store holds a different definition of sweep {self.sweep!r}; changed: " + "; ".join(changes),
+                                 "workers must run the same sweep file and --limit; rename the sweep or use another store"], source)
 
     # -- claims --------------------------------------------------------------------------------------
     def _pk(self, arch: str, benchmark: str, item: str, sample: int) -> Any:
@@ -197,9 +198,10 @@ class StoreResults:
                     stale = stale or beat < now - self.lease_s
         return out, stale
 
-    async def wait_for_others(self) -> set[str]:
+    async def wait_for_others(self, on_wait: Callable[[int], None] | None = None) -> set[str]:
         """Wait while questions this worker skipped run elsewhere; return the keys whose worker died (stale
-        lease) so the sweep claims them again, or nothing once all are finished."""
+        lease) so the sweep claims them again, or nothing once all are finished.  ``on_wait(n)`` is told, at each
+        look, that ``n`` questions are still leased by other workers (the progress bar says so)."""
         from .sweep import result_key
 
         while True:
@@ -209,6 +211,8 @@ class StoreResults:
                 return set()
             if stale:
                 return {result_key(a, b, i) for a, b, i, _ in running}
+            if on_wait is not None:
+                on_wait(len(running))
             await asyncio.sleep(min(5.0, self.lease_s / 3))
 
     def heartbeat(self) -> int:
@@ -295,6 +299,11 @@ class SweepStore:
         self.engine = make_engine(url)
         self.calls = SqlCallCache(self.engine)
         self.results = StoreResults(self.engine, sweep, lease_s=lease_s)
+
+    def sweeps(self) -> list[str]:
+        """The names of the sweeps the store holds (registered by a worker)."""
+        with self.engine.connect() as con:
+            return sorted(con.execute(sa.select(SWEEPS.c.sweep)).scalars())
 
     def close(self) -> None:
         self.engine.dispose()

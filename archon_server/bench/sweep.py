@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..backends.base import Backend, SamplingParams, Usage, numeric_stats
 from ..graph.runtime import GraphError
@@ -51,16 +51,25 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DEFAULT_PASS_K = (1, 10, 100)
+
+
 class PassAt(_Base):
-    """pass@k (Codex paper): ``n`` samples per problem, the unbiased estimate for each ``k`` <= n."""
+    """pass@k (Codex paper): ``n`` samples per problem, the unbiased estimate for each ``k`` <= n.
+
+    ``k`` left out: those of 1, 10, 100 that are <= n.  A ``k`` given beyond ``n`` is refused (its estimate
+    does not exist), not dropped."""
 
     n: int = Field(ge=1, le=1000)
-    k: list[int] = Field(default_factory=lambda: [1, 10, 100], min_length=1)
+    k: list[int] = Field(default_factory=list, description="Default: those of 1, 10, 100 that are <= n.")
 
     @model_validator(mode="after")
     def _k_within_n(self) -> PassAt:
-        if any(k < 1 for k in self.k) or not any(k <= self.n for k in self.k):
-            raise ValueError(f"pass_at.k needs at least one k in 1..n={self.n} (got {self.k})")
+        if not self.k:
+            self.k = [k for k in DEFAULT_PASS_K if k <= self.n]
+        bad = [k for k in self.k if not 1 <= k <= self.n]
+        if bad:
+            raise ValueError(f"pass_at.k must lie in 1..n={self.n} (pass@k needs k <= n samples); got {bad}")
         return self
 
 
@@ -73,6 +82,16 @@ class BenchmarkEntry(_Base):
     pass_at: PassAt | None = Field(default=None, description="Auto-graded benchmarks: n samples per problem, pass@k.")
     mode: Literal["generate", "logprob"] = Field(
         default="generate", description="MMLU only: `logprob` scores the four letters (lm-evaluation-harness), reported as <name>_logprob.")
+
+    @model_validator(mode="after")
+    def _known(self) -> BenchmarkEntry:
+        if self.name not in ds.LOADERS:
+            raise ValueError(f"unknown benchmark {self.name!r}; known: {', '.join(sorted(ds.LOADERS))}")
+        if self.mode == "logprob" and not self.name.startswith("mmlu"):
+            raise ValueError(f"mode logprob is for MMLU, not {self.name!r}")
+        if self.pass_at is not None and self.name in JUDGED:
+            raise ValueError(f"pass_at needs an automatically graded benchmark, not {self.name!r}")
+        return self
 
 
 class SweepSpec(_Base):
@@ -90,23 +109,97 @@ class SweepSpec(_Base):
     architectures: list[str] = Field(min_length=1)
     benchmarks: list[BenchmarkEntry] = Field(min_length=1)
     null_text: str = NULL_OUTPUT
-    keep_traces: bool = Field(default=False, description="Store each answer's trace in its result (`trace`, or `traces` per turn); the web console opens them.")
+    keep_traces: bool = Field(default=False, description="Store each answer's trace in its result (`trace`, or `traces` per turn, "
+                              "or per pass@k sample); the web console opens them.")
+    _source: str | None = PrivateAttr(default=None)  # the sweep file, for error messages (not part of the definition)
+
+    @property
+    def source(self) -> str:
+        """Where the sweep came from, as errors name it: its file, else ``sweep <name>``."""
+        return self._source or f"sweep {self.name}"
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep file; every failure is a :class:`SpecError` naming the file (and field or line)."""
     p = Path(path)
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"cannot read the sweep file: {e.strerror or e}"], str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise SpecError([f"{where}invalid YAML: {getattr(e, 'problem', None) or e}"], str(p)) from None
     if not isinstance(data, dict):
         raise SpecError(["<root>: a sweep must be a mapping"], str(p))
     data.setdefault("name", p.stem)
-    try:
-        return SweepSpec.model_validate(data)
-    except Exception as e:  # pydantic ValidationError
-        from pydantic import ValidationError
+    from pydantic import ValidationError
 
-        if isinstance(e, ValidationError):
-            raise SpecError(validation_messages(e), str(p)) from None
-        raise
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(validation_messages(e), str(p)) from None
+    spec._source = str(p)
+    return spec
+
+
+# The fields that do not change what a question's result is: they may differ between a run and its resume
+# (or between the workers of a shared store).  Everything else must match, or results would mix.
+OPERATIONAL_FIELDS = frozenset({"description", "concurrency", "backend_concurrency", "keep_traces"})
+
+
+class SweepMismatch(SpecError):
+    """A sweep's results were made with a different definition (the CLI prints it, exit 2)."""
+
+
+def _short(v: Any) -> str:
+    t = json.dumps(v, ensure_ascii=False, sort_keys=True)
+    return t if len(t) <= 120 else t[:117] + "..."
+
+
+def sweep_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two sweep definitions (``SweepSpec.model_dump(mode="json")``), one line per field,
+    operational fields (:data:`OPERATIONAL_FIELDS`) left out; empty when the results of one are the other's."""
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        if not prefix and k in OPERATIONAL_FIELDS:
+            continue
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        name = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += sweep_changes(a, b, prefix=f"{name}.")
+        elif isinstance(a, list) and isinstance(b, list) and all(isinstance(x, str) for x in a + b):
+            gone, added = [x for x in a if x not in b], [x for x in b if x not in a]
+            parts = ([f"dropped {gone}"] if gone else []) + ([f"added {added}"] if added else [])
+            out.append(f"{name}: {', '.join(parts) or f'order {a} -> {b}'}")
+        else:
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def check_resume(spec: SweepSpec, out: Path) -> None:
+    """A folder that holds results of a sweep is resumed only with the same definition (``<out>/sweep.json``):
+    otherwise old answers would be reported under new settings.  Raises :class:`SweepMismatch` naming the changes."""
+    saved, results = out / "sweep.json", out / "results.jsonl"
+    if not saved.exists() or not results.exists():
+        return
+    n = len(ResultsLog(results, create=False).records)
+    if not n:
+        return
+    try:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # unreadable: nothing to compare with (the run rewrites it)
+    changes = sweep_changes(old, spec.model_dump(mode="json"))
+    if changes:
+        raise SweepMismatch([f"{out} holds {n} results of a different definition of this sweep ({saved}); changed: "
+                             + "; ".join(changes),
+                             f"use another --out, or delete {results} to start over (the call cache is kept); "
+                             "--limit counts as part of the definition"], spec.source)
 
 
 # --------------------------------------------------------------------------- results file
@@ -124,9 +217,11 @@ class ResultsLog:
     succeeded is never run twice.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, create: bool = True):
+        """``create=False``: only read (a missing folder is not made)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._latest: dict[str, dict[str, Any]] = {}
         self.done: set[str] = set()
         if self.path.exists():
@@ -157,8 +252,8 @@ class ResultsLog:
         """One process owns this file, so every question is its own (a shared store's claim can say no)."""
         return True
 
-    async def wait_for_others(self) -> set[str]:
-        """Keys to try again because the worker that held them died; never any here."""
+    async def wait_for_others(self, on_wait: Callable[[int], None] | None = None) -> set[str]:
+        """Keys to try again because the worker that held them died; never any here (``on_wait`` as the store's)."""
         return set()
 
     async def append(self, rec: dict[str, Any]) -> None:
@@ -194,9 +289,10 @@ class CostMeter:
 Generate = Callable[[list[dict[str, Any]]], Any]  # async (messages) -> (text, calls, usage)
 
 
-def resolve_architectures(names: Iterable[str], registry: Any, config: Any | None, base_dir: Path | None = None) -> dict[str, ArchitectureSpec | None]:
+def resolve_architectures(names: Iterable[str], registry: Any, config: Any | None, base_dir: Path | None = None,
+                          source: str | None = None) -> dict[str, ArchitectureSpec | None]:
     """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend
-    alias, resolved by the server's one catalog (graph.catalog.Catalog)."""
+    alias, resolved by the server's one catalog (graph.catalog.Catalog).  ``source``: the sweep file errors name."""
     from ..graph.catalog import Catalog, UnknownArchitecture
 
     catalog = Catalog(config.architectures_dirs if config is not None else (), registry)
@@ -208,12 +304,24 @@ def resolve_architectures(names: Iterable[str], registry: Any, config: Any | Non
         try:
             spec = catalog.resolve(n, files=True, base_dir=base_dir)
         except UnknownArchitecture:
-            raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"]) from None
+            raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"], source) from None
         out[spec.name] = spec
     return out
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def single_generator_model(spec: ArchitectureSpec) -> str | None:
+    """The backend alias of an architecture that is one generator sampling one answer from one model (what MMLU's
+    logprob mode can score in its place), else None: an ensemble, a fuser or a ranker has no log-probabilities."""
+    if len(spec.layers) != 1 or len(spec.layers[0]) != 1:
+        return None
+    c = spec.layers[0][0]
+    models = c.models_used()
+    if c.type != "generator" or getattr(c, "samples", 1) != 1 or len(models) != 1:
+        return None
+    return models[0]
 
 
 def _traces_field(traces: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -253,11 +361,38 @@ class SweepRun:
             traces.append(res.trace.to_dict())
         return res.text, int(res.calls), res.usage
 
+    _items: list[tuple[str, ds.Item]] | None = None
+    _judge_prompts: dict[str, dict[str, Any]] | None = None
+
+    def check(self, archs: dict[str, ArchitectureSpec | None]) -> None:
+        """Everything that would fail mid-run, checked before the first call: the judge alias, the architectures of
+        logprob benchmarks, the data.  A :class:`SpecError` names the sweep file and field."""
+        src = self.spec.source
+        judged = sorted({e.name for e in self.spec.benchmarks if e.name in JUDGED})
+        if judged:
+            if not self.spec.judge:
+                raise SpecError([f"judge: the judged benchmarks ({', '.join(judged)}) need a judge: set `judge:` to a backend alias "
+                                 f"(known: {', '.join(sorted(self.registry.aliases()))})"], src)
+            if self.spec.judge not in self.registry:
+                raise SpecError([f"judge: {self.spec.judge!r} is not a backend alias of the server config "
+                                 f"(known: {', '.join(sorted(self.registry.aliases()))})"], src)
+        if any(e.mode == "logprob" for e in self.spec.benchmarks):
+            bad = [a for a, s in archs.items() if s is not None and single_generator_model(s) is None]
+            if bad:
+                raise SpecError([f"architectures: {', '.join(map(repr, bad))} is not a single generator of one model; "
+                                 "benchmarks with mode logprob score one model's letters (null-model is recorded as failed)"], src)
+        self.items()
+
     def _judge_backend(self) -> tuple[Backend, str]:
         if not self.spec.judge:
-            raise SpecError(["judge: judged benchmarks need a `judge` backend alias"])
+            raise SpecError(["judge: judged benchmarks need a `judge` backend alias"], self.spec.source)
         # Through the registry's limit, like the architectures' own calls (the sweep's backend_concurrency).
         return self.registry.limited(self.spec.judge), self.registry.model_name(self.spec.judge)
+
+    def _mt_bench_prompts(self) -> dict[str, dict[str, Any]]:
+        if self._judge_prompts is None:
+            self._judge_prompts = ds.load_mt_bench_judge_prompts(self.data_root)
+        return self._judge_prompts
 
     async def run_item(self, arch: str, spec: ArchitectureSpec | None, item: ds.Item) -> dict[str, Any]:
         rec: dict[str, Any] = {"arch": arch, "benchmark": item.benchmark, "id": item.id}
@@ -293,12 +428,13 @@ class SweepRun:
         return rec
 
     async def _run_logprob(self, rec: dict[str, Any], spec: ArchitectureSpec | None, item: ds.Item, t0: float) -> dict[str, Any]:
-        """MMLU logprob mode: the architecture must be one model (an ensemble has no log-probabilities)."""
-        models = sorted(set(spec.models_used())) if spec is not None else []
+        """MMLU logprob mode: the architecture must be one generator of one model (an ensemble has no log-probabilities)."""
+        model = single_generator_model(spec) if spec is not None else None
         try:
-            if len(models) != 1:
-                raise SpecError([f"architectures: logprob mode needs a single-model architecture, {rec['arch']!r} uses {models}"])
-            g = await grade_mmlu_logprob(self.registry.limited(models[0]), self.registry.model_name(models[0]), item)
+            if model is None:
+                raise SpecError([f"architectures: logprob mode needs a single generator of one model, {rec['arch']!r} is not one"],
+                                self.spec.source)
+            g = await grade_mmlu_logprob(self.registry.limited(model), self.registry.model_name(model), item)
         except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
             rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, seconds=time.perf_counter() - t0)
             return rec
@@ -309,16 +445,23 @@ class SweepRun:
 
     async def _run_samples(self, rec: dict[str, Any], arch: str, spec: ArchitectureSpec | None, item: ds.Item,
                            pk: PassAt, t0: float) -> dict[str, Any]:
-        """pass@k: ``pk.n`` independent answers (concurrently, each its own cache scope), each graded."""
+        """pass@k: ``pk.n`` independent answers (concurrently, each its own cache scope), each graded.  With
+        keep_traces, ``traces`` holds one trace per sample, in sample order."""
+        per_sample: list[list[dict[str, Any]]] | None = [[] for _ in range(pk.n)] if self.spec.keep_traces else None
+
         async def one(i: int) -> tuple[str, int, Usage]:
             with cache_scope(f"gen\x1f{arch}\x1f{item.benchmark}\x1f{item.id}\x1fsample{i}"):
-                return await self._generate(arch, spec, item.messages(0, []), sample=i)
+                return await self._generate(arch, spec, item.messages(0, []), sample=i,
+                                            traces=per_sample[i] if per_sample is not None else None)
+
+        def traces() -> dict[str, Any]:
+            return {} if per_sample is None else {"traces": [t for ts in per_sample for t in ts]}
 
         usage = Usage()
         try:
             outs = await asyncio.gather(*(one(i) for i in range(pk.n)))
         except Exception as e:  # noqa: BLE001 - a failed question is recorded, the sweep goes on
-            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, seconds=time.perf_counter() - t0)
+            rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, seconds=time.perf_counter() - t0, **traces())
             return rec
         calls = sum(c for _, c, _ in outs)
         for _, _, u in outs:
@@ -328,9 +471,9 @@ class SweepRun:
         grades = await asyncio.gather(*(asyncio.to_thread(grade, item, t) for t in texts))
         c = sum(g.correct for g in grades)
         rec.update(output=texts[0], samples=texts, n_samples=pk.n, n_correct=c, score=c / pk.n, correct=c > 0,
-                   pass_at={str(k): pass_at_k(pk.n, c, k) for k in pk.k if k <= pk.n},
+                   pass_at={str(k): pass_at_k(pk.n, c, k) for k in pk.k},
                    calls=calls, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, **traces())
         return rec
 
     def _count(self, calls: int, usage: Usage) -> None:
@@ -361,7 +504,7 @@ class SweepRun:
                     "len_baseline": len(item.reference), "len_model": len(answers[0]), "instruction": item.prompt,
                     **self._count_judge(j.usage, 1)}
         if b == "mt_bench":
-            scores = await MTBenchJudge(backend, model, **self._judge_cap()).score_both(item, answers)
+            scores = await MTBenchJudge(backend, model, prompts=self._mt_bench_prompts(), **self._judge_cap()).score_both(item, answers)
             u = Usage()
             for s in scores:
                 u.add(s.usage)
@@ -380,19 +523,23 @@ class SweepRun:
         raise ValueError(f"no scorer for benchmark {b!r}")
 
     def items(self) -> list[tuple[str, ds.Item]]:
+        """The sweep's questions, loaded once (the entries were validated with the sweep: names, modes, pass_at).
+        Unknown ``ids`` are a :class:`SpecError` naming the entry; missing data a ``DataNotFound``."""
+        if self._items is not None:
+            return self._items
         out = []
-        for entry in self.spec.benchmarks:
-            items = ds.select(entry.name, split_name=entry.split, n=entry.n, ids=entry.ids,
-                              seed=self.spec.seed if entry.seed is None else entry.seed, root=self.data_root)
+        for i, entry in enumerate(self.spec.benchmarks):
+            try:
+                items = ds.select(entry.name, split_name=entry.split, n=entry.n, ids=entry.ids,
+                                  seed=self.spec.seed if entry.seed is None else entry.seed, root=self.data_root)
+            except KeyError as e:
+                raise SpecError([f"benchmarks[{i}].ids: {e.args[0]}"], self.spec.source) from None
             if entry.mode == "logprob":
-                if not entry.name.startswith("mmlu"):
-                    raise SpecError([f"benchmarks: mode logprob is for MMLU, not {entry.name!r}"])
                 items = [replace(it, benchmark=f"{it.benchmark}_logprob") for it in items]
             out += [(entry.name, it) for it in items]
             if entry.pass_at is not None:
-                if entry.name in JUDGED:
-                    raise SpecError([f"benchmarks: pass_at needs an automatically graded benchmark, not {entry.name!r}"])
                 self.pass_at.update({(it.benchmark, it.id): entry.pass_at for it in items})
+        self._items = out
         return out
 
     async def run(self, archs: dict[str, ArchitectureSpec | None]) -> ResultsLog:
@@ -406,10 +553,14 @@ class SweepRun:
 
             bar = tqdm(total=len(todo), desc=self.spec.name, unit="q", dynamic_ncols=True)
 
+        skipped = 0  # questions another worker held when this one reached them (a shared store)
+
         async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
+            nonlocal skipped
             async with sem:
                 if not await log.claim(a, it.benchmark, it.id):
                     rec = None  # another worker of a shared store has it
+                    skipped += 1
                 else:
                     rec = await self.run_item(a, s, it)
             if rec is not None:
@@ -419,15 +570,39 @@ class SweepRun:
                 bar.set_postfix(calls=m.calls, tok=m.usage.total_tokens, judge_calls=m.judge_calls, refresh=False)
                 bar.update(1)
 
+        def waiting(n: int) -> None:
+            """The store waits for ``n`` questions leased by other workers: say so instead of a silent 100%."""
+            if bar is not None:
+                bar.set_description_str(f"{self.spec.name}: waiting for {n} question(s) leased by other workers")
+                bar.refresh()
+
         try:
-            await asyncio.gather(*(one(a, s, it) for a, s, it in todo))
+            await _all_or_none(one(a, s, it) for a, s, it in todo)
             # A shared store: stay until the questions other workers hold are done, taking over a dead one's.
-            while again := await log.wait_for_others():
-                await asyncio.gather(*(one(a, s, it) for a, s, it in todo if result_key(a, it.benchmark, it.id) in again))
+            while again := await log.wait_for_others(on_wait=waiting):
+                retry = [(a, s, it) for a, s, it in todo if result_key(a, it.benchmark, it.id) in again]
+                if bar is not None:
+                    bar.set_description_str(f"{self.spec.name}: taking over {len(retry)} question(s) of a dead worker")
+                    bar.total += len(retry)
+                    bar.refresh()
+                await _all_or_none(one(a, s, it) for a, s, it in retry)
         finally:
             if bar is not None:
                 bar.close()
         return log
+
+
+async def _all_or_none(coros: Iterable[Any]) -> None:
+    """Run the coroutines concurrently; if one raises (or the run is cancelled), cancel the others and wait for them
+    before re-raising, so nothing still runs when the caller closes the cache and the backends."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def wrap_registry(registry: Any, spec: SweepSpec, store: CacheStore | None) -> None:
@@ -463,7 +638,8 @@ async def run_sweep(
     from ..graph.runtime import GraphRuntime
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if store_url is None:
+        check_resume(spec, out)  # a shared store compares with its own copy (StoreResults.register)
     own_registry = registry is None
     if registry is None:
         from ..backends.registry import build_registry
@@ -474,21 +650,27 @@ async def run_sweep(
             cfg_path = str(base_dir / cfg_path)
         config = config or load_config(cfg_path)
         registry = build_registry(config)
+    archs = resolve_architectures(spec.architectures, registry, config, base_dir, source=spec.source)
+    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root)
+    run.check(archs)  # judge, logprob architectures, data: before any call, before the store records the definition
     shared = None
     if store_url:
         from .store import SweepStore
 
         shared = SweepStore(store_url, spec.name, lease_s=store_lease_s)
-        shared.results.register(spec.model_dump(mode="json"))
+        try:
+            shared.results.register(spec.model_dump(mode="json"), source=spec.source)
+        except BaseException:
+            shared.close()
+            raise
+        run.results = shared.results
+    out.mkdir(parents=True, exist_ok=True)
     store = (shared.calls if shared is not None else CacheStore(out / "cache.sqlite")) if cache else None
     wrap_registry(registry, spec, store)
-    archs = resolve_architectures(spec.architectures, registry, config, base_dir)
     (out / "sweep.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2), encoding="utf-8")
     if own_registry:
         await registry.start()
     started = time.time()
-    run = SweepRun(spec, out, registry, GraphRuntime(registry), progress=progress, data_root=data_root,
-                   results=shared.results if shared is not None else None)
     before = 0
     try:
         before = len(ResultsLog(out / "results.jsonl").records)

@@ -1,0 +1,117 @@
+"""`archon bench ...` on bad input: one line naming the file and field, exit 2, nothing created; Ctrl-C during a
+run: one line, exit 130, and the run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from archon_server.cli import main
+from archon_server.config import PRESET_ALIASES
+from archon_server.testing.upstream import FakeUpstream
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _server(tmp_path: Path, url: str) -> Path:
+    p = tmp_path / "server.json"
+    p.write_text(json.dumps({"backends": [{"alias": "fake", "kind": "openai", "model": "fake-model", "urls": [url],
+                                           "aliases": PRESET_ALIASES, "max_retries": 0}]}))
+    return p
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("body, where", [
+    ("architectures: [fake]\nbenchmarks: [{name: math5000, n: 2}]\n", "benchmarks[0]: unknown benchmark 'math5000'"),
+    ("architectures: [fake]\nbenchmarks:\n  - {name: math500, n: 2}\n  bad: [\n", "line 4"),
+    ("architectures: [nope-arch]\nbenchmarks: [{name: math500, n: 2}]\n", "architectures: 'nope-arch'"),
+    ("judge: jduge\narchitectures: [fake]\nbenchmarks: [{name: alpaca_eval, n: 2}]\n", "judge: 'jduge' is not a backend alias"),
+    ("architectures: [fake]\nbenchmarks: [{name: mt_bench, n: 2}]\n", "judge: the judged benchmarks (mt_bench) need a judge"),
+])
+def test_bad_sweep_is_one_line_naming_file_and_field(tmp_path, capsys, body, where):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(body)
+    cfg = _server(tmp_path, "http://127.0.0.1:9/v1")  # never called: the sweep is refused before any call
+    rc = main(["bench", "run", str(sweep), "--config", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = _err(capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{sweep}: ") and where in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_sweep_file_and_data_folder(tmp_path, capsys):
+    assert main(["bench", "run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "out")]) == 2
+    [line] = _err(capsys)
+    assert line.startswith(f"{tmp_path / 'none.yaml'}: ") and "No such file" in line
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("architectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n")
+    assert main(["bench", "run", str(sweep), "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "out")]) == 2
+    [line] = _err(capsys)
+    assert line.startswith("--data: ") and str(tmp_path / "nodata") in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_refuses_what_it_cannot_report(tmp_path, capsys):
+    missing = tmp_path / "nonexist"
+    assert main(["bench", "report", str(missing)]) == 2
+    assert "no such folder" in _err(capsys)[0] and not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["bench", "report", str(empty), "--store", store]) == 2
+    assert "pass --sweep" in _err(capsys)[0]
+    assert main(["bench", "report", str(empty), "--store", store, "--sweep", "typo"]) == 2
+    assert "no sweep 'typo'" in _err(capsys)[0]
+    assert list(empty.iterdir()) == []  # no empty report written
+
+
+def test_score_alpaca_refuses_model_outputs(tmp_path, capsys):
+    from archon_server.bench.paths import data_dir
+
+    outputs = data_dir() / "alpaca_eval" / "model_outputs" / "gpt4_1106_preview.json"
+    assert main(["bench", "score-alpaca", str(outputs)]) == 2
+    [line] = _err(capsys)
+    assert str(outputs) in line and "output_1" in line and "preference" in line
+
+
+def test_ctrl_c_is_one_line_and_resumes(tmp_path):
+    up = FakeUpstream(latency=0.2).start()
+    try:
+        cfg = _server(tmp_path, up.url)
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+            "name": "int", "concurrency": 2, "architectures": ["fake"], "benchmarks": [{"name": "math500", "n": 40}]}))
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "archon_server", "bench", "run", str(tmp_path / "s.yaml"), "--config", str(cfg),
+               "--out", str(out), "--no-progress"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # a shell's background job ignores SIGINT; a terminal's Ctrl-C reaches a process that does not
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        results = out / "results.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 130, err
+        assert len(lines) == 1 and lines[0].startswith("interrupted: "), err
+        saved = len(results.read_text().splitlines())
+        assert f"{saved} results saved in {out}" in lines[0] and 2 <= saved < 40
+        done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+        assert runs[-1]["records_before"] == saved and runs[-1]["records_after"] == 40
+    finally:
+        up.stop()
