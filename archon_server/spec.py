@@ -329,6 +329,14 @@ class ArchitectureSpec(_Base):
 
     def backend_calls_estimate(self, n_candidates: int = 0) -> int:
         """Upper bound of backend calls per query (used by budgets in search)."""
+        return self._flow(n_candidates)[0]
+
+    def answers_bound(self) -> int:
+        """Upper bound of the answers the last layer leaves (its writers' samples; a selector's top_k of its input)."""
+        return self._flow()[1]
+
+    def _flow(self, n_candidates: int = 0) -> tuple[int, int]:
+        """(backend calls, candidates after the last layer), each an upper bound, layer by layer."""
         calls = 0
         cands = n_candidates
         tests = False
@@ -373,7 +381,7 @@ class ArchitectureSpec(_Base):
                     calls += windows * (2 if c.proposer else 1)  # one n=chunk request + one aggregation per window
                     new += 1
             cands = new if new else (keep if keep is not None else cands)
-        return calls
+        return calls, cands
 
 
 def format_loc(loc: tuple[Any, ...], tags: Container[str] = ()) -> str:

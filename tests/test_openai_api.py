@@ -328,10 +328,15 @@ def test_a_sampling_extra_the_final_backend_cannot_honour_is_refused_before_any_
             c.completions.create(model="default", prompt="x", stream=True, extra_body={"min_tokens": 2})
         assert e.value.body["param"] == "min_tokens"
         assert not up.requests
-        # what it honours goes through; best-of-n's final stage is a ranker (judge sampling): nothing to refuse
+        # what it honours goes through
         c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 3})
-        c.chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "x"}], extra_body={"min_p": 0.1})
-        assert up.requests[1].body["top_k"] == 3 and not any("min_p" in q.body for q in up.requests)
+        assert up.requests[1].body["top_k"] == 3
+        # best-of-n's final stage is a ranker: the extras go to the writers it picks from ('default'), so they are
+        # checked against them (the ranker's judge samples its own way)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "x"}], extra_body={"min_p": 0.1})
+        assert e.value.body["param"] == "min_p" and "the final stage of 'best-of-n'" in e.value.body["message"]
+        assert not any("min_p" in q.body for q in up.requests)
 
 
 # -- /v1/models/{id} --------------------------------------------------------------------------

@@ -248,6 +248,10 @@ def test_auth_with_keys(upstream_factory, server_factory, monkeypatch, tmp_path)
     assert client(srv, api_key="k3").chat.completions.create(model="fake", messages=[{"role": "user", "content": "Q"}]).choices
     assert httpx.get(srv.url + "/health").status_code == 200
     assert httpx.get(srv.url + "/metrics").status_code == 401
+    # the scheme is case-insensitive (RFC 9110): `bearer` and `BEARER` carry a key too
+    for scheme in ("bearer", "BEARER"):
+        assert httpx.get(srv.url + "/v1/models", headers={"authorization": f"{scheme} k1"}).status_code == 200
+    assert httpx.get(srv.url + "/v1/models", headers={"authorization": "Basic k1"}).status_code == 401
 
 
 def test_concurrency_limit_gives_429_quickly(upstream_factory, server_factory):
@@ -324,3 +328,45 @@ def test_backend_counters_are_exported_at_scrape_time():
     assert 'archon_backend_prefix_hit_tokens{backend="smollm2"} 96.0' in text
     assert 'archon_backend_prefix_hit_rate{backend="smollm2"} 0.5' in text
     assert "replicas" not in text and "alive" not in text and 'backend="plain"' not in text
+
+
+def test_a_request_without_model_runs_the_default_architecture(upstream_factory, server_factory):
+    """`server.default_architecture` serves a request that names no model, as vLLM serves its one model."""
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url, default_architecture="self-moa"))
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Q"}]})
+    assert r.status_code == 200 and r.json()["model"] == "self-moa" and r.json()["choices"][0]["message"]["content"].startswith("fused")
+    r = httpx.post(srv.url + "/v1/responses", json={"input": "Q"})
+    assert r.status_code == 200 and r.json()["model"] == "self-moa"
+    bare = server_factory(fake_config(up.url))
+    r = httpx.post(bare.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Q"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_models_lists_only_architectures_the_backends_can_run(upstream_factory, server_factory, caplog):
+    up = upstream_factory()
+    cfg = fake_config(up.url)
+    cfg.backends[0].aliases = ["default", "aggregator"]  # no judge, no proposers
+    srv = server_factory(cfg)
+    ids = {m.id for m in client(srv).models.list().data}
+    assert {"self-moa", "self-consistency", "default"} <= ids and not ids & {"best-of-n", "moa", "moa-lite"}, ids
+    assert "not served (aliases with no backend)" in caplog.text and "best-of-n (judge)" in caplog.text
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "best-of-n", "messages": [{"role": "user", "content": "Q"}]})
+    assert r.status_code == 400 and "judge" in r.json()["error"]["message"]
+
+
+def test_an_unknown_response_format_type_is_a_400_before_any_call(upstream_factory, server_factory):
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url))
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "self-moa", "messages": [{"role": "user", "content": "Q"}],
+                                                          "response_format": {"type": "xml"}})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "response_format" and "response_format.type: 'xml' is not one of" in err["message"], err
+    assert up.requests == []
+
+
+def test_a_deadline_names_the_configured_timeout(upstream_factory, server_factory):
+    up = upstream_factory(latency=3.0)
+    srv = server_factory(fake_config(up.url, request_timeout_s=1))
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "self-moa", "messages": [{"role": "user", "content": "Q"}]})
+    assert r.status_code == 504 and "deadline of 1s exceeded" in r.json()["error"]["message"], r.json()

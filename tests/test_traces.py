@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import openai
 import pytest
@@ -131,3 +134,50 @@ def test_keys_guard_traces_but_not_the_console_page(upstream_factory, server_fac
     assert httpx.post(srv.url + "/v1/architectures/validate", json={"text": "x"}).status_code == 401
     r = httpx.post(srv.url + "/v1/chat/completions", headers=auth, json={"model": "self-moa", "messages": [{"role": "user", "content": "q"}]})
     assert httpx.get(srv.url + f"/v1/traces/{r.json()['id']}", headers=auth).json()["status"] == "ok"
+
+
+def test_a_failed_request_keeps_how_long_it_ran(upstream_factory, server_factory):
+    """The trace's latency is set however the run ended (the console showed "failed (502) 0 ms")."""
+    up = upstream_factory(lambda b: {"fault": "500", "latency": 0.1})
+    srv = server_factory(fake_config(up.url))
+    httpx.post(srv.url + "/v1/chat/completions", json={"model": "self-moa", "messages": [{"role": "user", "content": "x"}]})
+    [summary] = httpx.get(srv.url + "/v1/traces").json()["data"]
+    item = httpx.get(srv.url + f"/v1/traces/{summary['id']}").json()
+    assert item["trace"]["latency_s"] >= item["trace"]["layers"][0]["latency_s"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_refused_as_not_json_is_kept_with_its_trace(upstream_factory, server_factory, stream):
+    """A 422 (the answer was not the JSON asked for) is what a developer needs to look at: it is kept, with the
+    answer that failed in its trace."""
+    up = upstream_factory(lambda b: {"text": "not json at all"})
+    srv = server_factory(fake_config(up.url))
+    body = {"model": "self-moa", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "stream": stream}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+        text = r.read().decode()
+    assert (r.status_code == 422) if not stream else ("invalid_structured_output" in text)
+    [summary] = httpx.get(srv.url + "/v1/traces").json()["data"]
+    assert summary["http_status"] == 422 and "not valid JSON" in summary["error"]
+    item = httpx.get(srv.url + f"/v1/traces/{summary['id']}").json()
+    assert item["trace"]["layers"][-1]["candidates"][0]["text"] == "not json at all"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_client_left_is_kept_with_what_it_did(upstream_factory, server_factory, stream):
+    """A client that gives up (499) left a trace of the calls that ran until then."""
+    up = upstream_factory(lambda b: {"latency": 3.0} if "synthesize" in json.dumps(b).lower() else None)
+    srv = server_factory(fake_config(up.url))
+    body = {"model": "self-moa", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=1.0)) as r:
+            for _ in r.iter_raw():
+                pass
+    for _ in range(50):
+        data = httpx.get(srv.url + "/v1/traces").json()["data"]
+        if data:
+            break
+        time.sleep(0.1)
+    [summary] = data
+    assert summary["http_status"] == 499 and summary["error"] == "client disconnected"
+    item = httpx.get(srv.url + f"/v1/traces/{summary['id']}").json()
+    assert item["trace"]["layers"][0]["calls"][0]["ok"] is True  # the samples ran; the aggregation was cut off

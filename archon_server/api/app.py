@@ -114,7 +114,11 @@ def build_app(
         if task.exception() is not None:
             log.error("a backend failed to start (GET /health says which): %s", task.exception())
         else:
-            log.info("ready: serving %d architecture(s) and %d backend alias(es)", len(catalog), len(registry.aliases()))
+            unbound = catalog.unbound()
+            if unbound:  # a preset folder serves every file in it: say which cannot run on this config's backends
+                log.warning("not served (aliases with no backend): %s",
+                            "; ".join(f"{n} ({', '.join(m)})" for n, m in unbound.items()))
+            log.info("ready: serving %d architecture(s) and %d backend alias(es)", len(catalog) - len(unbound), len(registry.aliases()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -149,7 +153,7 @@ def build_app(
     app.state.chat = ChatService(
         registry, catalog, max_n=s.max_n, max_inflight=s.max_concurrent_requests,
         request_timeout_s=s.request_timeout_s, metrics=metrics, max_messages=s.max_messages,
-        traces=TraceStore(s.keep_traces),
+        traces=TraceStore(s.keep_traces), default_model=s.default_architecture,
     )
     app.state.responses = ResponsesService(app.state.chat)
     app.state.completions = CompletionsService(app.state.chat)

@@ -19,9 +19,10 @@ def load_keys(settings: ServerSettings) -> list[bytes]:
 
 
 def check_key(header: str | None, keys: list[bytes]) -> bool:
-    if not header or not header.startswith("Bearer "):
+    scheme, _, given_text = (header or "").partition(" ")
+    if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110 §11.1): `bearer k` is a key too
         return False
-    given = header[len("Bearer ") :].strip().encode()
+    given = given_text.strip().encode()
     ok = False
     for k in keys:  # compare against all keys: timing does not reveal which (or whether one) matched
         ok |= hmac.compare_digest(given, k)

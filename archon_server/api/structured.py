@@ -33,6 +33,8 @@ def check_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     """Normalise OpenAI's `response_format`; ``{"type": "text"}`` means none. A bad schema is the client's error."""
     if not fmt or fmt.get("type") == "text":
         return None
+    if fmt.get("type") not in ("json_object", "json_schema"):  # else it would run the graph, then fail to parse
+        raise ValueError(f"response_format.type: {fmt.get('type')!r} is not one of text, json_object, json_schema")
     if fmt.get("type") == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):

@@ -50,7 +50,9 @@ def content_text(content: Any) -> str:
 # Sampling parameters a client may send beyond temperature / top_p (OpenAI's penalties and vLLM's extra sampling
 # params, by vLLM's names and meanings). They apply to the final stage; a backend call carries them in
 # ``SamplingParams.extra`` (``top_k`` in its own field), and a backend says which it honours (``sampling_extras``).
-SAMPLING_EXTRAS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens", "ignore_eos")
+# ``logit_bias``: OpenAI's and vLLM's {token id as a string: bias added to that token's logit before sampling}.
+SAMPLING_EXTRAS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens", "ignore_eos",
+                   "logit_bias")
 
 
 @dataclass

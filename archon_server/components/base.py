@@ -57,6 +57,10 @@ class FinalOverrides:
     # Passed to the final stage's backend calls as they are: `response_format`, `tools`, `tool_choice` (OpenAI's shapes)
     # and the client's SAMPLING_EXTRAS (`top_k` goes to SamplingParams.top_k).
     extra: dict[str, Any] = field(default_factory=dict)
+    # n sets the number of samples of the stage that gets these. False on the writers whose answers a selecting final
+    # stage (ranker, scorer, vote, verifier) picks from: they get the client's writing parameters, and keep their
+    # own samples, of which the selector returns up to n.
+    sets_samples: bool = True
 
 
 StreamSink = Callable[[StreamChunk], Awaitable[None]]

@@ -50,7 +50,7 @@ class Fuser(Component):
             lambda texts: fusion_messages(state, texts, header, crit, self.spec.length_control),
             params.max_tokens,
         )
-        n = ctx.final.n if ctx.final is not None else self.spec.samples
+        n = ctx.final.n if ctx.final is not None and ctx.final.sets_samples else self.spec.samples
         purpose = f"fuse {len(cands)}" + (f", {note}" if note else "")
         res = await ctx.call(self.spec.model, msgs, params, n=n, purpose=purpose, stream=True)
         return Update(candidates=[Candidate(c.text, source=self.spec.model, finish_reason=c.finish_reason, meta=candidate_meta(c)) for c in res.choices])

@@ -31,7 +31,7 @@ class Generator(Component):
     async def run(self, ctx: ComponentContext, state: State) -> Update:
         models = self.spec.models_used()
         # On the final stage the client's n is the number of samples (one model) — see README.
-        k = ctx.final.n if (ctx.final is not None and len(models) == 1) else self.spec.samples
+        k = ctx.final.n if (ctx.final is not None and ctx.final.sets_samples and len(models) == 1) else self.spec.samples
         params = ctx.sampling(self.spec)
         messages = with_system(state.messages, self.spec.system_prompt)
         stream = ctx.sink is not None and len(models) == 1

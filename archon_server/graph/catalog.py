@@ -145,9 +145,19 @@ class Catalog:
             raise UnknownArchitecture(name, self.names())
         return spec
 
+    def unbound(self) -> dict[str, list[str]]:
+        """Architectures that use aliases the registry has no backend for (name → those aliases): not servable."""
+        if self.registry is None:
+            return {}
+        out = {n: [m for m in s.models_used() if m not in self.registry] for n, s in sorted(self._specs.items())}
+        return {n: missing for n, missing in out.items() if missing}
+
     def list_models(self) -> list[ModelCard]:
-        """Architectures (sorted by name), then backend aliases not shadowed by one, in the registry's order."""
-        cards = [ModelCard(n, "architecture", s.description) for n, s in sorted(self._specs.items())]
+        """Architectures that can run on the registry's backends (sorted by name), then backend aliases not shadowed
+        by one, in the registry's order. A preset whose aliases are not bound is left out: listed, it was offered to
+        clients and the console, and every request to it was a 400."""
+        unbound = self.unbound()
+        cards = [ModelCard(n, "architecture", s.description) for n, s in sorted(self._specs.items()) if n not in unbound]
         if self.registry is not None:
             cards += [ModelCard(a, "backend") for a in self.registry.aliases() if a not in self._specs]
         return cards

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 from ..backends.base import BackendError, SamplingParams, Usage
@@ -107,6 +108,23 @@ def final_choices(cands: list[Candidate], rule: str, n: int) -> list[Candidate]:
     return cands[: max(n, 1)]
 
 
+def writes(layer: list[Any]) -> bool:
+    """Whether a layer writes answers (a generator, fuser, sequential aggregator) rather than selecting or judging."""
+    return any(COMPONENTS[c.type].produces for c in layer)
+
+
+def answer_writer(spec: ArchitectureSpec) -> int | None:
+    """The layer the client's writing parameters apply to: the last layer, or, when it selects (a ranker, scorer,
+    vote or verifier picks the answer), the last layer before it that writes the answers it picks from."""
+    return next((i for i in range(len(spec.layers) - 1, -1, -1) if writes(spec.layers[i])), None)
+
+
+def streams_final(spec: ArchitectureSpec) -> bool:
+    """The final stage's tokens can go to the client as they come: one component, of a kind that streams."""
+    last = spec.layers[-1]
+    return len(last) == 1 and COMPONENTS[last[0].type].streamable and len(last[0].models_used()) == 1
+
+
 async def _run_all(comps: list[Any], ctxs: list[ComponentContext], state: State) -> list[Any]:
     """Every component of a layer concurrently, each one's Update or exception in its place (a layer of one
     component, most final stages, runs in this task: see gather_tolerant)."""
@@ -154,11 +172,14 @@ class GraphRuntime:
         final: FinalOverrides | None = None,
         sink: StreamSink | None = None,
         deadline_s: float | None = None,
+        deadline_label: float | None = None,
         unit_tests: list[str] | None = None,
         observer: TraceObserver | None = None,
+        on_trace: Callable[[Trace], None] | None = None,
     ) -> RunResult:
         """Run ``spec`` on ``messages``. ``unit_tests``: tests given by the caller (e.g. a dataset's), seen by evaluators.
-        ``observer`` hears the trace's events as they happen (see components/trace.py)."""
+        ``observer`` hears the trace's events as they happen (see components/trace.py). ``on_trace`` gets the trace
+        as the run starts, so a caller whose run is cancelled (client gone) still holds what it did."""
         missing = self.check_bindings(spec)
         if missing:
             raise GraphError(f"architecture {spec.name!r} uses unknown model alias(es): {', '.join(missing)}", status=400)
@@ -167,19 +188,22 @@ class GraphRuntime:
             raise GraphError(f"architecture {spec.name!r} cannot run its scorer: {'; '.join(unable)}", status=400)
         final = final or overrides_from(params) or FinalOverrides()
         trace = Trace(spec.name, observer=observer)
+        if on_trace is not None:
+            on_trace(trace)
         if observer is not None:  # the outline is built only for a live view
             trace.emit({"type": "run_started", "architecture": spec.name, "graph": graph_outline(spec)})
-        deadline = deadline_s if deadline_s is not None else spec.deadline_s
-        if spec.deadline_s is not None and deadline is not None:
-            deadline = min(deadline, spec.deadline_s)
+        # ``deadline_label``: the deadline as the client knows it (the server's request_timeout_s), when
+        # ``deadline_s`` is what is left of it; the 504 names that, not "1.99948s".
+        deadline, label = (deadline_s, deadline_label or deadline_s) if deadline_s is not None else (spec.deadline_s, spec.deadline_s)
+        if spec.deadline_s is not None and deadline is not None and spec.deadline_s < deadline:
+            deadline = label = spec.deadline_s
         try:
             async with asyncio.timeout(deadline):
-                result = await self._run(spec, messages, final, sink, trace, unit_tests or [])
+                return await self._run(spec, messages, final, sink, trace, unit_tests or [])
         except TimeoutError:
+            raise GraphError(f"deadline of {label:g}s exceeded", status=504, trace=trace) from None
+        finally:  # failed, cancelled or not: the trace says how long it ran
             trace.latency_s = time.perf_counter() - trace.started
-            raise GraphError(f"deadline of {deadline:g}s exceeded", status=504, trace=trace) from None
-        trace.latency_s = time.perf_counter() - trace.started
-        return result
 
     async def _run(
         self, spec: ArchitectureSpec, messages: list[dict[str, Any]], final: FinalOverrides, sink: StreamSink | None, trace: Trace, unit_tests: list[str]
@@ -188,6 +212,9 @@ class GraphRuntime:
         usage = trace.usage
         streamed = False
         last = len(spec.layers) - 1
+        writer = answer_writer(spec)
+        # A selecting final stage: its input's writers get the client's writing parameters (not its n).
+        feeder = replace(final, sets_samples=False) if writer is not None and writer != last else None
         for li, layer in enumerate(spec.layers):
             comps = [COMPONENTS[c.type](c, j) for j, c in enumerate(layer)]
             incoming = list(state.candidates)
@@ -195,11 +222,11 @@ class GraphRuntime:
                 c.meta[_POS] = pos
             lt = trace.add_layer(li, [c.id for c in comps], len(incoming))
             is_final = li == last
-            stream_here = sink is not None and is_final and len(comps) == 1 and comps[0].streamable
+            stream_here = sink is not None and is_final and streams_final(spec)
             ctxs = [
                 ComponentContext(
                     self.registry, lt, usage, spec.defaults, comp.id, comp.type,
-                    final=final if is_final else None,
+                    final=final if is_final else (feeder if li == writer else None),
                     sink=sink if stream_here else None,
                     metrics=trace.metrics,
                     seed_base=None if final.seed is None else (final.seed + 7919 * li + 131 * j) % 2**31,

@@ -86,6 +86,25 @@ class SamplingExtras(BaseModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(default=None, ge=0, le=131072)
     ignore_eos: bool | None = None
+    # {token id (a string, as JSON keys are): bias added to its logit before sampling}, clamped to [-100, 100] as vLLM
+    # does; an id past the model's vocabulary is the backend's 400.
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return None
+        out = {}
+        for k, bias in v.items():
+            try:
+                tid = int(k)
+            except ValueError:
+                raise ValueError(f"token id {k!r} is not an integer (keys are token ids as strings)") from None
+            if tid < 0:
+                raise ValueError(f"token id {tid} is negative")
+            out[str(tid)] = min(100.0, max(-100.0, float(bias)))
+        return out
 
     def sampling_extra(self) -> dict[str, Any]:
         """The ones the client set and that change something (vLLM's neutral values dropped)."""
@@ -106,7 +125,7 @@ class ChatCompletionRequest(SamplingExtras):
     # Unknown OpenAI fields are ignored (as vLLM does) rather than rejected, so SDK upgrades do not break clients.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str | None = Field(default=None, min_length=1, max_length=256)  # None: server.default_architecture
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from ...backends.base import SAMPLING_EXTRAS, StreamChunk, TokenLogprob, Usage
+from ...backends.base import SAMPLING_EXTRAS, StreamChunk, Usage
 from ...backends.registry import BackendRegistry
 from ...components import FinalOverrides, prompts
 from ...components.base import StreamSink
@@ -22,11 +23,13 @@ from ...components.generator import with_note
 from ...components.state import Candidate
 from ...components.trace import TraceObserver
 from ...graph.catalog import Catalog
-from ...graph.runtime import GraphError, GraphRuntime, RunResult
+from ...components.trace import Trace
+from ...graph.runtime import GraphError, GraphRuntime, RunResult, answer_writer, streams_final
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
-from ..edge import remaining_s
+from ..edge import deadline_s, remaining_s
 from ..errors import APIError, failure_code, sse_error
 from ..ids import new_id
+from ..logprobs import chat_logprobs
 from ..metrics import Metrics
 from ..streaming import EventStream, shutdown_error
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
@@ -42,16 +45,7 @@ from .protocol import (
 log = logging.getLogger("archon.api")
 
 
-def _logprobs_json(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
-    if not lps:
-        return None
-    return {
-        "content": [
-            {"token": t.token, "logprob": t.logprob, "bytes": None,
-             "top_logprobs": [{"token": a, "logprob": b, "bytes": None} for a, b in t.top]}
-            for t in lps
-        ]
-    }
+_logprobs_json = chat_logprobs  # a choice's or a streamed chunk's logprobs, bytes filled (api/logprobs.py)
 
 
 def _usage(u: Usage) -> UsageInfo:
@@ -98,6 +92,29 @@ class _Hangup:
             self.task.cancel()
 
 
+class _TraceSlot:
+    """The trace of the request's graph run, kept by :meth:`ChatService.run_graph` as the run starts: a run that ends
+    without a result (a 422 answer, a client gone, the server shutting down) is still in /v1/traces with what it did."""
+
+    __slots__ = ("trace",)
+
+    def __init__(self) -> None:
+        self.trace: Trace | None = None
+
+    def __call__(self, trace: Trace) -> None:
+        self.trace = trace
+
+    def error(self, status: int, err: GraphError | StructuredOutputInvalid | None, why: str) -> GraphError | None:
+        """What :data:`Keep` gets as the error: the graph's own, or one carrying this trace."""
+        if isinstance(err, GraphError) or self.trace is None:
+            return err if isinstance(err, GraphError) else None
+        return GraphError(str(err) if err is not None else why, status=status, trace=self.trace)
+
+
+# Set around a request's run (execute, open_stream); a stream's run task copies it as it is created.
+_SLOT: contextvars.ContextVar[_TraceSlot | None] = contextvars.ContextVar("archon_trace_slot", default=None)
+
+
 class _Keepalive:
     """Puts :data:`KEEPALIVE` on a stream's queue when nothing came for ``every`` seconds: one timer per stream,
     re-armed from the last item (``last``, set by the consumer), instead of a wait with a timeout per token.
@@ -127,7 +144,8 @@ class _Keepalive:
 
 class ChatService:
     def __init__(self, registry: BackendRegistry, catalog: Catalog, *, max_n: int, max_inflight: int,
-                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None):
+                 request_timeout_s: float, metrics: Metrics, max_messages: int = 512, traces: TraceStore | None = None,
+                 default_model: str | None = None):
         self.registry = registry
         self.catalog = catalog
         self.runtime = GraphRuntime(registry)
@@ -138,11 +156,16 @@ class ChatService:
         self.keepalive_s = 5.0  # an SSE comment this often while a stream has nothing to say (inner layers running)
         self.metrics = metrics
         self.traces = traces or TraceStore(0)
+        self.default_model = default_model  # server.default_architecture: a request without `model` (as vLLM allows)
         self.inflight = 0
         self.admitted = 0  # requests admitted since start (the idle heap trim watches it)
 
     # -- resolution -------------------------------------------------------------
     def resolve(self, req: ChatCompletionRequest) -> ArchitectureSpec:
+        if req.model is None:
+            if self.default_model is None:
+                raise APIError(400, "model: required (this server has no server.default_architecture)", param="model", code="invalid_value")
+            req.model = self.default_model  # the answer names what served it
         spec = self.catalog.lookup(req.model)
         if spec is None:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
@@ -185,10 +208,13 @@ class ChatService:
         if least and final.max_tokens is not None and least > final.max_tokens:
             raise APIError(400, f"min_tokens ({least}) must not exceed max_tokens ({final.max_tokens})",
                            param="min_tokens", code="invalid_value")
-        if final.extra:
-            for comp in spec.layers[-1]:
-                if comp.type in ("generator", "fuser", "self_moa_seq") and comp.model:  # the writers; judges sample their own way
-                    self.check_sampling(comp.model, final.extra, f"the final stage of {spec.name!r}")
+        writer = answer_writer(spec)
+        if writer is not None and writer != len(spec.layers) - 1:
+            self.check_selected_n(spec, final.n)
+        if final.extra and writer is not None:
+            for comp in spec.layers[writer]:
+                for alias in comp.models_used():  # the writers; judges sample their own way
+                    self.check_sampling(alias, final.extra, f"the final stage of {spec.name!r}")
         if not final.extra.get("tools"):
             return
         for comp in spec.layers[-1]:
@@ -199,6 +225,17 @@ class ChatService:
                 if not self.registry.get(alias).supports_tools:
                     raise APIError(400, f"tools: model {alias!r} (the final stage of {spec.name!r}) cannot call tools",
                                    param="tools", code="invalid_value")
+
+    @staticmethod
+    def check_selected_n(spec: ArchitectureSpec, n: int) -> None:
+        """A final stage that selects returns at most the answers it keeps: asking for more is a 400 before any call
+        (it had returned fewer choices, and a stream had announced choices it never finished)."""
+        most = spec.answers_bound()
+        if n > most:
+            last = spec.layers[-1]
+            what = ", ".join(c.type + (f" (top_k {c.top_k})" if getattr(c, "top_k", None) else "") for c in last)
+            raise APIError(400, f"n: the final stage of {spec.name!r} ({what}) selects from the answers before it and "
+                           f"returns at most {most}; ask for n <= {most}", param="n", code="invalid_value")
 
     def check_sampling(self, alias: str, extra: dict[str, Any], where: str) -> None:
         """A 400 naming the first of the client's SAMPLING_EXTRAS in ``extra`` that ``alias``'s backend does not honour."""
@@ -256,9 +293,10 @@ class ChatService:
         fmt = final.extra.get("response_format")
         if spec.tools_in_prompt and final.extra.get("tools"):
             messages = with_note(messages, prompts.tools_note(final.extra["tools"]))
+        slot = _SLOT.get()
         for attempt in range(STRUCTURED_RETRIES + 1):
-            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=max(remaining_s(self.request_timeout_s), 1e-3),
-                                        observer=observer)  # one deadline for all attempts, from arrival
+            res = await self.runtime.run(spec, messages, final=final, sink=sink, deadline_s=deadline_s(self.request_timeout_s),
+                                         deadline_label=self.request_timeout_s, observer=observer, on_trace=slot)  # one deadline for all attempts, from arrival
             try:
                 conform_all(res.candidates, fmt)
                 return res
@@ -285,7 +323,7 @@ class ChatService:
         self._time_left()
         self._admit()
         t0 = time.perf_counter()
-        status, res, gerr = 500, None, None
+        status, res = 500, None
         # Starlette does not cancel a non-streaming handler when the client goes away: a task waits for the
         # disconnect itself (4 polls a second per request cost real CPU at 1000 in flight) and cancels this one.
         # The graph runs in this task, not a task of its own raced against the watcher with asyncio.wait: that
@@ -294,6 +332,9 @@ class ChatService:
         hangup = _Hangup(me)
         gone = asyncio.ensure_future(_disconnected(raw))
         gone.add_done_callback(hangup)
+        slot = _TraceSlot()
+        token = _SLOT.set(slot)
+        failure: GraphError | StructuredOutputInvalid | None = None
         try:
             try:
                 res = await run()
@@ -312,19 +353,20 @@ class ChatService:
                 raise APIError(499, "client disconnected") from None
             except (GraphError, StructuredOutputInvalid) as e:
                 err = self._gerr(e)
-                status, gerr = err.status, e if isinstance(e, GraphError) else None
+                status, failure = err.status, e
                 # Operators need the cause; upstream error text is already stripped of keys (backends/http.py).
                 log.warning("%s failed (%d): %s", name, err.status, e)
                 raise err from None
             status = 200
             return res
         finally:
+            _SLOT.reset(token)
             hangup.task = None  # done: a disconnect from now on cancels nothing
             gone.cancel()
             self._release()
             self._observe(name, status, t0, res)
             if keep is not None:
-                keep(status, res, gerr)
+                keep(status, res, None if res is not None else slot.error(status, failure, _UNFINISHED.get(status, "failed")))
 
     def open_stream(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None = None,
                     trace_events: bool = False, *, batched: bool = False, keepalive_s: float | None = None) -> AsyncIterator[Any]:
@@ -350,10 +392,16 @@ class ChatService:
         async def sink(ch: StreamChunk) -> None:
             put(ch)
 
-        task = asyncio.ensure_future(run(sink, put if trace_events else None))
+        slot = _TraceSlot()
+        token = _SLOT.set(slot)
+        try:
+            task = asyncio.ensure_future(run(sink, put if trace_events else None))  # its context holds the slot
+        finally:
+            _SLOT.reset(token)
         task.add_done_callback(lambda _t: put(None))
         keepalive = _Keepalive(queue, keepalive_s) if keepalive_s else None
-        status, res, gerr = 500, None, None
+        status, res = 500, None
+        failure: GraphError | StructuredOutputInvalid | None = None
         try:
             ended = False
             while not ended:
@@ -379,7 +427,7 @@ class ChatService:
                 res = task.result()
             except (GraphError, StructuredOutputInvalid) as e:
                 err = self._gerr(e)
-                status, gerr = err.status, e if isinstance(e, GraphError) else None
+                status, failure = err.status, e
                 log.warning("%s stream failed (%d): %s", name, err.status, e)
                 yield [err] if batched else err
                 return
@@ -394,7 +442,7 @@ class ChatService:
             self._release()
             self._observe(name, status, t0, res)
             if keep is not None:
-                keep(status, res, gerr)
+                keep(status, res, None if res is not None else slot.error(status, failure, _UNFINISHED.get(status, "failed")))
 
     # -- non-streaming ------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
@@ -444,12 +492,15 @@ class ChatService:
         events = self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
                                   keep=lambda status, r, e: self._keep(cid, req.model, messages, True, status, r, e),
                                   trace_events=req.stream_trace, batched=True, keepalive_s=self.keepalive_s)
-        return EventStream(sse_error).of(self._stream(req, final, cid, events))
+        return EventStream(sse_error).of(self._stream(req, final, cid, events, streams_final(spec)))
 
-    async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str, events: AsyncIterator[list[Any]]) -> AsyncIterator[str]:
+    async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str, events: AsyncIterator[list[Any]],
+                      tokens: bool = True) -> AsyncIterator[str]:
         """The SSE body. ``events`` come in batches (everything ready at once): each batch is one write. A plain
         token is spliced into a chunk template made once per request (what pydantic writes for it, byte for byte)
-        rather than built and serialised as a model per token."""
+        rather than built and serialised as a model per token. ``tokens``: the final stage streams its n choices; when
+        it does not (a selector, several components), the choices past the first are announced with their answers,
+        since a selector may keep fewer than n."""
         created = int(time.time())
 
         def chunk(choices: list[StreamChoice], **kw: Any) -> str:
@@ -462,13 +513,18 @@ class ChatService:
             return f'{head}{idx},"delta":{{"content":{json_str(text)}}}}}]}}\n\n'
 
         async with contextlib.aclosing(events):
-            yield "".join(chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(final.n))
+            def role(i: int) -> str:
+                return chunk([StreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+
+            yield "".join(role(i) for i in range(final.n if tokens else 1))
             async for batch in events:
                 out: list[str] = []
                 for item in batch:
                     if isinstance(item, StreamChunk):
                         if item.tool_calls:
                             out.append(chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text or None, tool_calls=item.tool_calls))]))
+                        elif item.logprobs and req.logprobs:  # the piece's tokens' logprobs beside its text, as OpenAI sends them
+                            out.append(chunk([StreamChoice(index=item.index, delta=DeltaMessage(content=item.text), logprobs=_logprobs_json(item.logprobs))]))
                         elif item.text:
                             out.append(token(item.index, item.text))
                     elif item is KEEPALIVE:  # SSE comment: clients and proxies see a live stream, OpenAI SDKs skip it
@@ -483,7 +539,10 @@ class ChatService:
                         res: RunResult = item
                         if not res.streamed:  # the final stage was not streamable (ranker, vote, several components...)
                             for i, c in enumerate(res.candidates):
-                                out.append(chunk([StreamChoice(index=i, delta=DeltaMessage(content=c.text or None, tool_calls=_indexed(c.meta.get("tool_calls"))))]))
+                                if i and not tokens:
+                                    out.append(role(i))
+                                out.append(chunk([StreamChoice(index=i, delta=DeltaMessage(content=c.text or None, tool_calls=_indexed(c.meta.get("tool_calls"))),
+                                                               logprobs=_logprobs_json(c.meta.get("logprobs")) if req.logprobs else None)]))
                         for i, c in enumerate(res.candidates):
                             out.append(chunk([StreamChoice(index=i, delta=DeltaMessage(), finish_reason=finish_reason(c))]))
                         if req.stream_options and req.stream_options.include_usage or req.return_trace:
@@ -498,6 +557,7 @@ class ChatService:
 
 
 KEEPALIVE = object()  # open_stream's item for "nothing happened for keepalive_s"
+_UNFINISHED = {499: "client disconnected", 503: "server shutting down"}  # a kept trace's error, for runs that raised none
 
 
 def json_str(text: str) -> str:

@@ -26,7 +26,7 @@ class ResponsesRequest(BaseModel):
     # Unknown OpenAI fields (reasoning, include, truncation...) are ignored, as vLLM does.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str | None = Field(default=None, min_length=1, max_length=256)  # None: server.default_architecture
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=131072)
