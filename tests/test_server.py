@@ -370,3 +370,16 @@ def test_a_deadline_names_the_configured_timeout(upstream_factory, server_factor
     srv = server_factory(fake_config(up.url, request_timeout_s=1))
     r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "self-moa", "messages": [{"role": "user", "content": "Q"}]})
     assert r.status_code == 504 and "deadline of 1s exceeded" in r.json()["error"]["message"], r.json()
+
+
+def test_a_backend_alias_refusal_reads_as_the_backend_said_it(upstream_factory, server_factory):
+    """A model served straight through answers with its backend's own words, not the graph's
+    ("layer 0 failed: generator0: ...; generator0: ComponentFailed: generator0: every call failed")."""
+    up = upstream_factory(lambda b: {"fault": "400", "message": "This model's maximum context length is 8 tokens"})
+    srv = server_factory(fake_config(up.url))
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "Q"}]})
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 400 and "maximum context length is 8 tokens" in msg and "layer 0" not in msg and "every call failed" not in msg, msg
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "self-moa", "messages": [{"role": "user", "content": "Q"}]})
+    msg = r.json()["error"]["message"]  # an architecture still says which layer failed, once per cause
+    assert r.status_code == 400 and msg.startswith("layer 0 failed: generator0: ") and "every call failed" not in msg, msg

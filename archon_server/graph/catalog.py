@@ -83,6 +83,12 @@ def passthrough(alias: str) -> ArchitectureSpec:
     return ArchitectureSpec(name=alias, layers=[[GeneratorSpec(model=alias)]], final="first")
 
 
+def is_passthrough(spec: ArchitectureSpec) -> bool:
+    """Whether ``spec`` is :func:`passthrough`'s: a backend model served as it is."""
+    only = spec.layers[0][0] if len(spec.layers) == 1 and len(spec.layers[0]) == 1 else None
+    return isinstance(only, GeneratorSpec) and only.model == spec.name
+
+
 class Catalog:
     """Name → architecture for everything that serves or runs architectures.
 

@@ -16,10 +16,11 @@ from typing import Any
 from ..backends.base import BackendError, SamplingParams, Usage
 from ..backends.registry import BackendRegistry
 from ..components import COMPONENTS, ComponentContext, FinalOverrides
-from ..components.base import StreamSink, gather_tolerant
+from ..components.base import ComponentFailed, StreamSink, gather_tolerant
 from ..components.state import Candidate, State, Update
 from ..components.trace import LayerTrace, Trace, TraceObserver, candidate_dicts
 from ..spec import ArchitectureSpec
+from .catalog import is_passthrough
 from ..exceptions import ArchonError
 
 
@@ -240,6 +241,8 @@ class GraphRuntime:
             for comp, r in zip(comps, results):
                 if isinstance(r, asyncio.CancelledError):
                     raise r
+                if isinstance(r, ComponentFailed) and any(c.component == comp.id and not c.ok for c in lt.calls):
+                    continue  # "every call failed": its calls' own errors are in the layer's failures already
                 if isinstance(r, BaseException):
                     lt.failures.append(f"{comp.id}: {type(r).__name__}: {r}"[:300])
                 else:
@@ -248,7 +251,7 @@ class GraphRuntime:
             if not updates or (lt.calls and ok_calls < spec.min_success):
                 trace.end_layer(lt)  # the live view learns the layer failed
             if not updates:
-                raise GraphError(f"layer {li} failed: " + "; ".join(lt.failures[-3:]), status=self._status(lt), trace=trace)
+                raise GraphError(self._failed(spec, li, lt), status=self._status(lt), trace=trace)
             if lt.calls and ok_calls < spec.min_success:
                 raise GraphError(
                     f"layer {li}: {ok_calls} of {len(lt.calls)} calls succeeded, fewer than min_success={spec.min_success}",
@@ -261,6 +264,15 @@ class GraphRuntime:
                 raise GraphError(f"layer {li} left no candidate", status=502, trace=trace)
             streamed = streamed or stream_here
         return RunResult(final_choices(state.candidates, spec.final, final.n), usage, trace, streamed)
+
+    @staticmethod
+    def _failed(spec: ArchitectureSpec, li: int, lt: LayerTrace) -> str:
+        """Why a layer failed. A backend model served straight through says what its backend said, as that model's
+        own server would (``logit_bias: token id(s) [...] out of the vocabulary``), not ``layer 0 failed: generator0: ...``."""
+        errors = [c.error for c in lt.calls if not c.ok and c.error]
+        if is_passthrough(spec) and errors:
+            return "; ".join(dict.fromkeys(errors))
+        return f"layer {li} failed: " + "; ".join(lt.failures[-3:])
 
     @staticmethod
     def _status(lt: LayerTrace) -> int:
