@@ -82,3 +82,14 @@ def test_completions_on_a_backend_alias_keep_the_request_deadline(upstream_facto
         events = [line for line in s.text.splitlines() if line.startswith("data: ")]
         assert '"timeout_error"' in events[-2] and events[-1] == "data: [DONE]", s.text
         assert not any('"text"' in e for e in events)
+
+
+def test_legacy_top_logprobs_always_hold_the_chosen_token():
+    """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements"; vLLM's legacy dicts hold it too. A chosen token outside the top alternatives is added, once."""
+    from archon_server.api.logprobs import legacy_logprobs
+    from archon_server.backends.base import TokenLogprob
+
+    out = legacy_logprobs([TokenLogprob("a", -1.0, [("b", -0.5)]), TokenLogprob("b", -0.5, [("b", -0.5)]),
+                           TokenLogprob("c", None, None), TokenLogprob("d", -2.0, [])], 0)
+    assert out["top_logprobs"] == [{"b": -0.5, "a": -1.0}, {"b": -0.5}, None, {"d": -2.0}]

@@ -32,7 +32,8 @@ def chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
 def legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
     """text_completion's shape; ``offset``: where the first token's text starts in the choice's text (0 for a whole
     answer whose tokens cover its text from the start, an echoed prompt's included; in a stream, the length of the
-    choice's text sent before this piece, as vLLM counts it). An echoed prompt's first token keeps its nulls."""
+    choice's text sent before this piece, as vLLM counts it). An echoed prompt's first token keeps its nulls.
+    A position's ``top_logprobs`` always holds the chosen token too (OpenAI: "up to logprobs+1 elements"; vLLM alike)."""
     if not lps:
         return None
     offsets, pos = [], offset
@@ -40,4 +41,12 @@ def legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, An
         offsets.append(pos)
         pos += len(t.token)
     return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [None if t.top is None else dict(t.top) for t in lps], "text_offset": offsets}
+            "top_logprobs": [_top_with_chosen(t) for t in lps], "text_offset": offsets}
+
+
+def _top_with_chosen(t: TokenLogprob) -> dict[str, float | None] | None:
+    if t.top is None:
+        return None
+    top: dict[str, float | None] = dict(t.top)
+    top.setdefault(t.token, t.logprob)
+    return top
