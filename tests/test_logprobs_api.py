@@ -52,6 +52,10 @@ def test_max_tokens_zero_is_served_with_echo_only(upstream_factory, server_facto
     with pytest.raises(openai.BadRequestError) as e:  # an architecture writes an answer: there is no prompt scoring to return
         c.completions.create(model="self-moa", prompt="x", max_tokens=0, echo=True)
     assert e.value.body["param"] == "max_tokens"
+    for bad in ({"max_tokens": 0, "echo": True}, {"max_tokens": 0}):  # the model is resolved first: an unknown one is a 404
+        with pytest.raises(openai.NotFoundError) as e:
+            c.completions.create(model="foo", prompt="x", **bad)
+        assert e.value.body["code"] == "model_not_found", e.value.body
     assert not up.requests
     c.completions.create(model="default", prompt="x", max_tokens=0, echo=True, logprobs=1)  # an upstream does it itself
     assert up.requests[-1].body["max_tokens"] == 0 and up.requests[-1].body["echo"] is True

@@ -63,7 +63,9 @@ class CompletionsService:
     def __init__(self, chat: ChatService):
         self.chat = chat
 
-    def _check(self, req: CompletionRequest) -> None:
+    def _check(self, req: CompletionRequest, architecture: str | None) -> None:
+        """Checks of the request's own values; ``architecture``: the model it names, resolved (None: a backend alias),
+        so that an unknown model is a 404 before any of these."""
         if req.n > self.chat.max_n:
             raise APIError(400, f"n: must be <= {self.chat.max_n}", param="n", code="invalid_value")
         if req.best_of is not None and req.best_of != req.n:
@@ -72,8 +74,8 @@ class CompletionsService:
             if not req.echo:
                 raise APIError(400, "max_tokens: must be at least 1 (0 is served with echo: the prompt and its logprobs, nothing generated)",
                                param="max_tokens", code="invalid_value")
-            if not self._is_backend(req):
-                raise APIError(400, f"max_tokens: 0 (echo without generation) is served on a backend alias, not on the architecture {req.model!r}, "
+            if architecture is not None:
+                raise APIError(400, f"max_tokens: 0 (echo without generation) is served on a backend alias, not on the architecture {architecture!r}, "
                                "which writes an answer", param="max_tokens", code="invalid_value")
 
     def _is_backend(self, req: CompletionRequest) -> bool:
@@ -153,21 +155,22 @@ class CompletionsService:
         return RunResult(cands, trace.usage, trace, streamed=sink is not None)
 
     # -- an architecture: each prompt is one user message -------------------------------------
-    def _graph(self, req: CompletionRequest) -> tuple[Any, FinalOverrides]:
-        spec = self.chat.resolve(req)
+    def _final(self, req: CompletionRequest, spec: Any) -> FinalOverrides:
         final = FinalOverrides(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens, stop=req.stop,
                                seed=req.seed, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
                                extra=req.sampling_extra())
         self.chat.check_final(spec, final)
-        return spec, final
+        return final
 
     def _plan(self, req: CompletionRequest) -> tuple[str, Any]:
         """(name, run(sink)) for this request: the raw path for a backend alias, the graph for an architecture."""
-        self._check(req)
         if self._is_backend(req):
+            self._check(req, None)
             self.chat.check_sampling(req.model, req.sampling_extra(), "called directly")
             return req.model, lambda sink, _observer=None: self._raw(req, sink)
-        spec, final = self._graph(req)
+        spec = self.chat.resolve(req)  # first: an unknown model is a 404 whatever else the request holds
+        self._check(req, req.model)
+        final = self._final(req, spec)
         traces: list[dict[str, Any]] = []
 
         async def run(sink: StreamSink | None, _observer: Any = None) -> RunResult:
