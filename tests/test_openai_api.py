@@ -331,12 +331,13 @@ def test_a_sampling_extra_the_final_backend_cannot_honour_is_refused_before_any_
         # what it honours goes through
         c.chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 3})
         assert up.requests[1].body["top_k"] == 3
-        # best-of-n's final stage is a ranker: the extras go to the writers it picks from ('default'), so they are
-        # checked against them (the ranker's judge samples its own way)
+        # best-of-n's final stage is a ranker: what shapes the answer goes to the writers it picks from ('default'),
+        # so it is checked against them; how to sample (min_p) stays theirs, so there is nothing to refuse
         with pytest.raises(openai.BadRequestError) as e:
-            c.chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "x"}], extra_body={"min_p": 0.1})
-        assert e.value.body["param"] == "min_p" and "the final stage of 'best-of-n'" in e.value.body["message"]
-        assert not any("min_p" in q.body for q in up.requests)
+            c.chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "x"}], extra_body={"min_tokens": 2})
+        assert e.value.body["param"] == "min_tokens" and "the final stage of 'best-of-n'" in e.value.body["message"]
+        c.chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "x"}], extra_body={"min_p": 0.1})
+        assert not any("min_p" in q.body or "min_tokens" in q.body for q in up.requests)
 
 
 # -- /v1/models/{id} --------------------------------------------------------------------------

@@ -33,11 +33,12 @@ def _client(srv):  # type: ignore[no-untyped-def]
 def test_writing_parameters_reach_the_writers_a_ranker_picks_from(srv, up):
     r = _client(srv).chat.completions.create(
         model="best-of-n", messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.1, stop=["\n\n"],
-        logprobs=True, top_logprobs=2, seed=3, extra_body={"top_k": 5})
+        logprobs=True, top_logprobs=2, seed=3, extra_body={"min_tokens": 2})
     gen = [b.body for b in up.requests if b.body.get("n") == 8]
     assert len(gen) == 1, [b.body for b in up.requests]  # the writers keep their own 8 samples (not the client's n=1)
     g = gen[0]
-    assert (g["max_tokens"], g["temperature"], g["stop"], g["logprobs"], g["top_logprobs"], g["seed"], g["top_k"]) == (7, 0.1, ["\n\n"], True, 2, 3, 5)
+    assert (g["max_tokens"], g["stop"], g["logprobs"], g["top_logprobs"], g["min_tokens"]) == (7, ["\n\n"], True, 2, 2)
+    assert g["temperature"] == 0.8  # best-of-n's own sampling (its seed derives from the client's)
     ranker = [b.body for b in up.requests if b.body is not g]
     assert ranker and all(b.get("max_tokens") != 7 and not b.get("logprobs") for b in ranker)  # the judge samples its own way
     assert len(r.choices) == 1
@@ -82,3 +83,17 @@ def test_response_format_reaches_the_writers_and_the_picked_answer_is_checked(up
     assert json.loads(r.choices[0].message.content) == {"a": 1}
     [g] = [b.body for b in up.requests if b.body.get("n") == 8]
     assert g["response_format"] == {"type": "json_object"}
+
+
+def test_writers_before_a_selector_keep_their_own_sampling_and_distinct_seeds(srv, up):
+    """Two writers of one model before a ranker: a client's temperature and seed must not make their samples the same
+    (a selector needs varied answers to choose from); what the answer must be — its length — reaches both."""
+    arch = {"layers": [[{"type": "generator", "model": "default", "samples": 2, "temperature": 0.9},
+                        {"type": "generator", "model": "default", "samples": 2, "temperature": 0.9}],
+                       [{"type": "ranker", "model": "judge", "top_k": 1}]]}
+    _client(srv).chat.completions.create(model="best-of-n", messages=[{"role": "user", "content": "hi"}], temperature=0, seed=5,
+                                         max_tokens=9, extra_body={"architecture": arch, "top_k": 3})
+    gen = [b.body for b in up.requests if b.body.get("n") == 2]
+    assert len(gen) == 2
+    assert {g["temperature"] for g in gen} == {0.9} and all(g["max_tokens"] == 9 for g in gen)
+    assert len({g["seed"] for g in gen}) == 2 and all("top_k" not in g for g in gen)  # seeds derived per component

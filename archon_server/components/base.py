@@ -58,9 +58,21 @@ class FinalOverrides:
     # and the client's SAMPLING_EXTRAS (`top_k` goes to SamplingParams.top_k).
     extra: dict[str, Any] = field(default_factory=dict)
     # n sets the number of samples of the stage that gets these. False on the writers whose answers a selecting final
-    # stage (ranker, scorer, vote, verifier) picks from: they get the client's writing parameters, and keep their
-    # own samples, of which the selector returns up to n.
+    # stage (ranker, scorer, vote, verifier) picks from (see for_writers).
     sets_samples: bool = True
+
+    def for_writers(self) -> "FinalOverrides":
+        """What the writers before a selecting final stage get: what the answer must be — its length (max_tokens,
+        min_tokens, ignore_eos, stop), its format (response_format), the tokens it may use (logit_bias) — and its
+        logprobs. Not how to sample (temperature, top_p, seed, top_k, min_p, penalties) nor how many: the writers keep
+        their own, since a selector needs varied samples to choose from (a client's temperature 0 or one seed for all
+        would make them identical), and their seeds already derive from the client's."""
+        extra = {k: v for k, v in self.extra.items() if k in ANSWER_SHAPING}
+        return replace(self, sets_samples=False, temperature=None, top_p=None, seed=None, extra=extra)
+
+
+# The FinalOverrides.extra keys that shape the answer itself (for_writers); the rest of SAMPLING_EXTRAS shape sampling.
+ANSWER_SHAPING = frozenset({"response_format", "min_tokens", "ignore_eos", "logit_bias"})
 
 
 StreamSink = Callable[[StreamChunk], Awaitable[None]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -214,8 +214,8 @@ class GraphRuntime:
         streamed = False
         last = len(spec.layers) - 1
         writer = answer_writer(spec)
-        # A selecting final stage: its input's writers get the client's writing parameters (not its n).
-        feeder = replace(final, sets_samples=False) if writer is not None and writer != last else None
+        # A selecting final stage: its input's writers get what the answer must be (FinalOverrides.for_writers).
+        feeder = final.for_writers() if writer is not None and writer != last else None
         for li, layer in enumerate(spec.layers):
             comps = [COMPONENTS[c.type](c, j) for j, c in enumerate(layer)]
             incoming = list(state.candidates)

@@ -17,7 +17,7 @@ from fastapi import Request
 
 from ...backends.base import SAMPLING_EXTRAS, StreamChunk, Usage
 from ...backends.registry import BackendRegistry
-from ...components import FinalOverrides, prompts
+from ...components import COMPONENTS, FinalOverrides, prompts
 from ...components.base import StreamSink
 from ...components.generator import with_note
 from ...components.state import Candidate
@@ -209,12 +209,17 @@ class ChatService:
             raise APIError(400, f"min_tokens ({least}) must not exceed max_tokens ({final.max_tokens})",
                            param="min_tokens", code="invalid_value")
         writer = answer_writer(spec)
+        given = final
         if writer is not None and writer != len(spec.layers) - 1:
             self.check_selected_n(spec, final.n)
-        if final.extra and writer is not None:
+            given = final.for_writers()  # what of it reaches the writers a selector picks from
+        if given.extra and writer is not None:
             for comp in spec.layers[writer]:
-                for alias in comp.models_used():  # the writers; judges sample their own way
-                    self.check_sampling(alias, final.extra, f"the final stage of {spec.name!r}")
+                if COMPONENTS[comp.type].produces:  # the writers; judges (and a critic beside them) sample their own way
+                    # a generator's every model writes; a fuser or sequential aggregator writes with its `model` (the
+                    # latter's proposer samples its own way)
+                    for alias in comp.models_used() if comp.type == "generator" else [comp.model]:
+                        self.check_sampling(alias, given.extra, f"the final stage of {spec.name!r}")
         if not final.extra.get("tools"):
             return
         for comp in spec.layers[-1]:
