@@ -97,3 +97,21 @@ def test_legacy_top_logprobs_always_hold_the_chosen_token():
     out = legacy_logprobs([TokenLogprob("a", -1.0, [("b", -0.5)]), TokenLogprob("b", -0.5, [("b", -0.5)]),
                            TokenLogprob("c", None, None), TokenLogprob("d", -2.0, [])], 0)
     assert out["top_logprobs"] == [{"b": -0.5, "a": -1.0}, {"b": -0.5}, None, {"d": -2.0}]
+
+
+def test_responses_logprobs_shape_lives_with_the_other_shapes():
+    """The Responses API's output_text logprobs come from api/logprobs.py, as chat's and the legacy shape do (bytes: the
+    token's UTF-8, as in chat); a position without alternatives (an echoed prompt's first token) has an empty list."""
+    import archon_server.api.responses.serving as responses
+    from archon_server.api.logprobs import chat_logprobs, responses_logprobs
+    from archon_server.backends.base import TokenLogprob
+
+    lps = [TokenLogprob("é", -0.5, [("é", -0.5), ("e", -1.25)]), TokenLogprob("x", None, None)]
+    assert responses_logprobs(lps) == [
+        {"token": "é", "bytes": [195, 169], "logprob": -0.5,
+         "top_logprobs": [{"token": "é", "bytes": [195, 169], "logprob": -0.5}, {"token": "e", "bytes": [101], "logprob": -1.25}]},
+        {"token": "x", "bytes": [120], "logprob": None, "top_logprobs": []},
+    ]
+    assert responses_logprobs(None) == [] and responses_logprobs([]) == []
+    assert [t["bytes"] for t in responses_logprobs(lps)] == [t["bytes"] for t in chat_logprobs(lps)["content"]]
+    assert not hasattr(responses, "_logprobs")  # one formatter, not a second copy

@@ -1,5 +1,6 @@
-"""Token log-probabilities in the two wire shapes: chat's (``choices[].logprobs.content``) and text_completion's legacy
-one (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), for whole answers and for streamed pieces.
+"""Token log-probabilities in the wire shapes: chat's (``choices[].logprobs.content``), text_completion's legacy one
+(``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), for whole answers and for streamed pieces, and the
+Responses API's (an ``output_text`` part's ``logprobs``).
 
 ``bytes`` is the token's text as UTF-8, as OpenAI sends it and as vLLM fills it (from the token's text: a token that
 is part of a multi-byte character reads as U+FFFD, whose bytes it then carries).
@@ -27,6 +28,13 @@ def chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
             for t in lps
         ]
     }
+
+
+def responses_logprobs(lps: list[TokenLogprob] | None) -> list[dict[str, Any]]:
+    """An ``output_text`` part's ``logprobs`` (the final stage's, asked for with ``top_logprobs``): a list, empty when
+    there are none."""
+    return [{"token": t.token, "bytes": utf8(t.token), "logprob": t.logprob,
+             "top_logprobs": [{"token": a, "bytes": utf8(a), "logprob": v} for a, v in t.top or ()]} for t in lps or ()]
 
 
 def legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:

@@ -23,13 +23,14 @@ from typing import Any
 
 from fastapi import Request
 
-from ...backends.base import StreamChunk, TokenLogprob, accumulate_tool_calls
+from ...backends.base import StreamChunk, accumulate_tool_calls
 from ...components import FinalOverrides
 from ...components.state import Candidate
 from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
 from ..errors import APIError
 from ..ids import new_id
+from ..logprobs import responses_logprobs
 from ..streaming import EventStream
 from ..structured import chat_tool_choice, chat_tools
 from .protocol import ResponsesRequest, input_messages
@@ -45,15 +46,6 @@ def _usage(res: RunResult) -> dict[str, Any]:
     u = res.usage
     return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": u.total_tokens}
-
-
-def _logprobs(lps: list[TokenLogprob] | None) -> list[dict[str, Any]]:
-    """The final stage's token logprobs (asked for with `top_logprobs`) in output_text's shape."""
-    def b(t: str) -> list[int]:
-        return list(t.encode("utf-8", "replace"))
-
-    return [{"token": t.token, "bytes": b(t.token), "logprob": t.logprob,
-             "top_logprobs": [{"token": a, "bytes": b(a), "logprob": v} for a, v in t.top]} for t in lps or []]
 
 
 def _message_item(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -150,7 +142,7 @@ class ResponsesService:
     def _output(cand: Candidate, msg_id: str, call_ids: list[str]) -> list[dict[str, Any]]:
         status = "incomplete" if cand.finish_reason == "length" else "completed"
         calls = cand.meta.get("tool_calls") or []
-        items = [_message_item(msg_id, cand.text, status, _logprobs(cand.meta.get("logprobs")))] if cand.text or not calls else []
+        items = [_message_item(msg_id, cand.text, status, responses_logprobs(cand.meta.get("logprobs")))] if cand.text or not calls else []
         return items + [_call_item(call_ids[j] if j < len(call_ids) else _id("fc"), c, "completed") for j, c in enumerate(calls)]
 
     # -- non-streaming ------------------------------------------------------------------
