@@ -383,3 +383,18 @@ def test_a_backend_alias_refusal_reads_as_the_backend_said_it(upstream_factory, 
     r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "self-moa", "messages": [{"role": "user", "content": "Q"}]})
     msg = r.json()["error"]["message"]  # an architecture still says which layer failed, once per cause
     assert r.status_code == 400 and msg.startswith("layer 0 failed: generator0: ") and "every call failed" not in msg, msg
+
+
+def test_a_final_generator_of_several_models_streams_every_answer(upstream_factory, server_factory):
+    """Its calls do not stream (several models), so its answers go out when it ends: the stream had sent none."""
+    up = upstream_factory()
+    srv = server_factory(fake_config(up.url))
+    arch = {"layers": [[{"type": "generator", "models": ["proposer-1", "proposer-2"]}]]}
+    texts = {}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={"model": "self-moa", "messages": [{"role": "user", "content": "hi"}],
+                                                                     "stream": True, "architecture": arch}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
+    assert texts and all(texts.values()), texts
