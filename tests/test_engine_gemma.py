@@ -69,3 +69,22 @@ async def test_gemma3_plain_completion_through_the_backend():
         assert res.usage.completion_tokens == 8 and res.choices[0].finish_reason == "length"
     finally:
         await backend.close()
+
+
+@needs_gemma
+def test_gemma3_token_pieces_concatenate_to_the_text():
+    """An echoed prompt's token strings (engine/detokenize.token_pieces, as the local backend's echo + logprobs takes
+    them) add up to the prompt on Gemma's SentencePiece tokenizer: its <bos> adds nothing and a character in byte-fallback
+    tokens comes whole with its last byte, where decoding each id alone gave "<bos>" and U+FFFDs (text_offset drifted)."""
+    from transformers import AutoTokenizer
+
+    from archon_server.engine.detokenize import token_pieces
+
+    tok = AutoTokenizer.from_pretrained(model_store.pull(NAME, progress=False))
+    for text in ["The capital of France is  Paris, naïve café", " leading space", "emoji 🦜\U0001fabf done", "𝔘𝔫𝔦 \n\n\tx"]:
+        ids = tok(text)["input_ids"]
+        alone = [tok.decode([i], skip_special_tokens=False) for i in ids]
+        pieces = token_pieces(tok, ids)
+        assert len(pieces) == len(ids) and "".join(pieces) == text, (text, pieces)
+        assert pieces[0] == "" and alone[0] == "<bos>"
+        assert [p for p, a in zip(pieces, alone) if p != a and "\ufffd" not in a] == [""]  # byte tokens aside, only <bos> differs

@@ -143,3 +143,56 @@ def test_streamed_chat_tokens_carry_their_logprobs(backend: LocalBackend):
     streamed = [t for p in pieces for t in p.logprobs]
     assert [t.token for t in streamed] == [t.token for t in whole.logprobs]
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in whole.logprobs], abs=1e-4)
+
+
+class BosTextTokenizer(TextTokenizer):
+    """A prompt starts with a special BOS (token 299: "<s>" decoded alone, nothing in the text) and "é" is two byte
+    tokens (297, 298) that decode to U+FFFD alone and to "é" together, as a SentencePiece tokenizer's byte fallback
+    (gemma3-270m's) does: decoding each id alone no longer gives the prompt's text."""
+
+    BOS, E1, E2 = 299, 297, 298
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        ids = [self.BOS]
+        for ch in text:
+            ids += [self.E1, self.E2] if ch == "é" else [ord(ch) - ord("a")]
+        return {"input_ids": ids}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
+        out, i = [], 0
+        while i < len(ids):
+            t = ids[i]
+            if t == self.BOS:
+                out.append("" if skip_special_tokens else "<s>")
+            elif t == self.E1 and i + 1 < len(ids) and ids[i + 1] == self.E2:
+                out.append("é")
+                i += 1
+            elif t in (self.E1, self.E2):
+                out.append("\ufffd")
+            else:
+                out.append(chr(ord("a") + t % 26))
+            i += 1
+        return "".join(out)
+
+
+def test_echoed_tokens_concatenate_to_the_prompt_with_a_bos_and_byte_tokens(backend: LocalBackend):
+    """The echoed tokens' strings are their pieces of the decoded text (the streams' incremental decoding), not each id
+    decoded alone ("<s>", U+FFFD): they concatenate to the prompt, so legacy text_offset indexes the returned text."""
+    from archon_server.api.logprobs import legacy_logprobs
+
+    tok = BosTextTokenizer()
+    saved = backend.loaded
+    backend.loaded = SimpleNamespace(tokenizer=tok)
+    try:
+        prompt = "caféabc"
+        c = complete(backend, prompt, max_tokens=0, logprobs=True, top_logprobs=2).choices[0]
+    finally:
+        backend.loaded = saved
+    tokens = [t.token for t in c.logprobs]
+    assert len(tokens) == len(tok(prompt)["input_ids"]) == len(prompt) + 2
+    assert "".join(tokens) == c.text == prompt
+    assert tokens[:6] == ["", "c", "a", "f", "", "é"]  # BOS, then the character with its last byte token
+    offsets = legacy_logprobs(c.logprobs, 0)["text_offset"]
+    assert [c.text[o : o + len(t)] for o, t in zip(offsets, tokens)] == tokens
+    assert all(t.token in dict(t.top) or len(t.top) == 2 for t in c.logprobs[1:])
+

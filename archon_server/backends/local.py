@@ -311,21 +311,33 @@ class LocalBackend(Backend):
         """An echoed prompt's token count and, when logprobs are asked for, its tokens' log-probabilities as vLLM
         returns them: the first token's None (nothing predicts it), then ``log p(t_i | t_<i)`` with the
         ``top_logprobs`` best at each position - the scoring pass (engine/scoring.py) with the first token as its
-        prompt, so it is one teacher-forced forward on the worker thread, not a second implementation."""
+        prompt, so it is one teacher-forced forward on the worker thread, not a second implementation.  The tokens'
+        strings are their pieces of the decoded text (engine/detokenize.token_pieces, the streams' incremental
+        decoding): they concatenate to the echoed prompt, so text_offset indexes the returned text (a BOS adds "", a
+        character split into byte tokens comes whole with its last one)."""
+        from archon_server.engine.detokenize import token_pieces
         from archon_server.engine.scoring import score_continuations
 
         if self.engine is None:
             await self._load()
-        prompt = await asyncio.to_thread(self._raw_prompt_ids, request.prompt)
         p = request.params
-        if not (p.logprobs or p.top_logprobs > 0):
+        want_lp = p.logprobs or p.top_logprobs > 0
+
+        def tokenize() -> tuple[list[int], list[str] | None]:
+            ids = self._raw_prompt_ids(request.prompt)
+            return ids, token_pieces(self.loaded.tokenizer, ids) if want_lp else None
+
+        prompt, pieces = await asyncio.to_thread(tokenize)
+        if pieces is None:
             return len(prompt), None
         k = p.top_logprobs
         (forced,) = await self._on_worker(lambda runner: score_continuations(runner, prompt[:1], [prompt[1:]], top=k))
-        lps = [TokenLogprob(self._token_str(prompt[0]), None, None)]
+        lps = [TokenLogprob(pieces[0], None, None)]
         for j, (tid, lp) in enumerate(zip(forced.token_ids, forced.logprobs)):
-            top = [(self._token_str(t), v) for t, v in forced.top[j]] if forced.top else []
-            lps.append(TokenLogprob(self._token_str(tid), lp, top))
+            piece = pieces[j + 1]
+            # an alternative is its own string, the chosen token its piece (so top_logprobs names it as tokens does)
+            top = [(piece if t == tid else self._token_str(t), v) for t, v in forced.top[j]] if forced.top else []
+            lps.append(TokenLogprob(piece, lp, top))
         return len(prompt), lps
 
     async def complete(self, request: CompletionRequest) -> ChatResult:

@@ -97,3 +97,22 @@ class IncrementalText:
         piece = self.text[self.emitted : end]
         self.emitted = end
         return piece
+
+
+def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each token of ``ids`` adds to their decoded text, by the incremental decoding streams use
+    (:class:`IncrementalText`), so that ``"".join(pieces)`` is ``decode(ids, skip_special_tokens=True)``: a special token
+    (a BOS) adds "", a token ending inside a multi-byte character (byte fallback) adds "" and the one completing it the
+    whole character, and a SentencePiece word keeps its leading space.  Decoding each id alone gives none of these (an
+    echoed prompt's ``text_offset`` drifted from its text)."""
+    text = IncrementalText(tokenizer)
+    pieces = []
+    for tid in ids:
+        before = len(text.text)
+        text.add(tid)
+        pieces.append(text.text[before:])
+    before = len(text.text)
+    text.flush()
+    if pieces:
+        pieces[-1] += text.text[before:]
+    return pieces
