@@ -5,6 +5,7 @@ and its streamed logprobs."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -196,3 +197,88 @@ def test_echoed_tokens_concatenate_to_the_prompt_with_a_bos_and_byte_tokens(back
     assert [c.text[o : o + len(t)] for o, t in zip(offsets, tokens)] == tokens
     assert all(t.token in dict(t.top) or len(t.top) == 2 for t in c.logprobs[1:])
 
+
+def test_a_long_echo_scoring_takes_turns_with_a_decoding_stream(backend: LocalBackend):
+    """An echoed prompt of ~1,500 tokens is scored in prefill-sized steps that take turns with the decode steps (as a
+    long prompt's prefill chunks do): the stream beside it keeps getting tokens before the scoring ends, where one
+    un-chunked pass held every stream for its whole length."""
+    engine = backend.engine
+    saved = engine.prefill_chunk, engine.prefill_chunk_idle
+    engine.prefill_chunk = engine.prefill_chunk_idle = 32
+    long_prompt = "".join(chr(ord("a") + (7 * i + 3) % 26) for i in range(1500))
+    order: list[str] = []
+
+    async def go() -> Any:
+        req = ChatRequest("tiny", [{"role": "user", "content": "abc"}], SamplingParams(temperature=0.0, max_tokens=1900))
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for ch in backend.stream(req):
+                if ch.text:
+                    order.append("token")
+                    first.set()
+                if len(order) > 1 and order[-2] == "echo done":  # the scoring has ended: this stream may go
+                    return
+
+        stream = asyncio.create_task(consume())
+        await first.wait()
+        order.append("echo sent")
+        res = await backend.complete(CompletionRequest("tiny", long_prompt, SamplingParams(temperature=0.0, max_tokens=0, logprobs=True), echo=True))
+        order.append("echo done")
+        await stream
+        return res
+
+    steps0, interleaved0 = engine.stats.job_steps, engine.stats.job_steps_interleaved
+    try:
+        res = asyncio.run(go())
+    finally:
+        engine.prefill_chunk, engine.prefill_chunk_idle = saved
+    assert res.choices[0].text == long_prompt and len(res.choices[0].logprobs) == len(long_prompt)
+    steps = engine.stats.job_steps - steps0
+    assert steps >= 1500 // 32 and engine.stats.job_steps_interleaved - interleaved0 >= steps - 2
+    during = order[order.index("echo sent") + 1 : order.index("echo done")]
+    assert during.count("token") >= 20, order  # one un-chunked pass let through at most the step in flight's token
+    idle(engine)
+
+
+def test_a_cancelled_scoring_job_stops_before_its_next_step(backend: LocalBackend):
+    """The awaiting task cancelled (a deadline, a client gone) cancels the job's future; the engine drops it before its
+    next step instead of running the whole pass for nobody."""
+    from archon_server.engine.scoring import score_steps
+
+    engine = backend.engine
+    first_step, gate, closed = threading.Event(), threading.Event(), threading.Event()
+    ran = []
+
+    def gated(runner: Any) -> Any:  # score_steps, held after its first step until the test has cancelled it
+        inner = score_steps(runner, [1, 2], [[(5 * i) % VOCAB for i in range(600)]], chunk=32)
+        try:
+            budget = yield next(inner)
+            while True:
+                n = inner.send(budget)
+                ran.append(n)
+                if len(ran) == 1:
+                    first_step.set()
+                    gate.wait(30)
+                budget = yield n
+        except StopIteration as done:
+            return done.value
+        finally:
+            closed.set()
+
+    async def go() -> None:
+        task = asyncio.create_task(backend._on_worker(gated))
+        assert await asyncio.to_thread(first_step.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    cancelled0 = engine.stats.cancelled
+    asyncio.run(go())
+    gate.set()
+    assert closed.wait(30)
+    assert len(ran) == 1 and engine.stats.cancelled == cancelled0 + 1
+    # the same job left alone runs to its end
+    (whole,) = engine.run_job(lambda r: score_steps(r, [1, 2], [[(5 * i) % VOCAB for i in range(600)]], chunk=32)).result(60)
+    assert len(whole.logprobs) == 600
+    idle(engine)

@@ -254,7 +254,9 @@ class LocalBackend(Backend):
             handle.cancel()  # no-op once done; otherwise the worker drops the rows next step
 
     async def _on_worker(self, fn: Any) -> Any:
-        """Run ``fn(runner)`` on the engine's worker thread (between decode steps) and await its result."""
+        """Run ``fn(runner)`` on the engine's worker thread (between decode steps) and await its result.  A step-wise
+        ``fn`` (engine/scoring.py's ``*_steps``) takes turns with the decode steps, and leaving the await (a deadline, a
+        client gone) cancels its future: the engine drops it before its next step."""
         if self.engine is None:
             await self._load()
         try:
@@ -266,8 +268,8 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------------ scoring
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        """One teacher-forced pass: the prompt prefilled once, every continuation in one batch after it."""
-        from archon_server.engine.scoring import score_continuations
+        """One teacher-forced pass: the prompt prefilled once, the continuations batched after it."""
+        from archon_server.engine.scoring import score_steps
 
         t0 = time.perf_counter()
         if self.engine is None:
@@ -276,7 +278,7 @@ class LocalBackend(Backend):
         fulls = [self._prompt_ids(request.messages, c) for c in request.continuations]
         cut = min([len(prompt)] + [common_prefix(prompt, f) for f in fulls])  # a boundary token may merge
         conts = [f[cut:] for f in fulls]
-        forced = await self._on_worker(lambda runner: score_continuations(runner, prompt[:cut], conts))
+        forced = await self._on_worker(lambda runner: score_steps(runner, prompt[:cut], conts))
         scores = []
         for f in forced:
             # A token merging the prompt's last characters with the continuation's first counts as the
@@ -298,25 +300,26 @@ class LocalBackend(Backend):
         return self.loaded.tokenizer.decode([tid], skip_special_tokens=False)
 
     async def next_token_logprobs(self, request: NextTokenRequest) -> NextTokenResult:
-        from archon_server.engine.scoring import next_token_top
+        from archon_server.engine.scoring import next_token_top_steps
 
         t0 = time.perf_counter()
         if self.engine is None:
             await self._load()
         prompt = self._prompt_ids(request.messages)
-        top = await self._on_worker(lambda runner: next_token_top(runner, prompt, request.top_k))
+        top = await self._on_worker(lambda runner: next_token_top_steps(runner, prompt, request.top_k))
         return NextTokenResult([(self._token_str(t), lp) for t, lp in top], Usage(prompt_tokens=len(prompt)), time.perf_counter() - t0)
 
     async def _echoed(self, request: CompletionRequest) -> tuple[int, list[TokenLogprob] | None]:
         """An echoed prompt's token count and, when logprobs are asked for, its tokens' log-probabilities as vLLM
         returns them: the first token's None (nothing predicts it), then ``log p(t_i | t_<i)`` with the
         ``top_logprobs`` best at each position - the scoring pass (engine/scoring.py) with the first token as its
-        prompt, so it is one teacher-forced forward on the worker thread, not a second implementation.  The tokens'
-        strings are their pieces of the decoded text (engine/detokenize.token_pieces, the streams' incremental
-        decoding): they concatenate to the echoed prompt, so text_offset indexes the returned text (a BOS adds "", a
-        character split into byte tokens comes whole with its last one)."""
+        prompt, so it is one teacher-forced pass on the worker thread, not a second implementation; step-wise, so it
+        takes turns with the streams decoding beside it and stops when this request is let go.  The tokens' strings are
+        their pieces of the decoded text (engine/detokenize.token_pieces, the streams' incremental decoding): they
+        concatenate to the echoed prompt, so text_offset indexes the returned text (a BOS adds "", a character split
+        into byte tokens comes whole with its last one)."""
         from archon_server.engine.detokenize import token_pieces
-        from archon_server.engine.scoring import score_continuations
+        from archon_server.engine.scoring import score_steps
 
         if self.engine is None:
             await self._load()
@@ -331,7 +334,7 @@ class LocalBackend(Backend):
         if pieces is None:
             return len(prompt), None
         k = p.top_logprobs
-        (forced,) = await self._on_worker(lambda runner: score_continuations(runner, prompt[:1], [prompt[1:]], top=k))
+        (forced,) = await self._on_worker(lambda runner: score_steps(runner, prompt[:1], [prompt[1:]], top=k))
         lps = [TokenLogprob(pieces[0], None, None)]
         for j, (tid, lp) in enumerate(zip(forced.token_ids, forced.logprobs)):
             piece = pieces[j + 1]

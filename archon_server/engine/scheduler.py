@@ -22,8 +22,9 @@ import queue
 import random
 import threading
 import time
+import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,10 +109,13 @@ class _SpecRun:
 @dataclass
 class _Job:
     """Work other than generation that needs the model (teacher-forced scoring): ``fn(runner)`` runs on
-    the worker thread between steps, its result or exception goes to ``future``."""
+    the worker thread between steps, its result or exception goes to ``future``.  A step-wise job (``fn`` returns a
+    generator, engine/scoring.py's ``Steps``) keeps it in ``steps`` and runs a forward per turn (Engine._job_turn)."""
 
     fn: Callable[[ModelRunner], Any]
     future: concurrent.futures.Future
+    steps: Generator[int, int | None, Any] | None = None
+    token_s: float = 0.0  # its last step's seconds per token
 
 
 @dataclass
@@ -169,6 +173,7 @@ class Engine:
         self.prefill_slice_s = 0.5
         self.shared_prompt_min = 1024  # prompt tokens from which a request's rows read its K/V once a step (_shared_prompts)
         self._owed = 0.0  # decode time still owed to the rows for the last interleaved chunk (_prefill_due)
+        self._job_went_last = False  # a job step had the last turn: a staged long prompt's chunk goes next (_job_due)
         self._token_s = 0.0  # the last chunk's seconds per token, any prompt's: a new prompt's first estimate
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -270,7 +275,14 @@ class Engine:
 
     def run_job(self, fn: Callable[[ModelRunner], Any]) -> concurrent.futures.Future:
         """Run ``fn(runner)`` on the worker thread between decode steps (the runner is not thread-safe);
-        wrap the returned future with ``asyncio.wrap_future`` to await it."""
+        wrap the returned future with ``asyncio.wrap_future`` to await it.
+
+        When ``fn`` returns a generator (a step-wise job: engine/scoring.py's ``Steps``, e.g. ``score_steps``), each
+        step is one forward of at most the tokens sent to it, sized as a prefill chunk is (:meth:`_chunk_tokens`), and
+        the steps take turns with the decode steps as a long prompt's chunks do (:meth:`_job_due`): a long scoring pass
+        no longer stalls every stream for its whole length.  Its future stays pending until its last step, so
+        cancelling it (``asyncio.wrap_future`` does when the awaiting task is cancelled: a deadline, a client gone)
+        drops the job before its next step.  Jobs run one at a time, in order."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if self._stop.is_set():
             fut.set_exception(RuntimeError("engine shut down"))
@@ -300,8 +312,10 @@ class Engine:
                     return  # parked: nothing held, nothing queued (the idle cache was already given back)
             down = RuntimeError("engine shut down")
             self._fail(self._holders() + list(self._waiting) + self._drain_inbox(), down)
-            while self._jobs:  # queued jobs fail only at shutdown
+            while self._jobs:  # queued jobs (and one part-way through its steps) fail only at shutdown
                 job = self._jobs.popleft()
+                if job.steps is not None:
+                    job.steps.close()
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(down)
 
@@ -314,8 +328,8 @@ class Engine:
             self._drop_cancelled()
         except Exception as e:  # dropping or compacting broke: no request was being computed
             self._recover(e, [])
-        if self._jobs:  # one job (e.g. teacher-forced scoring) per pass; a failed job fails its caller only
-            self._run_job(self._jobs.popleft())
+        if self._jobs and self._job_due():  # one job, or one step of one, per pass; a failed job fails its caller only
+            self._job_turn()
         if self._prefilling is not None and self._prefill_due():
             staged = self._prefilling.req
             try:
@@ -492,15 +506,77 @@ class Engine:
         if not self._rows and self._prefilling is None and self._aside is None and (self.cache.slots, self.cache.capacity) != (self.initial_slots, self.initial_capacity):
             self.cache = self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
 
-    def _run_job(self, job: _Job) -> None:
-        """One job per worker iteration, so a burst of scoring calls interleaves with decode steps."""
-        if not job.future.set_running_or_notify_cancel():
+    def _job_due(self) -> bool:
+        """Whether the first job runs (or takes its next step) in this pass.  A job not started yet starts at once: a
+        plain one runs whole, as before; a step-wise one only reaches its first step.  Steps take turns with the rows
+        by :meth:`_prefill_due`'s measure (the decode time owed for the last step), and with a staged long prompt,
+        whose chunk goes next after a step."""
+        job = self._jobs[0]
+        if job.steps is None or job.future.cancelled():
+            return True  # to start it, or to drop it
+        if not self._rows:
+            self._owed = 0.0
+            return True
+        pf = self._prefilling
+        if self._job_went_last and pf is not None and len(pf.req.prompt) > self.prefill_chunk:
+            return False
+        return self._owed <= 0
+
+    def _job_turn(self) -> None:
+        """One turn of the first job: drop it if its caller cancelled it, else run it (a plain job, whole) or its next
+        step (a step-wise one); its result or exception goes to its future once it ends."""
+        job = self._jobs[0]
+        if job.future.cancelled():  # its caller is gone (deadline, disconnect): no further step
+            self.stats.cancelled += 1
+            self._end_job(job)
             return
         try:
-            job.future.set_result(job.fn(self.runner))
+            if job.steps is None:
+                out = job.fn(self.runner)
+                if not isinstance(out, types.GeneratorType):
+                    self._end_job(job, result=out)
+                    return
+                job.steps = out
+                next(out)  # to its first step (nothing computed yet: argument checks)
+                if not self._job_due():
+                    return
+            t0 = time.perf_counter()
+            try:
+                tokens = job.steps.send(self._chunk_tokens(job.token_s or self._token_s))
+            finally:
+                spent = time.perf_counter() - t0
+                self.stats.job_steps += 1
+                self._job_went_last = True
+                if self._rows:
+                    self.stats.job_steps_interleaved += 1
+                    self._owed = spent
+            if tokens:
+                job.token_s = spent / tokens
+        except StopIteration as done:
+            self._end_job(job, result=done.value)
         except Exception as e:  # noqa: BLE001 - a failed job fails its caller only
             self.stats.errors += 1
-            job.future.set_exception(e)
+            self._end_job(job, error=e)
+
+    def _end_job(self, job: _Job, result: Any = None, error: BaseException | None = None) -> None:
+        """The first job leaves the queue; its future gets ``result`` or ``error`` unless it was cancelled."""
+        self._jobs.popleft()
+        if job.steps is not None:
+            job.steps.close()
+        if job.future.set_running_or_notify_cancel():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+    def _chunk_tokens(self, token_s: float) -> int:
+        """Tokens for the next prefill chunk or job step: ``prefill_chunk`` while rows decode (``prefill_chunk_idle``
+        otherwise), cut to about ``prefill_slice_s`` at ``token_s`` seconds per token, in whole prefix-cache blocks."""
+        chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
+        if token_s:
+            chunk = min(chunk, int(self.prefill_slice_s / token_s))
+        grid = self.prefix.block
+        return max(grid, chunk // grid * grid)
 
     def _prefill_chunk(self) -> None:
         """Run the next chunk of the staged prompt; when it is complete, its n rows join the batch.
@@ -511,11 +587,7 @@ class Engine:
         pf = self._prefilling
         assert pf is not None
         req = pf.req
-        chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
-        if token_s := pf.token_s or self._token_s:
-            chunk = min(chunk, int(self.prefill_slice_s / token_s))
-        grid = self.prefix.block
-        chunk = max(grid, chunk // grid * grid)  # whole blocks: every chunk starts on the attention grid
+        chunk = self._chunk_tokens(pf.token_s or self._token_s)  # whole blocks: every chunk starts on the attention grid
         ids = req.prompt[pf.done : pf.done + chunk]
         # A prompt's K/V must not depend on how it was chunked (the chunk size changes with load and with the
         # time each chunk took; a cached prefix leaves a short tail): never the int8 weights, and attention on the
@@ -525,6 +597,7 @@ class Engine:
                                   logits="last", int8=False, kv_grid=self.prefix.block)
         spent = time.perf_counter() - t0
         pf.token_s = self._token_s = spent / len(ids)
+        self._job_went_last = False
         if self._rows:
             self.stats.prefill_chunks_interleaved += 1
             if len(req.prompt) > self.prefill_chunk:

@@ -95,6 +95,8 @@ class EngineStats:
     prefill_tokens: int = 0
     prefill_chunks_interleaved: int = 0  # prompt chunks run between decode steps of other sequences
     overtakes: int = 0  # short prompts prefilled ahead of a long staged one (Engine._overtake)
+    job_steps: int = 0  # steps of step-wise jobs (teacher-forced scoring: a forward of a prefill-sized chunk each)
+    job_steps_interleaved: int = 0  # ... run between decode steps of other sequences
     decode_steps: int = 0
     decode_tokens: int = 0
     max_batch_seen: int = 0  # most sequences decoded together in one step
