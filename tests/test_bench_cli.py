@@ -76,6 +76,33 @@ def test_report_refuses_what_it_cannot_report(tmp_path, capsys):
     assert list(empty.iterdir()) == []  # no empty report written
 
 
+def test_report_needs_the_data_folder_only_for_alpaca_eval(tmp_path, capsys):
+    """A machine that only reaches the store (no benchmark data) reports a sweep without AlpacaEval; one with
+    AlpacaEval results needs the data (its export carries the instructions): one line, exit 2."""
+    from archon_server.bench.store import SweepStore
+
+    store, nodata = f"sqlite:///{tmp_path / 'store.db'}", str(tmp_path / "nodata")
+    s = SweepStore(store, "s")
+    try:
+        s.results.register({"name": "s"})
+        for qid in ("1", "2"):
+            assert s.results.claim_sync("a", "math500", qid)
+            s.results.append_sync({"arch": "a", "benchmark": "math500", "id": qid, "score": 1.0, "correct": True, "calls": 1})
+    finally:
+        s.close()
+    out = tmp_path / "out"
+    assert main(["bench", "report", str(out), "--store", store, "--sweep", "s", "--data", nodata]) == 0
+    assert "| a | math500 | 2 | 100.00 |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps({"arch": "a", "benchmark": "alpaca_eval", "id": "0", "score": 0.0, "preference": 1.0}) + "\n")
+    (out / "report.md").unlink()
+    assert main(["bench", "report", str(out), "--data", nodata]) == 2
+    [line] = _err(capsys)
+    assert line.startswith("--data: ") and nodata in line and "AlpacaEval" in line, line
+    assert not (out / "report.md").exists()
+
+
 def test_score_alpaca_refuses_model_outputs(tmp_path, capsys):
     from archon_server.bench.paths import data_dir
 

@@ -54,3 +54,44 @@ def test_logprob_mode_scores_letters_and_reports_separately(tmp_path):
     assert all("error" in recs[("null-model", f"anatomy/{k}")] for k in range(6))  # no model, no log-probabilities
     rows = {r.arch: r for r in rp.aggregate(log.records)}
     assert rows["scripted"].benchmark == "mmlu_logprob" and rows["scripted"].score >= 50.0
+
+
+class ChatAndScore(Scorer):
+    """Generates as the scripted upstream (MATH for the ensembles) and scores MMLU's letters as :class:`Scorer`."""
+
+    def __init__(self):
+        super().__init__()
+        from bench_fakes import ScriptedUpstream
+
+        self.chatter = ScriptedUpstream()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await self.chatter.chat(request)
+
+
+def test_a_logprob_benchmark_beside_ensembles_skips_only_their_logprob_pairs(tmp_path):
+    """One model on MMLU logprob beside ensembles on MATH: the sweep runs; each pair that cannot be scored (the
+    ensemble, null-model on mmlu_logprob) is recorded as skipped with the reason, makes no call, and the report says so."""
+    (tmp_path / "tiny-moa.yaml").write_text("name: tiny-moa\nlayers:\n  - - {type: generator, models: [proposer-1, proposer-2]}\n"
+                                            "  - - {type: fuser, model: aggregator}\n")
+    up = ChatAndScore()
+    spec = sw.SweepSpec.model_validate({
+        "name": "mix", "architectures": ["scripted", str(tmp_path / "tiny-moa.yaml"), "null-model"],
+        "benchmarks": [{"name": "math500", "n": 2}, {"name": "mmlu", "n": 2, "ids": ["anatomy/0", "anatomy/1"], "mode": "logprob"}]})
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "o", registry=make_registry(up), progress=False))
+    recs = {(r["arch"], r["benchmark"], r["id"]): r for r in log.records}
+    assert len(recs) == 3 * 4
+    assert all(not recs[("tiny-moa", "math500", i)].get("error") for _, b, i in recs if b == "math500")
+    assert all("grade" in recs[("scripted", "mmlu_logprob", f"anatomy/{k}")] for k in range(2))
+    assert len(up.requests) == 2  # only the single model's letters were scored
+    for arch in ("tiny-moa", "null-model"):
+        for k in range(2):
+            r = recs[(arch, "mmlu_logprob", f"anatomy/{k}")]
+            assert r["skipped"] == sw.LOGPROB_SKIP and r["error"] == f"skipped: {sw.LOGPROB_SKIP}" and r["calls"] == 0
+    rows = {(r.arch, r.benchmark): r for r in rp.aggregate(log.records)}
+    skipped = rows[("tiny-moa", "mmlu_logprob")]
+    assert skipped.score is None and skipped.errors == 0 and skipped.notes["skipped"] == 2
+    assert skipped.flags == [f"2 of 2 questions skipped (not run, not scored): {sw.LOGPROB_SKIP}"]
+    assert rows[("scripted", "mmlu_logprob")].flags == [] and rows[("scripted", "mmlu_logprob")].score is not None
+    md = rp.markdown(list(rows.values()))
+    assert "**tiny-moa / mmlu_logprob**: 2 of 2 questions skipped" in md and "**null-model / mmlu_logprob**" in md

@@ -171,3 +171,31 @@ def test_store_names_what_changed(storage_url: str) -> None:
         assert "c" in s.sweeps()
     finally:
         s.close()
+
+
+def test_store_refuses_a_sweep_an_older_archon_server_registered(storage_url: str) -> None:
+    """The stored definition is the same sweep, but an older archon-server (no definition version) made its rows
+    with other splits and parameters: a worker of this one is refused in one line. pass@k's k compares with its
+    default filled in."""
+    from archon_server.bench.definition import DEFINITION_VERSION
+    import sqlalchemy as sa
+
+    from archon_server.bench.store import SWEEPS
+
+    s = SweepStore(storage_url, "old")
+    try:
+        definition = {"name": "old", "benchmarks": [{"name": "math500", "pass_at": {"n": 5}}]}
+        with s.engine.begin() as con:
+            con.execute(SWEEPS.insert().values(sweep="old", spec=json.dumps(definition), created=time.time()))
+        with pytest.raises(SweepMismatch) as e:
+            s.results.register(definition)
+        [line] = e.value.errors
+        assert "the store's sweep 'old'" in line and "older archon-server" in line and "another store" in line, line
+        # registered by this one: stamped, and k left out equals the default k
+        StoreResults(s.engine, "new").register({**definition, "name": "new"})
+        with s.engine.connect() as con:
+            stored = json.loads(con.execute(sa.select(SWEEPS.c.spec).where(SWEEPS.c.sweep == "new")).scalar_one())
+        assert stored["definition_version"] == DEFINITION_VERSION
+        StoreResults(s.engine, "new").register({"name": "new", "benchmarks": [{"name": "math500", "pass_at": {"n": 5, "k": [1]}}]})
+    finally:
+        s.close()

@@ -241,6 +241,47 @@ async def test_resume_with_a_changed_sweep_is_refused_naming_the_change(tmp_path
     assert up.calls == 0 and len(log.records) == 6
 
 
+async def test_a_folder_of_an_older_archon_server_is_refused_in_one_line(tmp_path):
+    """Its sweep.json is the same sweep, but its results came from other splits and parameters (an older
+    archon-server's): refused, saying so, instead of resumed into a mix."""
+    from archon_server.bench.definition import DEFINITION_VERSION
+
+    spec = _spec(tmp_path, architectures=["scripted"], benchmarks=[{"name": "math500", "split": "dev", "n": 2, "seed": 3}])
+    out = tmp_path / "out"
+    await sw.run_sweep(spec, out, registry=make_registry(ScriptedUpstream()), progress=False)
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["definition_version"] == DEFINITION_VERSION
+    for old in (None, DEFINITION_VERSION - 1):
+        older = {k: v for k, v in saved.items() if k != "definition_version"} | ({} if old is None else {"definition_version": old})
+        (out / "sweep.json").write_text(json.dumps(older))
+        up = ScriptedUpstream()
+        with pytest.raises(sw.SweepMismatch) as e:
+            await sw.run_sweep(spec, out, registry=make_registry(up), progress=False)
+        [line] = e.value.errors
+        assert f"{out} holds 2 results" in line and "older archon-server" in line and "dev/test splits" in line, line
+        assert f"definition version {old if old is not None else 'none'}" in line and "new --out" in line, line
+        assert up.calls == 0 and json.loads((out / "sweep.json").read_text()) == older  # nothing run or rewritten
+
+
+async def test_pass_at_k_is_compared_with_its_default_filled_in(tmp_path):
+    """A sweep.json whose pass_at has no k (or an empty one) is the same sweep as the file that leaves k out."""
+    spec = _spec(tmp_path, architectures=["scripted"], benchmarks=[{"name": "math500", "n": 2, "pass_at": {"n": 5}}])
+    out = tmp_path / "out"
+    await sw.run_sweep(spec, out, registry=make_registry(ScriptedUpstream()), progress=False)
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["benchmarks"][0]["pass_at"] == {"n": 5, "k": [1]}
+    for stored in ({"n": 5}, {"n": 5, "k": []}):
+        saved["benchmarks"][0]["pass_at"] = stored
+        (out / "sweep.json").write_text(json.dumps(saved))
+        up = ScriptedUpstream()
+        log = await sw.run_sweep(spec, out, registry=make_registry(up), progress=False)
+        assert up.calls == 0 and len(log.records) == 2
+    # a k that differs from the default still does
+    changed = _spec(tmp_path, architectures=["scripted"], benchmarks=[{"name": "math500", "n": 2, "pass_at": {"n": 5, "k": [1, 5]}}])
+    with pytest.raises(sw.SweepMismatch, match=r"benchmarks: \[\{.*\"k\": \[1\]"):
+        await sw.run_sweep(changed, out, registry=make_registry(ScriptedUpstream()), progress=False)
+
+
 async def test_judge_and_logprob_architectures_are_checked_before_any_call(tmp_path):
     from archon_server.spec import SpecError
 
@@ -254,13 +295,15 @@ async def test_judge_and_logprob_architectures_are_checked_before_any_call(tmp_p
     with pytest.raises(SpecError) as e:
         await sw.run_sweep(sw.load_sweep(sweep), tmp_path / "out", registry=make_registry(up), progress=False)
     assert e.value.source == str(sweep) and e.value.errors[0].startswith("judge:") and "mt_bench" in e.value.errors[0]
-    # MMLU logprob scores one model: an ensemble is refused by name, not scored as its first model
+    # MMLU logprob scores one model: a sweep none of whose architectures is one is refused up front (one that has
+    # one runs, the others' pairs are skipped: tests/test_bench_mmlu_logprob.py)
     (tmp_path / "tiny-moa.yaml").write_text(ARCH)
-    sweep.write_text(f"architectures: [scripted, {tmp_path / 'tiny-moa.yaml'}, null-model]\n"
-                     "benchmarks: [{name: mmlu, n: 2, mode: logprob}]\n")
+    sweep.write_text(f"architectures: [{tmp_path / 'tiny-moa.yaml'}, null-model]\n"
+                     "benchmarks: [{name: math500, n: 2}, {name: mmlu, n: 2, mode: logprob}]\n")
     with pytest.raises(SpecError) as e:
         await sw.run_sweep(sw.load_sweep(sweep), tmp_path / "out", registry=make_registry(up), progress=False)
-    assert "'tiny-moa'" in e.value.errors[0] and "'scripted'" not in e.value.errors[0]
+    [line] = e.value.errors
+    assert line.startswith("architectures: none of 'tiny-moa', 'null-model'") and "benchmarks[1] (mode logprob)" in line
     assert up.calls == 0 and not (tmp_path / "out").exists()
 
 

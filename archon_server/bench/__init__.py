@@ -8,4 +8,5 @@ Modules (dependencies point downwards only; nothing here imports ``archon_server
 * ``sandbox`` — run untrusted Python with namespaces/rlimits (``run_python``, ``run_tests``);
 * ``judges`` — AlpacaEval / MT-Bench / Arena-Hard judges over any Backend;
 * ``cache`` / ``sweep`` / ``report`` / ``cli`` — cached, resumable sweeps and their reports.
+* ``definition`` — the version stored with a sweep's and a search study's definition (resume across upgrades).
 """

@@ -28,6 +28,13 @@ def _data_dir_error(data: str | None) -> str | None:
     return None
 
 
+def _needs_data(out: Path) -> bool:
+    """Whether the report of ``out`` reads the data folder: it holds AlpacaEval results."""
+    from .report import load_records
+
+    return any(r.get("benchmark") == "alpaca_eval" for r in load_records(out))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import sqlalchemy.exc
 
@@ -87,8 +94,6 @@ def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     out = Path(args.out)
-    if (err := _data_dir_error(args.data)) is not None:
-        return _fail(err)
     if args.store:  # a shared sweep: results.jsonl from the store first (all workers' rows)
         from .store import SweepStore
 
@@ -109,6 +114,10 @@ def _report(args: argparse.Namespace) -> int:
     elif not (out / "results.jsonl").exists():
         what = "no such folder" if not out.is_dir() else "no results.jsonl (run `archon bench run` first, or pass --store)"
         return _fail(f"{out}: {what}")
+    # Only AlpacaEval's export (its instructions) and LC difficulties read the data folder: a sweep without it is
+    # reported from the results alone (a machine that only reaches the store).
+    if _needs_data(out) and (err := _data_dir_error(args.data)) is not None:
+        return _fail(f"{err} (the AlpacaEval results of {out} are exported with its instructions)")
     paths = write_report(out, data_root=args.data)
     print(Path(paths["markdown"]).read_text(encoding="utf-8"))
     return 0

@@ -9,6 +9,9 @@ Scores per benchmark kind:
   are left out, as MT-Bench's and Arena-Hard's, and flagged;
 * MT-Bench: mean 1–10 rating over both turns (s.e.), turn 1 / turn 2 in the notes;
 * Arena-Hard: weighted win rate vs the baseline with a 95% bootstrap interval.
+
+A pair the sweep skipped (an MMLU ``mode: logprob`` benchmark on an architecture that is not one generator of one
+model: records with ``skipped``) has no score; its row's flags say why.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
     rows = []
     for (arch, bench), recs in sorted(groups.items()):
         ok = [r for r in recs if not r.get("error")]
+        # A pair the sweep could not run (an MMLU logprob benchmark on an ensemble): no score, said in the flags.
+        skipped = [r for r in recs if r.get("skipped")]
         n = len(recs)
         common = dict(
             arch=arch, benchmark=bench, n=n,
@@ -88,11 +93,14 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
             prompt_tokens=int(sum(r.get("prompt_tokens", 0) for r in recs)),
             completion_tokens=int(sum(r.get("completion_tokens", 0) for r in recs)),
             sec_per_q=float(np.mean([r.get("seconds", 0.0) for r in recs])),
-            errors=n - len(ok),
+            errors=n - len(ok) - len(skipped),
             judge_calls=int(sum(r.get("judge_calls", 0) for r in recs)),
         )
         notes: dict[str, Any] = {}
         flags: list[str] = []
+        if skipped:
+            notes["skipped"] = len(skipped)
+            flags.append(f"{len(skipped)} of {n} questions skipped (not run, not scored): {skipped[0]['skipped']}")
         if bench in ("alpaca_eval", "mt_bench", "arena_hard"):  # judged: a constant output must not pass unnoticed
             texts = [o for r in ok for o in ((r.get("output"),) if isinstance(r.get("output"), str) else (r.get("output") or ()))]
             of = ae.output_flags(texts)
@@ -149,8 +157,8 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
             se = None
             notes.update(ci95=(round(w["ci_low"], 2), round(w["ci_high"], 2)))
         else:
-            vals = [float(r.get("score") or 0.0) * 100 for r in recs]
-            score, se, unit = float(np.mean(vals)), _sem(vals), "acc %"
+            vals = [float(r.get("score") or 0.0) * 100 for r in recs if not r.get("skipped")]
+            score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "acc %"
             if any("pass_at" in r for r in recs):
                 # pass@k: the mean over problems of the unbiased per-problem estimate (a failed problem counts 0)
                 ks = sorted({k for r in recs for k in r.get("pass_at", {})}, key=int)

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..db import create_tables, normalize_url, sqlite_path, worker_id
+from .definition import stamped, version_problem
 from .sweep import SweepMismatch as SweepMismatch  # raised by register(); importable from here as before
 from .sweep import sweep_changes
 
@@ -144,13 +145,20 @@ class StoreResults:
 
     # -- the sweep's definition ----------------------------------------------------------------------
     def register(self, spec: dict[str, Any], source: str = "sweep store") -> None:
-        """Record the sweep's definition once; a worker started with a different one is refused (it would mix results),
-        naming what changed (:func:`~archon_server.bench.sweep.sweep_changes`: concurrency may differ per worker)."""
-        text = json.dumps(spec, sort_keys=True)
+        """Record the sweep's definition once (:func:`~archon_server.bench.sweep.sweep_definition`); a worker started
+        with a different one is refused (it would mix results), naming what changed
+        (:func:`~archon_server.bench.sweep.sweep_changes`: concurrency may differ per worker), as is one whose stored
+        definition an archon-server of another definition version registered (its splits and parameters differ)."""
+        text = json.dumps(stamped(spec), sort_keys=True)
         with self.engine.begin() as con:
             con.execute(_insert_ignore(self.engine, SWEEPS).values(sweep=self.sweep, spec=text, created=time.time()))
             stored = con.execute(sa.select(SWEEPS.c.spec).where(SWEEPS.c.sweep == self.sweep)).scalar_one()
-        changes = sweep_changes(json.loads(stored), json.loads(text))
+        old = json.loads(stored)
+        problem = version_problem(old, f"the store's sweep {self.sweep!r} holds a definition",
+                                  "rename the sweep or use another store")
+        if problem is not None:
+            raise SweepMismatch([problem], source)
+        changes = sweep_changes(old, json.loads(text))
         if changes:
             raise SweepMismatch([f"the store holds a different definition of sweep {self.sweep!r}; changed: " + "; ".join(changes),
                                  "workers must run the same sweep file and --limit; rename the sweep or use another store"], source)

@@ -40,11 +40,14 @@ from ..graph.runtime import GraphError
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
+from .definition import VERSION_KEY, stamped, version_problem
 from .grading import AUTO_GRADED, grade, grade_mmlu_logprob, pass_at_k
 from .judges import NULL_OUTPUT, AlpacaJudge, ArenaHardJudge, MTBenchJudge
 
 JUDGED = ("alpaca_eval", "mt_bench", "arena_hard")
 NULL_ARCH = "null-model"
+# Why an architecture's pair with an MMLU `mode: logprob` benchmark is skipped (its records carry it as `skipped`).
+LOGPROB_SKIP = "mode logprob scores one model's letters; this architecture is not a single generator of one model"
 
 
 class _Base(BaseModel):
@@ -159,12 +162,36 @@ def _short(v: Any) -> str:
     return t if len(t) <= 120 else t[:117] + "..."
 
 
+def sweep_definition(spec: SweepSpec) -> dict[str, Any]:
+    """The sweep as ``sweep.json`` and a shared store keep it: its fields and the
+    :data:`~archon_server.bench.definition.DEFINITION_VERSION` of this archon-server."""
+    return stamped(spec.model_dump(mode="json"))
+
+
+def _normalised(definition: dict[str, Any]) -> dict[str, Any]:
+    """A stored definition with pass@k's default ``k`` filled in as :class:`PassAt` fills it, so a definition
+    stored without ``k`` (or with an empty one) compares equal to the same sweep read today."""
+    benches = definition.get("benchmarks")
+    if not isinstance(benches, list):
+        return definition
+    out = []
+    for b in benches:
+        pa = b.get("pass_at") if isinstance(b, dict) else None
+        if isinstance(pa, dict) and not pa.get("k") and isinstance(pa.get("n"), int):
+            b = {**b, "pass_at": {**pa, "k": [k for k in DEFAULT_PASS_K if k <= pa["n"]]}}
+        out.append(b)
+    return {**definition, "benchmarks": out}
+
+
 def sweep_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """What differs between two sweep definitions (``SweepSpec.model_dump(mode="json")``), one line per field,
-    operational fields (:data:`OPERATIONAL_FIELDS`) left out; empty when the results of one are the other's."""
+    """What differs between two sweep definitions (:func:`sweep_definition`), one line per field, operational fields
+    (:data:`OPERATIONAL_FIELDS`) and the definition version (refused apart: :func:`check_resume`) left out; empty when
+    the results of one are the other's.  pass@k's ``k`` is compared as :class:`PassAt` reads it (default filled in)."""
     out: list[str] = []
+    if not prefix:
+        old, new = _normalised(old), _normalised(new)
     for k in sorted(set(old) | set(new)):
-        if not prefix and k in OPERATIONAL_FIELDS:
+        if not prefix and (k in OPERATIONAL_FIELDS or k == VERSION_KEY):
             continue
         a, b = old.get(k), new.get(k)
         if a == b:
@@ -183,7 +210,8 @@ def sweep_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 def check_resume(spec: SweepSpec, out: Path) -> None:
     """A folder that holds results of a sweep is resumed only with the same definition (``<out>/sweep.json``):
-    otherwise old answers would be reported under new settings.  Raises :class:`SweepMismatch` naming the changes."""
+    otherwise old answers would be reported under new settings.  Raises :class:`SweepMismatch` naming the changes, or
+    saying that an older archon-server made them (another definition version: splits and parameters differ)."""
     saved, results = out / "sweep.json", out / "results.jsonl"
     if not saved.exists() or not results.exists():
         return
@@ -194,7 +222,13 @@ def check_resume(spec: SweepSpec, out: Path) -> None:
         old = json.loads(saved.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return  # unreadable: nothing to compare with (the run rewrites it)
-    changes = sweep_changes(old, spec.model_dump(mode="json"))
+    if not isinstance(old, dict):
+        return
+    problem = version_problem(old, f"{out} holds {n} results ({saved})",
+                              f"use a new --out, or delete {results} to start over")
+    if problem is not None:
+        raise SweepMismatch([problem], spec.source)
+    changes = sweep_changes(old, sweep_definition(spec))
     if changes:
         raise SweepMismatch([f"{out} holds {n} results of a different definition of this sweep ({saved}); changed: "
                              + "; ".join(changes),
@@ -365,8 +399,9 @@ class SweepRun:
     _judge_prompts: dict[str, dict[str, Any]] | None = None
 
     def check(self, archs: dict[str, ArchitectureSpec | None]) -> None:
-        """Everything that would fail mid-run, checked before the first call: the judge alias, the architectures of
-        logprob benchmarks, the data.  A :class:`SpecError` names the sweep file and field."""
+        """Everything that would fail mid-run, checked before the first call: the judge alias, that some architecture
+        can run the logprob benchmarks (those that cannot are recorded as skipped, the report says so), the data.
+        A :class:`SpecError` names the sweep file and field."""
         src = self.spec.source
         judged = sorted({e.name for e in self.spec.benchmarks if e.name in JUDGED})
         if judged:
@@ -376,11 +411,10 @@ class SweepRun:
             if self.spec.judge not in self.registry:
                 raise SpecError([f"judge: {self.spec.judge!r} is not a backend alias of the server config "
                                  f"(known: {', '.join(sorted(self.registry.aliases()))})"], src)
-        if any(e.mode == "logprob" for e in self.spec.benchmarks):
-            bad = [a for a, s in archs.items() if s is not None and single_generator_model(s) is None]
-            if bad:
-                raise SpecError([f"architectures: {', '.join(map(repr, bad))} is not a single generator of one model; "
-                                 "benchmarks with mode logprob score one model's letters (null-model is recorded as failed)"], src)
+        logprob = [f"benchmarks[{i}]" for i, e in enumerate(self.spec.benchmarks) if e.mode == "logprob"]
+        if logprob and all(s is None or single_generator_model(s) is None for s in archs.values()):
+            raise SpecError([f"architectures: none of {', '.join(map(repr, archs))} is a single generator of one model, "
+                             f"which {', '.join(logprob)} (mode logprob) needs to score one model's letters"], src)
         self.items()
 
     def _judge_backend(self) -> tuple[Backend, str]:
@@ -428,12 +462,14 @@ class SweepRun:
         return rec
 
     async def _run_logprob(self, rec: dict[str, Any], spec: ArchitectureSpec | None, item: ds.Item, t0: float) -> dict[str, Any]:
-        """MMLU logprob mode: the architecture must be one generator of one model (an ensemble has no log-probabilities)."""
+        """MMLU logprob mode: the architecture must be one generator of one model (an ensemble has no log-probabilities).
+        Any other (null-model too) is recorded as skipped, with the reason, and makes no call."""
         model = single_generator_model(spec) if spec is not None else None
+        if model is None:
+            rec.update(error=f"skipped: {LOGPROB_SKIP}", skipped=LOGPROB_SKIP, output=None, score=0.0, calls=0,
+                       prompt_tokens=0, completion_tokens=0, seconds=time.perf_counter() - t0)
+            return rec
         try:
-            if model is None:
-                raise SpecError([f"architectures: logprob mode needs a single generator of one model, {rec['arch']!r} is not one"],
-                                self.spec.source)
             g = await grade_mmlu_logprob(self.registry.limited(model), self.registry.model_name(model), item)
         except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
             rec.update(error=f"{type(e).__name__}: {e}", output=None, score=0.0, seconds=time.perf_counter() - t0)
@@ -553,14 +589,10 @@ class SweepRun:
 
             bar = tqdm(total=len(todo), desc=self.spec.name, unit="q", dynamic_ncols=True)
 
-        skipped = 0  # questions another worker held when this one reached them (a shared store)
-
         async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
-            nonlocal skipped
             async with sem:
                 if not await log.claim(a, it.benchmark, it.id):
-                    rec = None  # another worker of a shared store has it
-                    skipped += 1
+                    rec = None  # another worker of a shared store has it (its store waits for it: wait_for_others)
                 else:
                     rec = await self.run_item(a, s, it)
             if rec is not None:
@@ -659,7 +691,7 @@ async def run_sweep(
 
         shared = SweepStore(store_url, spec.name, lease_s=store_lease_s)
         try:
-            shared.results.register(spec.model_dump(mode="json"), source=spec.source)
+            shared.results.register(sweep_definition(spec), source=spec.source)
         except BaseException:
             shared.close()
             raise
@@ -667,7 +699,7 @@ async def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     store = (shared.calls if shared is not None else CacheStore(out / "cache.sqlite")) if cache else None
     wrap_registry(registry, spec, store)
-    (out / "sweep.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2), encoding="utf-8")
+    (out / "sweep.json").write_text(json.dumps(sweep_definition(spec), indent=2), encoding="utf-8")
     if own_registry:
         await registry.start()
     started = time.time()
