@@ -6,13 +6,20 @@ A leaf: bench and search both use it, and it imports neither.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+log = logging.getLogger("archon.db")
+
+T = TypeVar("T")
 
 
 def normalize_url(url: str) -> str:
@@ -35,20 +42,37 @@ def sqlite_path(url: str) -> Path | None:
     return Path(rest.split("?", 1)[0])
 
 
-def create_tables(metadata: sa.MetaData, engine: Engine) -> None:
-    """``create_all`` that tolerates workers starting together: on PostgreSQL the loser of two concurrent
-    CREATE TABLEs fails (a unique violation in the catalogue), which is fine once the tables exist."""
-    for attempt in range(5):
+def retry_race(fn: Callable[[], T], *, settled: Callable[[sa.exc.SQLAlchemyError], bool] | None = None,
+               attempts: int = 5, delay_s: float = 0.2, what: str = "creating it") -> T | None:
+    """The one retry loop for workers that start together and race to create the same thing (tables, Optuna's
+    schema, a study row): PostgreSQL fails the losers (a unique violation in the catalogue), which try again.
+
+    ``fn`` is called up to ``attempts`` times while it raises :class:`sqlalchemy.exc.SQLAlchemyError`, sleeping
+    ``delay_s`` × the attempt number in between; the last failure is raised.  After each failure ``settled(error)``
+    (when given) says whether the winner already made what ``fn`` makes (then None is returned), or raises at once
+    for an error no retry can help (a database that cannot be reached)."""
+    for attempt in range(attempts):
         try:
-            metadata.create_all(engine)
-            return
-        except sa.exc.SQLAlchemyError:
-            inspector = sa.inspect(engine)
-            if all(inspector.has_table(t) for t in metadata.tables):
-                return
-            if attempt == 4:
+            return fn()
+        except sa.exc.SQLAlchemyError as e:
+            if settled is not None and settled(e):
+                return None
+            if attempt == attempts - 1:
                 raise
-            time.sleep(0.2 * (attempt + 1))
+            log.debug("%s raced another worker (%s); trying again (try %d)", what, type(e).__name__, attempt + 2)
+            time.sleep(delay_s * (attempt + 1))
+    raise AssertionError("unreachable")  # attempts >= 1: the loop returned or raised
+
+
+def create_tables(metadata: sa.MetaData, engine: Engine) -> None:
+    """``create_all`` that tolerates workers starting together: the loser of two concurrent CREATE TABLEs fails,
+    which is fine once the tables exist (:func:`retry_race`)."""
+
+    def exist(_: sa.exc.SQLAlchemyError) -> bool:
+        inspector = sa.inspect(engine)
+        return all(inspector.has_table(t) for t in metadata.tables)
+
+    retry_race(lambda: metadata.create_all(engine), settled=exist, what="creating the tables")
 
 
 def worker_id() -> str:

@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-import sqlalchemy.exc
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
-from archon_server.db import redacted, worker_id
+from archon_server.db import redacted, retry_race, worker_id
 from archon_server.search import claims
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
@@ -91,22 +90,16 @@ def open_study(
         )
     multi = config.objective.mode == "pareto"
     kwargs: dict[str, Any] = {"directions": ["maximize", "minimize"]} if multi else {"direction": "maximize"}
-    for attempt in range(5):
-        try:
-            study = optuna.create_study(
-                storage=st,
-                study_name=study_name or config.study.name,
-                sampler=sampler or make_sampler(config.study.sampler, multi_objective=multi, seed_offset=seed_offset),
-                pruner=pruner or make_pruner(config.study.pruner),
-                load_if_exists=True,
-                **kwargs,
-            )
-            break
-        except sqlalchemy.exc.SQLAlchemyError:
-            # Workers started together race to create the study row; the loser loads it on the next try.
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    # Workers started together race to create the study row; the loser loads it on the next try.
+    study = retry_race(lambda: optuna.create_study(
+        storage=st,
+        study_name=study_name or config.study.name,
+        sampler=sampler or make_sampler(config.study.sampler, multi_objective=multi, seed_offset=seed_offset),
+        pruner=pruner or make_pruner(config.study.pruner),
+        load_if_exists=True,
+        **kwargs,
+    ), what="creating the study")
+    assert study is not None  # no `settled`: retry_race returns fn's result or raises
     engine = claims.storage_engine(study._storage)  # noqa: SLF001
     if engine is not None:
         claims.ensure_table(engine)  # before the workers race to

@@ -13,7 +13,6 @@ import inspect
 import logging
 import sqlite3
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,7 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from archon_server.db import normalize_url, redacted, sqlite_path
+from archon_server.db import normalize_url, redacted, retry_race, sqlite_path
 from archon_server.search import claims
 from archon_server.spec import SpecError
 
@@ -119,7 +118,7 @@ def make_storage(
     ``create=False`` (readers: ``status``, ``export``) creates nothing: no SQLite file, no tables; a storage without
     Optuna's schema raises :class:`StudyNotFound`.
     Workers started together on a fresh database race to create the schema; PostgreSQL fails the losers (a unique
-    violation on a type or table), which then open it again, once it exists (as :func:`archon_server.db.create_tables`).
+    violation on a type or table), which then open it again, once it exists (:func:`archon_server.db.retry_race`).
     """
     engine_kwargs: dict[str, Any] = {}
     url = normalize_url(url)
@@ -154,26 +153,26 @@ def make_storage(
             probe.dispose()
         if "skip_table_creation" in inspect.signature(RDBStorage.__init__).parameters:  # (optuna >= 3.5)
             kwargs["skip_table_creation"] = True
-    attempt = 0
-    while True:
+
+    def reachable(_: sa.exc.SQLAlchemyError) -> bool:
+        # Lost the race to create the schema -- unless the database cannot be reached at all: then this raises
+        # the connection error at once (the CLI's one-line "cannot open the database").
+        probe = sa.create_engine(url, **engine_kwargs)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, **kwargs)
-        except sa.exc.SQLAlchemyError:
-            if attempt == 4:
-                raise
-            # Lost the race to create the schema -- unless the database cannot be reached at all: then this raises
-            # the connection error at once (the CLI's one-line "cannot open the database").
-            probe = sa.create_engine(url, **engine_kwargs)
-            try:
-                with probe.connect():
-                    pass
-            finally:
-                probe.dispose()
-            attempt += 1
-            log.debug("creating the study schema raced another worker; opening it again (try %d)", attempt + 1)
-            time.sleep(0.2 * attempt)
+            with probe.connect():
+                pass
+        finally:
+            probe.dispose()
+        return False  # the schema may be half made: open it again
+
+    def open_storage() -> RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, **kwargs)
+
+    storage = retry_race(open_storage, settled=reachable, what="creating the study schema")
+    assert storage is not None  # reachable() never says settled
+    return storage
 
 
 def open_existing_study(url: str, study_name: str | None) -> optuna.Study:
