@@ -80,6 +80,61 @@ def test_run_settings_may_change_on_resume_but_the_search_definition_may_not(tmp
         assert field in str(e.value), (field, str(e.value))
 
 
+def test_a_study_stored_by_an_older_archon_server_is_refused(tmp_path: Path) -> None:
+    """Its config is the same, but its dev/test splits and parameters were not: a study stored without today's
+    definition version (or with another) is refused in one line, naming the way out."""
+    from archon_server.bench.definition import DEFINITION_VERSION
+
+    path = _config(tmp_path)
+    cfg = load_search_config(path)
+    url = f"sqlite:///{tmp_path}/study.db"
+    study = open_study(cfg, storage=url)
+    stored = study.user_attrs["config"]
+    assert stored["definition_version"] == DEFINITION_VERSION
+    open_study(cfg, storage=url)  # the same archon-server resumes it
+    for old in (None, DEFINITION_VERSION - 1):
+        study.set_user_attr("config", {k: v for k, v in stored.items() if k != "definition_version"}
+                            | ({} if old is None else {"definition_version": old}))
+        with pytest.raises(StudyMismatch) as e:
+            open_study(cfg, storage=url)
+        [line] = e.value.errors
+        assert "older archon-server" in line and f"definition version {old if old is not None else 'none'}" in line, line
+        assert "dev/test splits" in line and "new study name" in line, line
+    line = _one_line_error(_cli("run", str(path), "--storage", url, "--no-finalize", "--no-export", cwd=tmp_path))
+    assert line.startswith(f"{path}: study 'shared'") and "older archon-server" in line, line
+    assert _load(url).trials == []  # nothing ran
+
+
+def test_finalize_of_a_study_without_a_stored_config_skips_the_check_saying_so(tmp_path: Path) -> None:
+    from archon_server.search.storage import make_storage
+
+    cfg = _config(tmp_path)
+    url = f"sqlite:///{tmp_path}/study.db"
+    optuna.create_study(study_name="shared", storage=make_storage(url, heartbeat_interval=None), direction="maximize")
+    out = _cli("export", str(cfg), "--storage", url, "--finalize", cwd=tmp_path)
+    assert "Traceback" not in out.stderr and "KeyError" not in out.stderr, out.stderr[-3000:]
+    assert "has no stored search config: not compared" in out.stderr, out.stderr
+    assert "no complete trial" in out.stderr  # then it goes on as for any study without trials
+
+
+def test_a_storage_without_studies_says_so(tmp_path: Path) -> None:
+    from archon_server.search.storage import StudyNotFound, make_storage, open_existing_study
+
+    url = f"sqlite:///{tmp_path}/empty.db"
+    make_storage(url, heartbeat_interval=None)  # Optuna's tables, no study
+    for name in (None, "shared"):
+        with pytest.raises(StudyNotFound) as e:
+            open_existing_study(url, name)
+        [line] = e.value.errors
+        assert "several" not in line and "(it holds none)" in line and "--storage" in line, line
+        assert (f"no study {name!r} in this storage" if name else "no study in this storage") in line, line
+    for n in ("a", "b"):
+        optuna.create_study(study_name=n, storage=make_storage(url, heartbeat_interval=None))
+    with pytest.raises(StudyNotFound) as e:
+        open_existing_study(url, None)
+    assert e.value.errors == ["several studies in this storage ('a', 'b'); pass --study to name one"]
+
+
 # -- 2. workers started together on a fresh PostgreSQL database ------------------------------------------------------
 def test_workers_opening_a_fresh_postgresql_study_together_all_succeed(tmp_path: Path, postgres_url: str) -> None:
     cfg = load_search_config(_config(tmp_path))

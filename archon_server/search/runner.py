@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
+from archon_server.bench.definition import VERSION_KEY, stamped, version_problem
 from archon_server.db import redacted, retry_race, worker_id
 from archon_server.search import claims
 from archon_server.search.config import SearchConfig
@@ -106,7 +107,8 @@ def open_study(
     if STUDY_CONFIG in study.user_attrs:
         check_same_search(config, study, url_or_storage)
     else:
-        study.set_user_attr(STUDY_CONFIG, config.model_dump(mode="json", by_alias=True))
+        # One write: config and definition version together (a worker that sees the config sees its version).
+        study.set_user_attr(STUDY_CONFIG, stamped(config.model_dump(mode="json", by_alias=True)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # What optuna-dashboard labels the objective axes with.
@@ -164,15 +166,27 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
 def check_same_search(config: SearchConfig, study: optuna.Study, storage: Any) -> None:
     """Refuse to run ``config`` on a study created with a different search definition (objective, budget, pool,
     space, evaluation, sampler, pruner): new trials would be scored differently from the stored ones, duplicates
-    would copy the old values and the best would be picked across both. Run settings (``RUN_SETTINGS``) may differ."""
-    stored = study.user_attrs[STUDY_CONFIG]
+    would copy the old values and the best would be picked across both. Run settings (``RUN_SETTINGS``) may differ.
+
+    A study stored by an archon-server of another :data:`~archon_server.bench.definition.DEFINITION_VERSION` is
+    refused too (its splits and parameters differ); a study without a stored config is not checked (a log line)."""
+    where = redacted(storage) if isinstance(storage, str) else "its storage"
+    stored = study.user_attrs.get(STUDY_CONFIG)
+    if not isinstance(stored, dict):
+        log.warning("study %r in %s has no stored search config: not compared with %s", study.study_name, where,
+                    config.source or "the given config")
+        return
+    problem = version_problem(stored, f"study {study.study_name!r} in {where} holds trials",
+                              "use a new study name (--study or study.name) or another --storage")
+    if problem is not None:
+        raise StudyMismatch([problem], config.source or "search config")
+    stored = {k: v for k, v in stored.items() if k != VERSION_KEY}
     try:  # through the model, so a config stored before a field existed compares with that field's default
         stored = SearchConfig.model_validate(stored).model_dump(mode="json", by_alias=True)
     except ValidationError:
         pass  # compare as stored: whatever no longer validates shows up as a difference
     diffs = _differences(_definition(stored), _definition(config.model_dump(mode="json", by_alias=True)))
     if diffs:
-        where = redacted(storage) if isinstance(storage, str) else "its storage"
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise StudyMismatch([f"study {study.study_name!r} in {where} was created with a different search config "
                              f"({shown}); resuming would mix trials scored differently: run the config it was created "

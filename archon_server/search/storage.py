@@ -183,10 +183,17 @@ def open_existing_study(url: str, study_name: str | None) -> optuna.Study:
     if study_name is None and len(names) == 1:
         study_name = names[0]
     if study_name not in names:
-        held = f"it holds {', '.join(repr(n) for n in names)}" if names else "it holds no study"
-        what = f"no study {study_name!r}" if study_name else "several studies"
-        raise StudyNotFound([f"{what} in this storage ({held}); pass --study, or the --storage the search ran on"],
-                            redacted(url))
+        held = ", ".join(repr(n) for n in names)
+        if not names:
+            what = "no study in this storage (it holds none)" if study_name is None else \
+                f"no study {study_name!r} in this storage (it holds none)"
+            hint = "pass the --storage the search ran on"
+        elif study_name is None:
+            what, hint = f"several studies in this storage ({held})", "pass --study to name one"
+        else:
+            what, hint = f"no study {study_name!r} in this storage (it holds {held})", \
+                "pass --study, or the --storage the search ran on"
+        raise StudyNotFound([f"{what}; {hint}"], redacted(url))
     return optuna.load_study(study_name=study_name, storage=st)
 
 
