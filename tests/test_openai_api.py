@@ -39,7 +39,8 @@ def test_responses_create_runs_the_architecture_with_usage_and_trace(upstream_fa
     assert fuse["messages"][0]["role"] == "system" and fuse["messages"][0]["content"].startswith("Be brief.")
     assert r.usage.input_tokens == 20 and r.usage.output_tokens == 35 and r.usage.total_tokens == 55
     assert r.model_extra["trace"]["calls"] == 2
-    lp = client(srv).responses.create(model="default", input="Hi?", top_logprobs=1).output[0].content[0].logprobs
+    lp = client(srv).responses.create(model="default", input="Hi?", top_logprobs=1,
+                                      include=["message.output_text.logprobs"]).output[0].content[0].logprobs
     assert [t.token for t in lp] == ["answer", "0", "from", "fake-model"] and lp[0].logprob == -0.5 and lp[0].top_logprobs[0].token == "answer"
 
 

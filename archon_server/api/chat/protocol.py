@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ...backends.base import SAMPLING_EXTRAS, content_text
@@ -167,6 +167,15 @@ class ChatCompletionRequest(SamplingExtras):
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str] | None:
         return stop_list(v)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """OpenAI and vLLM answer 400 to ``top_logprobs`` without ``logprobs: true`` (it was silently ignored here).
+        ``logprobs`` is declared before ``top_logprobs``, so it is in ``info.data`` once it validated."""
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("logprobs must be set to true when top_logprobs is used")
+        return v
 
     @field_validator("messages")
     @classmethod

@@ -23,7 +23,7 @@ class TextConfig(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    # Unknown OpenAI fields (reasoning, include, truncation...) are ignored, as vLLM does.
+    # Unknown OpenAI fields (reasoning, truncation...) are ignored, as vLLM does.
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(default=None, min_length=1, max_length=256)  # None: server.default_architecture
@@ -33,6 +33,11 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # OpenAI's switch for the output text's logprobs: "message.output_text.logprobs" in `include`. Unlike chat's
+    # `top_logprobs` without `logprobs: true` (a 400), `top_logprobs` alone is accepted here and answered with empty
+    # `logprobs` lists, as OpenAI does (and vLLM: logprobs only when the include asks for them); other include values
+    # (reasoning.encrypted_content, sources...) name outputs this server does not produce and are ignored.
+    include: list[str] | None = None
     stream: bool = False
     previous_response_id: str | None = Field(default=None, max_length=256)
     store: bool = True
@@ -62,6 +67,9 @@ class ResponsesRequest(BaseModel):
             if not (t["function"].get("name") or "").strip():
                 raise ValueError("every function tool needs a name")
         return v
+
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or ())
 
     def response_format(self) -> dict[str, Any] | None:
         """`text.format` in Chat Completions' `response_format` shape (what backends and the validator read)."""

@@ -91,7 +91,7 @@ class ResponsesService:
         spec = self.chat.resolve(req)
         final = FinalOverrides(
             n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
-            logprobs=bool(req.top_logprobs), top_logprobs=req.top_logprobs or 0,
+            logprobs=req.wants_logprobs(), top_logprobs=(req.top_logprobs or 0) if req.wants_logprobs() else 0,
             extra=final_extra(fmt, tools, chat_tool_choice(req.tool_choice), req.parallel_tool_calls),
         )
         self.chat.check_final(spec, final)
