@@ -38,6 +38,14 @@ def _err(capsys: pytest.CaptureFixture[str]) -> list[str]:
     ("architectures: [nope-arch]\nbenchmarks: [{name: math500, n: 2}]\n", "architectures: 'nope-arch'"),
     ("judge: jduge\narchitectures: [fake]\nbenchmarks: [{name: alpaca_eval, n: 2}]\n", "judge: 'jduge' is not a backend alias"),
     ("architectures: [fake]\nbenchmarks: [{name: mt_bench, n: 2}]\n", "judge: the judged benchmarks (mt_bench) need a judge"),
+    # out-of-range params are refused when the sweep is read, not by every question's call
+    ("params: {max_tokens: -5}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.max_tokens: "),
+    ("params: {max_tokens: 0}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.max_tokens: "),
+    ("params: {temperature: -0.1}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.temperature: "),
+    ("params: {top_p: 0}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.top_p: "),
+    ("params: {top_p: 1.5}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.top_p: "),
+    ("params: {n: 0}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.n: "),
+    ("params: {max_token: 8}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.max_token: "),
 ])
 def test_bad_sweep_is_one_line_naming_file_and_field(tmp_path, capsys, body, where):
     sweep = tmp_path / "s.yaml"

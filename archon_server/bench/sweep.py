@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 
 from ..backends.base import Backend, SamplingParams, Usage, numeric_stats
+from ..components import FinalOverrides
 from ..graph.runtime import GraphError
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
@@ -97,6 +98,34 @@ class BenchmarkEntry(_Base):
         return self
 
 
+class SweepParams(_Base):
+    """A sweep's ``params``: what its architectures' final stage gets, as a client's request parameters (README: *How
+    request parameters apply*).  Only the fields a sweep sets reach the run (:meth:`final`); the rest stay the
+    architecture's own.  Out-of-range values are refused when the sweep is loaded, naming ``params.<field>``."""
+
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    extra: dict[str, Any] | None = Field(default=None, description="Passed to the final stage's backend calls as they are.")
+
+    def final(self, sample: int = 0) -> FinalOverrides:
+        """The final stage's overrides: the fields this sweep sets, nothing filled in (``sample``: pass@k's sample
+        number, added to a set ``seed`` so the samples differ)."""
+        set_ = self.model_dump(exclude_none=True)
+        extra = dict(set_.pop("extra", {}))
+        if "top_k" in set_:
+            extra["top_k"] = set_.pop("top_k")
+        if "seed" in set_ and sample:
+            set_["seed"] += sample
+        return FinalOverrides(**set_, extra=extra)
+
+
 class SweepSpec(_Base):
     name: str = "sweep"
     description: str = ""
@@ -108,13 +137,18 @@ class SweepSpec(_Base):
     concurrency: int = Field(default=8, ge=1, description="Questions in flight at once.")
     backend_concurrency: dict[str, int] = Field(default_factory=dict, description="Calls in flight per backend alias; key `default` for the rest.")
     seed: int = 0
-    params: dict[str, Any] | None = Field(default=None, description="SamplingParams fields for the final stage.")
+    params: SweepParams | None = Field(default=None, description="Request parameters for the final stage (only those set apply).")
     architectures: list[str] = Field(min_length=1)
     benchmarks: list[BenchmarkEntry] = Field(min_length=1)
     null_text: str = NULL_OUTPUT
     keep_traces: bool = Field(default=False, description="Store each answer's trace in its result (`trace`, or `traces` per turn, "
                               "or per pass@k sample); the web console opens them.")
     _source: str | None = PrivateAttr(default=None)  # the sweep file, for error messages (not part of the definition)
+
+    @field_serializer("params")
+    def _params_as_set(self, v: SweepParams | None) -> dict[str, Any] | None:
+        """Stored (``sweep.json``, a store) as written: the fields set, no defaults."""
+        return None if v is None else v.model_dump(mode="json", exclude_none=True)
 
     @property
     def source(self) -> str:
@@ -382,7 +416,7 @@ class SweepRun:
         """``traces``: with the sweep's keep_traces, the run's trace is appended there."""
         if spec is None:
             return self.spec.null_text, 0, Usage()
-        params = SamplingParams(**self.spec.params) if self.spec.params else None
+        params = SamplingParams(**self.spec.params.model_dump(exclude_none=True)) if self.spec.params else None
         if params is not None and sample and params.seed is not None:
             params.seed += sample  # pass@k samples must differ
         try:
