@@ -219,3 +219,83 @@ async def test_a_call_cancelled_while_queued_for_a_slot_is_never_created():
         await outer
     assert made == [] and free._value == 4
     assert await _limited(free, start) == 1 and made == [1]
+
+
+# -- an empty candidate is never the answer while another one has text (graph/runtime.py: set_aside_empty) ----------
+WITH_EMPTY = ["", "  \n", "candidate 2", "candidate 3"]
+
+
+def empty_first(judge):  # type: ignore[no-untyped-def]
+    """Samples whose first two are empty (a sample that stopped at once); ``judge(body_text)`` answers the judge."""
+    def script(b):  # type: ignore[no-untyped-def]
+        s = json.dumps(b)
+        if "candidate 2" in s or "candidate 3" in s:  # a judge's prompt quotes the candidates
+            return judge(s)
+        return {"text": WITH_EMPTY[: b["n"]]}
+    return script
+
+
+async def test_unparseable_ranking_keeps_the_incoming_order_of_the_candidates_with_an_answer(upstream_factory):
+    up = upstream_factory(empty_first(lambda s: {"text": "I like them all"}))
+    res = await run(up, [[{"type": "generator", "model": "default", "samples": 4}], [{"type": "ranker", "model": "judge", "top_k": 1}]])
+    assert res.text == "candidate 2"
+    notes = res.trace.layers[1].notes
+    assert any("2 empty candidate(s) of 4 set aside" in n for n in notes) and any("kept the incoming order" in n for n in notes)
+    assert res.trace.layers[1].kept == [2] and res.trace.layers[1].candidates_in == 4
+    judge_prompt = up.requests[-1].body["messages"][0]["content"]
+    assert "provide you with 2 responses" in judge_prompt  # the judge never saw the empty ones
+
+
+async def test_a_ranker_cannot_pick_an_empty_candidate(upstream_factory):
+    up = upstream_factory(empty_first(lambda s: {"text": "[1] > [2] > [3] > [4]"}))
+    res = await run(up, [[{"type": "generator", "model": "default", "samples": 4}], [{"type": "ranker", "model": "judge", "top_k": 1}]])
+    assert res.text == "candidate 2"
+
+
+async def test_a_verifier_that_passes_none_keeps_those_with_an_answer(upstream_factory):
+    up = upstream_factory(empty_first(lambda s: {"text": "[Incorrect]"}))
+    for final in ("top_ranked", "first"):
+        res = await run(up, [[{"type": "generator", "model": "default", "samples": 4}], [{"type": "verifier", "model": "judge"}]], final=final)
+        assert res.text == "candidate 2" and res.choices == ["candidate 2"]
+        assert any("no candidate passed" in n for n in res.trace.layers[1].notes)
+
+
+async def test_a_vote_that_extracts_nothing_keeps_those_with_an_answer(upstream_factory):
+    up = upstream_factory(lambda b: {"text": WITH_EMPTY[: b["n"]]})
+    res = await run(up, [[{"type": "generator", "model": "default", "samples": 4}], [{"type": "vote", "extractor": {"kind": "boxed"}}]])
+    assert res.text == "candidate 2"
+
+
+async def test_unit_test_evaluator_ties_and_a_critic_see_only_candidates_with_an_answer(upstream_factory):
+    def judge(s):  # type: ignore[no-untyped-def]
+        if "Write 2 unit tests" in s:
+            return {"text": "- t1\n- t2"}
+        return {"text": "Test 1: [Failed]\nTest 2: [Failed]"} if "[Passed]" in s else None
+
+    def script(b):  # type: ignore[no-untyped-def]
+        s = json.dumps(b)
+        return judge(s) if ("Write 2 unit tests" in s or "[Passed]" in s) else (None if "candidate 2" in s else {"text": WITH_EMPTY[: b["n"]]})
+
+    up = upstream_factory(script)
+    res = await run(up, [
+        [{"type": "generator", "model": "default", "samples": 4}, {"type": "unit_test_generator", "model": "judge", "num_tests": 2}],
+        [{"type": "unit_test_evaluator", "model": "judge", "top_k": 1}],
+    ])
+    assert res.text == "candidate 2" and res.candidates[0].score == 0.0
+    up = upstream_factory(empty_first(lambda s: None))
+    res = await run(up, [[{"type": "generator", "model": "default", "samples": 4}], [{"type": "critic", "model": "judge"}],
+                         [{"type": "fuser", "model": "aggregator"}]])
+    assert res.text == "fused answer from 2 responses"
+
+
+async def test_the_final_rule_prefers_a_candidate_with_an_answer_and_all_empty_stays_empty(upstream_factory):
+    """A final stage of two writers whose first one wrote nothing: the second one's answer, under either rule."""
+    answers = {"A": "", "B": "second"}
+    up = upstream_factory(lambda b: {"text": answers[b["messages"][0]["content"]]})
+    layers = [[{"type": "generator", "model": "proposer-1", "system_prompt": "A"}, {"type": "generator", "model": "proposer-2", "system_prompt": "B"}]]
+    for final in ("top_ranked", "first"):
+        res = await run(up, layers, final=final)
+        assert res.choices == ["second"]
+    answers["B"] = " "
+    res = await run(up, layers)
+    assert res.choices == [""]  # every candidate empty: nothing better to give (and nothing set aside or invented)

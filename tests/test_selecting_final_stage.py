@@ -97,3 +97,20 @@ def test_writers_before_a_selector_keep_their_own_sampling_and_distinct_seeds(sr
     assert len(gen) == 2
     assert {g["temperature"] for g in gen} == {0.9} and all(g["max_tokens"] == 9 for g in gen)
     assert len({g["seed"] for g in gen}) == 2 and all("top_k" not in g for g in gen)  # seeds derived per component
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_best_of_n_answers_with_text_when_its_first_sample_is_empty_and_the_ranking_unparseable(upstream_factory, server_factory, stream):
+    """The ranker's fallback kept the incoming order, so an empty first sample became the answer (content "")."""
+    up = upstream_factory(lambda b: {"text": ["", *[f"sample {i}" for i in range(1, 8)]]} if b.get("n") == 8 else {"text": "They are all good."})
+    srv = server_factory(fake_config(up.url))
+    kw = {"model": "best-of-n", "messages": [{"role": "user", "content": "hi"}], "extra_body": {"return_trace": True}}
+    if stream:
+        chunks = list(_client(srv).chat.completions.create(stream=True, **kw))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        trace = next(c.model_extra["trace"] for c in chunks if c.model_extra and c.model_extra.get("trace"))
+    else:
+        r = _client(srv).chat.completions.create(**kw)
+        content, trace = r.choices[0].message.content, r.model_extra["trace"]
+    assert content == "sample 1"
+    assert trace["layers"][1]["kept"] == [1] and any("set aside" in n for n in trace["layers"][1]["notes"])

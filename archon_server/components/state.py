@@ -16,6 +16,11 @@ class Candidate:
     finish_reason: str = "stop"
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def empty(self) -> bool:
+        """No answer in it: blank text and no tool calls (a sample that stopped at once, an empty synthesis)."""
+        return not self.text.strip() and not self.meta.get("tool_calls")
+
 
 @dataclass
 class State:

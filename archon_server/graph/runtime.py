@@ -101,12 +101,34 @@ def _note_outcome(lt: LayerTrace, incoming: list[Candidate], updates: list[Updat
         lt.votes = dict(state.votes)
 
 
-def final_choices(cands: list[Candidate], rule: str, n: int) -> list[Candidate]:
-    """`top_ranked`: highest score first (ties keep layer order); `first`: layer order. Never random."""
-    if rule == "top_ranked":
-        order = sorted(range(len(cands)), key=lambda i: -(cands[i].score if cands[i].score is not None else float("-inf")))
-        cands = [cands[i] for i in order]
-    return cands[: max(n, 1)]
+def final_choices(cands: list[Candidate], rule: str, n: int, *, keep_order: bool = False) -> list[Candidate]:
+    """`top_ranked`: highest score first (ties keep layer order); `first`: layer order. Never random. Either way an
+    empty candidate (Candidate.empty) comes after every one with an answer: the answer is empty only when all are.
+    ``keep_order``: the final stage streamed its candidates as choices 0, 1...; they stay in that order."""
+    if keep_order:
+        return cands[: max(n, 1)]
+
+    def key(i: int) -> tuple[bool, float]:
+        score = cands[i].score if cands[i].score is not None else float("-inf")
+        return cands[i].empty, -score if rule == "top_ranked" else 0.0
+
+    return [cands[i] for i in sorted(range(len(cands)), key=key)][: max(n, 1)]
+
+
+def set_aside_empty(state: State) -> int:
+    """Before a layer that judges or selects (ranker, scorer, critic, verifier, vote, evaluators): the empty candidates
+    leave the state when another one has an answer, so no selection can keep an empty one — not one the judge picked,
+    nor one kept by a fallback (an unparseable ranking keeps the incoming order, a verifier that passes none keeps all,
+    a vote that extracts nothing keeps all, evaluators' ties keep the order) — and a client gets an answer whenever a
+    writer wrote one. Their critiques go with them. Returns how many were set aside."""
+    keep = [i for i, c in enumerate(state.candidates) if not c.empty]
+    dropped = len(state.candidates) - len(keep)
+    if not keep or not dropped:
+        return 0
+    crit = state.critiques
+    state.critiques = [crit[i] if i < len(crit) else None for i in keep] if crit else []
+    state.candidates = [state.candidates[i] for i in keep]
+    return dropped
 
 
 def writes(layer: list[Any]) -> bool:
@@ -222,6 +244,8 @@ class GraphRuntime:
             for pos, c in enumerate(incoming):
                 c.meta[_POS] = pos
             lt = trace.add_layer(li, [c.id for c in comps], len(incoming))
+            if not writes(layer) and (k := set_aside_empty(state)):
+                lt.notes.append(f"{k} empty candidate(s) of {len(incoming)} set aside: judged and selected among those with an answer")
             is_final = li == last
             stream_here = sink is not None and is_final and streams_final(spec)
             ctxs = [
@@ -263,7 +287,7 @@ class GraphRuntime:
             if not state.candidates:
                 raise GraphError(f"layer {li} left no candidate", status=502, trace=trace)
             streamed = streamed or stream_here
-        return RunResult(final_choices(state.candidates, spec.final, final.n), usage, trace, streamed)
+        return RunResult(final_choices(state.candidates, spec.final, final.n, keep_order=streamed), usage, trace, streamed)
 
     @staticmethod
     def _failed(spec: ArchitectureSpec, li: int, lt: LayerTrace) -> str:
