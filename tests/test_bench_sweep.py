@@ -251,7 +251,7 @@ async def test_a_folder_of_an_older_archon_server_is_refused_in_one_line(tmp_pat
     await sw.run_sweep(spec, out, registry=make_registry(ScriptedUpstream()), progress=False)
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["definition_version"] == DEFINITION_VERSION
-    for old in (None, DEFINITION_VERSION - 1):
+    for old in (None, 1):
         older = {k: v for k, v in saved.items() if k != "definition_version"} | ({} if old is None else {"definition_version": old})
         (out / "sweep.json").write_text(json.dumps(older))
         up = ScriptedUpstream()
@@ -261,6 +261,27 @@ async def test_a_folder_of_an_older_archon_server_is_refused_in_one_line(tmp_pat
         assert f"{out} holds 2 results" in line and "older archon-server" in line and "dev/test splits" in line, line
         assert f"definition version {old if old is not None else 'none'}" in line and "new --out" in line, line
         assert up.calls == 0 and json.loads((out / "sweep.json").read_text()) == older  # nothing run or rewritten
+
+
+@pytest.mark.parametrize("params, resumed", [
+    (None, True),  # version 3 changed only what params do: a sweep without them gives version 2's results
+    ({"max_tokens": 32, "temperature": 0.0, "top_p": 1.0}, True),  # nothing of it was filled in by version 2
+    ({"max_tokens": 32}, False),  # version 2 ran it at temperature 0.7, top_p 1.0; today the architecture's own
+])
+async def test_a_version_2_folder_is_resumed_only_where_its_params_give_the_same_results(tmp_path, params, resumed):
+    spec = _spec(tmp_path, architectures=["scripted"], params=params, benchmarks=[{"name": "math500", "split": "dev", "n": 2}])
+    out = tmp_path / "out"
+    await sw.run_sweep(spec, out, registry=make_registry(ScriptedUpstream()), progress=False)
+    saved = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**saved, "definition_version": 2}))
+    up = ScriptedUpstream()
+    if resumed:
+        log = await sw.run_sweep(spec, out, registry=make_registry(up), progress=False)
+        assert up.calls == 0 and len(log.records) == 2
+    else:
+        with pytest.raises(sw.SweepMismatch) as e:
+            await sw.run_sweep(spec, out, registry=make_registry(up), progress=False)
+        assert "definition version 2" in e.value.errors[0] and up.calls == 0
 
 
 async def test_pass_at_k_is_compared_with_its_default_filled_in(tmp_path):
@@ -371,3 +392,56 @@ async def test_data_folder_is_used_for_judge_prompts_and_exports(tmp_path):
     rp.write_report(tmp_path / "out", data_root=str(data))
     outs = json.loads((tmp_path / "out" / "alpaca_eval" / "scripted" / "model_outputs.json").read_text())
     assert {o["dataset"] for o in outs} == {"MARKED-DATA"}
+
+
+class RecordingUpstream(ScriptedUpstream):
+    """Records the sampling params of every call, with whether it asked for several samples (the writers here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[SamplingParams] = []
+
+    async def chat(self, request: ChatRequest):
+        self.seen.append(request.params)
+        return await super().chat(request)
+
+
+BEST_OF = """
+name: best-of-3
+layers:
+  - - {type: generator, model: proposer-1, samples: 3, max_tokens: 100, temperature: 0.9, top_p: 0.8}
+  - - {type: ranker, model: judge, temperature: 0.3, top_p: 0.6}
+"""
+
+
+@pytest.mark.parametrize("params, writers, ranker", [
+    # temperature alone: the writers keep their own length (100, not SamplingParams' 512) and sampling; the ranker, a
+    # judge, samples its own way (FinalOverrides do not reach judges)
+    ({"temperature": 0.0}, (100, 0.9, 0.8), (0.3, 0.6, 512)),
+    # a max_tokens the sweep sets still reaches the writers a selecting last layer picks from
+    ({"max_tokens": 40}, (40, 0.9, 0.8), (0.3, 0.6, 512)),
+    (None, (100, 0.9, 0.8), (0.3, 0.6, 512)),
+])
+def test_only_the_params_a_sweep_sets_reach_a_selecting_final_stage(tmp_path, params, writers, ranker):
+    (tmp_path / "best-of-3.yaml").write_text(BEST_OF)
+    up = RecordingUpstream()
+    spec = sw.SweepSpec.model_validate({"name": "bo", "architectures": [str(tmp_path / "best-of-3.yaml")], "params": params,
+                                        "benchmarks": [{"name": "math500", "n": 1}]})
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "o", registry=make_registry(up), progress=False, cache=False))
+    assert not log.records[0].get("error"), log.records[0]
+    gen = [p for p in up.seen if p.n == 3]
+    rank = [p for p in up.seen if p.n == 1]  # the ranking, then its re-ask (the scripted judge gives no ranking)
+    assert len(gen) == 1 and rank, up.seen
+    assert (gen[0].max_tokens, gen[0].temperature, gen[0].top_p) == writers
+    assert (rank[0].temperature, rank[0].top_p, rank[0].max_tokens) == ranker
+
+
+def test_params_a_sweep_leaves_unset_keep_the_writing_final_stage_own(tmp_path):
+    """A max_tokens alone does not reset the final writer's temperature and top_p to SamplingParams' 0.7 and 1.0."""
+    (tmp_path / "cool.yaml").write_text("name: cool\nlayers:\n  - - {type: generator, model: proposer-1, temperature: 0.2, top_p: 0.5}\n")
+    up = RecordingUpstream()
+    spec = sw.SweepSpec.model_validate({"name": "c", "architectures": [str(tmp_path / "cool.yaml")], "params": {"max_tokens": 40},
+                                        "benchmarks": [{"name": "math500", "n": 1}]})
+    asyncio.run(sw.run_sweep(spec, tmp_path / "o", registry=make_registry(up), progress=False, cache=False))
+    [p] = up.seen
+    assert (p.max_tokens, p.temperature, p.top_p) == (40, 0.2, 0.5)

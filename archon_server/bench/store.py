@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from ..db import create_tables, normalize_url, sqlite_path, worker_id
 from .definition import stamped, version_problem
 from .sweep import SweepMismatch as SweepMismatch  # raised by register(); importable from here as before
-from .sweep import sweep_changes
+from .sweep import same_results, sweep_changes
 
 log = logging.getLogger("archon.bench.store")
 
@@ -155,7 +155,7 @@ class StoreResults:
             stored = con.execute(sa.select(SWEEPS.c.spec).where(SWEEPS.c.sweep == self.sweep)).scalar_one()
         old = json.loads(stored)
         problem = version_problem(old, f"the store's sweep {self.sweep!r} holds a definition",
-                                  "rename the sweep or use another store")
+                                  "rename the sweep or use another store", same_results(old))
         if problem is not None:
             raise SweepMismatch([problem], source)
         changes = sweep_changes(old, json.loads(text))

@@ -35,13 +35,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 
-from ..backends.base import Backend, SamplingParams, Usage, numeric_stats
+from ..backends.base import Backend, Usage, numeric_stats
 from ..components import FinalOverrides
 from ..graph.runtime import GraphError
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
-from .definition import VERSION_KEY, stamped, version_problem
+from .definition import VERSION_KEY, params_unchanged, stamped, version_problem
 from .grading import AUTO_GRADED, grade, grade_mmlu_logprob, pass_at_k
 from .judges import NULL_OUTPUT, AlpacaJudge, ArenaHardJudge, MTBenchJudge
 
@@ -242,6 +242,12 @@ def sweep_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
+def same_results(stored: dict[str, Any]) -> tuple[int, ...]:
+    """The older definition versions whose results a stored sweep definition would reproduce today: version 2 where
+    its ``params`` did not depend on what version 2 filled in (bench.definition.params_unchanged)."""
+    return (2,) if params_unchanged(stored.get("params")) else ()
+
+
 def check_resume(spec: SweepSpec, out: Path) -> None:
     """A folder that holds results of a sweep is resumed only with the same definition (``<out>/sweep.json``):
     otherwise old answers would be reported under new settings.  Raises :class:`SweepMismatch` naming the changes, or
@@ -259,7 +265,7 @@ def check_resume(spec: SweepSpec, out: Path) -> None:
     if not isinstance(old, dict):
         return
     problem = version_problem(old, f"{out} holds {n} results ({saved})",
-                              f"use a new --out, or delete {results} to start over")
+                              f"use a new --out, or delete {results} to start over", same_results(old))
     if problem is not None:
         raise SweepMismatch([problem], spec.source)
     changes = sweep_changes(old, sweep_definition(spec))
@@ -416,11 +422,11 @@ class SweepRun:
         """``traces``: with the sweep's keep_traces, the run's trace is appended there."""
         if spec is None:
             return self.spec.null_text, 0, Usage()
-        params = SamplingParams(**self.spec.params.model_dump(exclude_none=True)) if self.spec.params else None
-        if params is not None and sample and params.seed is not None:
-            params.seed += sample  # pass@k samples must differ
+        # Only what the sweep sets: the rest stays the architecture's own (and a selecting last layer's writers get
+        # only the answer-shaping ones, FinalOverrides.for_writers). pass@k samples must differ: sample is added to a seed.
+        final = self.spec.params.final(sample) if self.spec.params is not None else None
         try:
-            res = await self.runtime.run(spec, messages, params)
+            res = await self.runtime.run(spec, messages, final=final)
         except GraphError as e:
             if traces is not None and e.trace is not None:
                 traces.append(e.trace.to_dict())

@@ -176,8 +176,9 @@ def check_same_search(config: SearchConfig, study: optuna.Study, storage: Any) -
         log.warning("study %r in %s has no stored search config: not compared with %s", study.study_name, where,
                     config.source or "the given config")
         return
+    # Version 3 changed only what a sweep's params do; a search passes none, so its version-2 trials are today's.
     problem = version_problem(stored, f"study {study.study_name!r} in {where} holds trials",
-                              "use a new study name (--study or study.name) or another --storage")
+                              "use a new study name (--study or study.name) or another --storage", same_results=(2,))
     if problem is not None:
         raise StudyMismatch([problem], config.source or "search config")
     stored = {k: v for k, v in stored.items() if k != VERSION_KEY}
