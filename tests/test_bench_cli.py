@@ -150,3 +150,35 @@ def test_ctrl_c_is_one_line_and_resumes(tmp_path):
         assert runs[-1]["records_before"] == saved and runs[-1]["records_after"] == 40
     finally:
         up.stop()
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_a_limit_below_one_is_refused_in_one_line(tmp_path, capsys, limit):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("architectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n")
+    cfg = _server(tmp_path, "http://127.0.0.1:9/v1")
+    assert main(["bench", "run", str(sweep), "--config", str(cfg), "--limit", limit, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    [line] = _err(capsys)
+    assert line.startswith(f"--limit {limit}: must be 1 or more"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_another_limit_is_one_line_naming_the_limit_to_pass(tmp_path, capsys):
+    """Not the whole benchmarks list of both definitions: the --limit given and the one the results were made with."""
+    up = FakeUpstream().start()
+    try:
+        cfg = _server(tmp_path, up.url)
+        sweep = tmp_path / "s.yaml"
+        sweep.write_text("architectures: [fake]\nbenchmarks: [{name: math500, n: 3}, {name: mmlu}, {name: humaneval, n: 1}]\n")
+        out = tmp_path / "out"
+        run = ["bench", "run", str(sweep), "--config", str(cfg), "--out", str(out), "--no-progress"]
+        assert main(run + ["--limit", "2"]) == 0
+        capsys.readouterr()
+        for again, given in ((["--limit", "1"], "--limit 1"), ([], "no --limit")):
+            assert main(run + again) == 2
+            [line] = _err(capsys)
+            assert line.startswith(f"{sweep}: {given}: {out} holds 5 results made with --limit 2 ("), line
+            assert line.endswith("resume with --limit 2, or use another --out") and '"name"' not in line, line
+        assert main(run + ["--limit", "2"]) == 0  # the same limit resumes
+    finally:
+        up.stop()

@@ -52,16 +52,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .sweep import ResultsLog, load_sweep, run_sweep
+    from .sweep import ResultsLog, limit_problem, load_sweep, run_sweep
 
+    if args.limit is not None and args.limit < 1:
+        return _fail(f"--limit {args.limit}: must be 1 or more (at most this many questions per benchmark), or left out")
     sweep_path = Path(args.sweep)
     spec = load_sweep(sweep_path)
     if (err := _data_dir_error(args.data)) is not None:
         return _fail(err)
     out = Path(args.out or Path("runs") / "bench" / spec.name)
-    if args.limit:
+    unlimited = [b.n for b in spec.benchmarks]
+    if args.limit is not None:
         for b in spec.benchmarks:
             b.n = min(b.n or args.limit, args.limit)
+    if not args.store and (problem := limit_problem(spec, out, args.limit, unlimited)) is not None:
+        return _fail(f"{sweep_path}: {problem}")
     try:
         log = asyncio.run(run_sweep(spec, out, config_path=args.config,
                                     base_dir=sweep_path.parent.parent if sweep_path.parent.name == "benchmarks" else sweep_path.parent,

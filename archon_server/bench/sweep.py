@@ -233,6 +233,12 @@ def sweep_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
         name = f"{prefix}{k}"
         if isinstance(a, dict) and isinstance(b, dict):
             out += sweep_changes(a, b, prefix=f"{name}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(isinstance(x, dict) for x in a + b):
+            # benchmarks: the entries that changed, field by field (`benchmarks[0].n: 2 -> 1`), not the whole list
+            for i, (x, y) in enumerate(zip(a, b)):
+                out += sweep_changes(x, y, prefix=f"{name}[{i}].")
+        elif isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) and "name" in x for x in a + b):
+            out.append(f"{name}: {_short([x['name'] for x in a])} -> {_short([x['name'] for x in b])}")  # entries added/dropped
         elif isinstance(a, list) and isinstance(b, list) and all(isinstance(x, str) for x in a + b):
             gone, added = [x for x in a if x not in b], [x for x in b if x not in a]
             parts = ([f"dropped {gone}"] if gone else []) + ([f"added {added}"] if added else [])
@@ -274,6 +280,34 @@ def check_resume(spec: SweepSpec, out: Path) -> None:
                              + "; ".join(changes),
                              f"use another --out, or delete {results} to start over (the call cache is kept); "
                              "--limit counts as part of the definition"], spec.source)
+
+
+def limit_problem(spec: SweepSpec, out: Path, limit: int | None, unlimited: list[int | None]) -> str | None:
+    """One line for a resume refused only because of ``--limit`` (``limit``: the one given; ``unlimited``: each
+    benchmark's ``n`` before it applied): the results in ``out`` were made with another --limit, named as what to pass;
+    None when the folder resumes, or differs in more than the limit (:func:`check_resume` says what then)."""
+    saved, results = out / "sweep.json", out / "results.jsonl"
+    if not saved.exists() or not results.exists():
+        return None
+    try:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(old, dict) or version_problem(old, "", "", same_results(old)) is not None:
+        return None  # check_resume refuses it for its version
+    changes = sweep_changes(old, sweep_definition(spec))
+    stored_ns = [b.get("n") if isinstance(b, dict) else None for b in old.get("benchmarks") or []]
+    if not changes or not all(c.startswith("benchmarks[") and "].n: " in c for c in changes) or len(stored_ns) != len(unlimited):
+        return None
+    n = len(ResultsLog(results, create=False).records)
+    fits = [lim for lim in (None, *sorted({x for x in stored_ns if x is not None}))
+            if [x if lim is None else min(x or lim, lim) for x in unlimited] == stored_ns]
+    given = f"--limit {limit}" if limit is not None else "no --limit"
+    if not fits:
+        return None
+    made = f"--limit {fits[0]}" if fits[0] is not None else "no --limit"
+    return (f"{given}: {out} holds {n} results made with {made} ({'; '.join(changes)}); resume with {made}, "
+            f"or use another --out")
 
 
 # --------------------------------------------------------------------------- results file
