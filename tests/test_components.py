@@ -299,3 +299,22 @@ async def test_the_final_rule_prefers_a_candidate_with_an_answer_and_all_empty_s
     answers["B"] = " "
     res = await run(up, layers)
     assert res.choices == [""]  # every candidate empty: nothing better to give (and nothing set aside or invented)
+
+
+async def test_self_moa_seq_an_empty_synthesis_does_not_replace_the_best_so_far(upstream_factory):
+    """The last window's aggregation came back empty: it became the answer, and the synthesis it replaced was lost."""
+    rounds = {"i": 0}
+
+    def script(b):  # type: ignore[no-untyped-def]
+        if "best synthesis so far" in json.dumps(b):
+            rounds["i"] += 1
+            return {"text": "synth 1" if rounds["i"] == 1 else ""}
+        return {"text": [f"candidate {i}" for i in range(b["n"])], "latency": 0.02 * b["n"]}
+
+    up = upstream_factory(script)
+    res = await run(up, [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 10, "window": 4, "repeat_best": 1}]])
+    assert rounds["i"] == 3 and res.text == "synth 1"
+    assert any("empty synthesis" in n for n in res.trace.layers[0].notes)
+    rounds["i"] = 1  # every aggregation empty: the answer is a sample, not an empty text
+    res = await run(up, [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 4, "window": 4}]])
+    assert res.text.startswith("candidate ")

@@ -53,7 +53,7 @@ class SelfMoASeq(Component):
             async def produce(k: int, idx: int) -> list[Candidate]:
                 try:
                     res = await ctx.call(spec.proposer, state.messages, params, n=k, purpose=f"samples chunk {idx}", ctype="generator")
-                    return [Candidate(c.text, source=spec.proposer) for c in res.choices]
+                    return [Candidate(c.text, source=spec.proposer, finish_reason=c.finish_reason) for c in res.choices]
                 except Exception:  # noqa: BLE001 - recorded in the trace by ctx.call; the run goes on
                     return []
 
@@ -105,9 +105,17 @@ class SelfMoASeq(Component):
                 )
                 try:
                     res = await ctx.call(spec.model, msgs, agg_params, purpose=f"window {rounds + 1}" + (f", {note}" if note else ""))
-                    best = Candidate(res.choices[0].text, source=spec.model, finish_reason=res.choices[0].finish_reason)
+                    synth = Candidate(res.choices[0].text, source=spec.model, finish_reason=res.choices[0].finish_reason)
                 except Exception:  # noqa: BLE001 - keep the previous synthesis, recorded in the trace
-                    best = best or window[0]
+                    synth = None
+                if synth is not None and synth.empty and any(not c.empty for c in shown):
+                    # An empty synthesis is no answer: the best so far stays (the carried synthesis, else a sample).
+                    ctx.layer.notes.append(f"{self.id}: window {rounds + 1}: empty synthesis; kept the best so far")
+                    synth = None
+                if synth is not None:
+                    best = synth
+                elif best is None or best.empty:
+                    best = next((c for c in shown if not c.empty), window[0])
                 rounds += 1
         if best is None:
             raise ComponentFailed(f"{self.id}: no samples to aggregate")
