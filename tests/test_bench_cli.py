@@ -182,3 +182,23 @@ def test_resuming_with_another_limit_is_one_line_naming_the_limit_to_pass(tmp_pa
         assert main(run + ["--limit", "2"]) == 0  # the same limit resumes
     finally:
         up.stop()
+
+
+@pytest.mark.parametrize("sweep_body, extra, want", [
+    ("architectures: [fake]\n", ["--config", "nothere.json"], "--config: nothere.json: no such file"),
+    ("config: srv.yaml\narchitectures: [fake]\n", [], "{sweep}: config: srv.yaml: no such file"),
+    ("architectures: [archs/mine.yaml]\n", ["--config", "{cfg}"], "{sweep}: architectures: archs/mine.yaml: no such file"),
+])
+def test_a_missing_file_a_sweep_names_is_named_as_given(tmp_path, capsys, monkeypatch, sweep_body, extra, want):
+    """Not the sweep folder's fallback path (`proj/nothere.json`): the path the user wrote, and where it was looked for."""
+    proj = tmp_path / "proj"
+    (proj / "benchmarks").mkdir(parents=True)
+    sweep = proj / "benchmarks" / "s.yaml"
+    sweep.write_text(sweep_body + "benchmarks: [{name: math500, n: 2}]\n")
+    cfg = _server(tmp_path, "http://127.0.0.1:9/v1")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "run", str(sweep), *[x.format(cfg=cfg) for x in extra], "--out", str(tmp_path / "out"), "--no-progress"])
+    [line] = _err(capsys)
+    assert rc == 2 and line.startswith(want.format(sweep=sweep)), line
+    assert line.endswith(f"(looked in the working directory and in {proj})"), line
+    assert not (tmp_path / "out").exists()

@@ -397,11 +397,28 @@ class CostMeter:
 Generate = Callable[[list[dict[str, Any]]], Any]  # async (messages) -> (text, calls, usage)
 
 
+def _found(given: str, base_dir: Path | None) -> str | None:
+    """A relative path a sweep names (its `config:`, an architecture file, --config): where it is, from the working
+    directory if it is there, else from ``base_dir`` (the sweep's folder); None when neither has it."""
+    p = Path(given)
+    if p.exists():
+        return given
+    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+        return str(base_dir / p)
+    return None
+
+
+def _looked_in(given: str, base_dir: Path | None) -> str:
+    if Path(given).is_absolute() or base_dir is None or Path(base_dir).resolve() == Path.cwd().resolve():
+        return "looked in the working directory" if not Path(given).is_absolute() else "absolute path"
+    return f"looked in the working directory and in {base_dir}"
+
+
 def resolve_architectures(names: Iterable[str], registry: Any, config: Any | None, base_dir: Path | None = None,
                           source: str | None = None) -> dict[str, ArchitectureSpec | None]:
     """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend
     alias, resolved by the server's one catalog (graph.catalog.Catalog).  ``source``: the sweep file errors name."""
-    from ..graph.catalog import Catalog, UnknownArchitecture
+    from ..graph.catalog import Catalog, UnknownArchitecture, is_architecture_file
 
     catalog = Catalog(config.architectures_dirs if config is not None else (), registry)
     out: dict[str, ArchitectureSpec | None] = {}
@@ -409,6 +426,8 @@ def resolve_architectures(names: Iterable[str], registry: Any, config: Any | Non
         if n == NULL_ARCH:
             out[n] = None
             continue
+        if is_architecture_file(n) and catalog.lookup(n) is None and _found(n, base_dir) is None:
+            raise SpecError([f"architectures: {n}: no such file ({_looked_in(n, base_dir)})"], source)
         try:
             spec = catalog.resolve(n, files=True, base_dir=base_dir)
         except UnknownArchitecture:
@@ -751,9 +770,14 @@ async def run_sweep(
         from ..backends.registry import build_registry
         from ..config import load_config
 
-        cfg_path = config_path or spec.config
-        if cfg_path and base_dir is not None and not Path(cfg_path).is_absolute() and not Path(cfg_path).exists():
-            cfg_path = str(base_dir / cfg_path)
+        cfg_path = None
+        if config is None and (given := config_path or spec.config):
+            # --config wins over the sweep's `config:`; either is read from the working directory, else the sweep's
+            # folder. Missing from both: the path as given, where it was looked for, and who named it.
+            cfg_path = _found(given, base_dir)
+            if cfg_path is None:
+                raise SpecError([f"{'--config' if config_path else 'config'}: {given}: no such file "
+                                 f"({_looked_in(given, base_dir)})"], None if config_path else spec.source)
         config = config or load_config(cfg_path)
         registry = build_registry(config)
     archs = resolve_architectures(spec.architectures, registry, config, base_dir, source=spec.source)
