@@ -95,3 +95,35 @@ def test_a_logprob_benchmark_beside_ensembles_skips_only_their_logprob_pairs(tmp
     assert rows[("scripted", "mmlu_logprob")].flags == [] and rows[("scripted", "mmlu_logprob")].score is not None
     md = rp.markdown(list(rows.values()))
     assert "**tiny-moa / mmlu_logprob**: 2 of 2 questions skipped" in md and "**null-model / mmlu_logprob**" in md
+
+
+class FailingScorer(Scorer):
+    """Its scoring call fails for the questions in ``fail`` (every one by default): a backend without prompt
+    log-probabilities, a timeout."""
+
+    def __init__(self, fail=None):
+        super().__init__()
+        self.fail = fail
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        k, _ = self.answers[request.messages[0]["content"]]
+        if self.fail is None or k in self.fail:
+            raise RuntimeError("prompt logprobs unavailable")
+        return await super().score(request)
+
+
+def test_failed_scoring_calls_are_flagged_not_reported_as_zero(tmp_path):
+    """Every scoring call failed: the row has no score ("–", not 0.00) and its flags say why; some failed: left out
+    of the accuracy and counted in the flags."""
+    ids = [f"anatomy/{k}" for k in range(4)]
+    bench = [{"name": "mmlu", "n": 4, "ids": ids, "mode": "logprob"}]
+    spec = sw.SweepSpec.model_validate({"name": "lp", "architectures": ["scripted"], "benchmarks": bench})
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "all", registry=make_registry(FailingScorer()), progress=False))
+    [row] = rp.aggregate(log.records)
+    assert row.score is None and row.errors == 4
+    assert row.flags and row.flags[0].startswith("4 of 4 scoring calls failed: left out of the accuracy") and "prompt logprobs" in row.flags[0]
+    md = rp.markdown([row])
+    assert "| scripted | mmlu_logprob | 4 | – |" in md and "**scripted / mmlu_logprob**: 4 of 4 scoring calls failed" in md
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "some", registry=make_registry(FailingScorer(fail={1, 3})), progress=False))
+    [row] = rp.aggregate(log.records)
+    assert row.score == 100.0 and row.flags[0].startswith("2 of 4 scoring calls failed")  # 0 and 2: known, right

@@ -11,7 +11,8 @@ Scores per benchmark kind:
 * Arena-Hard: weighted win rate vs the baseline with a 95% bootstrap interval.
 
 A pair the sweep skipped (an MMLU ``mode: logprob`` benchmark on an architecture that is not one generator of one
-model: records with ``skipped``) has no score; its row's flags say why.
+model: records with ``skipped``) has no score; its row's flags say why.  A logprob question whose scoring call failed
+is left out of the accuracy and flagged (every one failed: no score, "–"), as a judge's missing verdict is.
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
             score, unit = w["win_rate"], "win %"
             se = None
             notes.update(ci95=(round(w["ci_low"], 2), round(w["ci_high"], 2)))
+        elif bench.endswith("_logprob"):
+            # MMLU logprob: a failed scoring call measured nothing (as a judge call that failed): left out and flagged,
+            # not a wrong answer; all failed: no score.
+            failed = [r for r in recs if r.get("error") and not r.get("skipped")]
+            if failed:
+                flags.append(f"{len(failed)} of {n - len(skipped)} scoring calls failed: left out of the accuracy "
+                             f"(first: {str(failed[0]['error'])[:160]})")
+            vals = [float(r.get("score") or 0.0) * 100 for r in ok]
+            score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "acc %"
         else:
             vals = [float(r.get("score") or 0.0) * 100 for r in recs if not r.get("skipped")]
             score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "acc %"
