@@ -2,8 +2,9 @@
 (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), for whole answers and for streamed pieces, and the
 Responses API's (an ``output_text`` part's ``logprobs``).
 
-``bytes`` is the token's text as UTF-8, as OpenAI sends it and as vLLM fills it (from the token's text: a token that
-is part of a multi-byte character reads as U+FFFD, whose bytes it then carries).
+``bytes`` is the token's raw bytes where the backend gives them (the embedded engine: a token that is part of a
+multi-byte character carries its own bytes, OpenAI's meaning, so the bytes of a character's tokens put together are
+the character), else the token's text as UTF-8, as vLLM fills it.
 """
 
 from __future__ import annotations
@@ -17,24 +18,26 @@ def utf8(token: str) -> list[int]:
     return list(token.encode("utf-8", "replace"))
 
 
+def _bytes(t: TokenLogprob) -> list[int]:
+    return t.bytes if t.bytes is not None else utf8(t.token)
+
+
+def _top(t: TokenLogprob) -> list[dict[str, Any]]:
+    raw = t.top_bytes if t.top_bytes is not None and len(t.top_bytes) == len(t.top or ()) else None
+    return [{"token": a, "logprob": v, "bytes": raw[i] if raw is not None else utf8(a)} for i, (a, v) in enumerate(t.top or ())]
+
+
 def chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
     """``{"content": [...]}`` of a chat choice or of one streamed chunk; None when there are none."""
     if not lps:
         return None
-    return {
-        "content": [
-            {"token": t.token, "logprob": t.logprob, "bytes": utf8(t.token),
-             "top_logprobs": [{"token": a, "logprob": b, "bytes": utf8(a)} for a, b in t.top or ()]}
-            for t in lps
-        ]
-    }
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t), "top_logprobs": _top(t)} for t in lps]}
 
 
 def responses_logprobs(lps: list[TokenLogprob] | None) -> list[dict[str, Any]]:
-    """An ``output_text`` part's ``logprobs`` (the final stage's, asked for with ``top_logprobs``): a list, empty when
+    """An ``output_text`` part's ``logprobs`` (the final stage's, asked for with ``include``): a list, empty when
     there are none."""
-    return [{"token": t.token, "bytes": utf8(t.token), "logprob": t.logprob,
-             "top_logprobs": [{"token": a, "bytes": utf8(a), "logprob": v} for a, v in t.top or ()]} for t in lps or ()]
+    return [{"token": t.token, "bytes": _bytes(t), "logprob": t.logprob, "top_logprobs": _top(t)} for t in lps or ()]
 
 
 def legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:

@@ -108,6 +108,10 @@ class TokenLogprob:
     token: str
     logprob: float | None
     top: list[tuple[str, float]] | None = field(default_factory=list)
+    # The raw bytes of the token and of each ``top`` alternative when the backend knows them (the embedded engine: a
+    # byte-fallback piece's own bytes); None: the wire fills ``bytes`` from the token string's UTF-8.
+    bytes: list[int] | None = None
+    top_bytes: list[list[int]] | None = None
 
 
 @dataclass

@@ -389,7 +389,7 @@ class LocalBackend(Backend):
             async for ev in events:
                 if isinstance(ev, TokenEvent):
                     for e in ev.logprobs or ():
-                        lps[ev.index].append(TokenLogprob(e.token, e.logprob, e.top))
+                        lps[ev.index].append(TokenLogprob(e.token, e.logprob, e.top, e.bytes, e.top_bytes))
                 elif isinstance(ev, FinishEvent):
                     texts[ev.index] = ev.text
                     reasons[ev.index] = ev.reason
@@ -404,7 +404,7 @@ class LocalBackend(Backend):
             async for ev in events:
                 if isinstance(ev, TokenEvent):
                     if ev.text or ev.logprobs:
-                        lps = [TokenLogprob(e.token, e.logprob, e.top) for e in ev.logprobs] if ev.logprobs else None
+                        lps = [TokenLogprob(e.token, e.logprob, e.top, e.bytes, e.top_bytes) for e in ev.logprobs] if ev.logprobs else None
                         yield StreamChunk(index=ev.index, text=ev.text, logprobs=lps)
                 elif isinstance(ev, FinishEvent):
                     yield StreamChunk(index=ev.index, finish_reason=ev.reason)

@@ -9,6 +9,8 @@ streamed pieces always concatenate to the final text.
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 
@@ -71,6 +73,17 @@ class IncrementalText:
                 return True
         return False
 
+    def piece_of(self, token: int) -> str:
+        """The text ``token`` would add if it came next (what :meth:`add` would release, stop strings aside), without
+        adding it: "" while it leaves a multi-byte character incomplete, the whole character when it completes one begun
+        by the tokens before it.  A logprob entry's string for a token that decodes alone to U+FFFD (a byte-fallback
+        piece): the sampled token's and each top alternative's, in the context of the tokens sampled so far."""
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode([*self.ids[self._prefix :], token])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        return new_text[len(prefix_text) :]
+
     def flush(self) -> None:
         """At the end: keep the text of tokens still held back, but not a character cut in the middle
         (a length limit reached inside a multi-byte character): its U+FFFD is dropped, as vLLM never
@@ -116,3 +129,47 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     if pieces:
         pieces[-1] += text.text[before:]
     return pieces
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, char -> byte (``bytes_to_unicode`` inverted): printable bytes stand for
+    themselves, the others for the code points from 256 up, in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer: Any, tid: int) -> list[int]:
+    """The raw bytes a generated token stands for (OpenAI's ``bytes``: a character split over byte tokens is whole only
+    when its tokens' bytes are put together): a byte-level BPE token (GPT-2, SmolLM2, Llama 3) through its byte
+    alphabet, a SentencePiece byte-fallback token ``<0xF0>`` its byte, another SentencePiece token its text with
+    ``▁`` as a space; a special token its name's UTF-8 (as vLLM fills ``bytes`` from the token string). A tokenizer
+    without a vocabulary of strings: the UTF-8 of the token decoded alone."""
+    try:
+        piece = tokenizer.convert_ids_to_tokens(tid)
+        special = tid in set(getattr(tokenizer, "all_special_ids", ()) or ())
+        decoder = str(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", ""))
+    except Exception:  # noqa: BLE001 - a minimal tokenizer (tests): the decoded text is all there is
+        piece = None
+    if not isinstance(piece, str):
+        return list(tokenizer.decode([tid], skip_special_tokens=False).encode("utf-8", "replace"))
+    if special:
+        return list(piece.encode("utf-8"))
+    m = _BYTE_TOKEN.fullmatch(piece)
+    if m:
+        return [int(m.group(1), 16)]
+    if decoder.startswith("ByteLevel"):
+        table = _byte_decoder()
+        if all(c in table for c in piece):
+            return [table[c] for c in piece]
+    return list(piece.replace("\u2581", " ").encode("utf-8"))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .constrain import Constraints
-from .detokenize import IncrementalText
+from .detokenize import IncrementalText, token_bytes
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, default_threads
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
@@ -186,6 +186,7 @@ class Engine:
         self._parked = False
         self._worker_lock = threading.Lock()  # parking and waking agree on whether a worker runs
         self._token_text: dict[int, str] = {}
+        self._token_bytes: dict[int, list[int]] = {}
         cores = default_threads()
         if runner.device.type != "cpu":
             options = [torch.get_num_threads()]
@@ -705,6 +706,25 @@ class Engine:
             s = self._token_text[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
         return s
 
+    def _token_raw(self, tid: int) -> list[int]:
+        b = self._token_bytes.get(tid)
+        if b is None:
+            b = self._token_bytes[tid] = token_bytes(self.tokenizer, tid)
+        return b
+
+    def _lp_str(self, text: IncrementalText, tid: int) -> str:
+        """A logprob entry's token string, vLLM's way: the token decoded alone, unless that is a broken multi-byte
+        character (U+FFFD: a byte-fallback piece), then the text it adds after the tokens sampled so far ("" while the
+        character is incomplete, the whole character from the token that completes it), so that the pieces of a
+        character split over tokens add up to it instead of reading as replacement characters."""
+        s = self._token_str(tid)
+        return text.piece_of(tid) if "\ufffd" in s else s
+
+    def _logprob_entry(self, text: IncrementalText, tok: int, lp: float, alts: list[tuple[int, float]]) -> LogprobEntry:
+        """Computed before ``tok`` is added to ``text`` (its context is the tokens before it)."""
+        return LogprobEntry(self._lp_str(text, tok), lp, [(self._lp_str(text, t), v) for t, v in alts],
+                            self._token_raw(tok), [self._token_raw(t) for t, _ in alts])
+
     def _advance(self, seqs: list[_Sequence], tokens: list[int], logits: torch.Tensor) -> None:
         """Record one new token per sequence: text, stop/length checks, events."""
         touched: dict[int, _Request] = {}
@@ -717,12 +737,16 @@ class Engine:
             req.completion_tokens += 1
             reason = None
             lps = None
+            # The EOS that ends a sequence is a generated token, as in vLLM: completion_tokens counts it and, with
+            # logprobs, it has its entry (vLLM's token string: the EOS decoded alone, "<|im_end|>"; it adds no text),
+            # so the logprobs have as many entries as completion_tokens says. (They disagreed: the count had the EOS,
+            # the logprobs did not.)
+            if req.params.logprobs:
+                lp, alts = token_logprobs(logits[b], tok, req.params.top_logprobs)
+                lps = [self._logprob_entry(seq.text, tok, lp, alts)]
             if self._is_eos(req, tok):
                 reason = "stop"
             else:
-                if req.params.logprobs:
-                    lp, alts = token_logprobs(logits[b], tok, req.params.top_logprobs)
-                    lps = [LogprobEntry(self._token_str(tok), lp, [(self._token_str(t), v) for t, v in alts])]
                 if seq.text.add(tok):
                     reason = "stop"
                 elif seq.generated >= req.max_new or self.cache.lengths[seq.slot] + 1 >= limit:

@@ -51,9 +51,15 @@ class GenParams:
 # ---- events handed to the sink (lists of these, one list per request per step)
 @dataclass
 class LogprobEntry:
+    """``token``: the sampled token's text as vLLM names it (decoded alone; a byte-fallback piece, which alone is
+    U+FFFD, by the text it adds after the tokens before it: "" or the character it completes); ``bytes``: its raw
+    bytes; ``top``/``top_bytes``: the alternatives alike."""
+
     token: str
     logprob: float
     top: list[tuple[str, float]]
+    bytes: list[int] | None = None
+    top_bytes: list[list[int]] | None = None
 
 
 @dataclass

