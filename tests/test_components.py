@@ -318,3 +318,22 @@ async def test_self_moa_seq_an_empty_synthesis_does_not_replace_the_best_so_far(
     rounds["i"] = 1  # every aggregation empty: the answer is a sample, not an empty text
     res = await run(up, [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 4, "window": 4}]])
     assert res.text.startswith("candidate ")
+
+
+async def test_a_generators_system_prompt_keeps_the_clients_system_message(upstream_factory):
+    """self-consistency's generator has a system prompt (the \\boxed{} instruction): the client's own system message was
+    dropped without a word ("Answer like a pirate" never reached the model). Now it comes first, as a fuser keeps it."""
+    up = upstream_factory(lambda b: {"text": r"\boxed{4}"})
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    try:
+        spec = parse_architecture({"name": "t", "layers": [[{"type": "generator", "model": "default", "samples": 2, "system_prompt": "Put it in \\boxed{}."}],
+                                                           [{"type": "vote", "extractor": {"kind": "boxed"}}]]})
+        msgs = [{"role": "system", "content": "Answer like a pirate."}, {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+        await GraphRuntime(reg).run(spec, msgs)
+        sent = up.requests[-1].body["messages"]
+        assert sent == [{"role": "system", "content": "Answer like a pirate.\nBe brief.\n\nPut it in \\boxed{}."}, {"role": "user", "content": "2+2?"}]
+        await GraphRuntime(reg).run(spec, msgs[2:])
+        assert up.requests[-1].body["messages"][0] == {"role": "system", "content": "Put it in \\boxed{}."}
+    finally:
+        await reg.close()

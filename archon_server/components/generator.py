@@ -10,10 +10,13 @@ from .state import Candidate, State, Update, candidate_meta, message_text
 
 
 def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    """The component's system prompt as the one system message, after the client's own system and developer
+    instructions (kept, as a fuser keeps them: they were dropped, and a client's "answer in French" with them)."""
     if not system:
         return messages
+    client = "\n".join(message_text(m) for m in messages if m.get("role") in ("system", "developer"))
     rest = [m for m in messages if m.get("role") not in ("system", "developer")]
-    return [{"role": "system", "content": system}, *rest]
+    return [{"role": "system", "content": f"{client}\n\n{system}" if client else system}, *rest]
 
 
 def with_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
