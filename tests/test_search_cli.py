@@ -239,3 +239,27 @@ def test_ctrl_c_during_run_is_one_line_saying_how_to_resume(tmp_path: Path) -> N
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_changed_study_n_trials_sets_the_target_on_resume(tmp_path: Path) -> None:
+    """A user who raises study.n_trials in the config and runs again gets more trials (it was ignored once a target
+    was stored); a target set by --n-trials stays for runs whose config did not change."""
+    import asyncio
+
+    from archon_server.search.runner import STUDY_TARGET, progress, run_search
+
+    path = _config(tmp_path)
+    url = f"sqlite:///{tmp_path}/study.db"
+
+    def run(n_cfg: int, n_trials: int | None = None) -> tuple[int, int]:
+        cfg = load_search_config(path)
+        cfg.study.n_trials = n_cfg
+        res = asyncio.run(run_search(cfg, storage=url, n_trials=n_trials, do_finalize=False))
+        return progress(res.study).evaluated, res.study.user_attrs[STUDY_TARGET]
+
+    assert run(2) == (2, 2)
+    assert run(2) == (2, 2)  # resumed, nothing to do
+    assert run(4) == (4, 4)  # the config asks for more: more
+    assert run(4, n_trials=6) == (6, 6)
+    assert run(4) == (6, 6)  # the config did not change: --n-trials' target stays
+    assert run(5) == (6, 5)  # it changed again: its value is the target (already reached)

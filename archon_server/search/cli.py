@@ -24,6 +24,16 @@ from archon_server.spec import SpecError
 log = logging.getLogger("archon.search.cli")
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be 1 or more")
+    return n
+
+
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("search", help="architecture search with Optuna (cost-aware, resumable, distributed)")
     sub = p.add_subparsers(dest="search_command", metavar="{run,export,status,dashboard}")
@@ -33,8 +43,10 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("config", help="search config YAML (search/*.yaml)")
     r.add_argument("--storage", help="Optuna RDB URL (default: config's, else sqlite:///runs/search/<study>.db)")
     r.add_argument("--study", help="study name (default: config's study.name)")
-    r.add_argument("--n-trials", type=int, help="target of new architectures evaluated in the whole study (all workers, "
-                   "all runs); stored in the study. Default: the stored target, else the config's study.n_trials")
+    r.add_argument("--n-trials", type=_positive, help="target of new architectures evaluated in the whole study (all workers, "
+                   "all runs); stored in the study. Default: the config's study.n_trials when the study is new or that "
+                   "value changed since the study last saw it (a larger one on resume runs more trials), else the "
+                   "stored target")
     r.add_argument("--workers", type=int, default=1, help="worker processes to start on this machine (default 1)")
     r.add_argument("--worker-index", type=_worker_index, default=0, help="offsets the sampler seed so workers propose "
                    "different points; `auto`: derived from host name and pid (for replicas started alike, e.g. by compose)")

@@ -61,6 +61,7 @@ log = logging.getLogger("archon.search.runner")
 
 STUDY_CONFIG = "config"
 STUDY_TARGET = "target_n_trials"
+STUDY_CONFIG_TARGET = "config_n_trials"  # the config's study.n_trials as last seen (a change of it sets the target)
 STUDY_RANKING = "model_ranking"
 STUDY_TEST = "test_results"
 STUDY_BASELINES = "baselines"
@@ -473,6 +474,32 @@ class SearchResult:
     final: dict[str, Any] | None = None
 
 
+def study_target(study: optuna.Study, config: SearchConfig, n_trials: int | None) -> int:
+    """The study's target number of evaluated trials for this run, stored in the study (every worker reads it):
+    ``--n-trials`` when given; else the config's ``study.n_trials`` when it differs from the value the study last saw
+    in a config (the user changed it: a larger one runs more trials, a smaller one stops sooner); else the stored
+    target (one an earlier ``--n-trials`` set stays, for workers started without it)."""
+    attrs = study.user_attrs
+    stored = attrs.get(STUDY_TARGET)
+    # The config's n_trials as last seen; a study from before this attribute: the one it was created with.
+    seen = attrs.get(STUDY_CONFIG_TARGET, ((attrs.get(STUDY_CONFIG) or {}).get("study") or {}).get("n_trials"))
+    changed = config.study.n_trials != seen
+    if n_trials is not None:
+        target = n_trials
+    elif stored is None or changed:
+        target = config.study.n_trials
+    else:
+        target = int(stored)
+    if stored is not None and target != stored:
+        why = "--n-trials" if n_trials is not None else f"study.n_trials changed from {seen} in {config.source or 'the config'}"
+        log.info("study %r: target %s -> %s evaluated trials (%s)", study.study_name, stored, target, why)
+    if target != stored:
+        study.set_user_attr(STUDY_TARGET, target)
+    if changed or STUDY_CONFIG_TARGET not in attrs:
+        study.set_user_attr(STUDY_CONFIG_TARGET, config.study.n_trials)
+    return target
+
+
 async def run_search(
     config: SearchConfig,
     *,
@@ -500,9 +527,7 @@ async def run_search(
 async def _run_search(config: SearchConfig, evaluator: Evaluator, t0: float, *, storage: Any, study_name: str | None,
                       n_trials: int | None, seed_offset: int, do_finalize: bool, sampler: Any, pruner: Any) -> SearchResult:
     study = open_study(config, storage=storage, study_name=study_name, seed_offset=seed_offset, sampler=sampler, pruner=pruner)
-    target = n_trials or int(study.user_attrs.get(STUDY_TARGET, config.study.n_trials))
-    if n_trials is not None or STUDY_TARGET not in study.user_attrs:
-        study.set_user_attr(STUDY_TARGET, target)
+    target = study_target(study, config, n_trials)
     ranked = await rank_models(config, study, evaluator)
     objective = ArchitectureObjective(config, evaluator, ranked, study.study_name)
     stats = await run_worker(study, objective, target)
