@@ -337,3 +337,22 @@ async def test_a_generators_system_prompt_keeps_the_clients_system_message(upstr
         assert up.requests[-1].body["messages"][0] == {"role": "system", "content": "Put it in \\boxed{}."}
     finally:
         await reg.close()
+
+
+async def test_a_final_self_moa_seq_writes_the_clients_n_in_its_last_window(upstream_factory):
+    """n=2 on self-moa-seq returned one choice without a word; now the last window's aggregation is one n=2 request."""
+    def script(b):  # type: ignore[no-untyped-def]
+        if "best synthesis so far" in json.dumps(b):
+            return {"text": [f"synth {i}" for i in range(b.get("n") or 1)]}
+        return {"text": [f"candidate {i}" for i in range(b["n"])], "latency": 0.02 * b["n"]}
+
+    up = upstream_factory(script)
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    try:
+        spec = parse_architecture({"name": "t", "layers": [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 10, "window": 4}]]})
+        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], SamplingParams(n=2))
+        assert res.choices == ["synth 0", "synth 1"]
+        assert [r.body.get("n", 1) for r in up.requests if "best synthesis so far" in json.dumps(r.body)] == [1, 1, 2]
+    finally:
+        await reg.close()

@@ -20,7 +20,7 @@ from . import prompts
 from .base import Component, ComponentContext, ComponentFailed
 from .fit import fit_texts
 from .fuser import fusion_messages
-from .state import Candidate, State, Update
+from .state import Candidate, State, Update, candidate_meta
 
 
 def sample_chunks(samples: int, window: int, fresh: int) -> list[int]:
@@ -79,9 +79,14 @@ class SelfMoASeq(Component):
         fresh = spec.window - spec.repeat_best
 
         best: Candidate | None = None
+        others: list[Candidate] = []  # the last window's further syntheses, for a final stage's client n
         pending: list[Candidate] = []
         rounds = 0
         agg_params = ctx.sampling(spec)
+        # On the final stage the client's n is the number of syntheses of the last window (as a final fuser writes n).
+        final_n = ctx.final.n if ctx.final is not None and ctx.final.sets_samples else 1
+        expected = spec.samples if spec.proposer else len(state.candidates)
+        consumed = 0
         done = False
         while not done or pending:
             if not done:
@@ -93,6 +98,8 @@ class SelfMoASeq(Component):
             need = spec.window if best is None else fresh
             if len(pending) >= need or (done and pending):
                 window, pending = pending[:need], pending[need:]
+                consumed += len(window)
+                last = consumed >= expected or (done and not pending)  # a failed chunk: known to be last only at the end
                 shown = ([best] * spec.repeat_best if best else []) + window
                 if len(shown) == 1:
                     best = shown[0]
@@ -103,11 +110,14 @@ class SelfMoASeq(Component):
                     lambda texts, header=header: fusion_messages(state, texts, header),
                     agg_params.max_tokens,
                 )
+                k = final_n if last else 1
                 try:
-                    res = await ctx.call(spec.model, msgs, agg_params, purpose=f"window {rounds + 1}" + (f", {note}" if note else ""))
-                    synth = Candidate(res.choices[0].text, source=spec.model, finish_reason=res.choices[0].finish_reason)
+                    res = await ctx.call(spec.model, msgs, agg_params, n=k, purpose=f"window {rounds + 1}" + (f", {note}" if note else ""))
+                    synths = [Candidate(c.text, source=spec.model, finish_reason=c.finish_reason, meta=candidate_meta(c)) for c in res.choices]
+                    synths = [c for c in synths if not c.empty] + [c for c in synths if c.empty]
+                    synth, others = synths[0], synths[1:]
                 except Exception:  # noqa: BLE001 - keep the previous synthesis, recorded in the trace
-                    synth = None
+                    synth, others = None, []
                 if synth is not None and synth.empty and any(not c.empty for c in shown):
                     # An empty synthesis is no answer: the best so far stays (the carried synthesis, else a sample).
                     ctx.layer.notes.append(f"{self.id}: window {rounds + 1}: empty synthesis; kept the best so far")
@@ -120,4 +130,4 @@ class SelfMoASeq(Component):
         if best is None:
             raise ComponentFailed(f"{self.id}: no samples to aggregate")
         ctx.layer.notes.append(f"{self.id}: {rounds} aggregation round(s)")
-        return Update(candidates=[best])
+        return Update(candidates=[best, *(c for c in others if not c.empty)][: max(final_n, 1)])
