@@ -4,7 +4,9 @@ failure the package raises on purpose, and nothing else. A leaf module: anyone m
 Where each one lives: ``spec.SpecError`` (bad architecture or config, with the offending path),
 ``backends.base.BackendError`` / ``BackendTimeout`` (a backend call failed), ``backends.registry.UnknownModel``,
 ``graph.catalog.UnknownArchitecture``, ``graph.runtime.GraphError`` (the graph produced no answer),
-``components.base.ComponentFailed`` / ``ParseError``; the HTTP layer's ``api.errors.APIError`` carries a status code.
+``components.base.ComponentFailed`` / ``ParseError``; ``ContextOverflow`` (a prompt, or a prompt and an explicit
+``max_tokens``, past a model's context: the embedded engine's); the HTTP layer's ``api.errors.APIError`` carries a
+status code.
 """
 
 from __future__ import annotations
@@ -14,4 +16,20 @@ class ArchonError(Exception):
     """Base class of every exception archon-server raises deliberately."""
 
 
-__all__ = ["ArchonError"]
+class ContextOverflow(ArchonError, ValueError):  # noqa: N818 - vLLM's condition, named as such
+    """A request that cannot fit the model's context, with vLLM's message for it: the prompt alone (``max_tokens``
+    None) or the prompt and the completion asked for. A ValueError too: a bad request, where callers catch those."""
+
+    def __init__(self, limit: int, prompt_tokens: int, max_tokens: int | None = None):
+        self.limit, self.prompt_tokens, self.max_tokens = limit, prompt_tokens, max_tokens
+        if max_tokens is None:
+            msg = (f"This model's maximum context length is {limit} tokens. However, you requested {prompt_tokens} tokens "
+                   "in the messages, Please reduce the length of the messages.")
+        else:
+            msg = (f"This model's maximum context length is {limit} tokens. However, you requested {prompt_tokens + max_tokens} "
+                   f"tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length of "
+                   "the messages or completion.")
+        super().__init__(msg)
+
+
+__all__ = ["ArchonError", "ContextOverflow"]

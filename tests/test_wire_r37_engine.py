@@ -56,3 +56,26 @@ def test_byte_fallback_tokens_are_named_by_their_text_and_carry_their_raw_bytes(
     assert raw.decode("utf-8") == ch.choices[0].message.content == "".join(t.token for t in content if t.token != "<|im_end|>")
     assert any(t.token == "" and t.bytes for t in content)
     assert any(t.bytes != list(t.token.encode()) for t in content)
+
+
+def test_an_explicit_max_tokens_past_the_context_is_vllms_400_on_a_direct_request(served):
+    prompt_tokens = served.chat.completions.create(model="smollm2", messages=SAY_HI, max_tokens=1).usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        served.chat.completions.create(model="smollm2", messages=SAY_HI, max_tokens=9000)
+    msg = e.value.body["message"]
+    assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+    assert (f"This model's maximum context length is 8192 tokens. However, you requested {prompt_tokens + 9000} tokens "
+            f"({prompt_tokens} in the messages, 9000 in the completion). Please reduce the length of the messages or completion.") in msg
+    with pytest.raises(openai.APIError) as e:  # a stream: its error event (the role chunk went out first)
+        list(served.chat.completions.create(model="smollm2", messages=SAY_HI, max_tokens=9000, stream=True))
+    assert f"However, you requested {prompt_tokens + 9000} tokens" in str(e.value)
+    raw_tokens = served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=1).usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8192)
+    assert f"However, you requested {raw_tokens + 8192} tokens ({raw_tokens} in the messages, 8192 in the completion)" in e.value.body["message"]
+    # one that fits is served; the prompt alone past the context is a 400 too, with vLLM's words
+    assert served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=2, temperature=0).choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "word " * 9000}], max_tokens=4)
+    assert "This model's maximum context length is 8192 tokens. However, you requested" in e.value.body["message"]
+    assert "tokens in the messages, Please reduce the length of the messages." in e.value.body["message"]

@@ -54,6 +54,12 @@ def content_text(content: Any) -> str:
 SAMPLING_EXTRAS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens", "ignore_eos",
                    "logit_bias")
 
+# A ``SamplingParams.extra`` flag the API sets on a request sent straight to a backend alias with an explicit max_tokens,
+# for a backend that honours it (``Backend.refuses_overflow``): a prompt and max_tokens past the model's context are
+# refused (vLLM's 400, ``exceptions.ContextOverflow``) instead of the generation being cut at the context's end, which
+# the calls inside an architecture rely on (their max_tokens are the architecture's, not the client's).
+REFUSE_OVERFLOW = "refuse_overflow"
+
 
 @dataclass
 class SamplingParams:
@@ -350,6 +356,8 @@ class Backend(ScoringMixin, abc.ABC):
     # engine honours them all; an OpenAI-compatible upstream gets them passed on and decides). A final stage asked
     # for one it lacks is refused up front (a 400).
     sampling_extras: frozenset[str] | None = None
+    # Honours ``extra[REFUSE_OVERFLOW]`` (the embedded engine); others never get it (an upstream would see an unknown field).
+    refuses_overflow: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
@@ -434,6 +442,10 @@ class BackendWrapper(Backend):
     @property  # type: ignore[override]
     def sampling_extras(self) -> frozenset[str] | None:
         return self.inner.sampling_extras
+
+    @property  # type: ignore[override]
+    def refuses_overflow(self) -> bool:
+        return self.inner.refuses_overflow
 
     @property  # type: ignore[override]
     def supports_scoring(self) -> bool:

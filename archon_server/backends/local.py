@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from archon_server.backends.base import (
+    REFUSE_OVERFLOW,
     Backend,
     BackendError,
     ChatRequest,
@@ -53,6 +54,7 @@ class LocalBackend(Backend):
     supports_logprobs = True
     supports_scoring = True
     supports_tools = False  # SmolLM2's template has no tool-calling format
+    refuses_overflow = True  # extra[REFUSE_OVERFLOW]: the engine's ContextOverflow instead of a cut (a 400)
     # response_format constrains decoding (engine/constrain.py, llguidance); without llguidance installed the
     # server prompts for JSON and validates instead.
     supports_response_format = importlib.util.find_spec("llguidance") is not None
@@ -209,6 +211,7 @@ class LocalBackend(Backend):
             grammar=self._grammar(p.extra.get("response_format")),
             # JSON keys are strings; the engine checks the ids against the vocabulary (a ValueError: a 400)
             logit_bias={int(k): float(v) for k, v in p.extra["logit_bias"].items()} if p.extra.get("logit_bias") else None,
+            refuse_overflow=bool(p.extra.get(REFUSE_OVERFLOW)),
         )
 
     def _grammar(self, response_format: dict[str, Any] | None) -> str | None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .constrain import Constraints
+from ..exceptions import ContextOverflow
 from .detokenize import IncrementalText, token_bytes
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, default_threads
@@ -260,8 +261,10 @@ class Engine:
         if not prompt:
             raise ValueError("empty prompt")
         limit = self.runner.dims.max_positions
-        if len(prompt) >= limit:
-            raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {limit}")
+        if len(prompt) >= limit:  # not even one token would fit
+            raise ContextOverflow(limit, len(prompt))
+        if params.refuse_overflow and len(prompt) + params.max_tokens > limit:
+            raise ContextOverflow(limit, len(prompt), params.max_tokens)
         if params.n < 1:
             raise ValueError("n must be >= 1")
         vocab = self.runner.dims.vocab

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..exceptions import ContextOverflow
 from .runner import PREFILL_GRID, ModelRunner, run_steps
 
 # Positions per LM-head chunk: 256 x 49k vocab x 4 bytes = 50 MB of float32 logits at a time.
@@ -159,7 +160,7 @@ def next_token_top_steps(runner: ModelRunner, prompt: list[int], k: int, chunk: 
     if not prompt:
         raise ValueError("empty prompt")
     if len(prompt) >= runner.dims.max_positions:
-        raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {runner.dims.max_positions}")
+        raise ContextOverflow(runner.dims.max_positions, len(prompt))
     cache = runner.new_cache(slots=1, capacity=len(prompt))
     out, _, _ = yield from _prefill(runner, prompt, cache, chunk, 0)
     lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)

@@ -15,14 +15,14 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from ...backends.base import SAMPLING_EXTRAS, StreamChunk, Usage
+from ...backends.base import REFUSE_OVERFLOW, SAMPLING_EXTRAS, StreamChunk, Usage
 from ...backends.registry import BackendRegistry
 from ...components import COMPONENTS, FinalOverrides, prompts
 from ...components.base import StreamSink
 from ...components.generator import with_note
 from ...components.state import Candidate
 from ...components.trace import TraceObserver
-from ...graph.catalog import Catalog
+from ...graph.catalog import Catalog, is_passthrough
 from ...components.trace import Trace
 from ...graph.runtime import GraphError, GraphRuntime, RunResult, answer_writer, streams_final
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
@@ -199,6 +199,15 @@ class ChatService:
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
             extra=final_extra(req.response_format, req.tools, req.tool_choice, req.parallel_tool_calls, req.sampling_extra()),
         )
+
+    def refuse_overflow(self, spec: ArchitectureSpec, final: FinalOverrides) -> FinalOverrides:
+        """A request sent straight to a backend alias with an explicit max_tokens that, with the prompt, cannot fit the
+        model's context is vLLM's 400, not an answer cut at the context's end: ``final`` flagged for a backend that
+        honours the flag (the embedded engine, which raises ContextOverflow; an upstream vLLM refuses it by itself).
+        Architectures keep the cut: their inner calls rely on it."""
+        if final.max_tokens is None or not is_passthrough(spec) or not self.registry.get(spec.name).refuses_overflow:
+            return final
+        return replace(final, extra={**final.extra, REFUSE_OVERFLOW: True})
 
     def check_final(self, spec: ArchitectureSpec, final: FinalOverrides) -> None:
         """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them.
@@ -452,7 +461,7 @@ class ChatService:
     # -- non-streaming ------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest, raw: Request) -> dict[str, Any]:
         spec = self.resolve(req)
-        final = self.final_overrides(req)
+        final = self.refuse_overflow(spec, self.final_overrides(req))
         self.check_final(spec, final)
         messages = [m.to_dict() for m in req.messages]
         cid = new_id("chatcmpl-")
@@ -490,7 +499,7 @@ class ChatService:
     async def create_stream(self, req: ChatCompletionRequest) -> EventStream:
         """Validate and admit first (errors become normal HTTP errors), then return the SSE generator."""
         spec = self.resolve(req)
-        final = self.final_overrides(req)
+        final = self.refuse_overflow(spec, self.final_overrides(req))
         self.check_final(spec, final)
         messages = [m.to_dict() for m in req.messages]
         cid = new_id("chatcmpl-")

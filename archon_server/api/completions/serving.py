@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import Request
 
 from ...backends.base import (
+    REFUSE_OVERFLOW,
     BackendError,
     SamplingParams,
     StreamChunk,
@@ -84,6 +85,8 @@ class CompletionsService:
     # -- a backend alias: raw completion ----------------------------------------------------
     def _params(self, req: CompletionRequest) -> SamplingParams:
         extra = req.sampling_extra()
+        if req.max_tokens and self.chat.registry.get(req.model).refuses_overflow:  # explicit: vLLM's 400 past the context
+            extra[REFUSE_OVERFLOW] = True
         return SamplingParams(
             temperature=DEFAULT_SAMPLING.temperature if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=extra.pop("top_k", None),
@@ -159,6 +162,7 @@ class CompletionsService:
         final = FinalOverrides(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens, stop=req.stop,
                                seed=req.seed, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
                                extra=req.sampling_extra())
+        final = self.chat.refuse_overflow(spec, final)
         self.chat.check_final(spec, final)
         return final
 

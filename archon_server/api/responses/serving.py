@@ -94,6 +94,7 @@ class ResponsesService:
             logprobs=req.wants_logprobs(), top_logprobs=(req.top_logprobs or 0) if req.wants_logprobs() else 0,
             extra=final_extra(fmt, tools, chat_tool_choice(req.tool_choice), req.parallel_tool_calls),
         )
+        final = self.chat.refuse_overflow(spec, final)
         self.chat.check_final(spec, final)
         return spec, messages, final, conversation
 
