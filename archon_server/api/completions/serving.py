@@ -33,7 +33,7 @@ from ...components.state import Candidate
 from ...components.trace import Trace
 from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
-from ..chat.serving import ChatService
+from ..chat.serving import _SLOT, ChatService, _TraceSlot
 from ..edge import deadline_s
 from ..errors import APIError, sse_error
 from ..ids import new_id
@@ -42,15 +42,36 @@ from ..streaming import EventStream
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
 
 
+def _merged_trace(traces: list[Trace], name: str) -> Trace:
+    """The request's one trace (/v1/traces keeps one per request id): every prompt's layers in prompt order, their
+    usage summed, the longest run's latency."""
+    usage, trace = Usage(), Trace(name)
+    for t in traces:
+        usage.add(t.usage)
+        trace.layers.extend(t.layers)
+    trace.usage = usage
+    trace.latency_s = max((t.latency_s for t in traces), default=0.0)
+    return trace
+
+
 def _merge(results: list[RunResult], name: str) -> RunResult:
     """One result for the request: candidates in prompt order, usage and trace layers summed (metrics count all)."""
-    usage, trace = Usage(), Trace(name)
-    for r in results:
-        usage.add(r.usage)
-        trace.layers.extend(r.trace.layers)
-    trace.usage = usage
-    trace.latency_s = max((r.trace.latency_s for r in results), default=0.0)
-    return RunResult([c for r in results for c in r.candidates], usage, trace, all(r.streamed for r in results))
+    trace = _merged_trace([r.trace for r in results], name)
+    return RunResult([c for r in results for c in r.candidates], trace.usage, trace, all(r.streamed for r in results))
+
+
+async def _all_or_none(coros: list[Any]) -> list[Any]:
+    """The prompts' runs, concurrently; when one fails (or the request is cancelled) the others are cancelled and
+    awaited before the failure goes on, so none runs on after the request has its answer and each has recorded its
+    calls (a cancelled call as ``cancelled``) in the trace the request keeps."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _shifted(sink: StreamSink, offset: int) -> StreamSink:
@@ -104,9 +125,10 @@ class CompletionsService:
         params = self._params(req)
 
         def record(i: int, started: tuple[int, float], usage: Usage | None = None, error: BaseException | None = None) -> None:
+            status = "ok" if error is None else "cancelled" if isinstance(error, asyncio.CancelledError) else failure_status(error)
             layer.finish_call("completion", "completion", alias, req.n, started, usage=usage,
-                              error=None if error is None else str(error)[:300],
-                              status="ok" if error is None else failure_status(error), purpose=f"prompt {i + 1}")
+                              error=None if error is None else str(error)[:300] or "cancelled",
+                              status=status, purpose=f"prompt {i + 1}")
 
         async def one(i: int, prompt: str) -> list[Candidate]:
             breq = BackendCompletion(model, prompt, params, echo=req.echo)
@@ -130,7 +152,7 @@ class CompletionsService:
                                 finish[ch.index] = ch.finish_reason
                             await sink(StreamChunk(index=i * req.n + ch.index, text=ch.text, finish_reason=ch.finish_reason, logprobs=ch.logprobs))
                         choices = [("".join(texts.get(j, [])), finish.get(j, "stop"), None) for j in range(req.n)]
-            except BackendError as e:
+            except (BackendError, asyncio.CancelledError) as e:  # cancelled: another prompt failed, or the client left
                 record(i, started, error=e)
                 raise
             except Exception as e:  # a backend bug must not become a 500 (as for graph calls: components/base.py)
@@ -143,7 +165,7 @@ class CompletionsService:
 
         try:
             async with asyncio.timeout(deadline_s(self.chat.request_timeout_s)):
-                per_prompt = await asyncio.gather(*(one(i, p) for i, p in enumerate(req.prompt)))
+                per_prompt = await _all_or_none([one(i, p) for i, p in enumerate(req.prompt)])
         except TimeoutError:
             trace.latency_s = time.perf_counter() - trace.started
             raise GraphError(f"deadline of {self.chat.request_timeout_s:g}s exceeded", status=504, trace=trace) from None
@@ -178,10 +200,26 @@ class CompletionsService:
         traces: list[dict[str, Any]] = []
 
         async def run(sink: StreamSink | None, _observer: Any = None) -> RunResult:
-            results = await asyncio.gather(*(
-                self.chat.run_graph(spec, [{"role": "user", "content": p}], final, None if sink is None else _shifted(sink, i * req.n))
-                for i, p in enumerate(req.prompt)
-            ))
+            # Each prompt's run keeps its trace in a slot of its own (its task's copy of the context), so that a failed
+            # request keeps every prompt's calls, merged into its one trace as a finished one's are (_merge): the
+            # request's slot held only the trace of the prompt whose run started last, and a failure's own trace only
+            # the failed prompt's.
+            slots = [_TraceSlot() for _ in req.prompt]
+
+            async def one(i: int, p: str) -> RunResult:
+                _SLOT.set(slots[i])
+                return await self.chat.run_graph(spec, [{"role": "user", "content": p}], final, None if sink is None else _shifted(sink, i * req.n))
+
+            try:
+                results = await _all_or_none([one(i, p) for i, p in enumerate(req.prompt)])
+            except BaseException as e:
+                merged = _merged_trace([s.trace for s in slots if s.trace is not None], spec.name)
+                outer = _SLOT.get()
+                if outer is not None:
+                    outer(merged)  # what a request that ends without a result (a 499, a 503, a 422) keeps
+                if isinstance(e, GraphError):
+                    raise GraphError(str(e), status=e.status, trace=merged) from None
+                raise
             traces.extend(r.trace.to_dict() for r in results)
             return _merge(list(results), spec.name)
 
