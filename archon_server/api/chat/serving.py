@@ -202,8 +202,9 @@ class ChatService:
 
     def refuse_overflow(self, spec: ArchitectureSpec, final: FinalOverrides) -> FinalOverrides:
         """A request sent straight to a backend alias with an explicit max_tokens that, with the prompt, cannot fit the
-        model's context is vLLM's 400, not an answer cut at the context's end: ``final`` flagged for a backend that
-        honours the flag (the embedded engine, which raises ContextOverflow; an upstream vLLM refuses it by itself).
+        model's context is a 400 with OpenAI's (and older vLLM's) message, not an answer cut at the context's end:
+        ``final`` flagged for a backend that honours the flag (the embedded engine, which raises ContextOverflow; an
+        upstream answers as it does: vLLM 0.32 cuts it too, refusing only a max_tokens past the whole context).
         Architectures keep the cut: their inner calls rely on it."""
         if final.max_tokens is None or not is_passthrough(spec) or not self.registry.get(spec.name).refuses_overflow:
             return final
