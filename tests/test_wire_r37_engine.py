@@ -1,7 +1,7 @@
 """The embedded engine through the wire (`archon serve`, default config, the official openai SDK): the EOS is a
 generated token with its logprob entry, as vLLM has it (completion_tokens and the logprobs agree), byte-fallback
 tokens (a CJK character split over byte tokens) are named by the text they add and carry their raw bytes, and an
-explicit max_tokens that cannot fit the context on a direct request is vLLM's 400."""
+explicit max_tokens that cannot fit the context on a direct request is a 400 with OpenAI's (older vLLM's) message."""
 
 from __future__ import annotations
 

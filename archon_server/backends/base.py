@@ -56,7 +56,7 @@ SAMPLING_EXTRAS = ("presence_penalty", "frequency_penalty", "repetition_penalty"
 
 # A ``SamplingParams.extra`` flag the API sets on a request sent straight to a backend alias with an explicit max_tokens,
 # for a backend that honours it (``Backend.refuses_overflow``): a prompt and max_tokens past the model's context are
-# refused (vLLM's 400, ``exceptions.ContextOverflow``) instead of the generation being cut at the context's end, which
+# refused (OpenAI's and older vLLM's 400, ``exceptions.ContextOverflow``) instead of the generation being cut at the context's end, which
 # the calls inside an architecture rely on (their max_tokens are the architecture's, not the client's).
 REFUSE_OVERFLOW = "refuse_overflow"
 

@@ -37,7 +37,7 @@ class GenParams:
     # OpenAI's / vLLM's logit_bias: {token id: bias} added to the logits before sampling (reported logprobs stay the
     # model's own, as vLLM reports them by default).
     logit_bias: dict[int, float] | None = None
-    # A prompt and max_tokens past the context: refused (ContextOverflow, vLLM's 400 for a client's explicit max_tokens)
+    # A prompt and max_tokens past the context: refused (ContextOverflow, OpenAI's and older vLLM's 400 for an explicit max_tokens)
     # rather than cut at the context's end (the default: an architecture's inner calls rely on it).
     refuse_overflow: bool = False
 

@@ -106,7 +106,7 @@ class CompletionsService:
     # -- a backend alias: raw completion ----------------------------------------------------
     def _params(self, req: CompletionRequest) -> SamplingParams:
         extra = req.sampling_extra()
-        if req.max_tokens and self.chat.registry.get(req.model).refuses_overflow:  # explicit: vLLM's 400 past the context
+        if req.max_tokens and self.chat.registry.get(req.model).refuses_overflow:  # explicit: OpenAI's 400 past the context
             extra[REFUSE_OVERFLOW] = True
         return SamplingParams(
             temperature=DEFAULT_SAMPLING.temperature if req.temperature is None else req.temperature,
