@@ -88,3 +88,40 @@ def test_the_report_says_why_lc_is_missing():
     [row] = rp.aggregate(recs)
     assert "lc_win_rate" not in row.notes and row.notes["lc_missing"] == f"needs >= {rp.LC_MIN_ROWS} judged instructions, has 5"
     assert "lc_missing=needs >= 100 judged instructions, has 5" in rp.markdown([row])
+
+
+@pytest.mark.parametrize("bench", ["math500", "humaneval", "mmlu"])
+def test_an_auto_graded_row_whose_questions_failed_is_flagged_not_reported_as_zero(tmp_path, bench):
+    """A dead backend: every question failed, so the row has no score ("–", not 0.00) and its flags say so, by the
+    rule the MMLU logprob rows follow (report.failure_flag); some failed: counted as wrong, and flagged."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    from archon_server.bench import sweep as sw
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_fakes import ScriptedUpstream, make_registry
+
+    class Dead(ScriptedUpstream):
+        def __init__(self, alive: int = 0):
+            super().__init__()
+            self.alive = alive
+
+        async def chat(self, request):
+            if self.calls >= self.alive:
+                raise ConnectionError("backend down")
+            return await super().chat(request)
+
+    spec = sw.SweepSpec.model_validate({"name": "dead", "architectures": ["scripted"], "concurrency": 1,
+                                        "benchmarks": [{"name": bench, "n": 4}]})
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "all", registry=make_registry(Dead()), progress=False))
+    [row] = rp.aggregate(log.records)
+    assert row.score is None and row.se is None and row.errors == 4
+    assert row.flags and row.flags[0].startswith("4 of 4 questions failed: counted as wrong") and "backend down" in row.flags[0]
+    md = rp.markdown([row])
+    assert f"| scripted | {bench} | 4 | – |" in md and f"**scripted / {bench}**: 4 of 4 questions failed" in md
+
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "some", registry=make_registry(Dead(alive=1)), progress=False))
+    [row] = rp.aggregate(log.records)
+    assert row.score is not None and row.errors == 3 and row.flags[0].startswith("3 of 4 questions failed: counted as wrong")

@@ -11,8 +11,10 @@ Scores per benchmark kind:
 * Arena-Hard: weighted win rate vs the baseline with a 95% bootstrap interval.
 
 A pair the sweep skipped (an MMLU ``mode: logprob`` benchmark on an architecture that is not one generator of one
-model: records with ``skipped``) has no score; its row's flags say why.  A logprob question whose scoring call failed
-is left out of the accuracy and flagged (every one failed: no score, "–"), as a judge's missing verdict is.
+model: records with ``skipped``) has no score; its row's flags say why.  Failed questions (an error recorded: a dead
+backend) are flagged, ``N of M failed`` (:func:`failure_flag`, one rule for every benchmark); a logprob question whose
+scoring call failed is left out of the accuracy, a failed answer of an auto-graded benchmark counts as wrong; every
+question failed: no score ("–", not 0.00), as a judge's missing verdicts.
 """
 
 from __future__ import annotations
@@ -158,12 +160,8 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
             se = None
             notes.update(ci95=(round(w["ci_low"], 2), round(w["ci_high"], 2)))
         elif bench.endswith("_logprob"):
-            # MMLU logprob: a failed scoring call measured nothing (as a judge call that failed): left out and flagged,
-            # not a wrong answer; all failed: no score.
-            failed = [r for r in recs if r.get("error") and not r.get("skipped")]
-            if failed:
-                flags.append(f"{len(failed)} of {n - len(skipped)} scoring calls failed: left out of the accuracy "
-                             f"(first: {str(failed[0]['error'])[:160]})")
+            # MMLU logprob: a failed scoring call measured nothing (as a judge call that failed): left out, not a wrong
+            # answer (flagged with the others' failures below).
             vals = [float(r.get("score") or 0.0) * 100 for r in ok]
             score, se, unit = (float(np.mean(vals)) if vals else None), _sem(vals), "acc %"
         else:
@@ -176,8 +174,20 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
                     notes[f"pass@{k}"] = round(100 * float(np.mean([r.get("pass_at", {}).get(k, 0.0) for r in recs])), 2)
                 notes["samples"] = max(int(r.get("n_samples", 1)) for r in recs)
                 unit = "pass@1 %"
+        if (failed := failure_flag(bench, recs)) is not None:
+            flags.insert(1 if skipped else 0, failed)
+            if not ok:  # every question that ran failed: nothing was measured
+                score = se = None
         rows.append(Row(score=score, se=se, unit=unit, notes=notes, flags=flags, **common))
     return rows
+
+
+# How a failed question (an error instead of an answer) counts, per benchmark; the rest (auto-graded): as wrong.
+FAILED_COUNTS = {
+    "alpaca_eval": ("questions", "counted as lost"),
+    "arena_hard": ("questions", "counted as two lost games"),
+    "mt_bench": ("questions", "left out of the score"),
+}
 
 
 def _fmt(x: float | None, nd: int = 2) -> str:
@@ -282,3 +292,20 @@ def write_report(out_dir: str | Path, title: str | None = None, data_root: str |
     (out / "summary.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str), encoding="utf-8")
     png = plot(rows, out / "score_vs_calls.png")
     return {"markdown": md, "plot": png, "alpaca": export_alpaca_outputs(records, out, data_root), "fastchat": export_fastchat_answers(records, out)}
+
+
+def failure_flag(bench: str, recs: Sequence[dict[str, Any]]) -> str | None:
+    """The flag of a row's failed questions (an error recorded: a backend down, a context overflow), one rule for every
+    benchmark: ``N of M <what> failed: <how they count> (first: <error>)``; None when none failed.  How they count is
+    the benchmark's own (a failed MMLU logprob scoring call is left out of the accuracy, a failed answer of an
+    auto-graded benchmark is wrong, a judged one loses); when every question that ran failed the row has no score
+    (``aggregate``: "–", not 0.00) -- a dead backend measured nothing."""
+    ran = [r for r in recs if not r.get("skipped")]
+    failed = [r for r in ran if r.get("error")]
+    if not failed:
+        return None
+    what, how = FAILED_COUNTS.get(bench, ("questions", "counted as wrong"))
+    if bench.endswith("_logprob"):
+        what, how = "scoring calls", "left out of the accuracy"
+    return f"{len(failed)} of {len(ran)} {what} failed: {how} (first: {str(failed[0]['error'])[:160]})"
+
