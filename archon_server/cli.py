@@ -171,10 +171,16 @@ def _resolve_arch(name: str, cfg: Any, registry: Any) -> "ArchitectureSpec":
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .backends.base import SamplingParams
     from .backends.registry import build_registry
+    from .bench.sweep import SweepParams
     from .graph.runtime import GraphError, GraphRuntime
 
+    # Only the fields given on the command line reach the final stage, as a sweep's params (SweepParams.final): the
+    # rest stay the architecture's own (a full SamplingParams put its defaults, top_p 1.0..., over them).
+    try:
+        final = SweepParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed).final()
+    except ValueError as e:  # pydantic's ValidationError: --max-tokens 0, --temperature -1
+        _die("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()))
     cfg = load_config(args.config)
     reg = build_registry(cfg)
     spec = _resolve_arch(args.architecture or cfg.server.default_architecture or "self-moa", cfg, reg)
@@ -183,8 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         await reg.start()
         try:
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed) if args.max_tokens else None
-            res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": prompt}], params)
+            res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": prompt}], final=final)
         except GraphError as e:
             print(f"error ({e.status}): {e}", file=sys.stderr)
             if e.trace is not None and args.trace:
@@ -270,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--architecture", "-a", help="preset name or file (default: the config's default)")
     r.add_argument("--config", "-c")
     r.add_argument("--trace", action="store_true", help="print the trace as JSON on stderr")
-    r.add_argument("--max-tokens", type=int)
-    r.add_argument("--temperature", type=float, default=0.7)
-    r.add_argument("--seed", type=int)
+    r.add_argument("--max-tokens", type=int, help="the final stage's max_tokens (default: the architecture's own)")
+    r.add_argument("--temperature", type=float, help="the final stage's temperature (default: the architecture's own)")
+    r.add_argument("--seed", type=int, help="the final stage's seed (default: none)")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="validate architecture (or --config server config) files")

@@ -202,3 +202,33 @@ def test_a_missing_file_a_sweep_names_is_named_as_given(tmp_path, capsys, monkey
     assert rc == 2 and line.startswith(want.format(sweep=sweep)), line
     assert line.endswith(f"(looked in the working directory and in {proj})"), line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    # --max-tokens alone: the generator keeps its own temperature and top_p (not SamplingParams' 0.7 and 1.0)
+    (["--max-tokens", "40"], (40, 0.2, 0.5)),
+    # nothing given: everything is the architecture's own (max_tokens 100, not 512; it was so only without --max-tokens)
+    ([], (100, 0.2, 0.5)),
+    (["--temperature", "0"], (100, 0.0, 0.5)),
+])
+def test_archon_run_passes_only_the_parameters_given_on_its_command_line(tmp_path, capsys, flags, expected):
+    """`archon run` as a sweep's params (SweepParams.final): the fields the user gave, the rest the architecture's."""
+    up = FakeUpstream().start()
+    try:
+        cfg = _server(tmp_path, up.url)
+        arch = tmp_path / "cool.yaml"
+        arch.write_text("name: cool\nlayers:\n  - - {type: generator, model: fake, max_tokens: 100, temperature: 0.2, top_p: 0.5}\n")
+        assert main(["run", "Hi", "-a", str(arch), "-c", str(cfg), *flags]) == 0
+    finally:
+        up.stop()
+    [req] = up.requests
+    assert (req.body.get("max_tokens"), req.body.get("temperature"), req.body.get("top_p")) == expected, req.body
+    assert "answer 0" in capsys.readouterr().out
+
+
+def test_archon_run_refuses_a_parameter_out_of_range_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "Hi", "-c", str(_server(tmp_path, "http://127.0.0.1:9/v1")), "--max-tokens", "0"])
+    assert e.value.code == 2
+    [line] = _err(capsys)
+    assert line.startswith("error: --max-tokens: ") and "greater than or equal to 1" in line, line
