@@ -54,13 +54,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _die(f"--shutdown-grace: must be >= 0, got {args.shutdown_grace}")
         cfg.server.shutdown_grace_s = args.shutdown_grace
     if workers == 1:
-        app = build_app(cfg)
+        app = _checked(args, lambda: build_app(cfg))
         _announce(app, cfg, host, port)
         _settle_gc()
         uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=cfg.server.shutdown_grace_s,
                     **uvicorn_io())
         return 0
     return _serve_workers(args, cfg, host, port)
+
+
+def _checked(args: argparse.Namespace, build: Any) -> Any:
+    """``build()``; a config error found while building (one needing the architectures, as a default architecture
+    that cannot be served) names the config file as load_config's do (main says it, exit 2)."""
+    try:
+        return build()
+    except SpecError as e:
+        raise SpecError(e.errors, e.source or args.config) from None
 
 
 def _announce(app: Any, cfg: Any, host: str, port: int) -> None:
@@ -98,7 +107,7 @@ def _serve_workers(args: argparse.Namespace, cfg: Any, host: str, port: int) -> 
         os.environ[MULTIPROC_ENV] = own_metrics_dir
     try:
         # A bad config fails here, once, before anything starts (the hosted backends' own options: in the host, below).
-        app = build_app(cfg, build_registry(cfg, shared=socket))
+        app = _checked(args, lambda: build_app(cfg, build_registry(cfg, shared=socket)))
         _announce(app, cfg, host, port)
         print(f"  workers: {args.workers} (each with its own pools; /metrics and /v1/traces: of all workers)", flush=True)
         if backend_host is not None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .spec import SpecError, load_text, validation_messages
 
@@ -124,6 +124,16 @@ class LocalBackendConfig(BackendConfigBase):
 
     kind: Literal["local"]
     options: LocalOptions = Field(default_factory=LocalOptions)
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .engine.model_store import unknown_model  # stdlib only: no torch at config time
+
+        why = unknown_model(v) if v else None  # "": the default model
+        if why is not None:
+            raise ValueError(why)
+        return v
 
 
 class VLLMOptions(_Base):
@@ -271,7 +281,10 @@ def parse_config(data: Any, source: str | None = None, base_dir: Path | None = N
 
 def load_config(path: str | Path | None) -> ServerConfig:
     if path is None:
-        return default_config()
+        try:
+            return default_config()
+        except ValidationError as e:  # ARCHON_LOCAL_MODEL names no model
+            raise SpecError(validation_messages(e, tags=BACKEND_KINDS), "default config (ARCHON_LOCAL_MODEL)") from None
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

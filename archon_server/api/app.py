@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..backends.registry import BackendRegistry, build_registry
 from ..config import ServerConfig
 from ..graph.catalog import Catalog
-from ..spec import ArchitectureSpec
+from ..spec import ArchitectureSpec, SpecError
 from .architectures.api_router import router as architectures_router
 from .auth import load_keys
 from .chat.api_router import router as chat_router
@@ -94,6 +94,20 @@ def native_telemetry() -> dict[str, Any]:
     return {"tracing": False, "metrics": False, "logs": False}
 
 
+def check_default(name: str | None, catalog: Catalog) -> None:
+    """``server.default_architecture`` must name something this config serves: else every request without ``model``
+    was a 404 naming a model the client never sent. A config error (SpecError: ``archon serve`` says it, exits 2)."""
+    if name is None:
+        return
+    unbound = catalog.unbound()
+    if catalog.lookup(name) is None or name in unbound:
+        why = (f"its aliases have no backend ({', '.join(unbound[name])})" if name in unbound
+               else "it is not an architecture or backend alias of this config")
+        served = [n for n in catalog.names() if n not in unbound]
+        raise SpecError([f"server.default_architecture: {name!r} cannot be served: {why} "
+                         f"(served: {', '.join(served) or 'none'}; or a backend alias)"])
+
+
 def build_app(
     config: ServerConfig, registry: BackendRegistry | None = None, catalog: Catalog | Mapping[str, ArchitectureSpec] | None = None,
     trace_peers: str | None = None,
@@ -107,6 +121,7 @@ def build_app(
         catalog = Catalog(registry=registry, specs=catalog)
     metrics = Metrics(registry.backends)
     s = config.server
+    check_default(s.default_architecture, catalog)
 
     def on_ready(task: asyncio.Future[Any]) -> None:
         if task.cancelled():

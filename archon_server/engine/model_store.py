@@ -110,6 +110,14 @@ def _source(name: str) -> ModelSource:
         raise ModelStoreError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
+def unknown_model(name: str) -> str | None:
+    """Why ``name`` cannot be a local model (not a registry name nor a folder), or None: the registry is fixed, so a
+    config naming something else is refused at start-up rather than failing to load behind /health."""
+    if name in REGISTRY or Path(name).expanduser().is_dir():
+        return None
+    return f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))} (or a converted model's folder)"
+
+
 def _is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in _REQUIRED_FILES) and (folder / ".complete").is_file()
 
