@@ -108,9 +108,21 @@ def _parse_logprobs(lp: Any) -> list[TokenLogprob] | None:
         return None
     out = []
     for t in lp["content"]:
-        top = [(a.get("token", ""), float(a.get("logprob", 0.0))) for a in (t.get("top_logprobs") or [])]
-        out.append(TokenLogprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)), top=top))
+        alts = [a for a in (t.get("top_logprobs") or []) if isinstance(a, dict)]
+        top = [(a.get("token", ""), float(a.get("logprob", 0.0))) for a in alts]
+        # The upstream's own bytes, kept: a token that is part of a multi-byte character has bytes its string cannot
+        # give back (OpenAI's and vLLM's meaning); absent or malformed, the wire fills them from the string.
+        top_bytes = [_raw_bytes(a.get("bytes")) for a in alts]
+        out.append(TokenLogprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)), top=top, bytes=_raw_bytes(t.get("bytes")),
+                                top_bytes=top_bytes if top_bytes and all(b is not None for b in top_bytes) else None))
     return out
+
+
+def _raw_bytes(b: Any) -> list[int] | None:
+    """A logprob entry's ``bytes`` as the upstream sent them (a list of 0-255 ints), else None."""
+    if isinstance(b, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in b):
+        return b
+    return None
 
 
 def _usage(u: Any) -> Usage:

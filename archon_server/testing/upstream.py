@@ -7,7 +7,8 @@ verdicts, generators get a text that names the model and sample index.  A
     {"text": str | list[str], "latency": s, "jitter": s, "fault": "500" | "502" | "503" | "429" | "400" | "401" |
      "403" | "timeout" | "hang" | "reset" | "invalid_json" | "truncated" | "wrong_n" | "drip" | "stream_error",
      "message": error message of an HTTP-status fault, "usage": {...},
-     "tool_calls": [{"id": ..., "type": "function", "function": {"name": ..., "arguments": "..."}}], "finish_reason": "length"}
+     "tool_calls": [{"id": ..., "type": "function", "function": {"name": ..., "arguments": "..."}}], "finish_reason": "length",
+     "logprobs": a chat choice's whole ``logprobs`` object (non-streamed, when the request asks for logprobs)}
 
 ``tool_calls`` makes every choice call those tools (finish_reason "tool_calls"; streamed as tool_calls deltas,
 the arguments in two pieces). POST /v1/completions answers raw text completions (``text``, ``echo``, ``logprobs``).
@@ -208,7 +209,8 @@ class FakeUpstream:
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": None if calls else t, **({"tool_calls": calls} if calls else {})},
                  "finish_reason": "tool_calls" if calls else act.get("finish_reason", "stop"),
-                 **({"logprobs": {"content": [{"token": w, "logprob": -0.5, "top_logprobs": [{"token": w, "logprob": -0.5}]} for w in t.split()]}} if body.get("logprobs") else {})}
+                 **({"logprobs": act.get("logprobs") or {"content": [{"token": w, "logprob": -0.5, "top_logprobs": [{"token": w, "logprob": -0.5}]} for w in t.split()]}}
+                    if body.get("logprobs") else {})}
                 for i, t in enumerate(texts)
             ]
             return web.json_response({"id": "cmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"), "choices": choices, "usage": usage})
