@@ -18,6 +18,9 @@ from .scheduler import Engine
 from ..config import DEFAULT_PREFIX_CACHE_MB
 
 
+TOKENIZER_MAX_LENGTH = 1 << 62  # the tokenizer never measures a prompt against the context (load_model)
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -53,6 +56,10 @@ def load_model(model: str = model_store.DEFAULT_MODEL, device: str = "auto", dty
         torch.set_num_threads(default_threads())
     runner = ModelRunner(folder, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    # The context is the engine's to enforce (a prompt past it is refused: a 400, exceptions.ContextOverflow); left at
+    # the model's context, transformers logs "Token indices sequence length is longer than the specified maximum
+    # sequence length ... will result in indexing errors" for such prompts, which are refused, never run.
+    tokenizer.model_max_length = TOKENIZER_MAX_LENGTH
     return LoadedModel(model, folder, runner, tokenizer, eos_token_ids(folder, tokenizer), time.perf_counter() - t0)
 
 
