@@ -36,7 +36,7 @@ from .detokenize import IncrementalText, token_bytes
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, default_threads
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
-from .threads import ThreadTuner
+from .threads import ThreadSetting, ThreadTuner
 from ..config import DEFAULT_PREFIX_CACHE_MB
 from .types import DoneEvent, EngineStats, ErrorEvent, FinishEvent, GenParams, LogprobEntry, Sink, TokenEvent
 
@@ -195,7 +195,15 @@ class Engine:
             options = [1, cores]
         else:
             options = [int(threads)]
-        self.tuner = ThreadTuner(options)
+        self.threads = ThreadSetting()
+        self.tuner = ThreadTuner(options, setting=self.threads)
+        # Prefill chunks (and scoring job steps) are judged apart from decode steps: their cost per unit of work is
+        # another kind (a compute-bound forward of hundreds of tokens, not a read of the weights), so one tuner could
+        # not compare the two; and a tuner that watched decode steps only left a long prompt that arrived first on
+        # busy cores at the untested default of 2 threads: a 4,900-token prefill beside five busy jobs took 228 s
+        # wall and 147 CPU-s at 2 threads against 64 s and 30 CPU-s at 1 (spinning barriers). Chunks are long (up to
+        # ~0.5 s, prefill_slice_s), so this one judges on 2 chunks and checks after 8 at first.
+        self.prefill_tuner = ThreadTuner(options, period=8, probe=2, max_period=256, setting=self.threads)
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -544,6 +552,7 @@ class Engine:
                 next(out)  # to its first step (nothing computed yet: argument checks)
                 if not self._job_due():
                     return
+            self.threads.apply(self.prefill_tuner.current)  # a forward of a prefill-sized chunk: prefill's setting
             t0 = time.perf_counter()
             try:
                 tokens = job.steps.send(self._chunk_tokens(job.token_s or self._token_s))
@@ -592,14 +601,22 @@ class Engine:
         assert pf is not None
         req = pf.req
         chunk = self._chunk_tokens(pf.token_s or self._token_s)  # whole blocks: every chunk starts on the attention grid
+        if self.prefill_tuner.probing:  # a probe of 2 threads on busy cores took 6.2 s for 96 tokens (1 thread: 0.4 s)
+            chunk = min(chunk, 2 * self.prefix.block)
         ids = req.prompt[pf.done : pf.done + chunk]
         # A prompt's K/V must not depend on how it was chunked (the chunk size changes with load and with the
         # time each chunk took; a cached prefix leaves a short tail): never the int8 weights, and attention on the
         # prefix cache's block grid.
+        self.prefill_tuner.before_step()
         t0 = time.perf_counter()
         out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done],
                                   logits="last", int8=False, kv_grid=self.prefix.block)
         spent = time.perf_counter() - t0
+        # Work in the tuner's units, so that chunks of other sizes and depths compare (a chunk is cut short when its
+        # tokens are slow: prefill_slice_s): a fixed part (~20 tokens' worth: the weights read once) and tokens that
+        # cost more deep in a prompt (attention over every earlier key: ~6x at position 6,000 on SmolLM2).
+        self.prefill_tuner.after_step(spent, 20 + len(ids) * (1.0 + (pf.done + len(ids) / 2) / 1200))
+        self.stats.prefill_threads = self.prefill_tuner.current
         pf.token_s = self._token_s = spent / len(ids)
         self._job_went_last = False
         if self._rows:

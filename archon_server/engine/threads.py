@@ -55,8 +55,26 @@ def in_fresh_thread(fn: Callable[[], T], name: str = "archon-engine-loader") -> 
     return box["value"]
 
 
+class ThreadSetting:
+    """The worker thread's torch thread count as last applied: one record for the tuners that share the thread
+    (decode steps and prefill chunks are judged apart, but whichever ran last left its setting in place)."""
+
+    def __init__(self, set_threads: Callable[[int], None] = torch.set_num_threads):
+        self._set = set_threads
+        self.applied: int | None = None
+
+    def apply(self, threads: int) -> None:
+        if threads != self.applied:
+            self._set(threads)
+            self.applied = threads
+
+    def forget(self) -> None:
+        """A new worker thread: thread settings are per OS thread, so the next ``apply`` sets it afresh."""
+        self.applied = None
+
+
 class ThreadTuner:
-    """Alternates exploit / probe phases over decode steps.
+    """Alternates exploit / probe phases over steps of one kind (decode steps; prefill chunks).
 
     ``before_step()`` applies the thread count for the coming step;
     ``after_step(seconds, work)`` records its time per unit of work (e.g. per
@@ -72,6 +90,7 @@ class ThreadTuner:
         max_period: int = 3072,
         shift: float = 1.6,
         set_threads: Callable[[int], None] = torch.set_num_threads,
+        setting: ThreadSetting | None = None,
     ):
         """``shift``: the median of the latest ``probe`` steps this many times above (or below 1/shift of) the cost
         the current setting was judged at calls for an early probe (at most one per ``_shift_gap`` steps)."""
@@ -87,8 +106,7 @@ class ThreadTuner:
         self._shift_gap = period  # fewest steps between early probes; doubles after one that changed nothing
         self._since_early = period
         self._early = False  # the running probe was an early one
-        self._set = set_threads
-        self._applied: int | None = None
+        self.setting = setting or ThreadSetting(set_threads)  # shared with the other tuner of the same thread
         self._recent: deque[float] = deque(maxlen=probe)  # current setting, latest steps
         self._probe_times: list[float] = []
         self._probing: int | None = None
@@ -102,15 +120,17 @@ class ThreadTuner:
     def active(self) -> int:
         return self._probing if self._probing is not None else self.current
 
+    @property
+    def probing(self) -> bool:
+        """The coming step tries another setting (one that may be far slower: keep it small if it can be)."""
+        return self._probing is not None
+
     def new_thread(self) -> None:
         """A new worker thread: its thread setting is applied afresh at the next step."""
-        self._applied = None
+        self.setting.forget()
 
     def before_step(self) -> None:
-        want = self.active
-        if want != self._applied:
-            self._set(want)
-            self._applied = want
+        self.setting.apply(self.active)
 
     def after_step(self, seconds: float, work: float = 1.0) -> None:
         cost = seconds / max(work, 1e-9)

@@ -109,6 +109,7 @@ class EngineStats:
     decode_steps: int = 0
     decode_tokens: int = 0
     max_batch_seen: int = 0  # most sequences decoded together in one step
-    threads: int = 0  # intra-op threads the worker uses now
+    threads: int = 0  # intra-op threads the worker uses now for decode steps
+    prefill_threads: int = 0  # ... and for prefill chunks (tuned apart: see Engine.prefill_tuner)
     cancelled: int = 0
     errors: int = 0
