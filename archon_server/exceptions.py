@@ -17,14 +17,14 @@ class ArchonError(Exception):
 
 
 class ContextOverflow(ArchonError, ValueError):  # noqa: N818 - vLLM's condition, named as such
-    """A request that cannot fit the model's context, with vLLM's message for it: the prompt alone (``max_tokens``
+    """A request that cannot fit the model's context, with OpenAI's message for it: the prompt alone (``max_tokens``
     None) or the prompt and the completion asked for. A ValueError too: a bad request, where callers catch those."""
 
     def __init__(self, limit: int, prompt_tokens: int, max_tokens: int | None = None):
         self.limit, self.prompt_tokens, self.max_tokens = limit, prompt_tokens, max_tokens
         if max_tokens is None:
-            msg = (f"This model's maximum context length is {limit} tokens. However, you requested {prompt_tokens} tokens "
-                   "in the messages, Please reduce the length of the messages.")
+            msg = (f"This model's maximum context length is {limit} tokens. However, your messages resulted in {prompt_tokens} "
+                   "tokens. Please reduce the length of the messages.")
         else:
             msg = (f"This model's maximum context length is {limit} tokens. However, you requested {prompt_tokens + max_tokens} "
                    f"tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length of "

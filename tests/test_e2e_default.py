@@ -154,13 +154,13 @@ def test_engine_counters_show_in_metrics(served):
     question under the same long system prompt reuses the first one's blocks."""
     url = str(served.base_url.join("/metrics"))
     text = httpx.get(url).text
-    before, hits = metric(text, "archon_backend_prefill_tokens"), metric(text, "archon_backend_prefix_hit_tokens")
+    before, hits = metric(text, "archon_backend_prefill_tokens_total"), metric(text, "archon_backend_prefix_hit_tokens_total")
     system = {"role": "system", "content": "You answer arithmetic questions with the number alone. " * 12}
     for q in ("What is 2 + 2?", "What is 3 + 5?"):
         served.chat.completions.create(model="smollm2", messages=[system, {"role": "user", "content": q}], max_tokens=4, temperature=0)
     text = httpx.get(url).text
-    assert metric(text, "archon_backend_prefill_tokens") > before
-    assert metric(text, "archon_backend_prefix_hit_tokens") - hits >= 96  # the system prompt's whole blocks
+    assert metric(text, "archon_backend_prefill_tokens_total") > before
+    assert metric(text, "archon_backend_prefix_hit_tokens_total") - hits >= 96  # the system prompt's whole blocks
     assert 0 < metric(text, "archon_backend_prefix_hit_rate") <= 1
 
 

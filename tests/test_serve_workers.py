@@ -181,7 +181,7 @@ def test_workers_share_one_embedded_engine_that_survives_a_crash(tmp_path):
         assert b"PROMETHEUS_MULTIPROC_DIR=" not in Path(f"/proc/{host}/environ").read_bytes()
 
         def engine_requests() -> float:  # as a worker's /metrics says (any worker: the one engine's counters)
-            lines = [ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith('archon_backend_requests{backend="smollm2"}')]
+            lines = [ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith('archon_backend_requests_total{backend="smollm2"}')]
             return float(lines[0].split()[-1]) if lines else 0.0
 
         seen = [engine_requests() for _ in range(6)]  # new connections: both workers, refreshed every second

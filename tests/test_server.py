@@ -309,7 +309,7 @@ def test_streamed_n_on_a_backend_without_n_sends_one_request_per_sample(upstream
 
 
 def test_backend_counters_are_exported_at_scrape_time():
-    """Each backend's numeric ``stats()`` becomes ``archon_backend_<name>{backend=alias}``; other values are left out."""
+    """Each backend's numeric ``stats()`` becomes ``archon_backend_<name>{backend=alias}`` (a counter: ``..._total``); other values are left out."""
     from prometheus_client import generate_latest
 
     from archon_server.api.metrics import Metrics
@@ -325,7 +325,7 @@ def test_backend_counters_are_exported_at_scrape_time():
     metrics = Metrics(lambda: {"smollm2": b, "plain": object()})
     b.hits = 96
     text = generate_latest(metrics.registry).decode()
-    assert 'archon_backend_prefix_hit_tokens{backend="smollm2"} 96.0' in text
+    assert 'archon_backend_prefix_hit_tokens_total{backend="smollm2"} 96.0' in text
     assert 'archon_backend_prefix_hit_rate{backend="smollm2"} 0.5' in text
     assert "replicas" not in text and "alive" not in text and 'backend="plain"' not in text
 

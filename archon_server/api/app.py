@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -94,6 +94,19 @@ def native_telemetry() -> dict[str, Any]:
     return {"tracing": False, "metrics": False, "logs": False}
 
 
+def counted(handler: Callable[[Request, Any], Awaitable[Response]], metrics: Metrics) -> Callable[[Request, Any], Awaitable[Response]]:
+    """An error handler that counts a generation request it answers in ``archon_requests_total`` by status: one
+    refused before it ran (a 400 on a field, an unknown model: 404, a 504 before admission) was counted nowhere. A
+    request that ran was counted as it ended (``APIError.observed``)."""
+    async def handle(request: Request, exc: Any) -> Response:
+        response = await handler(request, exc)
+        if request.url.path in GENERATION_PATHS and not getattr(exc, "observed", False):
+            metrics.refused(response.status_code)
+        return response
+
+    return handle
+
+
 def check_default(name: str | None, catalog: Catalog) -> None:
     """``server.default_architecture`` must name something this config serves: else every request without ``model``
     was a 404 naming a model the client never sent. A config error (SpecError: ``archon serve`` says it, exits 2)."""
@@ -174,10 +187,10 @@ def build_app(
     app.state.completions = CompletionsService(app.state.chat)
     app.state.traces = app.state.chat.traces
     app.state.trace_peers = TracePeers(trace_peers, app.state.traces) if trace_peers else None
-    app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, http_error_handler)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, unhandled_handler)
+    app.add_exception_handler(APIError, counted(api_error_handler, metrics))  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, counted(validation_handler, metrics))  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, counted(http_error_handler, metrics))  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, counted(unhandled_handler, metrics))
     add_routes_first(app, [chat_router, completions_router, responses_router, models_router, embeddings_router,
                            traces_router, architectures_router])
     mount_ui(app)

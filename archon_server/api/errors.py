@@ -38,6 +38,19 @@ def failure_code(status: int) -> str | None:
     return FAILURE_CODES.get(status)
 
 
+# How OpenAI (and vLLM, the embedded engine: exceptions.ContextOverflow) begin a prompt-past-the-context refusal.
+CONTEXT_LENGTH = "This model's maximum context length is"
+
+
+def failure(status: int, message: str) -> APIError:
+    """A failed run's error: OpenAI's ``param: messages, code: context_length_exceeded`` for a prompt (and
+    max_tokens) past the context, whoever said it (the engine, or an upstream's 400 passed on); else the code
+    of its status."""
+    if status == 400 and CONTEXT_LENGTH in message:
+        return APIError(400, message, param="messages", code="context_length_exceeded")
+    return APIError(status, message, code=failure_code(status))
+
+
 class APIError(ArchonError):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -45,6 +58,7 @@ class APIError(ArchonError):
         self.message = message
         self.param = param
         self.code = code
+        self.observed = False  # counted in /metrics where it happened (a request that ran): not again as a refusal
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -13,28 +13,42 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..backends.base import numeric_stats
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode: read when it is first imported
 
 
+# Backend stats that only grow (the engine's counts since start, vLLM's restarts): Prometheus counters, exposed as
+# ``archon_backend_<name>_total``; every other numeric stat (batch and cache sizes, the hit rate) is a gauge.
+COUNTER_STATS = frozenset({
+    "requests", "prefills", "prefill_tokens", "prefill_chunks_interleaved", "overtakes", "job_steps", "job_steps_interleaved",
+    "decode_steps", "decode_tokens", "cancelled", "errors", "restarts",
+    "prefix_queries", "prefix_query_tokens", "prefix_hit_tokens", "prefix_inserted_blocks", "prefix_evicted_blocks",
+})
+
+
 class BackendStats:
-    """Each backend's own numeric counters (``backend.stats()``) as ``archon_backend_<name>{backend=alias}``,
-    read at scrape time: the embedded engine's batch, KV cache and prefix-cache figures
-    (``archon_backend_prefix_hit_rate``, ``..._prefix_hit_tokens``, ``..._prefix_bytes``, ...)."""
+    """Each backend's own numeric stats (``backend.stats()``) with the label ``backend=alias``, read at scrape time:
+    the embedded engine's batch, KV cache and prefix-cache figures. Those that only grow (:data:`COUNTER_STATS`) are
+    counters, ``archon_backend_<name>_total`` (``archon_backend_requests_total``, ``..._prefix_hit_tokens_total``);
+    the rest gauges, ``archon_backend_<name>`` (``archon_backend_prefix_hit_rate``, ``..._active_sequences``)."""
 
     def __init__(self, backends: Callable[[], Mapping[str, Any]]):
         self.backends = backends
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        families: dict[str, GaugeMetricFamily] = {}
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for alias, backend in self.backends().items():
             for key, value in numeric_stats(backend).items():
                 fam = families.get(key)
                 if fam is None:
-                    fam = families[key] = GaugeMetricFamily(f"archon_backend_{key}", f"backend stat {key}", labels=["backend"])
+                    if key in COUNTER_STATS:
+                        fam = CounterMetricFamily(f"archon_backend_{key}", f"backend counter {key} (since the backend started)", labels=["backend"])
+                    else:
+                        fam = GaugeMetricFamily(f"archon_backend_{key}", f"backend stat {key}", labels=["backend"])
+                    families[key] = fam
                 fam.add_metric([alias], float(value))
         yield from families.values()
 
@@ -65,7 +79,9 @@ class Metrics:
         self.backend_stats = BackendStats(backends) if backends is not None else None
         if self.backend_stats is not None:
             self.registry.register(self.backend_stats)
-        self.requests = Counter("archon_requests_total", "Chat completion requests", ["model", "status"], registry=self.registry)
+        self.requests = Counter("archon_requests_total", "Generation requests (chat completions, completions, responses) answered, "
+                                "by model and HTTP status; those refused before they ran (a 400 on a field, an unknown model) "
+                                "with model=\"\"", ["model", "status"], registry=self.registry)
         self.latency = Histogram(
             "archon_request_latency_seconds", "End-to-end request latency", ["model"], registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
@@ -93,6 +109,11 @@ class Metrics:
             self._prompt_tokens.inc(prompt_tokens)
         if completion_tokens:
             self._completion_tokens.inc(completion_tokens)
+
+    def refused(self, status: int) -> None:
+        """A generation request answered with an error before it ran (validation, an unknown model): counted by
+        status, with no model (the request's may be any string) and no latency."""
+        self.requests.labels("", str(status)).inc()
 
     def backend_call(self, model: str, ok: bool, requests: int = 1) -> None:
         child = self._calls.get((model, ok))

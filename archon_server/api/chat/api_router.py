@@ -30,7 +30,7 @@ _STREAM = {200: {"content": {"text/event-stream": {"schema": {
 async def answer(service: Any, body: Any, request: Request) -> Response:
     """JSON, or with `stream: true` Server-Sent Events (chat, responses and completions answer alike)."""
     if body.stream:
-        return EventStreamResponse(await service.create_stream(body))
+        return EventStreamResponse(await service.create_stream(body, request))
     return json_response(await service.create(body, request))
 
 

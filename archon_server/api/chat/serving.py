@@ -27,7 +27,7 @@ from ...components.trace import Trace
 from ...graph.runtime import GraphError, GraphRuntime, RunResult, answer_writer, streams_final
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..edge import deadline_s, remaining_s
-from ..errors import APIError, failure_code, sse_error
+from ..errors import APIError, failure, failure_code, sse_error
 from ..ids import new_id
 from ..logprobs import chat_logprobs
 from ..metrics import Metrics
@@ -154,6 +154,14 @@ class ChatService:
         self.request_timeout_s = request_timeout_s
         self.max_messages = max_messages
         self.keepalive_s = 5.0  # an SSE comment this often while a stream has nothing to say (inner layers running)
+        # How long a stream's start waits for its first token, so that a refusal before it (a prompt past the context,
+        # which the engine and vLLM say as they take the request) is a plain HTTP error as the non-streamed answer's.
+        # A direct request (a backend alias): its first event is that refusal or its first token, which the role chunk
+        # then goes out with (vLLM, too, sends its role chunk with the first output); no content waits for the hold.
+        # An architecture: its first calls are refused as fast, but its inner layers run for seconds and the role
+        # chunk says at once that the server works (issue #14), so it waits less.
+        self.stream_hold_s = 2.0
+        self.arch_stream_hold_s = 0.5
         self.metrics = metrics
         self.traces = traces or TraceStore(0)
         self.default_model = default_model  # server.default_architecture: a request without `model` (as vLLM allows)
@@ -279,7 +287,7 @@ class ChatService:
     def _gerr(self, e: GraphError | StructuredOutputInvalid) -> APIError:
         if isinstance(e, StructuredOutputInvalid):
             return APIError(422, f"response_format: {e}", param="response_format", code="invalid_structured_output")
-        return APIError(e.status, str(e), code=failure_code(e.status))
+        return failure(e.status, str(e))
 
     def _observe(self, model: str, status: int, t0: float, res: RunResult | None) -> None:
         if res is None:
@@ -362,16 +370,16 @@ class ChatService:
                     # OpenAI's schema, which the SDKs retry, instead of uvicorn's plain-text 500 and a traceback each.
                     status = 503
                     log.warning("server shutting down: %s cancelled before it finished", name)
-                    raise shutdown_error() from None
+                    raise _observed(shutdown_error()) from None
                 status = 499
                 log.info("client disconnected; cancelled %s", name)
-                raise APIError(499, "client disconnected") from None
+                raise _observed(APIError(499, "client disconnected")) from None
             except (GraphError, StructuredOutputInvalid) as e:
                 err = self._gerr(e)
                 status, failure = err.status, e
                 # Operators need the cause; upstream error text is already stripped of keys (backends/http.py).
                 log.warning("%s failed (%d): %s", name, err.status, e)
-                raise err from None
+                raise _observed(err) from None
             status = 200
             return res
         finally:
@@ -383,23 +391,25 @@ class ChatService:
             if keep is not None:
                 keep(status, res, None if res is not None else slot.error(status, failure, _UNFINISHED.get(status, "failed")))
 
-    def open_stream(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None = None,
-                    trace_events: bool = False, *, batched: bool = False, keepalive_s: float | None = None) -> AsyncIterator[Any]:
-        """Admit now (a refusal is a plain HTTP error), then: the final stage's chunks as they come (with
-        ``trace_events``, the trace's events too, as dicts), and last the result, or the APIError it failed with.
-        With ``keepalive_s``, :data:`KEEPALIVE` after every ``keepalive_s`` without an item. ``batched``: lists of
-        every item ready at once instead of single items, so a consumer slower than the upstream writes them in one
-        go (one socket write instead of one per token). Closing the iterator early (client gone) cancels the run."""
+    async def open_stream(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None = None,
+                          trace_events: bool = False, *, batched: bool = False, keepalive_s: float | None = None,
+                          raw: Request | None = None, direct: bool = False) -> AsyncIterator[Any]:
+        """Admit now (a refusal is a plain HTTP error), start the run, and hold the answer's start until its first token
+        (or its end) for at most :meth:`hold_s` (``direct``: a request sent straight to a backend alias), or until the
+        client (``raw``) leaves: a run refused with a 4xx before any token (a prompt past the
+        context, known when the backend takes the request) is a plain HTTP error too (raised here, as the non-streamed
+        answer's), not a 200 and an error event. Then: the final stage's chunks as they come (with ``trace_events``, the trace's
+        events too, as dicts), and last the result, or the APIError it failed with. With ``keepalive_s``,
+        :data:`KEEPALIVE` after every ``keepalive_s`` without an item. ``batched``: lists of every item ready at once
+        instead of single items, so a consumer slower than the upstream writes them in one go (one socket write
+        instead of one per token). Closing the iterator early (client gone) cancels the run."""
         self._time_left()
         self._admit()
         # The request's task: cancelled itself only by the server's shutdown (a client that leaves cancels the body's
         # task, or ends it by a failed send), so the stream's status tells the two apart (503 / 499).
-        return self._events(name, run, keep, trace_events, batched, keepalive_s, asyncio.current_task())
-
-    async def _events(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None,
-                      trace_events: bool, batched: bool = False, keepalive_s: float | None = None,
-                      request_task: asyncio.Task[Any] | None = None) -> AsyncIterator[Any]:
+        request_task = asyncio.current_task()
         t0 = time.perf_counter()
+        hold_s = self.stream_hold_s if direct else self.arch_stream_hold_s
         # Backend tokens, and trace events (dicts) as they happen; None: the graph ended.
         queue: asyncio.Queue[Any] = asyncio.Queue()
         put = queue.put_nowait  # unbounded: never waits
@@ -414,6 +424,38 @@ class ChatService:
         finally:
             _SLOT.reset(token)
         task.add_done_callback(lambda _t: put(None))
+        try:
+            held = await _hold(queue, hold_s, raw)
+        except asyncio.CancelledError:  # the server's shutdown, while holding: answered as execute answers it
+            task.cancel()
+            self._release()
+            self._observe(name, 503, t0, None)
+            if request_task is not None:
+                request_task.uncancel()
+            raise _observed(shutdown_error()) from None
+        if held == "gone":  # the client left while the answer's start was held: as execute answers it
+            task.cancel()
+            log.info("client disconnected; cancelled %s", name)
+            self._release()
+            self._observe(name, 499, t0, None)
+            if keep is not None:
+                keep(499, None, slot.error(499, None, _UNFINISHED[499]))
+            raise _observed(APIError(499, "client disconnected"))
+        e = task.exception() if held == "ended" and not task.cancelled() else None
+        err = self._gerr(e) if isinstance(e, (GraphError, StructuredOutputInvalid)) else None
+        # A refusal of the request itself (4xx: the same request would meet it again) is the HTTP error the client's
+        # SDK raises as it does for the non-streamed request; a failure of the run (5xx) ends the stream as before.
+        if err is not None and 400 <= err.status < 499:
+            log.warning("%s stream failed before its first token (%d): %s", name, err.status, e)
+            self._release()
+            self._observe(name, err.status, t0, None)
+            if keep is not None:
+                keep(err.status, None, slot.error(err.status, e, "failed"))  # type: ignore[arg-type]
+            raise _observed(err)
+        return self._events(name, task, queue, slot, keep, batched, keepalive_s, request_task, t0)
+
+    async def _events(self, name: str, task: asyncio.Future[RunResult], queue: asyncio.Queue[Any], slot: _TraceSlot, keep: Keep | None,
+                      batched: bool, keepalive_s: float | None, request_task: asyncio.Task[Any] | None, t0: float) -> AsyncIterator[Any]:
         keepalive = _Keepalive(queue, keepalive_s) if keepalive_s else None
         status, res = 500, None
         failure: GraphError | StructuredOutputInvalid | None = None
@@ -497,16 +539,17 @@ class ChatService:
         return out
 
     # -- streaming ----------------------------------------------------------------
-    async def create_stream(self, req: ChatCompletionRequest) -> EventStream:
+    async def create_stream(self, req: ChatCompletionRequest, raw: Request | None = None) -> EventStream:
         """Validate and admit first (errors become normal HTTP errors), then return the SSE generator."""
         spec = self.resolve(req)
         final = self.refuse_overflow(spec, self.final_overrides(req))
         self.check_final(spec, final)
         messages = [m.to_dict() for m in req.messages]
         cid = new_id("chatcmpl-")
-        events = self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
+        events = await self.open_stream(spec.name, lambda sink, observer: self.run_graph(spec, messages, final, sink, observer),
                                   keep=lambda status, r, e: self._keep(cid, req.model, messages, True, status, r, e),
-                                  trace_events=req.stream_trace, batched=True, keepalive_s=self.keepalive_s)
+                                  trace_events=req.stream_trace, batched=True, keepalive_s=self.keepalive_s,
+                                  raw=raw, direct=is_passthrough(spec))
         return EventStream(sse_error).of(self._stream(req, final, cid, events, streams_final(spec)))
 
     async def _stream(self, req: ChatCompletionRequest, final: FinalOverrides, cid: str, events: AsyncIterator[list[Any]],
@@ -571,7 +614,44 @@ class ChatService:
                     yield "".join(out)
 
 
+def _observed(err: APIError) -> APIError:
+    """``err``, marked as counted in /metrics already (the request ran: ``_observe``), so the error handler does not
+    count it again as a refusal."""
+    err.observed = True
+    return err
+
+
 KEEPALIVE = object()  # open_stream's item for "nothing happened for keepalive_s"
+
+
+async def _hold(queue: asyncio.Queue[Any], hold_s: float, raw: Request | None) -> str:
+    """Wait until ``queue`` has a token (a StreamChunk) or the run's end (None), at most ``hold_s``, or until the client
+    left (``raw``'s disconnect); what came stays in the queue, in order. Says which: "ended" (the run ended),
+    "gone" (the client left), else "go"."""
+    if hold_s <= 0:
+        return "go"
+    held: list[Any] = []
+
+    async def first() -> None:
+        while not held or not (held[-1] is None or isinstance(held[-1], StreamChunk)):
+            held.append(await queue.get())
+
+    getter = asyncio.ensure_future(first())
+    gone = asyncio.ensure_future(_disconnected(raw)) if raw is not None else None
+    try:
+        done, _ = await asyncio.wait([getter] if gone is None else [getter, gone], timeout=hold_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Cancelled where it waits (Queue.get leaves the item in the queue), before it runs again.
+        getter.cancel()
+        if gone is not None:
+            gone.cancel()
+        while not queue.empty():  # put back in order: what was held first, then what came since
+            held.append(queue.get_nowait())
+        for item in held:
+            queue.put_nowait(item)
+    if gone is not None and gone in done and not gone.cancelled() and gone.exception() is None:
+        return "gone"
+    return "ended" if any(item is None for item in held) else "go"
 _UNFINISHED = {499: "client disconnected", 503: "server shutting down"}  # a kept trace's error, for runs that raised none
 
 

@@ -254,10 +254,10 @@ class CompletionsService:
             trace=self._trace(req, run, res),
         ).model_dump(exclude_none=True)
 
-    async def create_stream(self, req: CompletionRequest) -> EventStream:
+    async def create_stream(self, req: CompletionRequest, raw: Request | None = None) -> EventStream:
         name, run = self._plan(req)
         cid = new_id("cmpl-")
-        events = self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True))
+        events = await self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True), raw=raw, direct=self._is_backend(req))
         return EventStream(sse_error).of(self._stream(req, cid, run, events))
 
     def _keeper(self, req: CompletionRequest, cid: str, stream: bool) -> Any:

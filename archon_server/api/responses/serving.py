@@ -26,6 +26,7 @@ from fastapi import Request
 from ...backends.base import StreamChunk, accumulate_tool_calls
 from ...components import FinalOverrides
 from ...components.state import Candidate
+from ...graph.catalog import is_passthrough
 from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
 from ..errors import APIError
@@ -157,11 +158,12 @@ class ResponsesService:
         return body
 
     # -- streaming ----------------------------------------------------------------------
-    async def create_stream(self, req: ResponsesRequest) -> EventStream:
+    async def create_stream(self, req: ResponsesRequest, raw: Request | None = None) -> EventStream:
         spec, messages, final, conversation = self._prepare(req)
         rid = _id("resp")
-        events = self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
-                                       keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e))
+        events = await self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
+                                             keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e),
+                                             raw=raw, direct=is_passthrough(spec))
         stream = EventStream()  # the body sets the ending: response.failed, numbered after what it sent
         return stream.of(self._stream(req, rid, conversation, events, stream))
 
