@@ -107,8 +107,8 @@ def test_responses_truncated_answer_is_incomplete(upstream_factory, server_facto
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens" and up.requests[0].body["max_tokens"] == 2
     assert r.output[0].status == "incomplete" and r.output_text == "one two"
     with c.responses.stream(model="default", input="q", max_output_tokens=2) as stream:
-        final = stream.get_final_response()  # still a response.completed event, carrying status incomplete (as vLLM)
-    assert final.status == "incomplete" and final.output_text == "one two"
+        last = list(stream)[-1]  # OpenAI's response.incomplete (vLLM sends a response.completed carrying the status)
+    assert last.type == "response.incomplete" and last.response.status == "incomplete" and last.response.output_text == "one two"
 
 
 # -- tools ------------------------------------------------------------------------------

@@ -3,9 +3,9 @@ Response object or as the Responses API's typed event stream.
 
 Stream: response.created, response.in_progress, then per output item output_item.added, (message:)
 content_part.added, output_text.delta..., output_text.done, content_part.done / (function call:)
-function_call_arguments.delta..., function_call_arguments.done, then output_item.done; last response.completed
-(a truncated answer is `status: incomplete` inside it, as vLLM sends it, so the SDK's stream helper finishes) or
-response.failed. Every event carries a `sequence_number` counting from 0.
+function_call_arguments.delta..., function_call_arguments.done, then output_item.done; last response.completed,
+response.incomplete (a truncated answer, `status: incomplete`, as OpenAI sends it; vLLM sends it inside a
+response.completed) or response.failed. Every event carries a `sequence_number` counting from 0.
 
 `previous_response_id`: the last ``MAX_KEPT`` stored responses (``store``, default true) are kept in memory with
 their conversation (and GET /v1/responses/{id} returns them); an id that is not kept (unknown, evicted, or from
@@ -117,7 +117,7 @@ class ResponsesService:
                            param="response_id", code="response_not_found")
         return self.bodies[rid]
 
-    def _shell(self, req: ResponsesRequest, rid: str, created: float, status: str) -> dict[str, Any]:
+    def _shell(self, req: ResponsesRequest, rid: str, created: int, status: str) -> dict[str, Any]:
         """The Response object around the output: what the client asked for, echoed back."""
         fmt = (req.text.format if req.text and req.text.format else None) or {"type": "text"}
         return {
@@ -135,7 +135,7 @@ class ResponsesService:
         out = {**shell, "status": "incomplete" if truncated else "completed", "output": output, "usage": _usage(res)}
         if truncated:
             out["incomplete_details"] = {"reason": "max_output_tokens"}
-        out["completed_at"] = time.time()
+        out["completed_at"] = int(time.time())
         if req.return_trace:
             out["trace"] = res.trace.to_dict()
         return out
@@ -153,7 +153,7 @@ class ResponsesService:
         rid = _id("resp")
         res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw,
                                       keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, False, status, r, e))
-        body = self._finish(req, self._shell(req, rid, time.time(), "in_progress"), res, self._output(res.candidates[0], _id("msg"), []))
+        body = self._finish(req, self._shell(req, rid, int(time.time()), "in_progress"), res, self._output(res.candidates[0], _id("msg"), []))
         self._keep(req, rid, conversation, res.candidates[0], body)
         return body
 
@@ -169,7 +169,7 @@ class ResponsesService:
 
     async def _stream(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], events: AsyncIterator[Any],
                       stream: EventStream) -> AsyncIterator[str]:
-        created = time.time()
+        created = int(time.time())  # integer seconds, as OpenAI's
         shell = self._shell(req, rid, created, "in_progress")
         seq = 0
 
@@ -257,4 +257,5 @@ class ResponsesService:
                     output.append(it)
                 body = self._finish(req, shell, res, output)
                 self._keep(req, rid, conversation, cand, body)
-                yield ev("response.completed", response=body)
+                # OpenAI's terminal event for a cut answer is response.incomplete (its response: status incomplete)
+                yield ev("response.incomplete" if body["status"] == "incomplete" else "response.completed", response=body)
