@@ -446,3 +446,16 @@ def test_params_a_sweep_leaves_unset_keep_the_writing_final_stage_own(tmp_path):
     asyncio.run(sw.run_sweep(spec, tmp_path / "o", registry=make_registry(up), progress=False, cache=False))
     [p] = up.seen
     assert (p.max_tokens, p.temperature, p.top_p) == (40, 0.2, 0.5)
+
+
+async def test_a_resumed_sweep_says_so_on_stderr_through_the_shared_reporter(tmp_path, capsys):
+    """`bench run` and `search run` show progress one way (bench.progress.Reporter, on stderr): a resumed sweep says
+    how many results it keeps before its bar; --no-progress (progress=False) prints nothing."""
+    spec = sw.SweepSpec.model_validate({"name": "r", "architectures": ["scripted"], "benchmarks": [{"name": "math500", "n": 3}]})
+    await sw.run_sweep(spec, tmp_path / "o", registry=make_registry(ScriptedUpstream()), progress=False)
+    lines = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
+    (tmp_path / "o" / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert capsys.readouterr().err == ""
+    await sw.run_sweep(spec, tmp_path / "o", registry=make_registry(ScriptedUpstream()), progress=True)
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "r: resuming, 2 results already saved; 1 to run", err

@@ -4,6 +4,8 @@ a fresh PostgreSQL database all open the study."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -230,7 +232,10 @@ def test_ctrl_c_during_run_is_one_line_saying_how_to_resume(tmp_path: Path) -> N
     finally:
         if proc.poll() is None:
             proc.kill()
-    line = _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), code=130)
+    # Progress lines of the trials finished before (on stderr too), then the interrupt: one line.
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert all(ln.startswith("trial ") for ln in lines[:-1]), err
+    line = _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, lines[-1] if lines else ""), code=130)
     assert "shared" in line and "resume" in line and str(cfg) in line, line
     trials = _load(url).trials
     assert trials[interrupted].state == optuna.trial.TrialState.FAIL
@@ -263,3 +268,92 @@ def test_a_changed_study_n_trials_sets_the_target_on_resume(tmp_path: Path) -> N
     assert run(4, n_trials=6) == (6, 6)
     assert run(4) == (6, 6)  # the config did not change: --n-trials' target stays
     assert run(5) == (6, 5)  # it changed again: its value is the target (already reached)
+
+
+# -- 5. progress and stale trials --------------------------------------------------------------------------------------
+def _unscored(tmp_path: Path, **study) -> Path:
+    """The scripted config with a pool to rank (no model scores) and baselines to finalize."""
+    path = _config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    for m in data["models"]:
+        m.pop("score", None)
+    data["study"].update(study)
+    data["evaluation"]["baselines"] = True
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_shows_the_phases_and_each_finished_trial_on_stderr_unless_quiet(tmp_path: Path) -> None:
+    """Ranking the pool and finalizing were minutes without a word: each phase says it starts, each trial says what
+    it gave, the best so far and how many of the target are evaluated; stdout keeps the JSON summary alone."""
+    cfg = _unscored(tmp_path)
+    url = f"sqlite:///{tmp_path}/study.db"
+    out = _cli("run", str(cfg), "--storage", url, "--n-trials", "3", "--no-export", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["evaluated"] == 3  # stdout: the summary only
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("ranking the model pool: 3 of 3 models scored alone on the dev split"), lines
+    assert [ln.split(":")[0].strip() for ln in lines[1:4]] == ["model-a", "model-b", "model-c"], lines
+    trials = [ln for ln in lines if ln.startswith("trial ")]
+    assert trials and trials[-1].endswith("; 3 of 3 evaluated"), trials
+    for ln in trials:
+        assert re.match(r"trial \d+( in \d+ s)?: .*; (best -?\d\.\d{4} \(trial \d+\)|no complete trial yet); \d of 3 evaluated$", ln), ln
+    fin = lines.index(next(ln for ln in lines if ln.startswith("finalizing: ")))
+    assert fin > lines.index(trials[-1]) and "baseline(s) on dev and test" in lines[fin], lines
+    assert any(ln.strip().startswith("baseline moa: dev ") for ln in lines[fin:]), lines
+
+    url2 = f"sqlite:///{tmp_path}/quiet.db"
+    for flag in ("--no-progress", "--quiet"):
+        quiet = _cli("run", str(cfg), "--storage", url2, "--n-trials", "2", "--no-export", flag, cwd=tmp_path)
+        assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
+
+
+def _dead_worker_trial(url: str, cfg: Path) -> int:
+    """A trial a worker started (params drawn, heartbeat recorded) and then died on: its heartbeat is 60 s old."""
+    import sqlalchemy as sa
+
+    from archon_server.search.objective import ATTR_WORKER
+
+    study = open_study(load_search_config(cfg), storage=url)
+    trial = study.ask({"family": optuna.distributions.CategoricalDistribution(["moa", "self_moa"])})
+    trial.set_user_attr(ATTR_WORKER, "gone:1")
+    study._storage.record_heartbeat(trial._trial_id)
+    engine = sa.create_engine(url)
+    with engine.begin() as con:  # as if 60 s had passed since (the database's clock is what counts)
+        con.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-60 seconds')"))
+    engine.dispose()
+    return trial.number
+
+
+def test_status_shows_a_dead_workers_trial_as_stale_with_its_heartbeat_age(tmp_path: Path) -> None:
+    """It showed "running": 1 until a worker reaped it; a heartbeat past the grace period is a dead worker's."""
+    cfg = _unscored(tmp_path, heartbeat_interval=5, grace_period=30)
+    url = f"sqlite:///{tmp_path}/study.db"
+    study = open_study(load_search_config(cfg), storage=url)
+    live = study.ask()
+    study._storage.record_heartbeat(live._trial_id)
+    st = json.loads(_cli("status", "--storage", url, cwd=tmp_path).stdout)
+    assert st["running"] == 1 and st["stale"] == 0 and st["running_trials"][0]["trial"] == live.number, st
+    study.tell(live, state=optuna.trial.TrialState.FAIL)
+
+    dead = _dead_worker_trial(url, cfg)
+    for args in (["--storage", url], [str(cfg), "--storage", url]):  # the study's stored grace period, or the config's
+        st = json.loads(_cli("status", *args, cwd=tmp_path).stdout)
+        assert st["running"] == 0 and st["stale"] == 1, st
+        [row] = st["stale_trials"]
+        assert row["trial"] == dead and row["heartbeat_age_s"] >= 59 and row["worker"] == "gone:1", st
+        assert st["grace_period_s"] == 30, st
+
+
+def test_a_resumed_run_says_what_it_resumes_and_retries_the_dead_workers_trial(tmp_path: Path) -> None:
+    cfg = _unscored(tmp_path, heartbeat_interval=5, grace_period=30)
+    url = f"sqlite:///{tmp_path}/study.db"
+    dead = _dead_worker_trial(url, cfg)
+    out = _cli("run", str(cfg), "--storage", url, "--n-trials", "2", "--no-finalize", "--no-export", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert re.fullmatch(rf"resuming study 'shared': 0 of 2 evaluated; trial {dead} of a dead worker \(heartbeat \d+ s old\) "
+                        r"will be retried", lines[0]), lines
+    assert any(re.match(rf"trial \d+ \(retry of trial {dead}, whose worker died\)", ln) for ln in lines), lines
+    st = json.loads(_cli("status", "--storage", url, cwd=tmp_path).stdout)
+    assert st["evaluated"] == 2 and st["running"] == 0 and st["stale"] == 0, st

@@ -44,6 +44,7 @@ from .cache import CacheStore, CachingBackend, cache_scope
 from .definition import VERSION_KEY, params_unchanged, stamped, version_problem
 from .grading import AUTO_GRADED, grade, grade_mmlu_logprob, pass_at_k
 from .judges import NULL_OUTPUT, AlpacaJudge, ArenaHardJudge, MTBenchJudge
+from .progress import Reporter
 
 JUDGED = ("alpaca_eval", "mt_bench", "arena_hard")
 NULL_ARCH = "null-model"
@@ -676,11 +677,10 @@ class SweepRun:
         todo = [(a, s, it) for a, s in archs.items() for _, it in self.items()
                 if result_key(a, it.benchmark, it.id) not in log.done]
         sem = asyncio.Semaphore(self.spec.concurrency)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc=self.spec.name, unit="q", dynamic_ncols=True)
+        report = Reporter(self.progress)
+        if log.done and todo:
+            report.line(f"{self.spec.name}: resuming, {len(log.done)} results already saved; {len(todo)} to run")
+        bar = report.bar(len(todo), self.spec.name, "q")
 
         async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
             async with sem:

@@ -55,6 +55,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--out", help="architecture output folder (default: config export.dir)")
     r.add_argument("--report-dir", help="report folder (default: <export.report_dir>/<study>)")
     r.add_argument("-v", "--verbose", action="store_true")
+    r.add_argument("--no-progress", "-q", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress on stderr (by default: the phases, the resume, a line per finished trial with its "
+                   "value, the best so far and evaluated trials of the target)")
     r.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # a --workers child: its parent reports Ctrl-C
     r.set_defaults(func=_cli_errors(cmd_run))
 
@@ -175,12 +178,25 @@ def _export(study: optuna.Study, storage_url: str, cfg: Any, out: str | None, re
     return {"architecture": str(path), "report": str(rep.markdown)}
 
 
-def _summary(study: optuna.Study) -> dict[str, Any]:
+def _summary(study: optuna.Study, cfg: Any = None) -> dict[str, Any]:
+    """A study's progress as JSON. A RUNNING trial whose heartbeat is older than the grace period (the config's,
+    else the one the study was created with) counts as ``stale``, not ``running``: its worker is dead, and the next
+    worker to run retries it (``stale_trials``: each with its heartbeat's age)."""
     from archon_server.search.report import best_trial
-    from archon_server.search.runner import STUDY_TARGET, progress
+    from archon_server.search.runner import STUDY_CONFIG, STUDY_TARGET, grace_period_s, progress, running_trials
 
     p = progress(study)
     out: dict[str, Any] = {"study": study.study_name, "target": study.user_attrs.get(STUDY_TARGET), **p.__dict__}
+    grace = grace_period_s(cfg if cfg is not None else study.user_attrs.get(STUDY_CONFIG))
+    live, stale = running_trials(study, grace)
+    out["running"] -= len(stale)
+    out["stale"] = len(stale)
+    if live:
+        out["running_trials"] = live
+    if stale:
+        out["stale_trials"] = stale
+    if live or stale:
+        out["grace_period_s"] = grace
     try:
         t = best_trial(study)
         out["best"] = {"trial": t.number, "values": t.values, "params": t.params}
@@ -198,8 +214,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | None) -> int:
+    from archon_server.bench.progress import Reporter
     from archon_server.search.runner import check_evaluation, finalize_study, open_study, progress, run_search
 
+    report = Reporter(enabled=not args.no_progress)
     if args.workers > 1:
         # Worker processes share nothing but the storage URL, exactly like workers on other machines.
         cmd = [sys.executable, "-m", "archon_server.search", "run", args.config, "--storage", storage,
@@ -208,6 +226,8 @@ def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | Non
             cmd += ["--n-trials", str(args.n_trials)]
         if args.verbose:
             cmd.append("-v")
+        if args.no_progress:
+            cmd.append("--no-progress")
         cmd.append("--spawned")
         # A config the workers would refuse is refused here, before the study exists; then the study (and its
         # target) is created once, before the workers race to do it.
@@ -225,13 +245,14 @@ def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | Non
             return 1
         study = open_study(cfg, storage=storage, study_name=study_name)
         if not args.no_finalize:
-            asyncio.run(finalize_study(cfg, study))
+            asyncio.run(finalize_study(cfg, study, report=report))
     else:
         res = asyncio.run(run_search(cfg, storage=storage, study_name=study_name, n_trials=args.n_trials,
-                                     seed_offset=args.worker_index, do_finalize=not args.no_finalize))
+                                     seed_offset=args.worker_index, do_finalize=not args.no_finalize, report=report))
         study = res.study
-        log.info("worker stats: %s", res.stats)
-    summary = _summary(study)
+        if args.verbose:
+            log.info("worker stats: %s", res.stats)
+    summary = _summary(study, cfg)
     if not args.no_export and progress(study).evaluated:
         summary.update(_export(study, storage, cfg, args.out, args.report_dir, None))
     print(json.dumps(summary, default=str))
@@ -248,8 +269,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             return 2
         from archon_server.search.runner import check_same_search, finalize_study
 
+        from archon_server.bench.progress import Reporter
+
         check_same_search(cfg, study, storage)  # the test split is scored as the study's own config says
-        asyncio.run(finalize_study(cfg, study))
+        asyncio.run(finalize_study(cfg, study, report=Reporter()))
     try:
         out = _export(study, storage, cfg, args.out, args.report_dir, args.name)
     except LookupError as e:
@@ -261,8 +284,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     _setup_logging(False)
-    _, storage, study_name = _resolve(args)
-    print(json.dumps(_summary(_load_study(storage, study_name)), default=str))
+    cfg, storage, study_name = _resolve(args)
+    print(json.dumps(_summary(_load_study(storage, study_name), cfg), default=str))
     return 0
 
 

@@ -31,12 +31,18 @@ from optuna.trial import TrialState
 from pydantic import ValidationError
 
 from archon_server.bench.definition import VERSION_KEY, stamped, version_problem
+from archon_server.bench.progress import QUIET, Reporter
 from archon_server.db import redacted, retry_race, worker_id
 from archon_server.search import claims
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
 from archon_server.search.objective import (
+    ATTR_COST,
+    ATTR_DEV_SCORE,
+    ATTR_DUPLICATE,
     ATTR_ERROR,
+    ATTR_PRUNED,
+    ATTR_REJECTED,
     ATTR_SKIPPED,
     ATTR_SPEC,
     ATTR_WORKER,
@@ -49,9 +55,11 @@ from archon_server.search.objective import (
 from archon_server.search.samplers import make_pruner, make_sampler
 from archon_server.search.storage import (
     Heartbeat,
+    heartbeat_ages,
     heartbeat_enabled,
     make_storage,
     reap_stale_trials,
+    retried_from,
     retry_callback,
     storage_retry,
 )
@@ -226,6 +234,52 @@ def progress(study: optuna.Study) -> Progress:
     return p
 
 
+def grace_period_s(config: SearchConfig | dict[str, Any] | None) -> float | None:
+    """Seconds without a heartbeat after which a RUNNING trial's worker is deemed dead (the storage's rule); from a
+    config, or a study's stored one; None: heartbeats are off."""
+    study = (config.study.model_dump() if isinstance(config, SearchConfig) else (config or {}).get("study")) or {}
+    interval = study.get("heartbeat_interval", 10)
+    if not interval:
+        return None
+    return float(study.get("grace_period") or 2 * interval)
+
+
+def stale_trials(study: optuna.Study, grace_s: float | None) -> list[dict[str, Any]]:
+    """RUNNING trials whose heartbeat is older than ``grace_s``: their worker is dead (or cut off), and the next
+    worker to run fails them and re-runs their parameters. Each: trial number, heartbeat age (s), worker."""
+    return running_trials(study, grace_s)[1]
+
+
+def running_trials(study: optuna.Study, grace_s: float | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """RUNNING trials as (live, stale): each with its heartbeat's age in seconds (None: none yet) and its worker.
+    Stale: older than ``grace_s`` (see :func:`stale_trials`); with heartbeats off (None) every one is live."""
+    ages = heartbeat_ages(study)
+    trials = study.get_trials(deepcopy=False)
+    live: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
+    for n, age in sorted(ages.items()):
+        row = {"trial": n, "heartbeat_age_s": None if age is None else round(age, 1), "worker": trials[n].user_attrs.get(ATTR_WORKER)}
+        (stale if grace_s is not None and age is not None and age > grace_s else live).append(row)
+    return live, stale
+
+
+def resume_line(study: optuna.Study, target: int, grace_s: float | None) -> str:
+    """What a run resumes: evaluated trials of the target, and what becomes of the trials of workers that died."""
+    parts = [f"resuming study {study.study_name!r}: {progress(study).evaluated} of {target} evaluated"]
+    live, stale = running_trials(study, grace_s)
+    for r in stale:
+        parts.append(f"trial {r['trial']} of a dead worker (heartbeat {r['heartbeat_age_s']:.0f} s old) will be retried")
+    for r in live:
+        seen = "no heartbeat yet" if r["heartbeat_age_s"] is None else f"heartbeat {r['heartbeat_age_s']:.0f} s old"
+        parts.append(f"trial {r['trial']} is running ({seen})" + (
+            f"; if its worker is dead it is retried after {grace_s:.0f} s without a heartbeat" if grace_s else ""))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        origin = retried_from(t)
+        parts.append(f"trial {origin} of a dead worker will be retried (as trial {t.number})" if origin is not None
+                     else f"trial {t.number} (enqueued) will run")
+    return "; ".join(parts)
+
+
 def _live_before(study: optuna.Study, number: int) -> int:
     """Trials numbered below ``number`` that have counted or may still count towards the target."""
     n = 0
@@ -255,7 +309,7 @@ def single_model_spec(model: str, name: str | None = None) -> ArchitectureSpec:
     return parse_architecture({"name": name or f"single-{model}".replace(" ", "-"), "layers": [[{"type": "generator", "model": model}]]})
 
 
-async def rank_models(config: SearchConfig, study: optuna.Study, evaluator: Evaluator) -> list[str]:
+async def rank_models(config: SearchConfig, study: optuna.Study, evaluator: Evaluator, report: Reporter = QUIET) -> list[str]:
     """Pool ordered by single-model dev score (config scores, else measured once and stored in the study)."""
     scores: dict[str, float] = {}
     if all(m.score is not None for m in config.models):
@@ -264,8 +318,15 @@ async def rank_models(config: SearchConfig, study: optuna.Study, evaluator: Eval
         scores = dict(study.user_attrs[STUDY_RANKING])
     else:
         limit = config.evaluation.dev_limit
+        todo = [m for m in config.models if m.score is None]
+        report.line(f"ranking the model pool: {len(todo)} of {len(config.models)} models scored alone on the dev split"
+                    f"{f' (at most {limit} questions)' if limit else ''}")
         for m in config.models:
-            scores[m.name] = m.score if m.score is not None else (await evaluator.evaluate(single_model_spec(m.name), "dev", limit=limit)).score
+            if m.score is not None:
+                scores[m.name] = m.score
+                continue
+            scores[m.name] = (await evaluator.evaluate(single_model_spec(m.name), "dev", limit=limit)).score
+            report.line(f"  {m.name}: dev score {scores[m.name]:.4f} ({todo.index(m) + 1} of {len(todo)})")
         study.set_user_attr(STUDY_RANKING, scores)
     # Stable sort: ties keep the config's order, so every worker derives the same ranking.
     return sorted((m.name for m in config.models), key=lambda n: -scores[n])
@@ -314,8 +375,10 @@ async def run_worker(
     *,
     max_attempts: int | None = None,
     poll_s: float | None = None,
+    report: Reporter = QUIET,
 ) -> WorkerStats:
-    """Run trials of ``study`` until it holds ``n_trials`` evaluated trials (over all workers)."""
+    """Run trials of ``study`` until it holds ``n_trials`` evaluated trials (over all workers); ``report`` gets a line
+    per finished trial (its value, the best so far, evaluated of the target)."""
     stats = WorkerStats()
     storage = study._storage  # noqa: SLF001 - Optuna exposes no public accessor; needed for heartbeats
     hb = heartbeat_enabled(storage)
@@ -371,6 +434,7 @@ async def run_worker(
                 trial.set_user_attr(ATTR_ERROR, f"{type(e).__name__}: {e}")
                 study.tell(trial, state=TrialState.FAIL)
                 stats.failed += 1
+                report.line(trial_line(study, trial.number, n_trials))
                 continue
             attrs = trial.user_attrs
             free_streak = free_streak + 1 if ("rejected" in attrs or "duplicate_of" in attrs) else 0
@@ -383,7 +447,48 @@ async def run_worker(
                     stats.rejected += 1
                 else:
                     stats.pruned += 1
+            report.line(trial_line(study, trial.number, n_trials))
     return stats
+
+
+def _value(t: optuna.trial.FrozenTrial) -> str:
+    if t.values is None:
+        return "–"
+    if len(t.values) > 1:
+        return f"score {t.values[0]:.4f}, cost {t.values[1]:.4g}"
+    dev, cost = t.user_attrs.get(ATTR_DEV_SCORE), t.user_attrs.get(ATTR_COST)
+    return f"{t.values[0]:.4f}" + (f" (dev {dev:.4f}, cost {cost:.4g}/query)" if dev is not None and cost is not None else "")
+
+
+def _short(t: optuna.trial.FrozenTrial) -> str:
+    return _value(t).split(" (")[0]
+
+
+def trial_line(study: optuna.Study, number: int, target: int) -> str:
+    """The progress line of a finished trial: what became of it, the best so far, evaluated trials of the target."""
+    t = study.get_trials(deepcopy=False)[number]
+    a = t.user_attrs
+    if ATTR_REJECTED in a:
+        what = f"rejected ({str(a[ATTR_REJECTED])[:120]}; free)"
+    elif ATTR_DUPLICATE in a:
+        what = f"duplicate of trial {a[ATTR_DUPLICATE]}: {_short(t) if t.state == TrialState.COMPLETE else 'pruned'}, free"
+    elif t.state == TrialState.FAIL:
+        what = f"failed: {str(a.get(ATTR_ERROR, '?'))[:160]}"
+    elif t.state == TrialState.PRUNED:
+        what = str(a.get(ATTR_PRUNED, "pruned"))
+    else:
+        what = _value(t)
+    from archon_server.search.report import best_trial
+
+    try:
+        b = best_trial(study)
+        best = f"best {_short(b)} (trial {b.number})"
+    except LookupError:
+        best = "no complete trial yet"
+    took = f" in {t.duration.total_seconds():.0f} s" if t.duration is not None else ""
+    origin = retried_from(t)
+    again = f" (retry of trial {origin}, whose worker died)" if origin is not None else ""
+    return f"trial {t.number}{again}{took}: {what}; {best}; {progress(study).evaluated} of {target} evaluated"
 
 
 # -- results ----------------------------------------------------------------------------------------
@@ -429,19 +534,25 @@ def baseline_specs(ranked_models: list[str]) -> dict[str, ArchitectureSpec]:
     }
 
 
-async def finalize(config: SearchConfig, study: optuna.Study, evaluator: Evaluator, ranked_models: list[str]) -> dict[str, Any]:
+async def finalize(config: SearchConfig, study: optuna.Study, evaluator: Evaluator, ranked_models: list[str],
+                   report: Reporter = QUIET) -> dict[str, Any]:
     """Score the best few trials and the baselines on the held-out test split; results go into study user attrs."""
     ev = config.evaluation
     objective = ArchitectureObjective(config, evaluator, ranked_models, study.study_name)
     tests: dict[str, Any] = dict(study.user_attrs.get(STUDY_TEST, {}))
-    for t in ranked_trials(study)[: ev.test_top]:
-        if str(t.number) in tests:
-            continue  # a resumed finalize does not pay twice
+    best = [t for t in ranked_trials(study)[: ev.test_top] if str(t.number) not in tests]  # resumed: not paid twice
+    baselines: dict[str, Any] = dict(study.user_attrs.get(STUDY_BASELINES, {}))
+    todo_baselines = [n for n in baseline_specs(ranked_models) if n not in baselines] if ev.baselines else []
+    if best or todo_baselines:
+        report.line(f"finalizing: {len(best)} best trial(s) on the test split"
+                    f"{f', {len(todo_baselines)} baseline(s) on dev and test' if todo_baselines else ''}"
+                    f"{f' (at most {ev.test_limit} test questions)' if ev.test_limit else ''}")
+    for t in best:
         res = await evaluator.evaluate(trial_spec(t), "test", limit=ev.test_limit)
         tests[str(t.number)] = {"score": res.score, "cost": objective.cost(res), "calls_per_query": res.calls_per_query,
                                 "tokens_per_query": res.tokens_per_query, "n": res.n}
+        report.line(f"  trial {t.number}: test score {res.score:.4f} ({res.n} questions)")
     study.set_user_attr(STUDY_TEST, tests)
-    baselines: dict[str, Any] = dict(study.user_attrs.get(STUDY_BASELINES, {}))
     if ev.baselines:
         for name, spec in baseline_specs(ranked_models).items():
             if name in baselines:
@@ -451,16 +562,18 @@ async def finalize(config: SearchConfig, study: optuna.Study, evaluator: Evaluat
                 res = await evaluator.evaluate(spec, split, limit=limit)
                 row[split] = {"score": res.score, "cost": objective.cost(res), "n": res.n}
             baselines[name] = row
+            report.line(f"  baseline {name}: dev {row['dev']['score']:.4f}, test {row['test']['score']:.4f}")
         study.set_user_attr(STUDY_BASELINES, baselines)
     return {"test": tests, "baselines": baselines}
 
 
-async def finalize_study(config: SearchConfig, study: optuna.Study, evaluator: Evaluator | None = None) -> dict[str, Any]:
+async def finalize_study(config: SearchConfig, study: optuna.Study, evaluator: Evaluator | None = None,
+                         report: Reporter = QUIET) -> dict[str, Any]:
     """Finalize an existing study (after multi-process workers, or from ``search export --finalize``)."""
     own = evaluator is None
     evaluator = evaluator or make_evaluator(config)
     try:
-        return await finalize(config, study, evaluator, await rank_models(config, study, evaluator))
+        return await finalize(config, study, evaluator, await rank_models(config, study, evaluator, report), report)
     finally:
         if own and hasattr(evaluator, "aclose"):
             await evaluator.aclose()
@@ -511,28 +624,34 @@ async def run_search(
     do_finalize: bool = True,
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    report: Reporter = QUIET,
 ) -> SearchResult:
-    """One worker's whole run: open/resume, rank the pool, run trials to the target, optionally finalize."""
+    """One worker's whole run: open/resume, rank the pool, run trials to the target, optionally finalize. ``report``
+    (the CLI's, on stderr) gets the phases, the resume and a line per finished trial."""
     t0 = time.perf_counter()
     own_evaluator = evaluator is None
     evaluator = evaluator or make_evaluator(config)
     try:
         return await _run_search(config, evaluator, t0, storage=storage, study_name=study_name, n_trials=n_trials,
-                                 seed_offset=seed_offset, do_finalize=do_finalize, sampler=sampler, pruner=pruner)
+                                 seed_offset=seed_offset, do_finalize=do_finalize, sampler=sampler, pruner=pruner,
+                                 report=report)
     finally:
         if own_evaluator and hasattr(evaluator, "aclose"):
             await evaluator.aclose()
 
 
 async def _run_search(config: SearchConfig, evaluator: Evaluator, t0: float, *, storage: Any, study_name: str | None,
-                      n_trials: int | None, seed_offset: int, do_finalize: bool, sampler: Any, pruner: Any) -> SearchResult:
+                      n_trials: int | None, seed_offset: int, do_finalize: bool, sampler: Any, pruner: Any,
+                      report: Reporter = QUIET) -> SearchResult:
     study = open_study(config, storage=storage, study_name=study_name, seed_offset=seed_offset, sampler=sampler, pruner=pruner)
     target = study_target(study, config, n_trials)
-    ranked = await rank_models(config, study, evaluator)
+    if report.enabled and study.get_trials(deepcopy=False):
+        report.line(resume_line(study, target, grace_period_s(config)))
+    ranked = await rank_models(config, study, evaluator, report)
     objective = ArchitectureObjective(config, evaluator, ranked, study.study_name)
-    stats = await run_worker(study, objective, target)
+    stats = await run_worker(study, objective, target, report=report)
     final = None
     # A converged search (the sampler only repeats known graphs) is as finished as one that hit its target.
     if do_finalize and (progress(study).evaluated >= target or stats.converged):
-        final = await finalize(config, study, evaluator, ranked)
+        final = await finalize(config, study, evaluator, ranked, report)
     return SearchResult(study=study, stats=stats, elapsed_s=time.perf_counter() - t0, final=final)

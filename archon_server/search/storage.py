@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import threading
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -211,8 +212,32 @@ def storage_retry(storage: optuna.storages.BaseStorage) -> ClaimedRetry | None:
 
 
 # Optuna's schema (its tables, not its private ORM classes): RUNNING trials and their heartbeat rows.
-_TRIALS = sa.table("trials", sa.column("trial_id"), sa.column("study_id"), sa.column("state"))
-_BEATS = sa.table("trial_heartbeats", sa.column("trial_id"))
+_TRIALS = sa.table("trials", sa.column("trial_id"), sa.column("number"), sa.column("study_id"), sa.column("state"))
+_BEATS = sa.table("trial_heartbeats", sa.column("trial_id"), sa.column("heartbeat", sa.DateTime))
+
+
+def heartbeat_ages(study: optuna.Study) -> dict[int, float | None]:
+    """Each RUNNING trial's seconds since its last heartbeat (None: none recorded yet), by the database's clock, as
+    Optuna's stale-trial check reads it (``now() - heartbeat``; a reader needs no heartbeat settings of its own).
+    Empty for a storage without a database (in-memory)."""
+    engine = claims.storage_engine(study._storage)  # noqa: SLF001 - Optuna exposes no public accessor
+    if engine is None:
+        return {}
+    with engine.connect() as con:
+        now = con.execute(sa.select(sa.func.now())).scalar()
+        rows = con.execute(sa.select(_TRIALS.c.number, _BEATS.c.heartbeat)
+                           .select_from(_TRIALS.outerjoin(_BEATS, _BEATS.c.trial_id == _TRIALS.c.trial_id))
+                           .where(_TRIALS.c.study_id == study._study_id,  # noqa: SLF001
+                                  sa.cast(_TRIALS.c.state, sa.String) == TrialState.RUNNING.name)).all()
+    if isinstance(now, str):  # SQLite without a type to parse it by
+        now = datetime.fromisoformat(now)
+    out: dict[int, float | None] = {}
+    for number, beat in rows:
+        if isinstance(beat, str):
+            beat = datetime.fromisoformat(beat)
+        out[int(number)] = None if beat is None or now is None else \
+            (now.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds()
+    return out
 
 
 def reap_stale_trials(study: optuna.Study, *, final: Callable[[optuna.trial.FrozenTrial], bool]) -> None:
