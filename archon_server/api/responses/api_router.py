@@ -15,7 +15,7 @@ router = APIRouter(route_class=JSONBodyRoute)
 _STREAM = {200: {"content": {
     "application/json": {"schema": {"type": "object", "description": "a Response object (`object: response`)"}},
     "text/event-stream": {"schema": {
-        "type": "object", "description": "typed events (`event: response.output_text.delta`, `data:` JSON with `sequence_number`), last `response.completed` or `response.failed`",
+        "type": "object", "description": "typed events (`event: response.output_text.delta`, `data:` JSON with `sequence_number`), last `response.completed`, `response.incomplete` (cut by max_output_tokens) or `response.failed`",
         "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}}
 
 
