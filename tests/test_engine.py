@@ -516,7 +516,9 @@ async def test_a_long_prompt_on_busy_cores_is_prefilled_on_the_thread_count_its_
     """Prefill chunks tune their own thread count. The tuner used to watch decode steps only, so a long prompt that
     came first on busy cores ran every chunk on the untested default of 2 threads, whose barriers spin while a
     thread waits to be scheduled: a 4,900-token prefill took 228 s wall (147 CPU-s) against 64 s (30 CPU-s) at 1
-    thread. Busy cores are simulated: a forward on more than one thread takes 4x its time."""
+    thread. Busy cores are simulated on a clock of the test's own, so the outcome does not depend on this machine's
+    load: a chunk costs 1 ms per unit of work (20 + its tokens, dearer deep in the prompt) on 1 thread, 4x that on 2."""
+    from archon_server.engine import scheduler
     from archon_server.engine.threads import ThreadTuner
 
     engine = backend.engine
@@ -525,22 +527,33 @@ async def test_a_long_prompt_on_busy_cores_is_prefilled_on_the_thread_count_its_
     fresh = ThreadTuner(engine.tuner.options, period=8, probe=2, max_period=256, setting=engine.threads)
     monkeypatch.setattr(engine, "prefill_tuner", fresh)  # this module's engine tuned before: start from the default
     decode_threads = engine.tuner.current
-    used: list[int] = []
+    clock = [0.0]
+    chunks: list[tuple[int, int]] = []  # (threads, tokens) of each forward
     real = engine.runner.forward
 
-    def contended(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = real(*args, **kwargs)
-        used.append(torch.get_num_threads())
-        if used[-1] > 1:
-            time.sleep(3 * (time.perf_counter() - t0))
+    def contended(ids, cache, slot, starts, *args, **kwargs):
+        out = real(ids, cache, slot, starts, *args, **kwargs)
+        threads, n = torch.get_num_threads(), ids.shape[1]
+        chunks.append((threads, n))
+        clock[0] += 0.001 * (20 + n * (1 + (starts[0] + n / 2) / 1200)) * (4 if threads > 1 else 1)
         return out
 
+    class Clock:  # the scheduler's time module, its perf_counter on the test's clock
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
     monkeypatch.setattr(engine.runner, "forward", contended)
+    monkeypatch.setattr(scheduler, "time", Clock())
     text = f"Summarize ({time.time()}): " + "The dog ran across the park after a red ball. " * 280  # not in the prefix cache
     res = await backend.chat(req([{"role": "user", "content": text}], temperature=0.0, max_tokens=1))
     assert res.usage.prompt_tokens > 2500
-    assert fresh.current == 1 and used[-1] == 1  # moved to 1 thread within the prompt and stayed
-    assert used.count(2) <= 3, used  # the default's first chunks and at most one more probe
+    threads = [t for t, _ in chunks]
+    assert threads[:4] == [2, 2, 1, 1] and threads[-1] == 1, chunks  # the default's two chunks, a probe, then 1 thread
+    later = [n for t, n in chunks[4:] if t == 2]  # the tuner's later checks of 2 threads: one chunk each, cut short
+    assert len(later) <= 1 and all(n <= 64 for n in later) and all(n <= 64 for _, n in chunks[2:4]), chunks
+    assert fresh.current == 1 and engine.stats.prefill_threads == 1
     assert engine.tuner.current == decode_threads  # decode steps keep their own judgement
-    assert engine.stats.prefill_threads == 1

@@ -601,7 +601,8 @@ class Engine:
         assert pf is not None
         req = pf.req
         chunk = self._chunk_tokens(pf.token_s or self._token_s)  # whole blocks: every chunk starts on the attention grid
-        if self.prefill_tuner.probing:  # a probe of 2 threads on busy cores took 6.2 s for 96 tokens (1 thread: 0.4 s)
+        probe = self.prefill_tuner.probing
+        if probe:  # a probe of 2 threads on busy cores took 6.2 s for 96 tokens (1 thread: 0.4 s)
             chunk = min(chunk, 2 * self.prefix.block)
         ids = req.prompt[pf.done : pf.done + chunk]
         # A prompt's K/V must not depend on how it was chunked (the chunk size changes with load and with the
@@ -617,7 +618,8 @@ class Engine:
         # cost more deep in a prompt (attention over every earlier key: ~6x at position 6,000 on SmolLM2).
         self.prefill_tuner.after_step(spent, 20 + len(ids) * (1.0 + (pf.done + len(ids) / 2) / 1200))
         self.stats.prefill_threads = self.prefill_tuner.current
-        pf.token_s = self._token_s = spent / len(ids)
+        if not probe:  # a probe's cost is not the setting's: it must not size the next chunks
+            pf.token_s = self._token_s = spent / len(ids)
         self._job_went_last = False
         if self._rows:
             self.stats.prefill_chunks_interleaved += 1
