@@ -356,3 +356,31 @@ async def test_a_final_self_moa_seq_writes_the_clients_n_in_its_last_window(upst
         assert [r.body.get("n", 1) for r in up.requests if "best synthesis so far" in json.dumps(r.body)] == [1, 1, 2]
     finally:
         await reg.close()
+
+
+async def test_a_final_self_moa_seq_writes_the_clients_n_when_a_failed_chunk_arrives_last(upstream_factory):
+    """A proposer chunk that failed after the others: the window of the last good samples ran with n=1 (being the last
+    was known only when the queue ended) and the answer had one choice for n=2. Now that window is aggregated again
+    with the client's n."""
+    seen = {"n3": 0}
+
+    def script(b):  # type: ignore[no-untyped-def]
+        if "best synthesis so far" in json.dumps(b):
+            return {"text": [f"synth {i}" for i in range(b.get("n") or 1)]}
+        if b["n"] == 3:
+            seen["n3"] += 1
+            if seen["n3"] == 1:  # the first n=3 chunk is refused, after the others came
+                return {"fault": "400", "latency": 0.4}
+        return {"text": [f"candidate {i}" for i in range(b["n"])], "latency": 0.02 * b["n"]}
+
+    up = upstream_factory(script)
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    try:
+        spec = parse_architecture({"name": "t", "layers": [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 10, "window": 4}]]})
+        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], SamplingParams(n=2))
+        assert res.choices == ["synth 0", "synth 1"]
+        ns = [r.body.get("n", 1) for r in up.requests if "best synthesis so far" in json.dumps(r.body)]
+        assert ns[-1] == 2 and ns.count(2) == 1  # the last window's aggregation (whenever the failure came) is n=2
+    finally:
+        await reg.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 
 from . import prompts
+from ..backends.base import SamplingParams
 from .base import Component, ComponentContext, ComponentFailed
 from .fit import fit_texts
 from .fuser import fusion_messages
@@ -88,6 +89,8 @@ class SelfMoASeq(Component):
         expected = spec.samples if spec.proposer else len(state.candidates)
         consumed = 0
         done = False
+        last_window: tuple[list[dict], str | None, list[Candidate], list[Candidate]] | None = None  # the last aggregation's prompt, fit note, shown, window
+        last_k = 0  # and the n it asked for
         while not done or pending:
             if not done:
                 item = await arrivals.get()
@@ -99,7 +102,11 @@ class SelfMoASeq(Component):
             if len(pending) >= need or (done and pending):
                 window, pending = pending[:need], pending[need:]
                 consumed += len(window)
-                last = consumed >= expected or (done and not pending)  # a failed chunk: known to be last only at the end
+                # The last window: every sample asked for is in it or before it, or the queue has ended and it takes
+                # what was left. A failed (or short) chunk leaves consumed below expected for good, so a window run
+                # before the queue's end cannot know it is the last: it asks for n=1, and if it was the last, the
+                # client's n is asked for again below.
+                last = consumed >= expected or (done and not pending)
                 shown = ([best] * spec.repeat_best if best else []) + window
                 if len(shown) == 1:
                     best = shown[0]
@@ -111,23 +118,41 @@ class SelfMoASeq(Component):
                     agg_params.max_tokens,
                 )
                 k = final_n if last else 1
-                try:
-                    res = await ctx.call(spec.model, msgs, agg_params, n=k, purpose=f"window {rounds + 1}" + (f", {note}" if note else ""))
-                    synths = [Candidate(c.text, source=spec.model, finish_reason=c.finish_reason, meta=candidate_meta(c)) for c in res.choices]
-                    synths = [c for c in synths if not c.empty] + [c for c in synths if c.empty]
-                    synth, others = synths[0], synths[1:]
-                except Exception:  # noqa: BLE001 - keep the previous synthesis, recorded in the trace
-                    synth, others = None, []
-                if synth is not None and synth.empty and any(not c.empty for c in shown):
-                    # An empty synthesis is no answer: the best so far stays (the carried synthesis, else a sample).
-                    ctx.layer.notes.append(f"{self.id}: window {rounds + 1}: empty synthesis; kept the best so far")
-                    synth = None
-                if synth is not None:
-                    best = synth
-                elif best is None or best.empty:
-                    best = next((c for c in shown if not c.empty), window[0])
+                purpose = f"window {rounds + 1}" + (f", {note}" if note else "")
+                best, others = await self._window(ctx, msgs, agg_params, k, purpose, shown, window, best, rounds + 1)
+                last_window, last_k = (msgs, note, shown, window), k
                 rounds += 1
+        if last_window is not None and last_k < final_n:
+            # Fewer samples came than asked (a failed or short chunk answered after the last window ran): that window
+            # asked for n=1, so on a final stage whose client asked for more it is aggregated again with the client's n.
+            msgs, note, shown, window = last_window
+            purpose = f"window {rounds} again with n={final_n}: fewer samples came than asked, so it was the last" + (f", {note}" if note else "")
+            best, others = await self._window(ctx, msgs, agg_params, final_n, purpose, shown, window, best, rounds)
         if best is None:
             raise ComponentFailed(f"{self.id}: no samples to aggregate")
         ctx.layer.notes.append(f"{self.id}: {rounds} aggregation round(s)")
         return Update(candidates=[best, *(c for c in others if not c.empty)][: max(final_n, 1)])
+
+    async def _window(
+        self, ctx: ComponentContext, msgs: list[dict], params: SamplingParams, k: int, purpose: str,
+        shown: list[Candidate], window: list[Candidate], best: Candidate | None, round_no: int,
+    ) -> tuple[Candidate, list[Candidate]]:
+        """One aggregation of ``shown`` (``k`` syntheses): the new best and the further syntheses. A failed call or an
+        empty synthesis keeps the best so far (else the first of ``shown`` with an answer, else the window's first)."""
+        spec = self.spec
+        try:
+            res = await ctx.call(spec.model, msgs, params, n=k, purpose=purpose)
+            synths = [Candidate(c.text, source=spec.model, finish_reason=c.finish_reason, meta=candidate_meta(c)) for c in res.choices]
+            synths = [c for c in synths if not c.empty] + [c for c in synths if c.empty]
+            synth, others = synths[0], synths[1:]
+        except Exception:  # noqa: BLE001 - keep the previous synthesis, recorded in the trace
+            synth, others = None, []
+        if synth is not None and synth.empty and any(not c.empty for c in shown):
+            # An empty synthesis is no answer: the best so far stays (the carried synthesis, else a sample).
+            ctx.layer.notes.append(f"{self.id}: window {round_no}: empty synthesis; kept the best so far")
+            synth = None
+        if synth is not None:
+            return synth, others
+        if best is None or best.empty:
+            best = next((c for c in shown if not c.empty), window[0])
+        return best, others
