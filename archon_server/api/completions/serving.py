@@ -54,6 +54,43 @@ def _merged_trace(traces: list[Trace], name: str) -> Trace:
     return trace
 
 
+class _PromptsTrace(Trace):
+    """The request's one trace while its prompts run, each keeping its own in a slot of its own: merged from theirs
+    (:func:`_merged_trace`) whenever it is read, so whatever keeps it has every prompt's calls as they are then. A
+    stream the client left keeps its trace at once, as it cancels the run, before the prompts' runs have ended (and
+    recorded their cut calls as cancelled); /v1/traces reads it later."""
+
+    def __init__(self, slots: list[_TraceSlot], name: str):
+        super().__init__(name)
+        self._slots = slots
+
+    def merged(self) -> Trace:
+        return _merged_trace([s.trace for s in self._slots if s.trace is not None], self.architecture)
+
+    @property
+    def calls(self) -> int:
+        return self.merged().calls
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.merged().to_dict()
+
+
+class _PromptSlot(_TraceSlot):
+    """One prompt's trace slot: the run's trace as it starts, and the request's slot (``outer``) gets the prompts'
+    merged trace then, as a one-prompt run's own goes to it (so a run cut off before any prompt started keeps none)."""
+
+    __slots__ = ("outer", "merged")
+
+    def __init__(self, outer: _TraceSlot | None, merged: Trace):
+        super().__init__()
+        self.outer, self.merged = outer, merged
+
+    def __call__(self, trace: Trace) -> None:
+        self.trace = trace
+        if self.outer is not None:
+            self.outer(self.merged)
+
+
 def _merge(results: list[RunResult], name: str) -> RunResult:
     """One result for the request: candidates in prompt order, usage and trace layers summed (metrics count all)."""
     trace = _merged_trace([r.trace for r in results], name)
@@ -203,8 +240,11 @@ class CompletionsService:
             # Each prompt's run keeps its trace in a slot of its own (its task's copy of the context), so that a failed
             # request keeps every prompt's calls, merged into its one trace as a finished one's are (_merge): the
             # request's slot held only the trace of the prompt whose run started last, and a failure's own trace only
-            # the failed prompt's.
-            slots = [_TraceSlot() for _ in req.prompt]
+            # the failed prompt's. The request's slot holds the merged view from the first prompt's start: a stream
+            # keeps its trace as it cancels the run (client gone, shutdown), before the runs have ended.
+            slots: list[_TraceSlot] = []
+            merged_view = _PromptsTrace(slots, spec.name)
+            slots.extend(_PromptSlot(_SLOT.get(), merged_view) for _ in req.prompt)
 
             async def one(i: int, p: str) -> RunResult:
                 _SLOT.set(slots[i])
@@ -212,14 +252,8 @@ class CompletionsService:
 
             try:
                 results = await _all_or_none([one(i, p) for i, p in enumerate(req.prompt)])
-            except BaseException as e:
-                merged = _merged_trace([s.trace for s in slots if s.trace is not None], spec.name)
-                outer = _SLOT.get()
-                if outer is not None:
-                    outer(merged)  # what a request that ends without a result (a 499, a 503, a 422) keeps
-                if isinstance(e, GraphError):
-                    raise GraphError(str(e), status=e.status, trace=merged) from None
-                raise
+            except GraphError as e:  # every prompt's run has ended (_all_or_none): their calls, merged
+                raise GraphError(str(e), status=e.status, trace=merged_view.merged()) from None
             traces.extend(r.trace.to_dict() for r in results)
             return _merge(list(results), spec.name)
 
