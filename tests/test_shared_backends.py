@@ -22,7 +22,8 @@ from archon_server.backends.base import (
     StreamChunk,
     Usage,
 )
-from archon_server.backends.shared import BackendHost, HostConnection, SharedBackend
+from archon_server.backends.local import LocalBackend
+from archon_server.backends.shared import FLAGS, BackendHost, HostConnection, SharedBackend
 
 
 class Scripted(Backend):
@@ -206,3 +207,24 @@ async def test_start_outlives_a_host_that_dies_while_loading(tmp_path):
     finally:
         await shared.close()
         await host.close()
+
+
+class LikeLocal(Scripted):
+    """The embedded engine's capability flags (LocalBackend's own class attributes) on a scripted backend."""
+
+    refuses_overflow = LocalBackend.refuses_overflow
+    supports_response_format = LocalBackend.supports_response_format
+
+
+async def test_a_workers_backend_has_the_hosted_backends_flags(tmp_path):
+    """``refuses_overflow`` was not copied: under ``--workers N`` an explicit max_tokens past the context was cut
+    instead of OpenAI's 400 (one worker: the 400). Every capability flag of Backend is copied, this one included."""
+    flags = {k for cls in Backend.__mro__ for k in vars(cls)
+             if k.startswith(("supports_", "refuses_")) or k == "sampling_extras"}
+    assert flags <= set(FLAGS)
+    assert LikeLocal.refuses_overflow is True
+    async with hosted(str(tmp_path / "s"), LikeLocal()) as (_host, shared):
+        assert shared.refuses_overflow is False  # not known before start: the class default
+        await shared.start()
+        assert {f: getattr(shared, f) for f in FLAGS} == {f: getattr(LikeLocal, f) for f in FLAGS}
+        assert shared.refuses_overflow is True

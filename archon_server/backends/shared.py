@@ -55,9 +55,11 @@ _LEN = struct.Struct("!I")
 UNARY = frozenset({"chat", "complete", "score", "next_token_logprobs", "reward", "check_scoring", "health", "models", "info",
                    "stats", "prompt_tokens", "context_window"})
 STREAMS = frozenset({"stream", "stream_complete"})
-# What ``info`` reports of a hosted backend: the capability flags components read synchronously.
+# What ``info`` reports of a hosted backend: the capability flags components read synchronously (every class flag of
+# Backend: one left out reads as its class default in a worker, as refuses_overflow did: a cut answer under
+# ``--workers N`` where one worker gave OpenAI's 400).
 FLAGS = ("supports_n", "supports_logprobs", "supports_tools", "supports_response_format", "supports_scoring", "supports_reward",
-         "sampling_extras")
+         "sampling_extras", "refuses_overflow")
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
