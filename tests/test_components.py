@@ -8,6 +8,7 @@ import pytest
 
 from archon_server.backends.base import SamplingParams
 from archon_server.backends.registry import build_registry
+from archon_server.components import FinalOverrides
 from archon_server.graph.runtime import GraphError, GraphRuntime
 from archon_server.spec import parse_architecture
 from conftest import fake_config
@@ -127,14 +128,33 @@ async def test_min_success_and_unknown_alias(upstream_factory):
     assert e.value.status == 400
 
 
-async def test_final_params_from_sampling_params(upstream_factory):
+async def test_final_overrides_reach_the_final_stage_only(upstream_factory):
     up = upstream_factory()
     reg = build_registry(fake_config(up.url))
     await reg.start()
     spec = parse_architecture({"name": "t", "layers": [[{"type": "generator", "model": "default", "samples": 2}], [{"type": "fuser", "model": "aggregator"}]]})
-    res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], SamplingParams(n=3, max_tokens=9, temperature=0.2))
+    res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], final=FinalOverrides(n=3, max_tokens=9, temperature=0.2))
     await reg.close()
     assert len(res.choices) == 3 and up.requests[-1].body["max_tokens"] == 9 and up.requests[0].body["max_tokens"] == 512
+
+
+async def test_the_final_stage_gets_only_the_overrides_given(upstream_factory):
+    """run(spec, messages, SamplingParams(n=2)) made a full FinalOverrides of the SamplingParams: its defaults
+    (temperature 0.7, top_p 1.0, max_tokens 512) went over the final stage's own values, as the sweeps and `archon run`
+    no longer do. run() takes final-stage overrides one way, final=FinalOverrides(...), with only the fields set."""
+    up = upstream_factory()
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    try:
+        spec = parse_architecture({"name": "t", "layers": [[{"type": "generator", "model": "default", "temperature": 0.1, "top_p": 0.5, "max_tokens": 33}]]})
+        msgs = [{"role": "user", "content": "Q"}]
+        with pytest.raises(TypeError):
+            await GraphRuntime(reg).run(spec, msgs, SamplingParams(n=2))  # type: ignore[misc]
+        res = await GraphRuntime(reg).run(spec, msgs, final=FinalOverrides(n=2))
+        body = up.requests[-1].body
+        assert len(res.choices) == 2 and (body["temperature"], body["top_p"], body["max_tokens"]) == (0.1, 0.5, 33)
+    finally:
+        await reg.close()
 
 
 async def test_executed_unit_test_evaluator_runs_code_in_the_sandbox(upstream_factory):
@@ -351,7 +371,7 @@ async def test_a_final_self_moa_seq_writes_the_clients_n_in_its_last_window(upst
     await reg.start()
     try:
         spec = parse_architecture({"name": "t", "layers": [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 10, "window": 4}]]})
-        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], SamplingParams(n=2))
+        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], final=FinalOverrides(n=2))
         assert res.choices == ["synth 0", "synth 1"]
         assert [r.body.get("n", 1) for r in up.requests if "best synthesis so far" in json.dumps(r.body)] == [1, 1, 2]
     finally:
@@ -378,7 +398,7 @@ async def test_a_final_self_moa_seq_writes_the_clients_n_when_a_failed_chunk_arr
     await reg.start()
     try:
         spec = parse_architecture({"name": "t", "layers": [[{"type": "self_moa_seq", "model": "aggregator", "proposer": "default", "samples": 10, "window": 4}]]})
-        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], SamplingParams(n=2))
+        res = await GraphRuntime(reg).run(spec, [{"role": "user", "content": "Q"}], final=FinalOverrides(n=2))
         assert res.choices == ["synth 0", "synth 1"]
         ns = [r.body.get("n", 1) for r in up.requests if "best synthesis so far" in json.dumps(r.body)]
         assert ns[-1] == 2 and ns.count(2) == 1  # the last window's aggregation (whenever the failure came) is n=2

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
-from ..backends.base import BackendError, SamplingParams, Usage
+from ..backends.base import BackendError, Usage
 from ..backends.registry import BackendRegistry
 from ..components import COMPONENTS, ComponentContext, FinalOverrides
 from ..components.base import ComponentFailed, StreamSink, gather_tolerant
@@ -51,15 +51,6 @@ class RunResult:
     @property
     def calls(self) -> int:
         return self.trace.calls
-
-
-def overrides_from(params: SamplingParams | None) -> FinalOverrides | None:
-    if params is None:
-        return None
-    return FinalOverrides(
-        n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-        stop=params.stop, seed=params.seed, logprobs=params.logprobs, top_logprobs=params.top_logprobs,
-    )
 
 
 def _realign(old: list[Candidate], old_crit: list[str | None], kept: list[Candidate]) -> list[str | None]:
@@ -190,7 +181,6 @@ class GraphRuntime:
         self,
         spec: ArchitectureSpec,
         messages: list[dict[str, Any]],
-        params: SamplingParams | None = None,
         *,
         final: FinalOverrides | None = None,
         sink: StreamSink | None = None,
@@ -200,7 +190,9 @@ class GraphRuntime:
         observer: TraceObserver | None = None,
         on_trace: Callable[[Trace], None] | None = None,
     ) -> RunResult:
-        """Run ``spec`` on ``messages``. ``unit_tests``: tests given by the caller (e.g. a dataset's), seen by evaluators.
+        """Run ``spec`` on ``messages``. ``final``: the client's parameters for the final stage, only the fields given
+        (a field left None keeps the architecture's own value). ``unit_tests``: tests given by the caller (e.g. a
+        dataset's), seen by evaluators.
         ``observer`` hears the trace's events as they happen (see components/trace.py). ``on_trace`` gets the trace
         as the run starts, so a caller whose run is cancelled (client gone) still holds what it did."""
         missing = self.check_bindings(spec)
@@ -209,7 +201,7 @@ class GraphRuntime:
         unable = await self.scoring_problems(spec)
         if unable:
             raise GraphError(f"architecture {spec.name!r} cannot run its scorer: {'; '.join(unable)}", status=400)
-        final = final or overrides_from(params) or FinalOverrides()
+        final = final or FinalOverrides()
         trace = Trace(spec.name, observer=observer)
         if on_trace is not None:
             on_trace(trace)
