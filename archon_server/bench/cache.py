@@ -72,7 +72,8 @@ def result_from_json(d: dict[str, Any]) -> ChatResult:
         lps = c.get("logprobs")
         logprobs = None
         if lps is not None:
-            logprobs = [TokenLogprob(t["token"], t["logprob"], [(a, b) for a, b in t.get("top", [])]) for t in lps]
+            logprobs = [TokenLogprob(t["token"], t["logprob"], None if t.get("top") is None else [(a, b) for a, b in t["top"]],
+                                     t.get("bytes"), t.get("top_bytes")) for t in lps]
         choices.append(Choice(c["text"], c.get("finish_reason", "stop"), c.get("index", 0), logprobs))
     u = d.get("usage") or {}
     return ChatResult(choices, Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)), d.get("model", ""),
