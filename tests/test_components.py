@@ -359,6 +359,27 @@ async def test_a_generators_system_prompt_keeps_the_clients_system_message(upstr
         await reg.close()
 
 
+async def test_a_fusers_prompt_keeps_the_clients_system_message_as_a_generators_does(upstream_factory):
+    """The fuser and a generator with a system prompt merge the client's system and developer messages one way
+    (components/generator.py with_system): they come first, then the component's own instructions."""
+    from archon_server.components import prompts
+
+    up = upstream_factory()
+    reg = build_registry(fake_config(up.url))
+    await reg.start()
+    try:
+        spec = parse_architecture({"name": "t", "layers": [[{"type": "generator", "model": "default", "samples": 2}], [{"type": "fuser", "model": "aggregator"}]]})
+        msgs = [{"role": "system", "content": "Answer like a pirate."}, {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+        await GraphRuntime(reg).run(spec, msgs)
+        sent = up.requests[-1].body["messages"]
+        assert [m["role"] for m in sent] == ["system", "user"] and sent[1] == {"role": "user", "content": "2+2?"}
+        assert sent[0]["content"].startswith("Answer like a pirate.\nBe brief.\n\n" + prompts.FUSER_SYSTEM + "\n1. ")
+        await GraphRuntime(reg).run(spec, msgs[2:])
+        assert up.requests[-1].body["messages"][0]["content"].startswith(prompts.FUSER_SYSTEM + "\n1. ")
+    finally:
+        await reg.close()
+
+
 async def test_a_final_self_moa_seq_writes_the_clients_n_in_its_last_window(upstream_factory):
     """n=2 on self-moa-seq returned one choice without a word; now the last window's aggregation is one n=2 request."""
     def script(b):  # type: ignore[no-untyped-def]

@@ -7,14 +7,15 @@ from typing import Any
 from . import prompts
 from .base import Component, ComponentContext, ComponentFailed
 from .fit import fit_texts
-from .state import Candidate, State, Update, candidate_meta, message_text
+from .generator import with_system
+from .state import Candidate, State, Update, candidate_meta
 
 
 def fusion_messages(
     state: State, texts: list[str], header: str, critiques: list[str | None] | None = None, words: int | None = None
 ) -> list[dict[str, Any]]:
     """The client's conversation with the aggregation instructions and numbered responses (the candidates' texts, as
-    components/fit.py may have cut them) as the system message."""
+    components/fit.py may have cut them) as the system message, after the client's own (with_system)."""
     parts = []
     for i, text in enumerate(texts):
         s = f"{i + 1}. {text}"
@@ -24,11 +25,7 @@ def fusion_messages(
     system = header + "\n" + "\n\n".join(parts)
     if words:
         system += prompts.FUSER_LENGTH.format(words=words)
-    client_system = "\n".join(message_text(m) for m in state.messages if m.get("role") in ("system", "developer"))
-    if client_system:
-        system = client_system + "\n\n" + system
-    rest = [m for m in state.messages if m.get("role") not in ("system", "developer")]
-    return [{"role": "system", "content": system}, *rest]
+    return with_system(state.messages, system)
 
 
 class Fuser(Component):

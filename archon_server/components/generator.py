@@ -11,7 +11,8 @@ from .state import Candidate, State, Update, candidate_meta, message_text
 
 def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
     """The component's system prompt as the one system message, after the client's own system and developer
-    instructions (kept, as a fuser keeps them: they were dropped, and a client's "answer in French" with them)."""
+    instructions (kept: a generator dropped them, and a client's "answer in French" with them). The fuser and
+    self_moa_seq build their aggregation prompt with it too (fuser.fusion_messages)."""
     if not system:
         return messages
     client = "\n".join(message_text(m) for m in messages if m.get("role") in ("system", "developer"))
