@@ -42,6 +42,11 @@ def _err(capsys: pytest.CaptureFixture[str]) -> list[str]:
     ("params: {max_tokens: -5}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.max_tokens: "),
     ("params: {max_tokens: 0}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.max_tokens: "),
     ("params: {temperature: -0.1}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.temperature: "),
+    # the API's bounds (archon_server.sampling_fields): temperature at most 2, as a request's 400 says
+    ("params: {temperature: 3}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n",
+     "params.temperature: Input should be less than or equal to 2"),
+    ("params: {stop: [a, b, c, d, e]}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n",
+     "params.stop: at most 4 stop sequences"),
     ("params: {top_p: 0}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.top_p: "),
     ("params: {top_p: 1.5}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.top_p: "),
     ("params: {n: 0}\narchitectures: [fake]\nbenchmarks: [{name: math500, n: 2}]\n", "params.n: "),
@@ -232,3 +237,12 @@ def test_archon_run_refuses_a_parameter_out_of_range_in_one_line(tmp_path, capsy
     assert e.value.code == 2
     [line] = _err(capsys)
     assert line.startswith("error: --max-tokens: ") and "greater than or equal to 1" in line, line
+
+
+def test_archon_run_refuses_a_temperature_the_api_refuses(tmp_path, capsys):
+    """`archon run` checks its flags with a sweep's params, whose bounds are the API's (sampling_fields): at most 2."""
+    with pytest.raises(SystemExit) as e:
+        main(["run", "Hi", "-c", str(_server(tmp_path, "http://127.0.0.1:9/v1")), "--temperature", "3"])
+    assert e.value.code == 2
+    [line] = _err(capsys)
+    assert line == "error: --temperature: Input should be less than or equal to 2", line

@@ -459,3 +459,54 @@ async def test_a_resumed_sweep_says_so_on_stderr_through_the_shared_reporter(tmp
     await sw.run_sweep(spec, tmp_path / "o", registry=make_registry(ScriptedUpstream()), progress=True)
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "r: resuming, 2 results already saved; 1 to run", err
+
+
+def test_a_sweep_stop_given_as_a_string_is_a_list_of_one_as_in_a_request(tmp_path):
+    """`params: {stop: "\\n"}`: OpenAI's `stop` is a string or a list; the sweep takes what the API takes
+    (archon_server.sampling_fields.Stop), so the final stage is asked to stop at ["\\n"]."""
+    (tmp_path / "cool.yaml").write_text("name: cool\nlayers:\n  - - {type: generator, model: proposer-1}\n")
+    (tmp_path / "s.yaml").write_text(f'params: {{stop: "\\n"}}\narchitectures: [{tmp_path / "cool.yaml"}]\n'
+                                     "benchmarks: [{name: math500, n: 1}]\n")
+    spec = sw.load_sweep(tmp_path / "s.yaml")
+    up = RecordingUpstream()
+    log = asyncio.run(sw.run_sweep(spec, tmp_path / "o", registry=make_registry(up), progress=False, cache=False))
+    assert not log.records[0].get("error"), log.records[0]
+    [p] = up.seen
+    assert p.stop == ["\n"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", 3), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("max_tokens", 0),
+    ("max_tokens", 131073), ("top_logprobs", 21), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]),
+    ("seed", 2**63), ("top_k", -2),
+])
+def test_a_sweep_param_is_refused_as_a_chat_request_refuses_it_in_the_same_words(tmp_path, field, value):
+    """One place for the sampling fields' constraints: a sweep's params and a chat request refuse the same values
+    with the same message for the same field (the API answers it as a 400 naming the field)."""
+    from pydantic import ValidationError
+
+    from archon_server.api.chat.protocol import ChatCompletionRequest
+    from archon_server.spec import SpecError
+
+    with pytest.raises(ValidationError) as api:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], field: value})
+    [api_err] = api.value.errors()
+    assert api_err["loc"][0] == field
+    (tmp_path / "s.yaml").write_text(json.dumps({"params": {field: value}, "architectures": ["scripted"],
+                                                 "benchmarks": [{"name": "math500", "n": 1}]}))
+    with pytest.raises(SpecError) as bench:
+        sw.load_sweep(tmp_path / "s.yaml")
+    [line] = bench.value.errors
+    msg = api_err["msg"].removeprefix("Value error, ")  # pydantic's prefix, which both the API and a SpecError drop
+    assert line.startswith(f"params.{field}") and line.endswith(msg), (line, api_err)
+
+
+def test_top_logprobs_without_logprobs_is_refused_by_a_sweep_as_by_a_chat_request(tmp_path):
+    (tmp_path / "s.yaml").write_text('{"params": {"top_logprobs": 2}, "architectures": ["scripted"], '
+                                     '"benchmarks": [{"name": "math500", "n": 1}]}')
+    from archon_server.spec import SpecError
+
+    with pytest.raises(SpecError) as e:
+        sw.load_sweep(tmp_path / "s.yaml")
+    assert e.value.errors[0].startswith("params.top_logprobs") and "logprobs must be set to true" in e.value.errors[0]
+    assert sw.SweepParams(logprobs=True, top_logprobs=2).final().top_logprobs == 2

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_serializer, field_validator, model_validator
 
 from ..backends.base import Backend, Usage, numeric_stats
 from ..components import FinalOverrides
 from ..graph.runtime import GraphError
+from ..sampling_fields import MaxTokens, N, Seed, Stop, Temperature, TopK, TopLogprobs, TopP, check_top_logprobs
 from ..spec import ArchitectureSpec, SpecError, validation_messages
 from . import datasets as ds
 from .cache import CacheStore, CachingBackend, cache_scope
@@ -102,26 +103,35 @@ class BenchmarkEntry(_Base):
 class SweepParams(_Base):
     """A sweep's ``params``: what its architectures' final stage gets, as a client's request parameters (README: *How
     request parameters apply*).  Only the fields a sweep sets reach the run (:meth:`final`); the rest stay the
-    architecture's own.  Out-of-range values are refused when the sweep is loaded, naming ``params.<field>``."""
+    architecture's own.  Out-of-range values are refused when the sweep is loaded, naming ``params.<field>``.
 
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    stop: list[str] | None = None
-    seed: int | None = None
-    n: int | None = Field(default=None, ge=1)
+    The fields' constraints are the API's (``archon_server.sampling_fields``, which the chat, completions and
+    responses requests use too): what a client may send, a sweep may set, refused with the same words; ``stop`` is a
+    string or a list of at most 4 strings; ``top_k`` 0 or -1 is off (vLLM's), as in a request."""
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    max_tokens: MaxTokens | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
+    n: N | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     extra: dict[str, Any] | None = Field(default=None, description="Passed to the final stage's backend calls as they are.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        return check_top_logprobs(v, info.data.get("logprobs"))  # as a chat request (logprobs is declared before)
 
     def final(self, sample: int = 0) -> FinalOverrides:
         """The final stage's overrides: the fields this sweep sets, nothing filled in (``sample``: pass@k's sample
         number, added to a set ``seed`` so the samples differ)."""
         set_ = self.model_dump(exclude_none=True)
         extra = dict(set_.pop("extra", {}))
-        if "top_k" in set_:
-            extra["top_k"] = set_.pop("top_k")
+        if "top_k" in set_ and (top_k := set_.pop("top_k")) > 0:  # 0, -1: off, as a request's
+            extra["top_k"] = top_k
         if "seed" in set_ and sample:
             set_["seed"] += sample
         return FinalOverrides(**set_, extra=extra)

@@ -8,19 +8,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from ...backends.base import SAMPLING_EXTRAS, content_text
+from ...sampling_fields import (
+    MaxTokens,
+    N,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopLogprobs,
+    TopP,
+    check_top_logprobs,
+)
 from ..structured import check_response_format
-
-
-def stop_list(v: str | list[str] | None) -> list[str] | None:
-    """OpenAI's `stop`: a string or up to 4 non-empty strings (chat and completions alike)."""
-    if v is None:
-        return None
-    v = [v] if isinstance(v, str) else v
-    if len(v) > 4:
-        raise ValueError("at most 4 stop sequences")
-    if any(not s for s in v):
-        raise ValueError("stop sequences must be non-empty")
-    return v
 
 
 class TextPart(BaseModel):
@@ -82,7 +81,7 @@ class SamplingExtras(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: TopK | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(default=None, ge=0, le=131072)
     ignore_eos: bool | None = None
@@ -127,17 +126,17 @@ class ChatCompletionRequest(SamplingExtras):
 
     model: str | None = Field(default=None, min_length=1, max_length=256)  # None: server.default_architecture
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=131072)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=131072)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: N = 1
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     user: str | None = None
     # Structured outputs and tools: passed to the final stage (see api/structured.py)
     response_format: dict[str, Any] | None = None
@@ -163,19 +162,12 @@ class ChatCompletionRequest(SamplingExtras):
                 raise ValueError("every tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}")
         return v or None
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        return stop_list(v)
-
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         """OpenAI and vLLM answer 400 to ``top_logprobs`` without ``logprobs: true`` (it was silently ignored here).
         ``logprobs`` is declared before ``top_logprobs``, so it is in ``info.data`` once it validated."""
-        if v is not None and not info.data.get("logprobs"):
-            raise ValueError("logprobs must be set to true when top_logprobs is used")
-        return v
+        return check_top_logprobs(v, info.data.get("logprobs"))
 
     @field_validator("messages")
     @classmethod

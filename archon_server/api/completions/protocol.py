@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..chat.protocol import SamplingExtras, StreamOptions, UsageInfo, stop_list
+from ...sampling_fields import MAX_TOKENS_LIMIT, N, Seed, Stop, Temperature, TopLogprobs, TopP
+from ..chat.protocol import SamplingExtras, StreamOptions, UsageInfo
 
 MAX_PROMPTS = 64  # prompts in one request (each runs the whole architecture)
 
@@ -16,17 +17,17 @@ class CompletionRequest(SamplingExtras):
 
     model: str = Field(min_length=1, max_length=256)
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=0, le=131072)  # OpenAI's and vLLM's default; 0 only with echo (the service says)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_TOKENS_LIMIT)  # OpenAI's and vLLM's default; 0 only with echo (the service says)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: N = 1
     best_of: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: TopLogprobs | None = None  # legacy completions: the number of top logprobs
     echo: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    stop: Stop | None = None
+    seed: Seed | None = None
     suffix: str | None = None
     user: str | None = None
     # archon-server extensions (the openai SDK sends them with `extra_body=`)
@@ -46,11 +47,6 @@ class CompletionRequest(SamplingExtras):
         if any(not p for p in prompts):
             raise ValueError("prompts must be non-empty")
         return prompts
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        return stop_list(v)
 
     @field_validator("suffix")
     @classmethod

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ...sampling_fields import MaxTokens, Temperature, TopLogprobs, TopP
 from ..structured import chat_tools, check_response_format
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -29,10 +30,10 @@ class ResponsesRequest(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=256)  # None: server.default_architecture
     input: str | list[dict[str, Any]]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1, le=131072)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_output_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_logprobs: TopLogprobs | None = None
     # OpenAI's switch for the output text's logprobs: "message.output_text.logprobs" in `include`. Unlike chat's
     # `top_logprobs` without `logprobs: true` (a 400), `top_logprobs` alone is accepted here and answered with empty
     # `logprobs` lists, as OpenAI does (and vLLM: logprobs only when the include asks for them); other include values

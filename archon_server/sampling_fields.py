@@ -1,0 +1,54 @@
+"""The constraints of the client's sampling fields, in one place: the HTTP requests (chat, completions, responses)
+and a sweep's ``params`` (``archon bench``, ``archon run``) declare their fields with these types, so the same value
+is accepted or refused alike, with the same words, wherever it is given.
+
+This module is a leaf: it imports nothing from the package (as ``spec``), so the API and the bench may both use it.
+
+Usage: ``temperature: Temperature | None = None`` (pydantic applies the bounds to a value that is not None).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+# The most tokens a request may ask for (max_tokens, max_completion_tokens, max_output_tokens).
+MAX_TOKENS_LIMIT = 131072
+# OpenAI's limit on the number of stop strings (chat and completions alike).
+MAX_STOP = 4
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+N = Annotated[int, Field(ge=1)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# vLLM's top_k: 0 or -1 is off.
+TopK = Annotated[int, Field(ge=-1)]
+
+
+def stop_list(v: str | list[str] | None) -> list[str] | None:
+    """OpenAI's `stop`: a string or up to 4 non-empty strings (chat and completions alike); a string becomes a
+    one-element list."""
+    if v is None:
+        return None
+    v = [v] if isinstance(v, str) else v
+    if len(v) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences")
+    if any(not s for s in v):
+        raise ValueError("stop sequences must be non-empty")
+    return v
+
+
+# `stop` as declared: a string or a list of strings, validated to a list by stop_list.
+Stop = Annotated[str | list[str], AfterValidator(stop_list)]
+
+TOP_LOGPROBS_NEEDS_LOGPROBS = "logprobs must be set to true when top_logprobs is used"
+
+
+def check_top_logprobs(top_logprobs: int | None, logprobs: bool | None) -> int | None:
+    """OpenAI and vLLM answer 400 to ``top_logprobs`` without ``logprobs: true`` (chat completions)."""
+    if top_logprobs is not None and not logprobs:
+        raise ValueError(TOP_LOGPROBS_NEEDS_LOGPROBS)
+    return top_logprobs
