@@ -205,7 +205,9 @@ def test_a_missing_file_a_sweep_names_is_named_as_given(tmp_path, capsys, monkey
     rc = main(["bench", "run", str(sweep), *[x.format(cfg=cfg) for x in extra], "--out", str(tmp_path / "out"), "--no-progress"])
     [line] = _err(capsys)
     assert rc == 2 and line.startswith(want.format(sweep=sweep)), line
-    assert line.endswith(f"(looked in the working directory and in {proj})"), line
+    # the places in the order they are tried (graph.catalog.find_file, as Catalog.resolve loads a file): the sweep's
+    # project folder, then the working directory
+    assert line.endswith(f"(looked in {proj}, then in the working directory)"), line
     assert not (tmp_path / "out").exists()
 
 

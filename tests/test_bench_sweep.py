@@ -510,3 +510,26 @@ def test_top_logprobs_without_logprobs_is_refused_by_a_sweep_as_by_a_chat_reques
         sw.load_sweep(tmp_path / "s.yaml")
     assert e.value.errors[0].startswith("params.top_logprobs") and "logprobs must be set to true" in e.value.errors[0]
     assert sw.SweepParams(logprobs=True, top_logprobs=2).final().top_logprobs == 2
+
+
+def test_a_file_a_sweep_names_is_looked_for_in_its_folder_then_the_working_directory(tmp_path, monkeypatch):
+    """One lookup (graph.catalog.find_file) for architecture files and configs, in Catalog.resolve's order; the
+    "no such file" error names the places in that order."""
+    from archon_server.graph.catalog import find_file, looked_in
+
+    proj, cwd = tmp_path / "proj", tmp_path / "cwd"
+    proj.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    (cwd / "a.yaml").write_text("name: from-cwd\nlayers:\n  - - {type: generator, model: proposer-1}\n")
+    (proj / "a.yaml").write_text("name: from-proj\nlayers:\n  - - {type: generator, model: proposer-1}\n")
+    (cwd / "only-cwd.yaml").write_text("x")
+    assert find_file("a.yaml", proj) == proj / "a.yaml"  # the sweep's folder first
+    assert find_file("only-cwd.yaml", proj) == Path("only-cwd.yaml")  # then the working directory
+    assert find_file("none.yaml", proj) is None
+    assert looked_in("none.yaml", proj) == f"looked in {proj}, then in the working directory"
+    archs = sw.resolve_architectures(["a.yaml"], make_registry(RecordingUpstream()), None, proj)
+    assert list(archs) == ["from-proj"]  # what the sweep runs is what find_file found
+    with pytest.raises(sw.SpecError) as e:
+        sw.resolve_architectures(["none.yaml"], make_registry(RecordingUpstream()), None, proj, source="s.yaml")
+    assert e.value.errors == [f"architectures: none.yaml: no such file (looked in {proj}, then in the working directory)"]

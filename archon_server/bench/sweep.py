@@ -408,28 +408,11 @@ class CostMeter:
 Generate = Callable[[list[dict[str, Any]]], Any]  # async (messages) -> (text, calls, usage)
 
 
-def _found(given: str, base_dir: Path | None) -> str | None:
-    """A relative path a sweep names (its `config:`, an architecture file, --config): where it is, from the working
-    directory if it is there, else from ``base_dir`` (the sweep's folder); None when neither has it."""
-    p = Path(given)
-    if p.exists():
-        return given
-    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
-        return str(base_dir / p)
-    return None
-
-
-def _looked_in(given: str, base_dir: Path | None) -> str:
-    if Path(given).is_absolute() or base_dir is None or Path(base_dir).resolve() == Path.cwd().resolve():
-        return "looked in the working directory" if not Path(given).is_absolute() else "absolute path"
-    return f"looked in the working directory and in {base_dir}"
-
-
 def resolve_architectures(names: Iterable[str], registry: Any, config: Any | None, base_dir: Path | None = None,
                           source: str | None = None) -> dict[str, ArchitectureSpec | None]:
     """name → spec (None for the built-in constant-output ``null-model``): a file path, a catalog name, or a backend
     alias, resolved by the server's one catalog (graph.catalog.Catalog).  ``source``: the sweep file errors name."""
-    from ..graph.catalog import Catalog, UnknownArchitecture, is_architecture_file
+    from ..graph.catalog import Catalog, UnknownArchitecture, find_file, is_architecture_file, looked_in
 
     catalog = Catalog(config.architectures_dirs if config is not None else (), registry)
     out: dict[str, ArchitectureSpec | None] = {}
@@ -437,8 +420,8 @@ def resolve_architectures(names: Iterable[str], registry: Any, config: Any | Non
         if n == NULL_ARCH:
             out[n] = None
             continue
-        if is_architecture_file(n) and catalog.lookup(n) is None and _found(n, base_dir) is None:
-            raise SpecError([f"architectures: {n}: no such file ({_looked_in(n, base_dir)})"], source)
+        if is_architecture_file(n) and catalog.lookup(n) is None and find_file(n, base_dir) is None:
+            raise SpecError([f"architectures: {n}: no such file ({looked_in(n, base_dir)})"], source)
         try:
             spec = catalog.resolve(n, files=True, base_dir=base_dir)
         except UnknownArchitecture:
@@ -782,12 +765,16 @@ async def run_sweep(
 
         cfg_path = None
         if config is None and (given := config_path or spec.config):
-            # --config wins over the sweep's `config:`; either is read from the working directory, else the sweep's
-            # folder. Missing from both: the path as given, where it was looked for, and who named it.
-            cfg_path = _found(given, base_dir)
-            if cfg_path is None:
+            # --config wins over the sweep's `config:`; either is found as an architecture file is (graph.catalog's
+            # find_file: the sweep's folder, then the working directory). Missing from both: the path as given, where
+            # it was looked for (in that order), and who named it.
+            from ..graph.catalog import find_file, looked_in
+
+            found = find_file(given, base_dir)
+            if found is None:
                 raise SpecError([f"{'--config' if config_path else 'config'}: {given}: no such file "
-                                 f"({_looked_in(given, base_dir)})"], None if config_path else spec.source)
+                                 f"({looked_in(given, base_dir)})"], None if config_path else spec.source)
+            cfg_path = str(found)
         config = config or load_config(cfg_path)
         registry = build_registry(config)
     archs = resolve_architectures(spec.architectures, registry, config, base_dir, source=spec.source)

@@ -35,6 +35,26 @@ def is_architecture_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in ARCHITECTURE_SUFFIXES
 
 
+def find_file(given: str | Path, base_dir: str | Path | None = None) -> Path | None:
+    """Where a path that the CLI or a sweep names (an architecture file, a sweep's ``config:``, ``--config``) is, the
+    one order for all of them: a relative path in ``base_dir`` (a sweep's folder) when it is there, else from the
+    working directory; an absolute path as it is. None when it is in neither (:func:`looked_in` says where it was
+    looked for, in that order)."""
+    p = Path(given)
+    if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
+        return Path(base_dir) / p
+    return p if p.exists() else None
+
+
+def looked_in(given: str | Path, base_dir: str | Path | None = None) -> str:
+    """The places :func:`find_file` tried, in the order it tried them (for a "no such file" error)."""
+    if Path(given).is_absolute():
+        return "absolute path"
+    if base_dir is None or Path(base_dir).resolve() == Path.cwd().resolve():
+        return "looked in the working directory"
+    return f"looked in {base_dir}, then in the working directory"
+
+
 class UnknownArchitecture(ArchonError, LookupError):
     """A name that is neither an architecture of the catalog, a backend alias, nor (where allowed) a file."""
 
@@ -139,11 +159,9 @@ class Catalog:
 
     def resolve(self, name: str, *, files: bool = False, base_dir: str | Path | None = None) -> ArchitectureSpec:
         """:meth:`lookup`, or with ``files`` (CLI, sweeps: never a network client) a path to an architecture file,
-        relative to ``base_dir`` when it exists there. Raises :class:`UnknownArchitecture`, or SpecError for a bad file."""
+        found by :func:`find_file` (``base_dir`` first, then the working directory). Raises :class:`UnknownArchitecture`, or SpecError for a bad file."""
         if files:
-            p = Path(name)
-            if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
-                p = Path(base_dir) / p
+            p = find_file(name, base_dir) or Path(name)
             if is_architecture_file(p) or p.is_file():
                 return load_architecture(p)
         spec = self.lookup(name)
