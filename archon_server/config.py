@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .spec import SpecError, load_text, validation_messages
 
@@ -125,15 +125,6 @@ class LocalBackendConfig(BackendConfigBase):
     kind: Literal["local"]
     options: LocalOptions = Field(default_factory=LocalOptions)
 
-    @field_validator("model")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from .engine.model_store import unknown_model  # stdlib only: no torch at config time
-
-        why = unknown_model(v) if v else None  # "": the default model
-        if why is not None:
-            raise ValueError(why)
-        return v
 
 
 class VLLMOptions(_Base):

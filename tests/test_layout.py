@@ -6,13 +6,14 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "archon_server"
-LEAVES = {"exceptions", "spec", "config", "db"}  # anyone may import these (config itself only imports spec)
+LEAVES = {"exceptions", "spec", "config", "db", "sampling_fields"}  # anyone may import these (config itself only imports spec)
 
 # room -> the other rooms it may import (besides the leaves). Keep in step with README.md's Layout table.
 ALLOWED: dict[str, set[str]] = {
     "exceptions": set(),
     "db": set(),
     "spec": set(),
+    "sampling_fields": set(),
     "config": set(),
     "engine": set(),
     "sandbox": set(),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..config import BackendConfig, ServerConfig
 from ..exceptions import ArchonError
+from ..engine.model_store import unknown_model
 from ..spec import SpecError
 from .base import (
     Backend,
@@ -190,6 +191,11 @@ def build_registry(config: ServerConfig, shared: str | None = None) -> BackendRe
         conn = HostConnection(shared)
     reg = BackendRegistry()
     for i, b in enumerate(config.backends):
+        # The model store's names are fixed: a local model it does not know is refused now, naming the entry, not
+        # after start-up behind a /health that stays 503 (checked here, not in config: config is a leaf).
+        why = unknown_model(b.model) if b.kind == "local" and b.model else None  # "": the default model
+        if why is not None:
+            raise SpecError([f"backends[{i}].model: {why}"])
         if conn is not None and b.kind in IN_PROCESS_KINDS:
             from .shared import SharedBackend
 
