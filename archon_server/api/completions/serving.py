@@ -10,6 +10,7 @@ sample `j` of prompt `i`, as OpenAI numbers them.
 from __future__ import annotations
 
 import asyncio
+import weakref
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -83,12 +84,15 @@ class _PromptSlot(_TraceSlot):
 
     def __init__(self, outer: _TraceSlot | None, merged: Trace):
         super().__init__()
-        self.outer, self.merged = outer, merged
+        # Weakly: the merged view holds the slots, and a cycle would outlive the request until the collector ran
+        # (tests/test_no_cyclic_garbage.py); the request holds the view while its prompts run, the outer slot after.
+        self.outer, self.merged = outer, weakref.ref(merged)
 
     def __call__(self, trace: Trace) -> None:
         self.trace = trace
-        if self.outer is not None:
-            self.outer(self.merged)
+        merged = self.merged()
+        if self.outer is not None and merged is not None:
+            self.outer(merged)
 
 
 def _merge(results: list[RunResult], name: str) -> RunResult:
@@ -254,6 +258,9 @@ class CompletionsService:
                 results = await _all_or_none([one(i, p) for i, p in enumerate(req.prompt)])
             except GraphError as e:  # every prompt's run has ended (_all_or_none): their calls, merged
                 raise GraphError(str(e), status=e.status, trace=merged_view.merged()) from None
+            finally:  # the runs have started or never will: no reference cycle (view -> slots -> outer -> view) left
+                for s in slots:
+                    s.outer = None  # type: ignore[attr-defined]
             traces.extend(r.trace.to_dict() for r in results)
             return _merge(list(results), spec.name)
 
