@@ -430,3 +430,32 @@ def test_an_unreachable_database_is_one_clear_line_without_the_password(argv: li
     assert out.returncode == 2, out.stderr[-2000:]
     assert "error: cannot open the database postgresql://u:***@127.0.0.1:1/x" in out.stderr
     assert "secret" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_worker_whose_running_trial_another_worker_ended_goes_on(tmp_path: Path) -> None:
+    """A live worker whose heartbeat lapsed past the grace period (a loaded machine, a slow database) is taken for
+    dead: another worker fails its trial and queues the parameters again. The live worker then met the storage's
+    UpdateFinishedTrialError when it recorded its outcome and crashed (seen in a CI run under load). It now says so
+    and goes on: the trial ended elsewhere is not told again, and the study reaches its target."""
+    from types import SimpleNamespace
+
+    from archon_server.search.runner import run_worker
+
+    study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=None))
+    calls = {"n": 0}
+
+    class Objective:
+        config = SimpleNamespace(study=SimpleNamespace(max_attempts_factor=5, max_retry=3, converged_after=100))
+
+        async def run(self, trial: optuna.Trial) -> Any:
+            calls["n"] += 1
+            if calls["n"] <= 2:  # another worker's reaper ends the trial while it runs here
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if calls["n"] == 1:
+                trial.set_user_attr("step", 1)  # the storage refuses it: the objective raises
+            return SimpleNamespace(state=TrialState.COMPLETE, values=[0.5])
+
+    stats = asyncio.run(run_worker(study, Objective(), 2))  # type: ignore[arg-type]
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert stats.complete == 2 and stats.failed == 0

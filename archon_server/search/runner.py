@@ -368,6 +368,19 @@ class WorkerStats:
     numbers: list[int] = field(default_factory=list)
 
 
+def _ended_elsewhere(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether another worker ended this worker's running trial: its heartbeat lapsed past the grace period (a
+    stalled process, a loaded machine, a slow database), so a live worker was taken for dead, its trial failed and
+    its parameters queued again. Then its result is not this worker's to tell (the storage refuses it:
+    UpdateFinishedTrialError, which crashed the worker), and the queued retry runs them; say so and go on."""
+    state = study._storage.get_trial(trial._trial_id).state  # noqa: SLF001 - the storage's word, not the cached trial's
+    if not state.is_finished():
+        return False
+    log.warning("trial %d was ended by another worker while it ran here (%s: its heartbeat lapsed past the grace period);"
+                " its parameters are retried as a new trial", trial.number, state.name)
+    return True
+
+
 async def run_worker(
     study: optuna.Study,
     objective: ArchitectureObjective,
@@ -430,11 +443,15 @@ async def run_worker(
                 retry(study, study._storage.get_trial(trial._trial_id))  # noqa: SLF001
                 raise
             except Exception as e:  # a broken trial must not stop the search; the reason stays in the DB
+                if _ended_elsewhere(study, trial):
+                    continue
                 log.exception("trial %d failed", trial.number)
                 trial.set_user_attr(ATTR_ERROR, f"{type(e).__name__}: {e}")
                 study.tell(trial, state=TrialState.FAIL)
                 stats.failed += 1
                 report.line(trial_line(study, trial.number, n_trials))
+                continue
+            if _ended_elsewhere(study, trial):
                 continue
             attrs = trial.user_attrs
             free_streak = free_streak + 1 if ("rejected" in attrs or "duplicate_of" in attrs) else 0
