@@ -19,9 +19,12 @@ SAY_HI = [{"role": "user", "content": "Say hi"}]
 CJK = "東京東京東京東京東京東京"  # SmolLM2 writes 東 as two byte-level tokens (E6 9D | B1) and 京 as (E4 BA | AC)
 
 
+SERVE_LOG: dict[str, Path] = {}  # the served fixture's server log, for tests that read it
+
+
 @pytest.fixture(scope="module")
-def served():
-    log = ROOT / ".pytest_cache" / "wire-r37-engine-serve.log" if (ROOT / ".pytest_cache").is_dir() else None
+def served(tmp_path_factory):
+    log = SERVE_LOG["path"] = tmp_path_factory.mktemp("wire-r37-engine") / "serve.log"
     with serve_process(["serve"], log=log, cwd=str(ROOT)) as (_proc, url):
         yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from test_wire_r37_engine import ROOT, SAY_HI, served  # noqa: F401 - a fixture
+from test_wire_r37_engine import ROOT, SAY_HI, SERVE_LOG, served  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -46,9 +46,7 @@ def test_a_prompt_past_the_context_is_the_same_400_streamed_or_not(served):  # n
 
 
 def test_no_tokenizer_warning_for_a_refused_prompt(served):  # noqa: F811
-    log = ROOT / ".pytest_cache" / "wire-r37-engine-serve.log"
-    if not log.is_file():
-        pytest.skip("the served fixture writes no log without .pytest_cache")
+    log = SERVE_LOG["path"]
     with pytest.raises(openai.BadRequestError):
         served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Jumps over the dog. " * 2600}], max_tokens=4)
     assert "This model's maximum context length" in log.read_text(errors="replace")  # the refusal is logged...
