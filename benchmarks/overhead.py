@@ -60,16 +60,23 @@ def _tree(pid: int) -> list[int]:
     return [pid, *descendants(pid)]
 
 
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds of the server: the process and its workers."""
-    total = 0.0
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of the server: the process and its workers. The system part is mostly the
+    kernel's loopback TCP (a send on 127.0.0.1 delivers into the receiver's socket inside the sender's syscall)."""
+    user = system = 0.0
     for p in _tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return user, system
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds of the server: the process and its workers."""
+    return sum(proc_cpu_split(pid))
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -277,16 +284,17 @@ def main() -> None:
         print("nominal = end-to-end latency / (layers x upstream latency); +ms = added over the traced critical path")
         print("vs direct = req/s / (direct upstream req/s at the same client count / layers), for one call per layer: 1.0")
         print("when the server costs nothing (issue 20: self-moa >= 0.8); direct = the same clients calling the fake upstream")
-        print(f"{'architecture':26} {'clients':>7} {'ratio p50':>9} {'nominal':>8} {'req/s':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/call':>11} {'peak RSS MB':>11} {'direct req/s':>12} {'vs direct':>9}")
+        print(f"{'architecture':26} {'clients':>7} {'ratio p50':>9} {'nominal':>8} {'req/s':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/call':>11} {'sys share':>9} {'peak RSS MB':>11} {'direct req/s':>12} {'vs direct':>9}")
         for arch in a.archs.split(","):
             nominal = depth(arch) * a.latency
             for c in [int(x) for x in a.clients.split(",")]:
                 _run(load(url, arch, min(c, 4), 0.5))  # warm-up
-                cpu0 = proc_cpu_s(server.pid)
+                user0, sys0 = proc_cpu_split(server.pid)
                 t0 = time.perf_counter()
                 lat, crit = _run(load(url, arch, c, a.seconds))
                 wall = time.perf_counter() - t0
-                cpu = proc_cpu_s(server.pid) - cpu0
+                user1, sys1 = proc_cpu_split(server.pid)
+                cpu = user1 - user0 + sys1 - sys0
                 added = sorted(x - y for x, y in zip(lat, crit))
                 ratio = statistics.median(x / y for x, y in zip(lat, crit))
                 p50 = statistics.median(lat)
@@ -296,7 +304,7 @@ def main() -> None:
                 direct = _run(load_direct(up, c, a.seconds)) / (time.perf_counter() - t1)
                 print(
                     f"{arch:26} {c:7d} {ratio:9.3f} {p50 / nominal:8.3f} {len(lat) / wall:8.1f} {statistics.median(added) * 1000:8.1f} "
-                    f"{added[min(len(added) - 1, int(0.99 * len(added)))] * 1000:8.1f} {per_call:11.3f} {peak_rss_mb(server.pid):11.1f} "
+                    f"{added[min(len(added) - 1, int(0.99 * len(added)))] * 1000:8.1f} {per_call:11.3f} {(sys1 - sys0) / max(cpu, 1e-9):9.2f} {peak_rss_mb(server.pid):11.1f} "
                     f"{direct:12.1f} {vs_direct(len(lat) / wall, direct, arch)}",
                     flush=True,
                 )
