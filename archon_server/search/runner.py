@@ -104,12 +104,16 @@ def open_study(
     study = retry_race(lambda: optuna.create_study(
         storage=st,
         study_name=study_name or config.study.name,
-        sampler=sampler or make_sampler(config.study.sampler, multi_objective=multi, seed_offset=seed_offset),
+        sampler=sampler,
         pruner=pruner or make_pruner(config.study.pruner),
         load_if_exists=True,
         **kwargs,
     ), what="creating the study")
     assert study is not None  # no `settled`: retry_race returns fn's result or raises
+    if sampler is None:
+        # Seeded by the trials the study holds (none: a new study), so a resumed search continues, not repeats.
+        study.sampler = make_sampler(config.study.sampler, multi_objective=multi, seed_offset=seed_offset,
+                                     n_trials=len(study.get_trials(deepcopy=False)))
     engine = claims.storage_engine(study._storage)  # noqa: SLF001
     if engine is not None:
         claims.ensure_table(engine)  # before the workers race to

@@ -6,6 +6,7 @@ passing a ready-made Optuna object) without touching the search loop.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import optuna
@@ -13,9 +14,28 @@ import optuna
 from archon_server.search.config import PrunerConfig, SamplerConfig
 
 
-def make_sampler(cfg: SamplerConfig, *, multi_objective: bool = False, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """``seed_offset`` gives each worker of a shared study its own random stream (same seed = same proposals)."""
-    seed = None if cfg.seed is None else cfg.seed + seed_offset
+def sampler_seed(seed: int | None, seed_offset: int = 0, n_trials: int = 0) -> int | None:
+    """The seed of a worker's sampler: the config's ``seed`` plus ``seed_offset`` (each worker of a shared study its
+    own stream) on a new study; on one that already holds ``n_trials`` trials, one derived from all three.
+
+    Optuna stores the trials, not the sampler's random state: a sampler seeded as on the first run restarts its
+    stream on resume and proposes the first run's graphs again (duplicates: free, but each takes a trial of the
+    budget and tells nothing new).  A seed derived from the history moves on instead, and stays deterministic: the
+    same seed, worker and history give the same proposals.  None stays None (unseeded)."""
+    if seed is None:
+        return None
+    if n_trials == 0:
+        return seed + seed_offset  # a new study proposes what it always did
+    digest = hashlib.sha256(f"archon-search-resume:{seed}:{seed_offset}:{n_trials}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")  # numpy's RandomState takes seeds below 2**32
+
+
+def make_sampler(
+    cfg: SamplerConfig, *, multi_objective: bool = False, seed_offset: int = 0, n_trials: int = 0
+) -> optuna.samplers.BaseSampler:
+    """``seed_offset`` gives each worker of a shared study its own random stream (same seed = same proposals);
+    ``n_trials``: trials the study already holds, so a resumed search continues instead of repeating (:func:`sampler_seed`)."""
+    seed = sampler_seed(cfg.seed, seed_offset, n_trials)
     if cfg.type == "tpe":
         # multivariate+group model the conditional (define-by-run) space jointly;
         # constant_liar keeps concurrent workers from proposing the same point.
