@@ -3,11 +3,14 @@
 * a /v1/completions trace carries the backends' speculative-decoding figures (``Trace.metrics``) as chat's does: on
   an architecture and on a backend alias, one prompt's as they are, several prompts' merged (counters summed, rates
   weighted by drafted tokens); they were ``{}``;
+* a request to a backend alias that the client leaves (a stream mid-way, or a plain request) keeps its trace, a 499
+  with its call ``cancelled``, as chat's and an architecture's do: /v1/completions kept none;
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,3 +88,54 @@ def test_a_completions_trace_has_the_metrics_a_chat_trace_has(spec_upstream, ser
         assert [t["metrics"] for t in both.model_extra["trace"]] == [per_prompt["alpha"], per_prompt["beta"]]
     else:
         assert both.model_extra["trace"]["metrics"] == merged
+
+
+# -- 2. a backend alias's request the client left keeps its trace -------------------------------------------------------
+
+
+def left_trace(srv: Any) -> dict[str, Any]:
+    """The one kept trace, once its cut call is recorded (the stream keeps the trace as it cancels the run)."""
+    for _ in range(100):
+        data = httpx.get(srv.url + "/v1/traces").json()["data"]
+        if data:
+            item = kept(srv, data[0]["id"])
+            calls = [c for layer in item["trace"]["layers"] for c in layer["calls"]]
+            if calls and all(c["status"] != "ok" for c in calls):
+                assert len(data) == 1, data
+                return item
+        time.sleep(0.1)
+    raise AssertionError(f"no trace kept with its cut call: {httpx.get(srv.url + '/v1/traces').json()}")
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_stream_to_a_backend_alias_the_client_left_keeps_its_trace(upstream_factory, server_factory, endpoint):
+    up = upstream_factory(lambda b: {"text": " ".join(["word"] * 400), "token_delay": 0.02})
+    srv = server_factory(fake_config(up.url))
+    c = client(srv)
+    if endpoint == "completions":
+        stream = c.completions.create(model="fake", prompt="a question", max_tokens=400, stream=True)
+    else:
+        stream = c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "a question"}], max_tokens=400, stream=True)
+    chunks = iter(stream)
+    text = "".join((ch.choices[0].text if endpoint == "completions" else ch.choices[0].delta.content or "") for ch in
+                   (next(chunks) for _ in range(5)) if ch.choices)
+    assert "word" in text  # tokens came: the stream was under way
+    stream.close()
+    item = left_trace(srv)
+    assert item["http_status"] == 499 and item["error"] == "client disconnected" and item["stream"] is True
+    assert item["model"] == "fake" and item["messages"] == [{"role": "user", "content": "a question"}]
+    [call] = [call for layer in item["trace"]["layers"] for call in layer["calls"]]
+    assert call["status"] == "cancelled" and call["model"] == "fake" and call["ok"] is False
+    assert item["trace"]["calls"] == 1 and item["trace"]["latency_s"] > 0
+    assert 'archon_requests_total{model="fake",status="499"} 1.0' in httpx.get(srv.url + "/metrics").text
+
+
+def test_a_plain_completion_on_a_backend_alias_the_client_left_keeps_its_trace(upstream_factory, server_factory):
+    up = upstream_factory(lambda b: {"latency": 3.0})
+    srv = server_factory(fake_config(up.url))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", json={"model": "fake", "prompt": ["one", "two"], "max_tokens": 8}, timeout=0.7)
+    item = left_trace(srv)
+    assert item["http_status"] == 499 and item["stream"] is False and [m["content"] for m in item["messages"]] == ["one", "two"]
+    calls = [call for layer in item["trace"]["layers"] for call in layer["calls"]]
+    assert sorted(c["purpose"] for c in calls) == ["prompt 1", "prompt 2"] and {c["status"] for c in calls} == {"cancelled"}

@@ -198,10 +198,15 @@ class CompletionsService:
 
     async def _raw(self, req: CompletionRequest, sink: StreamSink | None) -> RunResult:
         """Every prompt as one raw completion request to the backend, concurrently; traced as one layer. Under the
-        request's deadline (server.request_timeout_s from arrival), as a graph run is: past it, a 504."""
+        request's deadline (server.request_timeout_s from arrival), as a graph run is: past it, a 504. The trace goes
+        to the request's slot as the run starts, as a graph run's does (ChatService.run_graph): a run that ends without
+        a result (the client gone, the server shutting down) is still in /v1/traces, its cut calls ``cancelled``."""
         alias = req.model
         backend, model, limit = self.chat.registry.get(alias), self.chat.registry.model_name(alias), self.chat.registry.limit(alias)
         trace = Trace(alias)
+        slot = _SLOT.get()
+        if slot is not None:
+            slot(trace)
         layer = trace.add_layer(0, ["completion"], candidates_in=0)
         params = self._params(req)
         metrics: list[dict[str, Any]] = [{} for _ in req.prompt]  # each prompt's call's figures (speculative decoding)
@@ -249,14 +254,13 @@ class CompletionsService:
             async with asyncio.timeout(deadline_s(self.chat.request_timeout_s)):
                 per_prompt = await _all_or_none([one(i, p) for i, p in enumerate(req.prompt)])
         except TimeoutError:
-            trace.latency_s = time.perf_counter() - trace.started
             raise GraphError(f"deadline of {self.chat.request_timeout_s:g}s exceeded", status=504, trace=trace) from None
         except BackendError as e:
             status = 504 if e.status == 504 else 400 if e.status == 400 else 502
             raise GraphError(str(e), status=status, trace=trace) from None
-        trace.latency_s = time.perf_counter() - trace.started
-        layer.latency_s = trace.latency_s
-        trace.metrics = _merged_metrics(metrics)  # as an architecture's prompts' are (_merged_trace)
+        finally:  # answered, failed or cancelled: the trace says how long it ran and what the backend reported
+            trace.latency_s = layer.latency_s = time.perf_counter() - trace.started
+            trace.metrics = _merged_metrics(metrics)  # as an architecture's prompts' are (_merged_trace)
         cands = [c for cs in per_prompt for c in cs]
         layer.candidates_out = len(cands)
         trace.end_layer(layer)
