@@ -5,12 +5,17 @@
   weighted by drafted tokens); they were ``{}``;
 * a request to a backend alias that the client leaves (a stream mid-way, or a plain request) keeps its trace, a 499
   with its call ``cancelled``, as chat's and an architecture's do: /v1/completions kept none;
+* /metrics counts the requests the edge refused before reading them (401 bad key, 413 body too large, 429 over
+  max_concurrent_requests or the body budget, 400 text that cannot go upstream) in archon_requests_total with
+  model="", as README promises of every answered generation request, and each in archon_rejected_total by reason
+  (401 and 413 were counted nowhere, the edge's 429 only there).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +24,7 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import fake_config
+from prometheus_client.parser import text_string_to_metric_families
 
 from archon_server.testing.upstream import FakeUpstream
 
@@ -139,3 +145,63 @@ def test_a_plain_completion_on_a_backend_alias_the_client_left_keeps_its_trace(u
     assert item["http_status"] == 499 and item["stream"] is False and [m["content"] for m in item["messages"]] == ["one", "two"]
     calls = [call for layer in item["trace"]["layers"] for call in layer["calls"]]
     assert sorted(c["purpose"] for c in calls) == ["prompt 1", "prompt 2"] and {c["status"] for c in calls} == {"cancelled"}
+
+
+# -- 3. the edge's refusals are counted as the requests they are ----------------------------------------------------
+
+
+def counted(srv: Any, key: str) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    text = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {(s.labels["model"], s.labels["status"]): s.value for s in fams["archon_requests"].samples if s.name == "archon_requests_total"}
+    rejected = {s.labels["reason"]: s.value for s in fams["archon_rejected"].samples if s.name == "archon_rejected_total"}
+    return requests, rejected
+
+
+def test_refusals_at_the_edge_are_counted_by_status_and_reason(upstream_factory, server_factory, monkeypatch):
+    monkeypatch.setenv("R38_KEYS", "good-key")
+    up = upstream_factory(lambda b: {"latency": 2.0} if "hold" in json.dumps(b) else None)
+    srv = server_factory(fake_config(up.url, api_keys_env="R38_KEYS", max_body_bytes=8000, max_inflight_body_bytes=8000,
+                                     max_concurrent_requests=2))
+    c = client(srv).with_options(api_key="good-key")
+    q = [{"role": "user", "content": "a question"}]
+
+    with pytest.raises(openai.AuthenticationError):  # 401 on a generation path
+        client(srv).with_options(api_key="bad-key").chat.completions.create(model="fake", messages=q)
+    assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer bad-key"}).status_code == 401  # not a generation
+    with pytest.raises(openai.APIStatusError) as big:  # 413, announced by Content-Length
+        c.completions.create(model="fake", prompt="x" * 9000, max_tokens=4)
+    assert big.value.status_code == 413
+    chunked = httpx.post(srv.url + "/v1/responses", headers={"Authorization": "Bearer good-key", "Content-Type": "application/json"},
+                         content=iter([b'{"model": "fake", "input": "', b"y" * 9000, b'"}']))  # 413 as the bytes pass the limit
+    assert chunked.status_code == 413
+    nul = httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": "Bearer good-key"},
+                     json={"model": "fake", "messages": [{"role": "user", "content": "a\u0000b"}]})  # 400 at the edge
+    assert nul.status_code == 400 and nul.json()["error"]["param"] == "messages[0].content"
+
+    def hold() -> int:
+        return c.chat.completions.with_raw_response.create(model="fake", messages=[{"role": "user", "content": "hold"}]).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(hold)
+        for _ in range(100):
+            if len(up.requests) >= 1:
+                break
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as budget:  # 429: this body and the one in flight pass the budget
+            c.completions.create(model="fake", prompt="z" * 7950, max_tokens=4)
+        assert "bytes" in budget.value.message
+        second = pool.submit(hold)
+        for _ in range(100):
+            if len(up.requests) >= 2:
+                break
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as busy:  # 429 over max_concurrent_requests, before the body is read
+            c.chat.completions.create(model="fake", messages=q)
+        assert "in flight" in busy.value.message
+        assert first.result() == second.result() == 200
+
+    requests, rejected = counted(srv, "good-key")
+    assert requests == {("", "401"): 1, ("", "413"): 2, ("", "400"): 1, ("", "429"): 2, ("fake", "200"): 2}, requests
+    assert rejected == {"auth": 2, "body_size": 2, "invalid_text": 1, "body_bytes": 1, "concurrency": 1}, rejected
+    assert len(up.requests) == 2  # none of the refused reached a backend

@@ -216,15 +216,12 @@ def build_app(
     chat: ChatService = app.state.chat
 
     def busy() -> bool:
-        if chat.inflight >= chat.max_inflight:
-            metrics.rejected.labels("concurrency").inc()
-            return True
-        return False
+        return chat.inflight >= chat.max_inflight
 
     app.add_middleware(StartupGate, ready=lambda: getattr(app.state, "ready", None), open_paths=PUBLIC_PATHS | {"/metrics"})
     app.add_middleware(GuardMiddleware, keys=load_keys(s), max_body=s.max_body_bytes, busy=busy, busy_paths=GENERATION_PATHS,
                        public=lambda path: path in PUBLIC_PATHS or is_public(path), budget=BodyBudget(s.max_inflight_body_bytes),
-                       on_reject=lambda reason: metrics.rejected.labels(reason).inc())
+                       on_reject=lambda path, status, reason: metrics.refused(status, reason, generation=path in GENERATION_PATHS))
     return app
 
 

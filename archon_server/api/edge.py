@@ -13,6 +13,9 @@ Plain ASGI (not a FastAPI dependency) so that it runs for every route, before an
 * the arrival time (a context variable, so every endpoint and the tasks it starts see it): the request deadline
   covers reading, parsing and prompt building too, not just the graph (see :func:`remaining_s`).
 
+Every refusal here goes out through :meth:`GuardMiddleware._refuse`, which tells ``on_reject`` (the app counts it in
+/metrics: api/metrics.py ``Metrics.refused``) and answers in OpenAI's error schema.
+
 The access log writes the request line; :class:`AccessLogRedactor` blanks query-string values there, so a key sent
 as ``?api_key=...`` (refused with 401) does not end up in the log.
 """
@@ -139,7 +142,7 @@ class GuardMiddleware:
 
     def __init__(self, app: ASGIApp, keys: list[bytes], max_body: int, busy: Callable[[], bool] | None = None,
                  busy_paths: frozenset[str] = frozenset({"/v1/chat/completions"}), public: Callable[[str], bool] = lambda p: p == "/health",
-                 budget: BodyBudget | None = None, on_reject: Callable[[str], None] | None = None):
+                 budget: BodyBudget | None = None, on_reject: Callable[[str, int, str], None] | None = None):
         self.app = app
         self.keys = keys
         self.max_body = max_body
@@ -147,7 +150,7 @@ class GuardMiddleware:
         self.busy_paths = busy_paths  # where the in-flight cap applies (the generation endpoints)
         self.public = public  # paths that need no key
         self.budget = budget
-        self.on_reject = on_reject or (lambda _reason: None)
+        self.on_reject = on_reject or (lambda _path, _status, _reason: None)  # (path, HTTP status, reason)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,16 +173,16 @@ class GuardMiddleware:
                 auth = v.decode("latin-1")
         path = scope.get("path", "")
         if self.keys and not self.public(path) and not check_key(auth, self.keys):
-            await send_error(send, 401, "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
+            await self._refuse(send, path, 401, "auth", "Incorrect or missing API key (Authorization: Bearer <key>).", "invalid_api_key")
             return
         if self.busy is not None and scope.get("method") == "POST" and path in self.busy_paths and self.busy():
             # Refuse before reading or parsing the body: under overload a 429 must cost next to nothing, or the
             # rejected clients' retries eat the CPU the admitted requests need (ChatService re-checks on admission).
-            await send_error(send, 429, "server busy: too many requests in flight; retry later", "rate_limit_exceeded")
+            await self._refuse(send, path, 429, "concurrency", "server busy: too many requests in flight; retry later", "rate_limit_exceeded")
             return
         declared = int(length) if length is not None and length.isdigit() else None
         if declared is not None and declared > self.max_body:
-            await send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
+            await self._too_large(send, path)
             return
         if scope.get("method") not in _BODY_METHODS:
             await self.app(scope, receive, send)
@@ -188,7 +191,7 @@ class GuardMiddleware:
         try:
             if declared is not None and self.budget is not None:
                 if not self.budget.take(declared):
-                    await self._over_budget(send)
+                    await self._over_budget(send, path)
                     return
                 held = declared
             chunks: list[bytes] = []
@@ -201,11 +204,11 @@ class GuardMiddleware:
                 chunks.append(chunk)
                 seen += len(chunk)
                 if seen > self.max_body:
-                    await send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
+                    await self._too_large(send, path)
                     return
                 if seen > held and self.budget is not None:  # no (or a lying) Content-Length: count as it comes
                     if not self.budget.take(seen - held):
-                        await self._over_budget(send)
+                        await self._over_budget(send, path)
                         return
                     held = seen
                 if not msg.get("more_body", False):
@@ -215,8 +218,7 @@ class GuardMiddleware:
             bad = find_invalid_text(raw)
             if bad is not None:
                 param, message = bad
-                self.on_reject("invalid_text")
-                await send_error(send, 400, message, "invalid_value", param)
+                await self._refuse(send, path, 400, "invalid_text", message, "invalid_value", param)
                 return
             replay = _replay(raw, receive)
             del raw  # the app holds the body from here on, and lets go of it when it likes
@@ -225,9 +227,16 @@ class GuardMiddleware:
             if held and self.budget is not None:
                 self.budget.give(held)
 
-    async def _over_budget(self, send: Send) -> None:
-        self.on_reject("body_bytes")
-        await send_error(send, 429, "server busy: too many request bytes in flight; retry later", "rate_limit_exceeded")
+    async def _refuse(self, send: Send, path: str, status: int, reason: str, message: str, code: str, param: str | None = None) -> None:
+        """Every refusal at the edge: counted (``on_reject(path, status, reason)``), then answered."""
+        self.on_reject(path, status, reason)
+        await send_error(send, status, message, code, param)
+
+    async def _too_large(self, send: Send, path: str) -> None:
+        await self._refuse(send, path, 413, "body_size", f"request body larger than {self.max_body} bytes", "request_too_large")
+
+    async def _over_budget(self, send: Send, path: str) -> None:
+        await self._refuse(send, path, 429, "body_bytes", "server busy: too many request bytes in flight; retry later", "rate_limit_exceeded")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

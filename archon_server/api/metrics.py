@@ -80,8 +80,9 @@ class Metrics:
         if self.backend_stats is not None:
             self.registry.register(self.backend_stats)
         self.requests = Counter("archon_requests_total", "Generation requests (chat completions, completions, responses) answered, "
-                                "by model and HTTP status; those refused before they ran (a 400 on a field, an unknown model) "
-                                "with model=\"\"", ["model", "status"], registry=self.registry)
+                                "by model and HTTP status; those refused before they ran (at the edge: a bad key, a body too "
+                                "large, over the limits; a 400 on a field, an unknown model) with model=\"\"", ["model", "status"],
+                                registry=self.registry)
         self.latency = Histogram(
             "archon_request_latency_seconds", "End-to-end request latency", ["model"], registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
@@ -90,7 +91,8 @@ class Metrics:
                               multiprocess_mode="livesum")
         self.backend_calls = Counter("archon_backend_calls_total", "Backend calls", ["model", "outcome"], registry=self.registry)
         self.tokens = Counter("archon_tokens_total", "Tokens over all sub-calls", ["kind"], registry=self.registry)
-        self.rejected = Counter("archon_rejected_total", "Requests rejected before running", ["reason"], registry=self.registry)
+        self.rejected = Counter("archon_rejected_total", "Requests of any route refused at the edge or on admission, by reason: auth, "
+                                "body_size, concurrency, body_bytes, invalid_text", ["reason"], registry=self.registry)
         # Label children, looked up once per label values: ``labels()`` takes a lock and builds a key each time, six
         # times per self-moa request (~5 us of its server CPU, issue 20). Bounded as prometheus' own children are.
         self._finished: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -110,10 +112,16 @@ class Metrics:
         if completion_tokens:
             self._completion_tokens.inc(completion_tokens)
 
-    def refused(self, status: int) -> None:
-        """A generation request answered with an error before it ran (validation, an unknown model): counted by
-        status, with no model (the request's may be any string) and no latency."""
-        self.requests.labels("", str(status)).inc()
+    def refused(self, status: int, reason: str | None = None, generation: bool = True) -> None:
+        """A request answered with an error before it ran: the one place such answers are counted. A generation request
+        (``generation``: chat completions, completions, responses) in ``archon_requests_total`` by status, with no
+        model (the request's may be any string, or not read yet) and no latency. With ``reason``, a refusal by the
+        edge (api/edge.py: ``auth`` 401, ``body_size`` 413, ``concurrency`` and ``body_bytes`` 429, ``invalid_text``
+        400) or on admission (``concurrency``), of any route, also in ``archon_rejected_total``."""
+        if reason is not None:
+            self.rejected.labels(reason).inc()
+        if generation:
+            self.requests.labels("", str(status)).inc()
 
     def backend_call(self, model: str, ok: bool, requests: int = 1) -> None:
         child = self._calls.get((model, ok))

@@ -273,9 +273,9 @@ class ChatService:
 
     def _admit(self) -> None:
         """Take an in-flight slot or refuse at once (429); every admitted request calls :meth:`_release` once."""
-        if self.inflight >= self.max_inflight:
-            self.metrics.rejected.labels("concurrency").inc()
-            raise APIError(429, f"server busy: {self.max_inflight} requests in flight; retry later", code="rate_limit_exceeded")
+        if self.inflight >= self.max_inflight:  # counted here (the edge's check let it in), not by the error handler
+            self.metrics.refused(429, "concurrency")
+            raise _observed(APIError(429, f"server busy: {self.max_inflight} requests in flight; retry later", code="rate_limit_exceeded"))
         self.admitted += 1
         self.inflight += 1
         self.metrics.inflight.inc()
