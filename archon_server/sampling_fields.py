@@ -2,7 +2,11 @@
 and a sweep's ``params`` (``archon bench``, ``archon run``) declare their fields with these types, so the same value
 is accepted or refused alike, with the same words, wherever it is given.
 
-This module is a leaf: it imports nothing from the package (as ``spec``), so the API and the bench may both use it.
+An architecture's sampling (``spec.Sampling``: a component's or the ``defaults``' temperature, top_p, max_tokens, seed,
+stop) is declared with them too, so a value an architecture file may hold is one a request may send.
+
+This module is a leaf: it imports nothing from the package, so the API, the bench and ``spec`` (a leaf that imports
+only leaves) may all use it.
 
 Usage: ``temperature: Temperature | None = None`` (pydantic applies the bounds to a value that is not None).
 """
@@ -22,6 +26,8 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 N = Annotated[int, Field(ge=1)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+# vLLM's min_tokens: 0 is off.
+MinTokens = Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 # vLLM's top_k: 0 or -1 is off.

@@ -1,7 +1,8 @@
 """Architecture specification: the typed, validated description of an ensemble.
 
-This module is a leaf: it imports nothing from the rest of the package, so the
-CLI, the HTTP layer, the runtime, the benchmark and the search code may all use it.
+This module is a leaf: it imports nothing from the rest of the package but the other leaves (``exceptions``, and
+``sampling_fields``, whose bounds its sampling fields use), so the CLI, the HTTP layer, the runtime, the benchmark
+and the search code may all use it.
 
 An architecture is a list of *layers*; a layer is a list of *components* that run
 concurrently and read/write a shared state (candidates, critiques, unit tests,
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from .exceptions import ArchonError
+from .sampling_fields import MaxTokens, Seed, Stop, Temperature, TopP
 
 
 class SpecError(ArchonError, ValueError):
@@ -37,11 +39,12 @@ class _Base(BaseModel):
 class Sampling(_Base):
     """Sampling settings of one component's backend calls (unset = inherit)."""
 
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=131072)
-    seed: int | None = None
-    stop: list[str] | None = None
+    # The bounds are the API's (sampling_fields): an architecture may hold what a request may send, with the same words.
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
 
 
 class _Component(Sampling):
@@ -147,7 +150,7 @@ class SelfMoASeqSpec(_Component):
     samples: int = Field(default=12, ge=1, le=1024)
     window: int = Field(default=6, ge=2, le=64)
     repeat_best: int = Field(default=1, ge=1, le=8)
-    proposer_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    proposer_temperature: Temperature | None = None
 
     def needs_model(self) -> bool:
         return True

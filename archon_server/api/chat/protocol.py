@@ -10,6 +10,7 @@ from pydantic_core import PydanticCustomError
 from ...backends.base import SAMPLING_EXTRAS, content_text
 from ...sampling_fields import (
     MaxTokens,
+    MinTokens,
     N,
     Seed,
     Stop,
@@ -83,7 +84,7 @@ class SamplingExtras(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     top_k: TopK | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    min_tokens: int | None = Field(default=None, ge=0, le=131072)
+    min_tokens: MinTokens | None = None
     ignore_eos: bool | None = None
     # {token id (a string, as JSON keys are): bias added to its logit before sampling}, clamped to [-100, 100] as vLLM
     # does; an id past the model's vocabulary is the backend's 400.
