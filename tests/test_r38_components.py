@@ -1,5 +1,8 @@
-"""A gap closed in the spec (more in later commits):
+"""Gaps closed in the runtime and the spec (more in later commits):
 
+1. a writing layer (a final fuser) whose every answer is empty falls back on the candidates it was given that have
+   one (set_aside_empty's rule), and the trace says so: unit tests on scripted backends, and the real path (server,
+   scripted upstream, the official SDK, plain and streamed);
 3. the spec's sampling fields take their bounds and words from sampling_fields, as the API's requests do.
 """
 
@@ -8,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from archon_server.api.chat.protocol import ChatCompletionRequest
 from archon_server.backends.base import (
@@ -21,10 +25,11 @@ from archon_server.backends.base import (
     Usage,
 )
 from archon_server.backends.registry import BackendRegistry
-from archon_server.components import prompts
+from archon_server.components import FinalOverrides, prompts
 from archon_server.graph.runtime import GraphRuntime
 from archon_server.sampling_fields import MinTokens
 from archon_server.spec import SpecError, parse_architecture
+from conftest import fake_config
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +99,78 @@ def runtime(*backends: Backend) -> GraphRuntime:
 
 def notes(res: Any) -> str:
     return " | ".join(n for layer in res.trace.layers for n in layer.notes)
+
+
+# ------------------------------------------------------------------------------------------ 1. empty synthesis
+
+
+def moa(**fuser: Any) -> Any:
+    return parse_architecture({"name": "t", "layers": [[{"type": "generator", "model": "gen", "samples": 3}],
+                                                       [{"type": "fuser", "model": "gen", **fuser}]]})
+
+
+@pytest.mark.parametrize("fused", ["", "  \n\t "])
+async def test_an_empty_final_synthesis_falls_back_on_the_first_candidate_with_an_answer(fused):
+    gen = Scripted("gen", ["", "second sample", "third sample"], fused=fused)
+    res = await runtime(gen).run(moa(), Q)
+    assert gen.fusions  # the fuser ran, and wrote nothing
+    assert res.text == "second sample"  # the first with an answer: the empty first sample is set aside
+    assert res.candidates[0].finish_reason == "stop"
+    last = res.trace.layers[-1]
+    assert any(n.startswith("fallback: every answer this layer wrote was empty") and "2 candidate(s)" in n for n in last.notes), last.notes
+    assert [c["text"] for c in last.candidates] == ["second sample", "third sample"]  # what the layer left, in the trace
+
+
+async def test_the_fallback_takes_the_best_scored_candidate_and_the_clients_n():
+    # A scorer before the fuser (self-moa-rank's shape): the fallback is the best-scored of the ones fused.
+    spec = parse_architecture({"name": "t", "layers": [
+        [{"type": "generator", "model": "gen", "samples": 3}],
+        [{"type": "scorer", "method": "density_ratio", "model": "strong", "weak": "weak", "top_k": 2}],
+        [{"type": "fuser", "model": "gen"}]]})
+    gen = Scripted("gen", ["one", "one two three", "one two"], fused="")
+    res = await runtime(gen, LogP("strong", -1.0), LogP("weak", -2.0)).run(spec, Q)  # ratio = +1 a word: longest best
+    assert res.text == "one two three"
+    res = await runtime(gen, LogP("strong", -1.0), LogP("weak", -2.0)).run(spec, Q, final=FinalOverrides(n=2))
+    assert res.choices == ["one two three", "one two"]
+
+
+async def test_no_fallback_when_the_synthesis_has_an_answer_or_nothing_had_one():
+    gen = Scripted("gen", ["a", "b", "c"], fused="the synthesis")
+    res = await runtime(gen).run(moa(), Q)
+    assert res.text == "the synthesis" and "fallback" not in notes(res)
+    gen = Scripted("gen", ["", " ", ""], fused="")
+    res = await runtime(gen).run(moa(), Q)
+    assert res.text == "" and "fallback" not in notes(res)  # every candidate empty: the answer is empty
+
+
+def client(server: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_synthesis_over_the_wire_answers_with_a_sample(upstream_factory, server_factory, stream):
+    """The real path: self-moa on a server whose upstream writes an empty synthesis, asked with the official SDK."""
+    def script(body: dict[str, Any]) -> dict[str, Any] | None:
+        if is_fusion(body.get("messages", [])):
+            return {"text": ""}
+        return {"text": ["", "the first sample with an answer"] + [f"sample {i}" for i in range(2, body.get("n", 1))]}
+
+    up = upstream_factory(script)
+    c = client(server_factory(fake_config(up.url)))
+    kw: dict[str, Any] = {"model": "self-moa", "messages": [{"role": "user", "content": "Say hi."}], "extra_body": {"return_trace": True}}
+    if stream:
+        chunks = list(c.chat.completions.create(stream=True, **kw))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        trace = next(ch.model_extra["trace"] for ch in chunks if (ch.model_extra or {}).get("trace"))
+    else:
+        r = c.chat.completions.create(**kw)
+        text, finish, trace = r.choices[0].message.content, [r.choices[0].finish_reason], r.model_extra["trace"]
+    assert text == "the first sample with an answer"
+    assert finish == ["stop"]
+    assert sum(is_fusion(rec.body.get("messages", [])) for rec in up.requests) == 1  # the fuser was asked, once
+    fuser_layer = trace["layers"][-1]
+    assert any(n.startswith("fallback:") for n in fuser_layer["notes"]), fuser_layer["notes"]
 
 
 # ------------------------------------------------------------------------------------------ 3. one rule for the fields

@@ -122,6 +122,19 @@ def set_aside_empty(state: State) -> int:
     return dropped
 
 
+def fall_back_on_empty(state: State, incoming: list[Candidate], incoming_critiques: list[str | None]) -> int:
+    """After a layer that writes (a fuser, a sequential aggregator, a later generator): when every answer it wrote is
+    empty (an empty or blank synthesis) and a candidate it was given has an answer, its input stands in for its
+    output, less the empty ones (set_aside_empty: the one rule that an empty answer never wins while another has
+    one), with their critiques; the final rule then picks among them as it would have (``final``: the best-scored,
+    or the first). Returns how many candidates stand in (0: no fallback)."""
+    if not incoming or not all(c.empty for c in state.candidates) or all(c.empty for c in incoming):
+        return 0
+    state.candidates, state.critiques = list(incoming), list(incoming_critiques)
+    set_aside_empty(state)
+    return len(state.candidates)
+
+
 def writes(layer: list[Any]) -> bool:
     """Whether a layer writes answers (a generator, fuser, sequential aggregator) rather than selecting or judging."""
     return any(COMPONENTS[c.type].produces for c in layer)
@@ -232,7 +245,7 @@ class GraphRuntime:
         feeder = final.for_writers() if writer is not None and writer != last else None
         for li, layer in enumerate(spec.layers):
             comps = [COMPONENTS[c.type](c, j) for j, c in enumerate(layer)]
-            incoming = list(state.candidates)
+            incoming, incoming_critiques = list(state.candidates), list(state.critiques)
             for pos, c in enumerate(incoming):
                 c.meta[_POS] = pos
             lt = trace.add_layer(li, [c.id for c in comps], len(incoming))
@@ -274,6 +287,10 @@ class GraphRuntime:
                     status=self._status(lt), trace=trace,
                 )
             self._merge(state, updates)
+            if writes(layer) and (k := fall_back_on_empty(state, incoming, incoming_critiques)):
+                lt.notes.append(f"fallback: every answer this layer wrote was empty; its input's {k} candidate(s) with an answer"
+                                " stand in for them")
+                stream_here = False  # nothing was streamed (an empty answer has no tokens): the answer goes out whole
             _note_outcome(lt, incoming, updates, state)
             trace.end_layer(lt)
             if not state.candidates:
