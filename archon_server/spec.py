@@ -205,6 +205,9 @@ class ScorerSpec(_Component):
       Bradley-Terry turns the results into scores. ``pair_scorer: reward_model`` compares rewards instead.
     - ``reward_model``: one call to a reward / sequence-classification model served over HTTP
       (``reward_protocol``: vLLM's Score API ``vllm_score`` or text-embeddings-inference ``tei_rerank``).
+
+    Whatever the method, ``prefer_complete`` (default) scores only the complete candidates when there is one: those
+    cut at the length limit are set aside first, so ``top_k`` may keep fewer than it says.
     """
 
     type: Literal["scorer"] = "scorer"
@@ -218,6 +221,12 @@ class ScorerSpec(_Component):
     round_robin_max: int = Field(default=8, ge=2, le=64, description="pairwise: up to this many candidates every pair meets; beyond, a knockout.")
     reward_protocol: Literal["vllm_score", "tei_rerank"] = "vllm_score"
     top_logprobs: int = Field(default=20, ge=2, le=100, description="logprob judges: next-token alternatives read.")
+    prefer_complete: bool = Field(
+        default=True,
+        description="Candidates cut at the length limit (finish_reason `length`) are set aside, unscored, when one is "
+        "complete: an answer cut mid-sentence never beats a complete one (the density ratio, a sum over tokens, favours "
+        "the longer). False: every candidate is scored.",
+    )
 
     @model_validator(mode="after")
     def _weak(self) -> "ScorerSpec":

@@ -1,8 +1,10 @@
-"""Gaps closed in the runtime and the spec (more in later commits):
+"""Three gaps closed in the components, the runtime and the spec:
 
 1. a writing layer (a final fuser) whose every answer is empty falls back on the candidates it was given that have
    one (set_aside_empty's rule), and the trace says so: unit tests on scripted backends, and the real path (server,
    scripted upstream, the official SDK, plain and streamed);
+2. a scorer never prefers an answer cut at the length limit to a complete one (the raw density ratio, a sum over
+   tokens, did at a small max_tokens), on the best-of-n-cdr preset itself;
 3. the spec's sampling fields take their bounds and words from sampling_fields, as the API's requests do.
 """
 
@@ -13,6 +15,9 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import fake_config
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
 from archon_server.api.chat.protocol import ChatCompletionRequest
 from archon_server.backends.base import (
     Backend,
@@ -28,9 +33,7 @@ from archon_server.backends.registry import BackendRegistry
 from archon_server.components import FinalOverrides, prompts
 from archon_server.graph.runtime import GraphRuntime
 from archon_server.sampling_fields import MinTokens
-from archon_server.spec import SpecError, parse_architecture
-from conftest import fake_config
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from archon_server.spec import SpecError, load_architecture, parse_architecture
 
 ROOT = Path(__file__).resolve().parent.parent
 Q = [{"role": "user", "content": "Say something."}]
@@ -171,6 +174,50 @@ def test_an_empty_synthesis_over_the_wire_answers_with_a_sample(upstream_factory
     assert sum(is_fusion(rec.body.get("messages", [])) for rec in up.requests) == 1  # the fuser was asked, once
     fuser_layer = trace["layers"][-1]
     assert any(n.startswith("fallback:") for n in fuser_layer["notes"]), fuser_layer["notes"]
+
+
+# ------------------------------------------------------------------------------------------ 2. cut answers and CDR
+
+COMPLETE = "A complete answer."
+CUT = "A much longer answer that rambles on and on until the token limit cut it in the middle of"
+
+
+async def test_best_of_n_cdr_prefers_a_complete_answer_to_a_longer_cut_one():
+    spec = load_architecture(ROOT / "architectures" / "best-of-n-cdr.yaml")
+    scorer = spec.layers[-1][0]
+    assert scorer.method == "density_ratio" and not scorer.length_normalize  # the paper's reward: the whole answer's ratio
+    # +0.5 a word: the raw ratio grows with length, so the cut answer (the longest) scores higher...
+    strong = WritesAndScores("default", [CUT, COMPLETE, CUT + " x", COMPLETE + " Yes."] * 2, -1.0, cut=frozenset({0, 2, 4, 6}))
+    res = await runtime(strong, LogP("weak", -1.5)).run(spec, Q)
+    # ... yet the answer is the best complete one, and the cut ones were never scored.
+    assert res.text == COMPLETE + " Yes." and res.candidates[0].finish_reason == "stop"
+    assert strong.scored == [[COMPLETE, COMPLETE + " Yes."] * 2]
+    n = notes(res)
+    assert "4 of 8 candidate(s) cut at the length limit set aside ([1], [3], [5], [7])" in n
+    assert "kept [4]" in n  # numbered as the layer got them
+
+
+async def test_prefer_complete_off_scores_them_all_and_all_cut_are_scored_as_they_are():
+    spec = parse_architecture({"name": "t", "layers": [
+        [{"type": "generator", "model": "gen", "samples": 2}],
+        [{"type": "scorer", "method": "density_ratio", "model": "strong", "weak": "weak", "prefer_complete": False}]]})
+    res = await runtime(Scripted("gen", [COMPLETE, CUT], cut=frozenset({1})), LogP("strong", -1.0), LogP("weak", -1.5)).run(spec, Q)
+    assert res.text == CUT  # what the raw ratio alone says
+    spec = parse_architecture({"name": "t", "layers": [
+        [{"type": "generator", "model": "gen", "samples": 2}],
+        [{"type": "scorer", "method": "density_ratio", "model": "strong", "weak": "weak"}]]})
+    res = await runtime(Scripted("gen", [COMPLETE, CUT], cut=frozenset({0, 1})), LogP("strong", -1.0), LogP("weak", -1.5)).run(spec, Q)
+    assert res.text == CUT and "set aside" not in notes(res)  # no complete one: the best cut one
+
+
+async def test_a_scorer_left_with_one_complete_answer_keeps_it_without_scoring():
+    spec = parse_architecture({"name": "t", "layers": [
+        [{"type": "generator", "model": "gen", "samples": 3}],
+        [{"type": "scorer", "method": "density_ratio", "model": "strong", "weak": "weak", "top_k": 2}]]})
+    strong = LogP("strong", -1.0)
+    res = await runtime(Scripted("gen", [CUT, COMPLETE, CUT], cut=frozenset({0, 2})), strong, LogP("weak", -1.5)).run(
+        spec, Q, final=FinalOverrides(n=2))
+    assert res.choices == [COMPLETE] and strong.scored == []
 
 
 # ------------------------------------------------------------------------------------------ 3. one rule for the fields

@@ -49,6 +49,8 @@ class Scorer(Component):
     type = "scorer"
 
     async def run(self, ctx: ComponentContext, state: State) -> Update:
+        # num[i]: candidate i's number ([1]...) among the ones the layer got, which the notes use.
+        state, num = self._set_aside_cut(ctx, state) if self.spec.prefer_complete else (state, range(1, len(state.candidates) + 1))
         cands = state.candidates
         if len(cands) <= 1:
             ctx.layer.notes.append(f"{self.id}: {len(cands)} candidate(s), nothing to score")
@@ -66,11 +68,26 @@ class Scorer(Component):
         order = sorted(range(len(cands)), key=lambda i: -scores[i])  # stable: ties keep the incoming order
         keep = order[: self.spec.top_k]
         ctx.layer.notes.append(
-            f"{self.id}: {method} scores " + ", ".join(f"[{i + 1}] {scores[i]:.4g}" for i in range(len(cands)))
-            + f"; kept {', '.join(f'[{i + 1}]' for i in keep)}"
+            f"{self.id}: {method} scores " + ", ".join(f"[{num[i]}] {scores[i]:.4g}" for i in range(len(cands)))
+            + f"; kept {', '.join(f'[{num[i]}]' for i in keep)}"
         )
         return Update(selected=[replace(cands[i], score=float(scores[i]), meta={**cands[i].meta, "scorer": {"method": method, **parts[i]}})
                                 for i in keep])
+
+    def _set_aside_cut(self, ctx: ComponentContext, state: State) -> tuple[State, list[int]]:
+        """The state with only the complete candidates when one is complete and another was cut at the length limit
+        (finish_reason ``length``): a cut answer never beats a complete one. The raw density ratio sums a log-ratio
+        over the tokens, so at a small max_tokens the answers cut at the limit (the longest) won; the paper's reward
+        (Dr.SoW/CDR: log p_strong(y|x) - log p_weak(y|x) of a whole answer) stays as it is. With the state, the
+        numbers ([1]...) of the candidates it keeps among those the layer got."""
+        cands = state.candidates
+        cut = [i for i, c in enumerate(cands) if c.finish_reason == "length"]
+        if not cut or len(cut) == len(cands):
+            return state, list(range(1, len(cands) + 1))
+        ctx.layer.notes.append(f"{self.id}: {len(cut)} of {len(cands)} candidate(s) cut at the length limit set aside "
+                               f"({', '.join(f'[{i + 1}]' for i in cut)}): scored among the {len(cands) - len(cut)} complete")
+        keep = [i for i in range(len(cands)) if i not in cut]
+        return replace(state, candidates=[cands[i] for i in keep], critiques=[]), [i + 1 for i in keep]
 
     # ------------------------------------------------------------------ density ratio (CDR)
     async def _density_ratio(self, ctx: ComponentContext, state: State) -> tuple[list[float], list[dict[str, Any]]]:
