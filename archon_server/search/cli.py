@@ -181,12 +181,24 @@ def _export(study: optuna.Study, storage_url: str, cfg: Any, out: str | None, re
 def _summary(study: optuna.Study, cfg: Any = None) -> dict[str, Any]:
     """A study's progress as JSON. A RUNNING trial whose heartbeat is older than the grace period (the config's,
     else the one the study was created with) counts as ``stale``, not ``running``: its worker is dead, and the next
-    worker to run retries it (``stale_trials``: each with its heartbeat's age)."""
+    worker to run retries it (``stale_trials``: each with its heartbeat's age). ``failed`` counts final failures only
+    (``failed_trials``: each with its error); a trial whose worker died and whose parameters were queued again counts
+    in ``retried``, one released unrun once the target was reached in ``surplus``."""
     from archon_server.search.report import best_trial
-    from archon_server.search.runner import STUDY_CONFIG, STUDY_TARGET, grace_period_s, progress, running_trials
+    from archon_server.search.runner import (
+        STUDY_CONFIG,
+        STUDY_TARGET,
+        failed_trials,
+        grace_period_s,
+        progress,
+        running_trials,
+    )
 
     p = progress(study)
     out: dict[str, Any] = {"study": study.study_name, "target": study.user_attrs.get(STUDY_TARGET), **p.__dict__}
+    if p.failed:
+        stored = (study.user_attrs.get(STUDY_CONFIG) or {}).get("study") or {}
+        out["failed_trials"] = failed_trials(study, cfg.study.max_retry if cfg is not None else stored.get("max_retry", 2))
     grace = grace_period_s(cfg if cfg is not None else study.user_attrs.get(STUDY_CONFIG))
     live, stale = running_trials(study, grace)
     out["running"] -= len(stale)

@@ -20,7 +20,6 @@ from archon_server.search.objective import (
     ATTR_DUPLICATE,
     ATTR_PRUNED,
     ATTR_REJECTED,
-    ATTR_SKIPPED,
 )
 from archon_server.search.runner import STUDY_BASELINES, STUDY_CONFIG, STUDY_TEST, progress, ranked_trials, trial_spec
 from archon_server.spec import ArchitectureSpec, dump_architecture, load_architecture
@@ -153,7 +152,7 @@ def write_report(study: optuna.Study, out_dir: str | Path, storage_url: str | No
         f"- objective: {obj.get('mode', '?')}, cost = {obj.get('cost', '?')} per query, lambda = {obj.get('lambda', obj.get('lam', '?'))}",
         f"- trials: {p.evaluated} evaluated ({len(pruned)} pruned early, {len(dups)} duplicates reused), "
         f"{p.rejected} rejected by rules/budget before any call, {p.failed} failed, "
-        f"{sum(1 for t in all_trials if ATTR_SKIPPED in t.user_attrs)} surplus",
+        f"{p.retried} retried (their worker died), {p.surplus} surplus",
         f"- storage: `{storage_url}` (open it with `optuna-dashboard {storage_url}`)" if storage_url else "- storage: in memory",
         "",
         "## Best architectures (dev), held-out test",

@@ -215,13 +215,25 @@ class Progress:
     running: int = 0
     waiting: int = 0
     rejected: int = 0
-    failed: int = 0
+    failed: int = 0  # final failures: the trial raised (its error is kept), or its worker died and it is not retried
+    retried: int = 0  # its worker died (or was interrupted): its parameters were queued again as a new trial
+    surplus: int = 0  # released unrun: earlier trials had reached the target
     attempts: int = 0  # every trial ever created
+
+
+def _fail_kind(t: optuna.trial.FrozenTrial, requeued: set[int | None]) -> str:
+    """What a FAIL trial is: ``surplus`` (released unrun), ``retried`` (a later trial re-runs its parameters: its
+    worker died) or ``failed`` (final). ``requeued``: the trials some trial re-runs (:func:`retried_from`)."""
+    if ATTR_SKIPPED in t.user_attrs:
+        return "surplus"
+    return "retried" if t.number in requeued else "failed"
 
 
 def progress(study: optuna.Study) -> Progress:
     p = Progress()
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    requeued = {retried_from(t) for t in trials}
+    for t in trials:
         p.attempts += 1
         if is_evaluated(t):
             p.evaluated += 1
@@ -234,8 +246,31 @@ def progress(study: optuna.Study) -> Progress:
         elif is_rejected(t):
             p.rejected += 1
         elif t.state == TrialState.FAIL:
-            p.failed += 1
+            kind = _fail_kind(t, requeued)
+            setattr(p, kind, getattr(p, kind) + 1)
     return p
+
+
+def failed_trials(study: optuna.Study, max_retry: int | None) -> list[dict[str, Any]]:
+    """The final failures :func:`progress` counts in ``failed``, each with why: its error, or that its worker died
+    (and whether its retries, ``max_retry``, are used up or the next worker to run retries it)."""
+    trials = study.get_trials(deepcopy=False)
+    requeued = {retried_from(t) for t in trials}
+    out: list[dict[str, Any]] = []
+    for t in trials:
+        if t.state != TrialState.FAIL or _fail_kind(t, requeued) != "failed":
+            continue
+        why = t.user_attrs.get(ATTR_ERROR)
+        if why is None:
+            tries = len(t.system_attrs.get("retry_history", [])) + 1
+            if max_retry is not None and tries > max_retry:
+                why = f"its worker died on each of {tries} tries (study.max_retry {max_retry}: no retry left)"
+            elif not t.params:
+                why = "its worker died before it drew a graph: nothing to re-run"
+            else:
+                why = "its worker died; the next worker to run retries it"
+        out.append({"trial": t.number, "error": str(why)[:300]})
+    return out
 
 
 def grace_period_s(config: SearchConfig | dict[str, Any] | None) -> float | None:
