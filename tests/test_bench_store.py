@@ -29,8 +29,11 @@ def _rec(arch: str, item: str, **kw) -> dict:
 
 
 def test_claims_leases_and_idempotent_rows(storage_url: str) -> None:
-    a = SweepStore(storage_url, "s", lease_s=0.5)
-    b_results = StoreResults(a.engine, "s", lease_s=0.5, worker="host-b:2")
+    # A lease long enough that a loaded machine (PostgreSQL, busy cores) cannot let it lapse between a claim and the
+    # next line's check, which must see it held; then a sleep past it to see it go stale (it was 0.5 s: too close).
+    lease_s = 2.0
+    a = SweepStore(storage_url, "s", lease_s=lease_s)
+    b_results = StoreResults(a.engine, "s", lease_s=lease_s, worker="host-b:2")
     a.results.register({"name": "s", "n": 1})
     assert a.results.claim_sync("m", "math500", "q1")
     assert not b_results.claim_sync("m", "math500", "q1")  # held by a live worker
@@ -41,7 +44,7 @@ def test_claims_leases_and_idempotent_rows(storage_url: str) -> None:
 
     assert a.results.claim_sync("m", "math500", "q2")  # a claims q2 and "dies": no heartbeat, no result
     assert not b_results.claim_sync("m", "math500", "q2")
-    time.sleep(0.7)
+    time.sleep(lease_s + 0.2)
     assert b_results.claim_sync("m", "math500", "q2")  # the lease went stale: taken over
     a.results.append_sync(_rec("m", "q2", score=0.5))  # the dead worker's late answer is not kept
     b_results.append_sync(_rec("m", "q2", score=0.25))

@@ -186,20 +186,20 @@ def test_deadline_counts_from_arrival_not_from_the_graph(up, server_factory, str
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
         s.sendall(b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-        t0 = time.perf_counter()
-        for i in range(0, len(body), 8):  # drip the body in for 1.6 s
+        for i in range(0, len(body), 8):  # drip the body in for 1.6 s (longer on a loaded machine: its sleeps overrun)
             s.sendall(body[i:i + 8])
             time.sleep(1.6 / (len(body) / 8))
+        t_in = time.perf_counter()  # "at once" counts from here: the drip's own overrun is not the server's time
         head = b""
-        while b"error" not in head and time.perf_counter() - t0 < 5:
+        while b"error" not in head and time.perf_counter() - t_in < 5:
             part = s.recv(65536)
             if not part:
                 break
             head += part
-        took = time.perf_counter() - t0
+        took = time.perf_counter() - t_in
         head = head.decode("latin-1")
     assert head.startswith("HTTP/1.1 504"), head[:300]
-    assert '"timeout_error"' in head and took < 1.6 + 0.5 + 0.5, took
+    assert '"timeout_error"' in head and took < 1.0, took
     assert up.requests == []
 
 

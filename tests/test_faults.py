@@ -178,7 +178,7 @@ def test_backend_that_hangs_forever_hits_the_deadline(rig, arch):
     assert DEADLINE_S - 0.1 < elapsed < DEADLINE_S + 3, elapsed
     # ...and the hanging upstream calls were aborted, not left running.
     hung = [q for q in rig["up"].requests[n_before:] if q.ended is None or q.aborted]
-    deadline = time.time() + 5
+    deadline = time.time() + 30  # (a loaded machine may take seconds to get there; done at once when it is)
     while time.time() < deadline and not all(q.aborted for q in hung):
         time.sleep(0.05)
     assert hung and all(q.aborted for q in hung)

@@ -38,7 +38,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def _config(tmp_path: Path, **scripted) -> Path:
     data = yaml.safe_load(TINY.read_text())
     # Random sampler: what is under test is the coordination through the storage, and TPE over an RDB is slow.
-    data["study"].update({"name": "shared", "heartbeat_interval": 1, "grace_period": 2, "sampler": {"type": "random", "seed": 0}})
+    # Grace 4 s over 1 s beats: a live worker's beat can lapse by seconds on a loaded machine (SQLite locks, busy cores),
+    # and at 2 s a CI run under load took a live trial for dead; a killed worker's trial is still failed 4 s on.
+    data["study"].update({"name": "shared", "heartbeat_interval": 1, "grace_period": 4, "sampler": {"type": "random", "seed": 0}})
     data["evaluation"].update({"stages": [], "test_top": 1, "baselines": False})
     data["evaluation"]["scripted"].update({"n_dev": 10, **scripted})
     path = tmp_path / "search.yaml"
@@ -322,7 +324,7 @@ async def test_a_trial_waits_for_its_running_twin_instead_of_paying_twice(tmp_pa
     assert ev.evaluations == 0
 
     second, task = await twin_of_running_trial(finish=False, top_k=3)
-    out = await asyncio.wait_for(task, 30)  # grace period 2 s, then the first is failed
+    out = await asyncio.wait_for(task, 30)  # grace period 4 s, then the first is failed
     assert study.trials[second.number - 1].state == TrialState.FAIL
     assert ATTR_DUPLICATE not in second.user_attrs and ev.evaluations == 10 and out.values
 

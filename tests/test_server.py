@@ -147,7 +147,7 @@ def test_deadline_gives_504(upstream_factory, server_factory):
     with pytest.raises(openai.APIStatusError) as e:
         client(srv).chat.completions.create(model="self-moa", messages=[{"role": "user", "content": "Q"}])
     assert e.value.status_code == 504 and time.time() - t0 < 10
-    deadline = time.time() + 5
+    deadline = time.time() + 30  # (a loaded machine may take seconds to get there; done at once when it is)
     while time.time() < deadline and not all(q.aborted for q in up.requests):
         time.sleep(0.05)
     assert up.requests and all(q.aborted for q in up.requests)  # the upstream saw its request aborted
@@ -157,13 +157,13 @@ def test_deadline_gives_504(upstream_factory, server_factory):
 def test_client_disconnect_cancels_upstream_calls(upstream_factory, server_factory, stream):
     up = upstream_factory(lambda b: {"fault": "hang"})
     srv = server_factory(fake_config(up.url))
-    with pytest.raises(httpx.TimeoutException):
-        with httpx.Client(timeout=1.0) as h:
+    with pytest.raises(httpx.TimeoutException):  # after 2 s: the 6 upstream calls are out by then, also under load
+        with httpx.Client(timeout=2.0) as h:
             r = h.post(srv.url + "/v1/chat/completions", json={"model": "moa-lite", "stream": stream, "messages": [{"role": "user", "content": "Q"}]})
             if stream:
                 for _ in r.iter_lines():
                     pass
-    deadline = time.time() + 5
+    deadline = time.time() + 30  # (a loaded machine may take seconds to get there; done at once when it is)
     while time.time() < deadline and not (len(up.requests) == 6 and all(q.aborted for q in up.requests)):
         time.sleep(0.05)
     assert len(up.requests) == 6 and all(q.aborted for q in up.requests)
@@ -176,8 +176,15 @@ def test_latency_is_the_critical_path_not_the_sum(upstream_factory, server_facto
     r = client(srv).chat.completions.create(model="moa", messages=[{"role": "user", "content": "Q"}], extra_body={"return_trace": True})
     elapsed = time.perf_counter() - t0
     assert r.model_extra["trace"]["calls"] == 13
-    # 3 layers x 0.3 s on the critical path = 0.9 s; serial would be 13 x 0.3 = 3.9 s.
-    assert elapsed < 2.5, elapsed
+    # The calls of a layer run at once: at the upstream, each of the two 6-call layers' calls all overlap (the
+    # last one began before the first one ended), whatever the machine's load...
+    calls = sorted(up.requests, key=lambda q: q.started)
+    assert len(calls) == 13
+    for layer in (calls[0:6], calls[6:12]):
+        assert max(q.started for q in layer) < min(q.ended for q in layer), [(q.started, q.ended) for q in layer]
+    # ...and the request takes the critical path, 3 layers x 0.3 s = 0.9 s, not the sum, 13 x 0.3 = 3.9 s (the bound
+    # was 2.5 s: too close on a loaded machine; the overlap above is what shows the calls were concurrent).
+    assert elapsed < 3.9, elapsed
 
 
 def test_backend_without_n_gets_concurrent_requests(upstream_factory, server_factory):

@@ -103,7 +103,7 @@ async def test_calls_come_back_as_the_same_objects(tmp_path):
         assert shared.stats() == {"requests": 1}  # the host's counters as of that answer
         assert res == await backend.chat(ask("hello", n=3))  # (another caller of the hosted backend: requests 2)
         assert [c.text for c in res.choices] == ["echo hello #0", "echo hello #1", "echo hello #2"]
-        for _ in range(100):  # another worker's calls: this worker's /metrics learns of them within a refresh
+        for _ in range(500):  # another worker's calls: this worker's /metrics learns of them within a refresh
             if shared.stats() == {"requests": 2}:
                 break
             await asyncio.sleep(0.02)
@@ -171,7 +171,7 @@ async def test_start_waits_for_the_hosted_backend_and_says_what_it_waits_for(tmp
     async with hosted(str(tmp_path / "s"), Scripted(start_gate=gate)) as (_host, shared):
         starting = asyncio.create_task(shared.start())
         early = asyncio.create_task(shared.chat(ask("early")))  # a call before the load waits for it
-        for _ in range(100):
+        for _ in range(500):
             if shared.start_status == "loading scripted-model":
                 break
             await asyncio.sleep(0.02)
@@ -194,7 +194,10 @@ async def test_start_outlives_a_host_that_dies_while_loading(tmp_path):
     shared = SharedBackend("a", HostConnection(path, connect_timeout_s=10), poll_s=0.02)
     try:
         starting = asyncio.create_task(shared.start())
-        await asyncio.sleep(0.2)
+        for _ in range(500):  # wait for the host to say it is loading (a fixed 0.2 s sleep may end first on a loaded machine)
+            if shared.start_status == "loading scripted-model":
+                break
+            await asyncio.sleep(0.02)
         assert shared.start_status == "loading scripted-model"
         await host.close()  # crashed while loading: the parent starts another
         (tmp_path / "s").unlink()

@@ -153,9 +153,11 @@ async def test_a_body_cut_short_is_an_error_not_a_short_answer():
 
 
 async def test_the_read_timeout_counts_silence_not_the_whole_answer():
+    # Margins of 0.8 s or more either way (they were 0.25 s: a loaded machine's stall can stretch a 0.1 s gap, or the
+    # wait for the timeout, by that much): gaps of 0.2 s against a 1 s timeout, then a 3 s gap.
     async def dribble(reader, writer, n):
         pieces = [b"x" * 10] * 6
-        delay = 0.1 if n == 1 else 0.6
+        delay = 0.2 if n == 1 else 3.0
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 60\r\n\r\n")
         for p in pieces:
             await asyncio.sleep(delay)
@@ -164,15 +166,15 @@ async def test_the_read_timeout_counts_silence_not_the_whole_answer():
         return True
 
     async with RawServer(dribble) as srv:
-        pool = ConnectionPool(read_timeout_s=0.35)
+        pool = ConnectionPool(read_timeout_s=1.0)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        assert await get(pool, srv.url) == (200, b"x" * 60)  # 0.6 s in all, never 0.35 s of silence
-        assert loop.time() - t0 > 0.5
+        assert await get(pool, srv.url) == (200, b"x" * 60)  # 1.2 s in all, never 1 s of silence
+        assert loop.time() - t0 > 1.1
         t0 = loop.time()
         with pytest.raises(TimeoutError):
             await get(pool, srv.url)
-        assert loop.time() - t0 < 0.6
+        assert loop.time() - t0 < 2.5  # the 1 s of silence, not the 3 s until the first piece
         assert pool._busy == 0
         await pool.close()
 
