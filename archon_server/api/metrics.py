@@ -97,6 +97,7 @@ class Metrics:
         # times per self-moa request (~5 us of its server CPU, issue 20). Bounded as prometheus' own children are.
         self._finished: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._calls: dict[tuple[str, bool], Any] = {}
+        self._refused: dict[tuple[int, str | None, bool], tuple[Any, ...]] = {}
         self._prompt_tokens = self.tokens.labels("prompt")
         self._completion_tokens = self.tokens.labels("completion")
 
@@ -118,10 +119,14 @@ class Metrics:
         model (the request's may be any string, or not read yet) and no latency. With ``reason``, a refusal by the
         edge (api/edge.py: ``auth`` 401, ``body_size`` 413, ``concurrency`` and ``body_bytes`` 429, ``invalid_text``
         400) or on admission (``concurrency``), of any route, also in ``archon_rejected_total``."""
-        if reason is not None:
-            self.rejected.labels(reason).inc()
-        if generation:
-            self.requests.labels("", str(status)).inc()
+        children = self._refused.get((status, reason, generation))
+        if children is None:  # looked up once (see _finished): an overload's 429s come by the thousand
+            children = self._refused[(status, reason, generation)] = (
+                *((self.rejected.labels(reason),) if reason is not None else ()),
+                *((self.requests.labels("", str(status)),) if generation else ()),
+            )
+        for child in children:
+            child.inc()
 
     def backend_call(self, model: str, ok: bool, requests: int = 1) -> None:
         child = self._calls.get((model, ok))
