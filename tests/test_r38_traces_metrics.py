@@ -160,7 +160,7 @@ def counted(srv: Any, key: str) -> tuple[dict[tuple[str, str], float], dict[str,
 
 def test_refusals_at_the_edge_are_counted_by_status_and_reason(upstream_factory, server_factory, monkeypatch):
     monkeypatch.setenv("R38_KEYS", "good-key")
-    up = upstream_factory(lambda b: {"latency": 2.0} if "hold" in json.dumps(b) else None)
+    up = upstream_factory(lambda b: {"latency": 4.0} if "hold" in json.dumps(b) else None)  # under the backend read timeout of 5 s
     srv = server_factory(fake_config(up.url, api_keys_env="R38_KEYS", max_body_bytes=8000, max_inflight_body_bytes=8000,
                                      max_concurrent_requests=2))
     c = client(srv).with_options(api_key="good-key")
@@ -184,7 +184,7 @@ def test_refusals_at_the_edge_are_counted_by_status_and_reason(upstream_factory,
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(hold)
-        for _ in range(100):
+        for _ in range(500):
             if len(up.requests) >= 1:
                 break
             time.sleep(0.02)
@@ -192,7 +192,7 @@ def test_refusals_at_the_edge_are_counted_by_status_and_reason(upstream_factory,
             c.completions.create(model="fake", prompt="z" * 7950, max_tokens=4)
         assert "bytes" in budget.value.message
         second = pool.submit(hold)
-        for _ in range(100):
+        for _ in range(500):
             if len(up.requests) >= 2:
                 break
             time.sleep(0.02)
