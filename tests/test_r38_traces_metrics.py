@@ -75,7 +75,7 @@ def test_a_completions_trace_has_the_metrics_a_chat_trace_has(spec_upstream, ser
     chat = {w: c.chat.completions.create(model=model, messages=[{"role": "user", "content": f"{w} question"}], max_tokens=8,
                                          extra_body={"return_trace": True}) for w in FIGURES}
     per_prompt = {w: r.model_extra["trace"]["metrics"] for w, r in chat.items()}
-    calls = 2 if model == "self-moa" else 1  # a run's counters sum its calls'; its rates are its last call's
+    calls = 2 if model == "self-moa" else 1  # a run's counters sum its calls'; its rates weigh them (here alike)
     for w, m in per_prompt.items():
         assert m == {k: v * calls if k.startswith("num_") else v for k, v in FIGURES[w].items()}, m
     assert kept(srv, chat["alpha"].id)["trace"]["metrics"] == per_prompt["alpha"]
@@ -205,3 +205,27 @@ def test_refusals_at_the_edge_are_counted_by_status_and_reason(upstream_factory,
     assert requests == {("", "401"): 1, ("", "413"): 2, ("", "400"): 1, ("", "429"): 2, ("fake", "200"): 2}, requests
     assert rejected == {"auth": 2, "body_size": 2, "invalid_text": 1, "body_bytes": 1, "concurrency": 1}, rejected
     assert len(up.requests) == 2  # none of the refused reached a backend
+
+
+def test_merged_metrics_sums_counters_and_weighs_rates_by_what_they_average_over():
+    """The one rule (components/trace.py) that a run uses for its calls and a completion for its prompts: a run
+    kept the last call's rates and the last call's engine counters (target_forward_passes, emitted_tokens)."""
+    from archon_server.components.trace import merged_metrics
+
+    a = {"num_draft_tokens": 10, "draft_acceptance_rate": 0.8, "emitted_tokens": 30, "target_forward_passes": 12,
+         "target_passes_per_token": 0.4, "spec_method": "ngram"}
+    b = {"num_draft_tokens": 30, "draft_acceptance_rate": 0.5, "emitted_tokens": 10, "target_forward_passes": 6,
+         "target_passes_per_token": 0.6, "spec_method": "ngram"}
+    c = {"num_draft_tokens": 20, "draft_acceptance_rate": 0.25, "emitted_tokens": 20, "target_forward_passes": 7,
+         "target_passes_per_token": 0.35, "spec_method": "eagle"}
+    m = merged_metrics([a, b])
+    assert m["num_draft_tokens"] == 40 and m["emitted_tokens"] == 40 and m["target_forward_passes"] == 18
+    assert m["draft_acceptance_rate"] == pytest.approx((0.8 * 10 + 0.5 * 30) / 40)
+    assert m["target_passes_per_token"] == pytest.approx((0.4 * 30 + 0.6 * 10) / 40)  # by tokens emitted
+    assert m["spec_method"] == "ngram"
+    whole = merged_metrics([a, b, c])
+    assert "spec_method" not in whole  # not a number, and the parts differ
+    pairwise = merged_metrics([merged_metrics([a, b]), c])  # as a run merges call after call
+    assert pairwise.keys() - {"spec_method"} == whole.keys()
+    assert all(pairwise[k] == pytest.approx(whole[k]) for k in whole)
+    assert merged_metrics([{}, a]) == a and merged_metrics([]) == {}

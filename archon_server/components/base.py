@@ -22,7 +22,7 @@ from ..backends.base import (
 from ..backends.registry import BackendRegistry, UnknownModel
 from ..spec import Sampling
 from .state import State, Update
-from .trace import LayerTrace
+from .trace import LayerTrace, is_number, merged_metrics
 from ..exceptions import ArchonError
 
 T = TypeVar("T")
@@ -175,9 +175,11 @@ class ComponentContext:
         else:
             work = _gathered(limit, backend, reqs)
         res = await self._traced(alias, n, purpose, ctype, started, work)
-        for k, v in res.metrics.items():
-            if isinstance(v, (int, float)):
-                self.metrics[k] = self.metrics.get(k, 0) + v if k.startswith("num_") else v
+        if res.metrics:  # the run's figures so far and this call's, by the one rule (numbers only, as before);
+            # in place: the dict is the trace's, shared by the run's contexts
+            merged = merged_metrics([self.metrics, {k: v for k, v in res.metrics.items() if is_number(v)}])
+            self.metrics.clear()
+            self.metrics.update(merged)
         return res
 
     async def scored(self, alias: str, fn: Callable[[Any, str], Awaitable[R]], *, n: int = 1, purpose: str = "") -> R:

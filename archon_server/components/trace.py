@@ -22,6 +22,51 @@ TraceObserver = Callable[[dict[str, Any]], None]
 MAX_CANDIDATE_CHARS = 20_000
 
 
+# Backend figures that count (summed when calls or prompts are merged); every other number is a rate or a mean.
+_COUNTERS = ("target_forward_passes", "emitted_tokens")
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _weight_key(key: str) -> str:
+    """What a rate or mean is an average over: the tokens emitted for a per-token figure, else the tokens drafted
+    (vLLM's ``draft_acceptance_rate`` and ``mean_acceptance_length``, the engine's ``mean_k``)."""
+    return "emitted_tokens" if key.endswith("_per_token") else "num_draft_tokens"
+
+
+def merged_metrics(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One set of ``Trace.metrics`` (the backends' speculative-decoding figures) from several calls' or prompts':
+    the one rule for a run that sums its calls' and for a completion whose prompts each ran (api/completions).
+
+    * a counter (``num_*``, ``target_forward_passes``, ``emitted_tokens``) is summed;
+    * any other number is a rate or a mean: the parts' mean weighted by the count it averages over
+      (:func:`_weight_key`) where every part giving it has that count, else equally. So the merged acceptance rate
+      is all accepted draft tokens over all drafted ones, as one call's is; merging pairwise in turn gives the
+      same as merging all at once, since the counts are summed alongside;
+    * a figure every part gives alike stays as it is; one that is not a number and differs is left out;
+    * a figure only some parts give is theirs alone; one part: its figures as they are."""
+    given = [m for m in parts if m]
+    if len(given) <= 1:
+        return dict(given[0]) if given else {}
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for m in given for k in m):
+        have = [m for m in given if key in m]
+        values = [m[key] for m in have]
+        numbers = all(map(is_number, values))
+        if numbers and (key.startswith("num_") or key in _COUNTERS):
+            out[key] = sum(values)
+        elif all(v == values[0] for v in values):
+            out[key] = values[0]
+        elif numbers:
+            weights = [m.get(_weight_key(key)) for m in have]
+            if not all(is_number(w) and w >= 0 for w in weights) or not sum(weights):
+                weights = [1] * len(values)
+            out[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+    return out
+
+
 @dataclass
 class CallRecord:
     component: str

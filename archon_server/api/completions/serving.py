@@ -31,7 +31,7 @@ from ...backends.base import CompletionRequest as BackendCompletion
 from ...components import FinalOverrides
 from ...components.base import DEFAULT_SAMPLING, StreamSink, failure_status
 from ...components.state import Candidate
-from ...components.trace import Trace
+from ...components.trace import Trace, merged_metrics
 from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
 from ..chat.serving import _SLOT, ChatService, _TraceSlot
@@ -43,45 +43,6 @@ from ..streaming import EventStream
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
 
 
-def _merged_metrics(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
-    """The request's ``Trace.metrics`` from its prompts' (each prompt's as its run made it: the backends' speculative
-    decoding figures, its calls' counters summed, components/base.py). Sums, not a list per prompt: the merged trace
-    reads as one request's, as a chat request's does, with the same keys.
-
-    * a counter (``num_*``: ``num_draft_tokens``, ``num_accepted_draft_tokens``...) is summed over the prompts, as a
-      run sums its calls';
-    * any other number is a rate or a mean (``draft_acceptance_rate``, ``mean_acceptance_length``): the prompts' mean,
-      weighted by each prompt's ``num_draft_tokens`` where every prompt giving it has that count, else equally. So the
-      acceptance rate is the request's accepted draft tokens over its drafted ones, as one prompt's is (and the mean
-      acceptance length is the request's, where the prompts draft as many tokens per step);
-    * a figure every prompt gives alike stays as it is; one that is not a number and differs is left out;
-    * a figure only some prompts give is theirs alone; one prompt: its figures as they are.
-
-    Each prompt's own figures are in its trace: ``return_trace`` answers one trace per prompt (CompletionsService._trace)."""
-    given = [m for m in per_prompt if m]
-    if len(given) <= 1:
-        return dict(given[0]) if given else {}
-    out: dict[str, Any] = {}
-    for key in dict.fromkeys(k for m in given for k in m):
-        have = [m for m in given if key in m]
-        values = [m[key] for m in have]
-        numbers = all(map(_is_number, values))
-        if numbers and key.startswith("num_"):
-            out[key] = sum(values)
-        elif all(v == values[0] for v in values):
-            out[key] = values[0]
-        elif numbers:
-            weights = [m.get("num_draft_tokens") for m in have]
-            if not all(_is_number(w) and w >= 0 for w in weights) or not sum(weights):
-                weights = [1] * len(values)
-            out[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
-    return out
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _merged_trace(traces: list[Trace], name: str) -> Trace:
     """The request's one trace (/v1/traces keeps one per request id): every prompt's layers in prompt order, their
     usage summed, the longest run's latency, their metrics merged (:func:`_merged_metrics`)."""
@@ -91,7 +52,7 @@ def _merged_trace(traces: list[Trace], name: str) -> Trace:
         trace.layers.extend(t.layers)
     trace.usage = usage
     trace.latency_s = max((t.latency_s for t in traces), default=0.0)
-    trace.metrics = _merged_metrics([t.metrics for t in traces])
+    trace.metrics = merged_metrics([t.metrics for t in traces])
     return trace
 
 
@@ -260,7 +221,7 @@ class CompletionsService:
             raise GraphError(str(e), status=status, trace=trace) from None
         finally:  # answered, failed or cancelled: the trace says how long it ran and what the backend reported
             trace.latency_s = layer.latency_s = time.perf_counter() - trace.started
-            trace.metrics = _merged_metrics(metrics)  # as an architecture's prompts' are (_merged_trace)
+            trace.metrics = merged_metrics(metrics)  # as an architecture's prompts' are (_merged_trace)
         cands = [c for cs in per_prompt for c in cs]
         layer.candidates_out = len(cands)
         trace.end_layer(layer)
