@@ -82,3 +82,26 @@ def test_an_explicit_max_tokens_past_the_context_is_vllms_400_on_a_direct_reques
         served.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "word " * 9000}], max_tokens=4)
     assert "This model's maximum context length is 8192 tokens. However, your messages resulted in" in e.value.body["message"]
     assert e.value.body["message"].endswith(" tokens. Please reduce the length of the messages.")
+
+
+def test_a_conversation_ending_with_the_assistant_is_answered_by_a_new_turn(served):
+    """OpenAI and vLLM (its default ``continue_final_message: false``) open a new assistant turn after a final
+    assistant message; the engine continued that message, so the client got the rest of its own text."""
+    from transformers import AutoTokenizer
+
+    from archon_server.engine.model_store import model_path
+
+    convo = [{"role": "user", "content": "Say a word"}, {"role": "assistant", "content": "The word is"}]
+    tok = AutoTokenizer.from_pretrained(model_path())  # the served model's own template, as the server converted it
+    new_turn = len(tok.apply_chat_template(convo, tokenize=True, add_generation_prompt=True, return_dict=False))
+    continued = len(tok.apply_chat_template(convo, tokenize=True, add_generation_prompt=False, continue_final_message=True,
+                                             return_dict=False))
+    assert new_turn != continued  # the test tells them apart
+    for stream in (False, True):
+        if stream:
+            chunks = list(served.chat.completions.create(model="smollm2", messages=convo, max_tokens=4, temperature=0, stream=True,
+                                                         stream_options={"include_usage": True}))
+            usage = chunks[-1].usage
+        else:
+            usage = served.chat.completions.create(model="smollm2", messages=convo, max_tokens=4, temperature=0).usage
+        assert usage.prompt_tokens == new_turn, (usage.prompt_tokens, new_turn, continued)

@@ -165,9 +165,14 @@ class LocalBackend(Backend):
         if self.engine is None:
             return None
         # A thread: an 8K-token prompt takes 13-50 ms to template and tokenize, and a fit counts a few times.
-        return len(await asyncio.to_thread(self._prompt_ids, request.messages))
+        return len(await asyncio.to_thread(self._prompt_ids, request.messages, None, _continues(request)))
 
-    def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None) -> list[int]:
+    def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None,
+                    continue_final: bool = True) -> list[int]:
+        """The prompt's tokens under the model's chat template. A final assistant message is continued
+        (``continue_final``: scoring, whose continuation is the rest of that reply, and the logprob judges' prefilled
+        answers) or, for a generation (:func:`_continues`), answered by a new assistant turn unless the request asks
+        for vLLM's ``continue_final_message``."""
         tok = self.loaded.tokenizer
         msgs = [{"role": m.get("role", "user"), "content": content_text(m.get("content"))} for m in messages]
         if not msgs:
@@ -181,7 +186,7 @@ class LocalBackend(Backend):
             if continuation is not None and len(msgs) > 1:  # the reply follows the prompt after a blank line
                 return tok("\n\n".join(m["content"] for m in msgs[:-1]) + "\n\n" + msgs[-1]["content"])["input_ids"]
             return tok("\n\n".join(m["content"] for m in msgs))["input_ids"]
-        cont = msgs[-1]["role"] == "assistant"  # continue a partial assistant answer
+        cont = continue_final and msgs[-1]["role"] == "assistant"  # continue a partial assistant answer
         ids = tok.apply_chat_template(
             msgs, tokenize=True, add_generation_prompt=not cont, continue_final_message=cont, return_dict=False
         )
@@ -238,7 +243,7 @@ class LocalBackend(Backend):
         if isinstance(request, CompletionRequest):  # raw text: no chat template
             prompt = self._raw_prompt_ids(request.prompt)
         else:
-            prompt = self._prompt_ids(request.messages)
+            prompt = self._prompt_ids(request.messages, None, _continues(request))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[list[Any]] = asyncio.Queue()
         try:
@@ -413,3 +418,10 @@ class LocalBackend(Backend):
                     yield StreamChunk(index=ev.index, finish_reason=ev.reason)
                 elif isinstance(ev, DoneEvent):
                     yield StreamChunk(usage=Usage(ev.prompt_tokens, ev.completion_tokens), metrics=ev.metrics)
+
+
+def _continues(request: ChatRequest) -> bool:
+    """Whether a generation continues the conversation's final assistant message: only when asked with vLLM's
+    ``continue_final_message`` (its default, as OpenAI's, opens a new assistant turn that answers the conversation;
+    this engine continued it, so a client's assistant-last conversation got a continuation, not an answer)."""
+    return bool(request.params.extra.get("continue_final_message", False))
