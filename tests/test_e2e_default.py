@@ -68,21 +68,28 @@ def test_scoring_presets_in_the_default_server(served):
     a plain request: scores in the trace, the answer is the top-scored sample, no verdict is ever generated."""
     msgs = [{"role": "user", "content": "Give me one tip for learning a language."}]
     short = {"architecture": {"defaults": {"max_tokens": 40}}, "return_trace": True}
-    for name, scorer_calls in (("best-of-n-cdr", 2), ("best-of-n-judge", 30), ("self-moa-rank", 2), ("best-of-n-cdr", 2)):
+    for name, pairwise in (("best-of-n-cdr", False), ("best-of-n-judge", True), ("self-moa-rank", False), ("best-of-n-cdr", False)):
         r = served.chat.completions.create(model=name, messages=msgs, max_tokens=40, seed=3, extra_body=short)
         text = r.choices[0].message.content
         assert english(text) and not any(t in text for t in TEMPLATE_TOKENS), (name, text)
         trace = r.model_extra["trace"]
         layer = next(lt for lt in trace["layers"] if any(c["type"] == "scorer" for c in lt["calls"]))
         calls = [c for c in layer["calls"] if c["type"] == "scorer"]
-        assert len(calls) == scorer_calls and all(c["ok"] and c["completion_tokens"] == 0 for c in calls), (name, calls)
-        assert any("scores [1]" in n for n in layer["notes"]), layer["notes"]
+        # The scorer scores the complete samples only when some were cut at max_tokens (the others are set aside,
+        # named in a note): which ones are cut at 40 tokens is the model's doing. Every sample is either scored or
+        # set aside; the density ratio is 2 calls (strong, weak), the pairwise judge both orders of every scored pair.
+        [scored_note] = [n for n in layer["notes"] if " scores [" in n]
+        scored = [int(i) for i in re.findall(r"\[(\d+)\] ", scored_note.split(" scores ", 1)[1].split("; kept")[0])]
+        aside = [int(i) for n in layer["notes"] if "set aside" in n for i in re.findall(r"\[(\d+)\]", n)]
+        assert scored and sorted(scored + aside) == list(range(1, len(scored) + len(aside) + 1)), layer["notes"]
+        want = len(scored) * (len(scored) - 1) if pairwise else 2
+        assert len(calls) == want and all(c["ok"] and c["completion_tokens"] == 0 for c in calls), (name, want, calls)
         kept = layer["candidates"]
         assert kept and all(c["score"] is not None for c in kept)
         if name != "self-moa-rank":  # the final answer is the best-scored sample (self-moa-rank fuses its top 3)
             assert text == max(kept, key=lambda c: c["score"])["text"]
-        else:
-            assert len(kept) == 3
+        else:  # its top 3 (fewer when fewer than 3 samples were complete and scored)
+            assert len(kept) == min(3, len(scored)), (len(kept), scored)
     r = served.chat.completions.create(model="smollm2", messages=msgs, max_tokens=20)
     assert english(r.choices[0].message.content)
 
