@@ -13,17 +13,26 @@ Usage: ``temperature: Temperature | None = None`` (pydantic applies the bounds t
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 # The most tokens a request may ask for (max_tokens, max_completion_tokens, max_output_tokens).
 MAX_TOKENS_LIMIT = 131072
 # OpenAI's limit on the number of stop strings (chat and completions alike).
 MAX_STOP = 4
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+# Every float field refuses NaN and the infinities (a raw JSON body may carry them: Python's parser reads them) with
+# "Input should be a finite number", rather than a bound's words ("less than or equal to 2") or a silent clamp.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+# OpenAI's penalties and vLLM's extra sampling floats (their ranges)
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+# A logit_bias value (clamped to [-100, 100] as vLLM does, where it is read)
+Bias = Annotated[float, Field(allow_inf_nan=False)]
 N = Annotated[int, Field(ge=1)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 # vLLM's min_tokens: 0 is off.
@@ -47,8 +56,24 @@ def stop_list(v: str | list[str] | None) -> list[str] | None:
     return v
 
 
+def _stop_type(v: Any) -> Any:
+    if v is not None and not isinstance(v, (str, list)):
+        raise PydanticCustomError("stop_type", "Input should be a string or a list of strings")
+    return v
+
+
 # `stop` as declared: a string or a list of strings, validated to a list by stop_list.
-Stop = Annotated[str | list[str], AfterValidator(stop_list)]
+Stop = Annotated[str | list[str], BeforeValidator(_stop_type), AfterValidator(stop_list)]
+
+STREAM_OPTIONS_NEED_STREAM = "Stream options can only be defined when `stream=True`."
+
+
+def check_stream_options(stream_options: Any, stream: bool | None) -> Any:
+    """vLLM (``validate_stream_options``) and OpenAI answer 400 to a ``stream_options`` (one that sets something) without
+    ``stream: true`` (chat and completions alike)."""
+    if stream_options and not stream:
+        raise PydanticCustomError("stream_options_without_stream", STREAM_OPTIONS_NEED_STREAM)
+    return stream_options
 
 TOP_LOGPROBS_NEEDS_LOGPROBS = "logprobs must be set to true when top_logprobs is used"
 

@@ -396,13 +396,25 @@ class ArchitectureSpec(_Base):
         return calls, cands
 
 
+# The names pydantic gives a union's branches in an error's location (``stop.str``, ``content.list[TextPart]``,
+# ``function-after[stop_list(), ...]``, ``constrained-str``): a type's name, never a field's. Every field and key of a
+# request or an architecture is a lowercase name without brackets, other than these.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "any", "decimal", "date", "datetime", "uuid"})
+
+
+def is_union_tag(part: Any) -> bool:
+    """Whether a location segment is pydantic's name for a union branch (or a validator wrapping one), not a field."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith(("function-", "constrained-")))
+
+
 def format_loc(loc: tuple[Any, ...], tags: Container[str] = ()) -> str:
-    """Turn a pydantic error location into ``layers[2][0].top_k`` (discriminator tags, and ``tags``, dropped)."""
+    """Turn a pydantic error location into ``layers[2][0].top_k`` (discriminator tags, union branch names, and
+    ``tags``, dropped: ``stop.str`` is ``stop``)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in COMPONENT_TYPES or part in tags or (isinstance(part, str) and part.startswith("function-")):
+        elif part in COMPONENT_TYPES or part in tags or is_union_tag(part):
             continue
         else:
             out += ("." if out else "") + str(part)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..exceptions import ArchonError
-from ..spec import format_loc
+from ..spec import format_loc, is_union_tag
 
 _TYPES = {
     400: "invalid_request_error",
@@ -78,18 +78,45 @@ async def api_error_handler(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.code)
 
 
+def _first_error(errs: list[Any]) -> tuple[tuple[Any, ...], str, int]:
+    """The location and message of the request's first error, and how many errors it stands for.
+
+    A value that fits no branch of a union (``stop: 5``, ``content: 5``) has one error per branch, each located under
+    pydantic's name for the branch (``stop.str``, ``stop.list[str]``): they are one error of the field. The branch that
+    got furthest says what is wrong (``stop: [5]``: ``stop[0]`` should be a string); when every branch failed at once,
+    the message lists what the field may be (``Input should be a valid string or a valid list``)."""
+    first = errs[0]
+    loc = tuple(x for x in first.get("loc", ()) if x != "body")
+    msg = str(first.get("msg", "invalid request"))
+    at = next((i for i, x in enumerate(loc) if is_union_tag(x)), None)
+    if at is None:
+        return loc, msg, 1
+    group = []
+    for e in errs:
+        el = tuple(x for x in e.get("loc", ()) if x != "body")
+        if len(el) > at and el[:at] == loc[:at] and is_union_tag(el[at]):
+            group.append((el, str(e.get("msg", ""))))
+    deepest = max(group, key=lambda g: len(g[0]))
+    if len(deepest[0]) > at + 1:  # a branch that took the value and failed inside it
+        return deepest[0], deepest[1], len(group)
+    prefix = "Input should be "
+    wants = list(dict.fromkeys(m.removeprefix(prefix) for _, m in group))
+    return loc, prefix + " or ".join(wants), len(group)
+
+
 async def validation_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
     errs = exc.errors()
-    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-    loc = tuple(x for x in first.get("loc", ()) if x != "body")
-    param = format_loc(loc) if loc else None
-    msg = str(first.get("msg", "invalid request"))
-    if first.get("type") == "json_invalid":
-        msg, param = "request body is not valid JSON", None
-    elif param:
+    if not errs:
+        return error_response(400, "invalid request", None, "invalid_value")
+    if errs[0].get("type") == "json_invalid":
+        loc, msg, param, counted = (), "request body is not valid JSON", None, 1
+    else:
+        loc, msg, counted = _first_error(list(errs))
+        param = format_loc(loc) if loc else None
+    if param:
         msg = f"{param}: {msg}"
-    if len(errs) > 1:
-        msg += f" (and {len(errs) - 1} more error(s))"
+    if len(errs) > counted:
+        msg += f" (and {len(errs) - counted} more error(s))"
     return error_response(400, msg, param, "invalid_value")
 
 

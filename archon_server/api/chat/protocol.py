@@ -9,15 +9,20 @@ from pydantic_core import PydanticCustomError
 
 from ...backends.base import SAMPLING_EXTRAS, content_text
 from ...sampling_fields import (
+    Bias,
     MaxTokens,
+    MinP,
     MinTokens,
     N,
+    Penalty,
+    RepetitionPenalty,
     Seed,
     Stop,
     Temperature,
     TopK,
     TopLogprobs,
     TopP,
+    check_stream_options,
     check_top_logprobs,
 )
 from ..structured import check_response_format
@@ -45,7 +50,11 @@ class ChatMessage(BaseModel):
     def _text_parts_only(cls, v: Any) -> Any:
         """An image, audio or file part gets a 400 saying so: the prompts are built from text (one content flattener,
         ``content_text``), so such a part would be dropped without a word; pydantic's own error for it named a
-        union branch (``content.str: Input should be a valid string``)."""
+        union branch (``content.str: Input should be a valid string``). Content of another JSON type gets a 400
+        saying what content may be."""
+        if v is not None and not isinstance(v, (str, list)):
+            raise PydanticCustomError("content_type", "Input should be a string or a list of content parts, not a JSON {kind}",
+                                      {"kind": _JSON_KIND.get(type(v), "object")})
         if isinstance(v, list):
             for j, part in enumerate(v):
                 if not isinstance(part, dict):
@@ -79,16 +88,16 @@ class SamplingExtras(BaseModel):
     (``backends.base.SAMPLING_EXTRAS``); a final-stage backend that cannot honour one is refused with a 400 naming it.
     """
 
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     top_k: TopK | None = None
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_p: MinP | None = None
     min_tokens: MinTokens | None = None
     ignore_eos: bool | None = None
     # {token id (a string, as JSON keys are): bias added to its logit before sampling}, clamped to [-100, 100] as vLLM
     # does; an id past the model's vocabulary is the backend's 400.
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -162,6 +171,11 @@ class ChatCompletionRequest(SamplingExtras):
             if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise ValueError("every tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}")
         return v or None
+
+    @field_validator("stream_options", mode="before")
+    @classmethod
+    def _stream_options(cls, v: Any, info: ValidationInfo) -> Any:
+        return check_stream_options(v, info.data.get("stream"))
 
     @field_validator("top_logprobs")
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ...sampling_fields import MAX_TOKENS_LIMIT, N, Seed, Stop, Temperature, TopLogprobs, TopP
+from ...sampling_fields import MAX_TOKENS_LIMIT, N, Seed, Stop, Temperature, TopLogprobs, TopP, check_stream_options
 from ..chat.protocol import SamplingExtras, StreamOptions, UsageInfo
 
 MAX_PROMPTS = 64  # prompts in one request (each runs the whole architecture)
@@ -33,6 +33,11 @@ class CompletionRequest(SamplingExtras):
     # archon-server extensions (the openai SDK sends them with `extra_body=`)
     architecture: dict[str, Any] | None = Field(default=None, description="Overrides deep-merged into the architecture.")
     return_trace: bool = False
+
+    @field_validator("stream_options", mode="before")
+    @classmethod
+    def _stream_options(cls, v: Any, info: ValidationInfo) -> Any:
+        return check_stream_options(v, info.data.get("stream"))
 
     @field_validator("prompt")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from ...sampling_fields import MaxTokens, Temperature, TopLogprobs, TopP
 from ..structured import chat_tools, check_response_format
@@ -51,6 +52,13 @@ class ResponsesRequest(BaseModel):
     # archon-server extensions (the openai SDK sends them with `extra_body=`)
     architecture: dict[str, Any] | None = Field(default=None, description="Overrides deep-merged into the architecture.")
     return_trace: bool = False
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_type(cls, v: Any) -> Any:
+        if not isinstance(v, (str, list)):
+            raise PydanticCustomError("input_type", "Input should be a string or a list of input items")
+        return v
 
     @field_validator("input")
     @classmethod
