@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -10,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..backends.base import SAMPLING_EXTRAS
 from ..exceptions import ArchonError
 from ..spec import format_loc, is_union_tag
 
@@ -42,13 +45,46 @@ def failure_code(status: int) -> str | None:
 CONTEXT_LENGTH = "This model's maximum context length is"
 
 
-def failure(status: int, message: str) -> APIError:
-    """A failed run's error: OpenAI's ``param: messages, code: context_length_exceeded`` for a prompt (and
-    max_tokens) past the context, whoever said it (the engine, or an upstream's 400 passed on); else the code
-    of its status."""
+@dataclass(frozen=True)
+class PromptFields:
+    """How an endpoint names what a context-length refusal is about: ``prompt`` the field that holds the prompt (the
+    refusal's ``param``, and its word in the message), ``max_tokens`` the field of the completion's length (the
+    ``param`` when the prompt fits but the explicit length with it does not)."""
+
+    prompt: str
+    max_tokens: str
+
+
+# Chat: OpenAI's param and words ("messages") for both refusals.
+CHAT_FIELDS = PromptFields("messages", "messages")
+COMPLETIONS_FIELDS = PromptFields("prompt", "max_tokens")
+RESPONSES_FIELDS = PromptFields("input", "max_output_tokens")
+
+# The words of exceptions.ContextOverflow's message (vLLM's and OpenAI's chat wording) that name the prompt.
+_PROMPT_WORDS = re.compile(r"\b(your|the) messages\b")
+# An overflow by the completion's length: ContextOverflow's "(N in the messages, M in the completion)", vLLM's
+# "'max_tokens' or 'max_completion_tokens' is too large".
+_BY_MAX_TOKENS = re.compile(r"in the completion\)|max_tokens|max_completion_tokens")
+
+
+# A backend's refusal of one of the client's fields says so first (the engine's ``logit_bias: token id(s) [...] out of
+# the vocabulary``, its ``response_format: cannot constrain decoding to it``), also inside an architecture's
+# ``layer 0 failed: generator0: ...``: the 400 names that field as its param.
+_NAMED_FIELD = re.compile(r"(?:^|: )(" + "|".join((*SAMPLING_EXTRAS, "response_format")) + r"): ")
+
+
+def failure(status: int, message: str, fields: PromptFields = CHAT_FIELDS) -> APIError:
+    """A failed run's error: OpenAI's ``code: context_length_exceeded`` for a prompt (and max_tokens) past the context,
+    whoever said it (the engine, or an upstream's 400 passed on), its ``param`` the endpoint's field (``fields``: the
+    prompt's, or the max_tokens' when that is what overflowed) and the message naming the endpoint's prompt field;
+    else the code of its status, and a 400 that begins with one of the client's fields (:data:`_NAMED_FIELD`) names it."""
     if status == 400 and CONTEXT_LENGTH in message:
-        return APIError(400, message, param="messages", code="context_length_exceeded")
-    return APIError(status, message, code=failure_code(status))
+        param = fields.max_tokens if _BY_MAX_TOKENS.search(message) else fields.prompt
+        if fields.prompt != "messages":
+            message = _PROMPT_WORDS.sub(lambda m: f"{m.group(1)} {fields.prompt}", message)
+        return APIError(400, message, param=param, code="context_length_exceeded")
+    named = _NAMED_FIELD.search(message) if status == 400 else None
+    return APIError(status, message, param=named.group(1) if named else None, code=failure_code(status))
 
 
 class APIError(ArchonError):

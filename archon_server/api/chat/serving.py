@@ -27,7 +27,7 @@ from ...components.trace import Trace
 from ...graph.runtime import GraphError, GraphRuntime, RunResult, answer_writer, streams_final
 from ...spec import ArchitectureSpec, SpecError, deep_merge, parse_architecture
 from ..edge import deadline_s, remaining_s
-from ..errors import APIError, failure, failure_code, sse_error
+from ..errors import CHAT_FIELDS, APIError, PromptFields, failure, failure_code, sse_error
 from ..ids import new_id
 from ..logprobs import chat_logprobs
 from ..metrics import Metrics
@@ -284,10 +284,11 @@ class ChatService:
         self.inflight -= 1
         self.metrics.inflight.dec()
 
-    def _gerr(self, e: GraphError | StructuredOutputInvalid) -> APIError:
+    def _gerr(self, e: GraphError | StructuredOutputInvalid, fields: PromptFields = CHAT_FIELDS) -> APIError:
+        """The run's failure as the endpoint's error (``fields``: how it names the prompt and its max_tokens)."""
         if isinstance(e, StructuredOutputInvalid):
             return APIError(422, f"response_format: {e}", param="response_format", code="invalid_structured_output")
-        return failure(e.status, str(e))
+        return failure(e.status, str(e), fields)
 
     def _observe(self, model: str, status: int, t0: float, res: RunResult | None) -> None:
         if res is None:
@@ -340,9 +341,10 @@ class ChatService:
             raise APIError(504, f"deadline of {self.request_timeout_s:g}s exceeded before the request could start", code=failure_code(504))
         return left
 
-    async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request, keep: Keep | None = None) -> RunResult:
+    async def execute(self, name: str, run: Callable[[], Awaitable[RunResult]], raw: Request, keep: Keep | None = None,
+                      fields: PromptFields = CHAT_FIELDS) -> RunResult:
         """Admit, run (cancelled when the client goes away), count, ``keep(status, result, error)``; failures become
-        APIErrors."""
+        APIErrors (``fields``: the endpoint's names of the prompt and max_tokens, for a context-length refusal)."""
         self._time_left()
         self._admit()
         t0 = time.perf_counter()
@@ -375,7 +377,7 @@ class ChatService:
                 log.info("client disconnected; cancelled %s", name)
                 raise _observed(APIError(499, "client disconnected")) from None
             except (GraphError, StructuredOutputInvalid) as e:
-                err = self._gerr(e)
+                err = self._gerr(e, fields)
                 status, failure = err.status, e
                 # Operators need the cause; upstream error text is already stripped of keys (backends/http.py).
                 log.warning("%s failed (%d): %s", name, err.status, e)
@@ -393,7 +395,7 @@ class ChatService:
 
     async def open_stream(self, name: str, run: Callable[[StreamSink, TraceObserver | None], Awaitable[RunResult]], keep: Keep | None = None,
                           trace_events: bool = False, *, batched: bool = False, keepalive_s: float | None = None,
-                          raw: Request | None = None, direct: bool = False) -> AsyncIterator[Any]:
+                          raw: Request | None = None, direct: bool = False, fields: PromptFields = CHAT_FIELDS) -> AsyncIterator[Any]:
         """Admit now (a refusal is a plain HTTP error), start the run, and hold the answer's start until its first token
         (or its end) for at most :meth:`hold_s` (``direct``: a request sent straight to a backend alias), or until the
         client (``raw``) leaves: a run refused with a 4xx before any token (a prompt past the
@@ -442,7 +444,7 @@ class ChatService:
                 keep(499, None, slot.error(499, None, _UNFINISHED[499]))
             raise _observed(APIError(499, "client disconnected"))
         e = task.exception() if held == "ended" and not task.cancelled() else None
-        err = self._gerr(e) if isinstance(e, (GraphError, StructuredOutputInvalid)) else None
+        err = self._gerr(e, fields) if isinstance(e, (GraphError, StructuredOutputInvalid)) else None
         # A refusal of the request itself (4xx: the same request would meet it again) is the HTTP error the client's
         # SDK raises as it does for the non-streamed request; a failure of the run (5xx) ends the stream as before.
         if err is not None and 400 <= err.status < 499:
@@ -452,10 +454,11 @@ class ChatService:
             if keep is not None:
                 keep(err.status, None, slot.error(err.status, e, "failed"))  # type: ignore[arg-type]
             raise _observed(err)
-        return self._events(name, task, queue, slot, keep, batched, keepalive_s, request_task, t0)
+        return self._events(name, task, queue, slot, keep, batched, keepalive_s, request_task, t0, fields)
 
     async def _events(self, name: str, task: asyncio.Future[RunResult], queue: asyncio.Queue[Any], slot: _TraceSlot, keep: Keep | None,
-                      batched: bool, keepalive_s: float | None, request_task: asyncio.Task[Any] | None, t0: float) -> AsyncIterator[Any]:
+                      batched: bool, keepalive_s: float | None, request_task: asyncio.Task[Any] | None, t0: float,
+                      fields: PromptFields) -> AsyncIterator[Any]:
         keepalive = _Keepalive(queue, keepalive_s) if keepalive_s else None
         status, res = 500, None
         failure: GraphError | StructuredOutputInvalid | None = None
@@ -483,7 +486,7 @@ class ChatService:
             try:
                 res = task.result()
             except (GraphError, StructuredOutputInvalid) as e:
-                err = self._gerr(e)
+                err = self._gerr(e, fields)
                 status, failure = err.status, e
                 log.warning("%s stream failed (%d): %s", name, err.status, e)
                 yield [err] if batched else err

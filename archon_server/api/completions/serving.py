@@ -36,7 +36,7 @@ from ...graph.runtime import GraphError, RunResult
 from ..chat.protocol import UsageInfo
 from ..chat.serving import _SLOT, ChatService, _TraceSlot
 from ..edge import deadline_s
-from ..errors import APIError, sse_error
+from ..errors import COMPLETIONS_FIELDS, APIError, sse_error
 from ..ids import new_id
 from ..logprobs import legacy_logprobs
 from ..streaming import EventStream
@@ -289,7 +289,7 @@ class CompletionsService:
     async def create(self, req: CompletionRequest, raw: Request) -> dict[str, Any]:
         name, run = self._plan(req)
         cid = new_id("cmpl-")
-        res = await self.chat.execute(name, lambda: run(None), raw, keep=self._keeper(req, cid, stream=False))
+        res = await self.chat.execute(name, lambda: run(None), raw, keep=self._keeper(req, cid, stream=False), fields=COMPLETIONS_FIELDS)
         choices = []
         for i, c in enumerate(res.candidates):
             pre = self._echo(req, i)
@@ -305,7 +305,8 @@ class CompletionsService:
     async def create_stream(self, req: CompletionRequest, raw: Request | None = None) -> EventStream:
         name, run = self._plan(req)
         cid = new_id("cmpl-")
-        events = await self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True), raw=raw, direct=self._is_backend(req))
+        events = await self.chat.open_stream(name, run, keep=self._keeper(req, cid, stream=True), raw=raw, direct=self._is_backend(req),
+                                             fields=COMPLETIONS_FIELDS)
         return EventStream(sse_error).of(self._stream(req, cid, run, events))
 
     def _keeper(self, req: CompletionRequest, cid: str, stream: bool) -> Any:

@@ -29,7 +29,7 @@ from ...components.state import Candidate
 from ...graph.catalog import is_passthrough
 from ...graph.runtime import RunResult
 from ..chat.serving import ChatService, final_extra
-from ..errors import APIError
+from ..errors import RESPONSES_FIELDS, APIError
 from ..ids import new_id
 from ..logprobs import responses_logprobs
 from ..streaming import EventStream
@@ -152,7 +152,8 @@ class ResponsesService:
         spec, messages, final, conversation = self._prepare(req)
         rid = _id("resp")
         res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw,
-                                      keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, False, status, r, e))
+                                      keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, False, status, r, e),
+                                      fields=RESPONSES_FIELDS)
         body = self._finish(req, self._shell(req, rid, int(time.time()), "in_progress"), res, self._output(res.candidates[0], _id("msg"), []))
         self._keep(req, rid, conversation, res.candidates[0], body)
         return body
@@ -163,7 +164,7 @@ class ResponsesService:
         rid = _id("resp")
         events = await self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
                                              keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e),
-                                             raw=raw, direct=is_passthrough(spec))
+                                             raw=raw, direct=is_passthrough(spec), fields=RESPONSES_FIELDS)
         stream = EventStream()  # the body sets the ending: response.failed, numbered after what it sent
         return stream.of(self._stream(req, rid, conversation, events, stream))
 
