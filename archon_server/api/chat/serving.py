@@ -219,7 +219,8 @@ class ChatService:
         return replace(final, extra={**final.extra, REFUSE_OVERFLOW: True})
 
     def check_final(self, spec: ArchitectureSpec, final: FinalOverrides) -> None:
-        """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them.
+        """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them
+        (unless ``tool_choice`` is ``"none"``: no call is asked for, the answer is text).
         Sampling extras need final-stage backends that honour them (checked before any call runs), and min_tokens
         a max_tokens at least as large (vLLM's rule; against an architecture's own max_tokens the engine clamps it)."""
         least = final.extra.get("min_tokens")
@@ -238,8 +239,8 @@ class ChatService:
                     # latter's proposer samples its own way)
                     for alias in comp.models_used() if comp.type == "generator" else [comp.model]:
                         self.check_sampling(alias, given.extra, f"the final stage of {spec.name!r}")
-        if not final.extra.get("tools"):
-            return
+        if not final.extra.get("tools") or final.extra.get("tool_choice") == "none":
+            return  # tool_choice "none": the client asks for text, which any final stage writes (the tools are ignored)
         for comp in spec.layers[-1]:
             if comp.type not in ("generator", "fuser"):
                 raise APIError(400, f"tools: the final stage of {spec.name!r} is a {comp.type}, which selects an answer "
