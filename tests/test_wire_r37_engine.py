@@ -75,7 +75,8 @@ def test_an_explicit_max_tokens_past_the_context_is_vllms_400_on_a_direct_reques
     raw_tokens = served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=1).usage.prompt_tokens
     with pytest.raises(openai.BadRequestError) as e:
         served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8192)
-    assert f"However, you requested {raw_tokens + 8192} tokens ({raw_tokens} in the messages, 8192 in the completion)" in e.value.body["message"]
+    assert f"However, you requested {raw_tokens + 8192} tokens ({raw_tokens} in the prompt, 8192 in the completion)" in e.value.body["message"]
+    assert e.value.body["param"] == "max_tokens", e.value.body
     # one that fits is served; the prompt alone past the context is a 400 too, with vLLM's words
     assert served.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=2, temperature=0).choices[0].text
     with pytest.raises(openai.BadRequestError) as e:
