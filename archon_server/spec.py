@@ -421,14 +421,14 @@ def format_loc(loc: tuple[Any, ...], tags: Container[str] = ()) -> str:
     return out or "<root>"
 
 
+def error_message(err: Any) -> str:
+    """One pydantic error's words, without the "Value error, " pydantic puts before a validator's own ValueError
+    (the config files' errors and the API's 400s say what the validator said)."""
+    return str(err.get("msg", "invalid")).removeprefix("Value error, ")
+
+
 def validation_messages(err: ValidationError, tags: Container[str] = ()) -> list[str]:
-    msgs = []
-    for e in err.errors():
-        msg = e["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        msgs.append(f"{format_loc(tuple(e['loc']), tags)}: {msg}")
-    return msgs
+    return [f"{format_loc(tuple(e['loc']), tags)}: {error_message(e)}" for e in err.errors()]
 
 
 _adapter = TypeAdapter(ArchitectureSpec)

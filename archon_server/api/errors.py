@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..backends.base import SAMPLING_EXTRAS
 from ..exceptions import ArchonError
-from ..spec import format_loc, is_union_tag
+from ..spec import error_message, format_loc, is_union_tag
 
 _TYPES = {
     400: "invalid_request_error",
@@ -123,7 +123,7 @@ def _first_error(errs: list[Any]) -> tuple[tuple[Any, ...], str, int]:
     the message lists what the field may be (``Input should be a valid string or a valid list``)."""
     first = errs[0]
     loc = tuple(x for x in first.get("loc", ()) if x != "body")
-    msg = str(first.get("msg", "invalid request"))
+    msg = error_message(first)
     at = next((i for i, x in enumerate(loc) if is_union_tag(x)), None)
     if at is None:
         return loc, msg, 1
@@ -131,7 +131,7 @@ def _first_error(errs: list[Any]) -> tuple[tuple[Any, ...], str, int]:
     for e in errs:
         el = tuple(x for x in e.get("loc", ()) if x != "body")
         if len(el) > at and el[:at] == loc[:at] and is_union_tag(el[at]):
-            group.append((el, str(e.get("msg", ""))))
+            group.append((el, error_message(e)))
     deepest = max(group, key=lambda g: len(g[0]))
     if len(deepest[0]) > at + 1:  # a branch that took the value and failed inside it
         return deepest[0], deepest[1], len(group)
