@@ -236,11 +236,16 @@ async def test_lifecycle_and_requests_wider_than_max_batch():
     assert not await b.health()
 
 
-async def test_a_final_assistant_message_is_continued(backend):
+async def test_a_final_assistant_message_is_continued_when_asked_else_answered(backend):
+    """vLLM's ``continue_final_message`` (a backend-level flag: the scoring paths and a caller that prefills use it);
+    without it a new assistant turn answers the conversation, as vLLM's and OpenAI's default (0b24956)."""
     msgs = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is"}]
-    res = await backend.chat(req(msgs, temperature=0.0, max_tokens=8))
+    res = await backend.chat(req(msgs, temperature=0.0, max_tokens=8, extra={"continue_final_message": True}))
     assert "Paris" in res.choices[0].text
     assert not res.choices[0].text.startswith("The capital")
+    cont = await backend.prompt_tokens(req(msgs, extra={"continue_final_message": True}))
+    turn = await backend.prompt_tokens(req(msgs))
+    assert turn > cont  # the new turn: the message closed and the assistant's turn opened
 
 
 async def test_long_prompt_prefill_interleaves_with_streaming():
