@@ -165,14 +165,15 @@ class LocalBackend(Backend):
         if self.engine is None:
             return None
         # A thread: an 8K-token prompt takes 13-50 ms to template and tokenize, and a fit counts a few times.
-        return len(await asyncio.to_thread(self._prompt_ids, request.messages, None, _continues(request)))
+        return len(await asyncio.to_thread(self._prompt_ids, request.messages, None, *_template(request)))
 
     def _prompt_ids(self, messages: list[dict[str, Any]], continuation: str | None = None,
-                    continue_final: bool = True) -> list[int]:
+                    continue_final: bool = True, generation_prompt: bool = True) -> list[int]:
         """The prompt's tokens under the model's chat template. A final assistant message is continued
         (``continue_final``: scoring, whose continuation is the rest of that reply, and the logprob judges' prefilled
-        answers) or, for a generation (:func:`_continues`), answered by a new assistant turn unless the request asks
-        for vLLM's ``continue_final_message``."""
+        answers) or, for a generation (:func:`_template`), answered by a new assistant turn unless the request asks
+        for vLLM's ``continue_final_message``; ``generation_prompt`` False (vLLM's ``add_generation_prompt``): the
+        conversation as it is, without the new turn's header."""
         tok = self.loaded.tokenizer
         msgs = [{"role": m.get("role", "user"), "content": content_text(m.get("content"))} for m in messages]
         if not msgs:
@@ -188,7 +189,8 @@ class LocalBackend(Backend):
             return tok("\n\n".join(m["content"] for m in msgs))["input_ids"]
         cont = continue_final and msgs[-1]["role"] == "assistant"  # continue a partial assistant answer
         ids = tok.apply_chat_template(
-            msgs, tokenize=True, add_generation_prompt=not cont, continue_final_message=cont, return_dict=False
+            msgs, tokenize=True, add_generation_prompt=generation_prompt and not cont, continue_final_message=cont,
+            return_dict=False,
         )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -243,7 +245,7 @@ class LocalBackend(Backend):
         if isinstance(request, CompletionRequest):  # raw text: no chat template
             prompt = self._raw_prompt_ids(request.prompt)
         else:
-            prompt = self._prompt_ids(request.messages, None, _continues(request))
+            prompt = self._prompt_ids(request.messages, None, *_template(request))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[list[Any]] = asyncio.Queue()
         try:
@@ -420,8 +422,10 @@ class LocalBackend(Backend):
                     yield StreamChunk(usage=Usage(ev.prompt_tokens, ev.completion_tokens), metrics=ev.metrics)
 
 
-def _continues(request: ChatRequest) -> bool:
-    """Whether a generation continues the conversation's final assistant message: only when asked with vLLM's
-    ``continue_final_message`` (its default, as OpenAI's, opens a new assistant turn that answers the conversation;
-    this engine continued it, so a client's assistant-last conversation got a continuation, not an answer)."""
-    return bool(request.params.extra.get("continue_final_message", False))
+def _template(request: ChatRequest) -> tuple[bool, bool]:
+    """A generation's chat-template switches, vLLM's: whether it continues the conversation's final assistant message
+    (only when asked with ``continue_final_message``: the default, as OpenAI's, opens a new assistant turn that
+    answers the conversation; this engine had continued it, so an assistant-last conversation got a continuation, not
+    an answer), and whether a new turn's header is added (``add_generation_prompt``, default on)."""
+    extra = request.params.extra
+    return bool(extra.get("continue_final_message", False)), extra.get("add_generation_prompt", True) is not False

@@ -72,7 +72,9 @@ class FinalOverrides:
 
 
 # The FinalOverrides.extra keys that shape the answer itself (for_writers); the rest of SAMPLING_EXTRAS shape sampling.
-ANSWER_SHAPING = frozenset({"response_format", "min_tokens", "ignore_eos", "logit_bias"})
+# A continued final assistant message (vLLM's chat-template switches) is the answer's beginning.
+ANSWER_SHAPING = frozenset({"response_format", "min_tokens", "ignore_eos", "logit_bias", "continue_final_message",
+                            "add_generation_prompt"})
 
 
 StreamSink = Callable[[StreamChunk], Awaitable[None]]

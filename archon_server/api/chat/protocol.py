@@ -153,6 +153,10 @@ class ChatCompletionRequest(SamplingExtras):
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's chat-template switches (`extra_body=`): continue the conversation's final assistant message (a prefilled
+    # answer) instead of answering it with a new turn. None: vLLM's default (a generation prompt, unless continuing).
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
     # archon-server extensions (the openai SDK sends them with `extra_body=`)
     architecture: dict[str, Any] | None = Field(default=None, description="Overrides deep-merged into the architecture.")
     return_trace: bool = False
@@ -190,6 +194,27 @@ class ChatCompletionRequest(SamplingExtras):
         if not any(m.role in ("user", "system", "developer") and m.content for m in v):
             raise ValueError("at least one non-empty user or system message is required")
         return v
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_final_message(cls, v: bool, info: ValidationInfo) -> bool:
+        """vLLM's rule (both switches on is a 400) and ours: only an assistant message can be continued (vLLM would
+        continue a final user message as if the model had written it; the embedded engine opened a new turn)."""
+        if not v:
+            return v
+        if info.data.get("add_generation_prompt"):
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        messages = info.data.get("messages")
+        if messages and messages[-1].role != "assistant":
+            raise ValueError(f"the last message must be the assistant's answer to continue; it is a {messages[-1].role!r} message")
+        return v
+
+    def template_extra(self) -> dict[str, Any]:
+        """The chat-template switches the final stage's calls get (FinalOverrides.extra), as vLLM takes them; nothing
+        for the default (a new assistant turn)."""
+        if self.continue_final_message:
+            return {"continue_final_message": True, "add_generation_prompt": False}
+        return {"add_generation_prompt": False} if self.add_generation_prompt is False else {}
 
 
 class ResponseMessage(BaseModel):

@@ -205,7 +205,8 @@ class ChatService:
             n=req.n, temperature=req.temperature, top_p=req.top_p,
             max_tokens=req.max_completion_tokens or req.max_tokens, stop=req.stop, seed=req.seed,
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
-            extra=final_extra(req.response_format, req.tools, req.tool_choice, req.parallel_tool_calls, req.sampling_extra()),
+            extra=final_extra(req.response_format, req.tools, req.tool_choice, req.parallel_tool_calls,
+                              {**req.sampling_extra(), **req.template_extra()}),
         )
 
     def refuse_overflow(self, spec: ArchitectureSpec, final: FinalOverrides) -> FinalOverrides:
