@@ -260,3 +260,28 @@ async def test_kill9_restarts_and_serves_again(vllm: VLLMManagedBackend) -> None
     res = await vllm.chat(ask("Say hi.", temperature=0.0, max_tokens=8))
     assert res.choices[0].text.strip()
     assert re.fullmatch(r"\d+", str(new))
+
+
+async def test_the_chat_template_switches_render_as_the_embedded_engine_renders_them(vllm: VLLMManagedBackend) -> None:
+    """vLLM's ``continue_final_message`` / ``add_generation_prompt`` (what a client's prefilled answer sends to the final
+    stage) on a real vLLM and on our engine: the same prompt tokens for each setting (the engine applies the chat
+    template as vLLM does), the prefix kept open (fewer tokens than a new turn), and vLLM continues it."""
+    from archon_server.backends.local import LocalBackend
+
+    conv = [{"role": "user", "content": "Name the days of the week, in order."},
+            {"role": "assistant", "content": "Monday, Tuesday, Wednesday,"}]
+    settings = [{}, {"continue_final_message": True, "add_generation_prompt": False}, {"add_generation_prompt": False}]
+
+    def req(extra: dict) -> ChatRequest:
+        return ChatRequest("any-alias", conv, SamplingParams(temperature=0.0, max_tokens=6, extra=dict(extra)))
+
+    theirs = [await vllm.chat(req(e)) for e in settings]
+    local = LocalBackend(MODEL, dtype="float32", progress=False)
+    try:
+        ours = [await local.chat(req(e)) for e in settings]
+    finally:
+        await local.close()
+    assert [r.usage.prompt_tokens for r in ours] == [r.usage.prompt_tokens for r in theirs]
+    new_turn, cont, bare = (r.usage.prompt_tokens for r in theirs)
+    assert cont < bare < new_turn  # open prefix < closed turn < closed turn + the next turn's header
+    assert theirs[1].choices[0].text.lstrip().startswith("Thursday"), theirs[1].choices[0].text
