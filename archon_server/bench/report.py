@@ -123,7 +123,8 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
             unit = "win %"
             if prefs:
                 wr = ae.win_rate(prefs)
-                score, se = wr.win_rate, wr.standard_error
+                # one judged instruction has no standard error (win_rate's NaN): None, as every other row's
+                score, se = wr.win_rate, (wr.standard_error if math.isfinite(wr.standard_error) else None)
             diff = _official_difficulty(data_root) if len(judged) >= lc_min_rows else None
             if diff is not None and score is not None:
                 rows_j = [ae.Judged(r["instruction"], r["preference"], r["len_baseline"], r["len_model"]) for r in judged]
@@ -289,9 +290,22 @@ def write_report(out_dir: str | Path, title: str | None = None, data_root: str |
     rows = aggregate(records, data_root=data_root)
     md = out / "report.md"
     md.write_text(markdown(rows, title or f"Sweep results: {out.name}"), encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(_finite([r.__dict__ for r in rows]), indent=2, default=str, allow_nan=False),
+                                      encoding="utf-8")
     png = plot(rows, out / "score_vs_calls.png")
     return {"markdown": md, "plot": png, "alpaca": export_alpaca_outputs(records, out, data_root), "fastchat": export_fastchat_answers(records, out)}
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every NaN or infinity made None: ``summary.json`` is strict JSON (a bare ``NaN`` is no JSON value,
+    and parsers other than Python's refuse the file)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def failure_flag(bench: str, recs: Sequence[dict[str, Any]]) -> str | None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_serializer, field_validator, model_validator
@@ -146,7 +146,9 @@ class SweepSpec(_Base):
         default=None, ge=1, description="Cap on a generating judge's tokens (MT-Bench, Arena-Hard); default the reference "
         "harnesses' 2048 / 4096.  A verdict not given within the cap counts as unparsed, as a rating FastChat cannot parse.")
     concurrency: int = Field(default=8, ge=1, description="Questions in flight at once.")
-    backend_concurrency: dict[str, int] = Field(default_factory=dict, description="Calls in flight per backend alias; key `default` for the rest.")
+    backend_concurrency: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="Calls in flight per backend alias (its backend's cap, shared by all its aliases); "
+        "key `default` for the backends no key names.")
     seed: int = 0
     params: SweepParams | None = Field(default=None, description="Request parameters for the final stage (only those set apply).")
     architectures: list[str] = Field(min_length=1)
@@ -498,6 +500,14 @@ class SweepRun:
             if self.spec.judge not in self.registry:
                 raise SpecError([f"judge: {self.spec.judge!r} is not a backend alias of the server config "
                                  f"(known: {', '.join(sorted(self.registry.aliases()))})"], src)
+        known = f"known: {', '.join(sorted(self.registry.aliases()))}"
+        for alias in self.spec.backend_concurrency:
+            if alias != "default" and alias not in self.registry:  # a misspelt key would cap nothing, silently
+                raise SpecError([f"backend_concurrency.{alias}: not a backend alias of the server config ({known})"], src)
+        for name, arch in archs.items():  # else every question of it would fail, and be recorded as failed
+            if arch is not None and (missing := self.runtime.check_bindings(arch)):
+                raise SpecError([f"architectures: {name!r} uses model alias(es) the server config lacks: "
+                                 f"{', '.join(missing)} ({known})"], src)
         logprob = [f"benchmarks[{i}]" for i, e in enumerate(self.spec.benchmarks) if e.mode == "logprob"]
         if logprob and all(s is None or single_generator_model(s) is None for s in archs.values()):
             raise SpecError([f"architectures: none of {', '.join(map(repr, archs))} is a single generator of one model, "
@@ -671,9 +681,10 @@ class SweepRun:
                 if result_key(a, it.benchmark, it.id) not in log.done]
         sem = asyncio.Semaphore(self.spec.concurrency)
         report = Reporter(self.progress)
-        if log.done and todo:
-            report.line(f"{self.spec.name}: resuming, {len(log.done)} results already saved; {len(todo)} to run")
-        bar = report.bar(len(todo), self.spec.name, "q")
+        if log.done:
+            report.line(f"{self.spec.name}: resuming, {len(log.done)} results already saved; "
+                        + (f"{len(todo)} to run" if todo else "nothing to run"))
+        bar = report.bar(len(todo), self.spec.name, "q") if todo else None
 
         async def one(a: str, s: ArchitectureSpec | None, it: ds.Item) -> None:
             async with sem:
@@ -725,14 +736,20 @@ async def _all_or_none(coros: Iterable[Any]) -> None:
 
 def wrap_registry(registry: Any, spec: SweepSpec, store: CacheStore | None) -> None:
     """Cache every backend (keyed on model+messages+params), then cap its concurrency (the registry's own limit:
-    cache hits take a slot too, as they always did)."""
+    cache hits take a slot too, as they always did).  A key of ``backend_concurrency`` caps the backend its alias names
+    (any alias: ``judge`` as well as the backend's own); ``default`` caps the backends no key names."""
     default = spec.backend_concurrency.get("default")
     if store is not None:
         registry.wrap(lambda alias, backend: CachingBackend(backend, store, namespace=alias))
-    for alias in registry.backends():
-        limit = spec.backend_concurrency.get(alias, default)
-        if limit:
+    named = set()
+    for alias, limit in spec.backend_concurrency.items():
+        if alias != "default" and alias in registry:
             registry.cap(alias, limit)
+            named.add(id(registry.get(alias)))
+    if default:
+        for alias, backend in registry.backends().items():
+            if id(backend) not in named:
+                registry.cap(alias, default)
 
 
 async def run_sweep(
