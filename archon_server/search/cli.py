@@ -47,7 +47,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
                    "all runs); stored in the study. Default: the config's study.n_trials when the study is new or that "
                    "value changed since the study last saw it (a larger one on resume runs more trials), else the "
                    "stored target")
-    r.add_argument("--workers", type=int, default=1, help="worker processes to start on this machine (default 1)")
+    r.add_argument("--workers", type=_positive, default=1, help="worker processes to start on this machine (default 1)")
     r.add_argument("--worker-index", type=_worker_index, default=0, help="offsets the sampler seed so workers propose "
                    "different points; `auto`: derived from host name and pid (for replicas started alike, e.g. by compose)")
     r.add_argument("--no-finalize", action="store_true", help="skip test-split scoring of the best trials and baselines")

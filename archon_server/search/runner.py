@@ -420,6 +420,20 @@ def _ended_elsewhere(study: optuna.Study, trial: optuna.Trial) -> bool:
     return True
 
 
+def attempts_used_up(p: Progress, max_attempts: int, n_trials: int) -> str:
+    """Why a worker stops short of the target: the study's attempts (``study.max_attempts_factor`` x the target) are
+    used up, with what they went to -- duplicates of graphs already evaluated (the space holds fewer distinct graphs
+    than the target) or proposals the rules / budget rejected -- and what to change."""
+    if p.duplicates >= p.rejected:
+        why = ("the space may hold fewer distinct architectures than the target: widen `space`, or lower the target "
+               "(`study.n_trials`, `--n-trials`)")
+    else:
+        why = "most proposals break the space's rules or the budget: narrow `space` or raise `budget`"
+    return (f"stopping: {p.attempts} attempts, the study's limit ({max_attempts}: study.max_attempts_factor x the target "
+            f"of {n_trials}), for {p.evaluated} evaluated trials: {p.duplicates} duplicates of evaluated graphs, "
+            f"{p.rejected} rejected by rules/budget, {p.failed} failed; {why}")
+
+
 async def run_worker(
     study: optuna.Study,
     objective: ArchitectureObjective,
@@ -458,7 +472,7 @@ async def run_worker(
             stats.converged = True
             break
         if p.attempts >= max_attempts:
-            log.warning("stopping: %d attempts for %d evaluated trials (space mostly rejected by rules/budget?)", p.attempts, p.evaluated)
+            log.warning("%s", attempts_used_up(p, max_attempts, n_trials))
             break
         if p.waiting == 0 and p.evaluated + p.running >= n_trials:
             if hb and p.running:

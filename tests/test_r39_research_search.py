@@ -1,0 +1,57 @@
+"""A researcher's walk through README's `archon search` section (round 39): what it found.
+
+* ``archon search run ... --workers 0`` (or ``-1``) ran one worker as if nothing were wrong; ``--n-trials 0`` was
+  already refused: ``--workers`` now is too, by argparse, creating nothing.
+* A study whose space holds fewer distinct graphs than its target (the shipped ``embedded-smoke.yaml`` copied with
+  ``n_trials: 6``) stopped at its attempts limit saying ``space mostly rejected by rules/budget?`` while nothing was
+  rejected: every extra attempt was a duplicate. The line now counts duplicates, rejections and failures and says
+  what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "search" / "tiny-scripted.yaml"
+
+
+def _archon(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout's
+    return subprocess.run([sys.executable, "-m", "archon_server", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_below_one_is_refused_and_creates_nothing(tmp_path: Path, workers: str) -> None:
+    db = tmp_path / "s.db"
+    out = _archon("search", "run", str(TINY), "--storage", f"sqlite:///{db}", "--workers", workers, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"archon search run: error: argument --workers: {workers}: must be 1 or more"
+    assert not db.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_space_smaller_than_the_target_stops_saying_so(tmp_path: Path) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["study"].update(n_trials=5, max_attempts_factor=2, sampler={"type": "random", "seed": 0})
+    data["evaluation"].update(stages=[], test_top=1, baselines=False)
+    data["space"] = {"families": ["self_moa"], "temperatures": [0.7], "fusion_layers": 0, "critic": [False],
+                     "ranker": [False], "final": ["none", "vote"], "self_moa_model_rank": 0,
+                     "self_moa_samples": {"low": 4, "high": 4}}  # two distinct graphs
+    cfg = tmp_path / "few.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    out = _archon("search", "run", str(cfg), "--storage", f"sqlite:///{tmp_path}/few.db", "--no-export", "--no-finalize",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [stop] = [ln for ln in out.stderr.splitlines() if "stopping:" in ln]
+    assert stop.endswith(
+        "stopping: 10 attempts, the study's limit (10: study.max_attempts_factor x the target of 5), for 2 evaluated "
+        "trials: 8 duplicates of evaluated graphs, 0 rejected by rules/budget, 0 failed; the space may hold fewer "
+        "distinct architectures than the target: widen `space`, or lower the target (`study.n_trials`, `--n-trials`)"), stop
