@@ -97,6 +97,16 @@ class ComponentContext:
     ok_calls: int = 0
     # A client seed makes the whole graph reproducible: inner calls without a seed of their own get one derived from it.
     seed_base: int | None = None
+    # Streamed pieces of answers that stayed blank, not sent yet: a writer's every answer blank may be replaced by its
+    # input (graph/runtime.fall_back_on_empty), and blank text sent ahead of that answer would stay in the client's.
+    # The runtime sends them (release_held) when no fallback took their place, else drops them.
+    held: list[StreamChunk] = field(default_factory=list)
+
+    async def release_held(self) -> None:
+        """Send the held blank pieces (see ``held``): the stream announces and finishes every choice it answers."""
+        chunks, self.held = self.held, []
+        for ch in chunks:
+            await self.sink(ch)  # type: ignore[misc]  # held only where there is a sink
 
     def sampling(self, spec: Sampling, judge: bool = False, apply_final: bool = True) -> SamplingParams:
         """Resolve component > architecture defaults > built-ins; the client's values win on the final stage."""
@@ -228,6 +238,9 @@ class ComponentContext:
         usage = Usage()
         metrics: dict[str, Any] = {}
 
+        opened: set[int] = set()  # choices with an answer so far (text that is not blank, or a tool call)
+        held: dict[int, list[StreamChunk]] = {}  # a choice's leading blank pieces (and its finish, if it stays blank)
+
         async def one(i: int, req: ChatRequest) -> None:
             nonlocal metrics
             offset = i if len(reqs) > 1 else 0
@@ -243,9 +256,23 @@ class ComponentContext:
                     finish[idx] = ch.finish_reason
                 if ch.tool_calls:
                     accumulate_tool_calls(calls.setdefault(idx, {}), ch.tool_calls)
-                await sink(ch if ch.index == idx else replace(ch, index=idx))  # no copy per token when unchanged
+                out = ch if ch.index == idx else replace(ch, index=idx)  # no copy per token when unchanged
+                if idx not in opened:
+                    if not ((ch.text and not ch.text.isspace()) or ch.tool_calls):
+                        held.setdefault(idx, []).append(out)
+                        continue
+                    opened.add(idx)
+                    for early in held.pop(idx, ()):
+                        await sink(early)
+                await sink(out)
 
         await asyncio.gather(*(_limited(limit, partial(one, i, r)) for i, r in enumerate(reqs)))
+        if opened:  # some answer was written: no fallback takes the blank ones' place (fall_back_on_empty), send them
+            for i in sorted(held):
+                for early in held.pop(i):
+                    await sink(early)
+        else:
+            self.held.extend(c for i in sorted(held) for c in held[i])
         idx = sorted(set(texts) | set(finish) | set(calls)) or [0]
         return ChatResult(
             choices=[Choice("".join(texts.get(i, [])), finish.get(i, "stop"), i,

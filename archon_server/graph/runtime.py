@@ -290,7 +290,10 @@ class GraphRuntime:
             if writes(layer) and (k := fall_back_on_empty(state, incoming, incoming_critiques)):
                 lt.notes.append(f"fallback: every answer this layer wrote was empty; its input's {k} candidate(s) with an answer"
                                 " stand in for them")
-                stream_here = False  # nothing was streamed (an empty answer has no tokens): the answer goes out whole
+                stream_here = False  # nothing was sent (blank pieces are held, and dropped here): the answer goes out whole
+            elif stream_here:
+                for x in ctxs:  # blank answers that no fallback replaces: sent as written
+                    await x.release_held()
             _note_outcome(lt, incoming, updates, state)
             trace.end_layer(lt)
             if not state.candidates:
