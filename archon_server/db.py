@@ -17,6 +17,8 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from .exceptions import ArchonError
+
 log = logging.getLogger("archon.db")
 
 T = TypeVar("T")
@@ -86,6 +88,34 @@ def redacted(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - an unparsable URL has no password field we could find
         return url.split("@")[-1]
+
+
+class DatabaseURLError(ArchonError, ValueError):
+    """A database URL (``--storage``, ``--store``) that names no database this machine can open: not a URL, an
+    unknown kind of database, or one whose driver is not installed. Its message is the CLI's one line."""
+
+
+def check_url(url: str) -> None:
+    """Raise :class:`DatabaseURLError` for a URL SQLAlchemy cannot even start on (before anything is created):
+    SQLAlchemy's own ArgumentError / NoSuchModuleError / ImportError were tracebacks at the command line."""
+    examples = "sqlite:///FILE, postgresql://USER@HOST/DB"
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        why = f"not a database URL ({examples})"
+    else:
+        try:
+            dialect = parsed.get_dialect()
+        except sa.exc.NoSuchModuleError:
+            why = f"unknown kind of database {parsed.drivername!r} ({examples})"
+        else:
+            try:
+                dialect.import_dbapi()
+            except ImportError as e:
+                why = f"the {dialect.name} driver {dialect.driver!r} is not installed ({e})"
+            else:
+                return
+    raise DatabaseURLError(f"error: cannot open the database {redacted(url)}: {why}")
 
 
 def unreachable_message(url: str, e: sa.exc.OperationalError) -> str:

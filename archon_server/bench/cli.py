@@ -38,10 +38,13 @@ def _needs_data(out: Path) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     import sqlalchemy.exc
 
+    from ..db import DatabaseURLError
     from .paths import DataNotFound
 
     try:
         return _run(args)
+    except DatabaseURLError as e:  # --store names no database this machine can open (not a URL, no such kind, no driver)
+        return _fail(str(e))
     except sqlalchemy.exc.OperationalError as e:  # --store points at a database that is down or unknown
         from ..db import unreachable_message
 
@@ -87,8 +90,12 @@ def _run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import sqlalchemy.exc
 
+    from ..db import DatabaseURLError
+
     try:
         return _report(args)
+    except DatabaseURLError as e:  # --store names no database this machine can open (not a URL, no such kind, no driver)
+        return _fail(str(e))
     except sqlalchemy.exc.OperationalError as e:
         from ..db import unreachable_message
 

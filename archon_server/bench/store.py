@@ -32,7 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ..db import create_tables, normalize_url, sqlite_path, worker_id
+from ..db import check_url, create_tables, normalize_url, sqlite_path, worker_id
 from .definition import stamped, version_problem
 from .sweep import SweepMismatch as SweepMismatch  # raised by register(); importable from here as before
 from .sweep import same_results, sweep_changes
@@ -70,6 +70,7 @@ CALLS = sa.Table(
 
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
+    check_url(url)  # a URL no database answers to: one line, nothing created
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     path = sqlite_path(url)
     if path is not None:

@@ -109,11 +109,16 @@ def _cli_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
     def run(args: argparse.Namespace) -> int:
         import sqlalchemy.exc
 
+        from archon_server.db import DatabaseURLError
+
         try:
             return cmd(args)
         except SpecError as e:
             for line in e.errors:
                 print(f"{e.source + ': ' if e.source else ''}{line}", file=sys.stderr)
+            return 2
+        except DatabaseURLError as e:  # a storage URL no database answers to (not a URL, no such kind, no driver)
+            print(e, file=sys.stderr)
             return 2
         except sqlalchemy.exc.OperationalError as e:  # the storage URL points at a database that is down or unknown
             from archon_server.db import unreachable_message

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from archon_server.db import normalize_url, redacted, retry_race, sqlite_path
+from archon_server.db import check_url, normalize_url, redacted, retry_race, sqlite_path
 from archon_server.search import claims
 from archon_server.spec import SpecError
 
@@ -123,6 +123,7 @@ def make_storage(
     """
     engine_kwargs: dict[str, Any] = {}
     url = normalize_url(url)
+    check_url(url)  # a URL no database answers to: one line, nothing created
     path = sqlite_path(url)
     if url.startswith("sqlite"):
         # Several processes write one file: wait for the lock instead of failing at once.
