@@ -55,3 +55,25 @@ def test_a_space_smaller_than_the_target_stops_saying_so(tmp_path: Path) -> None
         "stopping: 10 attempts, the study's limit (10: study.max_attempts_factor x the target of 5), for 2 evaluated "
         "trials: 8 duplicates of evaluated graphs, 0 rejected by rules/budget, 0 failed; the space may hold fewer "
         "distinct architectures than the target: widen `space`, or lower the target (`study.n_trials`, `--n-trials`)"), stop
+
+
+def test_workers_of_a_fresh_study_do_not_say_resuming_and_a_resume_says_it_once(tmp_path: Path) -> None:
+    """`search run --workers 2` on a new study printed `resuming study 'x': 0 of N evaluated; trial 0 is running ...`
+    (the second worker saw the first one's trial); on a real resume each worker said it, twice in all."""
+    data = yaml.safe_load(TINY.read_text())
+    data["study"].update(name="two", n_trials=4, heartbeat_interval=1, grace_period=4, sampler={"type": "random", "seed": 0})
+    data["evaluation"].update(stages=[], test_top=1, baselines=False)
+    data["evaluation"]["scripted"].update(n_dev=10, step_sleep_s=0.05)  # each trial runs a moment: the two overlap
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    url = f"sqlite:///{tmp_path}/two.db"
+    fresh = _archon("search", "run", str(cfg), "--storage", url, "--workers", "2", "--no-export", "--no-finalize",
+                    cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "resuming" not in fresh.stderr, fresh.stderr
+    assert any(ln.endswith("of 4 evaluated") for ln in fresh.stderr.splitlines()), fresh.stderr
+    again = _archon("search", "run", str(cfg), "--storage", url, "--workers", "2", "--n-trials", "6", "--no-export",
+                    "--no-finalize", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [ln for ln in again.stderr.splitlines() if "resuming" in ln]
+    assert resumed == ["resuming study 'two': 4 of 6 evaluated"], again.stderr

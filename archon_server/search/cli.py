@@ -232,7 +232,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | None) -> int:
     from archon_server.bench.progress import Reporter
-    from archon_server.search.runner import check_evaluation, finalize_study, open_study, progress, run_search
+    from archon_server.search.runner import (
+        check_evaluation,
+        finalize_study,
+        grace_period_s,
+        open_study,
+        progress,
+        resume_line,
+        run_search,
+        study_target,
+    )
 
     report = Reporter(enabled=not args.no_progress)
     if args.workers > 1:
@@ -249,7 +258,11 @@ def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | Non
         # A config the workers would refuse is refused here, before the study exists; then the study (and its
         # target) is created once, before the workers race to do it.
         check_evaluation(cfg)
-        open_study(cfg, storage=storage, study_name=study_name)
+        study = open_study(cfg, storage=storage, study_name=study_name)
+        # What this run resumes, said once here: each worker would say it again, and the second of a fresh study's
+        # workers would take the first one's running trial for something to resume.
+        if report.enabled and study.get_trials(deepcopy=False):
+            report.line(resume_line(study, study_target(study, cfg, args.n_trials), grace_period_s(cfg)))
         procs = [subprocess.Popen(cmd + ["--worker-index", str(args.worker_index + i)]) for i in range(args.workers)]
         try:
             codes = [p.wait() for p in procs]
@@ -265,7 +278,8 @@ def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | Non
             asyncio.run(finalize_study(cfg, study, report=report))
     else:
         res = asyncio.run(run_search(cfg, storage=storage, study_name=study_name, n_trials=args.n_trials,
-                                     seed_offset=args.worker_index, do_finalize=not args.no_finalize, report=report))
+                                     seed_offset=args.worker_index, do_finalize=not args.no_finalize, report=report,
+                                     say_resume=not args.spawned))
         study = res.study
         if args.verbose:
             log.info("worker stats: %s", res.stats)

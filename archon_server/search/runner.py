@@ -695,16 +695,18 @@ async def run_search(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     report: Reporter = QUIET,
+    say_resume: bool = True,
 ) -> SearchResult:
     """One worker's whole run: open/resume, rank the pool, run trials to the target, optionally finalize. ``report``
-    (the CLI's, on stderr) gets the phases, the resume and a line per finished trial."""
+    (the CLI's, on stderr) gets the phases, the resume and a line per finished trial; ``say_resume=False``: not the
+    resume (a ``--workers`` child: its parent said it once, before the children's trials ran)."""
     t0 = time.perf_counter()
     own_evaluator = evaluator is None
     evaluator = evaluator or make_evaluator(config)
     try:
         return await _run_search(config, evaluator, t0, storage=storage, study_name=study_name, n_trials=n_trials,
                                  seed_offset=seed_offset, do_finalize=do_finalize, sampler=sampler, pruner=pruner,
-                                 report=report)
+                                 report=report, say_resume=say_resume)
     finally:
         if own_evaluator and hasattr(evaluator, "aclose"):
             await evaluator.aclose()
@@ -712,10 +714,10 @@ async def run_search(
 
 async def _run_search(config: SearchConfig, evaluator: Evaluator, t0: float, *, storage: Any, study_name: str | None,
                       n_trials: int | None, seed_offset: int, do_finalize: bool, sampler: Any, pruner: Any,
-                      report: Reporter = QUIET) -> SearchResult:
+                      report: Reporter = QUIET, say_resume: bool = True) -> SearchResult:
     study = open_study(config, storage=storage, study_name=study_name, seed_offset=seed_offset, sampler=sampler, pruner=pruner)
     target = study_target(study, config, n_trials)
-    if report.enabled and study.get_trials(deepcopy=False):
+    if say_resume and report.enabled and study.get_trials(deepcopy=False):
         report.line(resume_line(study, target, grace_period_s(config)))
     ranked = await rank_models(config, study, evaluator, report)
     objective = ArchitectureObjective(config, evaluator, ranked, study.study_name)
