@@ -1,12 +1,13 @@
 """A researcher's walk through README's `archon bench` section (round 39): what it found.
 
 * ``summary.json`` of a sweep with one judged AlpacaEval instruction held a bare ``NaN`` (its standard error), which
-  is no JSON: strict parsers (``jq --seq``-less tools, JavaScript, Go) refuse the file; now ``null``, as the other rows'.
+  is no JSON: strict parsers (JavaScript's JSON.parse, Go, serde) refuse the file; now ``null``, as the other rows'.
 * ``backend_concurrency: {default: -1}`` crashed with asyncio's traceback (after creating the output folder); a key
   that is an alias but not the backend's own name (``judge``), or a misspelt one, capped nothing, silently.
 * An architecture whose model aliases the server config lacks (``moa-lite`` needs ``proposer-4..6``) was not refused
   before the first call, as README says a sweep is checked: every question of it failed and was recorded as failed.
 * A re-run of a finished sweep drew two empty bars and never said that it resumed.
+* `archon bench list --data MISSING` listed every benchmark as unavailable, exit 0; now one line, exit 2, as `run`.
 """
 
 from __future__ import annotations
@@ -126,3 +127,14 @@ def test_a_rerun_of_a_finished_sweep_says_it_resumes_with_nothing_to_run(tmp_pat
         assert not any("0q" in line for line in err), err  # no empty bar
     finally:
         up.stop()
+
+
+def test_bench_list_with_a_missing_data_folder_is_one_line(tmp_path, capsys):
+    """It printed `unavailable: benchmark data directory not found` for each of the 11 benchmarks and exit 0."""
+    missing = tmp_path / "nodata"
+    assert main(["bench", "list", "--data", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [f"--data: benchmark data directory not found: {missing} "
+                                         "(set ARCHON_DATA_DIR or pass a path)"]
+    assert not missing.exists()

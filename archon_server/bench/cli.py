@@ -194,6 +194,8 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from .datasets import LOADERS, load, split
 
+    if (err := _data_dir_error(args.data)) is not None:  # no folder at all: one line, not "unavailable" per benchmark
+        return _fail(err)
     for name in sorted(LOADERS):
         try:
             items = load(name, args.data)
