@@ -8,6 +8,7 @@
   before the first call, as README says a sweep is checked: every question of it failed and was recorded as failed.
 * A re-run of a finished sweep drew two empty bars and never said that it resumed.
 * `archon bench list --data MISSING` listed every benchmark as unavailable, exit 0; now one line, exit 2, as `run`.
+* Arena-Hard with no game the judge gave a label (the 135M judge of `seven.yaml`): `ci95=(nan, nan)` in the notes.
 """
 
 from __future__ import annotations
@@ -138,3 +139,19 @@ def test_bench_list_with_a_missing_data_folder_is_one_line(tmp_path, capsys):
     assert captured.err.splitlines() == [f"--data: benchmark data directory not found: {missing} "
                                          "(set ARCHON_DATA_DIR or pass a path)"]
     assert not missing.exists()
+
+
+def test_arena_hard_without_a_verdict_has_no_score_and_no_nan_interval(tmp_path, capsys):
+    """`archon bench run benchmarks/seven.yaml --limit 1` on the embedded model: the 135M judge gives no Arena-Hard
+    label, and the report's notes read `ci95=(nan, nan)` (summary.json: `"score": NaN`)."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    rec = {"arch": "default", "benchmark": "arena_hard", "id": "0", "output": "an answer", "calls": 1, "score": None,
+           "games": [{"model_first": False, "verdict": None}, {"model_first": True, "verdict": None}], "judge_calls": 2}
+    (out / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    assert main(["bench", "report", str(out)]) == 0
+    [row] = _strict((out / "summary.json").read_text())
+    assert row["score"] is None and "ci95" not in row["notes"], row
+    assert row["flags"] == ["2 of 2 games without a verdict: left out (as upstream)"], row
+    md = (out / "report.md").read_text()
+    assert "| default | arena_hard | 1 | – | – | win % |" in md and "nan" not in md, md

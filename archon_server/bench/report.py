@@ -157,9 +157,11 @@ def aggregate(records: Sequence[dict[str, Any]], lc_min_rows: int = LC_MIN_ROWS,
             # a failed question counts as two lost games
             games += [ArenaGame(r["id"], f, "B>>A" if f else "A>>B") for r in recs if r.get("error") for f in (False, True)]
             w = arena_win_rate(games)
-            score, unit = w["win_rate"], "win %"
+            # no game with a verdict: no score and no interval ("–", not NaN and "ci95=(nan, nan)")
+            score, unit = (w["win_rate"] if math.isfinite(w["win_rate"]) else None), "win %"
             se = None
-            notes.update(ci95=(round(w["ci_low"], 2), round(w["ci_high"], 2)))
+            if score is not None:
+                notes.update(ci95=(round(w["ci_low"], 2), round(w["ci_high"], 2)))
         elif bench.endswith("_logprob"):
             # MMLU logprob: a failed scoring call measured nothing (as a judge call that failed): left out, not a wrong
             # answer (flagged with the others' failures below).
