@@ -9,6 +9,8 @@
 * A re-run of a finished sweep drew two empty bars and never said that it resumed.
 * `archon bench list --data MISSING` listed every benchmark as unavailable, exit 0; now one line, exit 2, as `run`.
 * Arena-Hard with no game the judge gave a label (the 135M judge of `seven.yaml`): `ci95=(nan, nan)` in the notes.
+* A sweep that asks a question twice (overlapping entries) or lists an architecture twice ran it twice and counted it
+  once (n=2 reported for 3 questions asked), or dropped one of two architectures of the same name; now refused.
 """
 
 from __future__ import annotations
@@ -155,3 +157,33 @@ def test_arena_hard_without_a_verdict_has_no_score_and_no_nan_interval(tmp_path,
     assert row["flags"] == ["2 of 2 games without a verdict: left out (as upstream)"], row
     md = (out / "report.md").read_text()
     assert "| default | arena_hard | 1 | – | – | win % |" in md and "nan" not in md, md
+
+
+@pytest.mark.parametrize("body, where", [
+    # {math500, n: 1} draws from the whole benchmark: its question is one of the test split's two
+    ("architectures: [default]\nbenchmarks: [{name: math500, n: 1}, {name: math500, split: test, n: 2}]\n",
+     "benchmarks[1]: asks math500 questions benchmarks[0] asks too"),
+    ("architectures: [default]\nbenchmarks: [{name: humaneval, n: 2}, {name: humaneval, n: 2, pass_at: {n: 2}}]\n",
+     "benchmarks[1]: asks humaneval questions benchmarks[0] asks too"),
+    ("architectures: [default, default]\nbenchmarks: [{name: math500, n: 2}]\n",
+     "architectures[1]: 'default' is listed twice"),
+    ("architectures: [null-model, null-model]\nbenchmarks: [{name: math500, n: 2}]\n",
+     "architectures[1]: 'null-model' is listed twice"),
+    ("architectures: [self-moa, renamed.yaml]\nbenchmarks: [{name: math500, n: 2}]\n",
+     "architectures[1]: 'renamed.yaml' is named 'self-moa', as architectures[0] ('self-moa') is"),
+])
+def test_a_question_or_architecture_a_sweep_repeats_is_refused(tmp_path, capsys, body, where):
+    """Results are kept per (architecture name, benchmark, question): a repeat ran twice and was counted once (the
+    sweep of two overlapping math500 entries reported n=2 for 3 questions asked), or one of two architectures of the
+    same name was dropped."""
+    (tmp_path / "renamed.yaml").write_text(
+        (Path(__file__).resolve().parents[1] / "architectures" / "self-moa-seq.yaml").read_text()
+        .replace("name: self-moa-seq", "name: self-moa"))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(body)
+    cfg = _server(tmp_path, "http://127.0.0.1:9/v1", ["default", "aggregator", "proposer-1"])  # never called
+    rc = main(["bench", "run", str(sweep), "--config", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = _err(capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{sweep}: {where}"), err
+    assert not (tmp_path / "out").exists()

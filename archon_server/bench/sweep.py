@@ -418,9 +418,13 @@ def resolve_architectures(names: Iterable[str], registry: Any, config: Any | Non
 
     catalog = Catalog(config.architectures_dirs if config is not None else (), registry)
     out: dict[str, ArchitectureSpec | None] = {}
-    for n in names:
+    given: dict[str, tuple[int, str]] = {}  # the name results are recorded under -> (its entry, as written)
+    for i, n in enumerate(names):
         if n == NULL_ARCH:
+            if n in given:
+                raise SpecError([f"architectures[{i}]: {n!r} is listed twice (results are kept per architecture name)"], source)
             out[n] = None
+            given[n] = (i, n)
             continue
         if is_architecture_file(n) and catalog.lookup(n) is None and find_file(n, base_dir) is None:
             raise SpecError([f"architectures: {n}: no such file ({looked_in(n, base_dir)})"], source)
@@ -428,6 +432,11 @@ def resolve_architectures(names: Iterable[str], registry: Any, config: Any | Non
             spec = catalog.resolve(n, files=True, base_dir=base_dir)
         except UnknownArchitecture:
             raise SpecError([f"architectures: {n!r} is neither a file, a catalog architecture nor a backend alias"], source) from None
+        if spec.name in given:  # results are recorded by name: the second would be dropped (or mixed with the first)
+            j, first = given[spec.name]
+            what = "is listed twice" if first == n else f"is named {spec.name!r}, as architectures[{j}] ({first!r}) is"
+            raise SpecError([f"architectures[{i}]: {n!r} {what} (results are kept per architecture name)"], source)
+        given[spec.name] = (i, n)
         out[spec.name] = spec
     return out
 
@@ -661,6 +670,7 @@ class SweepRun:
         if self._items is not None:
             return self._items
         out = []
+        asked: dict[tuple[str, str], int] = {}  # (benchmark as recorded, question id) -> the entry that asks it
         for i, entry in enumerate(self.spec.benchmarks):
             try:
                 items = ds.select(entry.name, split_name=entry.split, n=entry.n, ids=entry.ids,
@@ -669,6 +679,14 @@ class SweepRun:
                 raise SpecError([f"benchmarks[{i}].ids: {e.args[0]}"], self.spec.source) from None
             if entry.mode == "logprob":
                 items = [replace(it, benchmark=f"{it.benchmark}_logprob") for it in items]
+            # A result is kept per (architecture, benchmark, question): a question two entries ask would run twice and
+            # be counted once, in whichever entry finished first -- the row's n and pass@k would not be what was asked.
+            again = sorted({asked[k] for it in items if (k := (it.benchmark, it.id)) in asked})
+            if again:
+                raise SpecError([f"benchmarks[{i}]: asks {entry.name} questions benchmarks[{again[0]}] asks too (a question "
+                                 "is run and counted once per sweep: merge the entries, or give them other splits or ids)"],
+                                self.spec.source)
+            asked.update({(it.benchmark, it.id): i for it in items})
             out += [(entry.name, it) for it in items]
             if entry.pass_at is not None:
                 self.pass_at.update({(it.benchmark, it.id): entry.pass_at for it in items})
