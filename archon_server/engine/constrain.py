@@ -37,7 +37,15 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     else:
         return None
     # Compact JSON: a small model given room for free whitespace tends to spend its tokens on newlines.
-    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+    # A schema llguidance cannot compile (a keyword it does not implement, a regex with look-around, an unsatisfiable
+    # schema) is the client's to change: refused here, when the request is taken (the caller's 400, as vLLM refuses a
+    # schema its guided decoding cannot honour), not when the sequence is admitted (that failed the run as a 502,
+    # which SDKs send again).
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(error)
+    return grammar
 
 
 class Constraints:

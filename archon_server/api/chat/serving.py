@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from ...backends.base import REFUSE_OVERFLOW, SAMPLING_EXTRAS, StreamChunk, Usage
+from ...backends.base import REFUSE_OVERFLOW, SAMPLING_EXTRAS, BackendWrapper, StreamChunk, Usage
 from ...backends.registry import BackendRegistry
 from ...components import COMPONENTS, FinalOverrides, prompts
 from ...components.base import StreamSink
@@ -219,11 +219,13 @@ class ChatService:
             return final
         return replace(final, extra={**final.extra, REFUSE_OVERFLOW: True})
 
-    def check_final(self, spec: ArchitectureSpec, final: FinalOverrides) -> None:
+    def check_final(self, spec: ArchitectureSpec, final: FinalOverrides, format_param: str = "response_format") -> None:
         """Tools need a final stage that produces the answer, on backends that can call tools: else 400 naming them
         (unless ``tool_choice`` is ``"none"``: no call is asked for, the answer is text).
         Sampling extras need final-stage backends that honour them (checked before any call runs), and min_tokens
-        a max_tokens at least as large (vLLM's rule; against an architecture's own max_tokens the engine clamps it)."""
+        a max_tokens at least as large (vLLM's rule; against an architecture's own max_tokens the engine clamps it).
+        A structured output's schema that a writer's backend cannot constrain its decoding to is a 400 naming
+        ``format_param`` (the endpoint's field: Responses' ``text.format``), before the samples are paid for."""
         least = final.extra.get("min_tokens")
         if least and final.max_tokens is not None and least > final.max_tokens:
             raise APIError(400, f"min_tokens ({least}) must not exceed max_tokens ({final.max_tokens})",
@@ -240,6 +242,7 @@ class ChatService:
                     # latter's proposer samples its own way)
                     for alias in comp.models_used() if comp.type == "generator" else [comp.model]:
                         self.check_sampling(alias, given.extra, f"the final stage of {spec.name!r}")
+                        self.check_format(alias, given.extra.get("response_format"), format_param)
         if not final.extra.get("tools") or final.extra.get("tool_choice") == "none":
             return  # tool_choice "none": the client asks for text, which any final stage writes (the tools are ignored)
         for comp in spec.layers[-1]:
@@ -261,6 +264,22 @@ class ChatService:
             what = ", ".join(c.type + (f" (top_k {c.top_k})" if getattr(c, "top_k", None) else "") for c in last)
             raise APIError(400, f"n: the final stage of {spec.name!r} ({what}) selects from the answers before it and "
                            f"returns at most {most}; ask for n <= {most}", param="n", code="invalid_value")
+
+    def check_format(self, alias: str, response_format: dict[str, Any] | None, param: str) -> None:
+        """A 400 when ``alias``'s backend says it cannot constrain its decoding to ``response_format`` (the embedded
+        engine: a schema llguidance does not compile). Backends that cannot tell (an upstream decides itself) pass."""
+        if not response_format:
+            return
+        backend = self.registry.get(alias)
+        backend = backend.unwrap() if isinstance(backend, BackendWrapper) else backend
+        check = getattr(backend, "check_response_format", None)
+        if check is None:
+            return
+        try:
+            check(response_format)
+        except ValueError as e:
+            raise APIError(400, f"{param}: model {alias!r} cannot constrain its output to this schema: {e}",
+                           param=param, code="invalid_value") from None
 
     def check_sampling(self, alias: str, extra: dict[str, Any], where: str) -> None:
         """A 400 naming the first of the client's SAMPLING_EXTRAS in ``extra`` that ``alias``'s backend does not honour."""

@@ -27,3 +27,8 @@ async def create_response(body: ResponsesRequest, request: Request):  # type: ig
 @router.get("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
 async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
     return JSONResponse(request.app.state.responses.retrieve(response_id))
+
+
+@router.delete("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
+async def delete_response(response_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.responses.delete(response_id))

@@ -8,8 +8,8 @@ response.incomplete (a truncated answer, `status: incomplete`, as OpenAI sends i
 response.completed) or response.failed. Every event carries a `sequence_number` counting from 0.
 
 `previous_response_id`: the last ``MAX_KEPT`` stored responses (``store``, default true) are kept in memory with
-their conversation (and GET /v1/responses/{id} returns them); an id that is not kept (unknown, evicted, or from
-before a restart) is a 400 (a 404 for GET) saying so.
+their conversation (GET /v1/responses/{id} returns them, DELETE forgets one); an id that is not kept (unknown,
+evicted, deleted, or from before a restart) is a 400 (a 404 for GET and DELETE) saying so.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import replace
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 
-from ...backends.base import StreamChunk, accumulate_tool_calls
+from ...backends.base import StreamChunk, TokenLogprob, accumulate_tool_calls
 from ...components import FinalOverrides
 from ...components.state import Candidate
 from ...graph.catalog import is_passthrough
@@ -96,7 +97,7 @@ class ResponsesService:
             extra=final_extra(fmt, tools, chat_tool_choice(req.tool_choice), req.parallel_tool_calls),
         )
         final = self.chat.refuse_overflow(spec, final)
-        self.chat.check_final(spec, final)
+        self.chat.check_final(spec, final, format_param="text.format")
         return spec, messages, final, conversation
 
     def _keep(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], cand: Candidate, body: dict[str, Any]) -> None:
@@ -116,6 +117,14 @@ class ResponsesService:
             raise APIError(404, f"response {rid!r} is not kept by this server (it keeps the last {MAX_KEPT} stored responses in memory, until restart)",
                            param="response_id", code="response_not_found")
         return self.bodies[rid]
+
+    def delete(self, rid: str) -> dict[str, Any]:
+        """DELETE /v1/responses/{id}: forget a stored response (its body and the conversation it ends), as OpenAI's; a
+        later `previous_response_id` naming it is then the 400 of one not kept."""
+        self.retrieve(rid)  # the same 404 for an id not kept
+        self.kept.pop(rid, None)
+        self.bodies.pop(rid, None)
+        return {"id": rid, "object": "response", "deleted": True}
 
     def _shell(self, req: ResponsesRequest, rid: str, created: int, status: str) -> dict[str, Any]:
         """The Response object around the output: what the client asked for, echoed back."""
@@ -183,6 +192,12 @@ class ResponsesService:
         msg_id = _id("msg")
         order: list[tuple[str, int]] = []  # output items in the order they were opened: ("message", 0) / ("call", k)
         text: list[str] = []
+        # The output text's logprobs (asked for with `include`): each delta carries its tokens' as OpenAI sends them;
+        # tokens that came with no text yet (a stop string undecided, a character's first byte tokens) go with the next
+        # delta, and what no delta took (the EOS's entry) with output_text.done; the whole list is the final part's.
+        want_lps = req.wants_logprobs()
+        lps: list[TokenLogprob] = []
+        pending: list[TokenLogprob] = []
         calls: dict[int, dict[str, Any]] = {}
         call_ids: dict[int, str] = {}
 
@@ -198,8 +213,10 @@ class ResponsesService:
         def on_text(delta: str) -> list[str]:
             out = open_message()
             text.append(delta)
+            piece = responses_logprobs(pending)
+            pending.clear()
             return [*out, ev("response.output_text.delta", item_id=msg_id, output_index=order.index(("message", 0)),
-                             content_index=0, delta=delta, logprobs=[])]
+                             content_index=0, delta=delta, logprobs=piece)]
 
         def on_calls(deltas: list[dict[str, Any]]) -> list[str]:
             out: list[str] = []
@@ -230,11 +247,18 @@ class ResponsesService:
                 if isinstance(item, StreamChunk):
                     if item.index != 0:
                         continue
+                    if want_lps and item.logprobs:
+                        lps.extend(item.logprobs)
+                        pending.extend(item.logprobs)
                     for line in (on_text(item.text) if item.text else []) + (on_calls(item.tool_calls) if item.tool_calls else []):
                         yield line
                     continue
                 res: RunResult = item
                 cand = res.candidates[0]
+                if res.streamed and want_lps and lps and not cand.meta.get("logprobs"):  # the streamed tokens' are the answer's
+                    cand = replace(cand, meta={**cand.meta, "logprobs": lps})
+                elif not res.streamed and want_lps:  # whole: its tokens' logprobs go with its one delta
+                    pending[:] = cand.meta.get("logprobs") or []
                 if not res.streamed:  # the final stage was not streamable: its answer comes whole
                     for line in (on_text(cand.text) if cand.text else []) + on_calls([{"index": j, **c} for j, c in enumerate(cand.meta.get("tool_calls") or [])]):
                         yield line
@@ -250,7 +274,7 @@ class ResponsesService:
                     it = by_id.get(msg_id if kind == "message" else call_ids[k]) or _message_item(msg_id, "".join(text), "completed")
                     if kind == "message":
                         part = it["content"][0]
-                        yield ev("response.output_text.done", item_id=msg_id, output_index=oi, content_index=0, text=part["text"], logprobs=[])
+                        yield ev("response.output_text.done", item_id=msg_id, output_index=oi, content_index=0, text=part["text"], logprobs=part["logprobs"])
                         yield ev("response.content_part.done", item_id=msg_id, output_index=oi, content_index=0, part=part)
                     else:
                         yield ev("response.function_call_arguments.done", item_id=it["id"], output_index=oi, name=it["name"], arguments=it["arguments"])
