@@ -5,7 +5,9 @@
 * A study whose space holds fewer distinct graphs than its target (the shipped ``embedded-smoke.yaml`` copied with
   ``n_trials: 6``) stopped at its attempts limit saying ``space mostly rejected by rules/budget?`` while nothing was
   rejected: every extra attempt was a duplicate. The line now counts duplicates, rejections and failures and says
-  what to change.
+  what to change (and, when most trials failed, where their errors are).
+* A `space.temperatures` outside the API's [0, 2] was accepted: every trial failed on it (600 failures stored); a
+  whole-config rule read `<root>: space.top_k_models.low ...`. Both are one line naming the field now.
 """
 
 from __future__ import annotations
@@ -77,3 +79,33 @@ def test_workers_of_a_fresh_study_do_not_say_resuming_and_a_resume_says_it_once(
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [ln for ln in again.stderr.splitlines() if "resuming" in ln]
     assert resumed == ["resuming study 'two': 4 of 6 evaluated"], again.stderr
+
+
+@pytest.mark.parametrize("edit, line", [
+    # each of the 600 trials failed on its architecture's temperature, and the study kept them
+    (lambda d: d["space"].update(temperatures=[-0.5]), "space.temperatures[0]: Input should be greater than or equal to 0"),
+    (lambda d: d["space"].update(temperatures=[0.7, 2.5]), "space.temperatures[1]: Input should be less than or equal to 2"),
+    # a whole-config rule read `<root>: space.top_k_models.low must be >= 1`
+    (lambda d: d["space"].update(top_k_models=[0, 3]), "space.top_k_models.low must be >= 1"),
+    (lambda d: d["models"].append(dict(d["models"][0])), "models: duplicate names"),
+])
+def test_a_bad_search_space_is_one_line_naming_the_field(tmp_path: Path, edit, line: str) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    edit(data)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    db = tmp_path / "bad.db"
+    out = _archon("search", "run", str(cfg), "--storage", f"sqlite:///{db}", "--no-export", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.splitlines() == [f"{cfg}: {line}"], out.stderr[-3000:]
+    assert not db.exists()
+
+
+def test_attempts_used_up_by_failures_say_where_the_errors_are() -> None:
+    from archon_server.search.runner import Progress, attempts_used_up
+
+    line = attempts_used_up(Progress(evaluated=0, failed=600, attempts=600), 600, 60)
+    assert line.endswith("for 0 evaluated trials: 0 duplicates of evaluated graphs, 0 rejected by rules/budget, 600 "
+                         "failed; most trials failed: `archon search status` lists why (failed_trials)"), line
+    rejected = attempts_used_up(Progress(evaluated=3, rejected=50, duplicates=7, attempts=60), 60, 6)
+    assert rejected.endswith("most proposals break the space's rules or the budget: narrow `space` or raise `budget`")

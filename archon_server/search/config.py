@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from archon_server.sampling_fields import Temperature
 from archon_server.spec import SpecError, load_text, validation_messages
 
 
@@ -76,7 +77,7 @@ class SpaceConfig(_Base):
     families: list[Family] = Field(default_factory=lambda: ["moa"], min_length=1)
     top_k_models: IntAxis = Field(default_factory=lambda: IntAxis(low=1, high=3))
     samples_per_model: IntAxis = Field(default_factory=lambda: IntAxis(low=1, high=3))
-    temperatures: list[float] = Field(default_factory=lambda: [0.7], min_length=1)
+    temperatures: list[Temperature] = Field(default_factory=lambda: [0.7], min_length=1)  # the API's bounds
     fusion_layers: IntAxis = Field(default_factory=lambda: IntAxis(low=0, high=2))
     fusers_per_layer: IntAxis = Field(default_factory=lambda: IntAxis(low=1, high=2))
     fuser_model_rank: IntAxis = Field(default_factory=lambda: IntAxis(low=0, high=0), description="0 = best pool model fuses.")
@@ -251,7 +252,12 @@ def parse_search_config(data: Any, source: str | None = None) -> SearchConfig:
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as e:
-        raise SpecError(validation_messages(e), source) from None
+        # A whole-config rule names its own field (`space.top_k_models.low must be >= 1`): not `<root>: space...`.
+        raise SpecError([m.removeprefix("<root>: ") if m.startswith(_ROOT_FIELDS) else m for m in validation_messages(e)],
+                        source) from None
+
+
+_ROOT_FIELDS = tuple(f"<root>: {key}" for key in ("study", "objective", "budget", "evaluation", "models", "space", "export"))
 
 
 def load_search_config(path: str | Path) -> SearchConfig:

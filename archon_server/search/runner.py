@@ -423,8 +423,10 @@ def _ended_elsewhere(study: optuna.Study, trial: optuna.Trial) -> bool:
 def attempts_used_up(p: Progress, max_attempts: int, n_trials: int) -> str:
     """Why a worker stops short of the target: the study's attempts (``study.max_attempts_factor`` x the target) are
     used up, with what they went to -- duplicates of graphs already evaluated (the space holds fewer distinct graphs
-    than the target) or proposals the rules / budget rejected -- and what to change."""
-    if p.duplicates >= p.rejected:
+    than the target), proposals the rules / budget rejected, or trials that failed -- and what to change."""
+    if p.failed > max(p.duplicates, p.rejected):
+        why = "most trials failed: `archon search status` lists why (failed_trials)"
+    elif p.duplicates >= p.rejected:
         why = ("the space may hold fewer distinct architectures than the target: widen `space`, or lower the target "
                "(`study.n_trials`, `--n-trials`)")
     else:
