@@ -8,6 +8,7 @@
   what to change (and, when most trials failed, where their errors are).
 * A `space.temperatures` outside the API's [0, 2] was accepted: every trial failed on it (600 failures stored); a
   whole-config rule read `<root>: space.top_k_models.low ...`. Both are one line naming the field now.
+* A resume past its target (`--n-trials` lowered) read `3 of 2 evaluated` and nothing more: it says the target is reached.
 """
 
 from __future__ import annotations
@@ -109,3 +110,21 @@ def test_attempts_used_up_by_failures_say_where_the_errors_are() -> None:
                          "failed; most trials failed: `archon search status` lists why (failed_trials)"), line
     rejected = attempts_used_up(Progress(evaluated=3, rejected=50, duplicates=7, attempts=60), 60, 6)
     assert rejected.endswith("most proposals break the space's rules or the budget: narrow `space` or raise `budget`")
+
+
+def test_a_resume_past_its_target_says_the_target_is_reached(tmp_path: Path) -> None:
+    """`--n-trials` lowered below what the study holds read `resuming study 'x': 3 of 2 evaluated`, nothing more."""
+    data = yaml.safe_load(TINY.read_text())
+    data["study"].update(name="low", n_trials=3, sampler={"type": "random", "seed": 0})
+    data["evaluation"].update(stages=[], test_top=1, baselines=False)
+    cfg = tmp_path / "low.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    url = f"sqlite:///{tmp_path}/low.db"
+    first = _archon("search", "run", str(cfg), "--storage", url, "--no-export", "--no-finalize", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _archon("search", "run", str(cfg), "--storage", url, "--n-trials", "2", "--no-export", "--no-finalize",
+                    cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [ln for ln in again.stderr.splitlines() if "resuming" in ln] == [
+        "resuming study 'low': 3 of 2 evaluated (the target is reached: no new trial)"], again.stderr
+    assert not any(ln.startswith("trial ") for ln in again.stderr.splitlines()), again.stderr

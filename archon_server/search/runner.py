@@ -304,7 +304,9 @@ def running_trials(study: optuna.Study, grace_s: float | None) -> tuple[list[dic
 
 def resume_line(study: optuna.Study, target: int, grace_s: float | None) -> str:
     """What a run resumes: evaluated trials of the target, and what becomes of the trials of workers that died."""
-    parts = [f"resuming study {study.study_name!r}: {progress(study).evaluated} of {target} evaluated"]
+    evaluated = progress(study).evaluated
+    parts = [f"resuming study {study.study_name!r}: {evaluated} of {target} evaluated"
+             + (" (the target is reached: no new trial)" if evaluated >= target else "")]
     live, stale = running_trials(study, grace_s)
     for r in stale:
         parts.append(f"trial {r['trial']} of a dead worker (heartbeat {r['heartbeat_age_s']:.0f} s old) will be retried")
