@@ -585,14 +585,21 @@ class ChatService:
         since a selector may keep fewer than n."""
         created = int(time.time())
 
+        # With include_usage, OpenAI's every chunk but the usage one carries `"usage": null` (clients may read the key).
+        null_usage = bool(req.stream_options and req.stream_options.include_usage)
+        tail = '],"usage":null}' if null_usage else "]}"
+
         def chunk(choices: list[StreamChoice], **kw: Any) -> str:
             c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+            body = c.model_dump_json(exclude_none=True)
+            if null_usage and c.usage is None:
+                body = body[:-1] + ',"usage":null}'
+            return f"data: {body}\n\n"
 
         head = chunk([StreamChoice(index=0, delta=DeltaMessage(content="\0"))]).split('"index":0', 1)[0] + '"index":'
 
         def token(idx: int, text: str) -> str:
-            return f'{head}{idx},"delta":{{"content":{json_str(text)}}}}}]}}\n\n'
+            return f'{head}{idx},"delta":{{"content":{json_str(text)}}}}}{tail}\n\n'
 
         async with contextlib.aclosing(events):
             def role(i: int) -> str:

@@ -317,9 +317,15 @@ class CompletionsService:
     async def _stream(self, req: CompletionRequest, cid: str, run: Any, events: AsyncIterator[Any]) -> AsyncIterator[str]:
         created = int(time.time())
 
+        # With include_usage, OpenAI's every chunk but the usage one carries `"usage": null`.
+        null_usage = bool(req.stream_options and req.stream_options.include_usage)
+
         def chunk(choices: list[CompletionChoice], **kw: Any) -> str:
             c = CompletionResponse(id=cid, created=created, model=req.model, choices=choices, **kw)
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+            body = c.model_dump_json(exclude_none=True)
+            if null_usage and c.usage is None:
+                body = body[:-1] + ',"usage":null}'
+            return f"data: {body}\n\n"
 
         total = len(req.prompt) * req.n
         want_lp = req.logprobs is not None
