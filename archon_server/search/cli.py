@@ -12,6 +12,8 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +60,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--no-progress", "-q", "--quiet", dest="no_progress", action="store_true",
                    help="no progress on stderr (by default: the phases, the resume, a line per finished trial with its "
                    "value, the best so far and evaluated trials of the target)")
-    r.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # a --workers child: its parent reports Ctrl-C
+    # a --workers child, given its parent's pid: the parent reports Ctrl-C, and the child ends as on Ctrl-C when the
+    # parent dies (kill -9 included) instead of running on unwatched
+    r.add_argument("--spawned", type=int, default=None, metavar="PID", help=argparse.SUPPRESS)
     r.set_defaults(func=_cli_errors(cmd_run))
 
     e = sub.add_parser("export", help="write the best architecture YAML and the markdown report of a study")
@@ -230,7 +234,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run(args, cfg, storage, study_name)
 
 
+def _as_ctrl_c(signum: int, frame: object) -> None:
+    """A --workers child's SIGTERM (its parent died, or someone stopped it) ends it as Ctrl-C does: its running trial
+    handed back. Once: the kernel sends a parent-death signal for each of the process's threads that inherited the
+    setting, and a second interrupt would break into the handing back. SIGINT itself may be ignored (a parent started
+    in the background with ``&``), hence the handler put back first."""
+    signal.signal(signum, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.raise_signal(signal.SIGINT)  # asyncio.run's handler, where it runs: the main task cancelled
+
+
 def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | None) -> int:
+    if args.spawned:
+        from archon_server.backends.process import die_with_parent
+
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
+        die_with_parent(args.spawned)  # SIGTERM when the parent dies, kill -9 included
     from archon_server.bench.progress import Reporter
     from archon_server.search.runner import (
         check_evaluation,
@@ -254,7 +274,7 @@ def _run(args: argparse.Namespace, cfg: Any, storage: str, study_name: str | Non
             cmd.append("-v")
         if args.no_progress:
             cmd.append("--no-progress")
-        cmd.append("--spawned")
+        cmd += ["--spawned", str(os.getpid())]
         # A config the workers would refuse is refused here, before the study exists; then the study (and its
         # target) is created once, before the workers race to do it.
         check_evaluation(cfg)

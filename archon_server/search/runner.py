@@ -484,44 +484,47 @@ async def run_worker(
                 continue
             break
         trial = _ask(study)
-        with Heartbeat(storage, trial._trial_id):  # noqa: SLF001
-            if _live_before(study, trial.number) >= n_trials:
-                _release(study, trial, "surplus: the target was reached by earlier trials")
-                stats.surplus += 1
-                continue
-            stats.trials += 1
-            stats.numbers.append(trial.number)
-            trial.set_user_attr(ATTR_WORKER, me)
-            try:
-                outcome = await objective.run(trial)
-            except (KeyboardInterrupt, asyncio.CancelledError):
-                # Interrupted, not broken: fail it and enqueue the same parameters for the next worker.
-                study.tell(trial, state=TrialState.FAIL)
-                retry(study, study._storage.get_trial(trial._trial_id))  # noqa: SLF001
-                raise
-            except Exception as e:  # a broken trial must not stop the search; the reason stays in the DB
+        try:
+            with Heartbeat(storage, trial._trial_id):  # noqa: SLF001
+                if _live_before(study, trial.number) >= n_trials:
+                    _release(study, trial, "surplus: the target was reached by earlier trials")
+                    stats.surplus += 1
+                    continue
+                stats.trials += 1
+                stats.numbers.append(trial.number)
+                trial.set_user_attr(ATTR_WORKER, me)
+                try:
+                    outcome = await objective.run(trial)
+                except Exception as e:  # a broken trial must not stop the search; the reason stays in the DB
+                    if _ended_elsewhere(study, trial):
+                        continue
+                    log.exception("trial %d failed", trial.number)
+                    trial.set_user_attr(ATTR_ERROR, f"{type(e).__name__}: {e}")
+                    study.tell(trial, state=TrialState.FAIL)
+                    stats.failed += 1
+                    report.line(trial_line(study, trial.number, n_trials))
+                    continue
                 if _ended_elsewhere(study, trial):
                     continue
-                log.exception("trial %d failed", trial.number)
-                trial.set_user_attr(ATTR_ERROR, f"{type(e).__name__}: {e}")
-                study.tell(trial, state=TrialState.FAIL)
-                stats.failed += 1
-                report.line(trial_line(study, trial.number, n_trials))
-                continue
-            if _ended_elsewhere(study, trial):
-                continue
-            attrs = trial.user_attrs
-            free_streak = free_streak + 1 if ("rejected" in attrs or "duplicate_of" in attrs) else 0
-            if outcome.state == TrialState.COMPLETE:
-                study.tell(trial, outcome.values)
-                stats.complete += 1
-            else:
-                study.tell(trial, state=TrialState.PRUNED)
-                if "rejected" in trial.user_attrs:
-                    stats.rejected += 1
+                attrs = trial.user_attrs
+                free_streak = free_streak + 1 if ("rejected" in attrs or "duplicate_of" in attrs) else 0
+                if outcome.state == TrialState.COMPLETE:
+                    study.tell(trial, outcome.values)
+                    stats.complete += 1
                 else:
-                    stats.pruned += 1
-            report.line(trial_line(study, trial.number, n_trials))
+                    study.tell(trial, state=TrialState.PRUNED)
+                    if "rejected" in trial.user_attrs:
+                        stats.rejected += 1
+                    else:
+                        stats.pruned += 1
+                report.line(trial_line(study, trial.number, n_trials))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            # Interrupted, not broken (Ctrl-C; a --workers parent that died): fail it and enqueue the same parameters
+            # for the next worker, wherever it was — also before or after its evaluation, which left it RUNNING.
+            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:  # noqa: SLF001
+                study.tell(trial, state=TrialState.FAIL)
+                retry(study, study._storage.get_trial(trial._trial_id))  # noqa: SLF001
+            raise
     return stats
 
 
