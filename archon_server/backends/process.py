@@ -63,15 +63,15 @@ def _child_preexec() -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+def die_with_parent(parent: int) -> None:
     """In a child we did not start with :func:`spawn` (uvicorn's ``--workers`` processes, ``archon search run
-    --workers``' workers): ``sig`` when the process that started it dies, SIGKILL included, as :func:`_child_preexec`
-    gives spawned children (SIGINT: the child ends as on Ctrl-C, handing back what it holds). A parent already gone
-    before this ran (the child was re-parented) sends it now."""
+    --workers``' workers): SIGTERM when the process that started it dies, SIGKILL included, as :func:`_child_preexec`
+    gives spawned children. A parent already gone before this ran (the child was re-parented) ends the child now.
+    The kernel sends it once for each thread that inherited the setting: a handler must act on the first only."""
     if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:
-        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
