@@ -359,6 +359,10 @@ class Backend(ScoringMixin, abc.ABC):
     # Honours ``extra[REFUSE_OVERFLOW]`` (the embedded engine); others never get it (an upstream would see an unknown field).
     refuses_overflow: bool = False
 
+    def check_response_format(self, response_format: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """ValueError when this backend cannot constrain its decoding to ``response_format``, said before any call (the
+        API's 400). Default: nothing to say (an upstream decides for itself); the embedded engine compiles it."""
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
 
@@ -454,6 +458,9 @@ class BackendWrapper(Backend):
     @property  # type: ignore[override]
     def supports_reward(self) -> bool:
         return self.inner.supports_reward
+
+    def check_response_format(self, response_format: dict[str, Any]) -> None:
+        self.inner.check_response_format(response_format)
 
     def unwrap(self) -> Backend:
         """The backend at the bottom of a chain of wrappers."""

@@ -221,7 +221,7 @@ class LocalBackend(Backend):
             refuse_overflow=bool(p.extra.get(REFUSE_OVERFLOW)),
         )
 
-    def check_response_format(self, response_format: dict[str, Any] | None) -> None:
+    def check_response_format(self, response_format: dict[str, Any]) -> None:
         """ValueError when decoding cannot be constrained to ``response_format`` (a schema llguidance does not compile):
         the API refuses such a request (a 400) before any call of its architecture runs."""
         if not response_format or not self.supports_response_format:

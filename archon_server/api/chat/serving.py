@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from ...backends.base import REFUSE_OVERFLOW, SAMPLING_EXTRAS, BackendWrapper, StreamChunk, Usage
+from ...backends.base import REFUSE_OVERFLOW, SAMPLING_EXTRAS, StreamChunk, Usage
 from ...backends.registry import BackendRegistry
 from ...components import COMPONENTS, FinalOverrides, prompts
 from ...components.base import StreamSink
@@ -270,13 +270,8 @@ class ChatService:
         engine: a schema llguidance does not compile). Backends that cannot tell (an upstream decides itself) pass."""
         if not response_format:
             return
-        backend = self.registry.get(alias)
-        backend = backend.unwrap() if isinstance(backend, BackendWrapper) else backend
-        check = getattr(backend, "check_response_format", None)
-        if check is None:
-            return
         try:
-            check(response_format)
+            self.registry.get(alias).check_response_format(response_format)
         except ValueError as e:
             raise APIError(400, f"{param}: model {alias!r} cannot constrain its output to this schema: {e}",
                            param=param, code="invalid_value") from None
