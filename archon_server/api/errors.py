@@ -114,6 +114,16 @@ async def api_error_handler(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.code)
 
 
+_PLACES = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+def _field_loc(error: Any) -> tuple[Any, ...]:
+    """An error's location without FastAPI's part of the request before it: ``limit``, not ``query.limit``, as OpenAI
+    names a query parameter in ``param`` as it names a body field."""
+    loc = tuple(error.get("loc", ()))
+    return loc[1:] if loc and loc[0] in _PLACES else loc
+
+
 def _first_error(errs: list[Any]) -> tuple[tuple[Any, ...], str, int]:
     """The location and message of the request's first error, and how many errors it stands for.
 
@@ -122,14 +132,14 @@ def _first_error(errs: list[Any]) -> tuple[tuple[Any, ...], str, int]:
     got furthest says what is wrong (``stop: [5]``: ``stop[0]`` should be a string); when every branch failed at once,
     the message lists what the field may be (``Input should be a valid string or a valid list``)."""
     first = errs[0]
-    loc = tuple(x for x in first.get("loc", ()) if x != "body")
+    loc = _field_loc(first)
     msg = error_message(first)
     at = next((i for i, x in enumerate(loc) if is_union_tag(x)), None)
     if at is None:
         return loc, msg, 1
     group = []
     for e in errs:
-        el = tuple(x for x in e.get("loc", ()) if x != "body")
+        el = _field_loc(e)
         if len(el) > at and el[:at] == loc[:at] and is_union_tag(el[at]):
             group.append((el, error_message(e)))
     deepest = max(group, key=lambda g: len(g[0]))

@@ -101,3 +101,67 @@ async def fit_texts(ctx: Any, alias: str, texts: list[str], build: Build, reply_
         if total is None or total <= limit:
             break
     return messages, f"cut to fit {window} tokens"
+
+
+def _starts(messages: list[dict[str, Any]]) -> tuple[int, list[int]]:
+    """Where a conversation may start once its oldest turns are dropped: after its leading system/developer messages
+    (the instructions, always kept), at any message but a tool result (whose call would be gone) and not past the last
+    message (the turn being answered)."""
+    head = 0
+    while head < len(messages) - 1 and messages[head].get("role") in ("system", "developer"):
+        head += 1
+    return head, [k for k in range(head, len(messages)) if messages[k].get("role") != "tool"]
+
+
+async def drop_oldest(registry: Any, aliases: list[str], messages: list[dict[str, Any]],
+                      reply_tokens: int | None, share: float = 1.0) -> tuple[list[dict[str, Any]], int]:
+    """The conversation with as few of its oldest turns dropped as make it fit, with room for the answer, in the
+    context of every model in ``aliases`` that reads it; and how many messages were dropped. The Responses API's
+    ``truncation: "auto"`` (OpenAI: "dropping items from the beginning of the conversation"); the room kept is
+    ``reply_tokens`` (the request's ``max_output_tokens``; as OpenAI, trimming counts it even when the answer would
+    be shorter) or, without one, a quarter of the context. ``share``: the part of the rest the conversation may take;
+    an ensemble passes 0.5, since its fusers and judges read the conversation with the candidates beside it (which
+    :func:`fit_texts` cuts to what is left, down to ``MIN_SHARE`` tokens each).
+
+    Unchanged when it fits (by the byte rule, without counting, or counted), when a model cannot tell its context or
+    count a prompt, or when even the last turn alone does not fit: the backend then refuses it as without truncation.
+    The cut point is found by bisection (the count only falls as turns are dropped): a few counts, not one per turn.
+
+    ``registry``: the BackendRegistry the aliases are bound in.
+    """
+    head, starts = _starts(messages)
+    at_most = _bytes(messages) + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+    if len(starts) < 2 or at_most <= (MIN_CONTEXT - (MIN_CONTEXT // 4 if reply_tokens is None else reply_tokens)) * share:
+        return messages, 0
+    judges: list[tuple[Any, str, int]] = []  # (backend, model, tokens the prompt may take)
+    for alias in dict.fromkeys(aliases):
+        try:
+            backend, model = registry.get(alias), registry.model_name(alias)
+        except UnknownModel:
+            continue  # the call itself reports it
+        window = await backend.context_window()
+        if window:
+            judges.append((backend, model, int((window - (reply_tokens if reply_tokens is not None else window // 4)) * share)))
+
+    def at(k: int) -> list[dict[str, Any]]:
+        return [*messages[:head], *messages[k:]]
+
+    async def fits(k: int) -> bool | None:
+        for backend, model, limit in judges:
+            n = await backend.prompt_tokens(ChatRequest(model, at(k)))
+            if n is None:
+                return None
+            if n > limit:
+                return False
+        return True
+
+    if not judges or await fits(starts[0]) in (True, None) or not await fits(starts[-1]):
+        return messages, 0
+    lo, hi = 0, len(starts) - 1  # starts[lo] does not fit, starts[hi] does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if await fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid
+    return at(starts[hi]), starts[hi] - head

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from ..chat.api_router import _ERRORS, answer
@@ -32,3 +34,11 @@ async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
 @router.delete("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     return JSONResponse(request.app.state.responses.delete(response_id))
+
+
+@router.get("/v1/responses/{response_id}/input_items", responses={400: _ERRORS[400], 404: _ERRORS[404]})
+async def list_input_items(
+    response_id: str, request: Request, after: str | None = None, limit: int = Query(default=20, ge=1, le=100),
+    order: Literal["asc", "desc"] = "desc", include: list[str] | None = Query(default=None),  # noqa: ARG001 - OpenAI's; no includable field is stored
+) -> JSONResponse:
+    return JSONResponse(request.app.state.responses.input_items(response_id, after=after, limit=limit, order=order))

@@ -7,7 +7,8 @@ the item (``input[2].type``) instead of a wall of union-validation errors.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -25,7 +26,7 @@ class TextConfig(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    # Unknown OpenAI fields (reasoning, truncation...) are ignored, as vLLM does.
+    # Unknown OpenAI fields (reasoning, service_tier...) are ignored, as vLLM does.
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(default=None, min_length=1, max_length=256)  # None: server.default_architecture
@@ -49,6 +50,9 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    # "auto": a conversation past a model's context loses its oldest turns until it fits (components/fit.drop_oldest);
+    # "disabled" (OpenAI's default): it is refused with a 400, context_length_exceeded.
+    truncation: Literal["auto", "disabled"] | None = None
     # archon-server extensions (the openai SDK sends them with `extra_body=`)
     architecture: dict[str, Any] | None = Field(default=None, description="Overrides deep-merged into the architecture.")
     return_trace: bool = False
@@ -108,6 +112,28 @@ def _content(content: Any, where: str) -> str:
             raise ValueError(f"{where}[{j}].type: {kind!r} is not served (text parts only: {', '.join(_TEXT_PARTS)})")
         out.append(str(p.get("text", p.get("refusal", ""))))
     return "".join(out)
+
+
+_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def input_items(inp: str | list[dict[str, Any]], new_id: Callable[[str], str]) -> list[dict[str, Any]]:
+    """Responses `input` as the items GET /v1/responses/{id}/input_items lists, in OpenAI's shapes: each with an ``id``
+    (the client's, else ``new_id(prefix)``) and a ``status``, a message's content as a list of parts (``input_text``;
+    an assistant's ``output_text``, with ``annotations``). Called after :func:`input_messages` accepted ``inp``."""
+    if isinstance(inp, str):
+        inp = [{"type": "message", "role": "user", "content": inp}]
+    out = []
+    for item in inp:
+        kind = item.get("type", "message")
+        it = {**item, "type": kind, "id": item.get("id") or new_id(_ITEM_PREFIX[kind]), "status": item.get("status") or "completed"}
+        if kind == "message":
+            text_type = "output_text" if item.get("role") == "assistant" else "input_text"
+            parts = item.get("content")
+            parts = [{"type": text_type, "text": parts or ""}] if parts is None or isinstance(parts, str) else parts
+            it["content"] = [{**p, "annotations": p.get("annotations", [])} if p.get("type") == "output_text" else p for p in parts]
+        out.append(it)
+    return out
 
 
 def input_messages(inp: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

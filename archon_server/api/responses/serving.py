@@ -8,8 +8,9 @@ response.incomplete (a truncated answer, `status: incomplete`, as OpenAI sends i
 response.completed) or response.failed. Every event carries a `sequence_number` counting from 0.
 
 `previous_response_id`: the last ``MAX_KEPT`` stored responses (``store``, default true) are kept in memory with
-their conversation (GET /v1/responses/{id} returns them, DELETE forgets one); an id that is not kept (unknown,
-evicted, deleted, or from before a restart) is a 400 (a 404 for GET and DELETE) saying so.
+their conversation (GET /v1/responses/{id} returns them, GET .../input_items lists what each was made from, DELETE
+forgets one); an id that is not kept (unknown, evicted, deleted, or from before a restart) is a 400 (a 404 for GET and
+DELETE) saying so. `truncation: "auto"` drops the oldest turns of a conversation past the context (fit.drop_oldest).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,16 +27,18 @@ from fastapi import Request
 
 from ...backends.base import StreamChunk, TokenLogprob, accumulate_tool_calls
 from ...components import FinalOverrides
+from ...components.fit import drop_oldest
 from ...components.state import Candidate
 from ...graph.catalog import is_passthrough
 from ...graph.runtime import RunResult
+from ...spec import ArchitectureSpec
 from ..chat.serving import ChatService, final_extra
 from ..errors import RESPONSES_FIELDS, APIError
 from ..ids import new_id
 from ..logprobs import responses_logprobs
 from ..streaming import EventStream
 from ..structured import chat_tool_choice, chat_tools
-from .protocol import ResponsesRequest, input_messages
+from .protocol import ResponsesRequest, input_items, input_messages
 
 MAX_KEPT = 256  # responses kept for previous_response_id (each holds its conversation: bounded by count)
 
@@ -61,22 +64,37 @@ def _call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any
             "name": fn.get("name", ""), "arguments": fn.get("arguments", "") if status != "in_progress" else "", "status": status}
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A request made ready to run: the graph, its messages (instructions first, truncated if asked), what the final
+    stage must produce; and what a stored response keeps: the conversation a follow-up continues, its input items."""
+
+    spec: ArchitectureSpec
+    messages: list[dict[str, Any]]
+    final: FinalOverrides
+    conversation: list[dict[str, Any]]
+    items: list[dict[str, Any]]
+
+
 class ResponsesService:
     def __init__(self, chat: ChatService):
         self.chat = chat
         self.kept: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()  # id -> the conversation it ends
         self.bodies: dict[str, dict[str, Any]] = {}  # id -> the Response object (GET /v1/responses/{id})
+        self.items: dict[str, list[dict[str, Any]]] = {}  # id -> its input items (GET /v1/responses/{id}/input_items)
 
     # -- request -> run -----------------------------------------------------------------
-    def _prepare(self, req: ResponsesRequest) -> tuple[Any, list[dict[str, Any]], FinalOverrides, list[dict[str, Any]]]:
+    async def _prepare(self, req: ResponsesRequest) -> _Prepared:
         try:
             new = input_messages(req.input)
+            new_items = input_items(req.input, _id)
             fmt = req.response_format()
             tools = chat_tools(req.tools) if req.tools else None
         except ValueError as e:
             param = str(e).split(":")[0]
             raise APIError(400, str(e), param=param, code="invalid_value") from None
         history: list[dict[str, Any]] = []
+        history_items: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             if req.previous_response_id not in self.kept:
                 raise APIError(400, f"previous_response_id: response {req.previous_response_id!r} is not kept by this server "
@@ -84,6 +102,7 @@ class ResponsesService:
                                "conversation as `input` instead", param="previous_response_id", code="previous_response_not_found")
             self.kept.move_to_end(req.previous_response_id)
             history = self.kept[req.previous_response_id]
+            history_items = [*self.items[req.previous_response_id], *self.bodies[req.previous_response_id]["output"]]
         conversation = [*history, *new]  # what a follow-up continues (instructions are not carried over, as OpenAI)
         messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
         if not any(m["role"] in ("user", "system", "developer") and m["content"] for m in messages):
@@ -91,6 +110,9 @@ class ResponsesService:
         if len(messages) > self.chat.max_messages:
             raise APIError(400, f"input: at most {self.chat.max_messages} messages", param="input", code="invalid_value")
         spec = self.chat.resolve(req)
+        if req.truncation == "auto":  # the oldest turns go until it fits every model that reads the conversation
+            messages, _ = await drop_oldest(self.chat.registry, spec.models_used(), messages, req.max_output_tokens,
+                                                   share=1.0 if is_passthrough(spec) else 0.5)
         final = FinalOverrides(
             n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_output_tokens,
             logprobs=req.wants_logprobs(), top_logprobs=(req.top_logprobs or 0) if req.wants_logprobs() else 0,
@@ -98,19 +120,21 @@ class ResponsesService:
         )
         final = self.chat.refuse_overflow(spec, final)
         self.chat.check_final(spec, final, format_param="text.format")
-        return spec, messages, final, conversation
+        return _Prepared(spec, messages, final, conversation, [*history_items, *new_items])
 
-    def _keep(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], cand: Candidate, body: dict[str, Any]) -> None:
+    def _keep(self, req: ResponsesRequest, rid: str, prep: _Prepared, cand: Candidate, body: dict[str, Any]) -> None:
         if not req.store:
             return
         turn: dict[str, Any] = {"role": "assistant", "content": cand.text}
         if cand.meta.get("tool_calls"):
             turn["tool_calls"] = cand.meta["tool_calls"]
-        self.kept[rid] = [*conversation, turn]
+        self.kept[rid] = [*prep.conversation, turn]
         self.bodies[rid] = body
+        self.items[rid] = prep.items
         while len(self.kept) > MAX_KEPT:
             old, _ = self.kept.popitem(last=False)
             self.bodies.pop(old, None)
+            self.items.pop(old, None)
 
     def retrieve(self, rid: str) -> dict[str, Any]:
         if rid not in self.bodies:
@@ -124,7 +148,24 @@ class ResponsesService:
         self.retrieve(rid)  # the same 404 for an id not kept
         self.kept.pop(rid, None)
         self.bodies.pop(rid, None)
+        self.items.pop(rid, None)
         return {"id": rid, "object": "response", "deleted": True}
+
+    def input_items(self, rid: str, after: str | None = None, limit: int = 20, order: str = "desc") -> dict[str, Any]:
+        """GET /v1/responses/{id}/input_items: the items the response was made from - its conversation, earlier turns
+        (through ``previous_response_id``) included, instructions not - as OpenAI's cursor page: ``order`` (newest
+        first by default), ``limit`` of them after the item ``after``, ``has_more`` when more follow."""
+        self.retrieve(rid)  # the same 404 for an id not kept
+        items = self.items[rid] if order == "asc" else self.items[rid][::-1]
+        start = 0
+        if after is not None:
+            ids = [it["id"] for it in items]
+            if after not in ids:
+                raise APIError(400, f"after: {after!r} is not an input item of response {rid!r}", param="after", code="invalid_value")
+            start = ids.index(after) + 1
+        page = items[start:start + limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
 
     def _shell(self, req: ResponsesRequest, rid: str, created: int, status: str) -> dict[str, Any]:
         """The Response object around the output: what the client asked for, echoed back."""
@@ -136,6 +177,7 @@ class ResponsesService:
             "previous_response_id": req.previous_response_id, "temperature": req.temperature, "top_p": req.top_p,
             "tool_choice": req.tool_choice or "auto", "tools": req.tools or [], "text": {"format": fmt},
             "metadata": req.metadata or {}, "store": req.store, "user": req.user, "usage": None,
+            "truncation": req.truncation or "disabled",
         }
 
     def _finish(self, req: ResponsesRequest, shell: dict[str, Any], res: RunResult, output: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,26 +200,26 @@ class ResponsesService:
 
     # -- non-streaming ------------------------------------------------------------------
     async def create(self, req: ResponsesRequest, raw: Request) -> dict[str, Any]:
-        spec, messages, final, conversation = self._prepare(req)
+        prep = await self._prepare(req)
         rid = _id("resp")
-        res = await self.chat.execute(spec.name, lambda: self.chat.run_graph(spec, messages, final), raw,
-                                      keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, False, status, r, e),
+        res = await self.chat.execute(prep.spec.name, lambda: self.chat.run_graph(prep.spec, prep.messages, prep.final), raw,
+                                      keep=lambda status, r, e: self.chat._keep(rid, req.model, prep.messages, False, status, r, e),
                                       fields=RESPONSES_FIELDS)
         body = self._finish(req, self._shell(req, rid, int(time.time()), "in_progress"), res, self._output(res.candidates[0], _id("msg"), []))
-        self._keep(req, rid, conversation, res.candidates[0], body)
+        self._keep(req, rid, prep, res.candidates[0], body)
         return body
 
     # -- streaming ----------------------------------------------------------------------
     async def create_stream(self, req: ResponsesRequest, raw: Request | None = None) -> EventStream:
-        spec, messages, final, conversation = self._prepare(req)
+        prep = await self._prepare(req)
         rid = _id("resp")
-        events = await self.chat.open_stream(spec.name, lambda sink, _observer: self.chat.run_graph(spec, messages, final, sink),
-                                             keep=lambda status, r, e: self.chat._keep(rid, req.model, messages, True, status, r, e),
-                                             raw=raw, direct=is_passthrough(spec), fields=RESPONSES_FIELDS)
+        events = await self.chat.open_stream(prep.spec.name, lambda sink, _observer: self.chat.run_graph(prep.spec, prep.messages, prep.final, sink),
+                                             keep=lambda status, r, e: self.chat._keep(rid, req.model, prep.messages, True, status, r, e),
+                                             raw=raw, direct=is_passthrough(prep.spec), fields=RESPONSES_FIELDS)
         stream = EventStream()  # the body sets the ending: response.failed, numbered after what it sent
-        return stream.of(self._stream(req, rid, conversation, events, stream))
+        return stream.of(self._stream(req, rid, prep, events, stream))
 
-    async def _stream(self, req: ResponsesRequest, rid: str, conversation: list[dict[str, Any]], events: AsyncIterator[Any],
+    async def _stream(self, req: ResponsesRequest, rid: str, prep: _Prepared, events: AsyncIterator[Any],
                       stream: EventStream) -> AsyncIterator[str]:
         created = int(time.time())  # integer seconds, as OpenAI's
         shell = self._shell(req, rid, created, "in_progress")
@@ -281,6 +323,6 @@ class ResponsesService:
                     yield ev("response.output_item.done", output_index=oi, item=it)
                     output.append(it)
                 body = self._finish(req, shell, res, output)
-                self._keep(req, rid, conversation, cand, body)
+                self._keep(req, rid, prep, cand, body)
                 # OpenAI's terminal event for a cut answer is response.incomplete (its response: status incomplete)
                 yield ev("response.incomplete" if body["status"] == "incomplete" else "response.completed", response=body)
