@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from archon_server.bench.definition import VERSION_KEY, stamped, version_problem
 from archon_server.bench.progress import QUIET, Reporter
 from archon_server.db import redacted, retry_race, worker_id
+from archon_server.exceptions import ArchonError
 from archon_server.search import claims
 from archon_server.search.config import SearchConfig
 from archon_server.search.evaluator import Evaluator, Landscape, ScriptedEvaluator
@@ -498,7 +499,13 @@ async def run_worker(
                 except Exception as e:  # a broken trial must not stop the search; the reason stays in the DB
                     if _ended_elsewhere(study, trial):
                         continue
-                    log.exception("trial %d failed", trial.number)
+                    # A failure of ours (ArchonError: the backends down, every question failed...) is said by the
+                    # trial's progress line, which carries its reason; a traceback per trial buried those lines. Anything
+                    # else is a bug: its traceback is what to report.
+                    if isinstance(e, ArchonError):
+                        log.debug("trial %d failed", trial.number, exc_info=True)
+                    else:
+                        log.exception("trial %d failed", trial.number)
                     trial.set_user_attr(ATTR_ERROR, f"{type(e).__name__}: {e}")
                     study.tell(trial, state=TrialState.FAIL)
                     stats.failed += 1
