@@ -190,6 +190,18 @@ def test_workers_share_one_embedded_engine_that_survives_a_crash(tmp_path):
             seen.append(engine_requests())
         assert seen[-1] >= 11, seen  # 8 + 1 + 1 + 1 requests above went into the one engine
 
+        # A schema the engine cannot constrain to (`not`: llguidance does not implement it) is a worker's 400 before any
+        # call, as with one process: the worker compiles it itself (it had reached the host's engine after the samples)
+        unenforceable = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}, "required": ["a"]}
+        rf = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": unenforceable}}
+        before = max(engine_requests() for _ in range(6))
+        for model in ("self-moa", "smollm2"):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=model, messages=q, max_tokens=16, response_format=rf)
+            assert e.value.body["param"] == "response_format", e.value.body
+        time.sleep(2.5)  # both workers' engine counters refreshed (every second)
+        assert max(engine_requests() for _ in range(6)) == before  # no call reached the engine
+
         os.kill(host, signal.SIGKILL)
         deadline, again = time.time() + 180, None
         while time.time() < deadline and again is None:

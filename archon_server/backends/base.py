@@ -358,10 +358,18 @@ class Backend(ScoringMixin, abc.ABC):
     sampling_extras: frozenset[str] | None = None
     # Honours ``extra[REFUSE_OVERFLOW]`` (the embedded engine); others never get it (an upstream would see an unknown field).
     refuses_overflow: bool = False
+    # Its structured outputs are the embedded engine's grammars (engine/constrain.py): whether one compiles is known
+    # here, before any call. A flag rather than an override, so a worker of ``--workers N`` (backends/shared.py) checks
+    # a schema itself, as the engine in the backend host would, instead of learning it after the samples were paid for.
+    compiles_response_format: bool = False
 
-    def check_response_format(self, response_format: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+    def check_response_format(self, response_format: dict[str, Any]) -> None:
         """ValueError when this backend cannot constrain its decoding to ``response_format``, said before any call (the
-        API's 400). Default: nothing to say (an upstream decides for itself); the embedded engine compiles it."""
+        API's 400). Only a backend that compiles the engine's grammars can tell; an upstream decides for itself."""
+        if response_format and self.compiles_response_format and self.supports_response_format:
+            from ..engine.grammar import grammar_for  # no torch: a --workers process checks schemas too
+
+            grammar_for(response_format)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once before the first request (load a model, launch a process...)."""
@@ -450,6 +458,10 @@ class BackendWrapper(Backend):
     @property  # type: ignore[override]
     def refuses_overflow(self) -> bool:
         return self.inner.refuses_overflow
+
+    @property  # type: ignore[override]
+    def compiles_response_format(self) -> bool:
+        return self.inner.compiles_response_format
 
     @property  # type: ignore[override]
     def supports_scoring(self) -> bool:

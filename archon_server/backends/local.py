@@ -55,6 +55,7 @@ class LocalBackend(Backend):
     supports_scoring = True
     supports_tools = False  # SmolLM2's template has no tool-calling format
     refuses_overflow = True  # extra[REFUSE_OVERFLOW]: the engine's ContextOverflow instead of a cut (a 400)
+    compiles_response_format = True  # a schema its grammar compiler refuses is a 400 before any call
     # response_format constrains decoding (engine/constrain.py, llguidance); without llguidance installed the
     # server prompts for JSON and validates instead.
     supports_response_format = importlib.util.find_spec("llguidance") is not None
@@ -220,15 +221,6 @@ class LocalBackend(Backend):
             logit_bias={int(k): float(v) for k, v in p.extra["logit_bias"].items()} if p.extra.get("logit_bias") else None,
             refuse_overflow=bool(p.extra.get(REFUSE_OVERFLOW)),
         )
-
-    def check_response_format(self, response_format: dict[str, Any]) -> None:
-        """ValueError when decoding cannot be constrained to ``response_format`` (a schema llguidance does not compile):
-        the API refuses such a request (a 400) before any call of its architecture runs."""
-        if not response_format or not self.supports_response_format:
-            return
-        from archon_server.engine.constrain import grammar_for
-
-        grammar_for(response_format)
 
     def _grammar(self, response_format: dict[str, Any] | None) -> str | None:
         if not response_format or not self.supports_response_format:

@@ -59,7 +59,7 @@ STREAMS = frozenset({"stream", "stream_complete"})
 # Backend: one left out reads as its class default in a worker, as refuses_overflow did: a cut answer under
 # ``--workers N`` where one worker gave OpenAI's 400).
 FLAGS = ("supports_n", "supports_logprobs", "supports_tools", "supports_response_format", "supports_scoring", "supports_reward",
-         "sampling_extras", "refuses_overflow")
+         "sampling_extras", "refuses_overflow", "compiles_response_format")
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:

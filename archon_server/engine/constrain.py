@@ -9,12 +9,13 @@ numbers) is exactly what such a library gets right and we would not.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import Any
 
 import torch
+
+from .grammar import grammar_for
 
 try:  # optional: without it the server prompts for JSON and validates (api/structured.py)
     import llguidance
@@ -25,27 +26,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger("archon.engine.constrain")
 
-
-def grammar_for(response_format: dict[str, Any] | None) -> str | None:
-    """The llguidance grammar of OpenAI's `response_format` (json_object: any object; json_schema: its schema)."""
-    if not response_format or llguidance is None:
-        return None
-    if response_format.get("type") == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema") or {}
-    elif response_format.get("type") == "json_object":
-        schema = {"type": "object"}
-    else:
-        return None
-    # Compact JSON: a small model given room for free whitespace tends to spend its tokens on newlines.
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
-    # A schema llguidance cannot compile (a keyword it does not implement, a regex with look-around, an unsatisfiable
-    # schema) is the client's to change: refused here, when the request is taken (the caller's 400, as vLLM refuses a
-    # schema its guided decoding cannot honour), not when the sequence is admitted (that failed the run as a 502,
-    # which SDKs send again).
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ValueError(error)
-    return grammar
+__all__ = ["Constraints", "grammar_for"]
 
 
 class Constraints:
