@@ -51,8 +51,18 @@ def test_streaming_and_seed_reproducibility(served):
     chunks = [c.choices[0].delta.content or "" for c in served.chat.completions.create(model="self-moa", messages=msgs, max_tokens=40, seed=7, stream=True) if c.choices]
     text = "".join(chunks)
     assert sum(1 for c in chunks if c) > 3 and english(text) and not any(t in text for t in TEMPLATE_TOKENS)
-    a = served.chat.completions.create(model="self-moa", messages=msgs, max_tokens=40, seed=7).choices[0].message.content
-    assert a == text  # same seed -> same answer, streamed or not
+    # Same seed -> same answer, streamed or not. Where the engine computes in float32 (a host without AVX512-BF16),
+    # attention's last bits depend on the thread count, which the tuner changes when the cores get busy (README): a
+    # pair that straddles such a change may differ. A difference between the two paths would show in every pair.
+    pairs = []
+    for _ in range(3):
+        a = served.chat.completions.create(model="self-moa", messages=msgs, max_tokens=40, seed=7).choices[0].message.content
+        pairs.append((text, a))
+        if a == text:
+            break
+        text = "".join(c.choices[0].delta.content or "" for c in served.chat.completions.create(
+            model="self-moa", messages=msgs, max_tokens=40, seed=7, stream=True) if c.choices)
+    assert pairs[-1][0] == pairs[-1][1], pairs
 
 
 def test_stop_strings_and_length(served):
@@ -73,7 +83,10 @@ def test_scoring_presets_in_the_default_server(served):
         text = r.choices[0].message.content
         assert english(text) and not any(t in text for t in TEMPLATE_TOKENS), (name, text)
         trace = r.model_extra["trace"]
-        layer = next(lt for lt in trace["layers"] if any(c["type"] == "scorer" for c in lt["calls"]))
+        layer = next(lt for lt in trace["layers"] if any("scorer0:" in n for n in lt["notes"]))
+        if any("nothing to score" in n for n in layer["notes"]):  # one sample complete: kept without a scoring call
+            assert not layer["calls"] and len(layer["candidates"]) == 1, layer
+            continue
         calls = [c for c in layer["calls"] if c["type"] == "scorer"]
         # The scorer scores the complete samples only when some were cut at max_tokens (the others are set aside,
         # named in a note): which ones are cut at 40 tokens is the model's doing. Every sample is either scored or
