@@ -223,8 +223,11 @@ def test_a_spec_error_from_the_standalone_entry_point_is_one_line(tmp_path: Path
 def test_ctrl_c_during_run_is_one_line_saying_how_to_resume(tmp_path: Path) -> None:
     cfg = _config(tmp_path, step_sleep_s=0.3)
     url = f"sqlite:///{tmp_path}/shared.db"
+    # A shell's background job ignores SIGINT, and a process inherits that (a CI replica started with `&` saw the run
+    # go on to the end, exit 0); a terminal's Ctrl-C reaches a process that does not: as test_bench_cli does.
     proc = subprocess.Popen(_cmd("run", str(cfg), "--storage", url, "--n-trials", "5", "--no-finalize", "--no-export"),
-                            env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         interrupted = _wait_running_trial_of(url, proc.pid, timeout=90, proc=proc)
         proc.send_signal(signal.SIGINT)
