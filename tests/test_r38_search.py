@@ -104,7 +104,7 @@ def test_status_counts_a_killed_workers_retried_trial_as_retried_not_failed(tmp_
     args = ("run", str(cfg), "--storage", url, "--n-trials", "4", "--no-finalize", "--no-export")
     first = subprocess.Popen(_cmd(*args), env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        killed = _wait_running_trial_of(url, first.pid, timeout=60, proc=first, fresh_s=0.4)
+        killed = _wait_running_trial_of(url, first.pid, timeout=60, proc=first)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
     finally:
