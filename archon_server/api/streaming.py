@@ -14,12 +14,22 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, failure_code
 
 log = logging.getLogger("archon.api")
+
+
+def data_event(chunk: BaseModel, null_usage: bool = False) -> str:
+    """A chunk as an SSE ``data:`` event, None fields left out; ``null_usage`` (``stream_options.include_usage``):
+    ``"usage": null`` on a chunk without usage, as OpenAI sends every chunk but the usage one (clients read the key)."""
+    body = chunk.model_dump_json(exclude_none=True)
+    if null_usage and getattr(chunk, "usage", None) is None:
+        body = body[:-1] + ',"usage":null}'
+    return f"data: {body}\n\n"
 
 
 def shutdown_error() -> APIError:

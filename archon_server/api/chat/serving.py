@@ -31,7 +31,7 @@ from ..errors import CHAT_FIELDS, APIError, PromptFields, failure, failure_code,
 from ..ids import new_id
 from ..logprobs import chat_logprobs
 from ..metrics import Metrics
-from ..streaming import EventStream, shutdown_error
+from ..streaming import EventStream, data_event, shutdown_error
 from ..structured import STRUCTURED_RETRIES, StructuredOutputInvalid, conform_all
 from ..traces.store import TraceStore, entry
 from .protocol import (
@@ -585,11 +585,7 @@ class ChatService:
         tail = '],"usage":null}' if null_usage else "]}"
 
         def chunk(choices: list[StreamChoice], **kw: Any) -> str:
-            c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw)
-            body = c.model_dump_json(exclude_none=True)
-            if null_usage and c.usage is None:
-                body = body[:-1] + ',"usage":null}'
-            return f"data: {body}\n\n"
+            return data_event(ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, **kw), null_usage)
 
         head = chunk([StreamChoice(index=0, delta=DeltaMessage(content="\0"))]).split('"index":0', 1)[0] + '"index":'
 

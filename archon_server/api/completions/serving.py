@@ -39,7 +39,7 @@ from ..edge import deadline_s
 from ..errors import COMPLETIONS_FIELDS, APIError, sse_error
 from ..ids import new_id
 from ..logprobs import legacy_logprobs
-from ..streaming import EventStream
+from ..streaming import EventStream, data_event
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
 
 
@@ -321,11 +321,7 @@ class CompletionsService:
         null_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices: list[CompletionChoice], **kw: Any) -> str:
-            c = CompletionResponse(id=cid, created=created, model=req.model, choices=choices, **kw)
-            body = c.model_dump_json(exclude_none=True)
-            if null_usage and c.usage is None:
-                body = body[:-1] + ',"usage":null}'
-            return f"data: {body}\n\n"
+            return data_event(CompletionResponse(id=cid, created=created, model=req.model, choices=choices, **kw), null_usage)
 
         total = len(req.prompt) * req.n
         want_lp = req.logprobs is not None
