@@ -219,3 +219,35 @@ async def test_no_orphans_when_our_process_dies(sig: int) -> None:
         for p in (locals().get("pids") or {}).values():
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_a_stopped_process_leaves_no_open_pipe_behind_its_event_loop():
+    """stop() reads the output pipe to its end: a pipe still open when the loop ended made asyncio's subprocess
+    transport close itself from ``__del__`` and print "Exception ignored ... RuntimeError: Event loop is closed"
+    (the end of ``benchmarks/backends.py``: vLLM's engine core, a grandchild, holds the pipe)."""
+    import gc
+
+    from archon_server.backends.process import SupervisedProcess
+
+    # The grandchild ignores SIGTERM, as a busy engine core may: it holds the pipe until the group's SIGKILL.
+    grandchild = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('gc', flush=True); time.sleep(60)"
+    child = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+             "time.sleep(1); print('up', flush=True); time.sleep(60)")
+
+    async def run() -> SupervisedProcess:
+        p = SupervisedProcess([sys.executable, "-c", child], prefix="t")
+        await p.start()
+        await wait_until(lambda: "up" in p.tail, 30, "the child's first line")
+        await p.stop(grace_s=5)
+        return p
+
+    seen: list = []
+    old = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        p = asyncio.run(run())
+        del p
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert not seen, [repr(u.exc_value) for u in seen]

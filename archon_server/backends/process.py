@@ -255,7 +255,9 @@ class SupervisedProcess:
             await asyncio.wait_for(self._exited(), 5.0)
         _LIVE_GROUPS.discard(pgid)
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            # Read the pipe to its end (whoever held it open was just killed), cancelling only past 2 s: a pipe
+            # left open made the subprocess transport close itself from __del__ after the event loop had ended
+            # ("Exception ignored ... RuntimeError: Event loop is closed" at the end of benchmarks/backends.py).
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader, 2.0)
         return self.proc.returncode
