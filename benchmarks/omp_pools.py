@@ -30,7 +30,7 @@ def decode_ms(runner, steps: int) -> float:  # type: ignore[no-untyped-def]
     import torch
 
     cache = runner.new_cache(1, 512)
-    runner.forward(torch.tensor([list(range(100, 130))]), cache, 0, [0], int8=False, kv_grid=32)
+    runner.forward(torch.tensor([list(range(100, 130))]), cache, 0, [0], small_weights=False, kv_grid=32)
     runner.decode([5], cache)
     t0 = time.perf_counter()
     for _ in range(steps):

@@ -83,24 +83,25 @@ def test_runner_matches_transformers_forward(shared):
 
 def test_packed_decode_weights_give_the_plain_weights_result(shared):
     """Decode steps through the weights packed at load (runner.pack_for_decode) compute what the plain weights
-    do, at the row counts decoding meets; int8 keeps only the row counts where it was measured faster."""
+    do, at the row counts decoding meets; the small-batch weights keep only the row counts where they were measured
+    faster."""
     engine, loaded = shared
     runner = loaded.runner
     assert runner.packed, "this CPU build of torch has oneDNN's packed linears; the engine should use them"
-    assert 0 <= runner.int8_max_rows <= 12
+    assert 0 <= runner.small_max_rows <= 16
     ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
-    int8_rows, packed = runner.int8_max_rows, runner.packed
+    small_rows, packed = runner.small_max_rows, runner.packed
 
     def step(rows: int, use_packed: bool) -> torch.Tensor:
         runner.packed = packed if use_packed else {}
-        runner.int8_max_rows = 0  # neither run takes the int8 weights
+        runner.small_max_rows = 0  # neither run takes the small-batch weights
         try:
             cache = runner.new_cache(slots=rows, capacity=64)
             for s in range(rows):
                 runner.prefill(ids, cache, s)
             return runner.decode(list(range(11, 11 + rows)), cache, 0).logits[:, -1].float()
         finally:
-            runner.packed, runner.int8_max_rows = packed, int8_rows
+            runner.packed, runner.small_max_rows = packed, small_rows
 
     def run() -> None:
         for rows in (1, 6, 16):
@@ -110,6 +111,49 @@ def test_packed_decode_weights_give_the_plain_weights_result(shared):
             assert torch.equal(with_packed.argmax(-1), plain.argmax(-1))
 
     engine.run_job(lambda _runner: run()).result(timeout=120)  # on the engine's worker: the runner is not thread-safe
+
+
+def test_fp16_small_batch_weights_on_a_float32_engine(shared):
+    """A float32 engine's small-batch weights are FBGEMM's float16 copies (only the weights rounded: decode logits
+    within that rounding of float32's, same argmax, at 1 and 6 rows); ``dtype="auto"`` picks them on a float32 host
+    and int8 on a bf16 one; an explicit float32 engine keeps none (the reference comparisons above)."""
+    from archon_server.engine.runner import ModelRunner
+
+    _, loaded = shared
+    auto = loaded.runner
+    assert auto.small_kind == ("fp16" if auto.dtype == torch.float32 else "int8")
+    plain = ModelRunner(loaded.path, device="cpu", dtype="float32")
+    assert plain.small_kind == "" and not plain.small
+    half = ModelRunner(loaded.path, device="cpu", dtype="float32", small_weights="fp16")
+    assert half.small_kind == "fp16", "FBGEMM's fp16 GEMM is in the CPU torch builds this project installs (AVX2)"
+    half.small_max_rows = 12  # whatever this machine measured: both row counts below go through the fp16 copies
+    ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+
+    def step(runner: ModelRunner, rows: int) -> torch.Tensor:
+        cache = runner.new_cache(slots=rows, capacity=64)
+        for s in range(rows):
+            runner.prefill(ids, cache, s)
+        return runner.decode(list(range(11, 11 + rows)), cache, 0).logits[:, -1]
+
+    for rows in (1, 6):
+        ours, ref = step(half, rows), step(plain, rows)
+        assert not torch.equal(ours, ref)  # the fp16 copies were used
+        assert (ours - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_fp16_weights_fall_back_when_the_kernel_is_missing(monkeypatch):
+    from archon_server.engine import runner as runner_mod
+
+    def missing(_w):
+        raise RuntimeError("FBGEMM is not supported on this CPU")
+
+    w = {1: torch.randn(64, 32)}
+    assert set(runner_mod.pack_fp16(w)) == {1}
+    monkeypatch.setattr(torch, "fbgemm_pack_gemm_matrix_fp16", missing)
+    assert runner_mod.pack_fp16(w) == {}
+    monkeypatch.delattr(torch, "fbgemm_pack_gemm_matrix_fp16")
+    assert runner_mod.pack_fp16(w) == {}
 
 
 async def test_chat_answers_a_simple_question(backend):

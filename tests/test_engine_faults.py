@@ -272,7 +272,7 @@ def test_rows_sharing_a_prompt_read_it_once_and_get_the_same_logits(tiny_folder:
     cache = runner.new_cache(slots=6, capacity=64)
     prompts = {0: list(range(3, 43)), 3: list(range(50, 67)), 4: list(range(100, 130))}  # slot -> prompt
     for slot, ids in prompts.items():
-        runner.forward(torch.tensor([ids]), cache, slot, [0], int8=False)
+        runner.forward(torch.tensor([ids]), cache, slot, [0], small_weights=False)
     for src, dst in ((0, 1), (0, 2), (4, 5)):
         cache.copy_slot(src, dst)
     runner.decode([7], cache, first_slot=1)  # one row of a group a token ahead of the others

@@ -121,11 +121,11 @@ def test_a_prompts_kv_does_not_depend_on_its_length_or_chunking(backend):
     ids = backend._prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Why is the sky blue?"}])
     n = len(ids)
     cache = r.new_cache(3, n + 64)
-    whole = r.forward(torch.tensor([ids]), cache, 0, [0], int8=False, kv_grid=32)
-    r.forward(torch.tensor([ids[:256] + [7] * 40]), cache, 1, [0], int8=False, kv_grid=32)  # a longer other prompt
-    tail = r.forward(torch.tensor([ids[256:]]), cache, 1, [256], int8=False, kv_grid=32)  # ... its 256 reused
+    whole = r.forward(torch.tensor([ids]), cache, 0, [0], small_weights=False, kv_grid=32)
+    r.forward(torch.tensor([ids[:256] + [7] * 40]), cache, 1, [0], small_weights=False, kv_grid=32)  # a longer other prompt
+    tail = r.forward(torch.tensor([ids[256:]]), cache, 1, [256], small_weights=False, kv_grid=32)  # ... its 256 reused
     for i in range(0, n, 64):
-        odd = r.forward(torch.tensor([ids[i : i + 64]]), cache, 2, [i], int8=False, kv_grid=32)
+        odd = r.forward(torch.tensor([ids[i : i + 64]]), cache, 2, [i], small_weights=False, kv_grid=32)
     for slot in (1, 2):
         assert torch.equal(cache.k[:, 0, :, :n], cache.k[:, slot, :, :n])
         assert torch.equal(cache.v[:, 0, :, :n], cache.v[:, slot, :, :n])

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -339,13 +341,59 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return y + bias if bias is not None else y
 
 
+def pack_fp16(weights: dict) -> dict:
+    """FBGEMM's packed float16 copies ``{key: packed}`` of float32 ``weights`` ({key: [out, in]}) for
+    :func:`fp16_linear`; empty where this torch build or CPU lacks the kernel or it disagrees with
+    ``F.linear`` over the same float16-rounded weights.
+
+    Why: on a CPU without AVX512-BF16 the engine computes in float32 (bf16 is emulated there, and oneDNN's
+    bf16/fp16 products need AVX512 or AVX-NE-CONVERT), and a decode step is bound by reading 4 bytes per
+    weight.  FBGEMM's fp16-weight GEMM reads 2 and converts in registers (F16C), keeping float32
+    activations and sums: only the weights are rounded (relative 2**-11, the fp16 mantissa; int8 on the
+    bf16 hosts rounds to 2**-7 of a row's largest weight).  Measured on the 2-core AMD EPYC (AVX2 only),
+    SmolLM2-135M's whole decode pass: 1 row 20.5 ms against 43.1 for oneDNN's packed float32, 6 rows 28.5
+    against 47.7 (2 threads); 21.7 against 49.6 and 32.3 against 79.7 on 1 thread, which then is as fast as 2
+    (``python benchmarks/decode_linears.py``).  Greedy answers to 24 AlpacaEval prompts: 22 the same as float32's
+    over 96 tokens, and the same mean log-likelihood of float32's answers to 4 decimals.
+    The op is a public torch function marked deprecated since torch 2.x (as is all of ``torch.ao``'s
+    eager quantization); the probe here makes its removal a fallback to float32, not an error.
+    """
+    if not weights or not hasattr(torch, "fbgemm_pack_gemm_matrix_fp16"):
+        return {}
+    def pack(w: torch.Tensor) -> torch.Tensor:
+        # Rounded to fp16 values first by torch's vectorized cast: FBGEMM's own scalar rounding took 1.7x as long.
+        return torch.fbgemm_pack_gemm_matrix_fp16(w.detach().to(torch.float16).float().contiguous())
+
+    table = {}
+    with warnings.catch_warnings():  # the deprecation notice (printed once per process, at the first call)
+        warnings.simplefilter("ignore")
+        try:
+            # Packing runs in one thread per core (the op releases the GIL): ~1 s for SmolLM2 on 2 cores, 2.7 serially.
+            with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+                table = dict(zip(weights, pool.map(pack, weights.values())))
+            w = next(iter(weights.values())).detach().float()
+            x = torch.randn(3, w.shape[1])
+            if not torch.allclose(fp16_linear(x, table[next(iter(weights))]), F.linear(x, w.half().float()),
+                                  rtol=1e-3, atol=1e-4):
+                return {}
+        except (RuntimeError, NotImplementedError):
+            return {}
+    return table
+
+
+def fp16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a weight from :func:`pack_fp16` (float32 in and out)."""
+    return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
+
+
 R = TypeVar("R")
 
 # Attention grid of every prefill (the prefix cache's block size): see ModelRunner._attend_on_grid.
 PREFILL_GRID = 32
 
-# Most token rows one int8 product takes (a speculative verification of k <= 15 drafted tokens).
-INT8_MAX_TOKENS = 16
+# Most token rows one product with the small-batch weights takes (a speculative verification of k <= 15
+# drafted tokens).
+SMALL_MAX_TOKENS = 16
 
 # Fewest rows for which a GEMM's per-row sums run in the same order as in any larger one (see row_exact_linear).
 EXACT_MIN_ROWS = 16
@@ -378,11 +426,14 @@ class ModelRunner:
         folder: str | Path,
         device: str = "auto",
         dtype: str = "auto",
-        int8_small_batch: bool | str = "auto",
+        small_weights: str = "auto",
         kv_dtype: str = "auto",
     ):
-        """``int8_small_batch``: also keep int8 copies of the weights and use them for steps of at most
-        :attr:`int8_max_rows` token rows (``"auto"``: on CPU in bf16 when the kernel exists).
+        """``small_weights``: also keep compact copies of the weights and use them for steps of at most
+        :attr:`small_max_rows` token rows where they were measured faster: ``"int8"`` (weight-only int8,
+        :func:`int8_linear`), ``"fp16"`` (FBGEMM's float16 weights, :func:`fp16_linear`; float32 weights
+        only), ``"none"``; ``"auto"``: int8 on CPU in bf16, fp16 on CPU when ``dtype="auto"`` fell to
+        float32 (an explicit ``"float32"`` stays float32 throughout), where the kernel exists.
         ``kv_dtype``: KV cache / attention dtype; ``"auto"``: the weights' dtype (float32 KV was
         measured no faster on CPU: long-context decode is bound by reading K/V, and bf16 halves it)."""
         from safetensors.torch import load_file
@@ -454,13 +505,23 @@ class ModelRunner:
         self.scale = d.attn_scale if d.attn_scale is not None else 1.0 / math.sqrt(d.head_dim)
         self.forward_calls = 0
         self.shared_attention = self.device.type == "cpu" and _flash_with_lse_works()
-        self.int8_max_rows = 12  # measured crossover with plain bf16 GEMMs: ~14-16 rows (1 core); see _make_packed
-        self.int8: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
-        want = int8_small_batch
-        if want == "auto":
-            want = self.device.type == "cpu" and self.dtype == torch.bfloat16
-        if want:
+        self.small_max_rows = 12  # measured crossover of int8 with plain bf16 GEMMs: ~14-16 rows (1 core); see _make_packed
+        # Compact copies of the decode weights for small batches: {id(weight): int8 (q, scale) or fp16 packed}.
+        self.small: dict[int, Any] = {}
+        self.small_kind = ""  # "int8", "fp16", or "" when there are none
+        kind = small_weights
+        if kind == "auto":
+            cpu = self.device.type == "cpu"
+            kind = ("int8" if cpu and self.dtype == torch.bfloat16
+                    else "fp16" if cpu and dtype == "auto" and self.dtype == torch.float32 else "none")
+        if kind not in ("int8", "fp16", "none"):
+            raise ValueError(f"unknown small_weights {small_weights!r}")
+        if kind == "int8":
             self._make_int8()
+        elif kind == "fp16" and self.dtype == torch.float32:
+            table = pack_fp16({id(w): w for w in self._decode_weights()})
+            if table:
+                self.small, self.small_kind = table, "fp16"
         # Token rows up to which linears go through oneDNN (decode steps, verification); 0: never.
         self.onednn_max_rows = 64 if onednn_faster(self.lm_head) else 0
         # Products of at most this many rows (decode steps, verification) use weights packed once at load
@@ -479,10 +540,9 @@ class ModelRunner:
         (<= 0.4% of a row's largest weight) is small next to the Q4 source's; greedy
         output matched float32 on the test prompts.
         """
-        mats = [self.lm_head] + [L[k] for L in self.layers for k in ("qkv", "o", "gate_up", "down")]
-        table = quantize_int8({id(w): w for w in mats}, self.dtype)
+        table = quantize_int8({id(w): w for w in self._decode_weights()}, self.dtype)
         if table:
-            self.int8 = table  # type: ignore[assignment]
+            self.small, self.small_kind = table, "int8"
 
     def _decode_weights(self) -> list[torch.Tensor]:
         """The matrices a decode step multiplies by: every projection and the LM head."""
@@ -490,10 +550,12 @@ class ModelRunner:
 
     def _make_packed(self) -> None:
         """Pack the decode weights (:func:`pack_for_decode`) and keep them if a pass over all of them at 6 rows
-        beats the plain path; then narrow :attr:`int8_max_rows` to the row counts where int8 still wins.
+        beats the plain path; then narrow :attr:`small_max_rows` to the row counts where the small-batch
+        weights still win.
 
         Why measured: on one AVX512-BF16 EPYC int8 weights beat plain bf16 GEMMs up to ~14 rows; on another,
-        against packed bf16, only up to 3 (6 rows: int8 32-44 ms a step, packed 23 ms).  The passes cover the
+        against packed bf16, only up to 3 (6 rows: int8 32-44 ms a step, packed 23 ms); FBGEMM's fp16 weights
+        beat packed float32 up to 12 rows on the AVX2 EPYC at 2 threads, to 16 on 1.  The passes cover the
         whole model so they read the weights from memory, as decode does (one matrix timed alone sits in the
         cache, and there int8 looked faster up to 4 rows).  ~0.4 s at load."""
         mats = self._decode_weights()
@@ -518,9 +580,9 @@ class ModelRunner:
             for w in mats:
                 packed_linear(xs[w.shape[1]], packed[id(w)])
 
-        def int8_pass(xs: dict[int, torch.Tensor]) -> None:
+        def small_pass(xs: dict[int, torch.Tensor]) -> None:
             for w in mats:
-                int8_linear(xs[w.shape[1]], *self.int8[id(w)])  # type: ignore[misc]
+                self._small_linear(xs[w.shape[1]], self.small[id(w)])
 
         with torch.inference_mode():
             six = inputs(6)
@@ -528,24 +590,38 @@ class ModelRunner:
             if best["packed"] >= best["plain"]:
                 return
             self.packed = packed
-            if not self.int8:
+            if not self.small:
                 return
-            wins = 0
-            for rows in (1, 2, 4, 8, 12):
+            def small_wins(rows: int) -> bool:
                 xs = inputs(rows)
-                best = best_times({"int8": lambda: int8_pass(xs), "packed": lambda: packed_pass(xs)}, 2)
-                if best["int8"] >= best["packed"]:
-                    break
-                wins = rows
-            self.int8_max_rows = wins
+                best = best_times({"small": lambda: small_pass(xs), "packed": lambda: packed_pass(xs)}, 2)
+                return best["small"] < best["packed"]
+
+            # Most rows among 1, 2, 4, 8, 12, 16 up to which the small-batch weights win (taken as one crossover),
+            # found from the middle: 3 measurements instead of up to 5 (~0.3 s each at load).
+            counts = (1, 2, 4, 8, 12, 16)
+            lo, hi = 0, len(counts)  # counts[:lo] win; counts[hi:] lose
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if small_wins(counts[mid]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            self.small_max_rows = counts[lo - 1] if lo else 0
+
+    def _small_linear(self, x: torch.Tensor, entry: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear`` through a small-batch copy (:attr:`small`) of a weight."""
+        if self.small_kind == "int8":
+            return int8_linear(x, *entry, bias)
+        return fp16_linear(x, entry, bias)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, small: bool, bias: torch.Tensor | None = None,
                 exact: bool = False) -> torch.Tensor:
         """``exact``: a row's result must not depend on how many rows come with it (:func:`row_exact_linear`)."""
         if exact:
             return row_exact_linear(x, w, bias)
-        if small and self.int8:
-            return int8_linear(x, *self.int8[id(w)], bias)  # type: ignore[misc]
+        if small and self.small:
+            return self._small_linear(x, self.small[id(w)], bias)
         rows = x.numel() // x.shape[-1]
         if rows <= self.packed_max_rows and self.packed:
             return packed_linear(x, self.packed[id(w)], bias)
@@ -603,7 +679,7 @@ class ModelRunner:
         first_slot: int,
         start: list[int],
         logits: str = "last",
-        int8: bool = True,
+        small_weights: bool = True,
         kv_grid: int = 0,
         shared: list[tuple[int, int, int]] | None = None,
     ) -> ForwardOutput:
@@ -612,11 +688,11 @@ class ModelRunner:
         Row ``b`` writes its K/V at positions ``start[b] .. start[b]+T-1`` and attends to
         positions ``< start[b]+t+1``; afterwards ``cache.lengths`` of the row is
         ``start[b]+T``.  ``logits``: ``"last"`` (next-token logits only) or ``"all"``
-        (every position, for speculative verification).  ``int8=False``: never the int8 weights (the
+        (every position, for speculative verification).  ``small_weights=False``: never the small-batch weights (the
         engine's prefill, so a prompt's K/V does not depend on how it was cut into chunks).
         ``kv_grid``: for one row, attend in query blocks of ``kv_grid`` positions aligned at 0, each over
         keys ``0 .. its block's end`` (see :meth:`_attend_on_grid`), and every linear through
-        :func:`row_exact_linear` (neither int8 nor oneDNN): the engine's prefill, with the prefix cache's block size.
+        :func:`row_exact_linear` (neither small-batch weights nor oneDNN): the engine's prefill, with the prefix cache's block size.
         ``shared``: for a decode step (T = 1), groups ``(row, count, prefix)`` of consecutive rows whose slots hold
         the same K/V for positions ``0..prefix-1`` (the n samples of one prompt): see :meth:`_attend_shared`.
         """
@@ -638,10 +714,10 @@ class ModelRunner:
         masks: dict = {} if on_grid else {w: self._mask(pos, start, total, groups, w, self.kv_dtype) for w in set(d.windows)}
         share = [g for g in shared or () if g[1] > 1] if T == 1 and self.shared_attention and not on_grid else []
 
-        # int8 or not goes by sequences, not token rows: a speculative verification of one sequence (T = k+1 rows)
+        # Small-batch weights or not goes by sequences, not token rows: a speculative verification of one sequence (T = k+1 rows)
         # then multiplies by the same weights as that sequence's plain steps, so greedy output stays the same.
-        # Longer runs of rows (scoring, a drafter's prompt) are slow in int8 and take the other weights.
-        small = int8 and B <= self.int8_max_rows and B * T <= INT8_MAX_TOKENS
+        # Longer runs of rows (scoring, a drafter's prompt) are slow there and take the other weights.
+        small = small_weights and B <= self.small_max_rows and B * T <= SMALL_MAX_TOKENS
         exact = bool(kv_grid)  # the engine's prefill: every row's bits independent of the chunk (row_exact_linear)
         x = self.embed[tokens]  # [B, T, H]
         if d.embed_scale != 1.0:
@@ -782,7 +858,7 @@ class ModelRunner:
         engine's speculative requests: the batched sequences keep decoding through a long prompt).
 
         The engine's prefill numerics (as ``Engine._prefill_chunk``): on the prefix cache's block grid and
-        never the int8 weights, so a prompt's K/V have the bits the batched path computes for it, whatever
+        never the small-batch weights, so a prompt's K/V have the bits the batched path computes for it, whatever
         ``chunk`` is (rounded to whole blocks).  ``start``: the slot already holds that many tokens (a prefix-cache
         hit, whole blocks); the hidden states returned are of the positions computed here.  It is also faster than
         the causal-mask path speculative requests used to prefill with: 2.24-2.33 s against 2.55-3.07 s (one
@@ -796,7 +872,7 @@ class ModelRunner:
             if i > start:
                 yield
             part = torch.tensor([ids[i : i + chunk]], device=self.device)
-            out = self.forward(part, cache, slot, [i], logits="last", int8=False, kv_grid=PREFILL_GRID)
+            out = self.forward(part, cache, slot, [i], logits="last", small_weights=False, kv_grid=PREFILL_GRID)
             hiddens.append(out.hidden)
         return ForwardOutput(logits=out.logits, hidden=torch.cat(hiddens, dim=1))
 

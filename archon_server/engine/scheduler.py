@@ -611,7 +611,7 @@ class Engine:
         self.prefill_tuner.before_step()
         t0 = time.perf_counter()
         out = self.runner.forward(torch.tensor([ids], device=self.runner.device), self.cache, pf.slot, [pf.done],
-                                  logits="last", int8=False, kv_grid=self.prefix.block)
+                                  logits="last", small_weights=False, kv_grid=self.prefix.block)
         spent = time.perf_counter() - t0
         # Work in the tuner's units, so that chunks of other sizes and depths compare (a chunk is cut short when its
         # tokens are slow: prefill_slice_s): a fixed part (~20 tokens' worth: the weights read once) and tokens that

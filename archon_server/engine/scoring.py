@@ -73,7 +73,7 @@ def _prefill(runner: ModelRunner, ids: list[int], cache: Any, budget: int, pendi
         budget = (yield pending) or budget
         c = max(PREFILL_GRID, budget // PREFILL_GRID * PREFILL_GRID)
         part = ids[i : i + c]
-        out = runner.forward(torch.tensor([part], device=runner.device), cache, 0, [i], logits="last", int8=False, kv_grid=PREFILL_GRID)
+        out = runner.forward(torch.tensor([part], device=runner.device), cache, 0, [i], logits="last", small_weights=False, kv_grid=PREFILL_GRID)
         pending, i = len(part), i + len(part)
     return out, pending, budget
 

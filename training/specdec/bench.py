@@ -188,7 +188,7 @@ def run_bench(n_alpaca: int = 8, n_ood: int = 3, max_new: int = 64, out_dir: Pat
         sets["humaneval"] = humaneval_prompts()[:n_ood]
         sets["math500"] = math_prompts()[:n_ood]
     results: dict = {"calibration": table, "max_new_tokens": max_new, "verify_mode": verify_mode, "drafter": drafter,
-                     "target_dtype": str(runner.dtype), "int8_small_batch": bool(runner.int8),
+                     "target_dtype": str(runner.dtype), "int8_small_batch": runner.small_kind == "int8",
                      "device": _device_name(runner.device),
                      "temperature": temperature, "heads": head_metas, "sets": {}}
     target = TargetModel(runner)
