@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from test_engine_gemma import needs_gemma  # gemma3's rule: skipped where its packages are missing, failed under CI
+
 from archon_server.engine import cli, model_store
 
 
@@ -161,3 +163,42 @@ def test_fast_conversion_equals_transformers_conversion(tmp_path):
     chat = [{"role": "user", "content": "hi"}]
     assert ta.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tb.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert (ta.eos_token, ta.bos_token, ta.pad_token, ta.all_special_tokens) == (tb.eos_token, tb.bos_token, tb.pad_token, tb.all_special_tokens)
+
+
+def _same_tokenizer(a, b, texts: list[str]) -> None:
+    assert type(a) is type(b)
+    assert (a.eos_token_id, a.bos_token_id, a.pad_token_id, a.all_special_ids, len(a)) == \
+        (b.eos_token_id, b.bos_token_id, b.pad_token_id, b.all_special_ids, len(b))
+    assert a.get_vocab() == b.get_vocab()
+    for t in texts:
+        for special in (True, False):
+            ids = a(t, add_special_tokens=special)["input_ids"]
+            assert ids == b(t, add_special_tokens=special)["input_ids"], t
+            assert a.decode(ids) == b.decode(ids) and a.decode(ids, skip_special_tokens=True) == b.decode(ids, skip_special_tokens=True)
+    if a.chat_template:
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": texts[0]},
+                {"role": "assistant", "content": texts[1]}, {"role": "user", "content": "More?"}]
+        for gen in (True, False):
+            assert a.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == \
+                b.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+    else:
+        assert not b.chat_template
+
+
+def _texts() -> list[str]:
+    import json
+
+    from archon_server.bench.paths import data_dir
+
+    rows = json.loads((data_dir() / "alpaca_eval" / "model_outputs" / "Meta-Llama-3-70B-Instruct.json").read_text())[:100]
+    return [r["instruction"] for r in rows] + [r["output"] for r in rows] + [
+        "<|im_start|>user\nhi<|im_end|>", "<bos><start_of_turn>user\nx<end_of_turn>", "  lead\tand\n\ntabs ü 日本語 🙂", ""]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", pytest.param("gemma3-270m", marks=[pytest.mark.slow, needs_gemma])])
+def test_load_tokenizer_equals_the_plain_transformers_load(name):
+    """``load_tokenizer`` skips building the model's config (~1.1 s of imports at every start) by a hint that
+    carries only the model's type: on a folder this store converted it must load what ``AutoTokenizer`` loads."""
+    from transformers import AutoTokenizer
+    path = model_store.pull(name, progress=False)
+    _same_tokenizer(model_store.load_tokenizer(path), AutoTokenizer.from_pretrained(path), _texts())

@@ -48,14 +48,12 @@ def eos_token_ids(folder: Path, tokenizer: Any) -> set[int]:
 
 def load_model(model: str = model_store.DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", progress: bool = True) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     folder = model_store.pull(model, progress=progress)
     if torch.get_num_threads() != default_threads():
         torch.set_num_threads(default_threads())
     runner = ModelRunner(folder, device=device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = model_store.load_tokenizer(folder)
     # The context is the engine's to enforce (a prompt past it is refused: a 400, exceptions.ContextOverflow); left at
     # the model's context, transformers logs "Token indices sequence length is longer than the specified maximum
     # sequence length ... will result in indexing errors" for such prompts, which are refused, never run.

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from ..exceptions import ArchonError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -101,6 +102,25 @@ def cache_dir() -> Path:
     root = os.environ.get("ARCHON_CACHE_DIR")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "archon-server"
     return base / "models"
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a model folder (the engine's one way to load it).
+
+    Why not plain ``AutoTokenizer.from_pretrained(folder)``: transformers 5 first builds the model's config to pick the
+    tokenizer class, and building SmolLM2's ``LlamaConfig`` imports ~1.1 s of modules (``torch.distributed.tensor``
+    among them) the engine never uses, a tenth of a warm start. A folder this store converted names its class in
+    ``tokenizer_config.json`` (``_patch_tokenizer_config``), so a bare config carrying only the model's type makes the
+    same choice: the same class, token ids, decodes and chat templates (tests/test_model_store.py). Other folders
+    take the plain path."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    folder = Path(folder)
+    if not (folder / "archon_source.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    hint = PretrainedConfig()
+    hint.model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    return AutoTokenizer.from_pretrained(folder, config=hint)
 
 
 def _source(name: str) -> ModelSource:

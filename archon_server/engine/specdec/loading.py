@@ -60,11 +60,9 @@ def load_head(folder: Path | str | None = None, device: torch.device | str = "cp
 
 
 def load_tokenizer(name: str = DEFAULT_TARGET):
-    from transformers import AutoTokenizer
+    from archon_server.engine.model_store import load_tokenizer, pull
 
-    from archon_server.engine.model_store import pull
-
-    return AutoTokenizer.from_pretrained(str(pull(name)))
+    return load_tokenizer(pull(name))
 
 
 def chat_ids(tok, text: str) -> list[int]:
