@@ -113,6 +113,52 @@ def test_packed_decode_weights_give_the_plain_weights_result(shared):
     engine.run_job(lambda _runner: run()).result(timeout=120)  # on the engine's worker: the runner is not thread-safe
 
 
+def test_kernel_choices_are_measured_once_per_fingerprint(shared, monkeypatch, tmp_path):
+    """The kernel timings (oneDNN or MKL, packed weights, the small-batch crossover: ~2 s of a warm start on the AVX2 EPYC) run at the first
+    load on a machine; a second load with the same fingerprint reads them from $ARCHON_CACHE_DIR and makes the same
+    choices; another thread count measures again; a cache that cannot be written costs only the measurement."""
+    from archon_server.engine import kernel_choices
+    from archon_server.engine import runner as runner_module
+
+    _, loaded = shared
+    timed: list[frozenset] = []
+    real = runner_module.best_times
+
+    def recording(candidates, repeats=3):
+        timed.append(frozenset(candidates))
+        return real(candidates, repeats)
+
+    monkeypatch.setattr(runner_module, "best_times", recording)
+    monkeypatch.setenv("ARCHON_CACHE_DIR", str(tmp_path))
+
+    def load() -> tuple[runner_module.ModelRunner, int]:
+        before = len(timed)
+        r = runner_module.ModelRunner(loaded.path, device="cpu")
+        return r, len(timed) - before
+
+    first, n1 = load()
+    assert n1 >= 3 and first.packed  # oneDNN vs MKL, packed vs plain, then the crossover's bisection
+    entries = json.loads(kernel_choices.path().read_text())
+    expected = {"onednn": bool(first.onednn_max_rows), "packed": True}
+    if first.small:
+        expected["small_max_rows"] = first.small_max_rows
+    assert [e["choices"] for e in entries.values()] == [expected]
+    second, n2 = load()
+    assert n2 == 0 and (second.onednn_max_rows, bool(second.packed), second.small_max_rows) == \
+        (first.onednn_max_rows, True, first.small_max_rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        _, n3 = load()
+    finally:
+        torch.set_num_threads(threads)
+    assert n3 >= 1 and len(json.loads(kernel_choices.path().read_text())) == 2
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ARCHON_CACHE_DIR", str(tmp_path / "file"))  # its kernel-choices.json cannot be created
+    unwritable, n4 = load()
+    assert n4 >= 1 and unwritable.packed
+
+
 def test_fp16_small_batch_weights_on_a_float32_engine(shared):
     """A float32 engine's small-batch weights are FBGEMM's float16 copies (only the weights rounded: decode logits
     within that rounding of float32's, same argmax, at 1 and 6 rows); ``dtype="auto"`` picks them on a float32 host

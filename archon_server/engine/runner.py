@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from .kernel_choices import KernelChoices, fingerprint
+
 
 @dataclass(frozen=True)
 class LlamaDims:
@@ -268,14 +270,14 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def onednn_faster(w: torch.Tensor, rows: int = 8) -> bool:
+def onednn_faster(w: torch.Tensor, rows: int = 8, choices: KernelChoices | None = None) -> bool:
     """Whether oneDNN's float32 GEMM beats the default (MKL's) on a decode-shaped product with ``w``.
 
     Why: ``F.linear`` on float32 CPU tensors calls MKL, whose small-M GEMM reads the weights at about
     half the memory bandwidth oneDNN reaches on some CPUs (measured on the 2-core AMD EPYC (AVX2) these
     machines have: the 135M model's projections and LM head 1.4x faster at 1-16 rows, equal from ~256);
-    a decode step is bound by reading the weights.  Measured, not assumed (best of several, ~0.1 s);
-    False where the op is missing or disagrees with ``F.linear``.
+    a decode step is bound by reading the weights.  Measured, not assumed (best of several, ~0.1-0.3 s; once per
+    machine with ``choices``); False where the op is missing or disagrees with ``F.linear`` (checked at every call).
     """
     if w.device.type != "cpu" or w.dtype != torch.float32 or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
@@ -285,8 +287,12 @@ def onednn_faster(w: torch.Tensor, rows: int = 8) -> bool:
             return False
     except (RuntimeError, NotImplementedError):
         return False
-    best = best_times({"mkl": lambda: F.linear(x, w), "onednn": lambda: onednn_linear(x, w)}, 4)
-    return best["onednn"] < 0.9 * best["mkl"]
+
+    def measure() -> bool:
+        best = best_times({"mkl": lambda: F.linear(x, w), "onednn": lambda: onednn_linear(x, w)}, 4)
+        return best["onednn"] < 0.9 * best["mkl"]
+
+    return choices.get("onednn", measure) if choices is not None else measure()
 
 
 def pack_for_decode(w: torch.Tensor, rows: int = 6) -> torch.Tensor | None:
@@ -522,14 +528,18 @@ class ModelRunner:
             table = pack_fp16({id(w): w for w in self._decode_weights()})
             if table:
                 self.small, self.small_kind = table, "fp16"
+        # Timed kernel choices, remembered per machine (.kernel_choices): measured at the first load only.
+        choices = KernelChoices(fingerprint(self.folder / "model.safetensors", self.dtype, self.small_kind)) \
+            if self.device.type == "cpu" else None
         # Token rows up to which linears go through oneDNN (decode steps, verification); 0: never.
-        self.onednn_max_rows = 64 if onednn_faster(self.lm_head) else 0
+        self.onednn_max_rows = 64 if choices is not None and onednn_faster(self.lm_head, choices=choices) else 0
         # Products of at most this many rows (decode steps, verification) use weights packed once at load
         # (:func:`pack_for_decode`) where that was measured faster; int8 then keeps only the row counts it wins.
         self.packed: dict[int, torch.Tensor] = {}
         self.packed_max_rows = 64
-        if self.device.type == "cpu":
-            self._make_packed()
+        if choices is not None:
+            self._make_packed(choices)
+            choices.save()
 
     def _make_int8(self) -> None:
         """Per-output-channel int8 copies of every projection and the LM head.
@@ -548,10 +558,11 @@ class ModelRunner:
         """The matrices a decode step multiplies by: every projection and the LM head."""
         return [self.lm_head] + [L[k] for L in self.layers for k in ("qkv", "o", "gate_up", "down")]
 
-    def _make_packed(self) -> None:
+    def _make_packed(self, choices: KernelChoices) -> None:
         """Pack the decode weights (:func:`pack_for_decode`) and keep them if a pass over all of them at 6 rows
         beats the plain path; then narrow :attr:`small_max_rows` to the row counts where the small-batch
-        weights still win.
+        weights still win. Both answers come from ``choices`` where this machine measured them before
+        (:mod:`.kernel_choices`: ~1.9 s of a warm start on the AVX2 EPYC).
 
         Why measured: on one AVX512-BF16 EPYC int8 weights beat plain bf16 GEMMs up to ~14 rows; on another,
         against packed bf16, only up to 3 (6 rows: int8 32-44 ms a step, packed 23 ms); FBGEMM's fp16 weights
@@ -584,19 +595,17 @@ class ModelRunner:
             for w in mats:
                 self._small_linear(xs[w.shape[1]], self.small[id(w)])
 
-        with torch.inference_mode():
+        def packed_wins() -> bool:
             six = inputs(6)
             best = best_times({"packed": lambda: packed_pass(six), "plain": lambda: plain_pass(six)}, 2)
-            if best["packed"] >= best["plain"]:
-                return
-            self.packed = packed
-            if not self.small:
-                return
-            def small_wins(rows: int) -> bool:
-                xs = inputs(rows)
-                best = best_times({"small": lambda: small_pass(xs), "packed": lambda: packed_pass(xs)}, 2)
-                return best["small"] < best["packed"]
+            return best["packed"] < best["plain"]
 
+        def small_wins(rows: int) -> bool:
+            xs = inputs(rows)
+            best = best_times({"small": lambda: small_pass(xs), "packed": lambda: packed_pass(xs)}, 2)
+            return best["small"] < best["packed"]
+
+        def crossover() -> int:
             # Most rows among 1, 2, 4, 8, 12, 16 up to which the small-batch weights win (taken as one crossover),
             # found from the middle: 3 measurements instead of up to 5 (~0.3 s each at load).
             counts = (1, 2, 4, 8, 12, 16)
@@ -607,7 +616,14 @@ class ModelRunner:
                     lo = mid + 1
                 else:
                     hi = mid
-            self.small_max_rows = counts[lo - 1] if lo else 0
+            return counts[lo - 1] if lo else 0
+
+        with torch.inference_mode():
+            if not choices.get("packed", packed_wins):
+                return
+            self.packed = packed
+            if self.small:
+                self.small_max_rows = choices.get("small_max_rows", crossover)
 
     def _small_linear(self, x: torch.Tensor, entry: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear`` through a small-batch copy (:attr:`small`) of a weight."""
