@@ -5,7 +5,8 @@ oneDNN's packed weights or not; up to how many token rows the small-batch copies
 is ~2 s of a ~12 s warm start, and the same host gives the same answers each time. The first load measures and writes the
 answers to ``$ARCHON_CACHE_DIR/kernel-choices.json``; a later load with the same fingerprint (CPU model and flags,
 usable cores, torch threads, torch version, the model file, dtype and kind of small-batch weights) reads them. The
-correctness probes still run at every load (``pack_fp16``, ``pack_for_decode``): only the timing is skipped. Delete
+correctness probes still run at every load (``pack_fp16``, ``pack_for_decode``, ``onednn_faster``): only the timing is
+skipped. Delete
 the file to measure again (after a measurement under unusual load, say: the load average at the time is recorded
 beside each entry).
 
@@ -16,6 +17,7 @@ renamed over it); two processes racing write equally valid answers and the last 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -35,17 +37,17 @@ def path() -> Path:
     return model_store.cache_dir().parent / "kernel-choices.json"
 
 
-def _cpu() -> str:
-    """The first processor's model name and flags: what decides which kernels exist and how fast they run."""
+@functools.cache
+def cpu() -> tuple[str, frozenset[str]]:
+    """The first processor's model name and flags (``/proc/cpuinfo``; the machine's name and no flags where there is
+    none): what decides which kernels exist and how fast they run."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return os.uname().machine
+        return os.uname().machine, frozenset()
     block = text.split("\n\n", 1)[0]
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
-    model = fields.get("model name", "")
-    flags = " ".join(sorted(fields.get("flags", "").split()))
-    return f"{model} | {hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+    return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
 
 
 def fingerprint(model_file: Path, dtype: torch.dtype, small_kind: str) -> dict[str, Any]:
@@ -55,7 +57,9 @@ def fingerprint(model_file: Path, dtype: torch.dtype, small_kind: str) -> dict[s
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
-    return {"cpu": _cpu(), "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    model, flags = cpu()
+    flags_id = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16]
+    return {"cpu": f"{model} | {flags_id}", "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "model": f"{model_file.resolve()} {st.st_size} {st.st_mtime_ns}", "dtype": str(dtype), "small": small_kind}
 
 

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .kernel_choices import KernelChoices, fingerprint
+from .kernel_choices import KernelChoices, cpu, fingerprint
 
 
 @dataclass(frozen=True)
@@ -227,11 +227,7 @@ def best_times(candidates: dict[str, Callable[[], object]], repeats: int = 3) ->
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu()[1])
 
 
 def _bf16_faster_on_cpu(hidden: int = 576, out: int = 1728, rows: int = 6) -> bool:
