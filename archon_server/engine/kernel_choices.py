@@ -65,10 +65,15 @@ def fingerprint(model_file: Path, dtype: torch.dtype, small_kind: str) -> dict[s
 
 class KernelChoices:
     """Choices for one fingerprint: :meth:`get` returns a remembered answer or measures it; :meth:`save` writes
-    what was measured. A cache that cannot be read or written is measured around, never an error."""
+    what was measured. A cache that cannot be read or written is measured around, never an error.
 
-    def __init__(self, key: dict[str, Any]):
+    ``before_measuring`` runs once, before the first measurement: a remembered answer outlives the load that
+    measured it, so work running beside the load (the tokenizer, :func:`~.loader.load_model`) finishes first and
+    the timings see the cores as decoding will."""
+
+    def __init__(self, key: dict[str, Any], before_measuring: Callable[[], object] | None = None):
         self.key = key
+        self._before_measuring = before_measuring
         self.id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         self.remembered: dict[str, Any] = self._read().get(self.id, {}).get("choices", {})
         self.measured: dict[str, Any] = {}
@@ -84,6 +89,9 @@ class KernelChoices:
     def get(self, name: str, measure: Callable[[], T]) -> T:
         if name in self.remembered:
             return self.remembered[name]
+        if self._before_measuring is not None:
+            self._before_measuring()
+            self._before_measuring = None
         value = self.measured[name] = measure()
         return value
 

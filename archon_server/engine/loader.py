@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,28 @@ def load_model(model: str = model_store.DEFAULT_MODEL, device: str = "auto", dty
     folder = model_store.pull(model, progress=progress)
     if torch.get_num_threads() != default_threads():
         torch.set_num_threads(default_threads())
-    runner = ModelRunner(folder, device=device, dtype=dtype)
-    tokenizer = model_store.load_tokenizer(folder)
+    # The tokenizer loads in a thread while the weight copies are packed: it is Python and JSON work (SmolLM2 ~1.6 s,
+    # gemma3's 33 MB tokenizer.json ~4.5 s) and the packing runs in GIL-free kernels. Started at the very beginning
+    # instead, its JSON parsing (which holds the GIL for a whole file) held up the weights' loading until it was done.
+    # Kernel timings, when this machine has none remembered, wait for it (KernelChoices' before_measuring). The
+    # thread ends with the load, so it leaves no OpenMP pool behind (.threads.in_fresh_thread).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="archon-tokenizer")
+    pending: list[Future[Any]] = []
+
+    def start_tokenizer() -> None:
+        if not pending:
+            pending.append(pool.submit(model_store.load_tokenizer, folder))
+
+    def tokenizer_loaded() -> Any:
+        start_tokenizer()
+        return pending[0].result()
+
+    try:
+        runner = ModelRunner(folder, device=device, dtype=dtype, weights_loaded=start_tokenizer,
+                             before_timing=tokenizer_loaded)
+        tokenizer = tokenizer_loaded()
+    finally:
+        pool.shutdown()
     # The context is the engine's to enforce (a prompt past it is refused: a 400, exceptions.ContextOverflow); left at
     # the model's context, transformers logs "Token indices sequence length is longer than the specified maximum
     # sequence length ... will result in indexing errors" for such prompts, which are refused, never run.

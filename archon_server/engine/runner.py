@@ -247,11 +247,14 @@ def _bf16_faster_on_cpu(hidden: int = 576, out: int = 1728, rows: int = 6) -> bo
     return best["bf16"] < best["fp32"]
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA; on CPU bf16 where measured faster than float32 (AVX512-BF16), else float32."""
+def pick_dtype(dtype: str, device: torch.device, before_timing: Callable[[], object] | None = None) -> torch.dtype:
+    """``auto``: bf16 on CUDA; on CPU bf16 where measured faster than float32 (AVX512-BF16), else float32.
+    ``before_timing``: called first where that is measured (see :class:`.kernel_choices.KernelChoices`)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
+        if before_timing is not None and _cpu_has_bf16():
+            before_timing()
         return torch.bfloat16 if _bf16_faster_on_cpu() else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
@@ -430,6 +433,8 @@ class ModelRunner:
         dtype: str = "auto",
         small_weights: str = "auto",
         kv_dtype: str = "auto",
+        weights_loaded: Callable[[], object] | None = None,
+        before_timing: Callable[[], object] | None = None,
     ):
         """``small_weights``: also keep compact copies of the weights and use them for steps of at most
         :attr:`small_max_rows` token rows where they were measured faster: ``"int8"`` (weight-only int8,
@@ -437,7 +442,11 @@ class ModelRunner:
         only), ``"none"``; ``"auto"``: int8 on CPU in bf16, fp16 on CPU when ``dtype="auto"`` fell to
         float32 (an explicit ``"float32"`` stays float32 throughout), where the kernel exists.
         ``kv_dtype``: KV cache / attention dtype; ``"auto"``: the weights' dtype (float32 KV was
-        measured no faster on CPU: long-context decode is bound by reading K/V, and bf16 halves it)."""
+        measured no faster on CPU: long-context decode is bound by reading K/V, and bf16 halves it).
+        ``weights_loaded``: called once the weights are in memory, before their copies are packed (GIL-free
+        kernels, most of a load): :func:`~.loader.load_model` starts loading the tokenizer there.
+        ``before_timing``: called once before the first kernel timing (none on a load whose choices are remembered):
+        :func:`~.loader.load_model` waits there for the tokenizer."""
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
@@ -449,7 +458,7 @@ class ModelRunner:
             # cuDNN attention builds a graph for every new sequence length (40-60 ms on an H100,
             # torch 2.11): decoding meets a new length at every step.  Flash/mem-efficient don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = pick_dtype(dtype, self.device, before_timing)
         if kv_dtype == "auto":
             self.kv_dtype = self.dtype
         else:
@@ -511,6 +520,8 @@ class ModelRunner:
         # Compact copies of the decode weights for small batches: {id(weight): int8 (q, scale) or fp16 packed}.
         self.small: dict[int, Any] = {}
         self.small_kind = ""  # "int8", "fp16", or "" when there are none
+        if weights_loaded is not None:
+            weights_loaded()
         kind = small_weights
         if kind == "auto":
             cpu = self.device.type == "cpu"
@@ -525,8 +536,8 @@ class ModelRunner:
             if table:
                 self.small, self.small_kind = table, "fp16"
         # Timed kernel choices, remembered per machine (.kernel_choices): measured at the first load only.
-        choices = KernelChoices(fingerprint(self.folder / "model.safetensors", self.dtype, self.small_kind)) \
-            if self.device.type == "cpu" else None
+        choices = KernelChoices(fingerprint(self.folder / "model.safetensors", self.dtype, self.small_kind),
+                                before_timing) if self.device.type == "cpu" else None
         # Token rows up to which linears go through oneDNN (decode steps, verification); 0: never.
         self.onednn_max_rows = 64 if choices is not None and onednn_faster(self.lm_head, choices=choices) else 0
         # Products of at most this many rows (decode steps, verification) use weights packed once at load
