@@ -268,20 +268,36 @@ def _convert(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
     _log(progress, f"converted in {time.perf_counter() - t0:.1f}s")
 
 
+# transformers' model type for a GGUF architecture where the two differ (its load_gguf_checkpoint's renames).
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
 def _convert_with_transformers(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    from .gguf_fast import GGUFFile
 
     t0 = time.perf_counter()
-    _log(progress, f"converting {gguf.name} -> {out} (one time, ~{max(20, src.size_mb // 3)} s)")
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _log(progress, f"converting {gguf.name} -> {out} (one time, ~{max(20, src.size_mb // 6)} s)")
+    # One parse of the file's metadata by transformers, not three: its GGUF reader builds a numpy view per element of
+    # every metadata array (gemma3's 262k-entry vocabulary: ~15 s a parse on 2 cores), and AutoConfig, the checkpoint
+    # and AutoTokenizer each parsed it (80 s in all). The checkpoint's parse gives the config; naming its tensors
+    # needs only the architecture and layer count, read here in milliseconds (a wrong guess leaves tensors
+    # unmatched, refused below); the tokenizer's class follows from the config's model type.
+    meta = GGUFFile(gguf).metadata
+    arch = str(meta["general.architecture"])
+    layers = int(meta[f"{arch}.block_count"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(_GGUF_MODEL_TYPES.get(arch, arch), num_hidden_layers=layers))
     # Build from config then load the dequantized state dict: save_pretrained refuses a
     # model loaded with gguf_file, and this path also avoids needing `accelerate`.
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
     ckpt = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)
+    config = AutoConfig.for_model(**ckpt["config"])
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     state = {k: torch.as_tensor(v) for k, v in ckpt["tensors"].items()}
     result = model.load_state_dict(state, strict=False)
@@ -293,7 +309,10 @@ def _convert_with_transformers(src: ModelSource, gguf: Path, out: Path, progress
     _log(progress, f"dequantized {len(state)} tensors in {time.perf_counter() - t0:.1f}s; writing safetensors")
     model.save_pretrained(out, safe_serialization=True)
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A model type with a tokenizer of its own is named (AutoTokenizer would parse the file again for the config that
+    # picks it); any other is left to AutoTokenizer's rules.
+    named = config.model_type in TOKENIZER_MAPPING_NAMES
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **({"tokenizer_type": config.model_type} if named else {}))
     tok.save_pretrained(out)
     eos_id = tok.convert_tokens_to_ids(src.eos_token) if src.eos_token else tok.eos_token_id
     _patch_tokenizer_config(out / "tokenizer_config.json", tok, max_len=getattr(config, "max_position_embeddings", None))
