@@ -145,3 +145,35 @@ async def test_density_ratio_ranks_a_known_better_text_above_corrupted_ones(back
     assert parts["logp_strong"] - parts["logp_weak"] == pytest.approx(ranked[0].score)
     scorer_calls = [c for layer in res.trace.layers for c in layer.calls if c.type == "scorer"]
     assert sorted(c.model for c in scorer_calls) == ["default", "weak"] and all(c.ok and c.n == 4 for c in scorer_calls)
+
+
+def test_scoring_reads_the_lm_head_once_per_forward_not_once_per_candidate(shared, monkeypatch) -> None:
+    """Teacher-forced scoring puts every candidate's positions of a forward through the LM head in one product (in
+    chunks the packed weights take) and skips the head where only hidden states are needed (the prompt's prefill):
+    a per-candidate product read the whole head once per candidate (gemma3-270m's is 671 MB; 8 candidates 2.2 ->
+    1.0 s). Same log-probs as scoring each candidate alone."""
+    import math
+
+    from archon_server.engine.scoring import score_continuations
+
+    _, loaded = shared
+    runner, tok = loaded.runner, loaded.tokenizer
+    prompt = tok("Question: what is the capital of France? Answer:")["input_ids"]
+    candidates = [tok(f" Paris{' is the capital' * i}.")["input_ids"] for i in range(6)]
+    heads: list[int] = []
+    real = runner._linear
+
+    def counting(x, w, small, bias=None, exact=False):
+        if w is runner.lm_head:
+            heads.append(x.numel() // x.shape[-1])
+        return real(x, w, small, bias, exact)
+
+    monkeypatch.setattr(runner, "_linear", counting)
+    together = score_continuations(runner, prompt, candidates)
+    positions = sum(len(c) for c in candidates)
+    chunk = runner.packed_max_rows if runner.packed else positions
+    assert sum(heads) == positions and len(heads) == math.ceil(positions / chunk) < len(candidates)
+    monkeypatch.setattr(runner, "_linear", real)
+    for cand, scored in zip(candidates, together):
+        (alone,) = score_continuations(runner, prompt, [cand])
+        assert scored.token_ids == cand and max(abs(a - b) for a, b in zip(scored.logprobs, alone.logprobs)) < 1e-4

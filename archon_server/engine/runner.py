@@ -710,8 +710,8 @@ class ModelRunner:
 
         Row ``b`` writes its K/V at positions ``start[b] .. start[b]+T-1`` and attends to
         positions ``< start[b]+t+1``; afterwards ``cache.lengths`` of the row is
-        ``start[b]+T``.  ``logits``: ``"last"`` (next-token logits only) or ``"all"``
-        (every position, for speculative verification).  ``small_weights=False``: never the small-batch weights (the
+        ``start[b]+T``.  ``logits``: ``"last"`` (next-token logits only), ``"all"``
+        (every position, for speculative verification) or ``"none"`` (hidden states only: an empty ``logits``).  ``small_weights=False``: never the small-batch weights (the
         engine's prefill, so a prompt's K/V does not depend on how it was cut into chunks).
         ``kv_grid``: for one row, attend in query blocks of ``kv_grid`` positions aligned at 0, each over
         keys ``0 .. its block's end`` (see :meth:`_attend_on_grid`), and every linear through
@@ -791,6 +791,8 @@ class ModelRunner:
         hidden = self._rms(x, self.final_norm)
         for b, s in enumerate(start):
             cache.lengths[first_slot + b] = s + T
+        if logits == "none":  # the caller applies the head itself (teacher-forced scoring, engine/scoring.py)
+            return ForwardOutput(logits=hidden.new_zeros(0), hidden=hidden)
         head_in = hidden[:, -1:] if logits == "last" else hidden
         out = self._linear(head_in, self.lm_head, small, exact=exact).float()
         return ForwardOutput(logits=out, hidden=hidden)
