@@ -632,6 +632,12 @@ class ModelRunner:
             if self.small:
                 self.small_max_rows = choices.get("small_max_rows", crossover)
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 LM-head logits of final-norm ``hidden`` states [T, H] through this machine's float32 kernel choice
+        (packed oneDNN weights up to :attr:`packed_max_rows` rows, no small-batch copies): teacher-forced scoring's
+        product, many positions at once."""
+        return self._linear(hidden, self.lm_head, small=False).float()
+
     def _small_linear(self, x: torch.Tensor, entry: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear`` through a small-batch copy (:attr:`small`) of a weight."""
         if self.small_kind == "int8":

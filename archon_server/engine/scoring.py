@@ -40,11 +40,11 @@ def _head_logprobs(runner: ModelRunner, hidden: torch.Tensor, targets: torch.Ten
     """log softmax(lm_head(hidden))[targets] for hidden [T, H], targets [T] (float32, chunked), and with ``top`` > 0
     the ``top`` best (id, logprob) of each position."""
     out, best = [], []
-    # The runner's float32 product (no small-batch copies), in chunks its packed oneDNN weights take where this machine
-    # measured those faster: gemma3-270m's head over 132 positions 483 ms with MKL, 399 in chunks of 64.
+    # In chunks the runner's packed oneDNN weights take, where this machine measured those faster than MKL's product:
+    # gemma3-270m's head over 132 positions 483 ms with MKL, 399 in chunks of 64.
     chunk = min(HEAD_CHUNK, runner.packed_max_rows) if runner.packed else HEAD_CHUNK
     for i in range(0, hidden.shape[0], chunk):
-        logits = runner._linear(hidden[i : i + chunk], runner.lm_head, small=False).float()
+        logits = runner.head_logits(hidden[i : i + chunk])
         lse = torch.logsumexp(logits, dim=-1)
         out.append(logits.gather(-1, targets[i : i + chunk, None])[:, 0] - lse)
         if top > 0:
