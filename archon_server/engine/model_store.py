@@ -268,8 +268,9 @@ def _convert(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:
     _log(progress, f"converted in {time.perf_counter() - t0:.1f}s")
 
 
-# transformers' model type for a GGUF architecture where the two differ (its load_gguf_checkpoint's renames).
-_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# transformers' model type for a GGUF architecture where the two differ (as its load_gguf_checkpoint renames them), for
+# the store's models that take this path: gemma3 (a text-only file; "gemma3" is the multimodal model there).
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
 
 
 def _convert_with_transformers(src: ModelSource, gguf: Path, out: Path, progress: bool) -> None:

@@ -22,7 +22,7 @@ import torch
 from ..exceptions import ContextOverflow
 from .runner import PREFILL_GRID, ModelRunner, run_steps
 
-# Positions per LM-head chunk: 256 x 49k vocab x 4 bytes = 50 MB of float32 logits at a time.
+# Most positions per LM-head chunk: 256 x 49k vocab x 4 bytes = 50 MB of float32 logits at a time (SmolLM2; gemma3's 262k: 268 MB).
 HEAD_CHUNK = 256
 # Candidate tokens per batched forward (rows x longest row): bounds attention scores and activations.
 MAX_BATCH_TOKENS = 4096
