@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from archon_server.engine.detokenize import IncrementalText, find_stop, stop_holdback
-from archon_server.engine.runner import row_exact_linear
+from archon_server.engine.runner import attend_by_products, attend_by_products_lse, row_exact_linear
 from archon_server.engine.sampling import RowSampling, choice_seed, draw, filter_logits, make_generator, sample_rows
 
 
@@ -296,6 +296,38 @@ def test_the_loading_thread_ends_and_hands_back_result_or_error():
     with pytest.raises(KeyError, match="boom"):
         in_fresh_thread(lambda: {}["boom"])
     assert not [t for t in threading.enumerate() if t.name == "archon-engine-loader"]
+
+
+@pytest.mark.parametrize("kv_heads,groups,head_dim", [(3, 3, 64), (1, 4, 256)])  # SmolLM2's and gemma3-270m's heads
+def test_decode_attention_by_products_gives_the_same_bits_at_any_thread_count(kv_heads, groups, head_dim):
+    """A decode step's attention (a few queries per KV head over a float32 cache) has the same bits at 1 and 2
+    threads, so the thread tuner's changes mid-request do not move a seeded request's tokens (torch's CPU flash
+    kernel did: 3 queries per head at 1 and 2 threads ~1e-7 apart); it is the attention SDPA computes, with the
+    log-sum-exp the flash op returns; rows of different lengths (an additive -inf mask) included."""
+    g = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    try:
+        for rows, keys in ((1, 45), (6, 700), (3, 3000)):
+            q = torch.randn(rows, kv_heads, groups, head_dim, generator=g)
+            k = torch.randn(rows, kv_heads, keys, head_dim, generator=g)
+            v = torch.randn(rows, kv_heads, keys, head_dim, generator=g)
+            mask = torch.zeros(rows, 1, groups, keys)
+            mask[0, :, :, keys - 7 :] = float("-inf")  # the first row is 7 tokens shorter than the others
+            results = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                results.append((attend_by_products(q, k, v, mask, 0.125), *attend_by_products_lse(q, k, v, mask, 0.125)))
+            (out1, lse_out1, lse1), (out2, lse_out2, lse2) = results
+            assert torch.equal(out1, out2) and torch.equal(lse_out1, lse_out2) and torch.equal(lse1, lse2)
+            torch.set_num_threads(threads)
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
+            assert torch.allclose(out1, want, atol=2e-6) and torch.allclose(lse_out1, want, atol=2e-6)
+            if flash is not None:
+                want_lse = flash(q, k, v, attn_mask=mask, scale=0.125)[1]
+                assert torch.allclose(lse1, want_lse, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

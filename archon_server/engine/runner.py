@@ -400,6 +400,10 @@ PREFILL_GRID = 32
 # drafted tokens).
 SMALL_MAX_TOKENS = 16
 
+# Most queries per KV head (head groups x tokens) that attend by :func:`attend_by_products` when the cache is
+# float32 (a decode step, a short verification); more go through SDPA.
+PRODUCT_ATTENTION_MAX_QUERIES = 16
+
 # Fewest rows for which a GEMM's per-row sums run in the same order as in any larger one (see row_exact_linear).
 EXACT_MIN_ROWS = 16
 
@@ -515,6 +519,9 @@ class ModelRunner:
             self.rope[theta] = (emb.cos().to(self.device, self.dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1))
         self.scale = d.attn_scale if d.attn_scale is not None else 1.0 / math.sqrt(d.head_dim)
         self.forward_calls = 0
+        # Decode attention whose bits do not depend on the thread count (attend_by_products): float32 caches on a CPU.
+        # A bfloat16 cache keeps SDPA (its float32 sums; such a step's bits already move with the batch).
+        self.product_attention = self.device.type == "cpu" and self.kv_dtype == torch.float32
         self.shared_attention = self.device.type == "cpu" and _flash_with_lse_works()
         self.small_max_rows = 12  # measured crossover of int8 with plain bf16 GEMMs: ~14-16 rows (1 core); see _make_packed
         # Compact copies of the decode weights for small batches: {id(weight): int8 (q, scale) or fp16 packed}.
@@ -780,7 +787,7 @@ class ModelRunner:
                 keys = kc[first_slot : first_slot + B, :, :total]
                 vals = vc[first_slot : first_slot + B, :, :total]
                 qg = q.reshape(B, d.kv_heads, groups * T, d.head_dim).to(self.kv_dtype)
-                a = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=masks[d.windows[li]], scale=self.scale)
+                a = self._attend(qg, keys, vals, masks[d.windows[li]])
             a = a.reshape(B, d.heads, T, d.head_dim).transpose(1, 2).reshape(B, T, nq).to(self.dtype)
             a = self._linear(a, L["o"], small, exact=exact)
             if d.sandwich_norms:
@@ -802,6 +809,14 @@ class ModelRunner:
         head_in = hidden[:, -1:] if logits == "last" else hidden
         out = self._linear(head_in, self.lm_head, small, exact=exact).float()
         return ForwardOutput(logits=out, hidden=hidden)
+
+    def _attend(self, qg: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of ``qg`` [B, kv_heads, G, D]: a few queries per KV head (a decode step, a prompt's last block of
+        one or a few tokens) by :func:`attend_by_products` where the cache is float32 (bits independent of the thread
+        count), else SDPA."""
+        if self.product_attention and qg.shape[2] <= PRODUCT_ATTENTION_MAX_QUERIES:
+            return attend_by_products(qg, keys, vals, mask, self.scale)
+        return F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=self.scale)
 
     def _attend_on_grid(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, start: int,
                         grid: int, window: int | None, masks: dict) -> torch.Tensor:
@@ -832,7 +847,7 @@ class ModelRunner:
             mask = masks.get((t, window), False)
             if mask is False:
                 mask = masks[(t, window)] = self._mask(pos[:, t : t + tb], [p], end, groups, window, self.kv_dtype)
-            a = F.scaled_dot_product_attention(qb, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, scale=self.scale)
+            a = self._attend(qb, kc[:, :, :end], vc[:, :, :end], mask)  # (a prompt's last few tokens: by products)
             out[:, :, :, t : t + tb] = a.view(1, d.kv_heads, groups, tb, d.head_dim)
             t += tb
         return out.view(1, d.heads, T, d.head_dim)
@@ -858,8 +873,11 @@ class ModelRunner:
             qs = qg[rows].transpose(0, 1).reshape(1, H, n * G, D)
             o1, l1 = flash(qs, kc[first + r : first + r + 1, :, :plen], vc[first + r : first + r + 1, :, :plen], scale=self.scale)[:2]
             tail_mask = None if mask is None else mask[rows, :, :, plen:total]
-            o2, l2 = flash(qg[rows], kc[first + r : first + r + n, :, plen:total], vc[first + r : first + r + n, :, plen:total],
-                           attn_mask=tail_mask, scale=self.scale)[:2]
+            tail_k, tail_v = kc[first + r : first + r + n, :, plen:total], vc[first + r : first + r + n, :, plen:total]
+            if self.product_attention:  # each row's few queries over its own tail (see attend_by_products)
+                o2, l2 = attend_by_products_lse(qg[rows], tail_k, tail_v, tail_mask, self.scale)
+            else:
+                o2, l2 = flash(qg[rows], tail_k, tail_v, attn_mask=tail_mask, scale=self.scale)[:2]
             o1 = o1.view(H, n, G, D).transpose(0, 1).float()
             l1 = l1.view(H, n, G).transpose(0, 1)
             top = torch.maximum(l1, l2)
@@ -873,8 +891,8 @@ class ModelRunner:
             j = i
             while j < B and rest[j]:
                 j += 1
-            out[i:j] = F.scaled_dot_product_attention(qg[i:j], kc[first + i : first + j, :, :total], vc[first + i : first + j, :, :total],
-                                                      attn_mask=None if mask is None else mask[i:j], scale=self.scale)
+            out[i:j] = self._attend(qg[i:j], kc[first + i : first + j, :, :total], vc[first + i : first + j, :, :total],
+                                    None if mask is None else mask[i:j])
             i = j
         return out
 
@@ -914,6 +932,39 @@ class ModelRunner:
         start = [cache.lengths[first_slot + b] for b in range(len(tokens))]
         t = torch.tensor(tokens, device=self.device)[:, None]
         return self.forward(t, cache, first_slot, start, logits="last", shared=shared)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    s = torch.matmul(q * scale, k.transpose(-1, -2))
+    return s if mask is None else s.add_(mask)
+
+
+def attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """Attention of ``q`` [..., G, D] over ``k``, ``v`` [..., T, D] (``mask`` additive, broadcast to [..., G, T]) as
+    two matrix products around a softmax, for a decode step's few queries per KV head.
+
+    Why not SDPA there: torch's CPU flash kernel sums a handful of queries per head (SmolLM2's step: 3 per KV head;
+    1, 3, 5-7, 9-11 on a 256-wide head) in an order that depends on the thread count (float32, 1 against 2
+    threads: results ~1e-7 apart), and the engine's thread tuner changes that count while requests decode (it
+    probes the other setting now and then, even on a quiet machine), so a seeded request sampled other tokens from
+    one run to the next (a walk: 4 of 5 repeats of one seeded n=3 request differed from the first). Here every
+    score is one dot product and every row's sums stay in one thread: the same bits at 1 and 2 threads, and about
+    as fast at these shapes (SmolLM2, 2 cores, one layer: 113 against 88 us for one row over 300 keys, 270 against
+    362 us for 6 rows). Many queries per head (a prefill chunk, the n samples' queries over their shared prompt)
+    keep the flash kernel: its sums there were the same at any thread count, and it is faster."""
+    return torch.matmul(torch.softmax(_scores(q, k, mask, scale), -1), v)
+
+
+def attend_by_products_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend_by_products` with each query's log-sum-exp of its scaled scores [..., G] (natural log, as the
+    flash op's): for merging attention over two parts of the keys."""
+    s = _scores(q, k, mask, scale)
+    top = s.amax(-1, keepdim=True)
+    e = s.sub_(top).exp_()
+    total = e.sum(-1, keepdim=True)
+    return torch.matmul(e, v).div_(total), (top + total.log()).squeeze(-1)
 
 
 def _flash_with_lse_works() -> bool:
