@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import time
+import types
 
 import pytest
 import torch
@@ -499,6 +500,27 @@ async def test_a_stream_beside_a_long_prefill_takes_turns_with_it(backend):
     assert res.usage.prompt_tokens > 2500
     assert engine.stats.prefill_chunks_interleaved - before >= 2  # the prompt was prefilled while the row decoded
     assert done["busy"] < done["long"]
+
+
+def test_a_prompt_alone_is_not_cut_into_chunks_too_small_to_run_well(shared):
+    """Chunks are cut to about ``prefill_slice_s`` from the last chunk's cost per token; with no rows decoding they
+    stop at ``prefill_min_chunk_idle``: deep in a 3,600-token prompt alone (AVX2 EPYC) the cut chunks cost more per
+    token, which cut the next ones further, down to one 32-token block (19-29 s against 17-19 s). Beside decoding
+    rows the cut stands (it keeps their streams moving), and a smaller cap (a test's) still caps."""
+    engine, _ = shared
+    assert not engine._rows
+    slow = 0.02  # s per token: 25 tokens fill a 0.5 s slice
+    assert engine._chunk_tokens(slow) == engine.prefill_min_chunk_idle == 128
+    assert engine._chunk_tokens(0.0001) == engine.prefill_chunk_idle
+    saved = engine.prefill_chunk_idle
+    engine.prefill_chunk_idle = 64
+    try:
+        assert engine._chunk_tokens(slow) == 64
+    finally:
+        engine.prefill_chunk_idle = saved
+    busy = types.SimpleNamespace(**{k: getattr(engine, k) for k in ("prefill_chunk", "prefill_chunk_idle", "prefill_slice_s",
+                                                                 "prefill_min_chunk_idle", "prefix")}, _rows=[object()])
+    assert type(engine)._chunk_tokens(busy, slow) == engine.prefix.block  # (rows decoding: the live engine's are not touched)
 
 
 def test_chunked_prefill_equals_one_pass(shared):

@@ -172,6 +172,12 @@ class Engine:
         # with it (_prefill_due); past ~100 tokens a chunk's cost per token hardly falls (SmolLM2, 2 cores, at
         # position 6,000: 4.9 ms at 64, 4.6 at 128, 4.5 at 256 and 512).
         self.prefill_slice_s = 0.5
+        # ... but not below this many tokens while no rows decode (beside decoding rows the cut keeps their streams
+        # moving): on the AVX2 EPYC a chunk's cost per token kept rising below ~128 tokens (the weights read once a
+        # chunk, per-call costs), so the cut chunks' measured cost cut the next ones further, and a 3,600-token prompt
+        # alone ended in 32-token chunks: 19-29 s against 17-19 s with this floor (15 s in 512-token chunks, which a
+        # request arriving meanwhile would wait up to 3.4 s for).
+        self.prefill_min_chunk_idle = 128
         self.shared_prompt_min = 1024  # prompt tokens from which a request's rows read its K/V once a step (_shared_prompts)
         self._owed = 0.0  # decode time still owed to the rows for the last interleaved chunk (_prefill_due)
         self._job_went_last = False  # a job step had the last turn: a staged long prompt's chunk goes next (_job_due)
@@ -584,10 +590,11 @@ class Engine:
 
     def _chunk_tokens(self, token_s: float) -> int:
         """Tokens for the next prefill chunk or job step: ``prefill_chunk`` while rows decode (``prefill_chunk_idle``
-        otherwise), cut to about ``prefill_slice_s`` at ``token_s`` seconds per token, in whole prefix-cache blocks."""
-        chunk = self.prefill_chunk if self._rows else self.prefill_chunk_idle
+        otherwise), cut to about ``prefill_slice_s`` at ``token_s`` seconds per token (not below ``prefill_min_chunk_idle``
+        when no rows decode), in whole prefix-cache blocks."""
+        chunk, floor = (self.prefill_chunk, 0) if self._rows else (self.prefill_chunk_idle, self.prefill_min_chunk_idle)
         if token_s:
-            chunk = min(chunk, int(self.prefill_slice_s / token_s))
+            chunk = min(chunk, max(floor, int(self.prefill_slice_s / token_s)))
         grid = self.prefix.block
         return max(grid, chunk // grid * grid)
 
