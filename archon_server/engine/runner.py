@@ -945,7 +945,7 @@ def attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     two matrix products around a softmax, for a decode step's few queries per KV head.
 
     Why not SDPA there: torch's CPU flash kernel sums a handful of queries per head (SmolLM2's step: 3 per KV head;
-    1, 3, 5-7, 9-11 on a 256-wide head) in an order that depends on the thread count (float32, 1 against 2
+    with one KV head, as gemma3-270m's, 1, 3, 5-7 or 9-11) in an order that depends on the thread count (float32, 1 against 2
     threads: results ~1e-7 apart), and the engine's thread tuner changes that count while requests decode (it
     probes the other setting now and then, even on a quiet machine), so a seeded request sampled other tokens from
     one run to the next (a walk: 4 of 5 repeats of one seeded n=3 request differed from the first). Here every
