@@ -105,6 +105,57 @@ def test_a_cache_grown_by_the_forward_pass_can_be_copied_anywhere(tiny_folder: P
     assert torch.equal(cache.k[:, 1, :, :40], cache.k[:, 0, :, :40])
 
 
+def test_a_growing_cache_keeps_only_the_slots_in_use(tiny_folder: Path):
+    """Every slot is as long as the longest: slots left idle by an earlier wide batch grew with each long prompt (a
+    soak of the default server held 16 slots x 7,424 positions, 5.5 GB, for one long prompt beside a few rows)."""
+    runner = ModelRunner(tiny_folder, device="cpu", dtype="float32")
+    cache = runner.new_cache(slots=8, capacity=64)
+    for s in range(3):
+        runner.forward(torch.arange(10 + s, 40 + 2 * s)[None], cache, s, [0])
+    k = cache.k[:, :3].clone()
+    cache.reserve(4, 100, in_use=3)  # the capacity grows: a copy anyway, of the 3 in use and the one asked for
+    assert (cache.slots, cache.lengths) == (4, [30, 31, 32, 0]) and cache.capacity >= 100
+    assert torch.equal(cache.k[:, :3, :, :64], k) and cache.k.is_inference()
+    cache.reserve(6, 100, in_use=3)  # more slots at the same capacity: grows as before
+    assert cache.slots == 8 and cache.lengths[:3] == [30, 31, 32]
+    cache.reserve(2, 300)  # no in_use given: every slot is kept
+    assert cache.slots == 8 and torch.equal(cache.k[:, :3, :, :64], k)
+
+
+def test_a_long_prompt_beside_decoding_rows_grows_their_slots_only(tiny_folder: Path):
+    engine = Engine(ModelRunner(tiny_folder, device="cpu", dtype="float32"), LetterTokenizer(), eos_ids=set(), max_batch=8,
+                    idle_poll_s=0.05, threads=1, prefix_cache_mb=0)
+    engine.start()
+    try:
+        rows_alone = [logprobs(run(engine, 20 + i, max_tokens=400, logprobs=True).wait()) for i in range(2)]
+        long_alone = run(engine, 1500, max_tokens=5, n=2, logprobs=True).wait()
+        idle(engine)
+        assert engine.cache.slots == 8
+        rows = [run(engine, 20 + i, max_tokens=400, logprobs=True) for i in range(2)]
+        assert all(r.started.wait(60) for r in rows)
+        seen: dict[str, Any] = {}
+
+        class Watch(Collector):
+            def __call__(self, events: list[Any]) -> None:  # in the engine's worker: the cache as the step left it
+                if "slots" not in seen and any(isinstance(e, TokenEvent) for e in events):
+                    seen.update(slots=engine.cache.slots, capacity=engine.cache.capacity,
+                                rows_running=not any(r.finished.is_set() for r in rows))
+                super().__call__(events)
+
+        long = Watch()
+        engine.submit([(7 * i + 3) % VOCAB for i in range(1500)], GenParams(temperature=0.0, max_tokens=5, n=2, logprobs=True), long)
+        long.wait()
+        assert seen["rows_running"] and seen["capacity"] >= 1501
+        assert seen["slots"] == 4  # two rows and the long prompt's two samples; 8 before
+        assert long.texts(2) == long_alone.texts(2) and logprobs(long) == logprobs(long_alone)
+        for r, alone in zip(rows, rows_alone):  # (batched beside the long prompt's rows: float32 sums in another order)
+            assert r.wait().texts() and len(logprobs(r)) == len(alone) == 400
+            assert max(abs(a - b) for a, b in zip(logprobs(r), alone)) < 1e-4
+        idle(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_n_samples_after_the_cache_grew_while_decoding(engine: Engine):
     assert engine.cache.capacity == 512
     long = run(engine, 500, max_tokens=40).wait()  # 540 positions: the cache grows during decode steps
@@ -161,10 +212,10 @@ def test_a_failed_prefill_fails_that_request_while_the_batch_streams_on(engine: 
 def test_a_cache_that_cannot_grow_fails_that_request_only(engine: Engine, monkeypatch: pytest.MonkeyPatch):
     reserve = KVCache.reserve
 
-    def capped(self: KVCache, slots: int, capacity: int) -> None:
+    def capped(self: KVCache, slots: int, capacity: int, in_use: int | None = None) -> None:
         if capacity > 1000:
             raise MemoryError("injected: no memory for a bigger cache")
-        reserve(self, slots, capacity)
+        reserve(self, slots, capacity, in_use)
 
     monkeypatch.setattr(KVCache, "reserve", capped)
     too_big = run(engine, 1200, max_tokens=4)

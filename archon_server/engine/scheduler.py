@@ -514,7 +514,9 @@ class Engine:
         else:
             # The prompt goes into the staging slot just past the decode rows; compaction keeps it there.
             slot = len(self._rows)
-            self.cache.reserve(slot + req.params.n, len(req.prompt) + 1)
+            aside = self._aside  # (set when this request overtakes a long prompt: its slots stay)
+            in_use = slot if aside is None else max(slot, aside.slot + aside.req.params.n)
+            self.cache.reserve(slot + req.params.n, len(req.prompt) + 1, in_use=in_use)
             self.cache.lengths[slot] = 0
             # A prefix another request computed is copied in; the prefill starts after it.
             self._prefilling = _Prefill(req, slot, self.prefix.load(req.prompt, self.cache, slot))
