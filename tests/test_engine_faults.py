@@ -315,6 +315,38 @@ def test_a_short_prompt_queued_behind_a_second_long_one_goes_ahead_of_both(tiny_
         engine.shutdown()
 
 
+def test_a_chat_turn_whose_earlier_turns_are_cached_goes_ahead_of_a_long_prompt(tiny_folder: Path):
+    """Overtaking judged a prompt by its whole length: a chat's next turn, its earlier turns in the prefix cache and
+    a few dozen tokens new, waited behind a long prompt's whole prefill. Its uncached part is what counts."""
+    engine = Engine(ModelRunner(tiny_folder, device="cpu", dtype="float32"), LetterTokenizer(), eos_ids=set(), max_batch=4,
+                    idle_poll_s=0.05, threads=1)
+    engine.start()
+
+    def submit(prompt: list[int]) -> Collector:
+        sink = Collector()
+        engine.submit(prompt, GenParams(temperature=0.0, max_tokens=6, logprobs=True), sink)
+        return sink
+
+    try:
+        earlier = [(5 * i + 1) % VOCAB for i in range(600)]  # the conversation so far (its prompt cached once served)
+        turn = earlier + [(11 * i + 2) % VOCAB for i in range(40)]
+        document = [(13 * i + 4) % VOCAB for i in range(1800)]
+        alone = submit(turn).wait()  # caches the turn's own prefix too: clear it, keep the earlier turns only
+        engine.prefix.clear()
+        submit(earlier).wait()
+        assert engine.prefix.cached_tokens(turn) == 576 and engine.prefix.cached_tokens(document) == 0
+        before = engine.stats.overtakes
+        long = submit(document)
+        time.sleep(0.05)
+        chat = submit(turn).wait()
+        assert not long.started.is_set()  # the turn did not wait for the long prefill
+        assert chat.texts() == alone.texts() and logprobs(chat) == pytest.approx(logprobs(alone), abs=1e-4)
+        assert long.wait().texts() and engine.stats.overtakes == before + 1 and engine.stats.errors == 0
+        idle(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_rows_sharing_a_prompt_read_it_once_and_get_the_same_logits(tiny_folder: Path):
     """A decode step where groups of rows share their prompt's K/V (the n samples of one prompt) attends to each
     group's prompt once and merges with each row's own tail by log-sum-exp: in float32 the logits equal the plain

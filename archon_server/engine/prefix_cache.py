@@ -77,6 +77,7 @@ class PrefixCache:
         self._v: torch.Tensor | None = None
         self._free: list[int] = []  # pool rows not holding a block
         self._block_bytes = 0
+        self.changes = 0  # blocks inserted, evicted or dropped: what a cached_tokens() answer was given at
 
     @property
     def enabled(self) -> bool:
@@ -96,6 +97,11 @@ class PrefixCache:
             out.append(blk)
             parent = blk.id
         return out
+
+    def cached_tokens(self, prompt: list[int]) -> int:
+        """How many leading tokens of ``prompt`` a :meth:`load` would copy now (no counters, no LRU touch): the
+        scheduler asks it to judge how much of a queued prompt is left to prefill."""
+        return len(self._chain(prompt, len(prompt) - 1)) * self.block if self.enabled and self._blocks else 0
 
     def _touch(self, chain: list[_Block]) -> None:
         for blk in reversed(chain):  # deepest first, root last: parents stay more recent than children
@@ -150,6 +156,7 @@ class PrefixCache:
             self._next_id += 1
             self._blocks[key] = blk
             self.stats.inserted_blocks += 1
+            self.changes += 1
             chain.append(blk)
             mine.add(blk.id)
             parent = blk.id
@@ -187,11 +194,13 @@ class PrefixCache:
             return None
         del self._blocks[key]
         self.stats.evicted_blocks += 1
+        self.changes += 1
         return blk.row
 
     def clear(self) -> None:
         """Drop every block and the pool's memory (after an engine failure memory may be short)."""
         self._blocks.clear()
+        self.changes += 1
         self._k = self._v = None
         self._free = []
         self.stats.bytes = self.stats.blocks = 0
