@@ -149,10 +149,10 @@ class KVCache:
 
         ``in_use``: how many leading slots hold sequences (the caller knows; default: all).  When the capacity grows
         the cache is copied anyway, and the copy keeps only those and the ``slots`` asked for.  Why: every slot is
-        as long as the longest, so slots left over from a wide batch grew with each long prompt; in a soak of mixed
-        requests into the default server the SmolLM2 cache stood at 16 slots x 7,424 positions (5.5 GB) while the
-        long prompt that grew it was one sequence, and a 30,000-token prompt alone on gemma3 would take 8 slots
-        (8.8 GB) where one (1.1 GB) holds it.
+        as long as the longest, so slots left over from a wide batch grew with each long prompt: on the default
+        server, after an n=8 request, an n=2 answer to a 3,635-token prompt beside two decoding rows grew all 8
+        SmolLM2 slots (2.6 GB of cache) where 4 were in use; a 30,000-token prompt alone on gemma3 would take 8
+        slots (8.8 GB) where one (1.1 GB) holds it.
         """
         capacity = min(capacity, self.dims.max_positions)
         if slots <= self.slots and capacity <= self.capacity:
