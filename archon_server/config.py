@@ -117,6 +117,9 @@ class LocalOptions(_Base):
     speculative: SpeculativeOptions | None = None
     lazy: bool = Field(default=False, description="Load on first use, not at start (a model only some architectures use).")
     prefix_cache_mb: float = Field(default=DEFAULT_PREFIX_CACHE_MB, ge=0, description="Memory (MB) for prompt-prefix K/V reused across requests; 0 turns it off.")
+    kv_cache_mb: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        default="auto", description="Most memory (MB) of the sequences' KV cache; auto: a quarter of the machine's (or the GPU's). "
+        "A request that needs more waits for others to finish; one that cannot fit alone is refused (400).")
 
 
 class LocalBackendConfig(BackendConfigBase):

@@ -5,7 +5,8 @@ Where each one lives: ``spec.SpecError`` (bad architecture or config, with the o
 ``backends.base.BackendError`` / ``BackendTimeout`` (a backend call failed), ``backends.registry.UnknownModel``,
 ``graph.catalog.UnknownArchitecture``, ``graph.runtime.GraphError`` (the graph produced no answer),
 ``components.base.ComponentFailed`` / ``ParseError``; ``ContextOverflow`` (a prompt, or a prompt and an explicit
-``max_tokens``, past a model's context: the embedded engine's); the HTTP layer's ``api.errors.APIError`` carries a
+``max_tokens``, past a model's context: the embedded engine's); ``KVCacheFull`` (the embedded engine's KV cache
+cannot hold a request within its memory budget); the HTTP layer's ``api.errors.APIError`` carries a
 status code.
 """
 
@@ -32,4 +33,17 @@ class ContextOverflow(ArchonError, ValueError):  # noqa: N818 - vLLM's condition
         super().__init__(msg)
 
 
-__all__ = ["ArchonError", "ContextOverflow"]
+class KVCacheFull(ArchonError, ValueError):  # noqa: N818 - a condition, as ContextOverflow
+    """The embedded engine's KV cache cannot grow to hold ``what`` within its memory budget (``kv_cache_mb``).
+
+    Raised by the cache before it allocates anything (the cache stays as it was), and by the engine at submission for a
+    request that could not fit even alone: a ValueError there, a 400. Why a budget: on Linux a too-large allocation
+    does not fail, the kernel kills the whole server once the pages are touched; a clear refusal fails one request."""
+
+    def __init__(self, what: str, needed: int, budget: int):
+        self.needed, self.budget = needed, budget
+        super().__init__(f"{what} need {needed / 2**20:,.1f} MB of KV cache; this engine's KV cache may use "
+                         f"{budget / 2**20:,.1f} MB (option kv_cache_mb of a kind: local backend)")
+
+
+__all__ = ["ArchonError", "ContextOverflow", "KVCacheFull"]

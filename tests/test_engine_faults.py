@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from archon_server.engine.runner import KVCache, ModelRunner
+from archon_server.exceptions import KVCacheFull
 from archon_server.engine.scheduler import DoneEvent, Engine, ErrorEvent, FinishEvent, GenParams, TokenEvent
 
 VOCAB = 300
@@ -397,6 +398,79 @@ def test_samples_of_a_long_prompt_decode_as_one_does_alone(tiny_folder: Path):
             assert per_row[i] == pytest.approx(logprobs(alone), abs=1e-3)
         # the three rows did read their prompt once a step, as one group wherever the other request's row was
         assert [(0, 3, 700)] in seen or [(1, 3, 700)] in seen, seen
+        idle(engine)
+    finally:
+        engine.shutdown()
+
+
+# -- the KV cache's memory budget (kv_cache_mb) ------------------------------------------------------------------------
+# The tiny model's K/V: 2 layers x 2 heads x 16 dims x K and V x 4 bytes = 512 bytes a position of a slot, so a budget
+# of 1 MB holds 2,048 positions (2 slots of 1,024); the model's context is 2,048.
+
+
+def test_a_cache_grows_within_its_budget_or_not_at_all(tiny_folder: Path):
+    runner = ModelRunner(tiny_folder, device="cpu", dtype="float32")
+    cache = runner.new_cache(slots=2, capacity=512, budget=512 * 1400)
+    assert cache.bytes_for(1, 1) == 512
+    for s in range(2):
+        runner.forward(torch.arange(10 + s, 40 + 2 * s)[None], cache, s, [0])
+    k = cache.k[:, :2, :, :32].clone()
+    cache.reserve(2, 600)  # doubling (2 x 1,024) is past the budget: the most it allows, on the 64-position grid
+    assert (cache.slots, cache.capacity, cache.lengths) == (2, 640, [30, 31]) and torch.equal(cache.k[:, :2, :, :32], k)
+    with pytest.raises(KVCacheFull, match="3 sequence slot"):
+        cache.reserve(3, 600)  # a third slot of 640 positions: 960 KB of a 700 KB budget
+    with pytest.raises(KVCacheFull):
+        cache.reserve(2, 800)
+    assert (cache.slots, cache.capacity, cache.lengths) == (2, 640, [30, 31]) and torch.equal(cache.k[:, :2, :, :32], k)
+    cache.reserve(1, 1300, in_use=1)  # the second slot is idle: one slot of 1,344 positions fits
+    assert (cache.slots, cache.capacity, cache.lengths) == (1, 1344, [30]) and torch.equal(cache.k[:, :1, :, :32], k[:, :1])
+
+
+def kv_engine(tiny_folder: Path) -> Engine:
+    engine = Engine(ModelRunner(tiny_folder, device="cpu", dtype="float32"), LetterTokenizer(), eos_ids=set(), max_batch=8,
+                    idle_poll_s=0.05, threads=1, prefix_cache_mb=0, kv_cache_mb=1)
+    engine.start()
+    return engine
+
+
+def finish(c: Collector) -> FinishEvent:
+    return next(e for e in c.events if isinstance(e, FinishEvent))
+
+
+def test_a_request_that_cannot_fit_the_kv_budget_alone_is_refused_and_one_that_can_waits_for_room(tiny_folder: Path):
+    """Why a budget: on Linux a cache too big for the machine is not refused by the allocator; the kernel kills the
+    server (every request in it) once the pages are touched."""
+    engine = kv_engine(tiny_folder)
+    try:
+        assert engine.kv_budget == 2**20
+        with pytest.raises(KVCacheFull, match=r"n=2 sequences of a 1,100-token prompt .* kv_cache_mb") as refused:
+            run(engine, 1100, n=2, max_tokens=3)
+        assert isinstance(refused.value, ValueError)  # a 400 at the API
+        alone = run(engine, 1100, max_tokens=3, logprobs=True).wait()
+        row = run(engine, 20, max_tokens=300)
+        assert row.started.wait(60)
+        long = run(engine, 1100, max_tokens=3, logprobs=True)  # 2 slots x 1,152 positions: past the budget beside the row
+        long.wait()
+        assert row.finished.is_set()  # it waited for the row (FIFO: nothing queued behind it went first)
+        assert len(row.wait().texts()[0]) == 300 and logprobs(long) == logprobs(alone)
+        assert engine.stats.kv_waits == 1 and engine.stats.errors == 0
+        idle(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_rows_that_reach_the_end_of_a_full_kv_cache_end_with_length_and_the_others_go_on(tiny_folder: Path):
+    engine = kv_engine(tiny_folder)
+    try:
+        alone = logprobs(run(engine, 20, max_tokens=1200, logprobs=True).wait())
+        idle(engine)
+        a, b = run(engine, 20, max_tokens=1200, logprobs=True), run(engine, 30, max_tokens=1200)
+        # Both fit 1,024 positions (2 x 1,024: the budget); b, the longer, reaches the end first: the cache cannot grow
+        # for two, b ends there with `length`, and a alone grows to 1,220.
+        assert finish(b.wait()).reason == "length" and finish(b).completion_tokens == 1024 - 30 + 1
+        assert finish(a.wait()).reason == "length" and finish(a).completion_tokens == 1200
+        assert max(abs(x - y) for x, y in zip(logprobs(a), alone)) < 1e-4 and len(logprobs(a)) == 1200
+        assert engine.stats.kv_cuts == 1 and engine.stats.errors == 0
         idle(engine)
     finally:
         engine.shutdown()

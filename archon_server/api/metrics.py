@@ -24,7 +24,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess m
 # ``archon_backend_<name>_total``; every other numeric stat (batch and cache sizes, the hit rate) is a gauge.
 COUNTER_STATS = frozenset({
     "requests", "prefills", "prefill_tokens", "prefill_chunks_interleaved", "overtakes", "job_steps", "job_steps_interleaved",
-    "decode_steps", "decode_tokens", "cancelled", "errors", "restarts",
+    "decode_steps", "decode_tokens", "cancelled", "errors", "restarts", "kv_waits", "kv_cuts",
     "prefix_queries", "prefix_query_tokens", "prefix_hit_tokens", "prefix_inserted_blocks", "prefix_evicted_blocks",
 })
 

@@ -47,7 +47,8 @@ class LocalBackend(Backend):
     ``threads`` (int, or ``"auto"``: tune between 1 and all cores from measured step times);
     ``lazy`` (bool: load on first use rather than at server start; for a model only some architectures use,
     like the default config's ``weak`` base model for density-ratio scoring);
-    ``prefix_cache_mb`` (MB for prompt-prefix K/V reused across requests, engine/prefix_cache.py; 0: off).
+    ``prefix_cache_mb`` (MB for prompt-prefix K/V reused across requests, engine/prefix_cache.py; 0: off);
+    ``kv_cache_mb`` (most MB of the sequences' KV cache, or ``"auto"``: engine/runner.py's ``kv_budget``).
     """
 
     supports_n = True
@@ -82,6 +83,7 @@ class LocalBackend(Backend):
         self.threads: int | str = options.pop("threads", "auto")
         self.lazy = bool(options.pop("lazy", False))
         self.prefix_cache_mb = float(options.pop("prefix_cache_mb", DEFAULT_PREFIX_CACHE_MB))
+        self.kv_cache_mb: float | str = options.pop("kv_cache_mb", "auto")
         if options:
             raise TypeError(f"unknown LocalBackend options: {sorted(options)}")
         self.engine: Any = None  # archon_server.engine.scheduler.Engine once started
@@ -110,7 +112,7 @@ class LocalBackend(Backend):
                 from archon_server.engine.loader import load_engine
 
                 return load_engine(self.model, self.device, self.dtype, self.max_batch, self.progress, self.threads,
-                                   self.prefix_cache_mb)
+                                   self.prefix_cache_mb, self.kv_cache_mb)
 
             try:
                 self.engine, self.loaded = await asyncio.to_thread(load)
@@ -155,6 +157,7 @@ class LocalBackend(Backend):
         cache, prefix = self.engine.cache, self.engine.prefix.stats
         return {**asdict(self.engine.stats), "active_sequences": self.engine.active_sequences, "queued": self.engine.queued_requests,
                 "cache_slots": cache.slots, "cache_capacity": cache.capacity, "cache_bytes": cache.nbytes(),
+                "cache_budget_bytes": self.engine.kv_budget,
                 **{f"prefix_{k}": v for k, v in asdict(prefix).items()}, "prefix_hit_rate": prefix.hit_rate}
 
     # ------------------------------------------------------------------ helpers

@@ -90,13 +90,14 @@ def load_engine(
     progress: bool = True,
     threads: int | str = "auto",
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+    kv_cache_mb: float | str = "auto",
 ) -> tuple[Engine, LoadedModel]:
     """Load ``model`` and start its engine.  The loading's torch work runs in a thread that then ends, so the
     engine's worker is the only long-lived thread with an OpenMP pool (see :func:`.threads.in_fresh_thread`)."""
     def build() -> tuple[Engine, LoadedModel]:
         loaded = load_model(model, device, dtype, progress)
         engine = Engine(loaded.runner, loaded.tokenizer, loaded.eos_ids, max_batch=max_batch, threads=threads,
-                        prefix_cache_mb=prefix_cache_mb)
+                        prefix_cache_mb=prefix_cache_mb, kv_cache_mb=kv_cache_mb)
         return engine, loaded
 
     engine, loaded = in_fresh_thread(build)

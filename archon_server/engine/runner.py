@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from ..exceptions import KVCacheFull
 from .kernel_choices import KernelChoices, cpu, fingerprint
 
 
@@ -126,10 +127,15 @@ class KVCache:
     """
 
     @torch.inference_mode()
-    def __init__(self, dims: LlamaDims, dtype: torch.dtype, device: torch.device, slots: int = 1, capacity: int = 256):
+    def __init__(self, dims: LlamaDims, dtype: torch.dtype, device: torch.device, slots: int = 1, capacity: int = 256,
+                 budget: int | None = None):
+        """``budget``: most bytes the K and V tensors may take (None: no limit); :meth:`reserve` grows within it or
+        raises :class:`~archon_server.exceptions.KVCacheFull` without allocating."""
         self.dims = dims
         self.dtype = dtype
         self.device = device
+        self.budget = budget
+        self._position_bytes = 2 * dims.layers * dims.kv_heads * dims.head_dim * torch.tensor([], dtype=dtype).element_size()
         shape = (dims.layers, slots, dims.kv_heads, capacity, dims.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -160,21 +166,44 @@ class KVCache:
         floor = self.slots
         new_cap = self.capacity
         if capacity > new_cap:
-            new_cap = min(max(capacity, 2 * new_cap), self.dims.max_positions)
-            new_cap = min(-(-new_cap // 64) * 64, self.dims.max_positions)
+            new_cap = self.round_capacity(max(capacity, 2 * new_cap))
             if in_use is not None:
                 floor = max(in_use, slots, 1)
         new_slots = floor if slots <= floor else max(slots, 2 * self.slots)
+        if self.budget is not None and self.bytes_for(new_slots, new_cap) > self.budget:
+            new_slots, new_cap = self._within_budget(slots, capacity, in_use, new_cap)
         shape = (self.dims.layers, new_slots, self.dims.kv_heads, new_cap, self.dims.head_dim)
         kept = min(new_slots, self.slots)
+        upto = min(new_cap, self.capacity)  # (within the budget the capacity may shrink to what the kept slots hold)
         # Both new tensors are filled before either replaces the old: a failed allocation leaves the cache as it was.
         grown = []
         for old in (self.k, self.v):
             new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            new[:, :kept, :, : old.shape[3]] = old[:, :kept]
+            new[:, :kept, :, :upto] = old[:, :kept, :, :upto]
             grown.append(new)
         self.k, self.v = grown
         self.lengths = self.lengths[:kept] + [0] * (new_slots - kept)
+
+    def bytes_for(self, slots: int, capacity: int) -> int:
+        """What K and V take at ``slots`` x ``capacity`` positions."""
+        return slots * capacity * self._position_bytes
+
+    def round_capacity(self, capacity: int) -> int:
+        """Capacities are whole multiples of 64 positions (the prefix cache's 32-token grid fits), at most the context."""
+        return min(-(-capacity // 64) * 64, self.dims.max_positions)
+
+    def _within_budget(self, slots: int, capacity: int, in_use: int | None, wanted_cap: int) -> tuple[int, int]:
+        """The shape to grow to when the usual one (slots and capacity doubled, idle slots kept) is past the budget:
+        only the slots in use (all, when the caller does not say) and those asked for, and the largest capacity
+        the budget allows up to ``wanted_cap``, if that holds ``capacity`` and what the kept slots hold."""
+        keep = self.slots if in_use is None else min(max(in_use, 1), self.slots)
+        new_slots = max(slots, keep)
+        need = self.round_capacity(max([capacity] + self.lengths[:keep]))
+        most = self.budget // self.bytes_for(new_slots, 1) // 64 * 64 if self.budget is not None else wanted_cap
+        if most < need:
+            raise KVCacheFull(f"{new_slots} sequence slot(s) of {need:,} positions", self.bytes_for(new_slots, need),
+                              self.budget or 0)
+        return new_slots, max(need, min(wanted_cap, most))
 
     @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
@@ -678,8 +707,8 @@ class ModelRunner:
         return F.linear(x, w, bias)
 
     # ------------------------------------------------------------------ cache API
-    def new_cache(self, slots: int = 1, capacity: int = 256) -> KVCache:
-        return KVCache(self.dims, self.kv_dtype, self.device, slots, capacity)
+    def new_cache(self, slots: int = 1, capacity: int = 256, budget: int | None = None) -> KVCache:
+        return KVCache(self.dims, self.kv_dtype, self.device, slots, capacity, budget)
 
     # ------------------------------------------------------------------ forward
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -1007,3 +1036,32 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+# The share of the machine's memory (or the GPU's) an engine's slot KV cache may take unless its backend sets
+# ``kv_cache_mb``: 6 GB on a 24 GB host. Why a quarter: while the cache grows its old copy lives beside the new one
+# (half the memory at worst), the model, the prefix cache and a second engine (the default config's lazily loaded
+# ``weak`` model) need the rest. SmolLM2's worst case (16 slots x its 8,192 positions: 3 GB in bf16, 6 GB in
+# float32) fits; gemma3's (16 x 32,768 x 36 KB = 19 GB) would have taken the host down.
+KV_BUDGET_SHARE = 0.25
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Memory this process can have: the GPU's on CUDA; on the CPU the physical memory, or the cgroup's limit
+    (a container's) when lower."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def kv_budget(kv_cache_mb: float | str | None, device: torch.device) -> int:
+    """Bytes of the engine's slot KV cache: ``kv_cache_mb`` MB, or ``"auto"``/None: :data:`KV_BUDGET_SHARE` of
+    :func:`memory_bytes`."""
+    if kv_cache_mb is None or kv_cache_mb == "auto":
+        return int(memory_bytes(device) * KV_BUDGET_SHARE)
+    return int(float(kv_cache_mb) * 2**20)

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from .constrain import Constraints
-from ..exceptions import ContextOverflow
+from ..exceptions import ContextOverflow, KVCacheFull
 from .detokenize import IncrementalText, token_bytes
 from .prefix_cache import PrefixCache
-from .runner import ModelRunner, default_threads
+from .runner import KVCache, ModelRunner, default_threads, kv_budget
 from .sampling import RowSampling, choice_seed, make_generator, sample_rows, token_logprobs
 from .threads import ThreadSetting, ThreadTuner
 from ..config import DEFAULT_PREFIX_CACHE_MB
@@ -74,6 +74,7 @@ class _Request:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.uncached: tuple[int, int] | None = None  # (prefix cache's ``changes``, tokens left to prefill) when last judged
+        self.waited_for_room = False  # it waited for the KV cache's budget (counted once: EngineStats.kv_waits)
 
     def flush(self) -> None:
         if self.outbox and not self.cancelled:
@@ -141,10 +142,14 @@ class Engine:
         idle_poll_s: float = 0.5,
         threads: int | str = "auto",
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        kv_cache_mb: float | str | None = "auto",
     ):
         """``threads``: an int fixes torch's intra-op threads; ``"auto"`` tunes between 1 and all cores
         from measured step times (see :mod:`.threads`); ignored on CUDA.  ``prefix_cache_mb``: memory for
-        prompt-prefix K/V kept across requests (:mod:`.prefix_cache`; 0 turns it off)."""
+        prompt-prefix K/V kept across requests (:mod:`.prefix_cache`; 0 turns it off).  ``kv_cache_mb``: most memory
+        of the slot KV cache (``"auto"``: :func:`.runner.kv_budget`'s share of the machine): a request that needs
+        more waits for rows to finish, one that cannot fit alone is refused (:class:`KVCacheFull`, a 400), and a
+        row that reaches the cache's end when it cannot grow ends with ``length``."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
@@ -155,7 +160,8 @@ class Engine:
         self.stats = EngineStats()
         # The cache starts small and grows on demand; after idle_poll_s with nothing to do it goes back to this size.
         self.initial_slots, self.initial_capacity = min(self.max_batch, 8), 512
-        self.cache = runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
+        self.kv_budget = kv_budget(kv_cache_mb, runner.device)
+        self.cache = self._new_cache()
         self._inbox: queue.Queue[_Request | _Job | None] = queue.Queue()
         self._jobs: deque[_Job] = deque()
         self._waiting: deque[_Request] = deque()
@@ -287,6 +293,12 @@ class Engine:
         if bad:
             raise ValueError(f"logit_bias: token id(s) {bad[:5]} out of the vocabulary (0 to {vocab - 1})")
         max_new = max(0, min(params.max_tokens, limit - len(prompt)))
+        if max_new and not params.speculable:  # (a speculative run has a one-slot cache of its own)
+            cap = self.cache.round_capacity(len(prompt) + 1)
+            need = self.cache.bytes_for(params.n, cap)
+            if need > self.kv_budget:
+                raise KVCacheFull(f"n={params.n} sequences of a {len(prompt):,}-token prompt ({params.n} x {cap:,} positions)",
+                                  need, self.kv_budget)
         req = _Request(list(prompt), params, sink, max_new)
         self._inbox.put(req)
         self._wake()
@@ -416,7 +428,7 @@ class Engine:
         self._fail(in_cache, err)
         self._rows, self._prefilling, self._aside = [], None, None
         self.prefix.clear()  # its blocks are copies and stay right, but a broken cache may mean memory is short
-        self.cache = self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
+        self.cache = self._new_cache()
 
     def _admit(self, block: bool) -> None:
         # Pull everything queued; block only when idle (nothing to decode or prefill).
@@ -446,11 +458,22 @@ class Engine:
             if not speculative and self._rows and len(self._rows) + req.params.n > self.max_batch:
                 break
             self._waiting.popleft()
-            self.stats.requests += 1
             try:
                 self._start(req, speculative)
-            except Exception as e:  # e.g. the cache could not grow: this request fails, the queue goes on
+            except KVCacheFull as e:
+                if self._holders():  # the rows in the cache leave room as they finish: it waits at the head
+                    self._waiting.appendleft(req)
+                    if not req.waited_for_room:
+                        req.waited_for_room = True
+                        self.stats.kv_waits += 1
+                    break
+                self.stats.requests += 1
                 self._recover(e, [req])
+            except Exception as e:  # e.g. the cache could not grow: this request fails, the queue goes on
+                self.stats.requests += 1
+                self._recover(e, [req])
+            else:
+                self.stats.requests += 1
 
     def _overtake(self) -> None:
         """Let the next queued prompt, if short, be prefilled ahead of a long staged one.
@@ -479,7 +502,10 @@ class Engine:
             return
         n = req.params.n
         up = pf.slot + n
-        self.cache.reserve(up + pf.req.params.n, len(pf.req.prompt) + 1)
+        try:
+            self.cache.reserve(up + pf.req.params.n, len(pf.req.prompt) + 1)
+        except KVCacheFull:  # no room for both: the short one waits its turn
+            return
         self.cache.move_slot(pf.slot, up)
         pf.slot, pf.overtaken_at = up, pf.done
         self._aside, self._prefilling = pf, None
@@ -535,10 +561,37 @@ class Engine:
             # A prefix another request computed is copied in; the prefill starts after it.
             self._prefilling = _Prefill(req, slot, self.prefix.load(req.prompt, self.cache, slot))
 
+    def _new_cache(self) -> KVCache:
+        return self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity, budget=self.kv_budget)
+
+    def _slots_in_use(self) -> int:
+        """Leading slots that hold K/V: the rows, then the staged prompt's and the one set aside's slots."""
+        return max([len(self._rows)] + [pf.slot + pf.req.params.n for pf in (self._prefilling, self._aside) if pf is not None])
+
+    def _room_to_step(self) -> None:
+        """Grow the cache for the next decode step here, where the slots in use are known (the forward keeps every
+        slot); past the budget, the rows that reached the cache's end end with ``length`` (what a context's end
+        does), the rest go on. Why not fail the step: that failed every row of the batch."""
+        rows = self._rows
+        need = max(self.cache.lengths[s.slot] for s in rows) + 1
+        if need <= self.cache.capacity:
+            return
+        try:
+            self.cache.reserve(len(rows), need, in_use=self._slots_in_use())
+        except KVCacheFull as e:
+            full = [s for s in rows if self.cache.lengths[s.slot] + 1 > self.cache.capacity]
+            log.warning("local engine: %d sequence(s) end at %d positions: %s", len(full), self.cache.capacity, e)
+            self.stats.kv_cuts += len(full)
+            for s in full:
+                self._emit(s, "length")
+            self._compact()
+            for req in {id(s.req): s.req for s in full}.values():
+                req.flush()
+
     def _shrink_idle_cache(self) -> None:
         """Idle for ``idle_poll_s`` after long or wide requests: give the grown KV cache back."""
         if not self._rows and self._prefilling is None and self._aside is None and (self.cache.slots, self.cache.capacity) != (self.initial_slots, self.initial_capacity):
-            self.cache = self.runner.new_cache(slots=self.initial_slots, capacity=self.initial_capacity)
+            self.cache = self._new_cache()
 
     def _job_due(self) -> bool:
         """Whether the first job runs (or takes its next step) in this pass.  A job not started yet starts at once: a
@@ -711,7 +764,10 @@ class Engine:
         self._advance(seqs, tokens, logits)
 
     def _step(self) -> None:
+        self._room_to_step()
         rows = self._rows
+        if not rows:
+            return
         self.tuner.before_step()
         t0 = time.perf_counter()
         out = self.runner.decode([s.last for s in rows], self.cache, 0, self._shared_prompts(rows))
@@ -796,21 +852,26 @@ class Engine:
                     reason = "stop"
                 elif seq.generated >= req.max_new or self.cache.lengths[seq.slot] + 1 >= limit:
                     reason = "length"
-            if reason is not None:
-                seq.text.flush()
-            delta = seq.text.take(final=reason is not None)
-            if delta or lps:
-                req.outbox.append(TokenEvent(seq.index, delta, lps))
-            if reason is not None:
-                seq.finished = True
-                req.outbox.append(FinishEvent(seq.index, reason, seq.text.text, seq.generated))
-                req.open_choices -= 1
-                if req.open_choices == 0:
-                    self._finish_request(req)
+            self._emit(seq, reason, lps)
         # Compact before delivering: once a consumer sees its request done, its rows are gone.
         self._compact()
         for req in touched.values():
             req.flush()
+
+    def _emit(self, seq: _Sequence, reason: str | None, lps: list[LogprobEntry] | None = None) -> None:
+        """A sequence's new text (and logprobs) into its request's outbox; with ``reason``, its end."""
+        req = seq.req
+        if reason is not None:
+            seq.text.flush()
+        delta = seq.text.take(final=reason is not None)
+        if delta or lps:
+            req.outbox.append(TokenEvent(seq.index, delta, lps))
+        if reason is not None:
+            seq.finished = True
+            req.outbox.append(FinishEvent(seq.index, reason, seq.text.text, seq.generated))
+            req.open_choices -= 1
+            if req.open_choices == 0:
+                self._finish_request(req)
 
     def _finish_request(self, req: _Request, flush: bool = False, extra: dict[str, Any] | None = None) -> None:
         now = time.perf_counter()

@@ -113,3 +113,5 @@ class EngineStats:
     prefill_threads: int = 0  # ... and for prefill chunks (tuned apart: see Engine.prefill_tuner)
     cancelled: int = 0
     errors: int = 0
+    kv_waits: int = 0  # requests that waited for room in the KV cache's budget (kv_cache_mb) before starting
+    kv_cuts: int = 0  # sequences ended with 'length' because the KV cache could not grow within its budget
