@@ -50,17 +50,22 @@ def cpu() -> tuple[str, frozenset[str]]:
     return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
 
 
-def fingerprint(model_file: Path, dtype: torch.dtype, small_kind: str) -> dict[str, Any]:
-    """What a remembered choice depends on: a change in any of these measures again."""
-    st = model_file.stat()
+def machine_fingerprint() -> dict[str, Any]:
+    """What a choice no model enters (the CPU dtype: ``runner.pick_dtype``) depends on."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
     model, flags = cpu()
     flags_id = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16]
-    return {"cpu": f"{model} | {flags_id}", "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "model": f"{model_file.resolve()} {st.st_size} {st.st_mtime_ns}", "dtype": str(dtype), "small": small_kind}
+    return {"cpu": f"{model} | {flags_id}", "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def fingerprint(model_file: Path, dtype: torch.dtype, small_kind: str) -> dict[str, Any]:
+    """What a remembered choice depends on: a change in any of these measures again."""
+    st = model_file.stat()
+    return {**machine_fingerprint(), "model": f"{model_file.resolve()} {st.st_size} {st.st_mtime_ns}", "dtype": str(dtype),
+            "small": small_kind}
 
 
 class KernelChoices:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..exceptions import KVCacheFull
-from .kernel_choices import KernelChoices, cpu, fingerprint
+from .kernel_choices import KernelChoices, cpu, fingerprint, machine_fingerprint
 
 
 @dataclass(frozen=True)
@@ -300,9 +300,14 @@ def pick_dtype(dtype: str, device: torch.device, before_timing: Callable[[], obj
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        if before_timing is not None and _cpu_has_bf16():
-            before_timing()
-        return torch.bfloat16 if _bf16_faster_on_cpu() else torch.float32
+        if not _cpu_has_bf16():
+            return torch.float32
+        # Remembered per machine, as the kernel choices are: a bf16 host timed it at every load (~30 ms, and the
+        # tokenizer's load had to finish first).
+        choices = KernelChoices(machine_fingerprint(), before_timing)
+        bf16 = choices.get("bf16", _bf16_faster_on_cpu)
+        choices.save()
+        return torch.bfloat16 if bf16 else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     try:
