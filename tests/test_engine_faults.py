@@ -429,6 +429,9 @@ def test_a_cache_grows_within_its_budget_or_not_at_all(tiny_folder: Path):
     assert (cache.slots, cache.capacity, cache.lengths) == (2, 640, [30, 31]) and torch.equal(cache.k[:, :2, :, :32], k)
     cache.reserve(1, 1300, in_use=1)  # the second slot is idle: one slot of 1,344 positions fits
     assert (cache.slots, cache.capacity, cache.lengths) == (1, 1344, [30]) and torch.equal(cache.k[:, :1, :, :32], k[:, :1])
+    cache.lengths[0] = 1300  # a finished row's length, left in its slot
+    cache.reserve(2, 600, in_use=0)  # nothing in use: two slots of 640 fit (the stale length would need 1,344 each)
+    assert (cache.slots, cache.capacity, cache.lengths) == (2, 640, [0, 0]) and cache.consistent()
 
 
 def kv_engine(tiny_folder: Path) -> Engine:

@@ -183,7 +183,8 @@ class KVCache:
             new[:, :kept, :, :upto] = old[:, :kept, :, :upto]
             grown.append(new)
         self.k, self.v = grown
-        self.lengths = self.lengths[:kept] + [0] * (new_slots - kept)
+        held = kept if in_use is None else min(in_use, kept)  # (a slot past those in use holds nothing to keep)
+        self.lengths = self.lengths[:held] + [0] * (new_slots - held)
 
     def bytes_for(self, slots: int, capacity: int) -> int:
         """What K and V take at ``slots`` x ``capacity`` positions."""
@@ -197,8 +198,9 @@ class KVCache:
         """The shape to grow to when the usual one (slots and capacity doubled, idle slots kept) is past the budget:
         only the slots in use (all, when the caller does not say) and those asked for, and the largest capacity
         the budget allows up to ``wanted_cap``, if that holds ``capacity`` and what the kept slots hold."""
-        keep = self.slots if in_use is None else min(max(in_use, 1), self.slots)
-        new_slots = max(slots, keep)
+        keep = self.slots if in_use is None else min(in_use, self.slots)
+        new_slots = max(slots, keep, 1)
+        # (only the kept slots' lengths count: a slot past them may hold a finished row's stale length)
         need = self.round_capacity(max([capacity] + self.lengths[:keep]))
         most = self.budget // self.bytes_for(new_slots, 1) // 64 * 64 if self.budget is not None else wanted_cap
         if most < need:
