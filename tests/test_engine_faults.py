@@ -482,3 +482,25 @@ def test_rows_that_reach_the_end_of_a_full_kv_cache_end_with_length_and_the_othe
         idle(engine)
     finally:
         engine.shutdown()
+
+
+def test_a_staged_prompt_gives_way_to_a_row_that_must_grow(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch):
+    """A long prompt admitted beside a row (2 x 1,024 positions fit) is still staged when the row reaches 1,024: the
+    prompt, not decoding yet, goes back to the queue and waits; the row grows and ends whole (it had been cut)."""
+    engine = kv_engine(tiny_folder)
+    try:
+        row_alone = logprobs(run(engine, 20, max_tokens=1500, logprobs=True).wait())
+        long_alone = logprobs(run(engine, 900, max_tokens=3, logprobs=True).wait())
+        idle(engine)
+        due = engine._prefill_due  # the staged prompt's chunks are held until it has given way (the row's pace decides)
+        monkeypatch.setattr(engine, "_prefill_due", lambda: due() if engine.stats.kv_waits or not engine._rows else False)
+        row = run(engine, 20, max_tokens=1500, logprobs=True)
+        assert row.started.wait(60)
+        long = run(engine, 900, max_tokens=3, logprobs=True)
+        long.wait()
+        assert row.finished.is_set() and finish(row.wait()).completion_tokens == 1500
+        assert logprobs(long) == long_alone and max(abs(a - b) for a, b in zip(logprobs(row), row_alone)) < 1e-4
+        assert (engine.stats.kv_waits, engine.stats.kv_cuts, engine.stats.requests, engine.stats.errors) == (1, 0, 4, 0)
+        idle(engine)
+    finally:
+        engine.shutdown()

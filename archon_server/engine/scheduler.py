@@ -75,6 +75,7 @@ class _Request:
         self.t_first: float | None = None
         self.uncached: tuple[int, int] | None = None  # (prefix cache's ``changes``, tokens left to prefill) when last judged
         self.waited_for_room = False  # it waited for the KV cache's budget (counted once: EngineStats.kv_waits)
+        self.started = False  # admitted once (a staged prompt put back to make room for decoding rows starts again)
 
     def flush(self) -> None:
         if self.outbox and not self.cancelled:
@@ -467,13 +468,19 @@ class Engine:
                         req.waited_for_room = True
                         self.stats.kv_waits += 1
                     break
-                self.stats.requests += 1
+                self._counted(req)
                 self._recover(e, [req])
             except Exception as e:  # e.g. the cache could not grow: this request fails, the queue goes on
-                self.stats.requests += 1
+                self._counted(req)
                 self._recover(e, [req])
             else:
-                self.stats.requests += 1
+                self._counted(req)
+
+    def _counted(self, req: _Request) -> None:
+        """``stats.requests`` counts a request once, however often it starts (a staged prompt can be put back)."""
+        if not req.started:
+            req.started = True
+            self.stats.requests += 1
 
     def _overtake(self) -> None:
         """Let the next queued prompt, if short, be prefilled ahead of a long staged one.
@@ -511,7 +518,7 @@ class Engine:
         self._aside, self._prefilling = pf, None
         self.stats.overtakes += 1
         del self._waiting[i]
-        self.stats.requests += 1
+        self._counted(req)
         try:
             self._start(req, False)  # staged at len(rows), just below the one set aside
         except Exception as e:  # this request fails; the one set aside (put back just past the rows) goes on
@@ -570,14 +577,27 @@ class Engine:
 
     def _room_to_step(self) -> None:
         """Grow the cache for the next decode step here, where the slots in use are known (the forward keeps every
-        slot); past the budget, the rows that reached the cache's end end with ``length`` (what a context's end
-        does), the rest go on. Why not fail the step: that failed every row of the batch."""
+        slot). Past the budget, a prompt not decoding yet (staged, or set aside) gives way: it goes back to the head
+        of the queue, its partial prefill dropped, and waits for room as at admission; if the rows still cannot grow,
+        those that reached the cache's end end with ``length`` (what a context's end does) and the rest go on. Why
+        not fail the step: that failed every row of the batch."""
         rows = self._rows
         need = max(self.cache.lengths[s.slot] for s in rows) + 1
         if need <= self.cache.capacity:
             return
         try:
             self.cache.reserve(len(rows), need, in_use=self._slots_in_use())
+            return
+        except KVCacheFull:
+            staged = [pf for pf in (self._prefilling, self._aside) if pf is not None]
+        for pf in sorted(staged, key=lambda pf: pf.req.t_submit, reverse=True):  # the earlier one ends at the head
+            self._waiting.appendleft(pf.req)
+            if not pf.req.waited_for_room:
+                pf.req.waited_for_room = True
+                self.stats.kv_waits += 1
+        self._prefilling = self._aside = None
+        try:
+            self.cache.reserve(len(rows), need, in_use=len(rows))
         except KVCacheFull as e:
             full = [s for s in rows if self.cache.lengths[s.slot] + 1 > self.cache.capacity]
             log.warning("local engine: %d sequence(s) end at %d positions: %s", len(full), self.cache.capacity, e)
