@@ -181,8 +181,8 @@ async def test_score_by_prompt_logprobs(vllm: VLLMManagedBackend) -> None:
     s = out.scores[0]
     assert s.num_tokens >= 5
     assert s.num_tokens <= len(gen)
-    for a, b in zip(s.token_logprobs, gen):
-        assert a == pytest.approx(b, abs=0.05)
+    for a, b in zip(s.token_logprobs, gen):  # (bf16: its prefill's and its decode's kernels round differently; on
+        assert a == pytest.approx(b, abs=0.1)  # the Xeon with AMX one token 0.053 apart, a bf16 logit step is 0.06-0.125)
     assert out.scores[1].logprob < s.logprob - 5
     assert out.requests == 3  # one /tokenize + one prompt_logprobs call per candidate
     await vllm.check_scoring("score")
@@ -194,7 +194,9 @@ async def test_score_matches_the_embedded_engine(vllm: VLLMManagedBackend) -> No
     bf16 noise (vLLM's CPU build runs bfloat16, our engine float32 here: ~3% apart on a 7-token sum)."""
     from archon_server.backends.local import LocalBackend
 
-    q = [{"role": "user", "content": "What is the capital of France?"}]
+    # (asked bare, the first token is a near-tie, "The" 25.325 against "L" 25.243 in float32: vLLM's bf16 on the
+    # Xeon with AMX chose "L"; asked for a sentence, "The" leads by 1.7)
+    q = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
     cands = ["The capital of France is Paris.", "Paris."]
     local = LocalBackend(MODEL, dtype="float32", progress=False)
     try:
