@@ -1073,7 +1073,8 @@ def default_threads() -> int:
 # ``kv_cache_mb``: 6 GB on a 24 GB host. Why a quarter: while the cache grows its old copy lives beside the new one
 # (half the memory at worst), the model, the prefix cache and a second engine (the default config's lazily loaded
 # ``weak`` model) need the rest. SmolLM2's worst case (16 slots x its 8,192 positions: 3 GB in bf16, 6 GB in
-# float32) fits; gemma3's (16 x 32,768 x 36 KB = 19 GB) would have taken the host down.
+# float32) fits; gemma3's in float32 (16 x 32,768 x 36 KB = 19 GB, and the old copy beside it while it grows) is past
+# what a 24 GB host holds: an allocation past it is not refused on Linux, the kernel kills the server.
 KV_BUDGET_SHARE = 0.25
 
 
