@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from archon_server.engine.detokenize import IncrementalText, find_stop, stop_holdback
-from archon_server.engine.runner import attend_by_products, attend_by_products_lse, row_exact_linear
+from archon_server.engine.runner import attend_by_products, attend_by_products_lse, pack_for_decode, row_exact_linear
 from archon_server.engine.sampling import RowSampling, choice_seed, draw, filter_logits, make_generator, sample_rows
 
 
@@ -343,10 +343,10 @@ def test_row_exact_linear_gives_a_row_the_same_bits_whatever_rows_come_with_it(d
     try:
         for n in sorted({1, threads}):
             torch.set_num_threads(n)
-            for b in (None, bias):
-                whole = row_exact_linear(x, w, b)
+            for b, packed in ((None, None), (bias, None), (bias, pack_for_decode(w))):  # (the engine's prefill passes its packed copy)
+                whole = row_exact_linear(x, w, b, packed)
                 for start, rows in ((0, 1), (5, 2), (17, 3), (40, 7), (64, 11), (100, 12), (200, 16), (250, 50)):
-                    part = row_exact_linear(x[:, start : start + rows], w, b)
+                    part = row_exact_linear(x[:, start : start + rows], w, b, packed)
                     assert part.shape == (1, rows, 1728)
                     assert torch.equal(part, whole[:, start : start + rows])
     finally:
