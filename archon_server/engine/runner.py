@@ -136,7 +136,7 @@ class KVCache:
         self.dtype = dtype
         self.device = device
         self.budget = budget
-        self._position_bytes = 2 * dims.layers * dims.kv_heads * dims.head_dim * torch.tensor([], dtype=dtype).element_size()
+        self._position_bytes = 2 * dims.layers * dims.kv_heads * dims.head_dim * dtype.itemsize
         shape = (dims.layers, slots, dims.kv_heads, capacity, dims.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -172,7 +172,7 @@ class KVCache:
                 floor = max(in_use, slots, 1)
         new_slots = floor if slots <= floor else max(slots, 2 * self.slots)
         if self.budget is not None and self.bytes_for(new_slots, new_cap) > self.budget:
-            new_slots, new_cap = self._within_budget(slots, capacity, in_use, new_cap)
+            new_slots, new_cap = self._within_budget(self.budget, slots, capacity, in_use, new_cap)
         shape = (self.dims.layers, new_slots, self.dims.kv_heads, new_cap, self.dims.head_dim)
         kept = min(new_slots, self.slots)
         upto = min(new_cap, self.capacity)  # (within the budget the capacity may shrink to what the kept slots hold)
@@ -194,7 +194,7 @@ class KVCache:
         """Capacities are whole multiples of 64 positions (the prefix cache's 32-token grid fits), at most the context."""
         return min(-(-capacity // 64) * 64, self.dims.max_positions)
 
-    def _within_budget(self, slots: int, capacity: int, in_use: int | None, wanted_cap: int) -> tuple[int, int]:
+    def _within_budget(self, budget: int, slots: int, capacity: int, in_use: int | None, wanted_cap: int) -> tuple[int, int]:
         """The shape to grow to when the usual one (slots and capacity doubled, idle slots kept) is past the budget:
         only the slots in use (all, when the caller does not say) and those asked for, and the largest capacity
         the budget allows up to ``wanted_cap``, if that holds ``capacity`` and what the kept slots hold."""
@@ -202,10 +202,9 @@ class KVCache:
         new_slots = max(slots, keep, 1)
         # (only the kept slots' lengths count: a slot past them may hold a finished row's stale length)
         need = self.round_capacity(max([capacity] + self.lengths[:keep]))
-        most = self.budget // self.bytes_for(new_slots, 1) // 64 * 64 if self.budget is not None else wanted_cap
+        most = budget // self.bytes_for(new_slots, 1) // 64 * 64
         if most < need:
-            raise KVCacheFull(f"{new_slots} sequence slot(s) of {need:,} positions", self.bytes_for(new_slots, need),
-                              self.budget or 0)
+            raise KVCacheFull(f"{new_slots} sequence slot(s) of {need:,} positions", self.bytes_for(new_slots, need), budget)
         return new_slots, max(need, min(wanted_cap, most))
 
     @torch.inference_mode()
