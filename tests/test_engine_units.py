@@ -205,6 +205,54 @@ def test_thread_tuner_moves_to_the_faster_setting_and_back():
     assert tuner.current == 2 and tuner.switches == 2
 
 
+def test_a_new_thread_tuner_duels_once_and_acts_only_on_a_decisive_gap():
+    """A new tuner used to run `probe` steps of its untested default before its first probe (and the probe's own
+    steps): an engine started beside two busy jobs spent ~1.5 s of its first 128-token answer on 2-thread steps of
+    100-600 ms.  Now its second step tries the fewest threads: 3x cheaper switches at once; a smaller gap (free
+    cores, or a first step that paid the pool's warm-up) changes nothing and the regular first probe follows."""
+    from archon_server.engine.threads import ThreadTuner
+
+    def steps(speed: dict[int, float], n: int) -> tuple[ThreadTuner, list[int]]:
+        applied: list[int] = []
+        tuner = ThreadTuner([1, 2], period=48, probe=4, set_threads=applied.append)
+        used: list[int] = []
+        for _ in range(n):
+            tuner.before_step()
+            used.append(applied[-1])
+            tuner.after_step(speed[applied[-1]])
+        return tuner, used
+
+    busy, used = steps({1: 0.02, 2: 0.2}, 60)
+    assert used[:3] == [2, 1, 1] and used.count(2) <= 2 and busy.current == 1 and busy.switches == 1
+    free, used = steps({1: 0.011, 2: 0.007}, 60)
+    assert used[:6] == [2, 1, 2, 2, 2, 1] and free.current == 2 and free.switches == 0  # the duel, then a regular probe
+    warm, used = steps({1: 0.011, 2: 0.007 * 2.5}, 6)  # 2 threads 1.6x dearer: not decisive, judged the regular way
+    assert used[:3] == [2, 1, 2]
+
+
+def test_a_switch_to_fewer_threads_is_not_undone_by_the_cheap_steps_that_follow_idle_time():
+    """Right after a switch to 1 thread on busy cores, the next request's first steps run on the scheduler's credit
+    for the idle time between requests (11 ms against 18-25 a step); read as the load leaving, they set off a
+    2-thread probe of 200-460 ms.  A switch now spaces early probes as a probe does."""
+    from archon_server.engine.threads import ThreadTuner
+
+    applied: list[int] = []
+    tuner = ThreadTuner([1, 2], period=48, probe=4, set_threads=applied.append)
+    used: list[int] = []
+
+    def run(costs: list[float]) -> None:
+        for c in costs:
+            tuner.before_step()
+            used.append(applied[-1])
+            tuner.after_step(c if applied[-1] == 1 else 0.3)
+
+    run([0.025] * 12)  # busy: the tuner moves to 1 thread
+    assert tuner.current == 1
+    before = len(used)
+    run([0.011] * 10 + [0.022] * 20)  # a new request: cheap steps at first, then the busy pace again (within a period)
+    assert used[before:].count(2) == 0
+
+
 def test_thread_tuner_probes_at_once_when_load_arrives_after_probes_grew_rare():
     """Quiet for long, the tuner checks rarely; load that arrives then (2 threads 10x slower) must move it to 1
     thread within a few steps (it used to wait out the grown period: ~100 steps of 2 threads at up to 860 ms each on

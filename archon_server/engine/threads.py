@@ -14,6 +14,15 @@ for ~100 steps where 1 thread took 25-95 ms.  Such early probes are spaced out, 
 so after each one that changed nothing: on busy cores step costs swing 2x from one
 step to the next, and a first version that probed on every swing spent 29 probes (9 of
 20 s) in one 256-token answer.
+
+A probe's first step decides alone when it is far off either way: 3x dearer than the current
+setting ends it (hopeless), 3x cheaper switches at once (decisive) - the two settings are never
+that far apart on free cores (2 threads ~1.5x faster), and on busy ones 2 threads cost 5-30x.
+And a new tuner tries its fewest threads right after its very first step (a duel that acts only
+when decisive): it used to run `probe` steps of the untested default before its first probe,
+and a prefill and a decode tuner each did, so an engine started beside two busy jobs spent
+~1.5 s of its first 128-token answer on 2-thread steps of often 70-460 ms (31-36 tok/s against 55-60
+with 1 thread throughout: `benchmarks/backends.py --load 2`).
 """
 
 from __future__ import annotations
@@ -112,6 +121,8 @@ class ThreadTuner:
         self._probing: int | None = None
         # First probe right after `probe` steps: a bad default must not last a whole period.
         self._since_probe = period - probe
+        self._duel = len(self.options) > 1  # not yet: one step of the fewest threads after the first step
+        self._duelling = False  # the running probe is that duel: it acts only when decisive
         self._next_probe_idx = 0
         self.switches = 0
         self.probes = 0
@@ -140,6 +151,11 @@ class ThreadTuner:
             self._recent.append(cost)
             self._since_probe += 1
             self._since_early += 1
+            if self._duel:
+                self._duel = False
+                self._duelling = True
+                self._start_probe(self.options[0], early=False)
+                return
             if len(self._recent) < self.probe:
                 return
             if self._since_probe >= self._period_now:
@@ -153,18 +169,28 @@ class ThreadTuner:
         self._probe_times.append(cost)
         base = statistics.median(self._recent)
         # A probe can cost a lot (a 2-thread step on busy cores took 20x a 1-thread one):
-        # give up after one step when it is clearly worse.
-        hopeless = len(self._probe_times) == 1 and cost > 3 * base
-        if not hopeless and len(self._probe_times) < self.probe:
+        # give up after one step when it is clearly worse, and switch after one when it is clearly better.
+        first = len(self._probe_times) == 1
+        hopeless, decisive = first and cost > 3 * base, first and 3 * cost < base
+        if self._duelling:
+            self._duelling = False
+            if not decisive:  # one step against one: only a decisive gap tells; the regular first probe follows
+                self._probing = None
+                return
+        if not (hopeless or decisive) and len(self._probe_times) < self.probe:
             return
         # The first probe step may pay the thread pool's warm-up: judge on the median.
         self.probes += 1
-        if not hopeless and statistics.median(self._probe_times) < self.margin * base:
+        if decisive or (not hopeless and statistics.median(self._probe_times) < self.margin * base):
             self.current = self._probing
             self.switches += 1
             self._recent = deque(self._probe_times, maxlen=self.probe)
             self._period_now = self.period
             self._shift_gap = self.period
+            # A switch is a judgement too: no early probe within the next gap.  Right after one (e.g. to 1 thread on
+            # busy cores) the first steps of the next request run on the scheduler's credit for the idle time between
+            # requests (11 ms against 18-25 a step), which read as the load leaving: a 2-thread probe of 200-460 ms.
+            self._since_early = 0
         else:  # the current setting holds: check less and less often (load rarely flips fast)
             self._period_now = min(2 * self._period_now, self.max_period)
             if self._early:
