@@ -17,7 +17,7 @@ step to the next, and a first version that probed on every swing spent 29 probes
 
 A probe's first step decides alone when it is far off either way: 3x dearer than the current
 setting ends it (hopeless), 3x cheaper switches at once (decisive) - the two settings are never
-that far apart on free cores (2 threads ~1.5x faster), and on busy ones 2 threads cost 5-30x.
+that far apart on free cores (2 threads ~1.5x faster), and on busy ones 2 threads cost 3-30x.
 And a new tuner tries its fewest threads right after its very first step (a duel that acts only
 when decisive): it used to run `probe` steps of the untested default before its first probe,
 and a prefill and a decode tuner each did, so an engine started beside two busy jobs spent
