@@ -208,7 +208,7 @@ def test_thread_tuner_moves_to_the_faster_setting_and_back():
 def test_a_new_thread_tuner_duels_once_and_acts_only_on_a_decisive_gap():
     """A new tuner used to run `probe` steps of its untested default before its first probe (and the probe's own
     steps): an engine started beside two busy jobs spent ~1.5 s of its first 128-token answer on 2-thread steps of
-    100-600 ms.  Now its second step tries the fewest threads: 3x cheaper switches at once; a smaller gap (free
+    often 70-460 ms.  Now its second step tries the fewest threads: 3x cheaper switches at once; a smaller gap (free
     cores, or a first step that paid the pool's warm-up) changes nothing and the regular first probe follows."""
     from archon_server.engine.threads import ThreadTuner
 
