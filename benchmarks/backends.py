@@ -63,7 +63,7 @@ def make_backend(kind: str, args: argparse.Namespace) -> Backend:
     if kind == "local":
         from archon_server.backends.local import LocalBackend
 
-        return LocalBackend(MODEL, name="local", threads=args.threads if args.threads == "auto" else int(args.threads))
+        return LocalBackend(MODEL, name="local", threads=args.threads)
     raise SystemExit(f"unknown backend {kind!r}")
 
 
@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false", help="vLLM: compile graphs (~90 s start)")
     ap.add_argument("--kv-gib", type=int, default=2, help="vLLM: VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--load", type=int, default=0, help="N busy processes beside the run, in their own session")
-    ap.add_argument("--threads", default="auto", help="the embedded engine's threads: auto (tuned while it runs) or N (fixed)")
+    ap.add_argument("--threads", default="auto", type=lambda v: v if v == "auto" else int(v), help="the embedded engine's threads: auto (tuned while it runs) or N (fixed)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
