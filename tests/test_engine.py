@@ -139,7 +139,7 @@ def test_kernel_choices_are_measured_once_per_fingerprint(shared, monkeypatch, t
         return r, len(timed) - before
 
     first, n1 = load()
-    assert n1 >= 3 and first.packed  # oneDNN vs MKL, packed vs plain, then the crossover's bisection
+    assert n1 >= 3 and first.packed, (timed, first.dtype)  # oneDNN vs MKL, packed vs plain, then the crossover's bisection
     entries = json.loads(kernel_choices.path().read_text())
     expected = {"packed": True}
     if first.dtype == torch.float32:  # (oneDNN against MKL is a float32 question: bf16 products are oneDNN's)
