@@ -259,9 +259,9 @@ def best_times(candidates: dict[str, Callable[[], object]], repeats: int = 3) ->
     family against packed bf16).  The candidates' runs alternate (round by round, the order rotating), so a
     burst of other work on the cores slows a run of each rather than every run of one. Timed one candidate
     after the other, a burst as long as one candidate's runs (2 passes of ~17 ms for the packed weights) decided
-    for the other, and the choice is remembered (:mod:`.kernel_choices`); a CI run on the AMX Xeon, where packed
-    weights win by 1.4x, once ended its first load's measurements early (no crossover measured), and alone the
-    same test passed."""
+    for the other, and the choice is remembered (:mod:`.kernel_choices`): on a 2-core AMX Xeon, where the packed
+    weights win by 1.4x alone (16-17 against 23-25 ms a pass), they lost their timing in two CI runs, one of them
+    beside other jobs on the cores."""
     for fn in candidates.values():
         fn()  # warm-up (first-call allocations, oneDNN's primitive cache)
     names = list(candidates)
