@@ -14,6 +14,7 @@ import torch
 from archon_server.backends.base import BackendError, ChatRequest, SamplingParams
 from archon_server.backends.local import LocalBackend
 from archon_server.engine import model_store
+from archon_server.engine.runner import pack_for_decode
 from archon_server.engine.loader import load_engine
 
 pytestmark = pytest.mark.e2e
@@ -89,10 +90,12 @@ def test_packed_decode_weights_give_the_plain_weights_result(shared):
     faster."""
     engine, loaded = shared
     runner = loaded.runner
-    assert runner.packed, "this CPU build of torch has oneDNN's packed linears; the engine should use them"
     assert 0 <= runner.small_max_rows <= 16
     ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
-    small_rows, packed = runner.small_max_rows, runner.packed
+    small_rows, chosen = runner.small_max_rows, runner.packed
+    # the engine keeps them where its timing at the machine's first load said so (busy cores can say no): packed here
+    packed = chosen or {id(w): pack_for_decode(w) for w in runner._decode_weights()}
+    assert all(p is not None for p in packed.values()), "this CPU build of torch has oneDNN's packed linears"
 
     def step(rows: int, use_packed: bool) -> torch.Tensor:
         runner.packed = packed if use_packed else {}
@@ -103,7 +106,7 @@ def test_packed_decode_weights_give_the_plain_weights_result(shared):
                 runner.prefill(ids, cache, s)
             return runner.decode(list(range(11, 11 + rows)), cache, 0).logits[:, -1].float()
         finally:
-            runner.packed, runner.small_max_rows = packed, small_rows
+            runner.packed, runner.small_max_rows = chosen, small_rows
 
     def run() -> None:
         for rows in (1, 6, 16):
